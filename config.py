@@ -1,0 +1,393 @@
+"""Training configuration, the model table, hook names and the FVU metric.
+
+A configuration is a plain dict. `get_default_cfg()` gives every setting with its default;
+`post_init_cfg(cfg)` fills in what can be derived from the model and the other settings and
+validates the rest. Derived values are remembered in ``cfg["derived"]``, so a cfg can be edited
+(say, a new ``model_name``) and passed through `post_init_cfg` again: values that were derived are
+derived anew, values the user set are checked against the model.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+MODEL_TABLE: dict[str, dict[str, int]] = {
+    "gpt2": {"act_size": 768, "n_layers": 12},
+    "gpt2-medium": {"act_size": 1024, "n_layers": 24},
+    "gpt2-large": {"act_size": 1280, "n_layers": 36},
+    "gpt2-xl": {"act_size": 1600, "n_layers": 48},
+    "gemma-2-2b": {"act_size": 2304, "n_layers": 26},
+    "gemma-2-9b": {"act_size": 3584, "n_layers": 42},
+    "gemma-2-27b": {"act_size": 4608, "n_layers": 46},
+    "smollm2-135m": {"act_size": 576, "n_layers": 30},
+}
+
+MODEL_ALIASES: dict[str, str] = {
+    "gpt2-small": "gpt2",
+    "openai-community/gpt2": "gpt2",
+    "openai-community/gpt2-medium": "gpt2-medium",
+    "openai-community/gpt2-large": "gpt2-large",
+    "openai-community/gpt2-xl": "gpt2-xl",
+    "google/gemma-2-2b": "gemma-2-2b",
+    "google/gemma-2-9b": "gemma-2-9b",
+    "google/gemma-2-27b": "gemma-2-27b",
+    "smollm2-135m-instruct": "smollm2-135m",
+    "SmolLM2-135M-Instruct": "smollm2-135m",
+    "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m",
+}
+
+# Sites of a transformer block and the TransformerLens hook each one names.
+HOOK_SITES: dict[str, str] = {
+    "resid_pre": "blocks.{layer}.hook_resid_pre",
+    "resid_mid": "blocks.{layer}.hook_resid_mid",
+    "attn_out": "blocks.{layer}.hook_attn_out",
+    "mlp_out": "blocks.{layer}.hook_mlp_out",
+    "resid_post": "blocks.{layer}.hook_resid_post",
+    # Transcoder sources: the MLP's input (needs model.set_use_hook_mlp_in(True)) and the
+    # output of the pre-MLP norm, which is what the MLP actually reads.
+    "mlp_in": "blocks.{layer}.hook_mlp_in",
+    "ln2_normalized": "blocks.{layer}.ln2.hook_normalized",
+}
+
+SAE_TYPES = ("batchtopk", "topk", "vanilla", "jumprelu", "matryoshka", "matryoshka_transcoder")
+SAE_TYPE_ALIASES = {
+    "batch_topk": "batchtopk",
+    "global-matryoshka-topk": "matryoshka",
+    "global-matryoshka-batchtopk": "matryoshka",
+    "matryoshka-batchtopk": "matryoshka",
+    "matryoshka-transcoder": "matryoshka_transcoder",
+    "transcoder": "matryoshka_transcoder",
+}
+
+# The user's document splits the dictionary into groups of 1/16, 2/16, 4/16 and 9/16.
+MATRYOSHKA_GROUP_PROPORTIONS = (1, 2, 4, 9)
+DICT_EXPANSION = 16
+
+
+def canonical_model_name(model_name: str) -> str | None:
+    """The model table's name for `model_name`, or None for a model the table does not know."""
+    if model_name in MODEL_TABLE:
+        return model_name
+    return MODEL_ALIASES.get(model_name)
+
+
+def get_model_config(model_name: str) -> dict[str, int]:
+    """Return ``{"act_size", "n_layers"}`` of a known model (exact names and known aliases only)."""
+    name = canonical_model_name(model_name)
+    if name is None:
+        known = ", ".join(sorted(MODEL_TABLE) + sorted(a for a in MODEL_ALIASES if "/" not in a))
+        raise ValueError(
+            f"Unknown model_name {model_name!r}. Known models: {known}. For any other source of "
+            f"activations set cfg['act_size'] (and cfg['n_layers'] if a layer must be checked)."
+        )
+    return dict(MODEL_TABLE[name])
+
+
+def get_hook_name(site: str, layer: int, model_name: str | None = None) -> str:
+    """TransformerLens hook name of `site` in block `layer`, e.g. ``blocks.8.hook_resid_pre``.
+
+    When `model_name` is a known model the layer is checked against its depth.
+    """
+    if site not in HOOK_SITES:
+        raise ValueError(f"Unknown site {site!r}; choose one of {', '.join(HOOK_SITES)}.")
+    if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
+        raise ValueError(f"layer must be a non-negative integer, got {layer!r}.")
+    if model_name is not None and canonical_model_name(model_name) is not None:
+        n_layers = get_model_config(model_name)["n_layers"]
+        if layer >= n_layers:
+            raise ValueError(
+                f"layer {layer} is outside {model_name}, which has layers 0..{n_layers - 1}; "
+                f"set cfg['layer'] to one of those."
+            )
+    return HOOK_SITES[site].format(layer=layer)
+
+
+# ---------------------------------------------------------------------------------------------
+# FVU
+# ---------------------------------------------------------------------------------------------
+
+
+def compute_fvu(x_original: torch.Tensor, x_reconstruct: torch.Tensor) -> torch.Tensor:
+    """Fraction of variance unexplained, a 0-dim float32 tensor (no gradient).
+
+        FVU = sum_i ||x_i - x_hat_i||^2 / sum_i ||x_i - mean_batch(x)||^2
+
+    The mean is taken per dimension over the batch, so the denominator is the total variance
+    (summed over dimensions) of the batch, not the variance of the flattened tensor. Shapes
+    ``[batch, d]`` and ``[batch, pos, d]`` (positions count as batch) are accepted.
+    FVU of the batch mean is 1; of a perfect reconstruction, 0. A batch with no variance at all
+    (one token, or identical tokens) has no defined FVU: the result is NaN then.
+    """
+    if x_original.shape != x_reconstruct.shape:
+        raise ValueError(
+            f"compute_fvu: shapes differ, x_original {tuple(x_original.shape)} vs "
+            f"x_reconstruct {tuple(x_reconstruct.shape)}."
+        )
+    with torch.no_grad():
+        x = x_original.detach().reshape(-1, x_original.shape[-1]).float()
+        x_hat = x_reconstruct.detach().reshape(-1, x.shape[-1]).float()
+        residual = (x - x_hat).pow(2).sum()
+        total = (x - x.mean(dim=0)).pow(2).sum()
+        return torch.where(total > 0, residual / total, torch.full_like(total, float("nan")))
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+
+def get_default_cfg() -> dict[str, Any]:
+    """Every setting with its default, derived values filled in (GPT-2 small, layer 8, resid_pre)."""
+    cfg = {
+        "seed": 49,
+        # SAE
+        "sae_type": "matryoshka",
+        "model_name": "gpt2-small",
+        "site": "resid_pre",
+        "layer": 8,
+        "act_size": None,  # derived from the model
+        "dict_size": None,  # derived: 16 x act_size
+        "group_sizes": None,  # derived: 1:2:4:9 of dict_size (Matryoshka only)
+        "top_k": 32,
+        "top_k_aux": None,  # derived: act_size // 2
+        "aux_penalty": 1 / 32,
+        "n_batches_to_dead": 5,  # a latent is dead after this many batches' worth of tokens unfired
+        "l1_coeff": None,  # derived: 0 for the TopK family, 1e-3 for vanilla
+        "l0_coeff": None,  # JumpReLU sparsity coefficient; derived: 1e-3
+        "bandwidth": 0.001,  # JumpReLU straight-through kernel width
+        "jumprelu_threshold_init": 0.001,
+        "threshold_ema_rate": 0.01,  # BatchTopK eval threshold: EMA of the smallest kept activation
+        "input_unit_norm": True,  # standardise each token before encoding; outputs in original units
+        "dtype": torch.float32,  # encoder matmul dtype; parameters are always float32
+        # Optimisation
+        "batch_size": 4096,
+        "lr": 3e-4,
+        "beta1": 0.9,
+        "beta2": 0.99,
+        "max_grad_norm": 100000,
+        "lr_warmup_steps": 0,
+        "lr_decay_frac": 0.0,  # fraction of training, at the end, with linear decay to 0
+        "num_tokens": int(1e9),
+        # Activations
+        "model_dtype": torch.float32,
+        "seq_len": 128,
+        "model_batch_size": 512,
+        "num_batches_in_buffer": 10,
+        "dataset_path": "Skylion007/openwebtext",
+        "exclude_bos": None,  # derived: True for Gemma (its BOS activations are outliers)
+        "device": None,  # derived: cuda when available, else cpu
+        # Logging and checkpoints
+        "wandb_project": "sparse_autoencoders",
+        "wandb_mode": None,  # online / offline / disabled; derived: offline without an API key
+        "log_freq": 10,
+        "perf_log_freq": 1000,
+        "checkpoint_freq": 10000,
+        "checkpoint_dir": "checkpoints",
+        # Transcoders (set by create_transcoder_config)
+        "source_site": None,
+        "source_layer": None,
+        "target_site": None,
+        "target_layer": None,
+    }
+    return post_init_cfg(cfg)
+
+
+def _as_dtype(value: Any, setting: str) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str):
+        dtype = getattr(torch, value.removeprefix("torch."), None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    raise ValueError(f"cfg[{setting!r}] = {value!r} is not a dtype; use e.g. torch.bfloat16 or 'bfloat16'.")
+
+
+def _derive(cfg: dict, derived: dict, key: str, value: Any) -> None:
+    """Set cfg[key] to `value` unless the user set it; remember derived values."""
+    previous = cfg.get("derived", {})
+    user_set = cfg.get(key) is not None and not (key in previous and previous[key] == cfg[key])
+    if not user_set:
+        cfg[key] = value
+        derived[key] = value
+
+
+def split_into_groups(dict_size: int, proportions=MATRYOSHKA_GROUP_PROPORTIONS) -> list[int]:
+    """Split `dict_size` into group sizes in the given proportions; the last group takes the rest."""
+    total = sum(proportions)
+    sizes = [max(1, dict_size * p // total) for p in proportions[:-1]]
+    sizes.append(dict_size - sum(sizes))
+    if sizes[-1] < 1:
+        raise ValueError(f"dict_size {dict_size} is too small to split into {len(proportions)} groups.")
+    return sizes
+
+
+def _model_facts(cfg: dict) -> dict[str, int] | None:
+    """The model table's entry for cfg's model, or None for activations from elsewhere."""
+    if canonical_model_name(cfg["model_name"]) is not None:
+        return get_model_config(cfg["model_name"])
+    act_size_was_derived = cfg.get("derived", {}).get("act_size") == cfg.get("act_size")
+    if cfg.get("act_size") is None or act_size_was_derived:
+        get_model_config(cfg["model_name"])  # raises the unknown-model error
+    return None
+
+
+def _check_positive(cfg: dict, keys: tuple[str, ...], allow_zero: bool = False) -> None:
+    for key in keys:
+        value = cfg.get(key)
+        if value is None:
+            continue
+        bad = value < 0 if allow_zero else value <= 0
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or bad:
+            need = "non-negative" if allow_zero else "positive"
+            raise ValueError(f"cfg[{key!r}] must be {need}, got {value!r}.")
+
+
+def post_init_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Derive what the user left unset and validate the rest; returns the same dict.
+
+    Derived: act_size (from the model), dict_size (16 x act_size), group_sizes (1:2:4:9),
+    top_k_aux (act_size // 2), hook_point, device, exclude_bos, l1/l0 coefficients, wandb_mode,
+    name. Every problem is a ValueError naming the setting and the fix.
+    """
+    derived: dict[str, Any] = {}
+    cfg["sae_type"] = SAE_TYPE_ALIASES.get(cfg["sae_type"], cfg["sae_type"])
+    if cfg["sae_type"] not in SAE_TYPES:
+        raise ValueError(f"Unknown sae_type {cfg['sae_type']!r}; choose one of {', '.join(SAE_TYPES)}.")
+    previous = cfg.get("derived", {})
+
+    facts = _model_facts(cfg)
+    if facts is not None:
+        user_act_size = cfg.get("act_size") is not None and previous.get("act_size") != cfg["act_size"]
+        if user_act_size and cfg["act_size"] != facts["act_size"]:
+            raise ValueError(
+                f"act_size mismatch: cfg['act_size'] = {cfg['act_size']} but {cfg['model_name']} has "
+                f"act_size {facts['act_size']}. Remove cfg['act_size'] (set it to None) and let "
+                f"post_init_cfg derive it."
+            )
+        _derive(cfg, derived, "act_size", facts["act_size"])
+        _derive(cfg, derived, "n_layers", facts["n_layers"])
+    elif "n_layers" in previous and previous["n_layers"] == cfg.get("n_layers"):
+        cfg["n_layers"] = None  # derived from a model that is no longer the one configured
+    _check_positive(cfg, ("act_size",))
+
+    _derive(cfg, derived, "dict_size", DICT_EXPANSION * cfg["act_size"])
+    _check_positive(cfg, ("dict_size", "batch_size", "lr", "seq_len", "model_batch_size",
+                          "num_batches_in_buffer", "num_tokens", "n_batches_to_dead", "bandwidth",
+                          "jumprelu_threshold_init", "threshold_ema_rate", "log_freq",
+                          "perf_log_freq", "checkpoint_freq", "max_grad_norm"))
+    _check_positive(cfg, ("aux_penalty", "lr_warmup_steps", "lr_decay_frac"), allow_zero=True)
+    _derive(cfg, derived, "group_sizes", split_into_groups(cfg["dict_size"]))
+    _validate_group_sizes(cfg)
+    top_k = cfg["top_k"]
+    if not isinstance(top_k, int) or not 1 <= top_k <= cfg["dict_size"]:
+        raise ValueError(f"top_k must be an integer in 1..dict_size ({cfg['dict_size']}), got {top_k!r}.")
+    _derive(cfg, derived, "top_k_aux", max(1, cfg["act_size"] // 2))
+    _check_positive(cfg, ("top_k_aux",))
+    _derive(cfg, derived, "l1_coeff", 1e-3 if cfg["sae_type"] == "vanilla" else 0.0)
+    _derive(cfg, derived, "l0_coeff", 1e-3)
+    _check_positive(cfg, ("l1_coeff", "l0_coeff"), allow_zero=True)
+
+    for key in ("dtype", "model_dtype"):
+        cfg[key] = _as_dtype(cfg[key], key)
+    _derive(cfg, derived, "device", "cuda" if torch.cuda.is_available() else "cpu")
+    _derive(cfg, derived, "exclude_bos", canonical_model_name(cfg["model_name"]) in
+            ("gemma-2-2b", "gemma-2-9b", "gemma-2-27b"))
+    _derive(cfg, derived, "wandb_mode", _default_wandb_mode())
+    if cfg["wandb_mode"] not in ("online", "offline", "disabled"):
+        raise ValueError(f"wandb_mode must be 'online', 'offline' or 'disabled', got {cfg['wandb_mode']!r}.")
+
+    n_layers = cfg.get("n_layers")
+    _derive(cfg, derived, "hook_point", get_hook_name(cfg["site"], cfg["layer"]))
+    _check_layer(cfg["layer"], n_layers, "layer")
+    if cfg["sae_type"] == "matryoshka_transcoder" or cfg.get("source_site") is not None:
+        _derive_transcoder_hooks(cfg, derived, n_layers)
+
+    _derive(cfg, derived, "name", run_name(cfg))
+    cfg["derived"] = derived
+    return cfg
+
+
+def _check_layer(layer: int, n_layers: int | None, setting: str) -> None:
+    if n_layers is not None and not 0 <= layer < n_layers:
+        raise ValueError(f"cfg[{setting!r}] = {layer} is outside the model's layers 0..{n_layers - 1}.")
+
+
+def _validate_group_sizes(cfg: dict) -> None:
+    groups = cfg["group_sizes"]
+    if not groups or any(not isinstance(g, int) or g <= 0 for g in groups):
+        raise ValueError(f"group_sizes must be a list of positive integers, got {groups!r}.")
+    if sum(groups) != cfg["dict_size"]:
+        raise ValueError(
+            f"group_sizes {groups} sum to {sum(groups)}, not dict_size {cfg['dict_size']}; make "
+            f"them sum to dict_size, or set cfg['group_sizes'] = None to derive them."
+        )
+
+
+def _derive_transcoder_hooks(cfg: dict, derived: dict, n_layers: int | None) -> None:
+    """Fill source/target hook points; the target may not precede the source."""
+    for end in ("source", "target"):
+        if cfg.get(f"{end}_site") is None or cfg.get(f"{end}_layer") is None:
+            raise ValueError(f"A transcoder needs cfg['{end}_site'] and cfg['{end}_layer']; "
+                             f"use create_transcoder_config(cfg, ...).")
+        _check_layer(cfg[f"{end}_layer"], n_layers, f"{end}_layer")
+        _derive(cfg, derived, f"{end}_hook_point", get_hook_name(cfg[f"{end}_site"], cfg[f"{end}_layer"]))
+        _derive(cfg, derived, f"{end}_act_size", cfg["act_size"])
+    if cfg["target_layer"] < cfg["source_layer"]:
+        raise ValueError(
+            f"target_layer {cfg['target_layer']} precedes source_layer {cfg['source_layer']}; a "
+            f"transcoder maps an earlier activation to a later one."
+        )
+
+
+def _default_wandb_mode() -> str:
+    """online when an API key is configured, offline otherwise (so nobody waits on a login)."""
+    import os
+
+    if os.environ.get("WANDB_MODE") in ("online", "offline", "disabled"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = os.path.expanduser("~/.netrc")
+    if os.path.exists(netrc):
+        with open(netrc) as f:
+            if "api.wandb.ai" in f.read():
+                return "online"
+    return "offline"
+
+
+def run_name(cfg: dict) -> str:
+    """A descriptive run name, e.g. ``gpt2_blocks.8.hook_resid_pre_12288_matryoshka_32_0.0003``."""
+    model = canonical_model_name(cfg["model_name"]) or cfg["model_name"]
+    hook = cfg["hook_point"]
+    if cfg["sae_type"] == "matryoshka_transcoder":
+        hook = f"{cfg['source_hook_point']}-to-{cfg['target_hook_point']}"
+    return f"{model.replace('/', '_')}_{hook}_{cfg['dict_size']}_{cfg['sae_type']}_{cfg['top_k']}_{cfg['lr']}"
+
+
+def cfg_to_json(cfg: dict[str, Any]) -> str:
+    """Serialise a cfg (dtypes become strings such as 'bfloat16')."""
+
+    def encode(value: Any) -> Any:
+        if isinstance(value, torch.dtype):
+            return str(value).removeprefix("torch.")
+        if isinstance(value, torch.device):
+            return str(value)
+        return value
+
+    return json.dumps({k: encode(v) for k, v in cfg.items()}, indent=2, sort_keys=True)
+
+
+def cfg_from_json(text: str) -> dict[str, Any]:
+    """Inverse of `cfg_to_json`: dtype settings come back as torch dtypes."""
+    cfg = json.loads(text)
+    for key in ("dtype", "model_dtype"):
+        if key in cfg:
+            cfg[key] = _as_dtype(cfg[key], key)
+    return cfg
