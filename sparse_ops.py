@@ -1,0 +1,204 @@
+"""Sparse codes and the two sparse products the TopK family of SAEs is made of.
+
+A batch's active latents are stored in coordinate form (`SparseCode`): N (row, latent, value)
+entries sorted by row, then latent. With N = k x batch out of batch x dict_size entries (0.4% for
+k=32, dict 8192) everything after the encoder matmul is done on the N entries only:
+
+* `gather_preactivations` reads the N selected pre-activations from the dense encoder output and,
+  in the backward pass, builds the encoder's gradients from the N entries (no dense matmuls);
+* `sparse_decode` sums `value x decoder row` into bags (rows, or (row, Matryoshka group) pairs)
+  and has a backward pass of the same sparse cost.
+
+Both backward passes use `F.embedding_bag`, which sums weighted rows of a table without forming
+the N x d products.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def bag_offsets(sorted_bag_ids: torch.Tensor, n_bags: int) -> torch.Tensor:
+    """Start of each bag in a list of entries sorted by bag id: [n_bags] long."""
+    counts = torch.bincount(sorted_bag_ids, minlength=n_bags)
+    return torch.cumsum(counts, 0) - counts
+
+
+@dataclass
+class SparseCode:
+    """Active latents of a batch: entry n is (rows[n], latents[n]) with value values[n] > 0.
+
+    Entries are sorted by row, then by latent. `row_offsets` [batch] is where each row's entries
+    start; `by_latent` [N] is a permutation sorting the entries by latent and `latent_offsets`
+    [dict_size] where each latent's entries start in that order.
+    """
+
+    rows: torch.Tensor
+    latents: torch.Tensor
+    values: torch.Tensor
+    batch_size: int
+    dict_size: int
+    row_offsets: torch.Tensor
+    by_latent: torch.Tensor
+    latent_offsets: torch.Tensor
+
+    @classmethod
+    def from_indices(cls, rows, latents, batch_size, dict_size, values=None) -> "SparseCode":
+        """Build the index structure from (row, latent) pairs already sorted by row then latent."""
+        by_latent = torch.argsort(latents, stable=True)
+        return cls(
+            rows=rows, latents=latents, values=values, batch_size=batch_size, dict_size=dict_size,
+            row_offsets=bag_offsets(rows, batch_size), by_latent=by_latent,
+            latent_offsets=bag_offsets(latents[by_latent], dict_size),
+        )
+
+    def with_values(self, values: torch.Tensor) -> "SparseCode":
+        return SparseCode(self.rows, self.latents, values, self.batch_size, self.dict_size,
+                          self.row_offsets, self.by_latent, self.latent_offsets)
+
+    def to_dense(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[batch, dict_size] tensor with the code's values (no gradient), written into `out` if given."""
+        dense = self.values.new_zeros(self.batch_size, self.dict_size) if out is None else out.zero_()
+        return dense.index_put_((self.rows, self.latents), self.values.detach().to(dense.dtype))
+
+    def l0(self) -> torch.Tensor:
+        """Mean number of active latents per row (0-dim float tensor)."""
+        return torch.tensor(float(self.rows.numel()) / self.batch_size, device=self.rows.device)
+
+    def fired(self) -> torch.Tensor:
+        """[dict_size] bool: which latents are active in some row."""
+        fired = torch.zeros(self.dict_size, dtype=torch.bool, device=self.latents.device)
+        return fired.index_fill_(0, self.latents, True)
+
+
+def _sum_by_latent(code: SparseCode, table: torch.Tensor, table_index: torch.Tensor,
+                   weights: torch.Tensor) -> torch.Tensor:
+    """[dict_size, d]: row s is sum over entries n with latent s of weights[n] * table[table_index[n]]."""
+    order = code.by_latent
+    return F.embedding_bag(table_index[order], table, code.latent_offsets, mode="sum",
+                           per_sample_weights=weights[order])
+
+
+class _GatherPreactivations(torch.autograd.Function):
+    """values[n] = x[rows[n]] . W_enc[:, latents[n]] + b_enc[latents[n]], read from `pre`."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, pre, code):
+        ctx.code = code
+        ctx.save_for_backward(x, W_enc)
+        return pre[code.rows, code.latents]
+
+    @staticmethod
+    def backward(ctx, grad_values):
+        x, W_enc = ctx.saved_tensors
+        code = ctx.code
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:  # grad_x[b] = sum_{n in row b} g_n W_enc[:, latent_n]
+            W_enc_rows = W_enc.t().contiguous()
+            grad_x = F.embedding_bag(code.latents, W_enc_rows, code.row_offsets, mode="sum",
+                                     per_sample_weights=grad_values)
+        if ctx.needs_input_grad[1]:  # grad_W[:, s] = sum_{n with latent s} g_n x[row_n]
+            grad_W = _sum_by_latent(code, x, code.rows, grad_values).t()
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros_like(W_enc[0]).index_add_(0, code.latents, grad_values)
+        return grad_x, grad_W, grad_b, None, None
+
+
+def gather_preactivations(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
+                          pre: torch.Tensor, code: SparseCode) -> torch.Tensor:
+    """The code's pre-activations [N], differentiable in x [B, d], W_enc [d, S] and b_enc [S].
+
+    `pre` [B, S] must equal x @ W_enc + b_enc (computed without gradient); only its N selected
+    entries are read. The backward pass costs O(N d), not the O(B S d) of a dense matmul.
+    """
+    return _GatherPreactivations.apply(x, W_enc, b_enc, pre, code)
+
+
+class _SparseDecode(torch.autograd.Function):
+    """out[bag] = sum over entries n in that bag of values[n] * W_dec[latents[n]]."""
+
+    @staticmethod
+    def forward(ctx, values, W_dec, code, bags, offsets):
+        ctx.code, ctx.bags = code, bags
+        ctx.save_for_backward(values, W_dec)
+        return F.embedding_bag(code.latents, W_dec, offsets, mode="sum", per_sample_weights=values)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, W_dec = ctx.saved_tensors
+        code, bags = ctx.code, ctx.bags
+        grad_values = grad_W = None
+        if ctx.needs_input_grad[0]:  # d out[bag_n] / d values[n] = W_dec[latent_n]
+            grad_values = (grad_out[bags] * W_dec[code.latents]).sum(-1)
+        if ctx.needs_input_grad[1]:  # grad_W[s] = sum_{n with latent s} values[n] grad_out[bag_n]
+            grad_W = _sum_by_latent(code, grad_out.contiguous(), bags, values)
+        return grad_values, grad_W, None, None, None
+
+
+def sparse_decode(code: SparseCode, W_dec: torch.Tensor) -> torch.Tensor:
+    """Sum of active decoder rows per batch row, without bias: [batch, d_out]."""
+    return _SparseDecode.apply(code.values, W_dec, code, code.rows, code.row_offsets)
+
+
+def sparse_decode_groups(code: SparseCode, W_dec: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
+    """Per-group partial decodes [batch, n_groups, d_out]: group g sums the active latents in
+    [group_ends[g-1], group_ends[g]). Their cumulative sum over groups gives the nested-prefix
+    reconstructions of a Matryoshka SAE at the cost of one decode."""
+    n_groups = group_ends.numel()
+    groups = torch.bucketize(code.latents, group_ends, right=True)
+    bags = code.rows * n_groups + groups  # sorted, since latents are sorted within each row
+    offsets = bag_offsets(bags, code.batch_size * n_groups)
+    partial = _SparseDecode.apply(code.values, W_dec, code, bags, offsets)
+    return partial.view(code.batch_size, n_groups, -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection: which (row, latent) entries are active
+# ---------------------------------------------------------------------------------------------
+
+
+def _code_from_row_candidates(values: torch.Tensor, indices: torch.Tensor, keep: torch.Tensor,
+                              dict_size: int) -> SparseCode:
+    """Code of the kept candidates; `values`, `indices`, `keep` are [B, m] per-row candidates."""
+    indices, order = indices.sort(dim=1)
+    keep = keep.gather(1, order)
+    rows, cols = keep.nonzero(as_tuple=True)
+    return SparseCode.from_indices(rows, indices[rows, cols], values.shape[0], dict_size)
+
+
+def select_topk(pre: torch.Tensor, k: int) -> SparseCode:
+    """The k largest pre-activations of each row, kept where positive (ReLU then TopK)."""
+    values, indices = pre.topk(min(k, pre.shape[1]), dim=1, sorted=False)
+    return _code_from_row_candidates(values, indices, values > 0, pre.shape[1])
+
+
+def select_batch_topk(pre: torch.Tensor, k: int, candidates_per_row: int | None = None) -> SparseCode:
+    """The k x batch largest positive pre-activations of the whole batch (BatchTopK).
+
+    Selected: every entry >= t, where t is the (k x batch)-th largest value, and > 0 (ties at t
+    are all kept, so exactly k x batch entries unless values tie). Instead of a top-k over all
+    batch x dict_size values, each row offers its m largest values as candidates and t is found
+    among those. That is exact as long as no row has all m candidates >= t (else a larger value
+    of that row might have been left out); m doubles until that holds.
+    """
+    batch, dict_size = pre.shape
+    n_keep = min(k * batch, batch * dict_size)
+    m = min(dict_size, candidates_per_row or 4 * k)
+    while True:
+        values, indices = pre.topk(m, dim=1, sorted=False)
+        t = values.flatten().kthvalue(values.numel() - n_keep + 1).values
+        row_may_have_more = m < dict_size and bool((values.amin(dim=1) >= t).any())
+        if not row_may_have_more:
+            break
+        m = min(dict_size, 2 * m)
+    keep = (values >= t) & (values > 0)
+    return _code_from_row_candidates(values, indices, keep, dict_size)
+
+
+def select_above_threshold(pre: torch.Tensor, threshold: torch.Tensor) -> SparseCode:
+    """Entries whose pre-activation exceeds `threshold` (and 0): BatchTopK at inference."""
+    rows, latents = (pre > threshold.clamp(min=0)).nonzero(as_tuple=True)
+    return SparseCode.from_indices(rows, latents, pre.shape[0], pre.shape[1])

@@ -1,0 +1,139 @@
+import pytest
+import torch
+
+from config import (
+    HOOK_SITES, MODEL_TABLE, cfg_from_json, cfg_to_json, compute_fvu, get_default_cfg,
+    get_hook_name, get_model_config, post_init_cfg,
+)
+
+DOCUMENT_TABLE = {
+    "gpt2": (768, 12), "gpt2-medium": (1024, 24), "gpt2-large": (1280, 36), "gpt2-xl": (1600, 48),
+    "gemma-2-2b": (2304, 26), "gemma-2-9b": (3584, 42), "gemma-2-27b": (4608, 46),
+}
+
+
+@pytest.mark.parametrize("name,expected", DOCUMENT_TABLE.items())
+def test_model_table_matches_document(name, expected):
+    assert get_model_config(name) == {"act_size": expected[0], "n_layers": expected[1]}
+
+
+def test_aliases_and_unknown_model():
+    assert get_model_config("gpt2-small") == get_model_config("gpt2")
+    assert get_model_config("google/gemma-2-2b")["act_size"] == 2304
+    with pytest.raises(ValueError, match="Unknown model_name 'llama-7b'.*act_size"):
+        get_model_config("llama-7b")
+    assert set(MODEL_TABLE) >= set(DOCUMENT_TABLE)
+
+
+def test_hook_names_for_every_site():
+    expected = {
+        "resid_pre": "blocks.8.hook_resid_pre", "resid_mid": "blocks.8.hook_resid_mid",
+        "attn_out": "blocks.8.hook_attn_out", "mlp_out": "blocks.8.hook_mlp_out",
+        "resid_post": "blocks.8.hook_resid_post", "mlp_in": "blocks.8.hook_mlp_in",
+        "ln2_normalized": "blocks.8.ln2.hook_normalized",
+    }
+    assert set(expected) == set(HOOK_SITES)
+    for site, hook in expected.items():
+        assert get_hook_name(site, 8, "gemma-2-2b") == hook
+    with pytest.raises(ValueError, match="Unknown site"):
+        get_hook_name("resid", 8, "gpt2")
+    with pytest.raises(ValueError, match="layers 0..11"):
+        get_hook_name("resid_pre", 12, "gpt2")
+
+
+def test_document_gemma_snippet_derives_sizes_and_hook():
+    cfg = get_default_cfg()
+    cfg["model_name"] = "gemma-2-2b"
+    cfg = post_init_cfg(cfg)
+    assert cfg["act_size"] == 2304
+    assert cfg["hook_point"] == "blocks.8.hook_resid_pre"
+    assert cfg["dict_size"] == 36864
+    assert cfg["group_sizes"] == [2304, 4608, 9216, 20736]
+    assert cfg["exclude_bos"] is True
+
+
+def test_default_cfg_is_gpt2_small_with_document_groups():
+    cfg = get_default_cfg()
+    assert (cfg["act_size"], cfg["dict_size"]) == (768, 12288)
+    assert cfg["group_sizes"] == [768, 1536, 3072, 6912]
+    assert cfg["device"] in ("cpu", "cuda")
+    assert "12288" in cfg["name"] and "blocks.8.hook_resid_pre" in cfg["name"]
+
+
+def test_user_settings_survive_rederivation():
+    cfg = get_default_cfg()
+    cfg.update(model_name="gemma-2-2b", dict_size=18432, group_sizes=[2304, 4608, 6912, 4608], top_k=64)
+    cfg = post_init_cfg(cfg)
+    assert cfg["dict_size"] == 18432 and cfg["group_sizes"] == [2304, 4608, 6912, 4608]
+    cfg["layer"] = 3
+    cfg = post_init_cfg(cfg)
+    assert cfg["hook_point"] == "blocks.3.hook_resid_pre"
+
+
+def test_synthetic_source_with_explicit_act_size():
+    cfg = get_default_cfg()
+    cfg.update(model_name="synthetic", act_size=48, dict_size=None, group_sizes=None)
+    cfg = post_init_cfg(cfg)
+    assert cfg["dict_size"] == 768 and sum(cfg["group_sizes"]) == 768
+    assert cfg["top_k_aux"] == 24
+
+
+def test_dtype_strings_accepted():
+    cfg = get_default_cfg()
+    cfg.update(dtype="bfloat16", model_dtype="torch.float16")
+    cfg = post_init_cfg(cfg)
+    assert cfg["dtype"] is torch.bfloat16 and cfg["model_dtype"] is torch.float16
+    assert cfg_from_json(cfg_to_json(cfg))["dtype"] is torch.bfloat16
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"act_size": 100}, "act_size mismatch.*Remove cfg\\['act_size'\\]"),
+    ({"group_sizes": [768, 768]}, "sum to 1536, not dict_size 12288"),
+    ({"top_k": 0}, "top_k must be an integer in 1..dict_size"),
+    ({"top_k": 20000}, "top_k must be an integer in 1..dict_size"),
+    ({"layer": 12}, "outside the model's layers 0..11"),
+    ({"site": "resid"}, "Unknown site 'resid'"),
+    ({"sae_type": "gated"}, "Unknown sae_type 'gated'"),
+    ({"lr": 0}, "cfg\\['lr'\\] must be positive"),
+    ({"batch_size": -5}, "cfg\\['batch_size'\\] must be positive"),
+    ({"dict_size": -1}, "cfg\\['dict_size'\\] must be positive"),
+    ({"model_name": "llama-7b"}, "Unknown model_name 'llama-7b'"),
+    ({"dtype": "float99"}, "is not a dtype"),
+    ({"wandb_mode": "sometimes"}, "wandb_mode must be"),
+    ({"sae_type": "matryoshka_transcoder"}, "A transcoder needs cfg\\['source_site'\\]"),
+    ({"source_site": "resid_mid", "source_layer": 5, "target_site": "mlp_out", "target_layer": 4},
+     "target_layer 4 precedes source_layer 5"),
+])
+def test_validation_errors_name_the_setting(change, message):
+    cfg = get_default_cfg()
+    cfg.update(change)
+    with pytest.raises(ValueError, match=message):
+        post_init_cfg(cfg)
+
+
+def test_fvu_of_mean_is_one_and_of_perfect_reconstruction_zero():
+    torch.manual_seed(0)
+    offsets = torch.randn(16) * 1000  # large per-dimension offsets must not leak into the variance
+    x = torch.randn(512, 16) + offsets
+    assert compute_fvu(x, x.mean(dim=0).expand_as(x)).item() == pytest.approx(1.0, abs=1e-6)
+    assert compute_fvu(x, x.clone()).item() == 0.0
+
+
+@pytest.mark.parametrize("shape", [(200, 8), (10, 20, 8)])
+def test_fvu_matches_formula(shape):
+    torch.manual_seed(1)
+    x = torch.randn(shape) * torch.linspace(0.1, 5, shape[-1]) + torch.linspace(-10, 10, shape[-1])
+    x_hat = x + 0.3 * torch.randn(shape)
+    flat, flat_hat = x.reshape(-1, 8).double(), x_hat.reshape(-1, 8).double()
+    expected = ((flat - flat_hat) ** 2).sum() / ((flat - flat.mean(0)) ** 2).sum()
+    assert compute_fvu(x, x_hat).item() == pytest.approx(expected.item(), rel=1e-5)
+    # Not the variance of the flattened tensor, which counts the per-dimension offsets too.
+    wrong = ((flat - flat_hat) ** 2).sum() / ((flat - flat.mean()) ** 2).sum()
+    assert abs(compute_fvu(x, x_hat).item() - wrong.item()) > 1e-3
+
+
+def test_fvu_of_constant_batch_is_nan_and_shapes_checked():
+    x = torch.ones(10, 4)
+    assert torch.isnan(compute_fvu(x, x))
+    with pytest.raises(ValueError, match="shapes differ"):
+        compute_fvu(x, torch.ones(10, 5))
