@@ -182,6 +182,8 @@ def get_default_cfg() -> dict[str, Any]:
         "num_batches_in_buffer": 10,
         "dataset_path": "Skylion007/openwebtext",
         "exclude_bos": None,  # derived: True for Gemma (its BOS activations are outliers)
+        "bos_token_id": None,  # for token data without a tokenizer; else the tokenizer's BOS
+        "n_eval_rows": 32,  # held-out rows of seq_len tokens for the CE-loss evaluation
         "device": None,  # derived: cuda when available, else cpu
         # Logging and checkpoints
         "wandb_project": "sparse_autoencoders",
@@ -281,7 +283,7 @@ def post_init_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
     _check_positive(cfg, ("dict_size", "batch_size", "lr", "seq_len", "model_batch_size",
                           "num_batches_in_buffer", "num_tokens", "n_batches_to_dead", "bandwidth",
                           "jumprelu_threshold_init", "threshold_ema_rate", "log_freq",
-                          "perf_log_freq", "checkpoint_freq", "max_grad_norm"))
+                          "perf_log_freq", "checkpoint_freq", "max_grad_norm", "n_eval_rows"))
     _check_positive(cfg, ("aux_penalty", "lr_warmup_steps", "lr_decay_frac"), allow_zero=True)
     _derive(cfg, derived, "group_sizes", split_into_groups(cfg["dict_size"]))
     _validate_group_sizes(cfg)

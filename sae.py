@@ -279,7 +279,7 @@ class BatchTopKSAE(TopKSAE):
 
     def select(self, pre: torch.Tensor) -> SparseCode:
         if self.training or self.threshold.item() < 0:
-            return select_batch_topk(pre, self.cfg["top_k"])
+            return select_batch_topk(pre, self.cfg["top_k"], lower_bound=0.8 * self.threshold)
         return select_above_threshold(pre, self.threshold)
 
     @torch.no_grad()

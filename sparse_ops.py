@@ -17,8 +17,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import warnings
+
 import torch
 import torch.nn.functional as F
+
+# CSR tensors are used only inside sampled_addmm below, built from indices that are valid by construction.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
 
 def bag_offsets(sorted_bag_ids: torch.Tensor, n_bags: int) -> torch.Tensor:
@@ -117,12 +123,24 @@ def gather_preactivations(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Ten
     return _GatherPreactivations.apply(x, W_enc, b_enc, pre, code)
 
 
+def sampled_row_dots(a: torch.Tensor, b: torch.Tensor, a_offsets: torch.Tensor,
+                     b_index: torch.Tensor) -> torch.Tensor:
+    """dots[n] = a[i] . b[b_index[n]] for the entries n of row i, i.e. a @ b.T sampled at N places.
+
+    a [R, d], b [S, d]; entries sorted by row i with `a_offsets` [R] where each row starts. A
+    sampled dense-dense matmul, which never forms the N x d gathered rows.
+    """
+    crow = torch.cat([a_offsets, a_offsets.new_tensor([b_index.numel()])])
+    pattern = torch.sparse_csr_tensor(crow, b_index, a.new_zeros(b_index.numel()), size=(a.shape[0], b.shape[0]))
+    return torch.sparse.sampled_addmm(pattern, a, b.t(), beta=0.0).values()
+
+
 class _SparseDecode(torch.autograd.Function):
     """out[bag] = sum over entries n in that bag of values[n] * W_dec[latents[n]]."""
 
     @staticmethod
     def forward(ctx, values, W_dec, code, bags, offsets):
-        ctx.code, ctx.bags = code, bags
+        ctx.code, ctx.bags, ctx.offsets = code, bags, offsets
         ctx.save_for_backward(values, W_dec)
         return F.embedding_bag(code.latents, W_dec, offsets, mode="sum", per_sample_weights=values)
 
@@ -132,7 +150,7 @@ class _SparseDecode(torch.autograd.Function):
         code, bags = ctx.code, ctx.bags
         grad_values = grad_W = None
         if ctx.needs_input_grad[0]:  # d out[bag_n] / d values[n] = W_dec[latent_n]
-            grad_values = (grad_out[bags] * W_dec[code.latents]).sum(-1)
+            grad_values = sampled_row_dots(grad_out.contiguous(), W_dec, ctx.offsets, code.latents)
         if ctx.needs_input_grad[1]:  # grad_W[s] = sum_{n with latent s} values[n] grad_out[bag_n]
             grad_W = _sum_by_latent(code, grad_out.contiguous(), bags, values)
         return grad_values, grad_W, None, None, None
@@ -175,18 +193,33 @@ def select_topk(pre: torch.Tensor, k: int) -> SparseCode:
     return _code_from_row_candidates(values, indices, values > 0, pre.shape[1])
 
 
-def select_batch_topk(pre: torch.Tensor, k: int, candidates_per_row: int | None = None) -> SparseCode:
+def select_batch_topk(pre: torch.Tensor, k: int, lower_bound: torch.Tensor | None = None) -> SparseCode:
     """The k x batch largest positive pre-activations of the whole batch (BatchTopK).
 
     Selected: every entry >= t, where t is the (k x batch)-th largest value, and > 0 (ties at t
-    are all kept, so exactly k x batch entries unless values tie). Instead of a top-k over all
-    batch x dict_size values, each row offers its m largest values as candidates and t is found
-    among those. That is exact as long as no row has all m candidates >= t (else a larger value
-    of that row might have been left out); m doubles until that holds.
+    are all kept, so exactly k x batch entries unless values tie). No top-k over all batch x
+    dict_size values is needed: t is found among candidates that provably contain the top k x batch.
+
+    `lower_bound` is a guess of a value below t (training passes 0.8 x the running threshold):
+    if at least k x batch entries reach it, those entries are the candidates (one comparison
+    pass). Otherwise each row offers its m largest values, which is exact as long as no row has
+    all m candidates >= t; m doubles until that holds.
     """
     batch, dict_size = pre.shape
     n_keep = min(k * batch, batch * dict_size)
-    m = min(dict_size, candidates_per_row or 4 * k)
+    if lower_bound is not None and lower_bound > 0:
+        rows, latents = (pre >= lower_bound).nonzero(as_tuple=True)
+        if rows.numel() >= n_keep:
+            values = pre[rows, latents]
+            t = values.kthvalue(values.numel() - n_keep + 1).values
+            keep = values >= t
+            return SparseCode.from_indices(rows[keep], latents[keep], batch, dict_size)
+    return _batch_topk_from_row_candidates(pre, n_keep, 4 * k)
+
+
+def _batch_topk_from_row_candidates(pre: torch.Tensor, n_keep: int, m: int) -> SparseCode:
+    batch, dict_size = pre.shape
+    m = min(dict_size, m)
     while True:
         values, indices = pre.topk(m, dim=1, sorted=False)
         t = values.flatten().kthvalue(values.numel() - n_keep + 1).values

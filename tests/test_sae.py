@@ -76,6 +76,9 @@ def test_fast_path_matches_dense_reference(sae_type, with_dead):
         sae.b_dec.normal_(0, 0.1)
         sae.b_enc.normal_(0, 0.1)
         sae.W_dec.add_(0.1 * torch.randn_like(sae.W_dec))
+    run(sae, batch(0))  # a first batch sets BatchTopK's threshold, whose hint speeds the next selection
+    sae.zero_grad()
+    sae.tokens_since_fired.zero_()
     if with_dead:
         sae.tokens_since_fired[::3] = 10 ** 9
     x = batch(1)
@@ -96,14 +99,15 @@ def test_fast_path_matches_dense_reference(sae_type, with_dead):
         torch.testing.assert_close(param.grad, ref_grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_batch_topk_selection_is_exact_with_ties_and_heavy_rows():
+@pytest.mark.parametrize("hint", [None, 0.01, 1.0, 2.0, 100.0])
+def test_batch_topk_selection_is_exact_with_ties_and_heavy_rows(hint):
     torch.manual_seed(0)
     pre = torch.randn(64, 200)
     pre[3] += 10  # one row holds far more than 4k of the batch's largest values
     pre[10, :50] = 2.5  # ties
     pre[11, 50:90] = 2.5
     for k in (1, 4, 16):
-        code = select_batch_topk(pre, k)
+        code = select_batch_topk(pre, k, None if hint is None else torch.tensor(hint))
         t = pre.flatten().topk(k * 64).values[-1]
         expected = ((pre >= t) & (pre > 0)).nonzero()
         assert torch.equal(torch.stack([code.rows, code.latents], 1), expected)
