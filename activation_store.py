@@ -62,7 +62,8 @@ def load_text_dataset(dataset_path: Any) -> Dataset | IterableDataset:
     path = Path(dataset_path)
     if path.is_dir():
         if (path / "state.json").exists() or (path / "dataset_dict.json").exists():
-            return _train_split(datasets.load_from_disk(str(path)))
+            saved = datasets.load_from_disk(str(path))
+            return saved if isinstance(saved, Dataset) else _train_split(saved)
         return datasets.load_dataset(str(path), split="train")
     builder = LOCAL_FILE_BUILDERS.get(path.suffix.lower())
     if builder is not None:

@@ -381,7 +381,9 @@ def cfg_to_json(cfg: dict[str, Any]) -> str:
             return str(value).removeprefix("torch.")
         if isinstance(value, torch.device):
             return str(value)
-        return value
+        if value is None or isinstance(value, (bool, int, float, str, list, dict)):
+            return value
+        return f"<{type(value).__name__}>"  # e.g. a datasets.Dataset given as dataset_path
 
     return json.dumps({k: encode(v) for k, v in cfg.items()}, indent=2, sort_keys=True)
 

@@ -93,6 +93,9 @@ def test_load_text_dataset_local_formats(tmp_path):
     saved = tmp_path / "saved"
     DatasetDict({"train": Dataset.from_dict({"input_ids": [[4, 5]]})}).save_to_disk(str(saved))
     assert load_text_dataset(str(saved))["input_ids"] == [[4, 5]]
+    saved_plain = tmp_path / "saved_plain"
+    Dataset.from_dict({"tokens": [[6, 7]]}).save_to_disk(str(saved_plain))
+    assert load_text_dataset(str(saved_plain))["tokens"] == [[6, 7]]
 
     folder = tmp_path / "folder"
     folder.mkdir()

@@ -137,3 +137,9 @@ def test_fvu_of_constant_batch_is_nan_and_shapes_checked():
     assert torch.isnan(compute_fvu(x, x))
     with pytest.raises(ValueError, match="shapes differ"):
         compute_fvu(x, torch.ones(10, 5))
+
+
+def test_cfg_json_names_objects_it_cannot_serialise():
+    cfg = get_default_cfg()
+    cfg["dataset_path"] = object()
+    assert cfg_from_json(cfg_to_json(cfg))["dataset_path"] == "<object>"

@@ -1,0 +1,150 @@
+"""Checkpoints: save -> load round trips, atomic writes, resuming a run exactly where it stopped."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoint
+from checkpoint import (
+    checkpoint_folder, load_metrics, load_sae, restore_checkpoint, rng_states, save_checkpoint,
+    set_rng_states,
+)
+from config import SAE_TYPES
+from sae import create_sae
+from test_training import PlantedStore, toy_cfg, wandb_runs  # noqa: F401 (wandb_runs is a fixture)
+from training import train_sae, train_sae_group, train_transcoder
+
+
+def train_briefly(sae_type, tmp_path, n_steps=8, **overrides):
+    """An SAE after a few training steps (its buffers hold real training state)."""
+    cfg = toy_cfg(sae_type, tmp_path, n_steps=n_steps, n_batches_to_dead=1, **overrides)
+    paired = sae_type == "matryoshka_transcoder"
+    train = train_transcoder if paired else train_sae
+    return train(create_sae(cfg), PlantedStore(paired=paired), None, cfg), cfg
+
+
+def eval_outputs(sae, seed=1):
+    store = PlantedStore(seed=seed, paired=sae.cfg["sae_type"] == "matryoshka_transcoder")
+    batch = store.next_batch()
+    sae.eval()
+    with torch.no_grad():
+        out = sae(*batch) if isinstance(batch, tuple) else sae(batch)
+    return {k: v for k, v in out.items() if torch.is_tensor(v)}
+
+
+@pytest.mark.parametrize("sae_type", SAE_TYPES)
+def test_save_then_load_gives_identical_sae(sae_type, tmp_path):
+    sae, cfg = train_briefly(sae_type, tmp_path)
+    folder = save_checkpoint(tmp_path / "saved", sae, cfg)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "sae.safetensors"]
+    modes = {(folder / name).stat().st_mode & 0o777 for name in ("config.json", "sae.safetensors")}
+    assert len(modes) == 1  # the weights are not written private
+    loaded = load_sae(folder, device="cpu")
+    assert type(loaded) is type(sae) and loaded.cfg["dtype"] == cfg["dtype"]
+    assert loaded.state_dict().keys() == sae.state_dict().keys()
+    for name, tensor in sae.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    expected, got = eval_outputs(sae), eval_outputs(loaded)
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+    # The training run's own checkpoint holds the same final state.
+    from_run = load_sae(checkpoint_folder(cfg))
+    for name, tensor in sae.state_dict().items():
+        assert torch.equal(from_run.state_dict()[name], tensor), name
+
+
+def test_rng_states_round_trip():
+    state = rng_states()
+    first = (torch.rand(3), random.random(), np.random.rand(3))
+    set_rng_states(state)
+    second = (torch.rand(3), random.random(), np.random.rand(3))
+    assert torch.equal(first[0], second[0]) and first[1] == second[1]
+    assert np.array_equal(first[2], second[2])
+
+
+class CrashingStore(PlantedStore):
+    def __init__(self, crash_at, **kwargs):
+        super().__init__(**kwargs)
+        self.crash_at = crash_at
+
+    def next_batch(self):
+        if self.index == self.crash_at:
+            raise RuntimeError("simulated crash")
+        return super().next_batch()
+
+
+RESUME_SETTINGS = dict(n_steps=30, log_freq=5, checkpoint_freq=10, lr_warmup_steps=5, lr_decay_frac=0.3,
+                       n_batches_to_dead=2)
+
+
+def test_resume_continues_exactly(tmp_path, wandb_runs):  # noqa: F811
+    cfg = toy_cfg("matryoshka", tmp_path / "uninterrupted", **RESUME_SETTINGS)
+    reference = train_sae(create_sae(cfg), PlantedStore(), None, cfg)
+
+    cfg = toy_cfg("matryoshka", tmp_path / "interrupted", **RESUME_SETTINGS)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_sae(create_sae(cfg), CrashingStore(crash_at=25), None, cfg)
+    folder = checkpoint_folder(cfg)
+    assert load_metrics(folder)["step"] == 20
+    resumed = train_sae(create_sae(cfg), PlantedStore(start=20), None, cfg, resume_from=folder)
+
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], tensor), name
+    logged_steps = [step for step, data in wandb_runs[-1].logged]
+    assert logged_steps == list(range(20, 30))
+    assert load_metrics(folder)["step"] == 30
+
+
+def test_group_resume_continues_exactly(tmp_path):
+    def group_cfgs(folder):
+        return [toy_cfg("batchtopk", folder, **RESUME_SETTINGS), toy_cfg("matryoshka", folder, **RESUME_SETTINGS)]
+
+    cfgs = group_cfgs(tmp_path / "uninterrupted")
+    reference = train_sae_group([create_sae(c) for c in cfgs], PlantedStore(), None, cfgs)
+    cfgs = group_cfgs(tmp_path / "interrupted")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_sae_group([create_sae(c) for c in cfgs], CrashingStore(crash_at=12), None, cfgs)
+    folders = [checkpoint_folder(c) for c in cfgs]
+    resumed = train_sae_group([create_sae(c) for c in cfgs], PlantedStore(start=10), None, cfgs,
+                              resume_from=folders)
+    for ref, res in zip(reference, resumed):
+        for name, tensor in ref.state_dict().items():
+            assert torch.equal(res.state_dict()[name], tensor), name
+
+
+def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
+    sae, cfg = train_briefly("batchtopk", tmp_path)
+    folder = checkpoint_folder(cfg)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    optimizer = torch.optim.Adam(sae.parameters())
+
+    def crash_mid_write(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    with torch.no_grad():
+        sae.W_dec.mul_(2)
+    monkeypatch.setattr(checkpoint, "save_file", crash_mid_write)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(folder, sae, cfg, optimizer, step=99)
+
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == sorted(before)  # no temporary files left behind
+    assert (folder / "sae.safetensors").read_bytes() == before["sae.safetensors"]
+    assert not torch.equal(load_sae(folder).W_dec, sae.W_dec)  # the old weights
+    # The training state was already replaced: resuming detects the mix instead of using it.
+    with pytest.raises(ValueError, match="inconsistent"):
+        restore_checkpoint(folder, create_sae(cfg), torch.optim.Adam(sae.parameters()))
+
+
+def test_resume_refuses_unusable_checkpoints(tmp_path):
+    sae, cfg = train_briefly("batchtopk", tmp_path)
+    weights_only = save_checkpoint(tmp_path / "weights_only", sae, cfg)
+    with pytest.raises(ValueError, match="load_sae"):
+        restore_checkpoint(weights_only, sae)
+    other = toy_cfg("batchtopk", tmp_path, dict_size=64)
+    with pytest.raises(ValueError, match="dict_size"):
+        restore_checkpoint(checkpoint_folder(cfg), create_sae(other))

@@ -1,0 +1,110 @@
+"""The Gemma-2 examples of the FVU and Gemma-2 guide as one script.
+
+    python train_gemma_example.py compare      # models, activation sizes, 16x dictionaries, groups
+    python train_gemma_example.py sae          # Gemma-2-2B Matryoshka SAE, layer 8 resid_pre
+    python train_gemma_example.py transcoder   # Gemma-2-2B Matryoshka transcoder, layer 8 resid_mid -> mlp_out
+
+`compare` needs no download. `sae` and `transcoder` load the model from the Hugging Face hub (bf16,
+4 token rows per forward pass) and accept the run-setting options of main.py, e.g.
+``python train_gemma_example.py sae --num-tokens 5e7 --wandb-mode offline``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from config import DICT_EXPANSION, HOOK_SITES, MODEL_TABLE, get_default_cfg, post_init_cfg, split_into_groups
+from main import add_run_arguments, apply_overrides, print_final_metrics
+
+COMPARED_MODELS = ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "gemma-2-2b", "gemma-2-9b", "gemma-2-27b"]
+
+# The guide's Gemma-2-2B settings.
+GEMMA_SAE = {
+    "model_name": "gemma-2-2b", "sae_type": "matryoshka", "layer": 8, "site": "resid_pre",
+    "dict_size": 36864, "group_sizes": [2304, 4608, 9216, 20736], "top_k": 96,
+    "model_batch_size": 4, "model_dtype": torch.bfloat16,
+}
+GEMMA_TRANSCODER = {
+    "model_name": "gemma-2-2b", "layer": 8, "dict_size": 18432, "group_sizes": [2304, 4608, 6912, 4608],
+    "top_k": 64, "model_batch_size": 4, "model_dtype": torch.bfloat16,
+}
+
+
+def model_table() -> str:
+    """The guide's model table: activation size, layers, 16x dictionary and its 1:2:4:9 groups."""
+    header = f"{'Model':<12} {'Act size':>8} {'Layers':>6} {'Dict (16x)':>10}  Group sizes (1:2:4:9)"
+    lines = [header, "-" * len(header)]
+    for name in COMPARED_MODELS:
+        facts = MODEL_TABLE[name]
+        dict_size = DICT_EXPANSION * facts["act_size"]
+        lines.append(f"{name:<12} {facts['act_size']:>8} {facts['n_layers']:>6} {dict_size:>10}  "
+                     f"{split_into_groups(dict_size)}")
+    return "\n".join(lines)
+
+
+def sae_cfg(args: argparse.Namespace | None = None) -> dict:
+    """The guide's Gemma-2-2B Matryoshka SAE cfg, with command-line overrides."""
+    cfg = get_default_cfg()
+    cfg.update(GEMMA_SAE)
+    return post_init_cfg(apply_overrides(cfg, args))
+
+
+def transcoder_cfg(args: argparse.Namespace | None = None) -> dict:
+    """The guide's Example 2: a Gemma-2-2B transcoder from resid_mid to mlp_out of layer 8."""
+    from transcoder_activation_store import create_transcoder_config
+
+    cfg = get_default_cfg()
+    cfg.update(GEMMA_TRANSCODER)
+    cfg = apply_overrides(cfg, args)
+    return create_transcoder_config(
+        cfg, source_layer=cfg["layer"], target_layer=cfg["layer"],
+        source_site=getattr(args, "source_site", "resid_mid"),
+        target_site=getattr(args, "target_site", "mlp_out"),
+    )
+
+
+def train(cfg: dict) -> None:
+    """Load the model, open the activation stream and train the dictionary that cfg describes."""
+    # Imported here so that `compare` and --help load no model stack.
+    from activation_store import ActivationsStore
+    from model_loading import load_model
+    from sae import GlobalBatchTopKMatryoshkaSAE, MatryoshkaTranscoder
+    from training import train_sae, train_transcoder
+    from transcoder_activation_store import TranscoderActivationsStore
+
+    print(f"Training {cfg['name']} on {cfg['device']}")
+    model = load_model(cfg["model_name"], cfg["device"], cfg["model_dtype"])
+    if cfg["sae_type"] == "matryoshka_transcoder":
+        train_transcoder(MatryoshkaTranscoder(cfg), TranscoderActivationsStore(model, cfg), model, cfg)
+    else:
+        train_sae(GlobalBatchTopKMatryoshkaSAE(cfg), ActivationsStore(model, cfg), model, cfg)
+    print_final_metrics(cfg)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("compare", help="print the model table (no download)")
+    sae = commands.add_parser("sae", help="train the Gemma-2-2B Matryoshka SAE")
+    add_run_arguments(sae)
+    transcoder = commands.add_parser("transcoder", help="train the Gemma-2-2B Matryoshka transcoder")
+    add_run_arguments(transcoder, exclude=("--site",))
+    transcoder.add_argument("--source-site", default="resid_mid", choices=list(HOOK_SITES))
+    transcoder.add_argument("--target-site", default="mlp_out", choices=list(HOOK_SITES))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "compare":
+        print(model_table())
+    elif args.command == "sae":
+        train(sae_cfg(args))
+    else:
+        train(transcoder_cfg(args))
+
+
+if __name__ == "__main__":
+    main()
