@@ -6,6 +6,7 @@ A checkpoint is a folder:
     sae.safetensors     every parameter and buffer of the SAE (its `state_dict`)
     training_state.pt   optimizer state, completed step count, RNG states, extra (optional)
     metrics.json        the run's latest metrics (optional)
+    history.jsonl       every logged training step's metrics, one JSON object a line (optional)
 
 Every file is written to a temporary name and renamed over the old one, so a crash while saving
 leaves each file either complete and old or complete and new, never partial. The weights file is
@@ -32,6 +33,7 @@ WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "config.json"
 TRAINING_STATE_FILE = "training_state.pt"
 METRICS_FILE = "metrics.json"
+HISTORY_FILE = "history.jsonl"
 
 
 def checkpoint_folder(cfg: dict) -> Path:
@@ -107,18 +109,23 @@ def save_checkpoint(
     step: int | None = None,
     extra: dict | None = None,
     metrics: dict[str, float] | None = None,
+    history: list[dict[str, float]] | None = None,
 ) -> Path:
     """Save `sae` (parameters and buffers) and `cfg` to `folder`; returns the folder.
 
     With `optimizer` or `step`, ``training_state.pt`` holds what resuming needs: the optimizer
     state, `step` (the number of completed training steps), the RNG states and `extra`.
-    `metrics` (JSON-safe scalars) go to ``metrics.json``.
+    `metrics` (JSON-safe scalars) go to ``metrics.json``, `history` (one such dict per logged
+    step) to ``history.jsonl``.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     _atomic_write(folder / CONFIG_FILE, _write_text(cfg_to_json(cfg)))
     if metrics is not None:
         _atomic_write(folder / METRICS_FILE, _write_text(json.dumps(metrics, indent=2, sort_keys=True)))
+    if history is not None:
+        lines = "".join(json.dumps(row) + "\n" for row in history)
+        _atomic_write(folder / HISTORY_FILE, _write_text(lines))
     if optimizer is not None or step is not None:
         state = {
             "step": step,
@@ -141,6 +148,14 @@ def save_checkpoint(
 def load_cfg(folder: str | Path) -> dict:
     """The cfg stored in a checkpoint folder."""
     return cfg_from_json((Path(folder) / CONFIG_FILE).read_text())
+
+
+def load_history(folder: str | Path) -> list[dict[str, float]]:
+    """The logged training history of a checkpoint folder ([] if it has none)."""
+    path = Path(folder) / HISTORY_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
 def load_metrics(folder: str | Path) -> dict[str, float]:

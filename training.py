@@ -34,7 +34,7 @@ import wandb
 from tqdm import tqdm
 
 from activation_store import document_markers
-from checkpoint import checkpoint_folder, restore_checkpoint, save_checkpoint
+from checkpoint import checkpoint_folder, load_history, restore_checkpoint, save_checkpoint
 from config import cfg_to_json
 
 # Held-out token rows for the CE-loss evaluation when cfg has no "n_eval_rows" (as in the store).
@@ -194,10 +194,11 @@ class _Trainee:
     optimizer: torch.optim.Optimizer
     folder: Path
     run: Any = None
-    scalar_keys: list[str] | None = None  # the 0-dim entries of the output dict
+    scalar_keys: list[str] | None = None  # the logged entries of the output dict
     pending: list[torch.Tensor] = field(default_factory=list)  # [n_keys] per step, on device
     pending_lrs: list[float] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)  # latest values read back
+    history: list[dict[str, float]] = field(default_factory=list)  # every logged step, for plots
     saved_step: int | None = None  # last checkpoint written by this run
 
 
@@ -223,9 +224,26 @@ def _training_step(trainee: _Trainee, inputs: tuple[torch.Tensor, ...], lr: floa
     optimizer.zero_grad(set_to_none=True)
     sae.normalize_decoder()
     if trainee.scalar_keys is None:
-        trainee.scalar_keys = [k for k, v in output.items() if torch.is_tensor(v) and v.dim() == 0]
-    trainee.pending.append(torch.stack([output[k].detach().float() for k in trainee.scalar_keys]))
+        trainee.scalar_keys = [k for k, v in output.items() if _is_logged(k, v)]
+    trainee.pending.append(torch.cat([output[k].detach().float().reshape(-1) for k in trainee.scalar_keys]))
     trainee.pending_lrs.append(lr)
+
+
+def _is_logged(key: str, value) -> bool:
+    """Scalars (0-dim tensors) and per-prefix metric vectors are logged; batch tensors are not."""
+    return torch.is_tensor(value) and (value.dim() == 0 or key.endswith("_per_prefix"))
+
+
+def _scalar_names(trainee: _Trainee) -> list[str]:
+    """Names of the logged values: a per-prefix vector ``fvu_per_prefix`` becomes fvu_prefix_0, ..."""
+    names = []
+    for key in trainee.scalar_keys:
+        if key.endswith("_per_prefix"):
+            n_groups = len(trainee.cfg["group_sizes"])
+            names += [f"{key.removesuffix('_per_prefix')}_prefix_{g}" for g in range(n_groups)]
+        else:
+            names.append(key)
+    return names
 
 
 def _flush(trainees: list[_Trainee], nonfinite_inputs: torch.Tensor, next_step: int) -> None:
@@ -250,16 +268,18 @@ def _flush(trainees: list[_Trainee], nonfinite_inputs: torch.Tensor, next_step: 
             f"model dtype (try model_dtype float32) and the data.{where_good}")
     offset = 1
     for t in trainees:
-        n_keys = len(t.scalar_keys)
+        names = _scalar_names(t)
+        n_keys = len(names)
         rows = host[offset:offset + n_pending * n_keys].view(n_pending, n_keys).tolist()
         offset += n_pending * n_keys
         for i, (row, lr) in enumerate(zip(rows, t.pending_lrs)):
-            values = dict(zip(t.scalar_keys, row), lr=lr)
+            values = dict(zip(names, row), lr=lr)
             if not math.isfinite(values["loss"]):
                 raise NonFiniteError(
                     f"{t.cfg['name']}: the loss became {values['loss']} at step {first + i}. Lower "
                     f"cfg['lr'] or cfg['max_grad_norm'].{where_good}")
             t.run.log(values, step=first + i)
+            t.history.append({"step": first + i, **values})
         t.metrics.update(values)
         t.pending.clear()
         t.pending_lrs.clear()
@@ -275,7 +295,7 @@ def _save(trainee: _Trainee, steps_done: int) -> None:
         raise NonFiniteError(f"{trainee.cfg['name']}: weights are NaN/inf after step {steps_done - 1}; "
                              f"the checkpoint in {trainee.folder} was left as it was.")
     save_checkpoint(trainee.folder, trainee.sae, trainee.cfg, trainee.optimizer, step=steps_done,
-                    metrics={**trainee.metrics, "step": steps_done})
+                    metrics={**trainee.metrics, "step": steps_done}, history=trainee.history)
     trainee.saved_step = steps_done
 
 
@@ -302,6 +322,8 @@ def _resume_or_start(trainees: list[_Trainee], activation_store, resume_from) ->
     """
     if resume_from is not None:
         steps = [restore_checkpoint(folder, t.sae, t.optimizer)["step"] for folder, t in zip(resume_from, trainees)]
+        for folder, t in zip(resume_from, trainees):
+            t.history = [row for row in load_history(folder) if row["step"] < steps[0]]
         if len(set(steps)) > 1:
             raise ValueError(f"The checkpoints to resume from stopped at different steps {steps}; they "
                              f"were not trained together.")

@@ -12,7 +12,7 @@ import wandb
 from datasets import Dataset, DatasetDict
 
 from activation_store import ActivationsStore
-from checkpoint import checkpoint_folder, load_metrics, load_sae
+from checkpoint import checkpoint_folder, load_history, load_metrics, load_sae
 from config import get_default_cfg, post_init_cfg
 from sae import create_sae
 from training import (
@@ -166,13 +166,19 @@ def test_wandb_gets_every_scalar_each_step(tmp_path, wandb_runs):
     assert kwargs["mode"] == "disabled" and kwargs["project"] == cfg["wandb_project"]
     assert kwargs["name"] == cfg["name"] and json.dumps(kwargs["config"])  # JSON-safe
     expected = {"loss", "l2_loss", "l1_loss", "l1_norm", "l0_norm", "aux_loss", "fvu", "num_dead_features",
-                "fvu_min", "fvu_max", "fvu_mean", "min_l2_loss", "max_l2_loss", "lr"}
+                "fvu_min", "fvu_max", "fvu_mean", "min_l2_loss", "max_l2_loss", "lr",
+                "fvu_prefix_0", "fvu_prefix_1", "fvu_prefix_2", "fvu_prefix_3"}
     assert [step for step, _ in run.logged] == list(range(23))  # flushed at 10, 20 and the end
     for step, data in run.logged:
         assert set(data) == expected
         assert all(isinstance(v, float) and math.isfinite(v) for v in data.values())
         assert data["fvu_min"] <= data["fvu_mean"] <= data["fvu_max"]
+        prefix_fvus = [data[f"fvu_prefix_{g}"] for g in range(4)]
+        assert min(prefix_fvus) == pytest.approx(data["fvu_min"]) and prefix_fvus[-1] == pytest.approx(data["fvu"])
         assert data["lr"] == pytest.approx(lr_at_step(step, 23, cfg))
+    history = load_history(checkpoint_folder(cfg))
+    assert [row["step"] for row in history] == list(range(23))
+    assert history[-1]["fvu"] == pytest.approx(run.logged[-1][1]["fvu"])
 
 
 def test_lr_schedule():
