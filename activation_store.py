@@ -302,7 +302,7 @@ class ActivationsStore:
 
     # -- activations and the buffer -------------------------------------------------------------
 
-    def _activations(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+    def activations_of(self, tokens: torch.Tensor) -> list[torch.Tensor]:
         """For token rows ``[rows, seq_len]``: per hook, float32 ``[kept positions, width]`` activations."""
         tokens = tokens.to(self.model.cfg.device)
         with torch.no_grad():
@@ -332,7 +332,7 @@ class ActivationsStore:
         columns = [[buffer[self._pointer :]] for buffer in self._buffers]
         n_have = len(columns[0][0])
         while n_have < self.buffer_size:
-            fresh = self._activations(self._next_tokens(self.cfg["model_batch_size"]))
+            fresh = self.activations_of(self._next_tokens(self.cfg["model_batch_size"]))
             for column, acts in zip(columns, fresh):
                 column.append(acts)
             n_have += len(fresh[0])

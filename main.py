@@ -1,6 +1,7 @@
 """The original repository's run: BatchTopK SAEs of several sparsities and one Matryoshka SAE,
 trained together on one activation stream of GPT-2 small (layer 8, resid_pre).
 
+    python main.py --demo                            # offline demo: SmolLM2 + Python docs, on a CPU
     python main.py                                   # the defaults of config.get_default_cfg()
     python main.py --num-tokens 2e7 --batchtopk-k 16 32 --wandb-mode offline
     python main.py --model gemma-2-2b --model-dtype bfloat16 --model-batch-size 4
@@ -88,6 +89,9 @@ def apply_overrides(cfg: dict, args: argparse.Namespace | None) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--demo", action="store_true",
+                        help="train one Matryoshka SAE on SmolLM2-135M and Python's documentation, "
+                             "offline on a CPU, and print a report (see demo.py)")
     parser.add_argument("--batchtopk-k", type=int, nargs="+", default=BATCHTOPK_KS,
                         help=f"top_k of each BatchTopK SAE (default {BATCHTOPK_KS}); --top-k sets the "
                              f"Matryoshka SAE's")
@@ -128,6 +132,11 @@ def print_final_metrics(cfg: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.demo:
+        from demo import run_demo
+
+        run_demo(args)
+        return
     cfgs = build_cfgs(args)
     for cfg in cfgs:
         print(f"{cfg['sae_type']:>12}  top_k {cfg['top_k']:<4} dict {cfg['dict_size']:<6} -> {cfg['name']}")

@@ -86,7 +86,7 @@ class BaseAutoencoder(nn.Module):
         if stats is None:
             return y_n
         mean, std = stats
-        if y_n.dim() == 3:
+        if y_n.dim() == 3 and mean.dim() == 2:  # per-token stats [B, 1] against prefixes [B, G, d]
             mean, std = mean.unsqueeze(1), std.unsqueeze(1)
         return y_n * std + mean
 
@@ -159,11 +159,11 @@ class BaseAutoencoder(nn.Module):
             "feature_acts": info["feature_acts"],
         }
         if prefixes.shape[1] > 1:
-            fvus = torch.stack([compute_fvu(target, self.restore_target(prefixes[:, g], y_stats))
-                                for g in range(prefixes.shape[1])])
+            prefix_out = self.restore_target(prefixes.detach(), y_stats)
+            fvus = torch.stack([compute_fvu(target, prefix_out[:, g]) for g in range(prefixes.shape[1])])
             out.update(fvu_min=fvus.min(), fvu_max=fvus.max(), fvu_mean=fvus.mean(),
                        min_l2_loss=l2_per_prefix.min().detach(), max_l2_loss=l2_per_prefix.max().detach(),
-                       fvu_per_prefix=fvus)
+                       fvu_per_prefix=fvus, prefix_reconstructions=prefix_out)
         return out
 
     # -- training state and the decoder constraint -----------------------------------------------
@@ -296,7 +296,8 @@ class GlobalBatchTopKMatryoshkaSAE(BatchTopKSAE):
 
     Loss: mean over groups g of mean((x_hat_g - x)^2) + aux_penalty * AuxK, with x_hat_g the
     reconstruction from latents [0, m_g) plus b_dec (see the module docstring). Outputs add the
-    FVU of each prefix: fvu_min, fvu_max, fvu_mean (and fvu_per_prefix).
+    FVU of each prefix: fvu_min, fvu_max, fvu_mean, fvu_per_prefix [G], and the prefix
+    reconstructions themselves, prefix_reconstructions [B, G, d_out] in original units.
     """
 
     def _group_ends(self) -> torch.Tensor:

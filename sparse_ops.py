@@ -22,10 +22,6 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-# CSR tensors are used only inside sampled_addmm below, built from indices that are valid by construction.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
-
 
 def bag_offsets(sorted_bag_ids: torch.Tensor, n_bags: int) -> torch.Tensor:
     """Start of each bag in a list of entries sorted by bag id: [n_bags] long."""
@@ -131,7 +127,10 @@ def sampled_row_dots(a: torch.Tensor, b: torch.Tensor, a_offsets: torch.Tensor,
     sampled dense-dense matmul, which never forms the N x d gathered rows.
     """
     crow = torch.cat([a_offsets, a_offsets.new_tensor([b_index.numel()])])
-    pattern = torch.sparse_csr_tensor(crow, b_index, a.new_zeros(b_index.numel()), size=(a.shape[0], b.shape[0]))
+    with warnings.catch_warnings():  # "CSR support is in beta": we use only sampled_addmm
+        warnings.simplefilter("ignore")
+        pattern = torch.sparse_csr_tensor(crow, b_index, a.new_zeros(b_index.numel()),
+                                          size=(a.shape[0], b.shape[0]), check_invariants=False)
     return torch.sparse.sampled_addmm(pattern, a, b.t(), beta=0.0).values()
 
 

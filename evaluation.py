@@ -1,0 +1,128 @@
+"""Evaluating a trained dictionary on held-out activations, and the report of a run.
+
+`reconstruction_report` measures what a researcher looks at first: the FVU of the full
+reconstruction and of every Matryoshka prefix, L0, and how often each latent fires (dead latents
+never fire on the held-out tokens; dense ones fire on more than `DENSE_FRACTION` of them).
+`format_report` prints it with the CE losses of `training.evaluate_ce_loss`; the plot functions
+draw a run's training history and the latents' firing densities.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from config import compute_fvu
+
+DENSE_FRACTION = 0.1
+
+
+@torch.no_grad()
+def reconstruction_report(sae, x: torch.Tensor, target: torch.Tensor | None = None,
+                          chunk_size: int = 4096) -> dict:
+    """Metrics of `sae` (in eval mode) on held-out inputs x [N, d_in] (transcoder: and targets).
+
+    Returns fvu, fvu_per_prefix (a list; one entry for non-Matryoshka SAEs), l0_norm,
+    firing_density [S] (fraction of tokens on which each latent fires), dead_fraction and
+    dense_fraction. Run in chunks; FVU is computed over all N tokens at once.
+    """
+    was_training = sae.training
+    sae.eval()
+    try:
+        outputs, fired_counts, l0_total = [], torch.zeros(sae.dict_size, device=x.device), 0.0
+        for rows in torch.arange(len(x), device=x.device).split(chunk_size):
+            inputs = (x[rows],) if target is None else (x[rows], target[rows])
+            out = sae(*inputs)
+            active = out["feature_acts"] > 0
+            fired_counts += active.sum(dim=0)
+            l0_total += active.sum().item()
+            prefixes = out.get("prefix_reconstructions")
+            outputs.append(out["sae_out"] if prefixes is None else prefixes)
+    finally:
+        sae.train(was_training)
+    y = (x if target is None else target).float()
+    reconstructions = torch.cat(outputs)
+    if reconstructions.dim() == 2:
+        fvus = [compute_fvu(y, reconstructions).item()]
+    else:
+        fvus = [compute_fvu(y, reconstructions[:, g]).item() for g in range(reconstructions.shape[1])]
+    density = fired_counts / len(x)
+    return {
+        "fvu": fvus[-1],
+        "fvu_per_prefix": fvus,
+        "l0_norm": l0_total / len(x),
+        "firing_density": density.cpu(),
+        "dead_fraction": (density == 0).float().mean().item(),
+        "dense_fraction": (density > DENSE_FRACTION).float().mean().item(),
+    }
+
+
+def format_report(report: dict, ce: dict | None = None, group_sizes: list[int] | None = None) -> str:
+    """A plain-text table of `reconstruction_report` (and `evaluate_ce_loss`) results."""
+    lines = ["Held-out evaluation", "-------------------"]
+    fvus = report["fvu_per_prefix"]
+    ends = torch.tensor(group_sizes).cumsum(0).tolist() if group_sizes else [None] * len(fvus)
+    if len(fvus) > 1:
+        lines.append(f"{'prefix':<8}{'latents':>10}{'FVU':>10}")
+        for g, (end, fvu) in enumerate(zip(ends, fvus)):
+            lines.append(f"{g:<8}{'0..' + str(end) if end else '':>10}{fvu:>10.4f}")
+    lines += [
+        f"{'FVU (full dictionary)':<28}{report['fvu']:.4f}",
+        f"{'L0 (active latents/token)':<28}{report['l0_norm']:.1f}",
+        f"{'dead latents':<28}{100 * report['dead_fraction']:.1f}%  (never fired on held-out tokens)",
+        f"{'dense latents':<28}{100 * report['dense_fraction']:.1f}%  (fire on >{DENSE_FRACTION:.0%} of tokens)",
+    ]
+    if ce is not None:
+        lines += [
+            f"{'CE loss clean':<28}{ce['ce_loss_clean']:.4f}",
+            f"{'CE loss with SAE spliced':<28}{ce['ce_loss_spliced']:.4f}",
+            f"{'CE loss zero-ablated':<28}{ce['ce_loss_zero_ablation']:.4f}",
+            f"{'CE loss mean-ablated':<28}{ce['ce_loss_mean_ablation']:.4f}",
+            f"{'CE loss recovered':<28}{100 * ce['loss_recovered']:.1f}%",
+        ]
+    return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_prefix_fvu(history: list[dict], path: str | Path) -> Path:
+    """FVU of each Matryoshka prefix (or of the SAE) over training steps, as a PNG."""
+    plt = _pyplot()
+    steps = [row["step"] for row in history]
+    keys = sorted((k for k in history[0] if k.startswith("fvu_prefix_")), key=lambda k: int(k.rsplit("_", 1)[1]))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key in keys or ["fvu"]:
+        label = f"prefix {key.rsplit('_', 1)[1]}" if keys else "FVU"
+        ax.plot(steps, [row[key] for row in history], label=label)
+    ax.set(xlabel="training step", ylabel="FVU (training batch)", yscale="log",
+           title="Reconstruction of each nested prefix")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_firing_density(density: torch.Tensor, path: str | Path) -> Path:
+    """Histogram of log10(firing density) over latents, dead latents counted apart, as a PNG."""
+    plt = _pyplot()
+    alive = density[density > 0]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.hist(alive.log10().numpy(), bins=50)
+    ax.axvline(torch.log10(torch.tensor(DENSE_FRACTION)).item(), color="gray", linestyle="--")
+    dead = int((density == 0).sum())
+    ax.set(xlabel="log10(fraction of held-out tokens on which the latent fires)", ylabel="latents",
+           title=f"Latent firing density ({dead} of {len(density)} latents never fired)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
