@@ -217,7 +217,7 @@ class TopKSAE(BaseAutoencoder):
         self.register_buffer("group_ends", self._group_ends(), persistent=False)
 
     def _group_ends(self) -> torch.Tensor:
-        return torch.tensor([self.dict_size])
+        return torch.tensor([self.dict_size], device=self.cfg["device"])
 
     def select(self, pre: torch.Tensor) -> SparseCode:
         return select_topk(pre, self.cfg["top_k"])
@@ -301,7 +301,7 @@ class GlobalBatchTopKMatryoshkaSAE(BatchTopKSAE):
     """
 
     def _group_ends(self) -> torch.Tensor:
-        return torch.tensor(self.cfg["group_sizes"]).cumsum(0)
+        return torch.tensor(self.cfg["group_sizes"], device=self.cfg["device"]).cumsum(0)
 
 
 class MatryoshkaTranscoder(GlobalBatchTopKMatryoshkaSAE):

@@ -259,29 +259,18 @@ def test_jumprelu_threshold_gradient_matches_smoothed_finite_difference():
     def smooth_step(z):  # integral of the rectangle kernel: a ramp over [-eps/2, eps/2]
         return (z / eps + 0.5).clamp(0, 1)
 
-    def smoothed_l0(t):
-        return smooth_step(pre - t).sum()
+    def check(function, smoothed_loss, rel):
+        theta_var = theta.clone().requires_grad_()
+        function.apply(pre, theta_var, eps).sum().backward()
+        for i in range(3):
+            h = torch.zeros(3)
+            h[i] = 1e-4
+            fd = (smoothed_loss(theta + h) - smoothed_loss(theta - h)) / 2e-4
+            assert theta_var.grad[i].item() == pytest.approx(fd.item(), rel=rel)
 
-    theta_var = theta.clone().requires_grad_()
-    _Step.apply(pre, theta_var, eps).sum().backward()
-    for i in range(3):
-        h = 1e-4
-        up, down = theta.clone(), theta.clone()
-        up[i] += h
-        down[i] -= h
-        fd = (smoothed_l0(up) - smoothed_l0(down)) / (2 * h)
-        assert theta_var.grad[i].item() == pytest.approx(fd.item(), rel=0.05)
-
+    check(_Step, lambda t: smooth_step(pre - t).sum(), rel=0.05)
     # The jump's estimate -(theta/eps) K matches the smoothed pre * ramp up to O(eps / theta).
-    theta_var = theta.clone().requires_grad_()
-    _JumpReLU.apply(pre, theta_var, eps).sum().backward()
-    for i in range(3):
-        h = 1e-4
-        up, down = theta.clone(), theta.clone()
-        up[i] += h
-        down[i] -= h
-        fd = ((pre * smooth_step(pre - up)).sum() - (pre * smooth_step(pre - down)).sum()) / (2 * h)
-        assert theta_var.grad[i].item() == pytest.approx(fd.item(), rel=0.1)
+    check(_JumpReLU, lambda t: (pre * smooth_step(pre - t)).sum(), rel=0.1)
 
 
 def test_jumprelu_log_threshold_gets_the_chain_rule():
