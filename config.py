@@ -231,11 +231,14 @@ def split_into_groups(dict_size: int, proportions=MATRYOSHKA_GROUP_PROPORTIONS) 
 
 
 def _model_facts(cfg: dict) -> dict[str, int] | None:
-    """The model table's entry for cfg's model, or None for activations from elsewhere."""
+    """The model table's entry for cfg's model, or None for activations from elsewhere.
+
+    Another model needs cfg["act_size"]; a value carried over from an earlier model cannot be
+    told apart from one set on purpose, and the activation stores check it against the hook.
+    """
     if canonical_model_name(cfg["model_name"]) is not None:
         return get_model_config(cfg["model_name"])
-    act_size_was_derived = cfg.get("derived", {}).get("act_size") == cfg.get("act_size")
-    if cfg.get("act_size") is None or act_size_was_derived:
+    if cfg.get("act_size") is None:
         get_model_config(cfg["model_name"])  # raises the unknown-model error
     return None
 

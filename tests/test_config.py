@@ -72,6 +72,9 @@ def test_user_settings_survive_rederivation():
 
 def test_synthetic_source_with_explicit_act_size():
     cfg = get_default_cfg()
+    cfg.update(model_name="synthetic", act_size=768)  # the same width as the default model's
+    assert post_init_cfg(cfg)["act_size"] == 768
+    cfg = get_default_cfg()
     cfg.update(model_name="synthetic", act_size=48, dict_size=None, group_sizes=None)
     cfg = post_init_cfg(cfg)
     assert cfg["dict_size"] == 768 and sum(cfg["group_sizes"]) == 768
@@ -97,7 +100,7 @@ def test_dtype_strings_accepted():
     ({"lr": 0}, "cfg\\['lr'\\] must be positive"),
     ({"batch_size": -5}, "cfg\\['batch_size'\\] must be positive"),
     ({"dict_size": -1}, "cfg\\['dict_size'\\] must be positive"),
-    ({"model_name": "llama-7b"}, "Unknown model_name 'llama-7b'"),
+    ({"model_name": "llama-7b", "act_size": None}, "Unknown model_name 'llama-7b'"),
     ({"dtype": "float99"}, "is not a dtype"),
     ({"wandb_mode": "sometimes"}, "wandb_mode must be"),
     ({"sae_type": "matryoshka_transcoder"}, "A transcoder needs cfg\\['source_site'\\]"),

@@ -1,0 +1,354 @@
+"""Time one full SAE training step of this project and of its peers on the same activations.
+
+A step is everything done once per batch of activations: forward, loss, backward, the
+decoder-gradient projection (where the implementation has one), gradient clipping (where it has
+it), the Adam step, decoder normalisation and zero_grad. Each implementation runs in its own
+subprocess with the same thread count and the same allocator setting, on identical synthetic
+activations (regenerated from one seed in every subprocess; a checksum proves they match):
+`--warmup` untimed steps, then the median of `--steps` timed steps, each on a fresh batch.
+Results are tokens/s and the ratio to sparsify's TopK; absolute numbers depend on the machine
+and its load, so compare ratios measured in one run.
+
+Setup (once): bash benchmarks/setup_bench_env.sh   (creates .bench-venv with the peers)
+
+Usage, from the repository root (any python; subprocesses use .bench-venv/bin/python):
+    python benchmarks/bench_step.py                        # 512x8192 and 768x12288, all impls
+    python benchmarks/bench_step.py --quick                # tiny sizes: a smoke test (minutes,
+                                                           # mostly the peers' imports)
+    python benchmarks/bench_step.py --impls ours_batchtopk,sparsify_topk --sizes 512x8192 --steps 5
+    python benchmarks/bench_step.py --json benchmarks/results/step.json
+    python benchmarks/bench_step.py --no-malloc-tunables   # glibc's default allocator settings
+    python benchmarks/bench_step.py --rounds 3             # best of 3 interleaved runs (noisy machine)
+
+Implementations (--impls): ours_batchtopk, ours_topk, ours_matryoshka, ours_transcoder (this
+project's sae.py, stepped as training.py's loop does: forward, backward,
+remove_parallel_decoder_grad, clip_grad_norm_ to max_grad_norm, Adam, zero_grad,
+normalize_decoder; the transcoder maps a synthetic source to a synthetic target of the same width),
+and the peers of peers.py: saelens_batchtopk, saelens_matryoshka, dictlearn_batchtopk,
+dictlearn_matryoshka, sparsify_topk. All share k, lr, Adam, batch size, the dead-latent window and
+Matryoshka groups of 1:2:4:9 sixteenths of the dictionary; see peers.py for how each peer's step
+is assembled from its own trainer code.
+
+--json PATH writes {"<d_in>x<dict_size>": {"<impl>": tokens_per_s, ...}, ...} (failed
+implementations are left out and reported on stderr).
+
+Synthetic activations: x = mu + sum_j a_j d_j + noise, with 8 x d_in planted unit directions d_j,
+about 24 active per token drawn with Zipf-like frequencies and exponential magnitudes a_j, a
+shared offset mu, and Gaussian noise at 5% of the signal's scale. The transcoder's target is the
+same code read through a second planted dictionary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+BENCH_PYTHON = ROOT / ".bench-venv" / "bin" / "python"
+MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+
+OURS = {  # impl -> (cfg sae_type, class name in sae.py)
+    "ours_batchtopk": ("batchtopk", "BatchTopKSAE"),
+    "ours_topk": ("topk", "TopKSAE"),
+    "ours_matryoshka": ("matryoshka", "GlobalBatchTopKMatryoshkaSAE"),
+    "ours_transcoder": ("matryoshka_transcoder", "MatryoshkaTranscoder"),
+}
+PEER_NAMES = ("saelens_batchtopk", "saelens_matryoshka", "dictlearn_batchtopk",
+              "dictlearn_matryoshka", "sparsify_topk")
+ALL_IMPLS = tuple(OURS) + PEER_NAMES
+BASELINE = "sparsify_topk"
+FULL_SIZES = ("512x8192", "768x12288")
+QUICK_SIZES = ("64x1024", "96x1536")
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    try:
+        d_in, dict_size = (int(part) for part in size.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--sizes entries look like 512x8192 (d_in x dict_size), got {size!r}.")
+    if dict_size % 16:
+        raise ValueError(f"dict_size {dict_size} must be a multiple of 16 (groups 1:2:4:9 / 16).")
+    return d_in, dict_size
+
+
+# ---------------------------------------------------------------------------------------------
+# Data (runs inside each worker; torch imported lazily so the driver needs no torch)
+# ---------------------------------------------------------------------------------------------
+
+
+def synthetic_batches(d_in: int, batch_size: int, n_batches: int, seed: int, with_target: bool):
+    """List of n_batches (x [batch, d_in], y [batch, d_in] or None) float32 batches.
+
+    x = mu + codes @ D + noise; y = codes @ D_target + noise (see the module docstring).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(seed)
+    target_noise = torch.Generator().manual_seed(seed + 1)  # x must not depend on with_target
+    n_features, active = 8 * d_in, 24
+    D = F.normalize(torch.randn(n_features, d_in, generator=gen), dim=1)
+    D_target = F.normalize(torch.randn(n_features, d_in, generator=gen), dim=1)
+    mu = torch.randn(d_in, generator=gen)
+    frequency = (torch.arange(n_features) + 10.0).pow(-0.8)
+    batches = []
+    for _ in range(n_batches):
+        idx = torch.multinomial(frequency, batch_size * active, replacement=True, generator=gen)
+        mags = torch.empty(batch_size * active).exponential_(1.0, generator=gen)
+        idx, mags = idx.view(batch_size, active), mags.view(batch_size, active)
+        x = mu + F.embedding_bag(idx, D, per_sample_weights=mags, mode="sum")
+        x = x + 0.05 * x.std() * torch.randn(x.shape, generator=gen)
+        y = None
+        if with_target:
+            y = F.embedding_bag(idx, D_target, per_sample_weights=mags, mode="sum")
+            y = y + 0.05 * y.std() * torch.randn(y.shape, generator=target_noise)
+        batches.append((x.contiguous(), y))
+    return batches
+
+
+# ---------------------------------------------------------------------------------------------
+# Our implementations
+# ---------------------------------------------------------------------------------------------
+
+
+def our_cfg(sae_type: str, d_in: int, dict_size: int, k: int, batch_size: int) -> dict:
+    from config import get_default_cfg, post_init_cfg
+
+    cfg = get_default_cfg()
+    cfg.update(model_name="synthetic", act_size=d_in, dict_size=dict_size, group_sizes=None,
+               top_k=k, batch_size=batch_size, sae_type=sae_type, device="cpu")
+    if sae_type == "matryoshka_transcoder":
+        cfg.update(source_site="resid_mid", source_layer=0, target_site="mlp_out", target_layer=0)
+    return post_init_cfg(cfg)
+
+
+def our_step(impl: str, d_in: int, dict_size: int, k: int, batch_size: int, first_batch):
+    """step(x, y) for one of our classes: the body of training.py's loop for one batch."""
+    import torch
+
+    if not (ROOT / "sae.py").exists():
+        raise RuntimeError(f"{ROOT / 'sae.py'} does not exist yet: our implementations cannot run.")
+    import sae as sae_module
+
+    sae_type, class_name = OURS[impl]
+    cfg = our_cfg(sae_type, d_in, dict_size, k, batch_size)
+    sae = getattr(sae_module, class_name)(cfg)
+    sae.train()
+    transcoder = sae_type == "matryoshka_transcoder"
+    if hasattr(sae, "initialize_b_dec"):  # the data-dependent initialisation a training run does
+        x0, y0 = first_batch
+        sae.initialize_b_dec(y0 if transcoder else x0)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]))
+
+    def step(x, y=None) -> float:
+        out = sae(x, y) if transcoder else sae(x)
+        out["loss"].backward()
+        sae.remove_parallel_decoder_grad()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg["max_grad_norm"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sae.normalize_decoder()
+        return out["loss"].item()
+
+    return step, cfg
+
+
+def make_spec(d_in: int, dict_size: int, k: int, batch_size: int):
+    """The peers' shared settings, taken from our defaults for the Matryoshka SAE."""
+    from peers import Spec
+
+    cfg = our_cfg("matryoshka", d_in, dict_size, k, batch_size)
+    return Spec(d_in=d_in, dict_size=dict_size, k=k, batch_size=batch_size, lr=cfg["lr"],
+                betas=(cfg["beta1"], cfg["beta2"]), aux_coeff=cfg["aux_penalty"],
+                dead_after_batches=cfg["n_batches_to_dead"], group_sizes=list(cfg["group_sizes"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker: one implementation, one size
+# ---------------------------------------------------------------------------------------------
+
+
+def run_worker(args) -> None:
+    import torch
+
+    sys.path[:0] = [str(ROOT), str(BENCH_DIR)]
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    d_in, dict_size = parse_size(args.size)
+    transcoder = args.worker == "ours_transcoder"
+    batches = synthetic_batches(d_in, args.batch_size, args.warmup + args.steps, args.seed,
+                                with_target=transcoder)
+    checksum = float(sum(x.double().sum() for x, _ in batches))
+    if args.worker in OURS:
+        step, _ = our_step(args.worker, d_in, dict_size, args.k, args.batch_size, batches[0])
+    else:
+        from peers import PEERS
+
+        step = PEERS[args.worker](make_spec(d_in, dict_size, args.k, args.batch_size))
+    times, losses = [], []
+    for i, (x, y) in enumerate(batches):
+        start = time.perf_counter()
+        loss = step(x, y) if transcoder else step(x)
+        elapsed = time.perf_counter() - start
+        losses.append(loss)
+        if i >= args.warmup:
+            times.append(elapsed)
+    from peers import versions
+
+    print("RESULT " + json.dumps({"times": times, "losses": losses, "checksum": checksum,
+                                  "versions": versions(), "threads": torch.get_num_threads()}))
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------
+
+
+def worker_env(malloc_tunables: bool, threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("GLIBC_TUNABLES", None)
+    if malloc_tunables:
+        env["GLIBC_TUNABLES"] = MALLOC_TUNABLES
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(threads)
+    env.update(WANDB_MODE="disabled", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+    return env
+
+
+def run_one(args, impl: str, size: str) -> dict:
+    """Run one worker subprocess; returns its RESULT dict or {"error": ...}."""
+    cmd = [args.python, str(Path(__file__).resolve()), "--worker", impl, "--size", size,
+           "--batch-size", str(args.batch_size), "--k", str(args.k), "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--threads", str(args.threads), "--seed", str(args.seed)]
+    try:
+        proc = subprocess.run(cmd, env=worker_env(args.malloc_tunables, args.threads), cwd=ROOT,
+                              capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {args.timeout} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
+    return {"error": f"exit {proc.returncode}:\n{tail}"}
+
+
+def print_table(sizes, impls, rates, results) -> None:
+    header = f"{'impl':22s}" + "".join(f"{s + ' tok/s':>20s}{'vs sparsify':>13s}" for s in sizes)
+    print(header + "   loss first -> last")
+    for impl in impls:
+        row = f"{impl:22s}"
+        losses = []
+        for size in sizes:
+            rate, base = rates[size].get(impl), rates[size].get(BASELINE)
+            row += f"{rate:20.0f}" if rate else f"{'failed':>20s}"
+            row += f"{rate / base:13.2f}" if rate and base else f"{'-':>13s}"
+            result = results[size][impl]
+            if "losses" in result:
+                losses.append(f"{result['losses'][0]:.4g} -> {result['losses'][-1]:.4g}")
+        print(row + "   " + "; ".join(losses))
+
+
+def measure_size(args, size: str, impls) -> tuple[dict[str, float], dict[str, dict]]:
+    """tokens/s and worker results of each implementation at one size.
+
+    With --rounds R every implementation runs R times, the rounds interleaved so that a change of
+    load hits all alike; its fastest round counts.
+    """
+    rates: dict[str, float] = {}
+    results: dict[str, dict] = {}
+    checksums = set()
+    for _ in range(args.rounds):
+        for impl in impls:
+            result = run_one(args, impl, size)
+            if "error" in result:
+                print(f"  {size} {impl}: FAILED {result['error']}", file=sys.stderr, flush=True)
+                results.setdefault(impl, result)
+                continue
+            checksums.add(round(result["checksum"], 3))
+            median = statistics.median(result["times"])
+            rate = args.batch_size / median
+            print(f"  {size} {impl:22s} {rate:9.0f} tok/s  (median {median * 1e3:.0f} ms)", flush=True)
+            if rate > rates.get(impl, 0.0):
+                rates[impl], results[impl] = rate, result
+    if len(checksums) > 1:
+        print(f"WARNING: {size}: the workers saw different data (checksums {checksums})",
+              file=sys.stderr)
+    return rates, results
+
+
+def run_driver(args) -> None:
+    sizes = QUICK_SIZES if args.quick and not args.sizes else tuple(args.sizes or FULL_SIZES)
+    for size in sizes:
+        parse_size(size)
+    impls = args.impls or ALL_IMPLS
+    unknown = [impl for impl in impls if impl not in ALL_IMPLS]
+    if unknown:
+        raise SystemExit(f"Unknown --impls {unknown}; choose from {', '.join(ALL_IMPLS)}.")
+    start = time.perf_counter()
+    print(f"python {args.python}; batch {args.batch_size} tokens, k={args.k}, fp32, "
+          f"{args.threads} threads, {args.warmup} warm-up + median of {args.steps} steps, "
+          f"best of {args.rounds} round(s); "
+          f"GLIBC_TUNABLES={MALLOC_TUNABLES if args.malloc_tunables else '(unset)'}", flush=True)
+    rates: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[str, dict]] = {}
+    for size in sizes:
+        rates[size], results[size] = measure_size(args, size, impls)
+    found = [r["versions"] for by_impl in results.values() for r in by_impl.values() if "versions" in r]
+    if found:
+        print("\nversions: " + ", ".join(f"{name} {v}" for name, v in found[0].items()))
+    print()
+    print_table(sizes, impls, rates, results)
+    print(f"\ntotal wall time {time.perf_counter() - start:.0f} s")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rates, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--impls", type=lambda s: [i for i in s.split(",") if i],
+                        help=f"comma-separated subset of: {', '.join(ALL_IMPLS)}")
+    parser.add_argument("--sizes", type=lambda s: [i for i in s.split(",") if i],
+                        help="comma-separated d_in x dict_size, default 512x8192,768x12288")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every implementation this many times, interleaved; the fastest counts")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (>= 2)")
+    parser.add_argument("--batch-size", type=int, default=4096, help="tokens per step")
+    parser.add_argument("--k", type=int, default=32, help="active latents per token")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke test: sizes {','.join(QUICK_SIZES)}, batch 512, 2 steps")
+    parser.add_argument("--json", help="write {size: {impl: tokens_per_s}} here")
+    parser.add_argument("--no-malloc-tunables", dest="malloc_tunables", action="store_false",
+                        help="run the workers without GLIBC_TUNABLES")
+    parser.add_argument("--python", default=str(BENCH_PYTHON if BENCH_PYTHON.exists() else sys.executable),
+                        help="interpreter for the workers (default .bench-venv/bin/python)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per worker")
+    parser.add_argument("--worker", choices=ALL_IMPLS, help=argparse.SUPPRESS)
+    parser.add_argument("--size", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.warmup < 2 and not args.worker:
+        parser.error("--warmup must be at least 2: first steps include one-off initialisation.")
+    if args.quick and not args.worker:
+        args.batch_size = 512 if args.batch_size == 4096 else args.batch_size
+        args.steps = 2 if args.steps == 5 else args.steps
+    return args
+
+
+if __name__ == "__main__":
+    arguments = parse_args()
+    if arguments.worker:
+        run_worker(arguments)
+    else:
+        run_driver(arguments)
