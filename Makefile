@@ -24,5 +24,10 @@ test: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python main.py --demo
 
+# The peers (SAELens, dictionary_learning, sparsify) live in their own environment, .bench-venv.
+bench: $(STAMP)
+	test -x .bench-venv/bin/python || bash benchmarks/setup_bench_env.sh
+	$(BIN)/python benchmarks/bench_step.py --json benchmarks/results/step.json
+
 clean-venv:
 	rm -rf $(VENV)

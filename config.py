@@ -163,7 +163,9 @@ def get_default_cfg() -> dict[str, Any]:
         "l0_coeff": None,  # JumpReLU sparsity coefficient; derived: 1e-3
         "bandwidth": 0.001,  # JumpReLU straight-through kernel width
         "jumprelu_threshold_init": 0.001,
-        "threshold_ema_rate": 0.01,  # BatchTopK eval threshold: EMA of the smallest kept activation
+        "threshold_ema_rate": 0.05,  # BatchTopK eval threshold: EMA of the smallest kept activation;
+        # a batch's smallest kept value is a quantile of k x batch values, so it is steady, and a
+        # fast average keeps up with its drift during training.
         "input_unit_norm": True,  # standardise each token before encoding; outputs in original units
         "dtype": torch.float32,  # encoder matmul dtype; parameters are always float32
         # Optimisation
