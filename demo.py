@@ -34,7 +34,7 @@ DEMO_SETTINGS = {
     "lr": 2e-3,
     "lr_warmup_steps": 10,
     "lr_decay_frac": 0.3,
-    "num_tokens": 380_000,  # about one pass over the training documents
+    "num_tokens": 352_256,  # 172 steps: one pass over the training documents, none seen twice
     "seq_len": 128,
     "model_batch_size": 16,
     "num_batches_in_buffer": 8,
@@ -61,11 +61,11 @@ def run_demo(args=None) -> dict:
     """Train the demo SAE and report on it; returns the report's numbers."""
     from activation_store import ActivationsStore
     from builtin_corpus import python_docs_dataset
-    from checkpoint import checkpoint_folder, load_history
+    from checkpoint import checkpoint_folder, load_history, load_metrics
     from evaluation import format_report, plot_firing_density, plot_prefix_fvu, reconstruction_report
     from model_loading import load_model
     from sae import create_sae
-    from training import evaluate_ce_loss, train_sae
+    from training import train_sae
 
     started = time.perf_counter()
     cfg = demo_cfg(args)
@@ -82,11 +82,10 @@ def run_demo(args=None) -> dict:
     sae = train_sae(create_sae(cfg), store, model, cfg)
     training_time = time.perf_counter() - training_started
 
-    eval_tokens = store.get_eval_tokens()
-    held_out = store.activations_of(eval_tokens)[0]
-    report = reconstruction_report(sae, held_out)
-    ce = evaluate_ce_loss(sae, model, eval_tokens, cfg)
     folder = checkpoint_folder(cfg)
+    ce = load_metrics(folder)  # training ends with the CE evaluation on the held-out tokens
+    held_out = store.activations_of(store.get_eval_tokens())[0]
+    report = reconstruction_report(sae, held_out)
     plots = [plot_prefix_fvu(load_history(folder), folder / "prefix_fvu.png"),
              plot_firing_density(report["firing_density"], folder / "firing_density.png")]
     print()

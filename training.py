@@ -360,7 +360,8 @@ def _train(saes: Sequence, activation_store, model, cfgs: Sequence[dict],
 
     for t in trainees:
         t.run = wandb.init(project=t.cfg["wandb_project"], name=t.cfg["name"], mode=t.cfg["wandb_mode"],
-                           config=json.loads(cfg_to_json(t.cfg)), reinit="create_new")
+                           config=json.loads(cfg_to_json(t.cfg)), reinit="create_new",
+                           settings=wandb.Settings(quiet=True))
     nonfinite_inputs = torch.zeros((), dtype=torch.long, device=cfgs[0]["device"])
     progress = tqdm(range(start, total_steps), desc="Training", initial=start, total=total_steps)
     try:
