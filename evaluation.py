@@ -30,23 +30,17 @@ def reconstruction_report(sae, x: torch.Tensor, target: torch.Tensor | None = No
     was_training = sae.training
     sae.eval()
     try:
-        outputs, fired_counts, l0_total = [], torch.zeros(sae.dict_size, device=x.device), 0.0
-        for rows in torch.arange(len(x), device=x.device).split(chunk_size):
-            inputs = (x[rows],) if target is None else (x[rows], target[rows])
-            out = sae(*inputs)
-            active = out["feature_acts"] > 0
+        prefixes, fired_counts, l0_total = [], torch.zeros(sae.dict_size, device=x.device), 0.0
+        for chunk in x.split(chunk_size):
+            active = sae.encode(chunk) > 0
             fired_counts += active.sum(dim=0)
             l0_total += active.sum().item()
-            prefixes = out.get("prefix_reconstructions")
-            outputs.append(out["sae_out"] if prefixes is None else prefixes)
+            prefixes.append(sae.reconstruct_prefixes(chunk))
     finally:
         sae.train(was_training)
     y = (x if target is None else target).float()
-    reconstructions = torch.cat(outputs)
-    if reconstructions.dim() == 2:
-        fvus = [compute_fvu(y, reconstructions).item()]
-    else:
-        fvus = [compute_fvu(y, reconstructions[:, g]).item() for g in range(reconstructions.shape[1])]
+    reconstructions = torch.cat(prefixes)
+    fvus = [compute_fvu(y, reconstructions[:, g]).item() for g in range(reconstructions.shape[1])]
     density = fired_counts / len(x)
     return {
         "fvu": fvus[-1],

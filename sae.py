@@ -113,12 +113,20 @@ class BaseAutoencoder(nn.Module):
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Reconstruction of x (transcoder: prediction of the target) in original units, [..., d_out]."""
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        x_n, stats = self.normalize_source(x)
+        prefixes, stats = self._prefixes(x)
+        return self.restore_target(prefixes[:, -1], stats).reshape(*x.shape[:-1], self.d_out)
+
+    def reconstruct_prefixes(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction from each nested prefix of the dictionary, [..., G, d_out] in original
+        units (G = 1 for a non-Matryoshka SAE; the last prefix is the whole dictionary)."""
+        prefixes, stats = self._prefixes(x)
+        return self.restore_target(prefixes, stats).reshape(*x.shape[:-1], prefixes.shape[1], self.d_out)
+
+    def _prefixes(self, x: torch.Tensor):
+        """Prefix reconstructions [N, G, d_out] in normalised units and the target's stats."""
+        x_n, stats = self.normalize_source(x.reshape(-1, x.shape[-1]))
         prefixes, _ = self._code_and_prefixes(self.center(x_n))
-        out = self.restore_target(prefixes[:, -1], self.target_stats(stats))
-        return out.reshape(*shape[:-1], self.d_out)
+        return prefixes, self.target_stats(stats)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.compute_outputs(x, x)
@@ -141,7 +149,8 @@ class BaseAutoencoder(nn.Module):
         y_n = self.to_units(target, y_stats)
         prefixes, info = self._code_and_prefixes(self.center(x_n), y_n)
         target = target.float()
-        l2_per_prefix = (prefixes - y_n.unsqueeze(1)).pow(2).mean(dim=(0, 2))
+        squared_error = (prefixes - y_n.unsqueeze(1)).pow(2)  # [B, G, d_out], normalised units
+        l2_per_prefix = squared_error.mean(dim=(0, 2))
         l2_loss = l2_per_prefix.mean()
         sae_out = self.restore_target(prefixes[:, -1], y_stats)
         if self.training:
@@ -159,12 +168,21 @@ class BaseAutoencoder(nn.Module):
             "feature_acts": info["feature_acts"],
         }
         if prefixes.shape[1] > 1:
-            prefix_out = self.restore_target(prefixes.detach(), y_stats)
-            fvus = torch.stack([compute_fvu(target, prefix_out[:, g]) for g in range(prefixes.shape[1])])
+            fvus = self._prefix_fvus(squared_error.detach(), target, y_stats)
             out.update(fvu_min=fvus.min(), fvu_max=fvus.max(), fvu_mean=fvus.mean(),
                        min_l2_loss=l2_per_prefix.min().detach(), max_l2_loss=l2_per_prefix.max().detach(),
-                       fvu_per_prefix=fvus, prefix_reconstructions=prefix_out)
+                       fvu_per_prefix=fvus)
         return out
+
+    @staticmethod
+    def _prefix_fvus(squared_error: torch.Tensor, target: torch.Tensor, y_stats) -> torch.Tensor:
+        """`compute_fvu` of every prefix [G], from the squared errors [B, G, d] in normalised units:
+        an error in normalised units times the token's std is the error in original units."""
+        per_token = squared_error.sum(dim=2)
+        if y_stats is not None:
+            per_token = per_token * y_stats[1].reshape(-1, 1).pow(2)
+        total = (target - target.mean(dim=0)).pow(2).sum()
+        return torch.where(total > 0, per_token.sum(dim=0) / total, torch.full_like(total, float("nan")))
 
     # -- training state and the decoder constraint -----------------------------------------------
 
@@ -296,8 +314,8 @@ class GlobalBatchTopKMatryoshkaSAE(BatchTopKSAE):
 
     Loss: mean over groups g of mean((x_hat_g - x)^2) + aux_penalty * AuxK, with x_hat_g the
     reconstruction from latents [0, m_g) plus b_dec (see the module docstring). Outputs add the
-    FVU of each prefix: fvu_min, fvu_max, fvu_mean, fvu_per_prefix [G], and the prefix
-    reconstructions themselves, prefix_reconstructions [B, G, d_out] in original units.
+    FVU of each prefix: fvu_min, fvu_max, fvu_mean and fvu_per_prefix [G];
+    `reconstruct_prefixes(x)` gives the prefix reconstructions themselves.
     """
 
     def _group_ends(self) -> torch.Tensor:

@@ -341,3 +341,28 @@ def test_transcoder_shapes_and_mismatched_rows():
     assert out["sae_out"].shape == (B, 48)
     with pytest.raises(ValueError, match="rows"):
         transcoder(batch(13), torch.randn(B - 1, 48))
+
+
+@pytest.mark.parametrize("sae_type", ["matryoshka", "matryoshka_transcoder"])
+def test_reconstruct_prefixes_agree_with_the_outputs(sae_type):
+    sae = create_sae(make_cfg(sae_type))
+    x = batch(14)
+    y = 0.5 * x.roll(1, dims=1) + 1
+    if sae_type.endswith("transcoder"):
+        sae.initialize_b_dec(y)
+    run(sae, x, y)
+    sae.eval()
+    with torch.no_grad():
+        out = run(sae, x, y)
+        prefixes = sae.reconstruct_prefixes(x)
+        assert prefixes.shape == (B, 4, D)
+        torch.testing.assert_close(prefixes[:, -1], sae.reconstruct(x))
+        target = y if sae_type.endswith("transcoder") else x
+        for g in range(4):
+            assert out["fvu_per_prefix"][g].item() == pytest.approx(compute_fvu(target, prefixes[:, g]).item(), rel=1e-4)
+        # Prefix 0 decodes only the first group's latents.
+        z = sae.encode(x)
+        m = sae.cfg["group_sizes"][0]
+        x_n, stats = sae.normalize_source(x)
+        first = sae.restore_target(z[:, :m] @ sae.W_dec[:m] + sae.b_dec, sae.target_stats(stats))
+        torch.testing.assert_close(prefixes[:, 0], first, rtol=1e-4, atol=1e-4)
