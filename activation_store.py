@@ -16,6 +16,7 @@ followed by the tokenizer's EOS where there is one, else simply concatenated.
 
 Held-out rows. The first ``cfg.get("n_eval_rows", 32)`` rows are set aside for evaluation
 (`get_eval_tokens`); the documents they came from are skipped by the training stream in every epoch.
+With ``cfg["eval_dataset_path"]`` (e.g. a test split) they are read from that dataset instead.
 """
 
 from __future__ import annotations
@@ -188,7 +189,16 @@ class ActivationsStore:
                              "cfg['bos_token_id'] to the BOS id, or cfg['exclude_bos'] = False.")
 
         self.epochs_completed = 0
-        self._eval_tokens, self._n_eval_docs = self._hold_out_rows(cfg.get("n_eval_rows", DEFAULT_EVAL_ROWS))
+        eval_dataset = self.dataset
+        if cfg.get("eval_dataset_path") is not None:
+            eval_dataset = load_text_dataset(cfg["eval_dataset_path"])
+            if find_data_column(eval_dataset) != self.column:
+                raise ValueError(f"cfg['eval_dataset_path'] holds a '{find_data_column(eval_dataset)}' "
+                                 f"column but the training data a '{self.column}' column; give both "
+                                 f"the same kind of data.")
+        eval_tokens, n_eval_docs = self._hold_out_rows(eval_dataset, cfg.get("n_eval_rows", DEFAULT_EVAL_ROWS))
+        self._eval_tokens = eval_tokens
+        self._n_eval_docs = n_eval_docs if eval_dataset is self.dataset else 0
         self._rows = self._training_rows()
         self._pending_rows = torch.empty(0, self.seq_len, dtype=torch.long)
 
@@ -235,9 +245,9 @@ class ActivationsStore:
 
     # -- token rows ---------------------------------------------------------------------------
 
-    def _read_documents(self, skip_docs: int, docs_per_read: int) -> Iterator[list[torch.Tensor]]:
-        """One pass over the dataset after `skip_docs` documents: lists of 1-D token id tensors."""
-        dataset = self.dataset.skip(skip_docs) if skip_docs else self.dataset
+    def _read_documents(self, dataset, skip_docs: int, docs_per_read: int) -> Iterator[list[torch.Tensor]]:
+        """One pass over `dataset` after `skip_docs` documents: lists of 1-D token id tensors."""
+        dataset = dataset.skip(skip_docs) if skip_docs else dataset
         for batch in dataset.iter(batch_size=docs_per_read):
             docs = [doc for doc in batch[self.column] if doc is not None]
             if self.column == TEXT_COLUMN and docs:
@@ -253,12 +263,12 @@ class ActivationsStore:
         rows, carry = pack_documents(docs, self.seq_len, self.bos, self.eos, carry)
         return (torch.cat([torch.stack(ready), rows]) if ready else rows), carry
 
-    def _hold_out_rows(self, n_rows: int) -> tuple[torch.Tensor, int]:
-        """The first `n_rows` rows of the data and the number of documents they used."""
+    def _hold_out_rows(self, dataset, n_rows: int) -> tuple[torch.Tensor, int]:
+        """The first `n_rows` rows of `dataset` and the number of documents they used."""
         rows, n_docs, n_have = [], 0, 0
         carry = torch.empty(0, dtype=torch.long)
         if n_rows > 0:
-            for docs in self._read_documents(skip_docs=0, docs_per_read=1):
+            for docs in self._read_documents(dataset, skip_docs=0, docs_per_read=1):
                 n_docs += 1
                 new_rows, carry = self._rows_of(docs, carry)
                 rows.append(new_rows)
@@ -276,7 +286,7 @@ class ActivationsStore:
         carry = torch.empty(0, dtype=torch.long)
         while True:
             n_tokens = 0
-            for docs in self._read_documents(self._n_eval_docs, DOCS_PER_READ):
+            for docs in self._read_documents(self.dataset, self._n_eval_docs, DOCS_PER_READ):
                 n_tokens += sum(len(doc) for doc in docs)
                 rows, carry = self._rows_of(docs, carry)
                 if len(rows):

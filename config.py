@@ -186,6 +186,7 @@ def get_default_cfg() -> dict[str, Any]:
         "exclude_bos": None,  # derived: True for Gemma (its BOS activations are outliers)
         "bos_token_id": None,  # for token data without a tokenizer; else the tokenizer's BOS
         "n_eval_rows": 32,  # held-out rows of seq_len tokens for the CE-loss evaluation
+        "eval_dataset_path": None,  # where they come from; None: the first documents of dataset_path
         "device": None,  # derived: cuda when available, else cpu
         # Logging and checkpoints
         "wandb_project": "sparse_autoencoders",

@@ -338,3 +338,18 @@ def test_unknown_hook_and_long_rows_are_errors(tiny_gpt2, token_rows):
         ActivationsStore(tiny_gpt2, make_cfg(dataset, seq_len=256))
     with pytest.raises(ValueError, match="fewer than cfg\\['n_eval_rows'\\] = 100"):
         ActivationsStore(tiny_gpt2, make_cfg(dataset, n_eval_rows=100))
+
+
+def test_eval_rows_from_a_separate_dataset(tiny_gpt2, token_rows):
+    token_rows = without_bos(token_rows)
+    train, test = token_rows[:40], token_rows[40:]
+    cfg = make_cfg(Dataset.from_dict({"tokens": train.tolist()}), layer=1, site="resid_mid",
+                   eval_dataset_path=Dataset.from_dict({"tokens": test.tolist()}),
+                   batch_size=40 * 32, num_batches_in_buffer=1, model_batch_size=8)
+    store = ActivationsStore(tiny_gpt2, cfg)
+    assert torch.equal(store.get_eval_tokens(), test[:4])
+    direct = direct_activations(tiny_gpt2, train, "blocks.1.hook_resid_mid", layer=1)
+    match_rows(store.next_batch(), direct)  # every training row is used: none held out from it
+    with pytest.raises(ValueError, match="same kind of data"):
+        ActivationsStore(tiny_gpt2, make_cfg(Dataset.from_dict({"tokens": train.tolist()}),
+                                             eval_dataset_path=Dataset.from_dict({"text": ["a b"]})))
