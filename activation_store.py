@@ -14,7 +14,7 @@ prepends one, i.e. ``model.cfg.default_prepend_bos``) every document starts with
 already there) and so does every row (its first token is set to BOS). Without a BOS token documents are
 followed by the tokenizer's EOS where there is one, else simply concatenated.
 
-Held-out rows. The first ``cfg.get("n_eval_rows", 32)`` rows are set aside for evaluation
+Held-out rows. The first ``cfg["n_eval_rows"]`` rows are set aside for evaluation
 (`get_eval_tokens`); the documents they came from are skipped by the training stream in every epoch.
 With ``cfg["eval_dataset_path"]`` (e.g. a test split) they are read from that dataset instead.
 """
@@ -36,7 +36,6 @@ TEXT_COLUMN = "text"
 BUILTIN_CORPUS = "python-docs"  # Python's own documentation, see builtin_corpus.py
 LOCAL_FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 DOCS_PER_READ = 64  # documents tokenised and packed together
-DEFAULT_EVAL_ROWS = 32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,11 +195,12 @@ class ActivationsStore:
                 raise ValueError(f"cfg['eval_dataset_path'] holds a '{find_data_column(eval_dataset)}' "
                                  f"column but the training data a '{self.column}' column; give both "
                                  f"the same kind of data.")
-        eval_tokens, n_eval_docs = self._hold_out_rows(eval_dataset, cfg.get("n_eval_rows", DEFAULT_EVAL_ROWS))
+        eval_tokens, n_eval_docs = self._hold_out_rows(eval_dataset, cfg["n_eval_rows"])
         self._eval_tokens = eval_tokens
         self._n_eval_docs = n_eval_docs if eval_dataset is self.dataset else 0
         self._rows = self._training_rows()
         self._pending_rows = torch.empty(0, self.seq_len, dtype=torch.long)
+        self._rows_read = 0  # training rows taken from the stream so far
 
         self.buffer_size = cfg["num_batches_in_buffer"] * cfg["batch_size"]
         self._generator = torch.Generator(device=self.device).manual_seed(cfg["seed"])
@@ -213,6 +213,20 @@ class ActivationsStore:
     def next_batch(self) -> torch.Tensor:
         """The next ``[batch_size, act_size]`` float32 batch of activations."""
         return self._next_batches()[0]
+
+    def skip_tokens(self, n_tokens: int) -> None:
+        """Move the stream past the token rows that gave `n_tokens` activations (resuming a run).
+
+        The buffer is emptied and refilled from the row where a fresh store would be after serving
+        n_tokens activations (estimated from the activations each row gives); no row is repeated.
+        """
+        per_row = self.seq_len - (1 if self.exclude_bos else 0)
+        target_rows = -(-n_tokens // per_row)
+        if target_rows > self._rows_read:
+            self._next_tokens(target_rows - self._rows_read)
+        self._buffers = [buffer[:0] for buffer in self._buffers]
+        self._pointer = 0
+        self._refill()
 
     def get_eval_tokens(self, n_rows: int | None = None) -> torch.Tensor:
         """The first `n_rows` held-out rows (default: all), ``[n_rows, seq_len]`` long, on cfg["device"].
@@ -308,6 +322,7 @@ class ActivationsStore:
             n_have += len(rows)
         tokens = torch.cat(parts)
         self._pending_rows = tokens[n_rows:]
+        self._rows_read += n_rows
         return tokens[:n_rows]
 
     # -- activations and the buffer -------------------------------------------------------------

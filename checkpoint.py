@@ -166,7 +166,8 @@ def load_metrics(folder: str | Path) -> dict[str, float]:
 def load_sae(folder: str | Path, device: str | torch.device | None = None) -> torch.nn.Module:
     """Build the SAE described by ``folder/config.json`` and load its weights and buffers.
 
-    `device` overrides the cfg's device (e.g. load a GPU-trained SAE on "cpu").
+    `device` overrides the cfg's device (e.g. load a GPU-trained SAE on "cpu"); without it, an
+    SAE saved on CUDA loads on the CPU of a machine that has no GPU.
     """
     from sae import create_sae  # imported here: sae.py imports nothing from this module
 
@@ -174,6 +175,8 @@ def load_sae(folder: str | Path, device: str | torch.device | None = None) -> to
     cfg = load_cfg(folder)
     if device is not None:
         cfg["device"] = str(device)
+    elif str(cfg["device"]).startswith("cuda") and not torch.cuda.is_available():
+        cfg["device"] = "cpu"
     sae = create_sae(cfg)
     sae.load_state_dict(load_file(folder / WEIGHTS_FILE, device=str(cfg["device"])))
     return sae

@@ -182,7 +182,9 @@ def get_default_cfg() -> dict[str, Any]:
         "seq_len": 128,
         "model_batch_size": 512,
         "num_batches_in_buffer": 10,
-        "dataset_path": "Skylion007/openwebtext",
+        # Streamed from the hub. (Skylion007/openwebtext, the original's, is a loading script,
+        # which datasets >= 4 no longer runs.)
+        "dataset_path": "HuggingFaceFW/fineweb-edu",
         "exclude_bos": None,  # derived: True for Gemma (its BOS activations are outliers)
         "bos_token_id": None,  # for token data without a tokenizer; else the tokenizer's BOS
         "n_eval_rows": 32,  # held-out rows of seq_len tokens for the CE-loss evaluation
@@ -251,8 +253,8 @@ def _check_positive(cfg: dict, keys: tuple[str, ...], allow_zero: bool = False) 
         value = cfg.get(key)
         if value is None:
             continue
-        bad = value < 0 if allow_zero else value <= 0
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or bad:
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not is_number or (value < 0 if allow_zero else value <= 0):
             need = "non-negative" if allow_zero else "positive"
             raise ValueError(f"cfg[{key!r}] must be {need}, got {value!r}.")
 

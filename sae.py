@@ -69,7 +69,7 @@ class BaseAutoencoder(nn.Module):
         if not self.cfg["input_unit_norm"]:
             return x, None
         mean = x.mean(dim=-1, keepdim=True)
-        std = x.std(dim=-1, keepdim=True) + STD_EPS
+        std = x.std(dim=-1, keepdim=True, correction=0) + STD_EPS
         return (x - mean) / std, (mean, std)
 
     def target_stats(self, source_stats):
@@ -94,11 +94,13 @@ class BaseAutoencoder(nn.Module):
         return x_n - self.b_dec
 
     def preactivations(self, x_c: torch.Tensor) -> torch.Tensor:
-        """x_c W_enc + b_enc [B, S], the matmul in cfg["dtype"] (parameters stay float32)."""
+        """x_c W_enc + b_enc [B, S] in float32, the matmul in cfg["dtype"] (parameters stay
+        float32). cfg["dtype"] decides, not an enclosing torch.autocast."""
         dtype = self.cfg["dtype"]
-        if dtype == torch.float32:
-            return torch.addmm(self.b_enc, x_c, self.W_enc)
-        return torch.addmm(self.b_enc.to(dtype), x_c.to(dtype), self.W_enc.to(dtype)).float()
+        with torch.autocast(x_c.device.type, enabled=False):
+            if dtype == torch.float32:
+                return torch.addmm(self.b_enc, x_c.float(), self.W_enc)
+            return torch.addmm(self.b_enc.to(dtype), x_c.to(dtype), self.W_enc.to(dtype)).float()
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -143,7 +145,10 @@ class BaseAutoencoder(nn.Module):
         raise NotImplementedError
 
     def compute_outputs(self, source: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Loss and metrics of one batch; in train mode also updates the dead-latent counters."""
+        """Loss and metrics of one batch [..., d] (leading dims are tokens); in train mode also
+        updates the dead-latent counters. sae_out and feature_acts keep the leading dims."""
+        leading = source.shape[:-1]
+        source, target = source.reshape(-1, source.shape[-1]), target.reshape(-1, target.shape[-1])
         x_n, x_stats = self.normalize_source(source)
         y_stats = self.target_stats(x_stats)
         y_n = self.to_units(target, y_stats)
@@ -164,8 +169,8 @@ class BaseAutoencoder(nn.Module):
             "aux_loss": info["aux_loss"],
             "fvu": compute_fvu(target, sae_out),
             "num_dead_features": self.dead_latents().sum(),
-            "sae_out": sae_out,
-            "feature_acts": info["feature_acts"],
+            "sae_out": sae_out.reshape(*leading, self.d_out),
+            "feature_acts": info["feature_acts"].reshape(*leading, self.dict_size),
         }
         if prefixes.shape[1] > 1:
             fvus = self._prefix_fvus(squared_error.detach(), target, y_stats)
@@ -343,8 +348,9 @@ class MatryoshkaTranscoder(GlobalBatchTopKMatryoshkaSAE):
         return (torch.zeros((), device=self.target_scale.device), self.target_scale)
 
     def forward(self, x_source: torch.Tensor, x_target: torch.Tensor) -> dict[str, torch.Tensor]:
-        if x_source.shape[0] != x_target.shape[0]:
-            raise ValueError(f"x_source has {x_source.shape[0]} rows but x_target has {x_target.shape[0]}.")
+        if x_source.shape[:-1] != x_target.shape[:-1]:
+            raise ValueError(f"x_source has {tuple(x_source.shape[:-1])} rows but x_target has "
+                             f"{tuple(x_target.shape[:-1])}; pass the activations of the same tokens.")
         return self.compute_outputs(x_source, x_target)
 
     @torch.no_grad()

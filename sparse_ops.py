@@ -40,7 +40,7 @@ class SparseCode:
 
     rows: torch.Tensor
     latents: torch.Tensor
-    values: torch.Tensor
+    values: torch.Tensor | None  # None until `with_values`
     batch_size: int
     dict_size: int
     row_offsets: torch.Tensor
@@ -177,27 +177,42 @@ def sparse_decode_groups(code: SparseCode, W_dec: torch.Tensor, group_ends: torc
 # ---------------------------------------------------------------------------------------------
 
 
-def _code_from_row_candidates(values: torch.Tensor, indices: torch.Tensor, keep: torch.Tensor,
-                              dict_size: int) -> SparseCode:
-    """Code of the kept candidates; `values`, `indices`, `keep` are [B, m] per-row candidates."""
+def _sort_row_candidates(values: torch.Tensor, indices: torch.Tensor):
+    """Per-row candidates [B, m] reordered by latent index."""
     indices, order = indices.sort(dim=1)
-    keep = keep.gather(1, order)
+    return values.gather(1, order), indices
+
+
+def _code_from_row_candidates(indices: torch.Tensor, keep: torch.Tensor, dict_size: int) -> SparseCode:
+    """Code of the kept candidates; `indices` and `keep` are [B, m], sorted by latent per row."""
     rows, cols = keep.nonzero(as_tuple=True)
-    return SparseCode.from_indices(rows, indices[rows, cols], values.shape[0], dict_size)
+    return SparseCode.from_indices(rows, indices[rows, cols], indices.shape[0], dict_size)
 
 
 def select_topk(pre: torch.Tensor, k: int) -> SparseCode:
     """The k largest pre-activations of each row, kept where positive (ReLU then TopK)."""
-    values, indices = pre.topk(min(k, pre.shape[1]), dim=1, sorted=False)
-    return _code_from_row_candidates(values, indices, values > 0, pre.shape[1])
+    values, indices = _sort_row_candidates(*pre.topk(min(k, pre.shape[1]), dim=1, sorted=False))
+    return _code_from_row_candidates(indices, values > 0, pre.shape[1])
+
+
+def _n_largest_positive(values: torch.Tensor, t: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Mask of the n_keep largest of `values` (t being the n_keep-th largest), positive ones only.
+
+    Ties at t are broken by position in `values`, so exactly n_keep entries are kept even when
+    values tie (as low-precision pre-activations often do)."""
+    above = values > t
+    ties = values == t
+    ties &= ties.cumsum(dim=-1) <= n_keep - above.sum()
+    return (above | ties) & (values > 0)
 
 
 def select_batch_topk(pre: torch.Tensor, k: int, lower_bound: torch.Tensor | None = None) -> SparseCode:
     """The k x batch largest positive pre-activations of the whole batch (BatchTopK).
 
-    Selected: every entry >= t, where t is the (k x batch)-th largest value, and > 0 (ties at t
-    are all kept, so exactly k x batch entries unless values tie). No top-k over all batch x
-    dict_size values is needed: t is found among candidates that provably contain the top k x batch.
+    Selected: the entries above t, the (k x batch)-th largest value, and as many entries equal to
+    t, first in (row, latent) order, as make exactly k x batch; only positive values (fewer entries
+    when fewer are positive). No top-k over all batch x dict_size values is needed: t is found among
+    candidates that provably contain the top k x batch.
 
     `lower_bound` is a guess of a value below t (training passes 0.8 x the running threshold):
     if at least k x batch entries reach it, those entries are the candidates (one comparison
@@ -211,7 +226,7 @@ def select_batch_topk(pre: torch.Tensor, k: int, lower_bound: torch.Tensor | Non
         if rows.numel() >= n_keep:
             values = pre[rows, latents]
             t = values.kthvalue(values.numel() - n_keep + 1).values
-            keep = values >= t
+            keep = _n_largest_positive(values, t, n_keep)
             return SparseCode.from_indices(rows[keep], latents[keep], batch, dict_size)
     return _batch_topk_from_row_candidates(pre, n_keep, 4 * k)
 
@@ -222,12 +237,14 @@ def _batch_topk_from_row_candidates(pre: torch.Tensor, n_keep: int, m: int) -> S
     while True:
         values, indices = pre.topk(m, dim=1, sorted=False)
         t = values.flatten().kthvalue(values.numel() - n_keep + 1).values
-        row_may_have_more = m < dict_size and bool((values.amin(dim=1) >= t).any())
+        smallest = values.amin(dim=1)  # a row may hold more values >= t (and > 0) than it offered
+        row_may_have_more = m < dict_size and bool(((smallest >= t) & (smallest > 0)).any())
         if not row_may_have_more:
             break
         m = min(dict_size, 2 * m)
-    keep = (values >= t) & (values > 0)
-    return _code_from_row_candidates(values, indices, keep, dict_size)
+    values, indices = _sort_row_candidates(values, indices)
+    keep = _n_largest_positive(values.flatten(), t, n_keep).view_as(values)
+    return _code_from_row_candidates(indices, keep, dict_size)
 
 
 def select_above_threshold(pre: torch.Tensor, threshold: torch.Tensor) -> SparseCode:

@@ -37,9 +37,6 @@ from activation_store import document_markers
 from checkpoint import checkpoint_folder, load_history, restore_checkpoint, save_checkpoint
 from config import cfg_to_json
 
-# Held-out token rows for the CE-loss evaluation when cfg has no "n_eval_rows" (as in the store).
-EVAL_ROWS = 32
-
 
 class NonFiniteError(RuntimeError):
     """Training met NaN/inf activations or produced a NaN/inf loss."""
@@ -299,10 +296,15 @@ def _save(trainee: _Trainee, steps_done: int) -> None:
     trainee.saved_step = steps_done
 
 
+# Settings that describe the activation stream, which dictionaries trained together share.
+SHARED_STREAM_KEYS = ("batch_size", "num_tokens", "model_name", "hook_point", "source_hook_point",
+                      "target_hook_point", "act_size", "seq_len", "exclude_bos")
+
+
 def _check_group(cfgs: Sequence[dict]) -> int:
     """Check that the runs can share one activation stream; returns the number of steps."""
-    for key in ("batch_size", "num_tokens"):
-        if len({cfg[key] for cfg in cfgs}) > 1:
+    for key in SHARED_STREAM_KEYS:
+        if len({str(cfg.get(key)) for cfg in cfgs}) > 1:
             raise ValueError(f"Dictionaries trained together share one activation stream, so cfg[{key!r}] "
                              f"must be equal in every cfg; got {[cfg[key] for cfg in cfgs]}.")
     folders = [checkpoint_folder(cfg) for cfg in cfgs]
@@ -327,6 +329,8 @@ def _resume_or_start(trainees: list[_Trainee], activation_store, resume_from) ->
         if len(set(steps)) > 1:
             raise ValueError(f"The checkpoints to resume from stopped at different steps {steps}; they "
                              f"were not trained together.")
+        if hasattr(activation_store, "skip_tokens"):  # continue the data where the run stopped
+            activation_store.skip_tokens(steps[0] * trainees[0].cfg["batch_size"])
         return steps[0], _batches(activation_store)
     first = _as_inputs(activation_store.next_batch())
     for t in trainees:
@@ -356,7 +360,7 @@ def _train(saes: Sequence, activation_store, model, cfgs: Sequence[dict],
             raise ValueError("The CE-loss evaluation needs held-out tokens from "
                              "activation_store.get_eval_tokens(n_rows); give the store that method, or "
                              "pass model=None to train without the evaluation.")
-        eval_tokens = activation_store.get_eval_tokens(cfgs[0].get("n_eval_rows", EVAL_ROWS))
+        eval_tokens = activation_store.get_eval_tokens(cfgs[0]["n_eval_rows"])
 
     for t in trainees:
         t.run = wandb.init(project=t.cfg["wandb_project"], name=t.cfg["name"], mode=t.cfg["wandb_mode"],
@@ -384,12 +388,14 @@ def _after_step(done: int, total_steps: int, trainees: list[_Trainee], nonfinite
     cfg = trainees[0].cfg
     last = done == total_steps
     checkpoint_due = last or done % cfg["checkpoint_freq"] == 0
-    if checkpoint_due or done % cfg["log_freq"] == 0:
+    ce_due = model is not None and (last or done % cfg["perf_log_freq"] == 0)
+    # wandb's steps must increase: the pending per-step scalars go out before the CE figures.
+    if checkpoint_due or ce_due or done % cfg["log_freq"] == 0:
         _flush(trainees, nonfinite_inputs, next_step=done)
         labels = [f"#{i} " if len(trainees) > 1 else "" for i in range(len(trainees))]
         progress.set_postfix_str(" | ".join(label + format_postfix(t.metrics)
                                             for label, t in zip(labels, trainees)))
-    if model is not None and (last or done % cfg["perf_log_freq"] == 0):
+    if ce_due:
         for t in trainees:
             ce = evaluate_ce_loss(t.sae, model, eval_tokens, t.cfg)
             t.metrics.update(ce)
@@ -409,8 +415,9 @@ def train_sae(sae, activation_store, model, cfg: dict, resume_from: str | Path |
 
     `model` (a HookedTransformer, or None) is used only for the CE-loss evaluation every
     perf_log_freq steps. `resume_from`: a checkpoint folder; its weights, buffers, optimizer state
-    and step are restored and training continues at the next step (the store is not part of the
-    checkpoint: pass one positioned where the data should continue). Returns the trained SAE;
+    and step are restored and training continues at the next step, on data the run had not reached
+    (``activation_store.skip_tokens(step x batch_size)`` when the store has it, as ActivationsStore
+    does; any other store must come positioned where the data should continue). Returns the trained SAE;
     its final metrics are in ``checkpoint_folder(cfg) / "metrics.json"``.
     """
     return _train([sae], activation_store, model, [cfg],

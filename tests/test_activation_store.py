@@ -353,3 +353,14 @@ def test_eval_rows_from_a_separate_dataset(tiny_gpt2, token_rows):
     with pytest.raises(ValueError, match="same kind of data"):
         ActivationsStore(tiny_gpt2, make_cfg(Dataset.from_dict({"tokens": train.tolist()}),
                                              eval_dataset_path=Dataset.from_dict({"text": ["a b"]})))
+
+
+def test_skip_tokens_continues_after_the_rows_already_served(tiny_gpt2, token_rows):
+    token_rows = without_bos(token_rows)
+    cfg = make_cfg(Dataset.from_dict({"tokens": token_rows.tolist()}), batch_size=64,
+                   num_batches_in_buffer=2, model_batch_size=4)
+    store = ActivationsStore(tiny_gpt2, cfg)
+    store.skip_tokens(20 * 32)  # 20 rows' worth of activations were served before the "crash"
+    direct = direct_activations(tiny_gpt2, token_rows[4:], "blocks.0.hook_resid_post", layer=0)
+    source_rows = match_rows(torch.cat([store.next_batch() for _ in range(4)]), direct) // 32
+    assert source_rows.min() >= 20  # nothing from the rows served before

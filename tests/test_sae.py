@@ -106,11 +106,19 @@ def test_batch_topk_selection_is_exact_with_ties_and_heavy_rows(hint):
     pre[3] += 10  # one row holds far more than 4k of the batch's largest values
     pre[10, :50] = 2.5  # ties
     pre[11, 50:90] = 2.5
-    for k in (1, 4, 16):
+    cut_offs = []
+    for k in (1, 4, 5, 16, 100):
         code = select_batch_topk(pre, k, None if hint is None else torch.tensor(hint))
-        t = pre.flatten().topk(k * 64).values[-1]
-        expected = ((pre >= t) & (pre > 0)).nonzero()
-        assert torch.equal(torch.stack([code.rows, code.latents], 1), expected)
+        n_keep = k * 64
+        t = pre.flatten().topk(n_keep).values[-1]
+        # Reference: everything above t, then ties at t in row-major order up to k x batch.
+        ties = (pre == t).flatten()
+        ties &= ties.cumsum(0) <= n_keep - int((pre > t).sum())
+        mask = ((pre > t).flatten() | ties).view_as(pre) & (pre > 0)
+        assert torch.equal(torch.stack([code.rows, code.latents], 1), mask.nonzero())
+        assert len(code.rows) == min(n_keep, int((pre > 0).sum()))
+        cut_offs.append(t.item())
+    assert 2.5 in cut_offs  # some k cuts through the tied values
 
 
 def test_batch_topk_keeps_k_times_batch_in_training_and_threshold_in_eval():
@@ -366,3 +374,17 @@ def test_reconstruct_prefixes_agree_with_the_outputs(sae_type):
         x_n, stats = sae.normalize_source(x)
         first = sae.restore_target(z[:, :m] @ sae.W_dec[:m] + sae.b_dec, sae.target_stats(stats))
         torch.testing.assert_close(prefixes[:, 0], first, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("sae_type", list(SAE_CLASSES))
+def test_forward_accepts_batch_and_position_dims_and_ignores_autocast(sae_type):
+    sae = create_sae(make_cfg(sae_type))
+    sae.eval()
+    x = batch(15).reshape(8, B // 8, D)
+    with torch.no_grad():
+        flat = run(sae, x.reshape(B, D))
+        out = run(sae, x)
+        assert out["sae_out"].shape == (8, B // 8, D) and out["feature_acts"].shape == (8, B // 8, S)
+        torch.testing.assert_close(out["sae_out"].reshape(B, D), flat["sae_out"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # cfg["dtype"], not autocast, sets the encoder's
+        run(sae, x)["loss"]

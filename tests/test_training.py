@@ -138,6 +138,9 @@ def test_group_settings_are_checked(tmp_path):
         train_sae_group([create_sae(a), create_sae(b)], PlantedStore(), None, [a, b])
     with pytest.raises(ValueError, match="checkpoint folder"):
         train_sae_group([create_sae(a), create_sae(a)], PlantedStore(), None, [a, a])
+    c = toy_cfg("matryoshka", tmp_path, n_steps=10, layer=3)
+    with pytest.raises(ValueError, match="hook_point"):
+        train_sae_group([create_sae(a), create_sae(c)], PlantedStore(), None, [a, c])
 
 
 # ---------------------------------------------------------------------------------------------
