@@ -139,6 +139,17 @@ def document_markers(model, cfg: dict) -> tuple[int | None, int | None]:
     return bos, eos
 
 
+def excluded_bos_token(model, cfg: dict) -> int | None:
+    """The BOS id whose positions are left out (cfg["exclude_bos"]), or None when none are."""
+    if not cfg.get("exclude_bos"):
+        return None
+    bos, _ = document_markers(model, cfg)
+    if bos is None:
+        raise ValueError("cfg['exclude_bos'] is True but no BOS token is known: set "
+                         "cfg['bos_token_id'] to the BOS id, or cfg['exclude_bos'] = False.")
+    return bos
+
+
 def block_index(hook_name: str) -> int | None:
     """The block a hook belongs to (``blocks.8.hook_resid_pre`` -> 8), None outside the blocks."""
     match = re.match(r"blocks\.(\d+)\.", hook_name)
@@ -182,10 +193,7 @@ class ActivationsStore:
                 "a 'tokens' column."
             )
         self.bos, self.eos = document_markers(model, cfg)
-        self.exclude_bos = bool(cfg.get("exclude_bos"))
-        if self.exclude_bos and self.bos is None:
-            raise ValueError("cfg['exclude_bos'] is True but no BOS token is known: set "
-                             "cfg['bos_token_id'] to the BOS id, or cfg['exclude_bos'] = False.")
+        self.exclude_bos = excluded_bos_token(model, cfg) is not None
 
         self.epochs_completed = 0
         eval_dataset = self.dataset

@@ -105,12 +105,14 @@ class BaseAutoencoder(nn.Module):
     # -- public API ----------------------------------------------------------------------------
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Feature activations [..., S] of input x [..., d_in] (stateless)."""
+        """Feature activations [..., S] of input x [..., d_in] (stateless). For analysis: the TopK
+        family returns them without gradient (training goes through `forward`)."""
         x_n, _ = self.normalize_source(x.reshape(-1, x.shape[-1]))
         return self._feature_acts(self.center(x_n)).reshape(*x.shape[:-1], self.dict_size)
 
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
-        """z W_dec + b_dec [B, d_out], in the normalised units the model works in."""
+        """z W_dec + b_dec [B, d_out], in the normalised units the model works in; with
+        input_unit_norm on, `reconstruct(x)` is what gives x's reconstruction in its own units."""
         return feature_acts.float() @ self.W_dec + self.b_dec
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

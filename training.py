@@ -33,7 +33,7 @@ import torch
 import wandb
 from tqdm import tqdm
 
-from activation_store import document_markers
+from activation_store import excluded_bos_token
 from checkpoint import checkpoint_folder, load_history, restore_checkpoint, save_checkpoint
 from config import cfg_to_json
 
@@ -75,11 +75,7 @@ def is_transcoder(cfg: dict) -> bool:
 
 def bos_mask(tokens: torch.Tensor, model, cfg: dict) -> torch.Tensor:
     """[rows, seq] bool: the BOS positions, with the activation store's notion of BOS."""
-    bos, _ = document_markers(model, cfg)
-    if bos is None:
-        raise ValueError("cfg['exclude_bos'] is True but no BOS token is known: set "
-                         "cfg['bos_token_id'] to the BOS id, or cfg['exclude_bos'] = False.")
-    return tokens == bos
+    return tokens == excluded_bos_token(model, {**cfg, "exclude_bos": True})
 
 
 def _patch_hooks(cfg: dict, replace: Callable, keep: torch.Tensor | None) -> list[tuple[str, Callable]]:
