@@ -48,11 +48,11 @@ class SparseCode:
     latent_offsets: torch.Tensor
 
     @classmethod
-    def from_indices(cls, rows, latents, batch_size, dict_size, values=None) -> "SparseCode":
+    def from_indices(cls, rows, latents, batch_size, dict_size) -> "SparseCode":
         """Build the index structure from (row, latent) pairs already sorted by row then latent."""
         by_latent = torch.argsort(latents, stable=True)
         return cls(
-            rows=rows, latents=latents, values=values, batch_size=batch_size, dict_size=dict_size,
+            rows=rows, latents=latents, values=None, batch_size=batch_size, dict_size=dict_size,
             row_offsets=bag_offsets(rows, batch_size), by_latent=by_latent,
             latent_offsets=bag_offsets(latents[by_latent], dict_size),
         )
