@@ -119,19 +119,31 @@ def gather_preactivations(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Ten
     return _GatherPreactivations.apply(x, W_enc, b_enc, pre, code)
 
 
+_SAMPLED_ADDMM_WORKS = True
+
+
 def sampled_row_dots(a: torch.Tensor, b: torch.Tensor, a_offsets: torch.Tensor,
                      b_index: torch.Tensor) -> torch.Tensor:
     """dots[n] = a[i] . b[b_index[n]] for the entries n of row i, i.e. a @ b.T sampled at N places.
 
     a [R, d], b [S, d]; entries sorted by row i with `a_offsets` [R] where each row starts. A
-    sampled dense-dense matmul, which never forms the N x d gathered rows.
+    sampled dense-dense matmul, which never forms the N x d gathered rows; where a build of torch
+    lacks it for these tensors, the gathered rows are formed after all (same result, more memory).
     """
-    crow = torch.cat([a_offsets, a_offsets.new_tensor([b_index.numel()])])
-    with warnings.catch_warnings():  # "CSR support is in beta": we use only sampled_addmm
-        warnings.simplefilter("ignore")
-        pattern = torch.sparse_csr_tensor(crow, b_index, a.new_zeros(b_index.numel()),
-                                          size=(a.shape[0], b.shape[0]), check_invariants=False)
-    return torch.sparse.sampled_addmm(pattern, a, b.t(), beta=0.0).values()
+    global _SAMPLED_ADDMM_WORKS
+    if _SAMPLED_ADDMM_WORKS:
+        crow = torch.cat([a_offsets, a_offsets.new_tensor([b_index.numel()])])
+        try:
+            with warnings.catch_warnings():  # "CSR support is in beta": we use only sampled_addmm
+                warnings.simplefilter("ignore")
+                pattern = torch.sparse_csr_tensor(crow, b_index, a.new_zeros(b_index.numel()),
+                                                  size=(a.shape[0], b.shape[0]), check_invariants=False)
+                return torch.sparse.sampled_addmm(pattern, a, b.t(), beta=0.0).values()
+        except (RuntimeError, NotImplementedError) as error:
+            _SAMPLED_ADDMM_WORKS = False
+            warnings.warn(f"torch.sparse.sampled_addmm failed ({error}); using gathered rows instead.")
+    rows = torch.repeat_interleave(torch.diff(torch.cat([a_offsets, a_offsets.new_tensor([b_index.numel()])])))
+    return (a[rows] * b[b_index]).sum(dim=-1)
 
 
 class _SparseDecode(torch.autograd.Function):

@@ -388,3 +388,23 @@ def test_forward_accepts_batch_and_position_dims_and_ignores_autocast(sae_type):
         torch.testing.assert_close(out["sae_out"].reshape(B, D), flat["sae_out"])
     with torch.autocast("cpu", dtype=torch.bfloat16):  # cfg["dtype"], not autocast, sets the encoder's
         run(sae, x)["loss"]
+
+
+def test_sampled_row_dots_fallback_gives_the_same_result(monkeypatch):
+    import sparse_ops
+
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 5, generator=generator), torch.randn(9, 5, generator=generator)
+    offsets = torch.tensor([0, 2, 2, 5, 6, 8])  # row 1 has no entries
+    index = torch.tensor([0, 3, 1, 2, 8, 4, 0, 7, 5, 6])
+    expected = (a[torch.tensor([0, 0, 2, 2, 2, 3, 4, 4, 5, 5])] * b[index]).sum(-1)
+    torch.testing.assert_close(sparse_ops.sampled_row_dots(a, b, offsets, index), expected)
+
+    def unsupported(*args, **kwargs):
+        raise NotImplementedError("not on this device")
+
+    monkeypatch.setattr(torch.sparse, "sampled_addmm", unsupported)
+    monkeypatch.setattr(sparse_ops, "_SAMPLED_ADDMM_WORKS", True)
+    with pytest.warns(UserWarning, match="gathered rows"):
+        torch.testing.assert_close(sparse_ops.sampled_row_dots(a, b, offsets, index), expected)
+    assert sparse_ops._SAMPLED_ADDMM_WORKS is False
