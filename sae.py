@@ -265,11 +265,12 @@ class TopKSAE(BaseAutoencoder):
         if self.training:
             self._update_threshold(code.values.detach())
         l1_norm = code.values.sum() / code.batch_size
+        l1_loss = self.cfg["l1_coeff"] * l1_norm  # an optional extra: 0 by default
         residual = (y_n - prefixes[:, -1]).detach()
         return prefixes, {
             "l1_norm": l1_norm.detach(),
-            "l1_loss": self.cfg["l1_coeff"] * l1_norm,
-            "sparsity_loss": self.cfg["l1_coeff"] * l1_norm,
+            "l1_loss": l1_loss,
+            "sparsity_loss": l1_loss,
             "l0_norm": code.l0(),
             "aux_loss": self.auxk_loss(x_c, pre, residual),
             "fired": code.fired(),

@@ -131,8 +131,8 @@ def sampled_row_dots(a: torch.Tensor, b: torch.Tensor, a_offsets: torch.Tensor,
     lacks it for these tensors, the gathered rows are formed after all (same result, more memory).
     """
     global _SAMPLED_ADDMM_WORKS
+    crow = torch.cat([a_offsets, a_offsets.new_tensor([b_index.numel()])])  # row starts and the end
     if _SAMPLED_ADDMM_WORKS:
-        crow = torch.cat([a_offsets, a_offsets.new_tensor([b_index.numel()])])
         try:
             with warnings.catch_warnings():  # "CSR support is in beta": we use only sampled_addmm
                 warnings.simplefilter("ignore")
@@ -142,7 +142,7 @@ def sampled_row_dots(a: torch.Tensor, b: torch.Tensor, a_offsets: torch.Tensor,
         except (RuntimeError, NotImplementedError) as error:
             _SAMPLED_ADDMM_WORKS = False
             warnings.warn(f"torch.sparse.sampled_addmm failed ({error}); using gathered rows instead.")
-    rows = torch.repeat_interleave(torch.diff(torch.cat([a_offsets, a_offsets.new_tensor([b_index.numel()])])))
+    rows = torch.repeat_interleave(crow.diff())
     return (a[rows] * b[b_index]).sum(dim=-1)
 
 
