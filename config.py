@@ -202,6 +202,7 @@ def get_default_cfg() -> dict[str, Any]:
         "source_layer": None,
         "target_site": None,
         "target_layer": None,
+        "transcoder_skip": False,  # skip transcoder: add an affine path x W_skip to every prediction
     }
     return post_init_cfg(cfg)
 
@@ -378,6 +379,8 @@ def run_name(cfg: dict) -> str:
     hook = cfg["hook_point"]
     if cfg["sae_type"] == "matryoshka_transcoder":
         hook = f"{cfg['source_hook_point']}-to-{cfg['target_hook_point']}"
+        if cfg.get("transcoder_skip"):
+            hook += "-skip"
     return f"{model.replace('/', '_')}_{hook}_{cfg['dict_size']}_{cfg['sae_type']}_{cfg['top_k']}_{cfg['lr']}"
 
 

@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from cli_options import apply_overrides
 from config import get_default_cfg, post_init_cfg
 
 DEMO_SETTINGS = {
@@ -50,8 +51,6 @@ DEMO_SETTINGS = {
 
 def demo_cfg(args=None) -> dict:
     """The demo's cfg with any command-line overrides applied."""
-    from main import apply_overrides
-
     cfg = get_default_cfg()
     cfg.update(DEMO_SETTINGS)
     return apply_overrides(cfg, args)

@@ -39,6 +39,9 @@ class BaseAutoencoder(nn.Module):
     Subclasses define `_code_and_prefixes(x_c, y)`; everything else is shared.
     """
 
+    # An SAE reads and writes one space, so its encoder starts as the transpose of its decoder.
+    ties_encoder_to_decoder = True
+
     def __init__(self, cfg: dict, d_in: int | None = None, d_out: int | None = None):
         super().__init__()
         self.cfg = cfg
@@ -48,7 +51,7 @@ class BaseAutoencoder(nn.Module):
         generator = torch.Generator().manual_seed(cfg["seed"])
         W_dec = torch.randn(self.dict_size, self.d_out, generator=generator)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
-        if self.d_in == self.d_out:
+        if self.ties_encoder_to_decoder and self.d_in == self.d_out:
             W_enc = W_dec.t().clone()  # encoder starts as the transpose of the decoder
         else:
             W_enc = torch.randn(self.d_in, self.dict_size, generator=generator)
@@ -259,7 +262,7 @@ class TopKSAE(BaseAutoencoder):
 
     def _code_and_prefixes(self, x_c: torch.Tensor, y_n: torch.Tensor | None = None):
         code, pre = self.sparse_code(x_c)
-        prefixes = sparse_decode_groups(code, self.W_dec, self.group_ends).cumsum(dim=1) + self.b_dec
+        prefixes = sparse_decode_groups(code, self.W_dec, self.group_ends).cumsum(dim=1) + self.dense_term(x_c)
         if y_n is None:
             return prefixes, None
         if self.training:
@@ -276,6 +279,11 @@ class TopKSAE(BaseAutoencoder):
             "fired": code.fired(),
             "feature_acts": code.to_dense(out=pre),  # pre is no longer needed: reuse its memory
         }
+
+    def dense_term(self, x_c: torch.Tensor) -> torch.Tensor:
+        """What every prefix reconstruction adds to its latents' sum: b_dec [d_out] (a skip
+        transcoder adds x W_skip too, [B, 1, d_out])."""
+        return self.b_dec
 
     def _update_threshold(self, values: torch.Tensor) -> None:
         pass
@@ -337,12 +345,38 @@ class MatryoshkaTranscoder(GlobalBatchTopKMatryoshkaSAE):
     the target is divided by a fixed scale (a buffer set by `initialize_b_dec` from data, so that
     the loss does not depend on the target's units) and predictions are returned in its units.
     Loss: mean over groups of mean((y_hat_g - y / scale)^2) + aux_penalty * AuxK.
+
+    With cfg["transcoder_skip"] it is a skip transcoder (Paulo et al. 2025): an affine path
+    x W_skip, W_skip [d_in, d_out] starting at zero, joins every prefix reconstruction,
+        y_hat_g = sum_{i < m_g} z_i W_dec[i] + b_dec + x W_skip,
+    in the units the model works in (x standardised, y / scale), so the latents are left the
+    nonlinear part of the map. W_skip is a plain parameter: saved, loaded and resumed with the
+    rest, and free of the decoder's unit-norm constraint. `decode(z)` has no source to read and
+    returns z W_dec + b_dec; `reconstruct(x)` includes the skip term.
+
+    Initialisation: the encoder is NOT the transpose of the decoder. Source and target are
+    different spaces, so W_dec^T is a random direction of the source that the decoder's
+    gradient does not pull towards anything the latent predicts; latents tied that way start
+    with correlated pre-activations and half of them die in the first hundred steps (issue 14).
+    Encoder columns are drawn independently (random unit vectors).
     """
+
+    ties_encoder_to_decoder = False
 
     def __init__(self, cfg: dict):
         super().__init__(cfg, d_in=cfg.get("source_act_size") or cfg["act_size"],
                          d_out=cfg.get("target_act_size") or cfg["act_size"])
         self.register_buffer("target_scale", torch.tensor(1.0, device=cfg["device"]))
+        if cfg.get("transcoder_skip", False):  # .get: checkpoints from before the setting load too
+            self.W_skip = nn.Parameter(torch.zeros(self.d_in, self.d_out, device=cfg["device"]))
+        else:
+            self.W_skip = None
+
+    def dense_term(self, x_c: torch.Tensor) -> torch.Tensor:
+        """b_dec [d_out], or b_dec + x W_skip [B, 1, d_out] for a skip transcoder."""
+        if self.W_skip is None:
+            return self.b_dec
+        return torch.addmm(self.b_dec, x_c.float(), self.W_skip).unsqueeze(1)
 
     def center(self, x_n: torch.Tensor) -> torch.Tensor:
         return x_n  # b_dec lives in the target's space

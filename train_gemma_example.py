@@ -16,7 +16,7 @@ import argparse
 import torch
 
 from config import DICT_EXPANSION, HOOK_SITES, MODEL_TABLE, get_default_cfg, post_init_cfg, split_into_groups
-from main import add_run_arguments, apply_overrides, print_final_metrics
+from cli_options import add_run_arguments, apply_overrides, print_final_metrics
 
 COMPARED_MODELS = ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "gemma-2-2b", "gemma-2-9b", "gemma-2-27b"]
 

@@ -1,4 +1,4 @@
-"""Training loops for SAEs and transcoders, and the CE-loss evaluation of a trained dictionary.
+"""Training loops for SAEs and transcoders.
 
 `train_sae`, `train_transcoder` and `train_sae_group` share one loop (`_train`): every step draws one
 batch from the activation store and feeds it to every dictionary being trained, so several SAEs
@@ -27,15 +27,15 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import wandb
 from tqdm import tqdm
 
-from activation_store import excluded_bos_token
 from checkpoint import checkpoint_folder, load_history, restore_checkpoint, save_checkpoint
 from config import cfg_to_json
+from evaluation import evaluate_ce_loss
 
 
 class NonFiniteError(RuntimeError):
@@ -62,104 +62,6 @@ def lr_at_step(step: int, total_steps: int, cfg: dict) -> float:
     if n_decay > 0:
         factor *= min(1.0, (total_steps - step) / n_decay)
     return cfg["lr"] * factor
-
-
-# ---------------------------------------------------------------------------------------------
-# CE-loss evaluation
-# ---------------------------------------------------------------------------------------------
-
-
-def is_transcoder(cfg: dict) -> bool:
-    return cfg["sae_type"] == "matryoshka_transcoder"
-
-
-def bos_mask(tokens: torch.Tensor, model, cfg: dict) -> torch.Tensor:
-    """[rows, seq] bool: the BOS positions, with the activation store's notion of BOS."""
-    return tokens == excluded_bos_token(model, {**cfg, "exclude_bos": True})
-
-
-def _patch_hooks(cfg: dict, replace: Callable, keep: torch.Tensor | None) -> list[tuple[str, Callable]]:
-    """Forward hooks that overwrite the (target) activation with ``replace(source_act, target_act)``.
-
-    For an SAE source and target are the same hook. Positions where `keep` ([rows, seq]) is True
-    keep their original activation.
-    """
-    if is_transcoder(cfg):
-        source_hook, target_hook = cfg["source_hook_point"], cfg["target_hook_point"]
-    else:
-        source_hook = target_hook = cfg["hook_point"]
-    captured: dict[str, torch.Tensor] = {}
-
-    def capture(act, hook):
-        captured["source"] = act
-
-    def patch(act, hook):
-        source = act if source_hook == target_hook else captured.pop("source", None)
-        if source is None:
-            raise ValueError(f"{source_hook} did not run before {target_hook}; a transcoder's source "
-                             f"hook must precede its target hook.")
-        new = replace(source, act).reshape(act.shape).to(act.dtype)
-        if keep is not None:
-            new = torch.where(keep[..., None], act, new)
-        return new
-
-    hooks = [(target_hook, patch)]
-    if source_hook != target_hook:
-        hooks.insert(0, (source_hook, capture))
-    return hooks
-
-
-@torch.no_grad()
-def evaluate_ce_loss(sae, model, tokens: torch.Tensor, cfg: dict) -> dict[str, float]:
-    """Next-token CE loss of `model` on `tokens` ([rows, seq]) with the dictionary spliced in.
-
-    Four runs of the model, each the mean loss per token:
-        clean           unchanged model
-        spliced         activation at cfg["hook_point"] replaced by sae.reconstruct(activation)
-                        (transcoder: target activation replaced by its prediction from the source)
-        zero_ablation   activation replaced by 0
-        mean_ablation   activation replaced by its mean over the chunk's (non-BOS) positions
-    and the summaries
-        ce_degradation = spliced - clean
-        loss_recovered = (zero_ablation - spliced) / (zero_ablation - clean)
-    With cfg["exclude_bos"], BOS positions keep their original activation in every intervention.
-    The SAE runs in eval mode (no training state is touched); its mode is restored afterwards.
-    Rows are processed in chunks of cfg["model_batch_size"].
-    """
-    was_training = sae.training
-    sae.eval()
-    try:
-        totals = {"clean": 0.0, "spliced": 0.0, "zero_ablation": 0.0, "mean_ablation": 0.0}
-        for chunk in tokens.split(cfg["model_batch_size"]):
-            chunk = chunk.to(model.cfg.device)
-            keep = bos_mask(chunk, model, cfg) if cfg["exclude_bos"] else None
-            for name, loss in _chunk_losses(sae, model, chunk, cfg, keep).items():
-                totals[name] += loss * len(chunk) / len(tokens)
-    finally:
-        sae.train(was_training)
-    result = {f"ce_loss_{name}": value for name, value in totals.items()}
-    result["ce_degradation"] = totals["spliced"] - totals["clean"]
-    ablation_gap = totals["zero_ablation"] - totals["clean"]
-    result["loss_recovered"] = (totals["zero_ablation"] - totals["spliced"]) / ablation_gap
-    return result
-
-
-def _chunk_losses(sae, model, tokens, cfg, keep) -> dict[str, float]:
-    def spliced(source, target):
-        return sae.reconstruct(source.reshape(-1, source.shape[-1]))
-
-    def mean_ablated(source, target):
-        positions = target if keep is None else target[~keep]
-        return positions.reshape(-1, target.shape[-1]).mean(0).expand_as(target)
-
-    replacements = {"spliced": spliced, "zero_ablation": lambda s, t: torch.zeros_like(t),
-                    "mean_ablation": mean_ablated}
-    losses = {"clean": model(tokens, return_type="loss")}
-    for name, replace in replacements.items():
-        hooks = _patch_hooks(cfg, replace, keep)
-        losses[name] = model.run_with_hooks(tokens, return_type="loss", fwd_hooks=hooks)
-    values = torch.stack([loss.float() for loss in losses.values()]).tolist()
-    return dict(zip(losses, values))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,9 +14,10 @@ from datasets import Dataset, DatasetDict
 from activation_store import ActivationsStore
 from checkpoint import checkpoint_folder, load_history, load_metrics, load_sae
 from config import get_default_cfg, post_init_cfg
+from evaluation import evaluate_ce_loss
 from sae import create_sae
 from training import (
-    NonFiniteError, evaluate_ce_loss, format_postfix, lr_at_step, train_sae, train_sae_group,
+    NonFiniteError, format_postfix, lr_at_step, train_sae, train_sae_group,
     train_transcoder,
 )
 
