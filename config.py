@@ -9,7 +9,9 @@ derived anew, values the user set are checked against the model.
 
 from __future__ import annotations
 
+import difflib
 import json
+import warnings
 from typing import Any
 
 import torch
@@ -145,7 +147,15 @@ def compute_fvu(x_original: torch.Tensor, x_reconstruct: torch.Tensor) -> torch.
 
 def get_default_cfg() -> dict[str, Any]:
     """Every setting with its default, derived values filled in (GPT-2 small, layer 8, resid_pre)."""
-    cfg = {
+    return post_init_cfg(default_settings())
+
+
+def default_settings() -> dict[str, Any]:
+    """Every setting with its default before derivation (None: derived by `post_init_cfg`).
+
+    These keys, the derived ones (`DERIVED_KEYS`) and ``"notes"`` are the only keys a cfg may hold.
+    """
+    return {
         "seed": 49,
         # SAE
         "sae_type": "matryoshka",
@@ -203,8 +213,83 @@ def get_default_cfg() -> dict[str, Any]:
         "target_site": None,
         "target_layer": None,
         "transcoder_skip": False,  # skip transcoder: add an affine path x W_skip to every prediction
+        # Free-form bookkeeping of the user's (any JSON-safe value); the library never reads it.
+        "notes": None,
     }
-    return post_init_cfg(cfg)
+
+
+# Keys that `post_init_cfg` adds to a cfg besides the settings of `default_settings()`.
+DERIVED_KEYS = ("n_layers", "hook_point", "source_hook_point", "target_hook_point", "source_act_size",
+                "target_act_size", "name", "derived")
+
+# Keys of earlier versions found in saved config.json files: renamed (old -> new) or retired (-> None).
+RETIRED_KEYS: dict[str, str | None] = {}
+
+# What other libraries (SAELens, sparsify, dictionary_learning) call our settings: suggested when a
+# cfg holds one of these names, which string similarity alone would not find.
+OTHER_NAMES = {
+    "learning_rate": "lr", "k": "top_k", "topk": "top_k", "d_sae": "dict_size", "num_latents": "dict_size",
+    "expansion_factor": "dict_size", "d_in": "act_size", "activation_dim": "act_size",
+    "hook_name": "hook_point", "context_size": "seq_len", "ctx_len": "seq_len",
+    "training_tokens": "num_tokens", "train_batch_size_tokens": "batch_size",
+    "store_batch_size_prompts": "model_batch_size", "l1_coefficient": "l1_coeff",
+    "dead_feature_window": "n_batches_to_dead", "normalize_activations": "input_unit_norm",
+    "auxk_alpha": "aux_penalty", "lr_warm_up_steps": "lr_warmup_steps", "warmup_steps": "lr_warmup_steps",
+    "dataset": "dataset_path", "model": "model_name", "hook_layer": "layer", "architecture": "sae_type",
+}
+
+# Expected types of the settings (a value of None means "derive it" or "not used" where allowed).
+INT_SETTINGS = ("seed", "layer", "act_size", "dict_size", "top_k", "top_k_aux", "n_batches_to_dead",
+                "batch_size", "lr_warmup_steps", "num_tokens", "seq_len", "model_batch_size",
+                "num_batches_in_buffer", "n_eval_rows", "log_freq", "perf_log_freq", "checkpoint_freq",
+                "source_layer", "target_layer", "bos_token_id")
+NUMBER_SETTINGS = ("aux_penalty", "l1_coeff", "l0_coeff", "bandwidth", "jumprelu_threshold_init",
+                   "threshold_ema_rate", "lr", "beta1", "beta2", "max_grad_norm", "lr_decay_frac")
+BOOL_SETTINGS = ("input_unit_norm", "exclude_bos", "transcoder_skip")
+STR_SETTINGS = ("sae_type", "model_name", "site", "wandb_project", "source_site", "target_site")
+
+
+def known_keys() -> set[str]:
+    """Every key a cfg may hold: the settings, the derived keys and "notes"."""
+    return set(default_settings()) | set(DERIVED_KEYS)
+
+
+def _check_known_keys(cfg: dict) -> None:
+    """A key that is not a setting is a misspelling: raise with the closest known names."""
+    known = known_keys()
+    for key in cfg:
+        if key in known:
+            continue
+        close = [OTHER_NAMES[key]] if key in OTHER_NAMES else difflib.get_close_matches(key, known, n=3)
+        hint = (f"did you mean {' or '.join(repr(name) for name in close)}?" if close
+                else "config.default_settings() lists the settings.")
+        raise ValueError(f"cfg[{key!r}] is not a setting; {hint} (Keep notes of your own under cfg['notes'].)")
+
+
+def _type_name(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _check_types(cfg: dict) -> None:
+    """Each setting of a known type holds that type (or None); raises naming the setting."""
+    for key in INT_SETTINGS:
+        value = cfg.get(key)
+        if key == "num_tokens" and isinstance(value, float) and value.is_integer():
+            cfg[key] = value = int(value)  # 1e8 is a natural way to write a token count
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise ValueError(f"cfg[{key!r}] must be an integer, got {_type_name(value)}.")
+    for key in NUMBER_SETTINGS:
+        value = cfg.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            raise ValueError(f"cfg[{key!r}] must be a number (int or float), got {_type_name(value)}.")
+    for key in BOOL_SETTINGS:
+        value = cfg.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"cfg[{key!r}] must be True or False, got {_type_name(value)}.")
+    for key in STR_SETTINGS:
+        value = cfg.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"cfg[{key!r}] must be a string, got {_type_name(value)}.")
 
 
 def _as_dtype(value: Any, setting: str) -> torch.dtype:
@@ -267,6 +352,8 @@ def post_init_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
     top_k_aux (act_size // 2), hook_point, device, exclude_bos, l1/l0 coefficients, wandb_mode,
     name. Every problem is a ValueError naming the setting and the fix.
     """
+    _check_known_keys(cfg)
+    _check_types(cfg)
     derived: dict[str, Any] = {}
     cfg["sae_type"] = SAE_TYPE_ALIASES.get(cfg["sae_type"], cfg["sae_type"])
     if cfg["sae_type"] not in SAE_TYPES:
@@ -332,7 +419,8 @@ def _check_layer(layer: int, n_layers: int | None, setting: str) -> None:
 
 def _validate_group_sizes(cfg: dict) -> None:
     groups = cfg["group_sizes"]
-    if not groups or any(not isinstance(g, int) or g <= 0 for g in groups):
+    if (not isinstance(groups, (list, tuple)) or not groups
+            or any(not isinstance(g, int) or isinstance(g, bool) or g <= 0 for g in groups)):
         raise ValueError(f"group_sizes must be a list of positive integers, got {groups!r}.")
     if sum(groups) != cfg["dict_size"]:
         raise ValueError(
@@ -401,8 +489,26 @@ def cfg_to_json(cfg: dict[str, Any]) -> str:
 
 def cfg_from_json(text: str) -> dict[str, Any]:
     """Inverse of `cfg_to_json`: dtype settings come back as torch dtypes."""
-    cfg = json.loads(text)
+    cfg = upgrade_saved_cfg(json.loads(text))
     for key in ("dtype", "model_dtype"):
         if key in cfg:
             cfg[key] = _as_dtype(cfg[key], key)
+    return cfg
+
+
+def upgrade_saved_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A cfg saved by an earlier version, brought to this version's keys.
+
+    Renamed keys take their new name and retired ones are dropped, each with a warning; settings
+    added since get their defaults, which keep the behaviour of the version that saved the cfg.
+    """
+    for key in [key for key in cfg if key not in known_keys()]:
+        new_key = RETIRED_KEYS.get(key)
+        value = cfg.pop(key)
+        if new_key is not None:
+            cfg.setdefault(new_key, value)
+        warnings.warn(f"The saved cfg has the setting {key!r}, which this version "
+                      + (f"calls {new_key!r}." if new_key else "no longer has; it is ignored."), stacklevel=3)
+    for key, value in default_settings().items():
+        cfg.setdefault(key, value)
     return cfg

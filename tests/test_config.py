@@ -146,3 +146,77 @@ def test_cfg_json_names_objects_it_cannot_serialise():
     cfg = get_default_cfg()
     cfg["dataset_path"] = object()
     assert cfg_from_json(cfg_to_json(cfg))["dataset_path"] == "<object>"
+
+
+@pytest.mark.parametrize("key,suggestion", [
+    ("learning_rate", "'lr'"),        # another library's name
+    ("topk_aux", "'top_k_aux'"),      # a typo
+    ("batchsize", "'batch_size'"),
+    ("l1_coefficient", "'l1_coeff'"),
+])
+def test_misspelt_setting_is_an_error_with_a_suggestion(key, suggestion):
+    cfg = get_default_cfg()
+    cfg[key] = 1
+    with pytest.raises(ValueError, match=f"cfg\\['{key}'\\] is not a setting; did you mean {suggestion}"):
+        post_init_cfg(cfg)
+
+
+def test_notes_hold_the_users_bookkeeping():
+    cfg = get_default_cfg()
+    cfg["notes"] = {"experiment": "sweep 3", "tags": ["a", "b"]}
+    assert post_init_cfg(cfg)["notes"]["experiment"] == "sweep 3"
+    assert cfg_from_json(cfg_to_json(cfg))["notes"] == cfg["notes"]
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"lr": "1e-3"}, "cfg\\['lr'\\] must be a number \\(int or float\\), got str '1e-3'"),
+    ({"top_k": 32.0}, "cfg\\['top_k'\\] must be an integer, got float 32.0"),
+    ({"batch_size": True}, "cfg\\['batch_size'\\] must be an integer, got bool"),
+    ({"input_unit_norm": "yes"}, "cfg\\['input_unit_norm'\\] must be True or False"),
+    ({"exclude_bos": 1}, "cfg\\['exclude_bos'\\] must be True or False"),
+    ({"group_sizes": "768,768"}, "group_sizes must be a list of positive integers"),
+    ({"group_sizes": [6144.0, 6144.0]}, "group_sizes must be a list of positive integers"),
+    ({"model_dtype": 16}, "cfg\\['model_dtype'\\] = 16 is not a dtype"),
+    ({"site": 8}, "cfg\\['site'\\] must be a string"),
+])
+def test_wrong_type_names_the_setting_and_the_type(change, message):
+    cfg = get_default_cfg()
+    cfg.update(change)
+    with pytest.raises(ValueError, match=message):
+        post_init_cfg(cfg)
+
+
+def test_token_count_may_be_written_as_a_float():
+    cfg = get_default_cfg()
+    cfg["num_tokens"] = 1e8
+    assert post_init_cfg(cfg)["num_tokens"] == 100_000_000
+    cfg["num_tokens"] = 1.5
+    with pytest.raises(ValueError, match="cfg\\['num_tokens'\\] must be an integer"):
+        post_init_cfg(cfg)
+
+
+def test_config_saved_by_an_earlier_version_still_loads(tmp_path):
+    """An old config.json lacks settings added since and may hold retired ones: it loads, with a
+    warning for what is dropped, and builds the same SAE as the cfg it was saved from."""
+    import json
+
+    from checkpoint import load_sae, save_checkpoint
+    from sae import create_sae
+
+    cfg = get_default_cfg()
+    cfg.update(act_size=16, model_name="synthetic", dict_size=64, group_sizes=None, top_k=4, device="cpu")
+    cfg = post_init_cfg(cfg)
+    sae = create_sae(cfg)
+    save_checkpoint(tmp_path, sae, cfg)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    for key in ("notes", "transcoder_skip"):  # settings younger than the checkpoint
+        saved.pop(key, None)
+    saved["an_old_setting"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.warns(UserWarning, match="'an_old_setting', which this version no longer has"):
+        loaded = load_sae(tmp_path)
+    assert "an_old_setting" not in loaded.cfg and loaded.cfg["notes"] is None
+    x = torch.randn(8, 16)
+    sae.eval(), loaded.eval()
+    assert torch.equal(loaded.reconstruct(x), sae.reconstruct(x))
+    post_init_cfg(loaded.cfg)  # a loaded cfg is valid as it stands
