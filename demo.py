@@ -10,7 +10,9 @@ text starts with the BOS token <|im_start|>, whose activation, like any first po
 outlier: BOS positions are left out of training and left untouched when the SAE is spliced in.
 
 At the end it prints a report (FVU of every nested prefix, L0, dead and dense latents, CE loss
-clean / spliced / ablated and the fraction recovered) and writes PNG plots next to the checkpoint.
+clean / spliced / ablated and the fraction recovered), writes PNG plots next to the checkpoint and
+builds the feature browser of the dictionary on the held-out rows (feature_browser.py), ending with
+the page's path.
 Every setting can be overridden with main.py's options (e.g. --num-tokens, --dataset my_texts.txt).
 """
 
@@ -94,5 +96,19 @@ def run_demo(args=None) -> dict:
           f"({cfg['num_tokens'] / training_time:,.0f} tokens/s, model included); "
           f"held-out: {len(held_out):,} tokens.")
     print(f"Checkpoint: {folder}\nPlots: {', '.join(str(p) for p in plots)}")
+    print(f"Export it for SAELens (SAE.load_from_disk): python export_sae.py {folder} {folder}-sae-lens")
+    browser, stats = build_demo_browser(sae, store, cfg, folder)
+    print(stats.describe_timing())
+    print(f"Feature browser (open it in a web browser; works offline): {browser}")
     return {**{k: v for k, v in report.items() if k != "firing_density"}, **ce,
-            "training_seconds": training_time, "folder": str(folder)}
+            "training_seconds": training_time, "folder": str(folder), "feature_browser": str(browser),
+            "feature_statistics_timing": stats.data["timing"]}
+
+
+def build_demo_browser(sae, store, cfg: dict, folder):
+    """The feature browser of the demo's dictionary over its held-out rows: (page path, statistics)."""
+    from feature_browser import write_feature_browser
+    from feature_statistics import collect_feature_statistics, describe_source
+
+    stats = collect_feature_statistics(sae, store, source={**describe_source(cfg), "checkpoint": str(folder)})
+    return write_feature_browser(stats, folder / "feature_browser"), stats

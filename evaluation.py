@@ -6,7 +6,9 @@
 reconstruction and of every Matryoshka prefix, L0, and how often each latent fires (dead latents
 never fire on the held-out tokens; dense ones fire on more than `DENSE_FRACTION` of them).
 `format_report` prints it with the CE losses of `evaluate_ce_loss`; the plot functions
-draw a run's training history and the latents' firing densities.
+draw a run's training history and the latents' firing densities. What each latent responds to
+(contexts, histograms, logit effects, the Matryoshka hierarchy) is collected by
+feature_statistics.py and shown by feature_browser.py.
 """
 
 from __future__ import annotations

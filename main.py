@@ -5,6 +5,11 @@ trained together on one activation stream of GPT-2 small (layer 8, resid_pre).
     python main.py                                   # the defaults of config.get_default_cfg()
     python main.py --num-tokens 2e7 --batchtopk-k 16 32 --wandb-mode offline
     python main.py --model gemma-2-2b --model-dtype bfloat16 --model-batch-size 4
+    python main.py --resume checkpoints/a checkpoints/b ...   # continue a stopped run (printed on SIGTERM)
+    python main.py --sae-type matryoshka --layers 4 6 8       # a dictionary per layer, one model pass
+    python main.py --sae-type jumprelu --target-l0 32   # one JumpReLU SAE steered to a mean L0 of 32
+    python main.py --demo --sae-type jumprelu --target-l0 32   # the demo with a JumpReLU SAE
+    torchrun --nproc_per_node 4 main.py --batch-size 16384   # 4 GPUs, 4096 activations each
 
 Every dictionary gets its own wandb run and checkpoint folder (``checkpoint_dir / name``); the
 final metrics of each are printed at the end. The command-line options that change the run
@@ -16,7 +21,11 @@ from __future__ import annotations
 import argparse
 import copy
 
-from cli_options import add_run_arguments, apply_overrides, print_final_metrics
+import distributed
+from cli_options import (
+    add_resume_argument, add_run_arguments, apply_overrides, check_device, print_final_metrics, resumed_cfgs,
+    run_reporting_errors,
+)
 from config import get_default_cfg, post_init_cfg
 
 BATCHTOPK_KS = [16, 32, 64]
@@ -30,45 +39,84 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batchtopk-k", type=int, nargs="+", default=BATCHTOPK_KS,
                         help=f"top_k of each BatchTopK SAE (default {BATCHTOPK_KS}); --top-k sets the "
                              f"Matryoshka SAE's")
+    parser.add_argument("--layers", type=int, nargs="+",
+                        help="train the dictionaries at each of these layers, all from one model pass")
+    parser.add_argument("--sites", nargs="+", help="... and at each of these sites (default: --site)")
     add_run_arguments(parser)
+    add_resume_argument(parser)
     return parser
 
 
 def build_cfgs(args: argparse.Namespace | None = None) -> list[dict]:
-    """One cfg per dictionary: a BatchTopK SAE per --batchtopk-k value, then the Matryoshka SAE."""
-    base = post_init_cfg(apply_overrides(get_default_cfg(), args))
-    ks = BATCHTOPK_KS if args is None else args.batchtopk_k
-    variants = [{"sae_type": "batchtopk", "top_k": k} for k in ks] + [{"sae_type": "matryoshka"}]
-    return [post_init_cfg({**copy.deepcopy(base), **variant}) for variant in variants]
+    """One cfg per dictionary: a BatchTopK SAE per --batchtopk-k value, then the Matryoshka SAE;
+    with --sae-type, the one dictionary of that class; with --resume, the checkpointed runs'.
+    With --layers/--sites, these dictionaries at every (layer, site)."""
+    if args is not None and args.resume:
+        return resumed_cfgs(args.resume, args)
+    layers, sites = getattr(args, "layers", None), getattr(args, "sites", None)
+    base = apply_overrides(get_default_cfg(), args)
+    if layers:  # the first hook's settings must be valid for the model too
+        base["layer"] = layers[0]
+    if sites:
+        base["site"] = sites[0]
+    base = post_init_cfg(base)
+    if args is not None and args.sae_type is not None:
+        variants = [{}]
+    else:
+        ks = BATCHTOPK_KS if args is None else args.batchtopk_k
+        variants = [{"sae_type": "batchtopk", "top_k": k} for k in ks] + [{"sae_type": "matryoshka"}]
+    hooks = [{"layer": layer, "site": site} for layer in (layers or [base["layer"]]) for site in (sites or [base["site"]])]
+    return [post_init_cfg({**copy.deepcopy(base), **hook, **variant}) for hook in hooks for variant in variants]
 
 
-def train_group(cfgs: list[dict]) -> list:
-    """Load cfgs[0]'s model, open its activation stream and train one dictionary per cfg on it."""
+def train_group(cfgs: list[dict], resume_from: list[str] | None = None) -> list:
+    """Load cfgs[0]'s model, open its activation stream and train one dictionary per cfg on it
+    (continuing the checkpoints in `resume_from`, one per cfg, when given)."""
     # Imported here so that --help (and train_gemma_example.py compare) load no model stack.
-    from activation_store import ActivationsStore
+    from activation_cache import activation_store_for
+    from activation_store import MultiHookActivationsStore, dictionary_hooks
     from model_loading import load_model
     from sae import create_sae
     from training import train_sae_group
 
     base = cfgs[0]
+    check_device(base)
     model = load_model(base["model_name"], base["device"], base["model_dtype"])
-    store = ActivationsStore(model, base)
-    return train_sae_group([create_sae(cfg) for cfg in cfgs], store, model, cfgs)
+    if len({tuple(dictionary_hooks(cfg)) for cfg in cfgs}) > 1:  # several layers/sites: one pass
+        if base.get("activation_cache"):
+            raise ValueError("--activations trains the dictionaries of one hook; for several layers, train "
+                             "each layer from the cache in its own run (--layer L --activations DIR).")
+        store = MultiHookActivationsStore(model, cfgs)
+    else:
+        store = activation_store_for(model, base)  # the live model's, or the cache's (--activations)
+    return train_sae_group([create_sae(cfg) for cfg in cfgs], store, model, cfgs, resume_from=resume_from)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    run_reporting_errors(lambda: run(args), resume_command="python main.py")
+
+
+def run(args: argparse.Namespace) -> None:
+    """The demo, or the group of dictionaries that `args` describes."""
     if args.demo:
         from demo import run_demo
 
         run_demo(args)
         return
     cfgs = build_cfgs(args)
-    for cfg in cfgs:
-        print(f"{cfg['sae_type']:>12}  top_k {cfg['top_k']:<4} dict {cfg['dict_size']:<6} -> {cfg['name']}")
-    train_group(cfgs)
-    for cfg in cfgs:
-        print_final_metrics(cfg)
+    try:
+        for cfg in cfgs:  # under torchrun: join the other ranks, one device each (else nothing)
+            distributed.init_from_env(cfg)
+        if distributed.is_main_process():
+            for cfg in cfgs:
+                print(f"{cfg['sae_type']:>12}  top_k {cfg['top_k']:<4} dict {cfg['dict_size']:<6} -> {cfg['name']}")
+        train_group(cfgs, resume_from=args.resume)
+        if distributed.is_main_process():
+            for cfg in cfgs:
+                print_final_metrics(cfg)
+    finally:
+        distributed.shut_down()
 
 
 if __name__ == "__main__":

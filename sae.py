@@ -4,9 +4,9 @@ Notation: B tokens in a batch, S = dict_size latents, d_in / d_out the widths of
 what is reconstructed (equal for an SAE; for a transcoder the source and the target activation).
 
 Every model here computes
-    pre   = x_c W_enc + b_enc                    x_c = x - b_dec (SAE) or x (transcoder)
+    pre   = x_c W_enc + b_enc                    x_c = x - b_dec (SAE) or x - source_mean (transcoder)
     z     = sparsify(pre)                        TopK, BatchTopK, ReLU or JumpReLU
-    x_hat = z W_dec + b_dec
+    x_hat = z W_dec + b_dec                      (+ x_c W_skip for a skip transcoder)
 with x standardised per token when cfg["input_unit_norm"] is on (outputs are returned in the
 original units). Decoder rows are kept at unit norm. The TopK family (TopK, BatchTopK,
 Matryoshka, transcoder) never forms z densely in training: see sparse_ops.py.
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import distributed
 from config import compute_fvu
 from sparse_ops import (
     SparseCode, gather_preactivations, select_above_threshold, select_batch_topk, select_topk,
@@ -67,16 +68,26 @@ class BaseAutoencoder(nn.Module):
     # -- units -------------------------------------------------------------------------------
 
     def normalize_source(self, x: torch.Tensor):
-        """Standardise each token (if input_unit_norm): returns (x_n, (mean, std)) or (x, None)."""
+        """Standardise each token (if input_unit_norm): returns (x_n, stats) or (x, None).
+
+        The ecosystem's definition (OpenAI's TopK SAEs; SAELens's normalize_activations="layer_norm"),
+        so that an exported dictionary computes exactly the same there:
+            x_n = (x - mean) / (std + eps),   std with Bessel's correction (n - 1),
+        and outputs return as y_n * std + mean, without eps. stats = (mean, std + eps, std): the
+        shift, the divisor into normalised units and the factor back out of them.
+        """
         x = x.float()
         if not self.cfg["input_unit_norm"]:
             return x, None
         mean = x.mean(dim=-1, keepdim=True)
-        std = x.std(dim=-1, keepdim=True, correction=0) + STD_EPS
-        return (x - mean) / std, (mean, std)
+        x = x - mean
+        std = x.std(dim=-1, keepdim=True)
+        divisor = std + STD_EPS
+        return x / divisor, (mean, divisor, std)
 
     def target_stats(self, source_stats):
-        """(mean, std) of the units the target is reconstructed in: an SAE's target is its input."""
+        """(shift, divisor, factor) of the units the target is reconstructed in (see
+        `normalize_source`): an SAE's target is its input."""
         return source_stats
 
     @staticmethod
@@ -88,10 +99,10 @@ class BaseAutoencoder(nn.Module):
         """Back to original units; `y_n` may carry extra middle dims (prefixes)."""
         if stats is None:
             return y_n
-        mean, std = stats
+        mean, _, factor = stats
         if y_n.dim() == 3 and mean.dim() == 2:  # per-token stats [B, 1] against prefixes [B, G, d]
-            mean, std = mean.unsqueeze(1), std.unsqueeze(1)
-        return y_n * std + mean
+            mean, factor = mean.unsqueeze(1), factor.unsqueeze(1)
+        return y_n * factor + mean
 
     def center(self, x_n: torch.Tensor) -> torch.Tensor:
         return x_n - self.b_dec
@@ -178,37 +189,56 @@ class BaseAutoencoder(nn.Module):
             "feature_acts": info["feature_acts"].reshape(*leading, self.dict_size),
         }
         if prefixes.shape[1] > 1:
-            fvus = self._prefix_fvus(squared_error.detach(), target, y_stats)
+            fvus = self._prefix_fvus(prefixes.detach(), target, y_stats)
             out.update(fvu_min=fvus.min(), fvu_max=fvus.max(), fvu_mean=fvus.mean(),
                        min_l2_loss=l2_per_prefix.min().detach(), max_l2_loss=l2_per_prefix.max().detach(),
                        fvu_per_prefix=fvus)
         return out
 
-    @staticmethod
-    def _prefix_fvus(squared_error: torch.Tensor, target: torch.Tensor, y_stats) -> torch.Tensor:
-        """`compute_fvu` of every prefix [G], from the squared errors [B, G, d] in normalised units:
-        an error in normalised units times the token's std is the error in original units."""
-        per_token = squared_error.sum(dim=2)
-        if y_stats is not None:
-            per_token = per_token * y_stats[1].reshape(-1, 1).pow(2)
-        total = (target - target.mean(dim=0)).pow(2).sum()
-        return torch.where(total > 0, per_token.sum(dim=0) / total, torch.full_like(total, float("nan")))
+    @classmethod
+    def _prefix_fvus(cls, prefixes: torch.Tensor, target: torch.Tensor, y_stats) -> torch.Tensor:
+        """`compute_fvu` of every prefix [G], from the prefix reconstructions [B, G, d] in
+        normalised units (restored first: the way back out has no eps, so errors do not simply scale)."""
+        with torch.no_grad():
+            errors = (cls.restore_target(prefixes, y_stats) - target.unsqueeze(1)).pow(2).sum(dim=(0, 2))
+            total = (target - target.mean(dim=0)).pow(2).sum()
+            return torch.where(total > 0, errors / total, torch.full_like(total, float("nan")))
 
     # -- training state and the decoder constraint -----------------------------------------------
+
+    def param_groups(self) -> list[dict]:
+        """The optimizer's parameter groups; a group's "lr_scale" multiplies the scheduled lr."""
+        return [{"params": list(self.parameters()), "lr_scale": 1.0}]
 
     def dead_latents(self) -> torch.Tensor:
         """[S] bool: latents unfired for n_batches_to_dead x batch_size tokens."""
         return self.tokens_since_fired >= self.cfg["n_batches_to_dead"] * self.cfg["batch_size"]
 
+    def batch_group(self):
+        """In training under torchrun, the process group whose ranks' batches make up the batch
+        (see distributed.py): batch statistics are reduced over it. None otherwise."""
+        return distributed.batch_group() if self.training else None
+
     @torch.no_grad()
     def _update_dead_counters(self, fired: torch.Tensor, n_tokens: int) -> None:
+        group = self.batch_group()
+        if group is not None:  # a latent fired in the batch if it fired on some rank
+            fired = distributed.any_over_ranks(fired, group)
+            n_tokens *= distributed.world_size(group)
         self.tokens_since_fired.add_(n_tokens).masked_fill_(fired, 0)
 
     @torch.no_grad()
     def initialize_b_dec(self, target: torch.Tensor) -> None:
-        """Set b_dec to the mean of a batch of targets (in normalised units)."""
+        """Set b_dec to the mean of a batch of targets (in normalised units). The training loop calls
+        it on the first batch of a fresh run; subclasses set their other data-driven state here too
+        (JumpReLU thresholds, ReLU encoder biases)."""
         x_n, _ = self.normalize_source(target.reshape(-1, self.d_out))
         self.b_dec.copy_(x_n.mean(dim=0))
+
+    def initialize_from_batch(self, *inputs: torch.Tensor) -> None:
+        """The data-dependent initialisation a training run does on its first batch (the SAE's
+        input, or a transcoder's (source, target)): here b_dec from the last of them."""
+        self.initialize_b_dec(inputs[-1])
 
     @torch.no_grad()
     def remove_parallel_decoder_grad(self) -> None:
@@ -313,11 +343,17 @@ class BatchTopKSAE(TopKSAE):
 
     def select(self, pre: torch.Tensor) -> SparseCode:
         if self.training or self.threshold.item() < 0:
-            return select_batch_topk(pre, self.cfg["top_k"], lower_bound=0.8 * self.threshold)
+            return select_batch_topk(pre, self.cfg["top_k"], lower_bound=0.8 * self.threshold,
+                                     group=self.batch_group())
         return select_above_threshold(pre, self.threshold)
 
     @torch.no_grad()
     def _update_threshold(self, values: torch.Tensor) -> None:
+        group = self.batch_group()
+        if group is not None:  # the smallest kept value of the whole batch (inf where none is kept)
+            local = values.min() if values.numel() else values.new_tensor(float("inf"))
+            values = distributed.min_over_ranks(local, group).reshape(1)
+            values = values[values.isfinite()]
         if values.numel() == 0:
             return
         smallest, rate = values.min(), self.cfg["threshold_ema_rate"]
@@ -341,24 +377,31 @@ class GlobalBatchTopKMatryoshkaSAE(BatchTopKSAE):
 class MatryoshkaTranscoder(GlobalBatchTopKMatryoshkaSAE):
     """A Matryoshka BatchTopK model that reads one activation and predicts another.
 
-    forward(x_source, x_target). The source is standardised per token (if input_unit_norm);
-    the target is divided by a fixed scale (a buffer set by `initialize_b_dec` from data, so that
-    the loss does not depend on the target's units) and predictions are returned in its units.
+    forward(x_source, x_target). The source is standardised per token (if input_unit_norm) and
+    centred, x_c = x_n - source_mean; the target is divided by a fixed scale (a buffer set by
+    `initialize_b_dec` from data, so that the loss does not depend on the target's units) and
+    predictions are returned in its units.
     Loss: mean over groups of mean((y_hat_g - y / scale)^2) + aux_penalty * AuxK.
 
     With cfg["transcoder_skip"] it is a skip transcoder (Paulo et al. 2025): an affine path
-    x W_skip, W_skip [d_in, d_out] starting at zero, joins every prefix reconstruction,
-        y_hat_g = sum_{i < m_g} z_i W_dec[i] + b_dec + x W_skip,
-    in the units the model works in (x standardised, y / scale), so the latents are left the
+    x_c W_skip, W_skip [d_in, d_out] starting at zero, joins every prefix reconstruction,
+        y_hat_g = sum_{i < m_g} z_i W_dec[i] + b_dec + x_c W_skip,
+    in the units the model works in (x_c as above, y / scale), so the latents are left the
     nonlinear part of the map. W_skip is a plain parameter: saved, loaded and resumed with the
     rest, and free of the decoder's unit-norm constraint. `decode(z)` has no source to read and
     returns z W_dec + b_dec; `reconstruct(x)` includes the skip term.
 
-    Initialisation: the encoder is NOT the transpose of the decoder. Source and target are
-    different spaces, so W_dec^T is a random direction of the source that the decoder's
-    gradient does not pull towards anything the latent predicts; latents tied that way start
-    with correlated pre-activations and half of them die in the first hundred steps (issue 14).
-    Encoder columns are drawn independently (random unit vectors).
+    Initialisation (issue 14), from the first training batch (`initialize_from_batch`):
+    * The source is centred by its mean, a buffer. A residual stream has a few coordinates ~10x
+      the others after standardisation (2 of 576 in SmolLM2's layer-8 resid_mid); left in, their
+      mean m gives every latent an offset m . W_enc[:, i] that Adam moves by about lr x |m| a
+      step, so a few latents win BatchTopK on every token and the rest stop firing. An SAE is centred by
+      its b_dec; a transcoder's b_dec lives in the target's space, hence a mean of its own.
+    * Encoder columns are independent random unit vectors, not W_dec^T: source and target are
+      different spaces, and the tie only makes sense where a latent reads and writes one space.
+    * Each decoder row points at the mean target (after b_dec) of the tokens its latent fires on
+      (`initialize_decoder_from_batch`), so that a latent's first output reduces the error
+      instead of adding a random direction that training would first suppress.
     """
 
     ties_encoder_to_decoder = False
@@ -367,6 +410,7 @@ class MatryoshkaTranscoder(GlobalBatchTopKMatryoshkaSAE):
         super().__init__(cfg, d_in=cfg.get("source_act_size") or cfg["act_size"],
                          d_out=cfg.get("target_act_size") or cfg["act_size"])
         self.register_buffer("target_scale", torch.tensor(1.0, device=cfg["device"]))
+        self.register_buffer("source_mean", torch.zeros(self.d_in, device=cfg["device"]))
         if cfg.get("transcoder_skip", False):  # .get: checkpoints from before the setting load too
             self.W_skip = nn.Parameter(torch.zeros(self.d_in, self.d_out, device=cfg["device"]))
         else:
@@ -379,10 +423,15 @@ class MatryoshkaTranscoder(GlobalBatchTopKMatryoshkaSAE):
         return torch.addmm(self.b_dec, x_c.float(), self.W_skip).unsqueeze(1)
 
     def center(self, x_n: torch.Tensor) -> torch.Tensor:
-        return x_n  # b_dec lives in the target's space
+        return x_n - self.source_mean  # (b_dec lives in the target's space)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Files written before the source was centred (and SAELens's) have no source_mean: zero.
+        state_dict.setdefault(prefix + "source_mean", torch.zeros_like(self.source_mean))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def target_stats(self, source_stats):
-        return (torch.zeros((), device=self.target_scale.device), self.target_scale)
+        return (torch.zeros((), device=self.target_scale.device), self.target_scale, self.target_scale)
 
     def forward(self, x_source: torch.Tensor, x_target: torch.Tensor) -> dict[str, torch.Tensor]:
         if x_source.shape[:-1] != x_target.shape[:-1]:
@@ -392,11 +441,38 @@ class MatryoshkaTranscoder(GlobalBatchTopKMatryoshkaSAE):
 
     @torch.no_grad()
     def initialize_b_dec(self, target: torch.Tensor) -> None:
-        """Set the target scale (RMS of the centred target, if input_unit_norm) and b_dec to its mean."""
+        """Set the target scale (if input_unit_norm: the RMS of the centred target, rounded to a
+        power of two, so that an export can fold it into the decoder without rounding a single
+        weight) and b_dec to the target's mean."""
         y = target.reshape(-1, self.d_out).float()
         if self.cfg["input_unit_norm"]:
-            self.target_scale.copy_((y - y.mean(dim=0)).pow(2).mean().sqrt().clamp(min=STD_EPS))
+            rms = (y - y.mean(dim=0)).pow(2).mean().sqrt().clamp(min=STD_EPS)
+            self.target_scale.copy_(torch.exp2(torch.round(torch.log2(rms))))
         self.b_dec.copy_(self.to_units(y, self.target_stats(None)).mean(dim=0))
+
+    @torch.no_grad()
+    def initialize_from_batch(self, source: torch.Tensor, target: torch.Tensor) -> None:
+        """From a first batch: the target's scale and b_dec (`initialize_b_dec`), the source's
+        mean (in normalised units) and the decoder (`initialize_decoder_from_batch`)."""
+        self.initialize_b_dec(target)
+        self.source_mean.copy_(self.normalize_source(source.reshape(-1, self.d_in))[0].mean(dim=0))
+        self.initialize_decoder_from_batch(source, target)
+
+    @torch.no_grad()
+    def initialize_decoder_from_batch(self, source: torch.Tensor, target: torch.Tensor) -> None:
+        """Point each latent's decoder row where the targets of the tokens it fires on lie:
+            W_dec[i] = normalise(sum_{b: z_bi > 0} z_bi (y_b / scale - b_dec)),
+        the direction of the first gradient step from a zero decoder (the published transcoder
+        initialisation); latents that do not fire on the batch keep their random row. Call after
+        `initialize_b_dec`."""
+        x_c = self.center(self.normalize_source(source.reshape(-1, self.d_in))[0])
+        pre = self.preactivations(x_c)
+        code = select_batch_topk(pre, self.cfg["top_k"])  # this batch alone, on every rank
+        values = pre[code.rows, code.latents]
+        y_n = self.to_units(target.reshape(-1, self.d_out), self.target_stats(None)) - self.b_dec
+        pull = torch.zeros_like(self.W_dec).index_add_(0, code.latents, values[:, None] * y_n[code.rows])
+        norms = pull.norm(dim=1, keepdim=True)
+        self.W_dec.copy_(torch.where(norms > 0, pull / norms.clamp(min=STD_EPS), self.W_dec))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,14 +481,54 @@ class MatryoshkaTranscoder(GlobalBatchTopKMatryoshkaSAE):
 
 
 class DenseCodeSAE(BaseAutoencoder):
-    """Shared by the SAEs whose codes are formed densely (every latent may fire)."""
+    """Shared by the SAEs whose codes are formed densely (every latent may fire).
+
+    A sparsity coefficient may be warmed up: multiplied by min(1, (t + 1) / warmup_steps) at
+    training step t, so that the dictionary first learns to reconstruct. `steps_trained` counts the
+    training forward passes (a buffer saved with the weights, so a resumed run continues the ramp);
+    it exists only when a warm-up or an adaptive coefficient needs it, which keeps the weights of
+    models configured before these settings loadable.
+    """
+
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        if self.counts_steps():
+            self.register_buffer("steps_trained", torch.zeros((), dtype=torch.long, device=cfg["device"]))
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def sparsity_loss(self, pre: torch.Tensor, acts: torch.Tensor):
-        """Return (l1_loss, sparsity_loss) for the batch."""
+    def sparsity_loss(self, pre: torch.Tensor, acts: torch.Tensor, x_c: torch.Tensor):
+        """Return (l1_loss, sparsity_loss) for the batch (x_c: the centred inputs [B, d_in])."""
         raise NotImplementedError
+
+    def warmup_steps(self) -> int:
+        """Training steps over which the sparsity coefficient ramps up linearly (0: none)."""
+        return 0
+
+    def counts_steps(self) -> bool:
+        return self.warmup_steps() > 0
+
+    def initial_firing_rate(self) -> float:
+        """The rate at which data-driven initialisation makes each latent fire on the first batch."""
+        return (self.cfg.get("target_l0") or self.cfg["top_k"]) / self.dict_size
+
+    @torch.no_grad()
+    def firing_quantiles(self, target: torch.Tensor) -> torch.Tensor:
+        """[S]: for each latent, a pre-activation (bias included) that exactly k = rate x B of the
+        batch `target` [B, d_in] exceed, rate = `initial_firing_rate()`: the midpoint of its k-th and
+        (k+1)-th largest. Call after b_dec was set from the batch."""
+        x_n, _ = self.normalize_source(target.reshape(-1, self.d_in))
+        pre = self.preactivations(self.center(x_n))
+        k = min(pre.shape[0] - 1, max(1, round(self.initial_firing_rate() * pre.shape[0])))
+        kth, next_one = pre.topk(k + 1, dim=0).values[-2:]
+        return (kth + next_one) / 2
+
+    def warmup(self) -> torch.Tensor | float:
+        """The sparsity coefficient's factor at this step, min(1, (t + 1) / warmup_steps)."""
+        if self.warmup_steps() == 0:
+            return 1.0
+        return ((self.steps_trained + 1).float() / self.warmup_steps()).clamp(max=1.0)
 
     def _feature_acts(self, x_c: torch.Tensor) -> torch.Tensor:
         return self.activation(self.preactivations(x_c))
@@ -424,33 +540,103 @@ class DenseCodeSAE(BaseAutoencoder):
         if y_n is None:
             return prefixes, None
         l1_norm = acts.sum(dim=-1).mean()
-        l1_loss, sparsity_loss = self.sparsity_loss(pre, acts)
+        l1_loss, sparsity_loss = self.sparsity_loss(pre, acts, x_c)
         active = acts > 0
+        l0_norm = active.float().sum(dim=-1).mean()
+        if self.training:  # under torchrun, the whole batch's L0: the mean of the ranks' (equal batches)
+            self._after_training_batch(distributed.mean_over_ranks(l0_norm.detach(), self.batch_group()))
         return prefixes, {
             "l1_norm": l1_norm.detach(),
             "l1_loss": l1_loss,
             "sparsity_loss": sparsity_loss,
-            "l0_norm": active.float().sum(dim=-1).mean(),
+            "l0_norm": l0_norm,
             "aux_loss": torch.zeros((), device=x_c.device),
             "fired": active.any(dim=0),
             "feature_acts": acts.detach(),
         }
 
+    @torch.no_grad()
+    def _after_training_batch(self, l0_norm: torch.Tensor) -> None:
+        if self.counts_steps():
+            self.steps_trained.add_(1)
+
 
 class VanillaSAE(DenseCodeSAE):
-    """ReLU SAE. Loss: mean((x_hat - x)^2) + l1_coeff * mean_b sum_i z_bi (decoder rows have unit norm)."""
+    """ReLU SAE. Loss: mean((x_hat - x)^2) + w_t * lambda * mean_b sum_i z_bi, decoder rows unit norm.
+
+    lambda = cfg["l1_coeff"] x sigma, where sigma = sqrt(mean_b ||x_c||^2 / d) is the RMS per
+    dimension of the batch's centred inputs x_c = x - b_dec (detached; sigma = 1 when
+    cfg["l1_coeff_relative"] is off, as in cfgs from before it). The default l1_coeff = 4 / d comes
+    from the units: the projection of x_c onto a unit direction unrelated to it is about
+    N(0, sigma^2), so chance overlap has standard deviation sigma whatever d. For one latent
+    explaining a coefficient c, the loss (z - c)^2 / d + lambda z is least at z = c - lambda d / 2:
+    the L1 term acts as a bias of lambda d / 2 on the latent, and lambda = 4 sigma / d puts it at
+    two standard deviations of chance overlap, so a latent fires only where it explains clearly
+    more than chance. (Per-token standardised inputs have ||x||^2 = d, so sigma <= 1, and sigma is
+    well below 1 when the inputs share a large mean, as residual streams do. On a planted
+    dictionary with 4 active directions of 256 in 64 dimensions, 2 / d leaves L0 at 8 and 4 / d at
+    4.6.) w_t is the warm-up over cfg["l1_warmup_steps"] steps (Anthropic's "Circuits Updates,
+    April 2024" warms lambda up over the first 5% of training). b_enc starts from data (see
+    `initialize_b_dec`).
+
+    With cfg["target_l0"] set, lambda adapts instead (a buffer `adaptive_l1_coeff`, starting at
+    l1_coeff): after every training batch lambda <- lambda * exp(r * clip(L0 / target - 1, -1, 1)),
+    r = L1_ADAPT_RATE, an integral controller whose only fixed point is a mean L0 equal to the
+    target (no warm-up then: the controller starts from the dense side on its own).
+    """
+
+    L1_ADAPT_RATE = 0.01  # per step: e^1 in 100 steps at the clip
+
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        if self.cfg.get("target_l0") is not None:
+            self.register_buffer("adaptive_l1_coeff",
+                                 torch.tensor(float(cfg["l1_coeff"]), device=cfg["device"]))
+
+    def warmup_steps(self) -> int:
+        return 0 if self.cfg.get("target_l0") is not None else self.cfg.get("l1_warmup_steps") or 0
+
+    @torch.no_grad()
+    def initialize_b_dec(self, target: torch.Tensor) -> None:
+        """b_dec from the batch's mean, then b_enc: cfg["relu_bias_init"], or with None each latent's
+        `firing_quantiles` negated, so that training starts at the intended L0 rather than with
+        half the dictionary firing (cfgs from before the setting keep b_enc = 0)."""
+        super().initialize_b_dec(target)
+        bias = self.cfg.get("relu_bias_init", 0.0)
+        if bias is None:
+            self.b_enc.copy_(-self.firing_quantiles(target))
+        else:
+            self.b_enc.fill_(bias)
+
+    def l1_coeff(self, x_c: torch.Tensor) -> torch.Tensor | float:
+        """lambda for the batch of centred inputs x_c [B, d_in] (see the class docstring)."""
+        if self.cfg.get("target_l0") is not None:
+            return self.adaptive_l1_coeff.clone()  # the buffer is updated before backward
+        coeff = self.cfg["l1_coeff"] * self.warmup()
+        if self.cfg.get("l1_coeff_relative", False):
+            coeff = coeff * x_c.detach().pow(2).mean().sqrt()
+        return coeff
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return F.relu(pre)
 
-    def sparsity_loss(self, pre, acts):
-        l1_loss = self.cfg["l1_coeff"] * acts.sum(dim=-1).mean()
+    def sparsity_loss(self, pre, acts, x_c):
+        l1_loss = self.l1_coeff(x_c) * acts.sum(dim=-1).mean()
         return l1_loss, l1_loss
+
+    @torch.no_grad()
+    def _after_training_batch(self, l0_norm: torch.Tensor) -> None:
+        super()._after_training_batch(l0_norm)
+        target = self.cfg.get("target_l0")
+        if target is not None:
+            error = (l0_norm / target - 1).clamp(-1.0, 1.0)
+            self.adaptive_l1_coeff.mul_(torch.exp(self.L1_ADAPT_RATE * error))
 
 
 class _JumpReLU(torch.autograd.Function):
     """z = pre * H(pre - theta). d z / d theta uses the straight-through estimate
-    -(theta / eps) K((pre - theta) / eps) with the rectangle kernel K(u) = 1{|u| < 1/2}."""
+    -(theta / eps) K((pre - theta) / eps) with the rectangle kernel K(u) = 1{|u| < 1/2}.
+    eps is a number or a tensor that broadcasts against theta (one width per latent)."""
 
     @staticmethod
     def forward(ctx, pre, theta, bandwidth):
@@ -485,24 +671,113 @@ class _Step(torch.autograd.Function):
 
 
 class JumpReLUSAE(DenseCodeSAE):
-    """JumpReLU SAE (Rajamanoharan et al. 2024): z = pre * H(pre - theta), theta = exp(log_threshold).
+    """JumpReLU SAE: z = pre * H(pre - theta), one threshold theta_i = exp(log_threshold_i) a latent.
 
-    Loss: mean((x_hat - x)^2) + l0_coeff * mean_b sum_i H(pre_bi - theta_i). The step acts on
-    pre-activations; theta learns through straight-through estimators of bandwidth eps. Autograd
-    carries the gradient from theta to log_threshold (the factor theta of the chain rule).
+    With L0 = mean_b sum_i H(pre_bi - theta_i), the loss is mean((x_hat - x)^2) plus the sparsity
+    objective cfg["jumprelu_objective"] (lambda = cfg["l0_coeff"], w_t the warm-up over
+    cfg["l0_warmup_steps"] steps):
+
+      "step"       lambda w_t L0
+                   (Rajamanoharan et al. 2024, "Jumping Ahead: Improving Reconstruction Fidelity
+                   with JumpReLU Sparse Autoencoders", arXiv:2407.14435; DeepMind's Gemma Scope)
+      "tanh"       lambda w_t mean_b sum_i tanh(c z_bi ||W_dec,i||)
+                     + mu mean_b sum_i relu(theta_i - pre_bi) ||W_dec,i||
+                   (Anthropic, "Circuits Updates, January 2025": a smooth L0, and a small
+                   pre-activation loss on every latent below its threshold, so that none dies;
+                   c = cfg["jumprelu_tanh_scale"], mu = cfg["pre_act_coeff"]; ||W_dec,i|| = 1 here)
+      "quadratic"  lambda (L0 / T - 1)^2,  T = cfg["target_l0"]
+                   (after McDougall et al. 2025, "Gemma Scope 2" technical paper, and SAELens's
+                   port of it: a penalty quadratic in the distance of L0 from a target, rather than
+                   linear towards 0; our normalisation by T). Its gradient in L0 changes sign at T, so
+                   thresholds rise while the mean L0 is above the target and fall while it is below.
+                   At equilibrium the reconstruction's pull for one more latent, about theta^2 / d
+                   per latent, balances 2 lambda (L0 / T - 1) / T: the mean L0 settles within
+                   T theta^2 / (2 lambda d) of T, a few percent with lambda = 1 in standardised
+                   units, where T theta^2 / d is below the share of variance of T latents.
+
+    Gradients: theta learns only through straight-through estimators (`_JumpReLU`, `_Step`) with a
+    rectangle kernel of width eps_i = cfg["bandwidth"] if set, else
+    cfg["jumprelu_relative_bandwidth"] x theta_i, a window that scales with the threshold and so
+    with the pre-activations whatever the units. Each objective is written so that the threshold's
+    estimate is the derivative of the objective with H smoothed over that window; the tanh penalty
+    as tanh(c pre) H(pre - theta), equal to tanh(c z) because tanh(0) = 0. Autograd carries the
+    gradient from theta to log_threshold (the factor theta of the chain rule).
+
+    Thresholds from data: unless cfg["jumprelu_threshold_init"] sets them, `initialize_b_dec` (the
+    training loop calls it on the first batch) sets each theta_i to the quantile of latent i's
+    pre-activations on that batch above which it fires at the rate (target_l0 or top_k) / dict_size,
+    so that training starts at the intended L0. Adam moves log theta by about its lr a step, so a
+    threshold travels at most a factor exp(lr x steps) in a run, and the encoder reshapes the
+    pre-activations faster than that at the common lr (3e-4): on a planted dictionary the L0 then
+    falls to half the target and stays there. log_threshold therefore learns at
+    cfg["jumprelu_threshold_lr_scale"] (10) x lr, its own parameter group (`param_groups`).
     """
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
-        init = torch.full((self.dict_size,), float(cfg["jumprelu_threshold_init"]))
+        init = cfg["jumprelu_threshold_init"]
+        init = torch.full((self.dict_size,), 1.0 if init is None else float(init))  # 1: until data
         self.log_threshold = nn.Parameter(init.log().to(cfg["device"]))
 
-    def activation(self, pre: torch.Tensor) -> torch.Tensor:
-        return _JumpReLU.apply(pre, self.log_threshold.exp(), self.cfg["bandwidth"])
+    @property
+    def objective(self) -> str:
+        return self.cfg.get("jumprelu_objective") or "step"  # cfgs from before the setting: step
 
-    def sparsity_loss(self, pre, acts):
-        l0 = _Step.apply(pre, self.log_threshold.exp(), self.cfg["bandwidth"]).sum(dim=-1).mean()
-        return torch.zeros((), device=pre.device), self.cfg["l0_coeff"] * l0
+    @property
+    def threshold(self) -> torch.Tensor:
+        """theta [S], the thresholds in the units of the pre-activations."""
+        return self.log_threshold.exp()
+
+    def warmup_steps(self) -> int:
+        return 0 if self.objective == "quadratic" else self.cfg.get("l0_warmup_steps") or 0
+
+    def param_groups(self) -> list[dict]:
+        """log_threshold learns at jumprelu_threshold_lr_scale x lr (1 for cfgs from before it)."""
+        scale = self.cfg.get("jumprelu_threshold_lr_scale") or 1.0
+        if scale == 1.0:
+            return super().param_groups()
+        rest = [p for name, p in self.named_parameters() if name != "log_threshold"]
+        return [{"params": rest, "lr_scale": 1.0}, {"params": [self.log_threshold], "lr_scale": scale}]
+
+    def bandwidth(self, theta: torch.Tensor) -> torch.Tensor | float:
+        """The straight-through window eps: cfg["bandwidth"], or a fraction of each threshold."""
+        if self.cfg["bandwidth"] is not None:
+            return self.cfg["bandwidth"]
+        return self.cfg["jumprelu_relative_bandwidth"] * theta.detach()
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        theta = self.threshold
+        if not (torch.is_grad_enabled() and theta.requires_grad):
+            return pre * (pre > theta)
+        return _JumpReLU.apply(pre, theta, self.bandwidth(theta))
+
+    def sparsity_loss(self, pre, acts, x_c):
+        theta = self.threshold
+        return torch.zeros((), device=pre.device), self.sparsity_objective(pre, theta, self.bandwidth(theta))
+
+    def sparsity_objective(self, pre: torch.Tensor, theta: torch.Tensor, eps) -> torch.Tensor:
+        """The objective of the class docstring for pre-activations pre [B, S] and thresholds theta [S]."""
+        cfg = self.cfg
+        fires = _Step.apply(pre, theta, eps)  # H(pre - theta) [B, S], gradient to theta only
+        if self.objective == "quadratic":  # under torchrun, of the whole batch's L0 (see distributed.py)
+            l0 = distributed.global_mean_value(fires.sum(dim=-1).mean(), self.batch_group())
+            return cfg["l0_coeff"] * (l0 / cfg["target_l0"] - 1).pow(2)
+        if self.objective == "step":
+            return cfg["l0_coeff"] * self.warmup() * fires.sum(dim=-1).mean()
+        smooth_l0 = (torch.tanh(cfg["jumprelu_tanh_scale"] * pre) * fires).sum(dim=-1).mean()
+        pre_act = F.relu(theta - pre).sum(dim=-1).mean()
+        return cfg["l0_coeff"] * self.warmup() * smooth_l0 + cfg["pre_act_coeff"] * pre_act
+
+    @torch.no_grad()
+    def initialize_b_dec(self, target: torch.Tensor) -> None:
+        """b_dec from the batch's mean, then (unless jumprelu_threshold_init is set) each latent's
+        threshold at its `firing_quantiles` on the batch."""
+        super().initialize_b_dec(target)
+        if self.cfg["jumprelu_threshold_init"] is not None:
+            return
+        theta = self.firing_quantiles(target)
+        floor = 1e-3 * theta.abs().mean().clamp(min=STD_EPS)  # log theta needs theta > 0
+        self.log_threshold.copy_(theta.clamp(min=floor).log())
 
 
 SAE_CLASSES: dict[str, type[BaseAutoencoder]] = {

@@ -22,6 +22,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+import distributed
+
 
 def bag_offsets(sorted_bag_ids: torch.Tensor, n_bags: int) -> torch.Tensor:
     """Start of each bag in a list of entries sorted by bag id: [n_bags] long."""
@@ -207,18 +209,28 @@ def select_topk(pre: torch.Tensor, k: int) -> SparseCode:
     return _code_from_row_candidates(indices, values > 0, pre.shape[1])
 
 
-def _n_largest_positive(values: torch.Tensor, t: torch.Tensor, n_keep: int) -> torch.Tensor:
-    """Mask of the n_keep largest of `values` (t being the n_keep-th largest), positive ones only.
+def _n_largest_threshold(values: torch.Tensor, n_keep: int, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t, ties_to_keep): t is the n_keep-th largest of `values` [N] and the first ties_to_keep
+    values equal to t complete the n_keep largest. With a process `group` the values of all its
+    ranks count, in rank order (distributed.n_largest_threshold: no values leave the rank)."""
+    if group is not None:
+        return distributed.n_largest_threshold(values, n_keep, group)
+    t = values.kthvalue(values.numel() - n_keep + 1).values
+    return t, n_keep - (values > t).sum()
+
+
+def _n_largest_positive(values: torch.Tensor, t: torch.Tensor, ties_to_keep: torch.Tensor) -> torch.Tensor:
+    """Mask of the values above t and the first `ties_to_keep` equal to t, positive ones only.
 
     Ties at t are broken by position in `values`, so exactly n_keep entries are kept even when
     values tie (as low-precision pre-activations often do)."""
-    above = values > t
     ties = values == t
-    ties &= ties.cumsum(dim=-1) <= n_keep - above.sum()
-    return (above | ties) & (values > 0)
+    ties &= ties.cumsum(dim=-1) <= ties_to_keep
+    return ((values > t) | ties) & (values > 0)
 
 
-def select_batch_topk(pre: torch.Tensor, k: int, lower_bound: torch.Tensor | None = None) -> SparseCode:
+def select_batch_topk(pre: torch.Tensor, k: int, lower_bound: torch.Tensor | None = None,
+                      group=None) -> SparseCode:
     """The k x batch largest positive pre-activations of the whole batch (BatchTopK).
 
     Selected: the entries above t, the (k x batch)-th largest value, and as many entries equal to
@@ -230,32 +242,44 @@ def select_batch_topk(pre: torch.Tensor, k: int, lower_bound: torch.Tensor | Non
     if at least k x batch entries reach it, those entries are the candidates (one comparison
     pass). Otherwise each row offers its m largest values, which is exact as long as no row has
     all m candidates >= t; m doubles until that holds.
+
+    `group` (a torch.distributed process group, see distributed.py): `pre` is this rank's share of
+    a batch spread over the group's ranks, in rank order; the selection is that of one process on
+    the whole batch (k x the global batch entries in all), and this rank's part of it is returned.
     """
     batch, dict_size = pre.shape
-    n_keep = min(k * batch, batch * dict_size)
+    global_batch = batch * (1 if group is None else distributed.world_size(group))
+    n_keep = min(k * global_batch, global_batch * dict_size)
     if lower_bound is not None and lower_bound > 0:
         rows, latents = (pre >= lower_bound).nonzero(as_tuple=True)
-        if rows.numel() >= n_keep:
+        if _count(rows.numel(), group, pre.device) >= n_keep:
             values = pre[rows, latents]
-            t = values.kthvalue(values.numel() - n_keep + 1).values
-            keep = _n_largest_positive(values, t, n_keep)
+            keep = _n_largest_positive(values, *_n_largest_threshold(values, n_keep, group))
             return SparseCode.from_indices(rows[keep], latents[keep], batch, dict_size)
-    return _batch_topk_from_row_candidates(pre, n_keep, 4 * k)
+    return _batch_topk_from_row_candidates(pre, n_keep, 4 * k, group)
 
 
-def _batch_topk_from_row_candidates(pre: torch.Tensor, n_keep: int, m: int) -> SparseCode:
+def _count(n: int, group, device: torch.device) -> int:
+    """n summed over the ranks of `group` (n itself without a group)."""
+    if group is None:
+        return n
+    return int(distributed.sum_over_ranks(torch.tensor(n, dtype=torch.int64, device=device), group))
+
+
+def _batch_topk_from_row_candidates(pre: torch.Tensor, n_keep: int, m: int, group=None) -> SparseCode:
     batch, dict_size = pre.shape
     m = min(dict_size, m)
     while True:
         values, indices = pre.topk(m, dim=1, sorted=False)
-        t = values.flatten().kthvalue(values.numel() - n_keep + 1).values
+        t, ties_to_keep = _n_largest_threshold(values.flatten(), n_keep, group)
         smallest = values.amin(dim=1)  # a row may hold more values >= t (and > 0) than it offered
-        row_may_have_more = m < dict_size and bool(((smallest >= t) & (smallest > 0)).any())
+        row_has_more = int(((smallest >= t) & (smallest > 0)).any())
+        row_may_have_more = m < dict_size and _count(row_has_more, group, pre.device) > 0
         if not row_may_have_more:
             break
         m = min(dict_size, 2 * m)
     values, indices = _sort_row_candidates(values, indices)
-    keep = _n_largest_positive(values.flatten(), t, n_keep).view_as(values)
+    keep = _n_largest_positive(values.flatten(), t, ties_to_keep).view_as(values)
     return _code_from_row_candidates(indices, keep, dict_size)
 
 

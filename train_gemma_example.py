@@ -3,10 +3,13 @@
     python train_gemma_example.py compare      # models, activation sizes, 16x dictionaries, groups
     python train_gemma_example.py sae          # Gemma-2-2B Matryoshka SAE, layer 8 resid_pre
     python train_gemma_example.py transcoder   # Gemma-2-2B Matryoshka transcoder, layer 8 resid_mid -> mlp_out
+    python train_gemma_example.py transcoder --skip   # the same with a skip connection (x W_skip)
 
 `compare` needs no download. `sae` and `transcoder` load the model from the Hugging Face hub (bf16,
 4 token rows per forward pass) and accept the run-setting options of main.py, e.g.
-``python train_gemma_example.py sae --num-tokens 5e7 --wandb-mode offline``.
+``python train_gemma_example.py sae --num-tokens 5e7 --wandb-mode offline``; a stopped run continues
+with ``python train_gemma_example.py sae --resume CHECKPOINT_FOLDER`` (printed on SIGTERM); on several GPUs
+``torchrun --nproc_per_node 8 train_gemma_example.py sae`` (the batch is global, split over the GPUs).
 """
 
 from __future__ import annotations
@@ -16,7 +19,11 @@ import argparse
 import torch
 
 from config import DICT_EXPANSION, HOOK_SITES, MODEL_TABLE, get_default_cfg, post_init_cfg, split_into_groups
-from cli_options import add_run_arguments, apply_overrides, print_final_metrics
+import distributed
+from cli_options import (
+    add_resume_argument, add_run_arguments, apply_overrides, check_device, print_final_metrics, resumed_cfgs,
+    run_reporting_errors,
+)
 
 COMPARED_MODELS = ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "gemma-2-2b", "gemma-2-9b", "gemma-2-27b"]
 
@@ -58,6 +65,7 @@ def transcoder_cfg(args: argparse.Namespace | None = None) -> dict:
     cfg = get_default_cfg()
     cfg.update(GEMMA_TRANSCODER)
     cfg = apply_overrides(cfg, args)
+    cfg["transcoder_skip"] = getattr(args, "skip", False)
     return create_transcoder_config(
         cfg, source_layer=cfg["layer"], target_layer=cfg["layer"],
         source_site=getattr(args, "source_site", "resid_mid"),
@@ -65,22 +73,31 @@ def transcoder_cfg(args: argparse.Namespace | None = None) -> dict:
     )
 
 
-def train(cfg: dict) -> None:
-    """Load the model, open the activation stream and train the dictionary that cfg describes."""
+def train(cfg: dict, resume_from: str | None = None) -> None:
+    """Load the model, open the activation stream and train the dictionary that cfg describes
+    (continuing the checkpoint in `resume_from` when given)."""
     # Imported here so that `compare` and --help load no model stack.
-    from activation_store import ActivationsStore
+    from activation_cache import activation_store_for
     from model_loading import load_model
     from sae import GlobalBatchTopKMatryoshkaSAE, MatryoshkaTranscoder
     from training import train_sae, train_transcoder
-    from transcoder_activation_store import TranscoderActivationsStore
 
-    print(f"Training {cfg['name']} on {cfg['device']}")
-    model = load_model(cfg["model_name"], cfg["device"], cfg["model_dtype"])
-    if cfg["sae_type"] == "matryoshka_transcoder":
-        train_transcoder(MatryoshkaTranscoder(cfg), TranscoderActivationsStore(model, cfg), model, cfg)
-    else:
-        train_sae(GlobalBatchTopKMatryoshkaSAE(cfg), ActivationsStore(model, cfg), model, cfg)
-    print_final_metrics(cfg)
+    try:
+        distributed.init_from_env(cfg)  # under torchrun: join the other ranks, one device each
+        if distributed.is_main_process():
+            print(f"Training {cfg['name']} on {cfg['device']} ({distributed.world_size()} rank(s))")
+        check_device(cfg)
+        model = load_model(cfg["model_name"], cfg["device"], cfg["model_dtype"])
+        if cfg["sae_type"] == "matryoshka_transcoder":
+            train_transcoder(MatryoshkaTranscoder(cfg), activation_store_for(model, cfg), model, cfg,
+                             resume_from=resume_from)
+        else:
+            train_sae(GlobalBatchTopKMatryoshkaSAE(cfg), activation_store_for(model, cfg), model, cfg,
+                      resume_from=resume_from)
+        if distributed.is_main_process():
+            print_final_metrics(cfg)
+    finally:
+        distributed.shut_down()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,10 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("compare", help="print the model table (no download)")
     sae = commands.add_parser("sae", help="train the Gemma-2-2B Matryoshka SAE")
     add_run_arguments(sae)
+    add_resume_argument(sae)
     transcoder = commands.add_parser("transcoder", help="train the Gemma-2-2B Matryoshka transcoder")
     add_run_arguments(transcoder, exclude=("--site",))
+    add_resume_argument(transcoder)
     transcoder.add_argument("--source-site", default="resid_mid", choices=list(HOOK_SITES))
     transcoder.add_argument("--target-site", default="mlp_out", choices=list(HOOK_SITES))
+    transcoder.add_argument("--skip", action="store_true",
+                            help="skip transcoder: an affine path x W_skip added to every prediction")
     return parser
 
 
@@ -100,10 +121,18 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "compare":
         print(model_table())
-    elif args.command == "sae":
-        train(sae_cfg(args))
+        return
+    run_reporting_errors(lambda: run(args), resume_command=f"python train_gemma_example.py {args.command}")
+
+
+def run(args: argparse.Namespace) -> None:
+    """Train the `sae` or `transcoder` of `args`, or continue it (--resume FOLDER)."""
+    if args.resume:
+        if len(args.resume) != 1:
+            raise ValueError(f"--resume takes one checkpoint folder here; got {len(args.resume)}.")
+        train(resumed_cfgs(args.resume, args)[0], resume_from=args.resume[0])
     else:
-        train(transcoder_cfg(args))
+        train(sae_cfg(args) if args.command == "sae" else transcoder_cfg(args))
 
 
 if __name__ == "__main__":

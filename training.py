@@ -8,13 +8,24 @@ exactly the same data. Each dictionary has its own Adam optimizer, wandb run and
 
 One training step (the loop adds no host synchronisation to it):
 
-    loss.backward(); sae.remove_parallel_decoder_grad(); clip_grad_norm_(max_grad_norm)
+    loss.backward(); [torchrun: average_gradients]; sae.remove_parallel_decoder_grad(); clip_grad_norm_(max_grad_norm)
     optimizer.step() at lr_at_step(step); sae.normalize_decoder()
 
 The scalars of the output dict stay on the device and are read back together every
 ``cfg["log_freq"]`` steps; that read is where non-finite inputs or losses are detected (a
 `NonFiniteError`, raised at most log_freq steps after the fact). A checkpoint is written only after
 every step before it was checked, so a good checkpoint is never replaced by NaN weights.
+
+Resume and preemption: each checkpoint keeps the activation store's position (its `state_dict`), so
+``resume_from`` continues on exactly the batches an uninterrupted run would have seen. SIGTERM or
+SIGINT during training writes a checkpoint after the current step and raises
+`preemption.TrainingInterrupted` (the scripts print the command that resumes the run).
+
+Under torchrun (see distributed.py) every rank runs this loop on its rows of each global batch: the
+step all-reduces the gradients after backward (`distributed.average_gradients`), rank 0 alone logs,
+evaluates and writes checkpoints (with every rank's data position), and stop signals are agreed
+every log_freq steps. With cfg["distribute_dictionaries"] each rank instead trains whole
+dictionaries of a group (i on rank i % ranks) on the gathered batch and writes their checkpoints.
 
 Results: the loops return the trained dictionaries. The final metrics (the last step's scalars and
 the last CE evaluation) are in ``metrics.json`` of each run's checkpoint folder:
@@ -23,8 +34,10 @@ the last CE evaluation) are in ``metrics.json`` of each run's checkpoint folder:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -33,9 +46,12 @@ import torch
 import wandb
 from tqdm import tqdm
 
-from checkpoint import checkpoint_folder, load_history, restore_checkpoint, save_checkpoint
+import distributed
+from activation_store import dictionary_hooks
+from checkpoint import checkpoint_folder, load_history, restore_checkpoint, save_checkpoint, saved_steps
 from config import cfg_to_json
 from evaluation import evaluate_ce_loss
+from preemption import StopSignals, TrainingInterrupted
 
 
 class NonFiniteError(RuntimeError):
@@ -69,9 +85,11 @@ def lr_at_step(step: int, total_steps: int, cfg: dict) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def format_postfix(metrics: dict[str, float]) -> str:
-    """The progress bar's postfix, e.g. ``Loss: 0.0234, L0: 64.2, L2: 0.0180, FVU: 0.1823``."""
-    return (f"Loss: {metrics['loss']:.4f}, L0: {metrics['l0_norm']:.1f}, "
+def format_postfix(metrics: dict[str, float], target_l0: float | None = None) -> str:
+    """The progress bar's postfix, e.g. ``Loss: 0.0234, L0: 64.2, L2: 0.0180, FVU: 0.1823``; with a
+    target L0 (cfg["target_l0"]) the L0 reads against it, e.g. ``L0: 33.1/32``."""
+    target = "" if target_l0 is None else f"/{target_l0:g}"
+    return (f"Loss: {metrics['loss']:.4f}, L0: {metrics['l0_norm']:.1f}{target}, "
             f"L2: {metrics['l2_loss']:.4f}, FVU: {metrics['fvu']:.4f}")
 
 
@@ -97,13 +115,27 @@ class _Trainee:
     saved_step: int | None = None  # last checkpoint written by this run
 
 
-def _as_inputs(batch) -> tuple[torch.Tensor, ...]:
-    """An SAE batch is one tensor; a transcoder batch is (source, target)."""
+def _as_inputs(batch) -> tuple[torch.Tensor, ...] | dict[str, torch.Tensor]:
+    """An SAE batch is one tensor; a transcoder batch is (source, target); a store serving several
+    hooks (MultiHookActivationsStore) gives {hook name: batch}, which stays a dict."""
+    if isinstance(batch, dict):
+        return batch
     return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
 
 
+def _inputs_for(cfg: dict, inputs) -> tuple[torch.Tensor, ...]:
+    """What the dictionary of `cfg` trains on: its hook's batch(es) when the store serves several."""
+    if isinstance(inputs, dict):
+        return tuple(inputs[name] for name in dictionary_hooks(cfg))
+    return inputs
+
+
+def _tensors(inputs) -> list[torch.Tensor]:
+    return list(inputs.values()) if isinstance(inputs, dict) else list(inputs)
+
+
 def _make_trainee(sae, cfg: dict) -> _Trainee:
-    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]))
+    optimizer = torch.optim.Adam(sae.param_groups(), lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]))
     return _Trainee(sae=sae, cfg=cfg, optimizer=optimizer, folder=checkpoint_folder(cfg))
 
 
@@ -111,10 +143,11 @@ def _training_step(trainee: _Trainee, inputs: tuple[torch.Tensor, ...], lr: floa
     sae, optimizer = trainee.sae, trainee.optimizer
     output = sae(*inputs)
     output["loss"].backward()
+    distributed.average_gradients(sae.parameters())  # under torchrun: the global batch's gradient
     sae.remove_parallel_decoder_grad()
     torch.nn.utils.clip_grad_norm_(sae.parameters(), trainee.cfg["max_grad_norm"])
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # optimizer states saved before lr_scale lack it
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     sae.normalize_decoder()
@@ -151,7 +184,7 @@ def _flush(trainees: list[_Trainee], nonfinite_inputs: torch.Tensor, next_step: 
         return
     first = next_step - n_pending
     parts = [nonfinite_inputs.float().reshape(1)] + [torch.stack(t.pending).flatten() for t in trainees]
-    host = torch.cat(parts).cpu()
+    host = _mean_over_ranks(torch.cat(parts), trainees[0].cfg).cpu()
     nonfinite_inputs.zero_()
     last_good = [f"{t.folder} (step {t.saved_step})" for t in trainees if t.saved_step is not None]
     where_good = (f" The last good checkpoint: {', '.join(last_good)}." if last_good
@@ -180,34 +213,64 @@ def _flush(trainees: list[_Trainee], nonfinite_inputs: torch.Tensor, next_step: 
         t.pending_lrs.clear()
 
 
+def _mean_over_ranks(scalars: torch.Tensor, cfg: dict) -> torch.Tensor:
+    """Under torchrun, every rank logs and checks the same figures: the means over ranks of the
+    local batches' scalars (the global batch's, for the means over rows), the non-finite count
+    (first) summed. Unchanged on a single process, or where each rank trains its own dictionaries."""
+    group = distributed.batch_group()
+    if group is None or _dictionaries_spread(cfg):
+        return scalars
+    scalars = distributed.sum_over_ranks(scalars, group)
+    scalars[1:] /= distributed.world_size(group)
+    return scalars
+
+
 def _weights_are_finite(sae) -> bool:
     tensors = [t for t in sae.state_dict().values() if t.is_floating_point()]
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
-def _save(trainee: _Trainee, steps_done: int) -> None:
+def _data_position(activation_store) -> dict:
+    """The store's position (kept in the checkpoint for an exact resume), if the store can give it;
+    under torchrun every rank's, since each reads its own documents."""
+    if not hasattr(activation_store, "state_dict"):
+        return {}
+    if distributed.is_active():
+        return {"activation_store_per_rank": distributed.gather_objects(activation_store.state_dict())}
+    return {"activation_store": activation_store.state_dict()}
+
+
+def _save(trainee: _Trainee, steps_done: int, data_position: dict) -> None:
     if not _weights_are_finite(trainee.sae):
         raise NonFiniteError(f"{trainee.cfg['name']}: weights are NaN/inf after step {steps_done - 1}; "
                              f"the checkpoint in {trainee.folder} was left as it was.")
-    save_checkpoint(trainee.folder, trainee.sae, trainee.cfg, trainee.optimizer, step=steps_done,
-                    metrics={**trainee.metrics, "step": steps_done}, history=trainee.history)
+    if _writes_here(trainee.cfg):  # the weights are the same on every rank: rank 0 writes them
+        save_checkpoint(trainee.folder, trainee.sae, trainee.cfg, trainee.optimizer, step=steps_done,
+                        extra=data_position, metrics={**trainee.metrics, "step": steps_done},
+                        history=trainee.history)
     trainee.saved_step = steps_done
 
 
-# Settings that describe the activation stream, which dictionaries trained together share.
-SHARED_STREAM_KEYS = ("batch_size", "num_tokens", "model_name", "hook_point", "source_hook_point",
-                      "target_hook_point", "act_size", "seq_len", "exclude_bos")
+# Settings that describe the activation stream, which dictionaries trained together share (all but
+# the hooks when the store serves several hooks from one pass).
+SHARED_STREAM_KEYS = ("batch_size", "num_tokens", "model_name", "act_size", "seq_len", "exclude_bos")
+HOOK_KEYS = ("hook_point", "source_hook_point", "target_hook_point")
 
 
-def _check_group(cfgs: Sequence[dict]) -> int:
+def _check_group(cfgs: Sequence[dict], several_hooks: bool = False) -> int:
     """Check that the runs can share one activation stream; returns the number of steps."""
-    for key in SHARED_STREAM_KEYS:
+    for key in SHARED_STREAM_KEYS + (() if several_hooks else HOOK_KEYS):
         if len({str(cfg.get(key)) for cfg in cfgs}) > 1:
             raise ValueError(f"Dictionaries trained together share one activation stream, so cfg[{key!r}] "
                              f"must be equal in every cfg; got {[cfg[key] for cfg in cfgs]}.")
     folders = [checkpoint_folder(cfg) for cfg in cfgs]
     if len(set(folders)) < len(folders):
         raise ValueError(f"Two runs share a checkpoint folder ({folders}); give each cfg its own 'name'.")
+    if distributed.launched_by_torchrun() and not distributed.is_active():
+        raise RuntimeError("torchrun started this process as one of several ranks, but they form no process "
+                           "group: call distributed.init_from_env(cfg) first, before creating the model "
+                           "and the activation store.")
+    distributed.local_batch_size(cfgs[0]["batch_size"])  # the global batch divides among the ranks
     total_steps = int(cfgs[0]["num_tokens"]) // cfgs[0]["batch_size"]
     if total_steps < 1:
         raise ValueError(f"num_tokens ({cfgs[0]['num_tokens']}) is less than one batch "
@@ -221,34 +284,82 @@ def _resume_or_start(trainees: list[_Trainee], activation_store, resume_from) ->
     Returns the number of steps already done and the stream of batches to train on.
     """
     if resume_from is not None:
-        steps = [restore_checkpoint(folder, t.sae, t.optimizer)["step"] for folder, t in zip(resume_from, trainees)]
+        step = _common_step(resume_from)
+        restored = [restore_checkpoint(folder, t.sae, t.optimizer, step) for folder, t in zip(resume_from, trainees)]
+        steps = [state["step"] for state in restored]
         for folder, t in zip(resume_from, trainees):
             t.history = [row for row in load_history(folder) if row["step"] < steps[0]]
-        if len(set(steps)) > 1:
-            raise ValueError(f"The checkpoints to resume from stopped at different steps {steps}; they "
-                             f"were not trained together.")
-        if hasattr(activation_store, "skip_tokens"):  # continue the data where the run stopped
-            activation_store.skip_tokens(steps[0] * trainees[0].cfg["batch_size"])
+        _continue_data(activation_store, restored[0]["extra"], steps[0] * trainees[0].cfg["batch_size"])
         return steps[0], _batches(activation_store)
     first = _as_inputs(activation_store.next_batch())
-    for t in trainees:
-        t.sae.initialize_b_dec(first[-1])  # the SAE's input, or the transcoder's target
+    whole_first = _gather_inputs(first, distributed.batch_group())  # under torchrun, every rank's rows
+    for t in trainees:  # b_dec etc. from the whole batch (a transcoder reads (source, target))
+        t.sae.initialize_from_batch(*_inputs_for(t.cfg, whole_first))
     return 0, _batches(activation_store, first)
+
+
+def _common_step(folders: Sequence[str | Path]) -> int | None:
+    """The newest step saved completely in every folder (runs trained together stop together; a
+    crash while they were being saved one after the other leaves some a save ahead)."""
+    if len(folders) == 1:
+        return None  # restore_checkpoint takes the newest, or explains what is missing
+    saves = [set(saved_steps(folder)) for folder in folders]
+    common = set.intersection(*saves)
+    if not common:
+        raise ValueError(f"The checkpoints to resume from have no step in common (saved steps "
+                         f"{[sorted(steps) for steps in saves]}); they were not trained together.")
+    return max(common)
+
+
+def _continue_data(activation_store, extra: dict, n_tokens_served: int) -> None:
+    """Put the store where the checkpointed run was: exactly from the saved position, else (an older
+    checkpoint) approximately with ``skip_tokens``; any other store must come positioned.
+
+    Under torchrun each rank continues from its own saved position when the checkpoint was written
+    by as many ranks; with another number of ranks (each then reads other documents) every rank
+    skips its share of the n_tokens_served of the global stream, approximately."""
+    saved = extra.get("activation_store_per_rank")
+    if saved is None and "activation_store" in extra:
+        saved = [extra["activation_store"]]
+    if saved is not None and len(saved) == distributed.world_size() and hasattr(activation_store, "load_state_dict"):
+        activation_store.load_state_dict(saved[distributed.rank()])
+    elif hasattr(activation_store, "skip_tokens"):
+        reason = ("The checkpoint holds no data position (an older checkpoint)" if saved is None else
+                  f"The checkpoint was written by {len(saved)} rank(s) and this run has {distributed.world_size()}")
+        warnings.warn(f"{reason}: the data continues approximately where the run stopped.", stacklevel=4)
+        activation_store.skip_tokens(n_tokens_served // distributed.world_size())
 
 
 def _batches(activation_store, first: tuple[torch.Tensor, ...] | None = None) -> Iterator:
     if first is not None:
-        yield first
+        yield _check_local_batch(first, activation_store)
     while True:
-        yield _as_inputs(activation_store.next_batch())
+        yield _check_local_batch(_as_inputs(activation_store.next_batch()), activation_store)
+
+
+def _check_local_batch(inputs: tuple[torch.Tensor, ...], activation_store) -> tuple[torch.Tensor, ...]:
+    """Under torchrun each rank's store must serve its B / W rows of the global batch of B."""
+    batch_size = getattr(activation_store, "cfg", {}).get("batch_size")
+    if distributed.is_active() and batch_size is not None:
+        expected = distributed.local_batch_size(batch_size)
+        served = _tensors(inputs)[0].shape[0]
+        if served != expected:
+            raise ValueError(f"Rank {distributed.rank()}'s activation store served {served} rows; "
+                             f"under torchrun each of the {distributed.world_size()} ranks serves "
+                             f"cfg['batch_size'] / {distributed.world_size()} = {expected} rows of the "
+                             f"global batch.")
+    return inputs
 
 
 def _train(saes: Sequence, activation_store, model, cfgs: Sequence[dict],
            resume_from: Sequence[str | Path] | None) -> list:
     if len(saes) != len(cfgs):
         raise ValueError(f"Got {len(saes)} dictionaries but {len(cfgs)} cfgs; pass one cfg per dictionary.")
-    total_steps = _check_group(cfgs)
-    trainees = [_make_trainee(sae, cfg) for sae, cfg in zip(saes, cfgs)]
+    total_steps = _check_group(cfgs, several_hooks=getattr(activation_store, "serves_several_hooks", False))
+    everyone = [_make_trainee(sae, cfg) for sae, cfg in zip(saes, cfgs)]
+    trainees = _share_of(everyone, cfgs[0])
+    if resume_from is not None:
+        resume_from = _share_of(list(resume_from), cfgs[0])
     for t in trainees:
         t.sae.train()
     start, batches = _resume_or_start(trainees, activation_store, resume_from)
@@ -261,46 +372,121 @@ def _train(saes: Sequence, activation_store, model, cfgs: Sequence[dict],
         eval_tokens = activation_store.get_eval_tokens(cfgs[0]["n_eval_rows"])
 
     for t in trainees:
-        t.run = wandb.init(project=t.cfg["wandb_project"], name=t.cfg["name"], mode=t.cfg["wandb_mode"],
+        mode = t.cfg["wandb_mode"] if _writes_here(t.cfg) else "disabled"  # rank 0 logs
+        t.run = wandb.init(project=t.cfg["wandb_project"], name=t.cfg["name"], mode=mode,
                            config=json.loads(cfg_to_json(t.cfg)), reinit="create_new",
                            settings=wandb.Settings(quiet=True))
     nonfinite_inputs = torch.zeros((), dtype=torch.long, device=cfgs[0]["device"])
-    progress = tqdm(range(start, total_steps), desc="Training", initial=start, total=total_steps)
+    progress = tqdm(range(start, total_steps), desc="Training", initial=start, total=total_steps,
+                    disable=not distributed.is_main_process())
     try:
-        for step, inputs in zip(progress, batches):
-            for x in inputs:
-                nonfinite_inputs += ~torch.isfinite(x).all()  # read back at the next log
-            for t in trainees:
-                _training_step(t, inputs, lr_at_step(step, total_steps, t.cfg))
-            _after_step(step + 1, total_steps, trainees, nonfinite_inputs, progress, model, eval_tokens)
+        with StopSignals() as stop:
+            for step, inputs in zip(progress, batches):
+                for x in _tensors(inputs):
+                    nonfinite_inputs += ~torch.isfinite(x).all()  # read back at the next log
+                with _whole_batches_here(cfgs[0]):
+                    inputs = _whole_batch(cfgs[0], inputs)
+                    for t in trainees:
+                        _training_step(t, _inputs_for(t.cfg, inputs), lr_at_step(step, total_steps, t.cfg))
+                signal_name = _stop_signal(stop, step + 1, cfgs[0])
+                stopping = signal_name is not None and step + 1 < total_steps
+                _after_step(step + 1, total_steps, trainees, nonfinite_inputs, progress, model, eval_tokens,
+                            activation_store, stopping)
+                if stopping:
+                    raise TrainingInterrupted(signal_name, step + 1, [t.folder for t in trainees])
     finally:
         progress.close()
         for t in trainees:
             t.run.finish()
-    return [t.sae for t in trainees]
+    if _dictionaries_spread(cfgs[0]):  # every rank returns every trained dictionary
+        for i, t in enumerate(everyone):
+            distributed.broadcast_state(t.sae, source=i % distributed.world_size())
+    return [t.sae for t in everyone]
+
+
+# ---------------------------------------------------------------------------------------------
+# Under torchrun with cfg["distribute_dictionaries"]: whole dictionaries on different ranks
+# ---------------------------------------------------------------------------------------------
+
+
+def _dictionaries_spread(cfg: dict) -> bool:
+    """Under torchrun with cfg["distribute_dictionaries"], dictionary i of a group is trained by rank
+    i % ranks alone, on the whole batch (every rank's rows, gathered), instead of by every rank on
+    its rows with averaged gradients: no gradient all-reduce, B x d floats gathered per step."""
+    return distributed.is_active() and bool(cfg.get("distribute_dictionaries"))
+
+
+def _share_of(items: list, cfg: dict) -> list:
+    """This rank's items of the group's dictionaries (all of them unless spread over ranks)."""
+    if not _dictionaries_spread(cfg):
+        return items
+    if len(items) < distributed.world_size():
+        raise ValueError(f"distribute_dictionaries places whole dictionaries on ranks, but the group has "
+                         f"{len(items)} dictionaries for {distributed.world_size()} ranks; use at most "
+                         f"{len(items)} ranks or set cfg['distribute_dictionaries'] = False.")
+    return items[distributed.rank()::distributed.world_size()]
+
+
+def _whole_batches_here(cfg: dict):
+    """Within it, a rank's batch is the whole batch when dictionaries are spread over ranks."""
+    return distributed.local_batches() if _dictionaries_spread(cfg) else contextlib.nullcontext()
+
+
+def _whole_batch(cfg: dict, inputs):
+    """Every rank's rows of the batch, in rank order, when dictionaries are spread over ranks."""
+    return _gather_inputs(inputs, distributed.world_group()) if _dictionaries_spread(cfg) else inputs
+
+
+def _gather_inputs(inputs, group):
+    """Every rank of `group`'s rows of a batch (a tuple, or {hook: batch}), in rank order."""
+    if isinstance(inputs, dict):
+        return {name: distributed.gather_rows(x, group) for name, x in inputs.items()}
+    return tuple(distributed.gather_rows(x, group) for x in inputs)
+
+
+def _writes_here(cfg: dict) -> bool:
+    """Whether this rank logs, evaluates and writes its dictionaries: rank 0, or (dictionaries
+    spread over ranks) every rank its own."""
+    return distributed.is_main_process() or _dictionaries_spread(cfg)
+
+
+def _stop_signal(stop: StopSignals, done: int, cfg: dict) -> str | None:
+    """The stop signal to act on after `done` steps, if any. Under torchrun the ranks must write the
+    checkpoint after the same step: every log_freq steps they agree to stop if any rank got one."""
+    if not distributed.is_active():
+        return stop.signal_name
+    if done % cfg["log_freq"] or not distributed.any_rank(stop.signal_name is not None, cfg["device"]):
+        return None
+    return stop.signal_name or "SIGTERM"
 
 
 def _after_step(done: int, total_steps: int, trainees: list[_Trainee], nonfinite_inputs: torch.Tensor,
-                progress: tqdm, model, eval_tokens) -> None:
-    """Logging, CE evaluation and checkpoints due after `done` completed steps."""
+                progress: tqdm, model, eval_tokens, activation_store, stopping: bool) -> None:
+    """Logging, CE evaluation and checkpoints due after `done` completed steps (`stopping`: a stop
+    signal arrived, so a checkpoint is due now)."""
     cfg = trainees[0].cfg
     last = done == total_steps
-    checkpoint_due = last or done % cfg["checkpoint_freq"] == 0
+    checkpoint_due = last or stopping or done % cfg["checkpoint_freq"] == 0
     ce_due = model is not None and (last or done % cfg["perf_log_freq"] == 0)
     # wandb's steps must increase: the pending per-step scalars go out before the CE figures.
     if checkpoint_due or ce_due or done % cfg["log_freq"] == 0:
         _flush(trainees, nonfinite_inputs, next_step=done)
         labels = [f"#{i} " if len(trainees) > 1 else "" for i in range(len(trainees))]
-        progress.set_postfix_str(" | ".join(label + format_postfix(t.metrics)
+        progress.set_postfix_str(" | ".join(label + format_postfix(t.metrics, t.cfg.get("target_l0"))
                                             for label, t in zip(labels, trainees)))
-    if ce_due:
+        if cfg["distributed_debug"] and not _dictionaries_spread(cfg):
+            for t in trainees:
+                distributed.check_same_on_every_rank(t.sae, f"{t.cfg['name']} after step {done - 1}")
+    if ce_due and _writes_here(cfg):  # on rank 0's copy of the held-out rows
         for t in trainees:
             ce = evaluate_ce_loss(t.sae, model, eval_tokens, t.cfg)
             t.metrics.update(ce)
             t.run.log(ce, step=done - 1)
     if checkpoint_due:
+        data_position = _data_position(activation_store)
         for t in trainees:
-            _save(t, done)
+            _save(t, done, data_position)
+        distributed.barrier()  # under torchrun: no rank goes on before rank 0's checkpoint is complete
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,10 +499,11 @@ def train_sae(sae, activation_store, model, cfg: dict, resume_from: str | Path |
 
     `model` (a HookedTransformer, or None) is used only for the CE-loss evaluation every
     perf_log_freq steps. `resume_from`: a checkpoint folder; its weights, buffers, optimizer state
-    and step are restored and training continues at the next step, on data the run had not reached
-    (``activation_store.skip_tokens(step x batch_size)`` when the store has it, as ActivationsStore
-    does; any other store must come positioned where the data should continue). Returns the trained SAE;
-    its final metrics are in ``checkpoint_folder(cfg) / "metrics.json"``.
+    and step are restored and training continues at the next step, on the batches the run would
+    have seen next (``activation_store.load_state_dict`` with the position saved in the checkpoint,
+    as ActivationsStore has; any other store must come positioned where the data should continue).
+    SIGTERM/SIGINT: a checkpoint after the current step, then `preemption.TrainingInterrupted`.
+    Returns the trained SAE; its final metrics are in ``checkpoint_folder(cfg) / "metrics.json"``.
     """
     return _train([sae], activation_store, model, [cfg],
                   None if resume_from is None else [resume_from])[0]

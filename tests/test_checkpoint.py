@@ -132,10 +132,17 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
         save_checkpoint(folder, sae, cfg, optimizer, step=99)
 
     names = sorted(p.name for p in folder.iterdir())
-    assert names == sorted(before)  # no temporary files left behind
+    assert names == sorted([*before, "training_state.previous.pt"])  # no temporary files left behind
     assert (folder / "sae.safetensors").read_bytes() == before["sae.safetensors"]
     assert not torch.equal(load_sae(folder).W_dec, sae.W_dec)  # the old weights
-    # The training state was already replaced: resuming detects the mix instead of using it.
+    # The training state was already replaced: resuming takes the previous one, which matches the weights.
+    assert restore_checkpoint(folder, create_sae(cfg), torch.optim.Adam(sae.parameters()))["step"] == 8
+    assert (folder / "training_state.pt").read_bytes() == before["training_state.pt"]
+    # With neither state matching the weights, resuming refuses the mix.
+    (folder / "training_state.pt").unlink()
+    monkeypatch.undo()
+    save_checkpoint(folder / "other", sae, cfg, optimizer, step=99)
+    (folder / "other" / "training_state.pt").rename(folder / "training_state.pt")
     with pytest.raises(ValueError, match="inconsistent"):
         restore_checkpoint(folder, create_sae(cfg), torch.optim.Adam(sae.parameters()))
 

@@ -104,7 +104,9 @@ def mean_of(run, key, steps):
 @pytest.mark.parametrize("sae_type", ["topk", "batchtopk", "matryoshka", "matryoshka_transcoder",
                                       "vanilla", "jumprelu"])
 def test_loss_falls_on_planted_dictionary(sae_type, tmp_path, wandb_runs):
-    cfg = toy_cfg(sae_type, tmp_path)
+    # The default L1 coefficient (4 sigma / act_size, VanillaSAE) buys sparsity with shrinkage,
+    # FVU ~0.5 at act_size 32: its sparsity is tested in test_sparsity_control.py; here a lighter one.
+    cfg = toy_cfg(sae_type, tmp_path, **({"l1_coeff": 1e-2} if sae_type == "vanilla" else {}))
     train = train_transcoder if sae_type == "matryoshka_transcoder" else train_sae
     sae = train(create_sae(cfg), PlantedStore(paired=sae_type == "matryoshka_transcoder"), None, cfg)
     (run,) = wandb_runs

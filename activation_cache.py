@@ -1,0 +1,326 @@
+"""Activation cache: run the language model once, then train many dictionaries from disk.
+
+The model's forward pass, not the SAE step, is the cost of training; a sweep (dictionary sizes, k,
+seeds) over the same activations pays for it once. `write_activation_cache` runs the model over the
+training stream of `ActivationsStore` (the same rows, documents held out for evaluation left out,
+BOS positions dropped when cfg["exclude_bos"]) and writes a folder:
+
+    shard_00000.safetensors ...  per hook name a ``[n, width]`` tensor in the model's dtype, and
+                                 "tokens" ``[n]`` int32: the token id at each activation's position
+    eval_tokens.safetensors      "tokens" ``[n_eval_rows, seq_len]``: the held-out rows (CE evaluation)
+    manifest.json                written last: model, hooks and widths, dtype, dataset, seq_len, BOS
+                                 handling, the count and every shard's; a folder without it is an
+                                 incomplete cache (interrupted, or a full disk) and is never read
+
+`CachedActivationsStore(cfg)` reads it (cfg["activation_cache"] = the folder) with the interface of
+the live stores: `next_batch` (an SAE's batch, or a transcoder's (source, target) pair),
+`get_eval_tokens`, `state_dict`/`load_state_dict`. The shards are memory-mapped (safetensors reads
+only the slices asked for). Shuffling keeps memory bounded: each epoch orders the cache's chunks
+(runs of ``chunk`` consecutive activations) by a seeded permutation, the resulting stream is cut
+into blocks of ``num_batches_in_buffer * batch_size`` activations, and each block (about 16 chunks
+from all over the cache) is shuffled by a generator seeded with the block's index. A batch is thus
+a pure function of its index: the store's position is the number of batches served, and resuming
+is exact. Epochs repeat the cache in a new order.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from activation_store import ActivationsStore, dictionary_hooks
+from checkpoint import atomic_write
+from config import canonical_model_name
+
+CACHE_FORMAT = "matryoshka-sae activation cache 1"
+MANIFEST_FILE = "manifest.json"
+EVAL_TOKENS_FILE = "eval_tokens.safetensors"
+TOKENS = "tokens"
+SHARD_MB = 256  # default shard size on disk
+MAX_CHUNK = 4096  # activations read in one contiguous slice
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+
+class _CacheSource(ActivationsStore):
+    """The live store's data and model passes at any hooks, without its shuffled buffer."""
+
+    def __init__(self, model, cfg: dict, hook_names: list[str]):
+        self._cache_hooks = hook_names
+        super().__init__(model, cfg)
+
+    def _hooks(self) -> list[tuple[str, str]]:
+        return [(name, "act_size") for name in self._cache_hooks]
+
+    def _fill_block(self) -> None:
+        """No buffer: the cache reads `unshuffled_activations`."""
+
+
+def write_activation_cache(model, cfg: dict, folder: str | Path, hook_names: list[str] | None = None,
+                           num_tokens: int | None = None, shard_mb: float = SHARD_MB) -> dict[str, Any]:
+    """Run `model` once over cfg's training data and write the activations at `hook_names`
+    (default: those of the dictionary `cfg` describes) for `num_tokens` positions (default
+    cfg["num_tokens"]) to `folder`, in shards of about `shard_mb` MB. Returns the manifest.
+
+    The folder must be empty, new, or an earlier cache (complete or not), which is replaced.
+    """
+    folder = _prepare_folder(Path(folder))
+    hook_names = hook_names or dictionary_hooks(cfg)
+    num_tokens = int(num_tokens or cfg["num_tokens"])
+    source = _CacheSource(model, cfg, hook_names)
+    dtype = next(model.parameters()).dtype
+    bytes_per_position = len(hook_names) * cfg["act_size"] * dtype.itemsize + 4
+    shard_size = max(1, int(shard_mb * 2**20) // bytes_per_position)
+
+    shards: list[dict[str, Any]] = []
+    pending: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
+    n_pending = n_written = 0
+    for token_ids, acts in source.unshuffled_activations():
+        take = min(len(token_ids), num_tokens - n_written - n_pending)
+        pending.append((token_ids[:take].to("cpu", torch.int32), [a[:take].cpu() for a in acts]))
+        n_pending += take
+        done = n_written + n_pending == num_tokens
+        while n_pending >= shard_size or (done and n_pending):
+            count = min(shard_size, n_pending)
+            pending, n_pending = _write_shard(folder, len(shards), hook_names, pending, count), n_pending - count
+            shards.append({"file": _shard_name(len(shards)), "count": count})
+            n_written += count
+        if done:
+            break
+    eval_tokens = source.get_eval_tokens().cpu() if cfg["n_eval_rows"] else torch.empty(0, cfg["seq_len"])
+    atomic_write(folder / EVAL_TOKENS_FILE, lambda path: save_file({TOKENS: eval_tokens.long()}, str(path)))
+    manifest = {
+        "format": CACHE_FORMAT, "id": uuid.uuid4().hex, "model_name": cfg["model_name"],
+        "hooks": {name: cfg["act_size"] for name in hook_names}, "dtype": str(dtype).removeprefix("torch."),
+        "dataset": str(cfg["dataset_path"]), "seq_len": cfg["seq_len"], "exclude_bos": bool(source.exclude_bos),
+        "bos_token_id": source.bos, "n_eval_rows": len(eval_tokens), "num_tokens": n_written, "shards": shards,
+    }
+    atomic_write(folder / MANIFEST_FILE, lambda path: path.write_text(json.dumps(manifest, indent=1)))
+    return manifest
+
+
+def _prepare_folder(folder: Path) -> Path:
+    if folder.exists() and any(folder.iterdir()):
+        if not (folder / MANIFEST_FILE).exists() and not list(folder.glob("shard_*.safetensors")):
+            raise ValueError(f"{folder} is not empty and holds no activation cache; write the cache to a new "
+                             f"or empty folder.")
+        (folder / MANIFEST_FILE).unlink(missing_ok=True)  # from here on the old cache is incomplete
+        for old in folder.glob("shard_*.safetensors"):
+            old.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _shard_name(index: int) -> str:
+    return f"shard_{index:05d}.safetensors"
+
+
+def _write_shard(folder: Path, index: int, hook_names: list[str],
+                 pending: list[tuple[torch.Tensor, list[torch.Tensor]]], count: int) -> list:
+    """Write the first `count` pending positions as shard `index`; returns what is left pending."""
+    tokens = torch.cat([t for t, _ in pending])
+    acts = [torch.cat([a[i] for _, a in pending]) for i in range(len(hook_names))]
+    tensors = {TOKENS: tokens[:count].contiguous(), **{name: a[:count].contiguous() for name, a in zip(hook_names, acts)}}
+    atomic_write(folder / _shard_name(index), lambda path: save_file(tensors, str(path)))
+    return [(tokens[count:], [a[count:] for a in acts])] if count < len(tokens) else []
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """The manifest of a complete cache; a clear error for anything else."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"cfg['activation_cache'] = {str(folder)!r}: no such folder.")
+    path = folder / MANIFEST_FILE
+    if not path.exists():
+        if list(folder.glob("shard_*.safetensors")):
+            raise ValueError(f"{folder} is an incomplete activation cache (no {MANIFEST_FILE}: writing it was "
+                             f"interrupted or is still running); write it again.")
+        raise ValueError(f"{folder} is not an activation cache (no {MANIFEST_FILE}); write one with "
+                         f"cache_activations.py.")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != CACHE_FORMAT:
+        raise ValueError(f"{folder}: unknown cache format {manifest.get('format')!r}; write it again.")
+    return manifest
+
+
+def check_cache_matches(manifest: dict[str, Any], cfg: dict, folder: Path) -> None:
+    """The cache must hold the activations the cfg's dictionary reads, as the cfg's model gives them."""
+    problems = []
+    if canonical_model_name(manifest["model_name"]) != canonical_model_name(cfg["model_name"]) or (
+            canonical_model_name(cfg["model_name"]) is None and manifest["model_name"] != cfg["model_name"]):
+        problems.append(f"model {manifest['model_name']!r}, not {cfg['model_name']!r}")
+    missing = [name for name in dictionary_hooks(cfg) if name not in manifest["hooks"]]
+    if missing:
+        problems.append(f"hooks {list(manifest['hooks'])}, not {missing}")
+    for key in ("seq_len", "exclude_bos"):
+        if cfg.get(key) is not None and manifest[key] != cfg[key]:
+            problems.append(f"{key} {manifest[key]!r}, not {cfg[key]!r}")
+    if problems:
+        raise ValueError(f"The activation cache {folder} holds {'; '.join(problems)}. Train with the cache's "
+                         f"settings (--model, --layer/--site, --seq-len as when it was written) or write a "
+                         f"cache for these.")
+
+
+class CachedActivationsStore:
+    """Shuffled batches from an activation cache, on cfg["device"] in float32 (see the module doc).
+
+    `next_batch()` is ``[batch_size, act_size]`` for an SAE, ``(source, target)`` for a transcoder.
+    """
+
+    def __init__(self, cfg: dict, folder: str | Path | None = None):
+        self.cfg = cfg
+        self.folder = Path(folder or cfg["activation_cache"])
+        self.manifest = read_manifest(self.folder)
+        check_cache_matches(self.manifest, cfg, self.folder)
+        self.hook_names = dictionary_hooks(cfg)
+        self.device = torch.device(cfg["device"])
+        self._shards = [self._open_shard(shard) for shard in self.manifest["shards"]]
+        counts = torch.tensor([shard["count"] for shard in self.manifest["shards"]])
+        self._shard_ends = counts.cumsum(0)
+        self.n_activations = int(self._shard_ends[-1]) if len(counts) else 0
+        if self.n_activations == 0:
+            raise ValueError(f"The activation cache {self.folder} holds no activations.")
+        self.batch_size = cfg["batch_size"]
+        self.buffer_size = cfg["num_batches_in_buffer"] * self.batch_size
+        self.chunk = max(1, min(MAX_CHUNK, self.buffer_size // 16))
+        self._batches_served = 0
+        self._block_index: int | None = None
+        self._block: list[torch.Tensor] = []
+        self._epoch_orders: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._eval_tokens = load_file(self.folder / EVAL_TOKENS_FILE)[TOKENS].to(self.device)
+
+    def _open_shard(self, shard: dict[str, Any]):
+        path = self.folder / shard["file"]
+        try:
+            handle = safe_open(path, framework="pt")
+            shapes = {name: handle.get_slice(name).get_shape() for name in (*self.hook_names, TOKENS)}
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"The activation cache shard {path} cannot be read ({error}): it is missing, "
+                             f"truncated or damaged; write the cache again.") from None
+        if any(shape[0] != shard["count"] for shape in shapes.values()):
+            raise ValueError(f"The activation cache shard {path} holds {shapes} positions, the manifest says "
+                             f"{shard['count']}; write the cache again.")
+        return handle
+
+    # -- public ---------------------------------------------------------------------------------
+
+    def next_batch(self) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        block, offset = divmod(self._batches_served * self.batch_size, self.buffer_size)
+        if block != self._block_index:
+            self._load_block(block)
+        batches = [acts[offset : offset + self.batch_size] for acts in self._block]
+        self._batches_served += 1
+        return batches[0] if len(batches) == 1 else tuple(batches)
+
+    def get_eval_tokens(self, n_rows: int | None = None) -> torch.Tensor:
+        """The first `n_rows` held-out rows of the cached data, ``[n_rows, seq_len]`` long."""
+        held_out = len(self._eval_tokens)
+        n_rows = held_out if n_rows is None else n_rows
+        if not 0 < n_rows <= held_out:
+            raise ValueError(f"get_eval_tokens({n_rows}): the cache holds {held_out} held-out rows; ask for "
+                             f"1..{held_out} or write the cache with more n_eval_rows.")
+        return self._eval_tokens[:n_rows]
+
+    @property
+    def epochs_completed(self) -> int:
+        return self._batches_served * self.batch_size // self.n_activations
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position: batches served (a batch is a function of its index), and what fixes the order."""
+        return {"batches_served": self._batches_served, "settings": self._stream_settings()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved, current = state.get("settings", {}), self._stream_settings()
+        changed = [key for key in current if saved.get(key) != current[key]]
+        if changed:
+            raise ValueError("The saved data position was made with other settings: "
+                             + ", ".join(f"{key} {saved.get(key)!r} -> {current[key]!r}" for key in changed)
+                             + ". Resume with the run's own settings and cache, or start afresh.")
+        self._batches_served = state["batches_served"]
+        self._block_index = None
+
+    def _stream_settings(self) -> dict[str, Any]:
+        return {"cache": self.manifest["id"], "hooks": self.hook_names, "batch_size": self.batch_size,
+                "num_batches_in_buffer": self.cfg["num_batches_in_buffer"], "seed": self.cfg["seed"]}
+
+    # -- the shuffled stream ----------------------------------------------------------------------
+
+    def _epoch_order(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The epoch's chunk order and the cumulative ends of the chunks in that order."""
+        if epoch not in self._epoch_orders:
+            n_chunks = -(-self.n_activations // self.chunk)
+            generator = torch.Generator().manual_seed(_seed(self.cfg["seed"], "epoch", epoch))
+            order = torch.randperm(n_chunks, generator=generator)
+            lengths = (torch.clamp(self.n_activations - order * self.chunk, max=self.chunk))
+            self._epoch_orders = {epoch: (order, lengths.cumsum(0))}  # keep one epoch's
+            if epoch > 0:
+                warnings.warn(f"The activation cache {self.folder} is exhausted; starting epoch {epoch + 1} "
+                              f"in a new order.", stacklevel=4)
+        return self._epoch_orders[epoch]
+
+    def _pieces(self, start: int, length: int) -> Iterator[tuple[int, int]]:
+        """Cache index ranges [a, b) of stream positions start..start + length (epochs in a row)."""
+        while length > 0:
+            epoch, offset = divmod(start, self.n_activations)
+            order, ends = self._epoch_order(epoch)
+            i = int(torch.searchsorted(ends, offset, right=True))
+            chunk_first = int(order[i]) * self.chunk
+            chunk_length = min(self.chunk, self.n_activations - chunk_first)
+            remaining = int(ends[i]) - offset  # positions of this chunk from `offset` on
+            first = chunk_first + chunk_length - remaining
+            take = min(remaining, length)
+            yield first, first + take
+            start, length = start + take, length - take
+
+    def _read(self, first: int, stop: int) -> list[torch.Tensor]:
+        """Per hook, the cached activations first..stop-1 (model dtype, CPU, read from the mmap)."""
+        parts: list[list[torch.Tensor]] = [[] for _ in self.hook_names]
+        shard = int(torch.searchsorted(self._shard_ends, first, right=True))
+        while first < stop:
+            shard_start = int(self._shard_ends[shard - 1]) if shard else 0
+            end = min(stop, int(self._shard_ends[shard]))
+            for part, name in zip(parts, self.hook_names):
+                part.append(self._shards[shard].get_slice(name)[first - shard_start : end - shard_start])
+            first, shard = end, shard + 1
+        return [torch.cat(part) if len(part) > 1 else part[0] for part in parts]
+
+    def _load_block(self, block: int) -> None:
+        pieces = [self._read(a, b) for a, b in self._pieces(block * self.buffer_size, self.buffer_size)]
+        generator = torch.Generator(device=self.device).manual_seed(_seed(self.cfg["seed"], "block", block))
+        order = torch.randperm(self.buffer_size, generator=generator, device=self.device)
+        self._block = [torch.cat([piece[i] for piece in pieces]).to(self.device)[order].float()
+                       for i in range(len(self.hook_names))]
+        self._block_index = block
+
+
+def _seed(seed: int, kind: str, index: int) -> int:
+    """A seed for the `index`-th epoch order or block shuffle, distinct for each (seed, kind, index)."""
+    return (seed * 1_000_003 + index * 2 + (kind == "block")) % (2**63)
+
+
+def activation_store_for(model, cfg: dict):
+    """The store a training run reads: the cache of cfg["activation_cache"] when set, else the live
+    store for the cfg's dictionary (paired source/target batches for a transcoder)."""
+    if cfg.get("activation_cache"):
+        return CachedActivationsStore(cfg)
+    if cfg["sae_type"] == "matryoshka_transcoder":
+        from transcoder_activation_store import TranscoderActivationsStore
+
+        return TranscoderActivationsStore(model, cfg)
+    return ActivationsStore(model, cfg)
+

@@ -1,0 +1,45 @@
+"""Export a trained dictionary to the SAELens format (see sae_lens_format.py).
+
+    python export_sae.py CHECKPOINT OUT_DIR [--overwrite] [--dataset-path NAME] [--neuronpedia-id ID]
+
+CHECKPOINT is a folder a training run saved (checkpoint_dir/name). OUT_DIR gets cfg.json and
+sae_weights.safetensors, which SAELens, SAEBench and sae-dashboard read:
+
+    from sae_lens import SAE
+    sae = SAE.load_from_disk("OUT_DIR")
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from sae_lens_format import SAE_LENS_CONFIG, export_sae_lens
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="checkpoint folder (with config.json and sae.safetensors)")
+    parser.add_argument("out_dir", help="folder to create for the SAELens files")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    parser.add_argument("--dataset-path", help="metadata.dataset_path (e.g. the hub name of the training data)")
+    parser.add_argument("--neuronpedia-id", help="metadata.neuronpedia_id")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    metadata = {key: value for key, value in
+                (("dataset_path", args.dataset_path), ("neuronpedia_id", args.neuronpedia_id)) if value}
+    try:
+        out = export_sae_lens(args.checkpoint, args.out_dir, metadata=metadata, overwrite=args.overwrite)
+    except (ValueError, OSError) as error:  # the folder, the checkpoint or what it cannot represent
+        raise SystemExit(f"export_sae.py: error: {error}") from None
+    cfg = json.loads((out / SAE_LENS_CONFIG).read_text())
+    print(f"Wrote {out}: SAELens architecture {cfg['architecture']!r}, d_in {cfg['d_in']}, d_sae {cfg['d_sae']}, "
+          f"normalize_activations {cfg['normalize_activations']!r}, hook {cfg['metadata']['hook_name']}.")
+    print(f'Load it with: from sae_lens import SAE; sae = SAE.load_from_disk("{out}")')
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Data-parallel training under torchrun (distributed.py), 2 CPU processes with gloo.
+
+One torchrun launch runs every scenario of distributed_worker.py (starting processes is the slow
+part); each test compares what the ranks saved with one process on the same global batches.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import distributed_worker as worker
+from checkpoint import load_metrics, load_sae
+from sae import create_sae
+from sparse_ops import select_batch_topk
+from test_training import PlantedStore
+from training import train_sae, train_sae_group
+
+# rank_raises breaks the process group, so it runs last.
+SCENARIOS = ["select", *worker.TRAINED, "crash_on_two_ranks", "resume_on_two_ranks", "store_shares", "store_resume", "spread_group", "cli_main", "cli_gemma_transcoder", "uneven_batch", "diverged",
+             "rank_nan", "rank_raises"]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> dict:
+    """{scenario: [rank 0's result, rank 1's result]} from one 2-process torchrun launch."""
+    out = tmp_path_factory.mktemp("torchrun")
+    worker.make_datasets(out)
+    worker.train_until_crash(out / "one_rank")  # for resume_on_two_ranks
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(Path(worker.__file__)), str(out), *SCENARIOS]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        pytest.fail(f"torchrun failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    results = {name: [torch.load(out / f"{name}.rank{r}.pt") for r in range(2)] for name in SCENARIOS}
+    results["out"] = out
+    return results
+
+
+def _single_process_run(sae_type: str, checkpoint_dir: Path, **overrides):
+    """The same training on one process, fed the global batches; its SAE and selections."""
+    cfg = worker.train_cfg(sae_type, str(checkpoint_dir), **overrides)
+    sae = create_sae(cfg)
+    selections = worker.record_selections(sae)
+    store = PlantedStore(seed=1, paired=sae_type == "matryoshka_transcoder", batch_size=worker.GLOBAL_BATCH)
+    train_sae(sae, store, None, cfg)
+    return sae, selections
+
+
+def test_global_batchtopk_selects_as_one_process_on_the_whole_batch(ranks):
+    for name, case in worker.selection_cases().items():
+        code = select_batch_topk(case["pre"], case["k"], case.get("lower_bound"))
+        expected = torch.stack([code.rows, code.latents])
+        selected = torch.cat([ranks["select"][0][name], ranks["select"][1][name]], dim=1)
+        assert torch.equal(selected, expected), name
+
+
+def test_ties_at_the_threshold_split_across_ranks_in_row_order(ranks):
+    """Rank 0 holds 100 of the ties at t, rank 1 the rest; 206 ties complete the 256 kept."""
+    for name in ("ties_across_ranks", "ties_across_ranks_lower_bound"):
+        rank0, rank1 = (ranks["select"][r][name] for r in range(2))
+        assert rank0.shape[1] == 100 and rank1.shape[1] == 156, name
+
+
+@pytest.mark.parametrize("scenario", list(worker.TRAINED))
+def test_training_on_two_ranks_equals_one_process(ranks, scenario, tmp_path):
+    sae_type, overrides = worker.TRAINED[scenario]
+    sae, selections = _single_process_run(sae_type, tmp_path, **overrides)
+    rank0, rank1 = ranks[scenario]
+    for key, expected in sae.state_dict().items():
+        assert torch.equal(rank0["state"][key], rank1["state"][key]), f"{key} differs between ranks"
+        if expected.is_floating_point():
+            error = (rank0["state"][key] - expected).norm() / expected.norm().clamp(min=1e-12)
+            assert error < 1e-5, f"{scenario} {key}: relative error {error:.2e}"
+        else:
+            assert torch.equal(rank0["state"][key], expected), key  # dead-latent counters
+    assert len(rank0["selections"]) == len(selections) == (worker.N_STEPS if hasattr(sae, "select") else 0)
+    for step, (expected, part0, part1) in enumerate(zip(selections, rank0["selections"], rank1["selections"])):
+        assert torch.equal(torch.cat([part0, part1], dim=1), expected), f"{scenario}: selection of step {step}"
+
+
+def test_resume_with_another_number_of_ranks_continues_exactly(ranks, tmp_path):
+    """Stopped at step 8 on 2 ranks and resumed on 1 process, or the reverse: the weights after step
+    12 are those of an uninterrupted single-process run."""
+    uninterrupted, _ = _single_process_run(worker.RESUMED_TYPE, tmp_path / "uninterrupted")
+    two_then_one = worker.resume_after_crash(tmp_path / "resumed", Path(ranks["crash_on_two_ranks"][0]["folder"]))
+    one_then_two = ranks["resume_on_two_ranks"]
+    for key, expected in uninterrupted.state_dict().items():
+        assert torch.equal(one_then_two[0]["state"][key], one_then_two[1]["state"][key]), key
+        for resumed in (two_then_one[key], one_then_two[0]["state"][key]):
+            if expected.is_floating_point():
+                assert (resumed - expected).norm() <= 1e-5 * expected.norm().clamp(min=1e-12), key
+            else:
+                assert torch.equal(resumed, expected), key
+
+
+def test_resume_on_two_ranks_through_the_activation_store_is_exact(ranks):
+    """Each rank's data position is in the checkpoint: stopped after step 8 and resumed, 2 ranks
+    end bit-identical to 2 ranks that never stopped."""
+    for result in ranks["store_resume"]:
+        for key, expected in result["uninterrupted"].items():
+            assert torch.equal(result["resumed"][key], expected), key
+
+
+def test_dictionaries_spread_over_ranks_train_as_one_process(ranks, tmp_path):
+    """distribute_dictionaries: rank r trains dictionaries r, r + 2, ... on the whole batch, writes
+    their checkpoints, and every rank returns every trained dictionary, bit-identical to one process."""
+    cfgs = worker.spread_group_cfgs(tmp_path)
+    saes = train_sae_group([create_sae(cfg) for cfg in cfgs], PlantedStore(seed=1, batch_size=worker.GLOBAL_BATCH),
+                           None, cfgs)
+    names = ranks["spread_group"][0]["names"]
+    assert ranks["spread_group"][0]["written"] == [names[0], names[2]] * 2  # steps 8 and 12
+    assert ranks["spread_group"][1]["written"] == [names[1]] * 2
+    for rank in range(2):
+        for sae, state in zip(saes, ranks["spread_group"][rank]["states"]):
+            for key, expected in sae.state_dict().items():
+                assert torch.equal(state[key], expected), key
+
+
+def test_rank_0_alone_writes_the_checkpoints(ranks):
+    for scenario in worker.TRAINED:
+        assert ranks[scenario][0]["saved_steps"] == [8, worker.N_STEPS]
+        assert ranks[scenario][1]["saved_steps"] == []
+
+
+def test_each_rank_reads_its_own_documents(ranks):
+    """ActivationsStore: rank r runs the model on training documents N_HELD_OUT + r, + 2, ... and
+    serves batches of batch_size / 2 rows; both hold out the same rows."""
+    documents = [ranks["store_shares"][r]["documents"] for r in range(2)]
+    for rank, seen in enumerate(documents):
+        assert seen == list(range(worker.N_HELD_OUT + rank, worker.N_HELD_OUT + rank + 2 * len(seen), 2))
+        assert ranks["store_shares"][rank]["shapes"] == [(16, 64)] * 6
+        assert ranks["store_shares"][rank]["eval"].tolist() == list(range(worker.N_HELD_OUT))
+    assert not set(documents[0]) & set(documents[1])
+
+
+@pytest.mark.parametrize("scenario, folder", [("cli_main", "cli_main"), ("cli_gemma_transcoder", "cli_gemma")])
+def test_the_scripts_train_under_torchrun(ranks, scenario, folder):
+    assert ranks[scenario] == [{"done": True}, {"done": True}]
+    runs = sorted((ranks["out"] / folder).iterdir())
+    assert len(runs) == (2 if scenario == "cli_main" else 1)
+    for run in runs:
+        metrics = load_metrics(run)
+        assert metrics["step"] == 4 and "loss_recovered" in metrics
+        load_sae(run)
+
+
+def test_a_batch_that_does_not_divide_is_an_error_on_every_rank(ranks):
+    for result in ranks["uneven_batch"]:
+        assert "does not divide among 2 ranks" in result["error"]
+
+
+def test_the_weight_check_finds_a_rank_that_diverged(ranks):
+    for result in ranks["diverged"]:
+        assert "b_enc differ between ranks" in result["error"]
+
+
+def test_nan_on_one_rank_stops_every_rank_with_the_same_error(ranks):
+    for result in ranks["rank_nan"]:
+        assert result["error"].startswith("NonFiniteError: Non-finite activations (NaN/inf) in 1 batch(es)")
+        assert "(step 4)" in result["error"]  # the checkpoint before the NaN, written by rank 0
+
+
+def test_a_rank_that_raises_stops_the_other_without_a_hang(ranks):
+    raised, other = ranks["rank_raises"][1]["error"], ranks["rank_raises"][0]["error"]
+    assert raised == "RuntimeError: rank 1's store failed"
+    assert other is not None and "closed by peer" in other

@@ -1,0 +1,150 @@
+"""Exact resume with the real activation stores: a run stopped part way (a crash after a checkpoint,
+or SIGTERM between steps) and resumed ends with the weights of a run that was never stopped."""
+
+import signal
+import warnings
+
+import pytest
+import torch
+from datasets import Dataset
+
+from activation_store import ActivationsStore
+from checkpoint import checkpoint_folder
+from config import get_default_cfg, post_init_cfg
+from preemption import TrainingInterrupted
+from sae import create_sae
+from training import train_sae, train_sae_group, train_transcoder
+from transcoder_activation_store import TranscoderActivationsStore, create_transcoder_config
+
+BOS = 1
+N_STEPS = 40
+
+
+@pytest.fixture(autouse=True)
+def quiet_epochs():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is exhausted; starting epoch")
+        yield
+
+
+def documents() -> Dataset:
+    """40 token documents of 5..80 tokens (~1,500 training activations): rows are packed across
+    documents (a carry between reads), and 40 steps of 48 run through the data more than once."""
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 80, (40,), generator=generator).tolist()
+    docs = [torch.randint(2, 1000, (n,), generator=generator).tolist() for n in lengths]
+    return Dataset.from_dict({"tokens": docs})
+
+
+def run_cfg(tmp_path, name, transcoder=False, **overrides) -> dict:
+    """40 steps of 48 activations; blocks of 4 batches; chunks of 3 rows (not a multiple of a block)."""
+    cfg = get_default_cfg()
+    cfg.update(model_name="synthetic", act_size=64, layer=1, site="resid_pre", dataset_path=documents(),
+               seq_len=32, batch_size=48, num_batches_in_buffer=4, model_batch_size=3, device="cpu",
+               n_eval_rows=2, bos_token_id=BOS, exclude_bos=True, sae_type="matryoshka", dict_size=256,
+               top_k=8, num_tokens=48 * N_STEPS, checkpoint_freq=10, log_freq=5, seed=3,
+               n_batches_to_dead=2, checkpoint_dir=str(tmp_path / name), wandb_mode="disabled")
+    cfg.update(overrides)
+    cfg = post_init_cfg(cfg)
+    if transcoder:
+        cfg = create_transcoder_config(cfg, source_layer=0, target_layer=0, source_site="resid_mid",
+                                       target_site="mlp_out")
+    return cfg
+
+
+def make_store(model, cfg):
+    kind = TranscoderActivationsStore if cfg["sae_type"] == "matryoshka_transcoder" else ActivationsStore
+    return kind(model, cfg)
+
+
+def train(model, cfg, store=None, resume_from=None):
+    train_fn = train_transcoder if cfg["sae_type"] == "matryoshka_transcoder" else train_sae
+    torch.manual_seed(0)
+    return train_fn(create_sae(cfg), store or make_store(model, cfg), None, cfg, resume_from=resume_from)
+
+
+def failing_at(store, n_batch: int, failure):
+    """`store`, whose `n_batch`-th next_batch call (1-based) calls failure() first."""
+    served = {"n": 0}
+    next_batch = store.next_batch
+
+    def counted():
+        served["n"] += 1
+        if served["n"] == n_batch:
+            failure()
+        return next_batch()
+
+    store.next_batch = counted
+    return store
+
+
+def crash():
+    raise RuntimeError("simulated crash")
+
+
+def assert_same_weights(a, b):
+    for name, tensor in a.state_dict().items():
+        assert torch.equal(b.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("transcoder", [False, True], ids=["sae", "transcoder"])
+def test_crash_and_resume_gives_the_uninterrupted_weights(tiny_gemma2, tmp_path, transcoder):
+    reference = train(tiny_gemma2, run_cfg(tmp_path, "reference", transcoder))
+    cfg = run_cfg(tmp_path, "interrupted", transcoder)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny_gemma2, cfg, failing_at(make_store(tiny_gemma2, cfg), 26, crash))  # after step 20's save
+    resumed = train(tiny_gemma2, cfg, resume_from=checkpoint_folder(cfg))
+    assert_same_weights(reference, resumed)
+
+
+def test_sigterm_checkpoints_mid_block_and_resumes_exactly(tiny_gpt2, tmp_path):
+    reference = train(tiny_gpt2, run_cfg(tmp_path, "reference"))
+    cfg = run_cfg(tmp_path, "stopped")
+    store = failing_at(make_store(tiny_gpt2, cfg), 23, lambda: signal.raise_signal(signal.SIGTERM))
+    with pytest.raises(TrainingInterrupted, match="SIGTERM after step 23") as stopped:
+        train(tiny_gpt2, cfg, store)
+    assert stopped.value.folders == [checkpoint_folder(cfg)] and stopped.value.exit_status == 143
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is gone after training
+    resumed = train(tiny_gpt2, cfg, resume_from=checkpoint_folder(cfg))
+    assert_same_weights(reference, resumed)
+
+
+def test_group_resume_is_exact(tiny_gpt2, tmp_path):
+    def group(name):
+        base = run_cfg(tmp_path, name)
+        return [post_init_cfg({**base, "sae_type": sae_type, "name": sae_type})
+                for sae_type in ("batchtopk", "matryoshka")]
+
+    def train_group(cfgs, store=None, resume_from=None):
+        torch.manual_seed(0)
+        return train_sae_group([create_sae(cfg) for cfg in cfgs], store or ActivationsStore(tiny_gpt2, cfgs[0]),
+                               None, cfgs, resume_from=resume_from)
+
+    reference = train_group(group("reference"))
+    cfgs = group("interrupted")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_group(cfgs, failing_at(ActivationsStore(tiny_gpt2, cfgs[0]), 35, crash))
+    resumed = train_group(cfgs, resume_from=[checkpoint_folder(cfg) for cfg in cfgs])
+    for a, b in zip(reference, resumed):
+        assert_same_weights(a, b)
+
+
+def test_store_state_round_trip_continues_the_stream(tiny_gpt2, tmp_path):
+    cfg = run_cfg(tmp_path, "x")
+    store = ActivationsStore(tiny_gpt2, cfg)
+    for _ in range(7):  # into the second block
+        store.next_batch()
+    state = store.state_dict()
+    expected = [store.next_batch() for _ in range(33)]  # across block and epoch boundaries
+    restored = ActivationsStore(tiny_gpt2, cfg)
+    restored.load_state_dict(state)
+    for batch in expected:
+        assert torch.equal(restored.next_batch(), batch)
+    assert restored.epochs_completed == store.epochs_completed >= 1
+
+
+def test_resuming_with_changed_settings_is_refused(tiny_gpt2, tmp_path):
+    state = ActivationsStore(tiny_gpt2, run_cfg(tmp_path, "a")).state_dict()
+    other = ActivationsStore(tiny_gpt2, run_cfg(tmp_path, "a", batch_size=32, num_tokens=32 * N_STEPS))
+    with pytest.raises(ValueError, match="batch_size 48 -> 32.*own settings"):
+        other.load_state_dict(state)
