@@ -105,10 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("compare", help="print the model table (no download)")
     sae = commands.add_parser("sae", help="train the Gemma-2-2B Matryoshka SAE")
-    add_run_arguments(sae)
+    add_run_arguments(sae, exclude=("--sae-type",))  # the guide's Matryoshka SAE
     add_resume_argument(sae)
     transcoder = commands.add_parser("transcoder", help="train the Gemma-2-2B Matryoshka transcoder")
-    add_run_arguments(transcoder, exclude=("--site",))
+    add_run_arguments(transcoder, exclude=("--site", "--sae-type"))
     add_resume_argument(transcoder)
     transcoder.add_argument("--source-site", default="resid_mid", choices=list(HOOK_SITES))
     transcoder.add_argument("--target-site", default="mlp_out", choices=list(HOOK_SITES))
