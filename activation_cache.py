@@ -35,7 +35,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from activation_store import ActivationsStore, dictionary_hooks
+from activation_store import ActivationsStore, dictionary_hooks, first_held_out_rows
 from checkpoint import atomic_write
 from config import canonical_model_name
 
@@ -229,12 +229,7 @@ class CachedActivationsStore:
 
     def get_eval_tokens(self, n_rows: int | None = None) -> torch.Tensor:
         """The first `n_rows` held-out rows of the cached data, ``[n_rows, seq_len]`` long."""
-        held_out = len(self._eval_tokens)
-        n_rows = held_out if n_rows is None else n_rows
-        if not 0 < n_rows <= held_out:
-            raise ValueError(f"get_eval_tokens({n_rows}): the cache holds {held_out} held-out rows; ask for "
-                             f"1..{held_out} or write the cache with more n_eval_rows.")
-        return self._eval_tokens[:n_rows]
+        return first_held_out_rows(self._eval_tokens, n_rows, "write the cache with more n_eval_rows")
 
     @property
     def epochs_completed(self) -> int:

@@ -183,6 +183,17 @@ def dictionary_hooks(cfg: dict) -> list[str]:
     return [cfg["hook_point"]]
 
 
+def first_held_out_rows(eval_tokens: torch.Tensor, n_rows: int | None, fix: str) -> torch.Tensor:
+    """The first `n_rows` of the held-out rows ``[held_out, seq_len]`` (all when None); `fix` says how
+    to hold out more in the error for a count outside 1..held_out."""
+    held_out = len(eval_tokens)
+    n_rows = held_out if n_rows is None else n_rows
+    if not 0 < n_rows <= held_out:
+        raise ValueError(f"get_eval_tokens({n_rows}): {held_out} rows are held out; ask for "
+                         f"1..{held_out} or {fix}.")
+    return eval_tokens[:n_rows]
+
+
 def block_index(hook_name: str) -> int | None:
     """The block a hook belongs to (``blocks.8.hook_resid_pre`` -> 8), None outside the blocks."""
     match = re.match(r"blocks\.(\d+)\.", hook_name)
@@ -403,12 +414,7 @@ class ActivationsStore:
 
         They never appear in the training stream and are the same on every call.
         """
-        held_out = len(self._eval_tokens)
-        n_rows = held_out if n_rows is None else n_rows
-        if not 0 < n_rows <= held_out:
-            raise ValueError(f"get_eval_tokens({n_rows}): {held_out} rows are held out; ask for "
-                             f"1..{held_out} or raise cfg['n_eval_rows'].")
-        return self._eval_tokens[:n_rows]
+        return first_held_out_rows(self._eval_tokens, n_rows, "raise cfg['n_eval_rows']")
 
     # -- hooks --------------------------------------------------------------------------------
 
