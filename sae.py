@@ -6,7 +6,7 @@ what is reconstructed (equal for an SAE; for a transcoder the source and the tar
 Every model here computes
     pre   = x_c W_enc + b_enc                    x_c = x - b_dec (SAE) or x - source_mean (transcoder)
     z     = sparsify(pre)                        TopK, BatchTopK, ReLU or JumpReLU
-    x_hat = z W_dec + b_dec                      (+ x_c W_skip for a skip transcoder)
+    x_hat = z W_dec + b_dec                      (+ x_s W_skip for a skip transcoder)
 with x standardised per token when cfg["input_unit_norm"] is on (outputs are returned in the
 original units). Decoder rows are kept at unit norm. The TopK family (TopK, BatchTopK,
 Matryoshka, transcoder) never forms z densely in training: see sparse_ops.py.
@@ -37,7 +37,7 @@ STD_EPS = 1e-5
 class BaseAutoencoder(nn.Module):
     """Parameters, units, decoder-norm step, dead-latent counter and the loss dict.
 
-    Subclasses define `_code_and_prefixes(x_c, y)`; everything else is shared.
+    Subclasses define `_code_and_prefixes(x_c, y_n, x)`; everything else is shared.
     """
 
     # An SAE reads and writes one space, so its encoder starts as the transpose of its decoder.
@@ -142,8 +142,9 @@ class BaseAutoencoder(nn.Module):
 
     def _prefixes(self, x: torch.Tensor):
         """Prefix reconstructions [N, G, d_out] in normalised units and the target's stats."""
-        x_n, stats = self.normalize_source(x.reshape(-1, x.shape[-1]))
-        prefixes, _ = self._code_and_prefixes(self.center(x_n))
+        x = x.reshape(-1, x.shape[-1])
+        x_n, stats = self.normalize_source(x)
+        prefixes, _ = self._code_and_prefixes(self.center(x_n), x=x)
         return prefixes, self.target_stats(stats)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -155,9 +156,11 @@ class BaseAutoencoder(nn.Module):
         """Dense feature activations [B, S] of centred, normalised inputs."""
         raise NotImplementedError
 
-    def _code_and_prefixes(self, x_c: torch.Tensor, y_n: torch.Tensor | None = None):
+    def _code_and_prefixes(self, x_c: torch.Tensor, y_n: torch.Tensor | None = None,
+                           x: torch.Tensor | None = None):
         """Prefix reconstructions [B, G, d_out] in normalised units and, when the target y_n is
-        given, a dict of the code's losses and statistics (else None)."""
+        given, a dict of the code's losses and statistics (else None). x [B, d_in] is the input in
+        its own units, which only a skip transcoder's skip path reads."""
         raise NotImplementedError
 
     def compute_outputs(self, source: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -168,7 +171,7 @@ class BaseAutoencoder(nn.Module):
         x_n, x_stats = self.normalize_source(source)
         y_stats = self.target_stats(x_stats)
         y_n = self.to_units(target, y_stats)
-        prefixes, info = self._code_and_prefixes(self.center(x_n), y_n)
+        prefixes, info = self._code_and_prefixes(self.center(x_n), y_n, source)
         target = target.float()
         squared_error = (prefixes - y_n.unsqueeze(1)).pow(2)  # [B, G, d_out], normalised units
         l2_per_prefix = squared_error.mean(dim=(0, 2))
@@ -290,9 +293,10 @@ class TopKSAE(BaseAutoencoder):
     def _feature_acts(self, x_c: torch.Tensor) -> torch.Tensor:
         return self.sparse_code(x_c)[0].to_dense()
 
-    def _code_and_prefixes(self, x_c: torch.Tensor, y_n: torch.Tensor | None = None):
+    def _code_and_prefixes(self, x_c: torch.Tensor, y_n: torch.Tensor | None = None,
+                           x: torch.Tensor | None = None):
         code, pre = self.sparse_code(x_c)
-        prefixes = sparse_decode_groups(code, self.W_dec, self.group_ends).cumsum(dim=1) + self.dense_term(x_c)
+        prefixes = sparse_decode_groups(code, self.W_dec, self.group_ends).cumsum(dim=1) + self.dense_term(x)
         if y_n is None:
             return prefixes, None
         if self.training:
@@ -310,9 +314,9 @@ class TopKSAE(BaseAutoencoder):
             "feature_acts": code.to_dense(out=pre),  # pre is no longer needed: reuse its memory
         }
 
-    def dense_term(self, x_c: torch.Tensor) -> torch.Tensor:
+    def dense_term(self, x: torch.Tensor | None) -> torch.Tensor:
         """What every prefix reconstruction adds to its latents' sum: b_dec [d_out] (a skip
-        transcoder adds x W_skip too, [B, 1, d_out])."""
+        transcoder adds its skip path on the input x [B, d_in] too, [B, 1, d_out])."""
         return self.b_dec
 
     def _update_threshold(self, values: torch.Tensor) -> None:
@@ -374,6 +378,13 @@ class GlobalBatchTopKMatryoshkaSAE(BatchTopKSAE):
         return torch.tensor(self.cfg["group_sizes"], device=self.cfg["device"]).cumsum(0)
 
 
+def power_of_two_rms(x: torch.Tensor) -> torch.Tensor:
+    """The RMS of x's entries rounded to the nearest power of two (log scale), a scalar: a scale
+    that multiplies and divides float weights without rounding any."""
+    rms = x.pow(2).mean().sqrt().clamp(min=STD_EPS)
+    return torch.exp2(torch.round(torch.log2(rms)))
+
+
 class MatryoshkaTranscoder(GlobalBatchTopKMatryoshkaSAE):
     """A Matryoshka BatchTopK model that reads one activation and predicts another.
 
@@ -384,12 +395,17 @@ class MatryoshkaTranscoder(GlobalBatchTopKMatryoshkaSAE):
     Loss: mean over groups of mean((y_hat_g - y / scale)^2) + aux_penalty * AuxK.
 
     With cfg["transcoder_skip"] it is a skip transcoder (Paulo et al. 2025): an affine path
-    x_c W_skip, W_skip [d_in, d_out] starting at zero, joins every prefix reconstruction,
-        y_hat_g = sum_{i < m_g} z_i W_dec[i] + b_dec + x_c W_skip,
-    in the units the model works in (x_c as above, y / scale), so the latents are left the
-    nonlinear part of the map. W_skip is a plain parameter: saved, loaded and resumed with the
-    rest, and free of the decoder's unit-norm constraint. `decode(z)` has no source to read and
-    returns z W_dec + b_dec; `reconstruct(x)` includes the skip term.
+    x_s W_skip, W_skip [d_in, d_out] starting at zero, joins every prefix reconstruction,
+        y_hat_g = sum_{i < m_g} z_i W_dec[i] + b_dec + x_s W_skip,
+        x_s     = (x - skip_shift) / skip_scale,
+    so the latents are left the nonlinear part of the map. The skip path reads the raw source,
+    centred by its mean and divided by a fixed power of two (buffers set from the first batch;
+    the scale is 1 without input_unit_norm, where x_s = x_c): a linear map of x, as SAELens's
+    skip transcoder's x W_skip^T is, so that an export folds skip_scale and target_scale into
+    W_skip exactly (the per-token standardisation of x_c is not linear and could not be folded).
+    W_skip is a plain parameter: saved, loaded and resumed with the rest, and free of the
+    decoder's unit-norm constraint. `decode(z)` has no source to read and returns z W_dec + b_dec;
+    `reconstruct(x)` includes the skip term.
 
     Initialisation (issue 14), from the first training batch (`initialize_from_batch`):
     * The source is centred by its mean, a buffer. A residual stream has a few coordinates ~10x
@@ -413,14 +429,19 @@ class MatryoshkaTranscoder(GlobalBatchTopKMatryoshkaSAE):
         self.register_buffer("source_mean", torch.zeros(self.d_in, device=cfg["device"]))
         if cfg.get("transcoder_skip", False):  # .get: checkpoints from before the setting load too
             self.W_skip = nn.Parameter(torch.zeros(self.d_in, self.d_out, device=cfg["device"]))
+            self.register_buffer("skip_shift", torch.zeros(self.d_in, device=cfg["device"]))
+            self.register_buffer("skip_scale", torch.tensor(1.0, device=cfg["device"]))
         else:
             self.W_skip = None
 
-    def dense_term(self, x_c: torch.Tensor) -> torch.Tensor:
-        """b_dec [d_out], or b_dec + x W_skip [B, 1, d_out] for a skip transcoder."""
+    def dense_term(self, x: torch.Tensor | None) -> torch.Tensor:
+        """b_dec [d_out], or b_dec + x_s W_skip [B, 1, d_out] for a skip transcoder (x [B, d_in] raw)."""
         if self.W_skip is None:
             return self.b_dec
-        return torch.addmm(self.b_dec, x_c.float(), self.W_skip).unsqueeze(1)
+        if x is None:
+            raise ValueError("A skip transcoder's prediction reads the raw source x; pass it.")
+        x_s = (x.float() - self.skip_shift) / self.skip_scale
+        return torch.addmm(self.b_dec, x_s, self.W_skip).unsqueeze(1)
 
     def center(self, x_n: torch.Tensor) -> torch.Tensor:
         return x_n - self.source_mean  # (b_dec lives in the target's space)
@@ -428,7 +449,19 @@ class MatryoshkaTranscoder(GlobalBatchTopKMatryoshkaSAE):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Files written before the source was centred (and SAELens's) have no source_mean: zero.
         state_dict.setdefault(prefix + "source_mean", torch.zeros_like(self.source_mean))
+        if self.W_skip is not None and prefix + "skip_scale" not in state_dict:
+            self._load_skip_path_of_older_file(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _load_skip_path_of_older_file(self, state_dict, prefix) -> None:
+        """Skip transcoders saved before the skip path read the raw source read x_c instead: the
+        same thing without input_unit_norm (skip_shift = source_mean, skip_scale = 1)."""
+        if self.cfg["input_unit_norm"]:
+            raise ValueError("This skip transcoder was saved by a version whose skip path read the standardised "
+                             "source (input_unit_norm=True), which this version cannot compute; retrain it, "
+                             "or load it with the version that trained it.")
+        state_dict[prefix + "skip_shift"] = state_dict[prefix + "source_mean"]
+        state_dict[prefix + "skip_scale"] = torch.ones_like(self.skip_scale)
 
     def target_stats(self, source_stats):
         return (torch.zeros((), device=self.target_scale.device), self.target_scale, self.target_scale)
@@ -446,17 +479,30 @@ class MatryoshkaTranscoder(GlobalBatchTopKMatryoshkaSAE):
         weight) and b_dec to the target's mean."""
         y = target.reshape(-1, self.d_out).float()
         if self.cfg["input_unit_norm"]:
-            rms = (y - y.mean(dim=0)).pow(2).mean().sqrt().clamp(min=STD_EPS)
-            self.target_scale.copy_(torch.exp2(torch.round(torch.log2(rms))))
+            self.target_scale.copy_(power_of_two_rms(y - y.mean(dim=0)))
         self.b_dec.copy_(self.to_units(y, self.target_stats(None)).mean(dim=0))
 
     @torch.no_grad()
     def initialize_from_batch(self, source: torch.Tensor, target: torch.Tensor) -> None:
         """From a first batch: the target's scale and b_dec (`initialize_b_dec`), the source's
-        mean (in normalised units) and the decoder (`initialize_decoder_from_batch`)."""
+        mean (in normalised units), the skip path's shift and scale, and the decoder
+        (`initialize_decoder_from_batch`)."""
+        source = source.reshape(-1, self.d_in)
         self.initialize_b_dec(target)
-        self.source_mean.copy_(self.normalize_source(source.reshape(-1, self.d_in))[0].mean(dim=0))
+        self.source_mean.copy_(self.normalize_source(source)[0].mean(dim=0))
+        self.initialize_skip_path(source)
         self.initialize_decoder_from_batch(source, target)
+
+    @torch.no_grad()
+    def initialize_skip_path(self, source: torch.Tensor) -> None:
+        """skip_shift = the mean of a batch of sources [B, d_in], skip_scale = the RMS of the centred
+        batch rounded to a power of two (1 without input_unit_norm). Nothing without a skip path."""
+        if self.W_skip is None:
+            return
+        source = source.reshape(-1, self.d_in).float()
+        self.skip_shift.copy_(source.mean(dim=0))
+        if self.cfg["input_unit_norm"]:
+            self.skip_scale.copy_(power_of_two_rms(source - self.skip_shift))
 
     @torch.no_grad()
     def initialize_decoder_from_batch(self, source: torch.Tensor, target: torch.Tensor) -> None:
@@ -533,7 +579,8 @@ class DenseCodeSAE(BaseAutoencoder):
     def _feature_acts(self, x_c: torch.Tensor) -> torch.Tensor:
         return self.activation(self.preactivations(x_c))
 
-    def _code_and_prefixes(self, x_c: torch.Tensor, y_n: torch.Tensor | None = None):
+    def _code_and_prefixes(self, x_c: torch.Tensor, y_n: torch.Tensor | None = None,
+                           x: torch.Tensor | None = None):
         pre = self.preactivations(x_c)
         acts = self.activation(pre)
         prefixes = self.decode(acts).unsqueeze(1)

@@ -30,7 +30,8 @@ were trained as, in SAELens's own fields, so the nested prefixes survive. A Batc
 Units: our input_unit_norm is SAELens's normalize_activations="layer_norm" (the same definition, see
 `BaseAutoencoder.normalize_source`); b_dec centring is apply_b_dec_to_input (SAEs: on; transcoders,
 whose b_dec lives in the target space: off). A transcoder's target_scale (a power of two) is
-folded into W_dec, b_dec and W_skip, which is exact.
+folded into W_dec, b_dec and W_skip, and a skip transcoder's skip_scale into W_skip, which is
+exact; the source centring is folded into the biases (rounded; the sidecar keeps them unfolded).
 
 Two sidecar files that SAELens ignores, ``native_config.json`` (our cfg) and
 ``native_extras.safetensors`` (what SAELens has no field for: log_threshold, target_scale), make
@@ -41,6 +42,7 @@ recomputed; whatever cannot be represented exactly is refused with an error nami
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import warnings
@@ -173,34 +175,40 @@ def _learned_threshold(sae: BatchTopKSAE) -> torch.Tensor:
 
 
 def _transcoder_form(sae: MatryoshkaTranscoder, state, weights) -> str:
-    """Fold target_scale s into the decoder (our prediction is (z W_dec + b_dec + x W_skip) s)."""
+    """Fold our units into SAELens's. Our prediction is
+        (z W_dec + b_dec + (x - skip_shift) / skip_scale W_skip) * target_scale,
+    SAELens's z W_dec' + b_dec' + x W_skip'^T: W_dec' = W_dec s_t, W_skip' = (W_skip s_t / s_s)^T
+    (powers of two: exact) and b_dec' = (b_dec - skip_shift / s_s W_skip) s_t (rounded)."""
     weights["threshold"] = _learned_threshold(sae).expand(sae.dict_size).clone()
-    # Ours encodes (and skips) the centred source x - source_mean, SAELens's reads x: the mean is
-    # folded into b_enc (and b_dec); the extras keep the unfolded biases for an exact import.
-    mean = state["source_mean"]
+    # Ours encodes the centred source x_n - source_mean, SAELens's reads x_n: the mean is folded
+    # into b_enc (and the skip path's shift into b_dec); the extras keep the unfolded biases for
+    # an exact import.
     state["unfolded_b_enc"] = state["b_enc"]
-    weights["b_enc"] = state["b_enc"] - mean @ state["W_enc"]
-    if state.get("W_skip") is not None:
-        state["unfolded_b_dec"] = state["b_dec"]
-        state["b_dec"] = state["b_dec"] - mean @ state["W_skip"]
+    weights["b_enc"] = state["b_enc"] - state["source_mean"] @ state["W_enc"]
     scale = state["target_scale"].float()
-    folded = {"W_dec": state["W_dec"] * scale, "b_dec": state["b_dec"] * scale}
+    folded = {"W_dec": (state["W_dec"], scale), "b_dec": (state["b_dec"], scale)}
     skip = state.get("W_skip")
     if skip is not None:
-        if sae.cfg["input_unit_norm"]:
-            raise NotRepresentable(
-                "W_skip: our skip path reads the standardised source (input_unit_norm=True), SAELens's "
-                "skip transcoder reads the raw source; train the skip transcoder with input_unit_norm=False.")
-        folded["W_skip"] = (skip * scale).t().contiguous()  # SAELens keeps W_skip as [d_out, d_in]
-    for name, value in folded.items():
-        original = state[name] if name != "W_skip" else skip.t()
-        if not torch.equal(value / scale, original):
-            warnings.warn(f"target_scale={scale.item()!r} is not a power of two, so folding it into {name} "
-                          f"rounds the weights (by at most half a float32 ulp); dictionaries trained now "
-                          f"have a power-of-two scale and export exactly.")
-            break
-    weights.update(folded)
+        skip_scale = state["skip_scale"].float()
+        state["unfolded_b_dec"] = state["b_dec"]
+        folded["b_dec"] = (state["b_dec"] - (state["skip_shift"] / skip_scale) @ skip, scale)
+        folded["W_skip"] = (skip.t(), scale / skip_scale)  # SAELens keeps W_skip as [d_out, d_in]
+    rounded = []
+    for name, (value, factor) in folded.items():
+        weights[name] = (value * factor).contiguous()
+        if not torch.equal(weights[name] / factor, value):
+            rounded.append(name)
+    if rounded:
+        scales = [f"{name}={state[name].item()!r}" for name in ("target_scale", "skip_scale")
+                  if name in state and not _power_of_two(state[name].item())]
+        warnings.warn(f"{' and '.join(scales)} is not a power of two, so folding it into {', '.join(rounded)} "
+                      f"rounds the weights (by at most half a float32 ulp); dictionaries trained now have "
+                      f"power-of-two scales and export exactly.")
     return "jumprelu_skip_transcoder" if skip is not None else "jumprelu_transcoder"
+
+
+def _power_of_two(value: float) -> bool:
+    return value > 0 and math.frexp(value)[0] == 0.5
 
 
 def _metadata(sae: BaseAutoencoder, details: dict) -> dict:
@@ -502,7 +510,7 @@ def _native_state(cfg: dict, sl_cfg: dict, weights: dict[str, torch.Tensor], ext
     elif cfg["sae_type"] == "jumprelu":
         state["log_threshold"] = _log_threshold(threshold, extras.get("log_threshold"), round_thresholds)
     if transcoder:
-        _unfold_target_scale(state, weights, extras.get("target_scale"))
+        _unfold_target_scale(state, weights, extras)
         if "source_mean" in extras:  # our own export folded the source mean into the biases
             state.update(source_mean=extras["source_mean"], b_enc=extras["unfolded_b_enc"])
             if "unfolded_b_dec" in extras:
@@ -533,16 +541,19 @@ def _log_threshold(threshold: torch.Tensor, native: torch.Tensor | None, round_t
     return best
 
 
-def _unfold_target_scale(state: dict, weights: dict, scale: torch.Tensor | None) -> None:
-    """Our transcoders predict (z W_dec + b_dec + x W_skip) * target_scale; SAELens's without a scale."""
-    scale = torch.tensor(1.0) if scale is None else scale.float()
+def _unfold_target_scale(state: dict, weights: dict, extras: dict) -> None:
+    """The inverse of `_transcoder_form`'s scaling: W_dec = W_dec' / s_t, W_skip = W_skip'^T s_s / s_t
+    (s_t = target_scale, s_s = skip_scale; 1 for a folder SAELens wrote)."""
+    one = torch.tensor(1.0)
+    scale = extras.get("target_scale", one).float()
     state["target_scale"] = scale
-    for name in ("W_dec", "b_dec", "W_skip"):
+    factors = {"W_dec": scale, "b_dec": scale, "W_skip": scale / extras.get("skip_scale", one).float()}
+    for name, factor in factors.items():
         if name not in weights:
             continue
         sl_value = weights[name]
-        value = sl_value / scale
-        if not torch.equal(value * scale, sl_value):
+        value = sl_value / factor
+        if not torch.equal(value * factor, sl_value):
             raise NotRepresentable(f"{name}: {NATIVE_EXTRAS}'s target_scale {scale.item()} does not divide it "
                                    f"exactly; delete the sidecar files to import the folder as SAELens sees it.")
         state[name] = value.t().contiguous() if name == "W_skip" else value

@@ -7,7 +7,7 @@ subcommands), the activations from the real stores, the training from training.p
 
 Rows (every transcoder variant trains on one activation stream with `train_sae_group`):
     transcoder          the transcoder as it is now
-    skip transcoder     with cfg["transcoder_skip"] (y_hat = z W_dec + b_dec + x W_skip)
+    skip transcoder     with cfg["transcoder_skip"] (y_hat = z W_dec + b_dec + x_s W_skip)
     SAE on mlp_out      a Matryoshka SAE on the target site, same settings (its own stream)
 With --ablations, transcoder variants that isolate one choice each are added: the initialisation
 before issue 14 (tied encoder, uncentred source, random decoder), each part of the new one alone,
@@ -58,15 +58,18 @@ ISSUE_SETTINGS = ["--model", "smollm2-135m", "--dataset", "python-docs", "--laye
 
 def old_initialisation(sae) -> None:
     """The initialisation before issue 14: W_enc = W_dec^T, the source not centred, a random
-    decoder (the first batch sets only the target's scale and b_dec)."""
+    decoder (the first batch sets only the target's scale and b_dec, and a skip path's units)."""
     with torch.no_grad():
         sae.W_enc.copy_(sae.W_dec.t())
-    sae.initialize_from_batch = lambda source, target: sae.initialize_b_dec(target)
+    random_encoder_only(sae)
 
 
 def random_encoder_only(sae) -> None:
     """Independent encoder columns, but the source not centred and a random decoder."""
-    sae.initialize_from_batch = lambda source, target: sae.initialize_b_dec(target)
+    def initialize(source, target):
+        sae.initialize_b_dec(target)
+        sae.initialize_skip_path(source)
+    sae.initialize_from_batch = initialize
 
 
 def centring_only(sae) -> None:
@@ -74,6 +77,7 @@ def centring_only(sae) -> None:
     def initialize(source, target):
         sae.initialize_b_dec(target)
         sae.source_mean.copy_(sae.normalize_source(source)[0].mean(dim=0))
+        sae.initialize_skip_path(source)
     sae.initialize_from_batch = initialize
 
 

@@ -4,6 +4,7 @@ that computes what ours computes in eval mode; SAELens-built SAEs import and com
 computes; export -> import is bit-exact; bad folders and checkpoints are refused cleanly."""
 
 import json
+import math
 import os
 
 import pytest
@@ -117,10 +118,13 @@ def test_metadata_and_matryoshka_group_ends(tmp_path):
     assert torch.equal(threshold, sae.threshold.expand(cfg["dict_size"]))
 
 
-def test_skip_transcoder_exports_as_sae_lens_skip_transcoder(tmp_path):
+@pytest.mark.parametrize("input_unit_norm", [False, True])
+def test_skip_transcoder_exports_as_sae_lens_skip_transcoder(tmp_path, input_unit_norm):
     sae, _ = train_briefly("matryoshka_transcoder", tmp_path, n_steps=20, transcoder_skip=True,
-                           input_unit_norm=False)
+                           input_unit_norm=input_unit_norm)
     assert sae.W_skip.abs().sum() > 0
+    scale = sae.skip_scale.item()  # the skip path's raw-source scale folds into W_skip exactly
+    assert scale == 2.0 ** round(math.log2(scale)) and (scale != 1.0) == input_unit_norm
     folder = export_sae_lens(sae, tmp_path / "exported")
     sl = SAE.load_from_disk(folder)
     assert type(sl).__name__ == "JumpReLUSkipTranscoder"
@@ -130,14 +134,6 @@ def test_skip_transcoder_exports_as_sae_lens_skip_transcoder(tmp_path):
         assert_same_code(sae.encode(source), sl.encode(source))
         assert_close_rel(sae.reconstruct(source), sl(source))
     assert_same_sae(sae, load_sae_lens(folder))
-
-
-def test_skip_transcoder_on_standardised_source_is_refused(tmp_path):
-    sae, _ = train_briefly("matryoshka_transcoder", tmp_path, n_steps=5, transcoder_skip=True,
-                           input_unit_norm=True)
-    with pytest.raises(NotRepresentable, match="W_skip.*input_unit_norm=False"):
-        export_sae_lens(sae, tmp_path / "exported")
-    assert not (tmp_path / "exported").exists()
 
 
 def test_transcoder_target_scale_is_a_power_of_two_folded_exactly(tmp_path):
@@ -425,3 +421,26 @@ def test_failure_while_writing_leaves_nothing_and_keeps_the_old_folder(exported,
     assert sorted(os.listdir(exported)) == before
     assert json.loads((exported / "cfg.json").read_text())["architecture"] == "topk"
     assert not [p for p in exported.parent.iterdir() if p.name.startswith(".exported")]
+
+
+@pytest.mark.parametrize("normalize", ["none", "layer_norm"])
+def test_sae_lens_skip_transcoder_imports_and_computes_the_same(normalize, tmp_path):
+    """A JumpReLUSkipTranscoder built in SAELens (one threshold, as our transcoders have)."""
+    from sae_lens import JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig
+    torch.manual_seed(0)
+    sl = JumpReLUSkipTranscoder(JumpReLUSkipTranscoderConfig(d_in=D_IN, d_sae=D_SAE, d_out=D_IN + 8,
+                                                            normalize_activations=normalize, apply_b_dec_to_input=False))
+    with torch.no_grad():
+        sl.b_enc.normal_(0, 0.1), sl.b_dec.normal_(), sl.W_skip.normal_(0, 0.2)
+        sl.threshold.fill_(0.25)
+    sl.save_model(tmp_path / "sl")
+    sl_cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
+    sl_cfg["metadata"].update(hook_name="blocks.3.hook_resid_mid", hook_name_out="blocks.3.hook_mlp_out")
+    (tmp_path / "sl" / "cfg.json").write_text(json.dumps(sl_cfg))
+    ours = load_sae_lens(tmp_path / "sl").eval()
+    assert isinstance(ours, MatryoshkaTranscoder) and ours.W_skip.shape == (D_IN, D_IN + 8)
+    assert ours.skip_scale.item() == 1.0 and not ours.skip_shift.any()
+    x = PlantedStore(seed=3).next_batch() * 3 + 1
+    with torch.no_grad():
+        assert_same_code(ours.encode(x), sl.encode(x))
+        assert_close_rel(ours.reconstruct(x), sl(x))

@@ -3,6 +3,7 @@ and the skip connection (its gradient and Matryoshka prefixes against a dense re
 option, save/load and resume)."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -137,7 +138,7 @@ def dense_transcoder_loss(transcoder, x, y):
     acts = F.relu(pre)
     cut = acts.detach().flatten().topk(K * x.shape[0]).values[-1]
     z = acts * ((acts >= cut) & (acts > 0))
-    skip = x_n @ transcoder.W_skip
+    skip = ((x - transcoder.skip_shift) / transcoder.skip_scale) @ transcoder.W_skip  # the raw source
     prefixes = torch.stack([z[:, :m] @ transcoder.W_dec[:m] + transcoder.b_dec + skip
                             for m in transcoder.group_ends.tolist()], dim=1)
     l2 = (prefixes - y_n[:, None]).pow(2).mean(dim=(0, 2)).mean()
@@ -156,6 +157,8 @@ def test_skip_gradient_and_prefixes_match_dense_reference():
     transcoder.initialize_b_dec(y)
     with torch.no_grad():  # a trained-looking skip path and biases
         transcoder.W_skip.normal_(0, 0.2)
+        transcoder.skip_shift.normal_(0, 0.5)
+        transcoder.skip_scale.fill_(4.0)
         transcoder.b_enc.normal_(0, 0.1)
         transcoder.tokens_since_fired[::3] = 10 ** 9  # some dead latents, so AuxK is on
     reference = copy.deepcopy(transcoder)
@@ -173,6 +176,41 @@ def test_skip_gradient_and_prefixes_match_dense_reference():
     for name, param in transcoder.named_parameters():
         torch.testing.assert_close(param.grad, dict(reference.named_parameters())[name].grad,
                                    rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_skip_path_reads_the_raw_source_centred_and_scaled_by_a_power_of_two():
+    x, y = pair(4)
+    x = x * 40 + 7  # far from unit scale
+    for input_unit_norm in (True, False):
+        transcoder = MatryoshkaTranscoder(transcoder_cfg(transcoder_skip=True, input_unit_norm=input_unit_norm))
+        transcoder.initialize_from_batch(x, y)
+        torch.testing.assert_close(transcoder.skip_shift, x.mean(dim=0))
+        x_s = (x - transcoder.skip_shift) / transcoder.skip_scale
+        scale = transcoder.skip_scale.item()
+        if input_unit_norm:  # unit RMS to within a factor sqrt(2), and a power of two
+            assert 2 ** -0.5 <= x_s.pow(2).mean().sqrt() <= 2 ** 0.5 and math.log2(scale) == round(math.log2(scale))
+        else:  # the skip path reads x_c, what the encoder reads
+            assert scale == 1.0
+            torch.testing.assert_close(x_s, transcoder.center(transcoder.normalize_source(x)[0]))
+
+
+def test_skip_transcoder_files_from_before_the_raw_skip_path():
+    """Saved without skip_shift/skip_scale, the skip read x_c: the same computation without
+    input_unit_norm; with it the file cannot be computed here and says so."""
+    x, y = pair(5)
+    for input_unit_norm in (False, True):
+        transcoder = MatryoshkaTranscoder(transcoder_cfg(transcoder_skip=True, input_unit_norm=input_unit_norm))
+        transcoder.initialize_from_batch(x, y)
+        with torch.no_grad():
+            transcoder.W_skip.normal_(0, 0.2)
+        old_file = {k: v for k, v in transcoder.state_dict().items() if not k.startswith("skip_")}
+        reloaded = MatryoshkaTranscoder(transcoder.cfg)
+        if input_unit_norm:
+            with pytest.raises(ValueError, match="skip path read the standardised source"):
+                reloaded.load_state_dict(old_file)
+            continue
+        reloaded.load_state_dict(old_file)
+        assert torch.equal(reloaded.reconstruct(x), transcoder.reconstruct(x))
 
 
 def test_skip_starts_as_the_plain_transcoder_and_stays_off_the_decoder_constraint():
