@@ -14,27 +14,35 @@ BOS positions dropped when cfg["exclude_bos"]) and writes a folder:
 
 `CachedActivationsStore(cfg)` reads it (cfg["activation_cache"] = the folder) with the interface of
 the live stores: `next_batch` (an SAE's batch, or a transcoder's (source, target) pair),
-`get_eval_tokens`, `state_dict`/`load_state_dict`. The shards are memory-mapped (safetensors reads
-only the slices asked for). Shuffling keeps memory bounded: each epoch orders the cache's chunks
-(runs of ``chunk`` consecutive activations) by a seeded permutation, the resulting stream is cut
-into blocks of ``num_batches_in_buffer * batch_size`` activations, and each block (about 16 chunks
-from all over the cache) is shuffled by a generator seeded with the block's index. A batch is thus
-a pure function of its index: the store's position is the number of batches served, and resuming
-is exact. Epochs repeat the cache in a new order.
+`get_eval_tokens`, `state_dict`/`load_state_dict`. The shards are memory-mapped and only the rows
+served are read. Shuffling keeps memory bounded: each epoch orders the cache's chunks (runs of
+``chunk`` consecutive activations) by a seeded permutation, the resulting stream is cut into blocks
+of ``num_batches_in_buffer * batch_size`` activations, and each block (about 16 chunks from all over
+the cache) is shuffled by a generator seeded with the block's index. A batch is thus a pure function
+of its index: the store's position is the number of batches served, and resuming is exact. Epochs
+repeat the cache in a new order.
+
+Under torchrun each rank reads and serves its rows of every global batch (rank r of W: rows
+[r B / W, (r + 1) B / W)), so the global batches, and the position, are those of one process: a run
+resumes exactly on any number of ranks. The cache itself is written by one process
+(cache_activations.py without torchrun).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+import distributed
 from activation_store import ActivationsStore, dictionary_hooks, first_held_out_rows
 from checkpoint import atomic_write
 from config import canonical_model_name
@@ -44,7 +52,9 @@ MANIFEST_FILE = "manifest.json"
 EVAL_TOKENS_FILE = "eval_tokens.safetensors"
 TOKENS = "tokens"
 SHARD_MB = 256  # default shard size on disk
-MAX_CHUNK = 4096  # activations read in one contiguous slice
+MAX_CHUNK = 4096  # consecutive activations kept together by the epoch order
+OPEN_SHARDS = 64  # shard files kept memory-mapped at once
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,8 +72,8 @@ class _CacheSource(ActivationsStore):
     def _hooks(self) -> list[tuple[str, str]]:
         return [(name, "act_size") for name in self._cache_hooks]
 
-    def _fill_block(self) -> None:
-        """No buffer: the cache reads `unshuffled_activations`."""
+    def _set_lanes(self, n_lanes: int) -> None:
+        """No lanes or buffers: the cache reads `unshuffled_activations`."""
 
 
 def write_activation_cache(model, cfg: dict, folder: str | Path, hook_names: list[str] | None = None,
@@ -74,6 +84,9 @@ def write_activation_cache(model, cfg: dict, folder: str | Path, hook_names: lis
 
     The folder must be empty, new, or an earlier cache (complete or not), which is replaced.
     """
+    if distributed.launched_by_torchrun():
+        raise ValueError("An activation cache is written by one process: run cache_activations.py without "
+                         "torchrun, then train from the cache (--activations DIR) under torchrun.")
     folder = _prepare_folder(Path(folder))
     hook_names = hook_names or dictionary_hooks(cfg)
     num_tokens = int(num_tokens or cfg["num_tokens"])
@@ -180,6 +193,9 @@ class CachedActivationsStore:
     """Shuffled batches from an activation cache, on cfg["device"] in float32 (see the module doc).
 
     `next_batch()` is ``[batch_size, act_size]`` for an SAE, ``(source, target)`` for a transcoder.
+    Under torchrun rank r of W serves rows [r B / W, (r + 1) B / W) of every global batch of B =
+    cfg["batch_size"] and reads only those rows from the cache: the ranks' rows are disjoint, the
+    global batches those of one process, and the position (batches served) is global.
     """
 
     def __init__(self, cfg: dict, folder: str | Path | None = None):
@@ -189,14 +205,16 @@ class CachedActivationsStore:
         check_cache_matches(self.manifest, cfg, self.folder)
         self.hook_names = dictionary_hooks(cfg)
         self.device = torch.device(cfg["device"])
-        self._shards = [self._open_shard(shard) for shard in self.manifest["shards"]]
+        self._layouts = [self._open_shard(shard) for shard in self.manifest["shards"]]
+        self._mapped_rows = functools.lru_cache(maxsize=OPEN_SHARDS)(self._map_rows)
         counts = torch.tensor([shard["count"] for shard in self.manifest["shards"]])
         self._shard_ends = counts.cumsum(0)
         self.n_activations = int(self._shard_ends[-1]) if len(counts) else 0
         if self.n_activations == 0:
             raise ValueError(f"The activation cache {self.folder} holds no activations.")
-        self.batch_size = cfg["batch_size"]
-        self.buffer_size = cfg["num_batches_in_buffer"] * self.batch_size
+        self.global_batch = cfg["batch_size"]
+        self.batch_size = distributed.local_batch_size(self.global_batch)  # this rank's rows of a batch
+        self.buffer_size = cfg["num_batches_in_buffer"] * self.global_batch
         self.chunk = max(1, min(MAX_CHUNK, self.buffer_size // 16))
         self._batches_served = 0
         self._block_index: int | None = None
@@ -204,26 +222,28 @@ class CachedActivationsStore:
         self._epoch_orders: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._eval_tokens = load_file(self.folder / EVAL_TOKENS_FILE)[TOKENS].to(self.device)
 
-    def _open_shard(self, shard: dict[str, Any]):
+    def _open_shard(self, shard: dict[str, Any]) -> dict[str, tuple[int, torch.dtype, int]]:
+        """Check a shard; where each hook's rows lie in its file: {name: (byte offset, dtype, width)}."""
         path = self.folder / shard["file"]
         try:
-            handle = safe_open(path, framework="pt")
-            shapes = {name: handle.get_slice(name).get_shape() for name in (*self.hook_names, TOKENS)}
+            with safe_open(path, framework="pt") as handle:
+                shapes = {name: handle.get_slice(name).get_shape() for name in (*self.hook_names, TOKENS)}
         except (SafetensorError, OSError) as error:
             raise ValueError(f"The activation cache shard {path} cannot be read ({error}): it is missing, "
                              f"truncated or damaged; write the cache again.") from None
         if any(shape[0] != shard["count"] for shape in shapes.values()):
             raise ValueError(f"The activation cache shard {path} holds {shapes} positions, the manifest says "
                              f"{shard['count']}; write the cache again.")
-        return handle
+        return _tensor_layout(path, self.hook_names)
 
     # -- public ---------------------------------------------------------------------------------
 
     def next_batch(self) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        block, offset = divmod(self._batches_served * self.batch_size, self.buffer_size)
+        block, batch = divmod(self._batches_served, self.cfg["num_batches_in_buffer"])
         if block != self._block_index:
             self._load_block(block)
-        batches = [acts[offset : offset + self.batch_size] for acts in self._block]
+        rows = slice(batch * self.batch_size, (batch + 1) * self.batch_size)
+        batches = [acts[rows] for acts in self._block]
         self._batches_served += 1
         return batches[0] if len(batches) == 1 else tuple(batches)
 
@@ -233,10 +253,11 @@ class CachedActivationsStore:
 
     @property
     def epochs_completed(self) -> int:
-        return self._batches_served * self.batch_size // self.n_activations
+        return self._batches_served * self.global_batch // self.n_activations
 
     def state_dict(self) -> dict[str, Any]:
-        """The position: batches served (a batch is a function of its index), and what fixes the order."""
+        """The position: global batches served (a batch is a function of its index, the same for any
+        number of ranks), and what fixes the order."""
         return {"batches_served": self._batches_served, "settings": self._stream_settings()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -250,7 +271,7 @@ class CachedActivationsStore:
         self._block_index = None
 
     def _stream_settings(self) -> dict[str, Any]:
-        return {"cache": self.manifest["id"], "hooks": self.hook_names, "batch_size": self.batch_size,
+        return {"cache": self.manifest["id"], "hooks": self.hook_names, "batch_size": self.global_batch,
                 "num_batches_in_buffer": self.cfg["num_batches_in_buffer"], "seed": self.cfg["seed"]}
 
     # -- the shuffled stream ----------------------------------------------------------------------
@@ -263,7 +284,7 @@ class CachedActivationsStore:
             order = torch.randperm(n_chunks, generator=generator)
             lengths = (torch.clamp(self.n_activations - order * self.chunk, max=self.chunk))
             self._epoch_orders = {epoch: (order, lengths.cumsum(0))}  # keep one epoch's
-            if epoch > 0:
+            if epoch > 0 and distributed.is_main_process():
                 warnings.warn(f"The activation cache {self.folder} is exhausted; starting epoch {epoch + 1} "
                               f"in a new order.", stacklevel=4)
         return self._epoch_orders[epoch]
@@ -282,25 +303,61 @@ class CachedActivationsStore:
             yield first, first + take
             start, length = start + take, length - take
 
-    def _read(self, first: int, stop: int) -> list[torch.Tensor]:
-        """Per hook, the cached activations first..stop-1 (model dtype, CPU, read from the mmap)."""
+    def _map_rows(self, shard: int, name: str) -> np.memmap:
+        """Shard `shard`'s activations at hook `name` as bytes ``[count, width x itemsize]``, mapped
+        from the file (the OPEN_SHARDS most recently used stay mapped)."""
+        offset, dtype, width = self._layouts[shard][name]
+        return np.memmap(self.folder / self.manifest["shards"][shard]["file"], dtype=np.uint8, mode="r",
+                         offset=offset, shape=(self.manifest["shards"][shard]["count"], width * dtype.itemsize))
+
+    def _read(self, index: torch.Tensor) -> list[torch.Tensor]:
+        """Per hook, the cached activations at the sorted cache indices `index` [n] (model dtype,
+        CPU): only those rows are read from the files."""
+        shards = torch.searchsorted(self._shard_ends, index, right=True)
         parts: list[list[torch.Tensor]] = [[] for _ in self.hook_names]
-        shard = int(torch.searchsorted(self._shard_ends, first, right=True))
-        while first < stop:
-            shard_start = int(self._shard_ends[shard - 1]) if shard else 0
-            end = min(stop, int(self._shard_ends[shard]))
+        for shard, rows in zip(*(part.tolist() for part in torch.unique_consecutive(shards, return_counts=True))):
+            local = index[:rows] - (int(self._shard_ends[shard - 1]) if shard else 0)
+            index = index[rows:]
             for part, name in zip(parts, self.hook_names):
-                part.append(self._shards[shard].get_slice(name)[first - shard_start : end - shard_start])
-            first, shard = end, shard + 1
+                dtype = self._layouts[shard][name][1]
+                part.append(torch.from_numpy(self._mapped_rows(shard, name)[local.numpy()]).view(dtype))
         return [torch.cat(part) if len(part) > 1 else part[0] for part in parts]
 
     def _load_block(self, block: int) -> None:
-        pieces = [self._read(a, b) for a, b in self._pieces(block * self.buffer_size, self.buffer_size)]
+        """This rank's rows of the block's batches, in the order served. The block is buffer_size
+        consecutive positions of the epoch-ordered stream, shuffled by the block's generator; batch j
+        is shuffled positions [j B, (j + 1) B), of which rank r serves [r b, (r + 1) b), b = B / W."""
+        index = torch.cat([torch.arange(a, b) for a, b in self._pieces(block * self.buffer_size, self.buffer_size)])
         generator = torch.Generator(device=self.device).manual_seed(_seed(self.cfg["seed"], "block", block))
-        order = torch.randperm(self.buffer_size, generator=generator, device=self.device)
-        self._block = [torch.cat([piece[i] for piece in pieces]).to(self.device)[order].float()
-                       for i in range(len(self.hook_names))]
+        order = torch.randperm(self.buffer_size, generator=generator, device=self.device).cpu()
+        first = distributed.rank() * self.batch_size
+        mine = index[order.view(-1, self.global_batch)[:, first:first + self.batch_size].flatten()]
+        sorted_index, served_at = mine.sort()  # read the files in order, then put the rows in place
+        served_at = served_at.to(self.device)
+        self._block = []
+        for rows in self._read(sorted_index):
+            rows = rows.to(self.device)
+            in_place = torch.empty_like(rows)
+            in_place[served_at] = rows
+            self._block.append(in_place.float())
         self._block_index = block
+
+
+def _tensor_layout(path: Path, names: list[str]) -> dict[str, tuple[int, torch.dtype, int]]:
+    """Where the 2-D tensors `names` of a safetensors file lie: {name: (byte offset, dtype, width)}
+    (the format: an 8-byte header length, a JSON header with each tensor's dtype, shape and byte
+    range after the header, then the data)."""
+    with open(path, "rb") as f:
+        header_length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_length))
+    layout = {}
+    for name in names:
+        dtype = SAFETENSORS_DTYPES.get(header[name]["dtype"])
+        if dtype is None:
+            raise ValueError(f"The activation cache shard {path} stores {name} as {header[name]['dtype']}; "
+                             f"write the cache again from a float16, bfloat16 or float32 model.")
+        layout[name] = (8 + header_length + header[name]["data_offsets"][0], dtype, header[name]["shape"][1])
+    return layout
 
 
 def _seed(seed: int, kind: str, index: int) -> int:

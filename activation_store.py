@@ -17,6 +17,10 @@ followed by the tokenizer's EOS where there is one, else simply concatenated.
 Held-out rows. The first ``cfg["n_eval_rows"]`` rows are set aside for evaluation
 (`get_eval_tokens`); the documents they came from are skipped by the training stream in every epoch.
 With ``cfg["eval_dataset_path"]`` (e.g. a test split) they are read from that dataset instead.
+
+Lanes. The training documents are dealt to cfg["data_lanes"] lanes, each running the flow above on
+its documents; the global batch is the lanes' batches side by side, whatever the number of ranks
+that computes them (`ActivationsStore`). One lane (a single process, by default) is the plain flow.
 """
 
 from __future__ import annotations
@@ -278,6 +282,110 @@ class RowStream:
 
 
 # ---------------------------------------------------------------------------------------------
+# Lanes: shuffled blocks of activations from one share of the documents
+# ---------------------------------------------------------------------------------------------
+
+
+def lane_seed(seed: int, lane: int) -> int:
+    """The seed of lane `lane`'s shuffling generator: cfg["seed"] itself for lane 0."""
+    return seed if lane == 0 else (seed * 1_000_003 + lane) % 2**63
+
+
+class Lane:
+    """Rows -> activations -> shuffled blocks -> batches, for one lane of the training stream.
+
+    The model runs on `chunk_rows` rows at a time ("chunks"); the activations of the chunks, in
+    order, form one stream, cut into blocks of ``block_size = n_batches * batch_size`` consecutive
+    activations; each block is shuffled by `generator` and served as n_batches batches.
+
+    Exact resume. A block depends only on where it starts in the row stream and on the generator, so
+    the lane's position (`state_dict`) is: the row stream's position before the chunk holding the
+    block's first activation ("rows"), how many activations of that chunk precede the block ("skip"),
+    the generator's state before the block's shuffle and the batches served from it ("served").
+    `load_state_dict` recomputes that one block (the same chunks, so bit-identical activations).
+    """
+
+    def __init__(self, rows: RowStream, activations_of, chunk_rows: int, batch_size: int, n_batches: int,
+                 generator: torch.Generator, widths: list[int], device: torch.device):
+        self.rows = rows
+        self._activations_of = activations_of  # token rows -> per hook [kept positions, width]
+        self._chunk_rows = chunk_rows
+        self.batch_size = batch_size
+        self.block_size = n_batches * batch_size
+        self._generator = generator
+        self._device = device
+        empty = [torch.empty(0, width, device=device) for width in widths]
+        self._buffers = empty  # the current block, shuffled, per hook
+        self._pointer = 0  # activations of the block served
+        self._spill = empty  # activations computed past the block: the tail of the last chunk
+        self._last_chunk: tuple[dict, int] = (rows.state_dict(), 0)  # (rows before it, its length)
+        self._block_start: dict[str, Any] = {}
+
+    def next_batches(self) -> list[torch.Tensor]:
+        """The next batch of every hook ``[batch_size, width]``, rows paired across hooks."""
+        if self._pointer + self.batch_size > self.block_size:
+            self.fill_block()
+        batches = [buffer[self._pointer : self._pointer + self.batch_size] for buffer in self._buffers]
+        self._pointer += self.batch_size
+        return batches
+
+    def fill_block(self) -> None:
+        """Make the next block of block_size activations current, shuffled; remember where it began."""
+        rows_before, chunk_length = self._last_chunk
+        if len(self._spill[0]):  # the block starts inside the last chunk read
+            self._block_start = {"rows": rows_before, "skip": chunk_length - len(self._spill[0])}
+        else:
+            self._block_start = {"rows": self.rows.state_dict(), "skip": 0}
+        self._block_start["generator"] = self._generator.get_state()
+        columns = [[spill] for spill in self._spill]
+        n_have = len(self._spill[0])
+        while n_have < self.block_size:
+            rows_before = self.rows.state_dict()
+            fresh = self._activations_of(self.rows.take(self._chunk_rows))
+            self._last_chunk = (rows_before, len(fresh[0]))
+            for column, acts in zip(columns, fresh):
+                column.append(acts)
+            n_have += len(fresh[0])
+        blocks = [torch.cat(column) for column in columns]
+        self._spill = [block[self.block_size:].clone() for block in blocks]  # frees the block
+        order = torch.randperm(self.block_size, generator=self._generator, device=self._device)
+        self._buffers = [block[:self.block_size][order] for block in blocks]
+        self._pointer = 0
+
+    def skip_rows(self, n_rows: int) -> None:
+        """Continue after the first `n_rows` rows of the lane (a new block from there)."""
+        if n_rows > self.rows.rows_taken:
+            self.rows.take(n_rows - self.rows.rows_taken)
+        self._spill = [buffer[:0] for buffer in self._buffers]
+        self.fill_block()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self._block_start, "served": self._pointer}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rows.load_state_dict(state["rows"])
+        rows_before = self.rows.state_dict()
+        chunk = self._activations_of(self.rows.take(self._chunk_rows))
+        self._spill = [acts[state["skip"]:] for acts in chunk]
+        self._last_chunk = (rows_before, len(chunk[0]))
+        self._generator.set_state(state["generator"])
+        self.fill_block()
+        self._pointer = state["served"]
+
+
+def lanes_position(state: dict[str, Any] | list[dict[str, Any]]) -> dict[str, Any]:
+    """A saved store position as ``{"lanes": [one per lane], "settings": ...}``. Earlier versions saved
+    one lane's position flat (a single process), or a list of one per rank (torchrun; rank r's
+    stream was lane r's)."""
+    if isinstance(state, list):
+        return {"lanes": state, "settings": {**state[0]["settings"], "data_lanes": len(state)}}
+    if "lanes" in state:
+        return state
+    lane = {key: value for key, value in state.items() if key != "settings"}
+    return {"lanes": [lane], "settings": {**state["settings"], "data_lanes": 1}}
+
+
+# ---------------------------------------------------------------------------------------------
 # The store
 # ---------------------------------------------------------------------------------------------
 
@@ -285,20 +393,27 @@ class RowStream:
 class ActivationsStore:
     """Shuffled batches of the activations at cfg["hook_point"], on cfg["device"] in float32.
 
-    The model runs on ``model_batch_size`` rows at a time ("chunks"), stopped after the hooked block;
-    with cfg["exclude_bos"] the activations at BOS positions are dropped. The activations of the
-    chunks, in order, form one stream. The stream is cut into blocks of
-    ``buffer_size = num_batches_in_buffer * batch_size`` consecutive activations; each block is
-    shuffled with a generator seeded by cfg["seed"] and served as num_batches_in_buffer batches, so
-    every batch is a uniform sample of a block that spans many documents (as in the original
-    repository). When the data runs out a warning is issued and a new epoch starts.
+    The model runs on ``model_batch_size`` rows at a time, stopped after the hooked block; with
+    cfg["exclude_bos"] the activations at BOS positions are dropped. The activation stream is cut
+    into blocks of ``num_batches_in_buffer`` batches; each block is shuffled with a generator seeded
+    by cfg["seed"] and served batch by batch, so every batch is a uniform sample of a block that
+    spans many documents (as in the original repository); see `Lane`. When the data runs out a
+    warning is issued and a new epoch starts.
 
-    Exact resume. A block depends only on where it starts in the stream and on the generator, so the
-    store's position (`state_dict`) is: the row stream's position before the chunk holding the
-    block's first activation, how many activations of that chunk precede the block, the generator's
-    state before the block's shuffle, and the batches served from it. `load_state_dict` recomputes
-    that one block (the same chunks, so bit-identical activations) and continues exactly where the
-    saved store was: a resumed run sees the batches of an uninterrupted one.
+    Lanes: one global stream for any number of ranks. The training documents are dealt to L =
+    cfg["data_lanes"] lanes (default: the number of ranks the run starts with, so 1 on a single
+    process): document i after the held-out ones goes to lane i % L. Each lane packs its own
+    documents into rows, runs the model on them and shuffles its own blocks (generator seeded by
+    `lane_seed`(seed, lane)), serving batches of B / L rows, B = cfg["batch_size"]; the global
+    batch is the lanes' batches concatenated in lane order. It depends on L, not on the number of
+    ranks W: under torchrun rank r serves rows [r B / W, (r + 1) B / W) of every global batch and
+    runs the model on the lanes holding them. When W divides L that is L / W lanes per rank and no
+    work is repeated; otherwise ranks sharing a lane each compute all of it (exact, but the model's
+    work is then not divided; a warning says so).
+
+    Exact resume. The position (`state_dict`) is every lane's (`Lane`) and so global: a checkpoint
+    written by any number of ranks continues on any other on exactly the global batches that the
+    run would have seen. `load_state_dict` recomputes each lane's current block.
     """
 
     def __init__(self, model, cfg: dict):
@@ -334,18 +449,13 @@ class ActivationsStore:
         eval_tokens, n_eval_docs = self._hold_out_rows(eval_dataset, cfg["n_eval_rows"])
         self._eval_tokens = eval_tokens
         self._n_eval_docs = n_eval_docs if eval_dataset is self.dataset else 0
-        self._rows = self._new_row_stream()
 
         self.batch_size = distributed.local_batch_size(cfg["batch_size"])  # this rank's rows of a batch
-        self.buffer_size = cfg["num_batches_in_buffer"] * self.batch_size
-        self._generator = torch.Generator(device=self.device).manual_seed(cfg["seed"])
-        empty = [torch.empty(0, cfg[size_key], device=self.device) for _, size_key in self.hooks]
-        self._buffers = empty  # the current block, shuffled, per hook
-        self._pointer = 0  # activations of the block served
-        self._spill = empty  # activations computed past the block: the tail of the last chunk
-        self._last_chunk: tuple[dict, int] = (self._rows.state_dict(), 0)  # (rows before it, its length)
-        self._block_start: dict[str, Any] = {}
-        self._fill_block()  # early, so that bad settings or data fail here
+        self.n_lanes = 0
+        self._lanes: dict[int, tuple[Lane, slice]] = {}  # this rank's lanes: lane, its rows of a lane batch
+        self._set_lanes(cfg.get("data_lanes") or distributed.world_size())
+        for lane, _ in self._lanes.values():
+            lane.fill_block()  # early, so that bad settings or data fail here
 
     # -- public -------------------------------------------------------------------------------
 
@@ -355,59 +465,90 @@ class ActivationsStore:
         return self._next_batches()[0]
 
     def skip_tokens(self, n_tokens: int) -> None:
-        """Move the stream past the token rows that gave `n_tokens` activations (resuming a run).
+        """Move the stream past the token rows that gave the first `n_tokens` activations of the
+        global stream (resuming a run).
 
-        The buffer is emptied and refilled from the row where a fresh store would be after serving
-        n_tokens activations (estimated from the activations each row gives); no row is repeated.
-        An approximation kept for checkpoints written without the store's state; `load_state_dict`
-        is exact.
+        Each lane's buffer is emptied and refilled from the row where a fresh lane would be after
+        serving n_tokens / lanes activations (estimated from the activations each row gives); no row
+        is repeated. An approximation kept for checkpoints written without the store's state;
+        `load_state_dict` is exact.
         """
         per_row = self.seq_len - (1 if self.exclude_bos else 0)
-        target_rows = -(-n_tokens // per_row)
-        if target_rows > self._rows.rows_taken:
-            self._rows.take(target_rows - self._rows.rows_taken)
-        self._spill = [buffer[:0] for buffer in self._buffers]
-        self._fill_block()
+        target_rows = -(-n_tokens // (per_row * self.n_lanes))
+        for lane, _ in self._lanes.values():
+            lane.skip_rows(target_rows)
 
     @property
     def epochs_completed(self) -> int:
-        return self._rows.epoch
+        return min(lane.rows.epoch for lane, _ in self._lanes.values())
+
+    # -- lanes ----------------------------------------------------------------------------------
+
+    def _set_lanes(self, n_lanes: int) -> None:
+        """Deal the data to `n_lanes` lanes and make this rank's: those holding its rows of the global
+        batch (each with the slice of its lane batch that this rank serves)."""
+        global_batch = self.cfg["batch_size"]
+        if global_batch % n_lanes:
+            raise ValueError(f"cfg['batch_size'] = {global_batch} does not divide among {n_lanes} data lanes "
+                             f"(cfg['data_lanes']); set --data-lanes to a divisor of the batch size.")
+        lane_batch, first = global_batch // n_lanes, distributed.rank() * self.batch_size
+        widths = [self.cfg[size_key] for _, size_key in self.hooks]
+        self.n_lanes, self._lanes = n_lanes, {}
+        for index in range(first // lane_batch, (first + self.batch_size - 1) // lane_batch + 1):
+            start = max(first, index * lane_batch) - index * lane_batch
+            stop = min(first + self.batch_size, (index + 1) * lane_batch) - index * lane_batch
+            generator = torch.Generator(device=self.device).manual_seed(lane_seed(self.cfg["seed"], index))
+            lane = Lane(self._new_row_stream(index, n_lanes), self.activations_of, self.cfg["model_batch_size"],
+                        lane_batch, self.cfg["num_batches_in_buffer"], generator, widths, self.device)
+            self._lanes[index] = (lane, slice(start, stop))
+        if n_lanes % distributed.world_size() and distributed.is_main_process():
+            warnings.warn(f"The data stream has {n_lanes} lane(s) (cfg['data_lanes']) for {distributed.world_size()} "
+                          f"ranks: ranks that serve rows of one lane each run the model on all of it. The batches "
+                          f"are exact but the model's work is not divided; start runs with --data-lanes a "
+                          f"multiple of every number of ranks they may run on.", stacklevel=3)
+
+    def _next_batches(self) -> list[torch.Tensor]:
+        """This rank's rows of the next global batch, per hook (rows paired across hooks): its slices
+        of its lanes' batches, in lane order."""
+        parts = [[batch[rows] for batch in lane.next_batches()] for lane, rows in self._lanes.values()]
+        return parts[0] if len(parts) == 1 else [torch.cat(column) for column in zip(*parts)]
 
     # -- position: exact resume ------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The stream position after the batches served so far (see the class docstring).
+        """The global position after the batches served so far (see the class docstring).
 
-        Small (no activations): row-stream position, generator state, counters, and the settings
-        that shape the stream, which `load_state_dict` checks.
+        Small (no activations): every lane's position, and the settings that shape the stream, which
+        `load_state_dict` checks. Under torchrun a collective (every rank calls it; each gives the
+        positions of its lanes and receives all).
         """
-        return {**self._block_start, "served": self._pointer, "settings": self._stream_settings()}
+        lanes = {index: lane.state_dict() for index, (lane, _) in self._lanes.items()}
+        if distributed.is_active():
+            lanes = {index: state for part in distributed.gather_objects(lanes) for index, state in part.items()}
+        return {"lanes": [lanes[index] for index in range(self.n_lanes)], "settings": self._stream_settings()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly where the store that gave `state` (its `state_dict`) was.
-
-        Recomputes the current block: the chunk holding its first activation onwards.
-        """
+        """Continue exactly where the store that gave `state` (its `state_dict`, from any number of
+        ranks) was: with its number of lanes (unless cfg["data_lanes"] says otherwise, an error)."""
+        state = lanes_position(state)
         saved, current = state["settings"], self._stream_settings()
+        if self.cfg.get("data_lanes") is None:  # the run's own lanes, whatever the number of ranks
+            current["data_lanes"] = saved["data_lanes"]
         changed = [key for key in current if saved.get(key) != current[key]]
         if changed:
             raise ValueError("The saved data position was made with other settings: "
                              + ", ".join(f"{key} {saved.get(key)!r} -> {current[key]!r}" for key in changed)
                              + ". Resume with the run's own settings (its config.json), or start afresh.")
-        self._rows.load_state_dict(state["rows"])
-        rows_before = self._rows.state_dict()
-        chunk = self.activations_of(self._rows.take(self.cfg["model_batch_size"]))
-        self._spill = [acts[state["skip"]:] for acts in chunk]
-        self._last_chunk = (rows_before, len(chunk[0]))
-        self._generator.set_state(state["generator"])
-        self._fill_block()
-        self._pointer = state["served"]
+        if saved["data_lanes"] != self.n_lanes:
+            self._set_lanes(saved["data_lanes"])
+        for index, (lane, _) in self._lanes.items():
+            lane.load_state_dict(state["lanes"][index])
 
     def _stream_settings(self) -> dict[str, Any]:
         """What the stream of batches depends on besides the data position."""
         keys = ("batch_size", "num_batches_in_buffer", "model_batch_size", "seq_len", "seed", "exclude_bos")
         return {"hooks": list(self.hook_names), "dataset": _describe(self.cfg["dataset_path"]),
-                **{key: self.cfg.get(key) for key in keys}}
+                **{key: self.cfg.get(key) for key in keys}, "data_lanes": self.n_lanes}
 
     def get_eval_tokens(self, n_rows: int | None = None) -> torch.Tensor:
         """The first `n_rows` held-out rows (default: all), ``[n_rows, seq_len]`` long, on cfg["device"].
@@ -435,9 +576,10 @@ class ActivationsStore:
 
     # -- token rows ---------------------------------------------------------------------------
 
-    def _new_row_stream(self) -> RowStream:
-        """The training rows from the start: every epoch skips the documents held out for evaluation."""
-        share = (distributed.rank(), distributed.world_size())  # under torchrun: this rank's documents
+    def _new_row_stream(self, lane: int = 0, n_lanes: int = 1) -> RowStream:
+        """Lane `lane` of `n_lanes`'s training rows from the start (by default the whole stream): every
+        epoch skips the documents held out for evaluation."""
+        share = (lane, n_lanes)
         return RowStream(lambda skip_docs: self._read_documents(self.dataset, skip_docs, DOCS_PER_READ, share),
                          self._rows_of, self._n_eval_docs, self.seq_len, _describe(self.cfg["dataset_path"]))
 
@@ -445,16 +587,16 @@ class ActivationsStore:
                         ) -> Iterator[tuple[int, list[torch.Tensor]]]:
         """One pass over `dataset` after `skip_docs` documents: (documents read, their 1-D token ids).
 
-        share = (rank, ranks): each read takes docs_per_read x ranks documents and keeps those at
-        positions rank, rank + ranks, ... (under torchrun the ranks read disjoint documents: reads
-        start at multiples of docs_per_read x ranks after the held-out documents)."""
+        share = (lane, lanes): each read takes docs_per_read x lanes documents and keeps those at
+        positions lane, lane + lanes, ... (the lanes read disjoint documents: reads start at
+        multiples of docs_per_read x lanes after the held-out documents)."""
         if isinstance(dataset, Dataset) and skip_docs >= len(dataset):
             return  # all read (Dataset.skip refuses to skip everything)
         dataset = dataset.skip(skip_docs) if skip_docs else dataset
-        rank, ranks = share
-        for batch in dataset.iter(batch_size=docs_per_read * ranks):
+        lane, lanes = share
+        for batch in dataset.iter(batch_size=docs_per_read * lanes):
             n_read = len(batch[self.column])
-            docs = [doc for doc in batch[self.column][rank::ranks] if doc is not None]
+            docs = [doc for doc in batch[self.column][lane::lanes] if doc is not None]
             if self.column == TEXT_COLUMN and docs:
                 docs = self.model.tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]
             yield n_read, [torch.as_tensor(doc, dtype=torch.long) for doc in docs]
@@ -524,38 +666,6 @@ class ActivationsStore:
         rows = self._new_row_stream()
         while True:
             yield self.model_activations(rows.take(self.cfg["model_batch_size"]))
-
-    def _fill_block(self) -> None:
-        """Make the next block of buffer_size activations current, shuffled; remember where it began."""
-        rows_before, chunk_length = self._last_chunk
-        if len(self._spill[0]):  # the block starts inside the last chunk read
-            self._block_start = {"rows": rows_before, "skip": chunk_length - len(self._spill[0])}
-        else:
-            self._block_start = {"rows": self._rows.state_dict(), "skip": 0}
-        self._block_start["generator"] = self._generator.get_state()
-        columns = [[spill] for spill in self._spill]
-        n_have = len(self._spill[0])
-        while n_have < self.buffer_size:
-            rows_before = self._rows.state_dict()
-            fresh = self.activations_of(self._rows.take(self.cfg["model_batch_size"]))
-            self._last_chunk = (rows_before, len(fresh[0]))
-            for column, acts in zip(columns, fresh):
-                column.append(acts)
-            n_have += len(fresh[0])
-        blocks = [torch.cat(column) for column in columns]
-        self._spill = [block[self.buffer_size:].clone() for block in blocks]  # frees the block
-        order = torch.randperm(self.buffer_size, generator=self._generator, device=self.device)
-        self._buffers = [block[:self.buffer_size][order] for block in blocks]
-        self._pointer = 0
-
-    def _next_batches(self) -> list[torch.Tensor]:
-        """The next batch from each hook's buffer, rows paired across hooks."""
-        batch_size = self.batch_size
-        if self._pointer + batch_size > self.buffer_size:
-            self._fill_block()
-        batches = [buffer[self._pointer : self._pointer + batch_size] for buffer in self._buffers]
-        self._pointer += batch_size
-        return batches
 
 
 class MultiHookActivationsStore(ActivationsStore):

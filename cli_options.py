@@ -76,6 +76,9 @@ RUN_OPTIONS: dict[str, tuple[str, dict]] = {
     "--distribute-dictionaries": ("distribute_dictionaries", {
         "action": "store_true", "help": "under torchrun: each rank trains whole dictionaries of the group "
                                         "on every rank's activations (instead of every rank all of them)"}),
+    "--data-lanes": ("data_lanes", {
+        "type": int, "help": "deal the documents to this many lanes (default: the number of ranks); the batches "
+                             "are the same on any number of ranks dividing it"}),
     "--distributed-debug": ("distributed_debug", {
         "action": "store_true", "help": "under torchrun: check every log_freq steps that the ranks' weights are equal"}),
 }

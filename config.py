@@ -224,6 +224,7 @@ def default_settings() -> dict[str, Any]:
         "distributed_timeout_s": 600,  # a collective that waits longer fails (a rank died or hangs)
         "distributed_debug": False,  # every log_freq steps, check the weights are equal on every rank
         "distribute_dictionaries": False,  # a group's dictionary i trains on rank i % ranks alone, on all rows
+        "data_lanes": None,  # documents dealt to this many lanes (ActivationsStore); None: the ranks at the start
         # Transcoders (set by create_transcoder_config)
         "source_site": None,
         "source_layer": None,
@@ -259,7 +260,8 @@ OTHER_NAMES = {
 INT_SETTINGS = ("seed", "layer", "act_size", "dict_size", "top_k", "top_k_aux", "n_batches_to_dead",
                 "batch_size", "lr_warmup_steps", "num_tokens", "seq_len", "model_batch_size",
                 "num_batches_in_buffer", "n_eval_rows", "log_freq", "perf_log_freq", "checkpoint_freq",
-                "source_layer", "target_layer", "bos_token_id", "l1_warmup_steps", "l0_warmup_steps")
+                "source_layer", "target_layer", "bos_token_id", "l1_warmup_steps", "l0_warmup_steps",
+                "data_lanes")
 NUMBER_SETTINGS = ("aux_penalty", "l1_coeff", "l0_coeff", "bandwidth", "jumprelu_threshold_init",
                    "target_l0", "jumprelu_tanh_scale", "pre_act_coeff", "jumprelu_relative_bandwidth",
                    "jumprelu_threshold_lr_scale", "relu_bias_init",
@@ -403,7 +405,7 @@ def post_init_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
                           "num_batches_in_buffer", "num_tokens", "n_batches_to_dead", "bandwidth",
                           "jumprelu_threshold_init", "threshold_ema_rate", "log_freq",
                           "perf_log_freq", "checkpoint_freq", "max_grad_norm", "n_eval_rows",
-                          "distributed_timeout_s"))
+                          "distributed_timeout_s", "data_lanes"))
     _check_positive(cfg, ("aux_penalty", "lr_warmup_steps", "lr_decay_frac"), allow_zero=True)
     _derive(cfg, derived, "group_sizes", split_into_groups(cfg["dict_size"]))
     _validate_group_sizes(cfg)

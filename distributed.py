@@ -8,8 +8,11 @@ with WORLD_SIZE 1) it does nothing at all, and every function below acts as on a
 
 Data parallelism. Every rank holds the same dictionaries. The global batch of B = cfg["batch_size"]
 activations is the concatenation, in rank order, of W local batches of B / W rows, each computed by
-its rank from its own share of the documents. The objectives are those of one process on the
-global batch:
+its rank from its own share of the documents. The global batches do not depend on W: the documents
+are dealt to cfg["data_lanes"] lanes (activation_store.py) whose batches, concatenated, are the
+global batch, and rank r serves rows [r B / W, (r + 1) B / W) of it (an activation cache likewise),
+so a checkpoint resumes exactly on any number of ranks. The objectives are those of one process on
+the global batch:
 
 * Losses are means over rows, so the global loss is the mean of the W local losses and its gradient
   the mean of the local gradients: `average_gradients` all-reduces each parameter's gradient once

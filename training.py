@@ -23,7 +23,7 @@ SIGINT during training writes a checkpoint after the current step and raises
 
 Under torchrun (see distributed.py) every rank runs this loop on its rows of each global batch: the
 step all-reduces the gradients after backward (`distributed.average_gradients`), rank 0 alone logs,
-evaluates and writes checkpoints (with every rank's data position), and stop signals are agreed
+evaluates and writes checkpoints (with the global data position), and stop signals are agreed
 every log_freq steps. With cfg["distribute_dictionaries"] each rank instead trains whole
 dictionaries of a group (i on rank i % ranks) on the gathered batch and writes their checkpoints.
 
@@ -231,12 +231,11 @@ def _weights_are_finite(sae) -> bool:
 
 
 def _data_position(activation_store) -> dict:
-    """The store's position (kept in the checkpoint for an exact resume), if the store can give it;
-    under torchrun every rank's, since each reads its own documents."""
+    """The store's position (kept in the checkpoint for an exact resume), if the store can give it.
+    The real stores' positions are global (the same for any number of ranks; under torchrun every
+    rank calls state_dict, which gathers the ranks' parts)."""
     if not hasattr(activation_store, "state_dict"):
         return {}
-    if distributed.is_active():
-        return {"activation_store_per_rank": distributed.gather_objects(activation_store.state_dict())}
     return {"activation_store": activation_store.state_dict()}
 
 
@@ -312,22 +311,19 @@ def _common_step(folders: Sequence[str | Path]) -> int | None:
 
 
 def _continue_data(activation_store, extra: dict, n_tokens_served: int) -> None:
-    """Put the store where the checkpointed run was: exactly from the saved position, else (an older
-    checkpoint) approximately with ``skip_tokens``; any other store must come positioned.
+    """Put the store where the checkpointed run was: exactly from the saved position, with any number
+    of ranks (the position is global: see ActivationsStore and CachedActivationsStore), else (an
+    older checkpoint) approximately with ``skip_tokens``; any other store must come positioned.
 
-    Under torchrun each rank continues from its own saved position when the checkpoint was written
-    by as many ranks; with another number of ranks (each then reads other documents) every rank
-    skips its share of the n_tokens_served of the global stream, approximately."""
-    saved = extra.get("activation_store_per_rank")
-    if saved is None and "activation_store" in extra:
-        saved = [extra["activation_store"]]
-    if saved is not None and len(saved) == distributed.world_size() and hasattr(activation_store, "load_state_dict"):
-        activation_store.load_state_dict(saved[distributed.rank()])
+    Checkpoints of the first torchrun version hold one position per rank
+    ("activation_store_per_rank"): rank r's stream was lane r's of as many lanes."""
+    saved = extra.get("activation_store", extra.get("activation_store_per_rank"))
+    if saved is not None and hasattr(activation_store, "load_state_dict"):
+        activation_store.load_state_dict(saved)
     elif hasattr(activation_store, "skip_tokens"):
-        reason = ("The checkpoint holds no data position (an older checkpoint)" if saved is None else
-                  f"The checkpoint was written by {len(saved)} rank(s) and this run has {distributed.world_size()}")
-        warnings.warn(f"{reason}: the data continues approximately where the run stopped.", stacklevel=4)
-        activation_store.skip_tokens(n_tokens_served // distributed.world_size())
+        warnings.warn("The checkpoint holds no data position (an older checkpoint): the data continues "
+                      "approximately where the run stopped.", stacklevel=4)
+        activation_store.skip_tokens(n_tokens_served)
 
 
 def _batches(activation_store, first: tuple[torch.Tensor, ...] | None = None) -> Iterator:

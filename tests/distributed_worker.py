@@ -383,38 +383,93 @@ def scenario_store_shares(out: Path) -> dict:
     return {"documents": seen, "shapes": shapes, "eval": store.get_eval_tokens()[:, 1] - 2}
 
 
-def _store_run(out: Path, name: str, crash_at: int | None = None, resume: bool = False) -> dict:
-    """BatchTopK on the tiny GPT-2 through the real ActivationsStore, 12 steps (checkpoint at 8);
-    `crash_at`: the store fails when asked for that batch; `resume`: continue from the checkpoint."""
-    from activation_store import ActivationsStore
-    from checkpoint import checkpoint_folder
+def store_run_cfg(out: Path, name: str, **overrides) -> dict:
+    """BatchTopK on the tiny GPT-2 (as "synthetic", width 64) over OUT/tokens: 12 steps of 64, a
+    checkpoint at step 8; overrides e.g. data_lanes, or activation_cache to read a cache instead."""
     from config import get_default_cfg, post_init_cfg
+
+    cfg = get_default_cfg()
+    cfg.update(model_name="synthetic", act_size=64, layer=1, dataset_path=str(out / "tokens"), seq_len=32,
+               n_eval_rows=4, batch_size=64, num_tokens=64 * 12, num_batches_in_buffer=4, model_batch_size=2,
+               dict_size=256, top_k=8, sae_type="batchtopk", device="cpu", wandb_mode="disabled",
+               checkpoint_dir=str(out / name), checkpoint_freq=8, log_freq=4, **overrides)
+    return post_init_cfg(cfg)
+
+
+def store_run(out: Path, name: str, crash_at: int | None = None, resume_from: Path | None = None,
+              **overrides) -> dict:
+    """Train `store_run_cfg` through the real store (ActivationsStore, or the cache's) on this
+    process's ranks; `crash_at`: the store fails when asked for that batch (after the checkpoint of
+    step 8); `resume_from`: continue that checkpoint. The trained weights ({} after a crash)."""
+    from activation_cache import activation_store_for
+    from conftest import build_tiny_model
     from sae import create_sae
     from training import train_sae
 
-    model = _tiny_models()["tiny-gpt2"]
-    cfg = get_default_cfg()
-    cfg.update(model_name="tiny-gpt2", layer=1, dataset_path=str(out / "tokens"), seq_len=32, n_eval_rows=4,
-               batch_size=64, num_tokens=64 * 12, num_batches_in_buffer=4, model_batch_size=2, dict_size=256,
-               top_k=8, sae_type="batchtopk", device="cpu", wandb_mode="disabled", checkpoint_dir=str(out / name),
-               checkpoint_freq=8, log_freq=4)
-    cfg = post_init_cfg(cfg)
-    store = ActivationsStore(model, cfg)
+    cfg = store_run_cfg(out, name, **overrides)
+    store = activation_store_for(build_tiny_model("gpt2"), cfg)
     if crash_at is not None:
         store = StoppingStore(store, 0, 1, stop_at=crash_at)
     sae = create_sae(cfg)
     try:
-        train_sae(sae, store, None, cfg, resume_from=checkpoint_folder(cfg) if resume else None)
+        train_sae(sae, store, None, cfg, resume_from=resume_from)
     except StoreStopped:
         return {}
     return sae.state_dict()
 
 
+def stopped_folder(out: Path, name: str) -> Path:
+    from checkpoint import checkpoint_folder
+
+    return checkpoint_folder(store_run_cfg(out, name))
+
+
+def write_cache(out: Path) -> None:
+    """OUT/cache: the tiny GPT-2's activations over OUT/tokens (written by one process)."""
+    from activation_cache import write_activation_cache
+    from conftest import build_tiny_model
+
+    write_activation_cache(build_tiny_model("gpt2"), store_run_cfg(out, "unused"), out / "cache", num_tokens=1500,
+                           shard_mb=0.1)
+
+
 def scenario_store_resume(out: Path) -> dict:
     """Through the real store on 2 ranks: stopped after step 8 and resumed, against uninterrupted."""
-    uninterrupted = _store_run(out, "store_uninterrupted")
-    _store_run(out, "store_resumed", crash_at=STEPS_BEFORE_CRASH)
-    return {"uninterrupted": uninterrupted, "resumed": _store_run(out, "store_resumed", resume=True)}
+    uninterrupted = store_run(out, "store_uninterrupted")
+    store_run(out, "store_resumed", crash_at=STEPS_BEFORE_CRASH)
+    return {"uninterrupted": uninterrupted,
+            "resumed": store_run(out, "store_resumed", resume_from=stopped_folder(out, "store_resumed"))}
+
+
+def scenario_across_rank_counts(out: Path) -> dict:
+    """For the live store (default lanes: 2 here) and the cache: 2 ranks uninterrupted; 2 ranks stopped
+    after step 8 (the test resumes them on one process); the one-process runs that the test stopped
+    after step 8 (in OUT/<store>_one_rank) resumed on 2 ranks."""
+    results = {}
+    for store, overrides in (("live", {}), ("cache", {"activation_cache": str(out / "cache")})):
+        store_run(out, f"{store}_two_ranks", crash_at=STEPS_BEFORE_CRASH, **overrides)
+        results[store] = {
+            "uninterrupted": store_run(out, f"{store}_uninterrupted", **overrides),
+            "one_then_two": store_run(out, f"{store}_one_then_two", **overrides,
+                                      resume_from=stopped_folder(out, f"{store}_one_rank")),
+        }
+    return results
+
+
+def scenario_global_batches(out: Path) -> dict:
+    """Each rank's first 6 batches (2 blocks) from the live store with 2, 1 and 4 data lanes, and from
+    the cache."""
+    from activation_cache import CachedActivationsStore
+    from activation_store import ActivationsStore
+    from conftest import build_tiny_model
+
+    model, batches = build_tiny_model("gpt2"), {}
+    for lanes in (None, 1, 4):
+        store = ActivationsStore(model, store_run_cfg(out, "unused", data_lanes=lanes))
+        batches[lanes] = [store.next_batch() for _ in range(6)]
+    store = CachedActivationsStore(store_run_cfg(out, "unused", activation_cache=str(out / "cache")))
+    batches["cache"] = [store.next_batch() for _ in range(6)]
+    return batches
 
 
 def _cli_args(out: Path, name: str) -> list[str]:

@@ -7,6 +7,7 @@ part); each test compares what the ranks saved with one process on the same glob
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,9 @@ from test_training import PlantedStore
 from training import train_sae, train_sae_group
 
 # rank_raises breaks the process group, so it runs last.
-SCENARIOS = ["select", *worker.TRAINED, "crash_on_two_ranks", "resume_on_two_ranks", "store_shares", "store_resume", "spread_group", "cli_main", "cli_gemma_transcoder", "uneven_batch", "diverged",
-             "rank_nan", "rank_raises"]
+SCENARIOS = ["select", *worker.TRAINED, "crash_on_two_ranks", "resume_on_two_ranks", "store_shares", "store_resume",
+             "across_rank_counts", "global_batches", "spread_group", "cli_main", "cli_gemma_transcoder",
+             "uneven_batch", "diverged", "rank_nan", "rank_raises"]
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +32,9 @@ def ranks(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("torchrun")
     worker.make_datasets(out)
     worker.train_until_crash(out / "one_rank")  # for resume_on_two_ranks
+    worker.write_cache(out)  # for across_rank_counts and global_batches, with:
+    worker.store_run(out, "live_one_rank", crash_at=worker.STEPS_BEFORE_CRASH)
+    worker.store_run(out, "cache_one_rank", crash_at=worker.STEPS_BEFORE_CRASH, activation_cache=str(out / "cache"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(Path(worker.__file__)), str(out), *SCENARIOS]
@@ -104,6 +109,68 @@ def test_resume_on_two_ranks_through_the_activation_store_is_exact(ranks):
     for result in ranks["store_resume"]:
         for key, expected in result["uninterrupted"].items():
             assert torch.equal(result["resumed"][key], expected), key
+
+
+def _assert_close(state: dict, expected_state: dict, what: str) -> None:
+    for key, expected in expected_state.items():
+        if expected.is_floating_point():
+            error = (state[key] - expected).norm() / expected.norm().clamp(min=1e-12)
+            assert error < 1e-5, f"{what} {key}: relative error {error:.2e}"
+        else:
+            assert torch.equal(state[key], expected), f"{what} {key}"
+
+
+@pytest.mark.parametrize("store", ["live", "cache"])
+def test_resume_on_another_number_of_ranks_through_the_real_stores_is_exact(ranks, store):
+    """The global batches do not depend on the number of ranks, so (relative 1e-5): 2 ranks train as
+    one process (the live store with the 2 ranks' 2 data lanes); stopped after step 8 on 2 ranks and
+    resumed on 1 process, or stopped on 1 process and resumed on 2 ranks, the weights after step 12
+    are those of an uninterrupted run, with no approximate-resume warning."""
+    out = ranks["out"]
+    overrides = {"activation_cache": str(out / "cache")} if store == "cache" else {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        two_then_one = worker.store_run(out, f"{store}_two_then_one", **overrides,
+                                        resume_from=worker.stopped_folder(out, f"{store}_two_ranks"))
+    assert not [w for w in caught if "approximately" in str(w.message)]
+    as_two_ranks = worker.store_run(out, f"{store}_one_process_two_lanes", **overrides,
+                                    **({} if store == "cache" else {"data_lanes": 2}))
+    one_process = worker.store_run(out, f"{store}_one_process", **overrides)
+    two_ranks = [result[store] for result in ranks["across_rank_counts"]]
+    for rank in range(2):
+        _assert_close(two_ranks[rank]["uninterrupted"], as_two_ranks, f"{store}: 2 ranks vs 1 process")
+        _assert_close(two_ranks[rank]["one_then_two"], one_process, f"{store}: 1 process, then 2 ranks")
+    _assert_close(two_then_one, as_two_ranks, f"{store}: 2 ranks, then 1 process")
+
+
+@pytest.mark.parametrize("lanes", [None, 1, 4, "cache"])
+def test_two_ranks_serve_disjoint_halves_of_the_one_process_global_batch(ranks, lanes):
+    """Rank r's batch is rows [32 r, 32 (r + 1)) of the global batch that one process serves,
+    bit-identical, across blocks: the ranks' rows are disjoint and together the global batch. The
+    live store with 2 lanes (the 2 ranks' default), 1 lane (each rank computes it all and serves its
+    half), 4 lanes (two a rank); the cache (each rank reads its rows)."""
+    from activation_cache import CachedActivationsStore
+    from activation_store import ActivationsStore
+    from conftest import build_tiny_model
+
+    out = ranks["out"]
+    if lanes == "cache":
+        store = CachedActivationsStore(worker.store_run_cfg(out, "unused", activation_cache=str(out / "cache")))
+    else:
+        store = ActivationsStore(build_tiny_model("gpt2"), worker.store_run_cfg(out, "unused", data_lanes=lanes or 2))
+    for step in range(6):
+        expected = store.next_batch()
+        rank0, rank1 = (ranks["global_batches"][r][lanes][step] for r in range(2))
+        assert rank0.shape == rank1.shape == (32, 64)
+        assert torch.equal(torch.cat([rank0, rank1]), expected), f"{lanes} lanes, batch {step}"
+
+
+def test_a_batch_that_does_not_divide_among_the_lanes_is_refused(ranks):
+    from activation_store import ActivationsStore
+    from conftest import build_tiny_model
+
+    with pytest.raises(ValueError, match="batch_size'] = 64 does not divide among 5 data lanes.*--data-lanes"):
+        ActivationsStore(build_tiny_model("gpt2"), worker.store_run_cfg(ranks["out"], "unused", data_lanes=5))
 
 
 def test_dictionaries_spread_over_ranks_train_as_one_process(ranks, tmp_path):
