@@ -456,12 +456,20 @@ def scenario_across_rank_counts(out: Path) -> dict:
     return results
 
 
+def transcoder_store_cfg(out: Path, **overrides) -> dict:
+    """`store_run_cfg` made a transcoder's: layer 1's resid_mid -> mlp_out of the tiny GPT-2."""
+    from transcoder_activation_store import create_transcoder_config
+
+    return create_transcoder_config(store_run_cfg(out, "unused", **overrides), source_layer=1, target_layer=1)
+
+
 def scenario_global_batches(out: Path) -> dict:
-    """Each rank's first 6 batches (2 blocks) from the live store with 2, 1 and 4 data lanes, and from
-    the cache."""
+    """Each rank's first 6 batches (2 blocks) from the live store with 2, 1 and 4 data lanes, from
+    the cache, and (source, target) pairs from the transcoder's store (2 lanes)."""
     from activation_cache import CachedActivationsStore
     from activation_store import ActivationsStore
     from conftest import build_tiny_model
+    from transcoder_activation_store import TranscoderActivationsStore
 
     model, batches = build_tiny_model("gpt2"), {}
     for lanes in (None, 1, 4):
@@ -469,6 +477,8 @@ def scenario_global_batches(out: Path) -> dict:
         batches[lanes] = [store.next_batch() for _ in range(6)]
     store = CachedActivationsStore(store_run_cfg(out, "unused", activation_cache=str(out / "cache")))
     batches["cache"] = [store.next_batch() for _ in range(6)]
+    store = TranscoderActivationsStore(model, transcoder_store_cfg(out))
+    batches["transcoder"] = [store.next_batch() for _ in range(6)]
     return batches
 
 

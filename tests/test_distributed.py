@@ -165,6 +165,21 @@ def test_two_ranks_serve_disjoint_halves_of_the_one_process_global_batch(ranks, 
         assert torch.equal(torch.cat([rank0, rank1]), expected), f"{lanes} lanes, batch {step}"
 
 
+def test_two_ranks_serve_halves_of_the_transcoder_stores_global_pairs(ranks):
+    """The transcoder's store inherits the lanes: each rank's (source, target) rows are its half of
+    the pairs one process serves with the same 2 lanes, still paired token by token."""
+    from conftest import build_tiny_model
+    from transcoder_activation_store import TranscoderActivationsStore
+
+    store = TranscoderActivationsStore(build_tiny_model("gpt2"), worker.transcoder_store_cfg(ranks["out"], data_lanes=2))
+    for step in range(6):
+        source, target = store.next_batch()
+        halves = [ranks["global_batches"][r]["transcoder"][step] for r in range(2)]
+        assert torch.equal(torch.cat([halves[0][0], halves[1][0]]), source), f"source, batch {step}"
+        assert torch.equal(torch.cat([halves[0][1], halves[1][1]]), target), f"target, batch {step}"
+        assert not torch.equal(source, target)
+
+
 def test_a_batch_that_does_not_divide_among_the_lanes_is_refused(ranks):
     from activation_store import ActivationsStore
     from conftest import build_tiny_model
