@@ -482,6 +482,41 @@ def scenario_global_batches(out: Path) -> dict:
     return batches
 
 
+def several_hooks_store(out: Path, **overrides):
+    """The multi-hook store over layers 0 and 1 of the tiny GPT-2 (`store_run_cfg`'s data; overrides
+    e.g. data_lanes)."""
+    from activation_store import MultiHookActivationsStore
+    from conftest import build_tiny_model
+    from config import post_init_cfg
+
+    cfgs = [post_init_cfg({**store_run_cfg(out, "unused", **overrides), "layer": layer}) for layer in (0, 1)]
+    return MultiHookActivationsStore(build_tiny_model("gpt2"), cfgs)
+
+
+SEVERAL_HOOKS_BEFORE_STOP = 3
+
+
+def save_several_hooks_position(out: Path) -> None:
+    """OUT/several_hooks_one_process.pt: one process's multi-hook store position after 3 batches."""
+    store = several_hooks_store(out)
+    for _ in range(SEVERAL_HOOKS_BEFORE_STOP):
+        store.next_batch()
+    torch.save(store.state_dict(), out / "several_hooks_one_process.pt")
+
+
+def scenario_several_hooks(out: Path) -> dict:
+    """The multi-hook store on 2 ranks (2 lanes): its first 6 batches and its position after 3; and
+    3 batches after resuming one process's position (saved after 3 batches, 1 lane)."""
+    store = several_hooks_store(out)
+    batches = [store.next_batch() for _ in range(SEVERAL_HOOKS_BEFORE_STOP)]
+    position = store.state_dict()
+    batches += [store.next_batch() for _ in range(SEVERAL_HOOKS_BEFORE_STOP)]
+    resumed = several_hooks_store(out)
+    resumed.load_state_dict(torch.load(out / "several_hooks_one_process.pt", weights_only=True))
+    return {"batches": batches, "position": position,
+            "resumed": [resumed.next_batch() for _ in range(SEVERAL_HOOKS_BEFORE_STOP)]}
+
+
 def _cli_args(out: Path, name: str) -> list[str]:
     return ["--layer", "1", "--num-tokens", "512", "--batch-size", "128", "--dict-size", "256", "--top-k", "8",
             "--dataset", str(out / "tokens"), "--seq-len", "32", "--model-batch-size", "4",

@@ -22,7 +22,7 @@ from training import train_sae, train_sae_group
 
 # rank_raises breaks the process group, so it runs last.
 SCENARIOS = ["select", *worker.TRAINED, "crash_on_two_ranks", "resume_on_two_ranks", "store_shares", "store_resume",
-             "across_rank_counts", "global_batches", "spread_group", "cli_main", "cli_gemma_transcoder",
+             "across_rank_counts", "global_batches", "several_hooks", "spread_group", "cli_main", "cli_gemma_transcoder",
              "uneven_batch", "diverged", "rank_nan", "rank_raises"]
 
 
@@ -32,6 +32,7 @@ def ranks(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("torchrun")
     worker.make_datasets(out)
     worker.train_until_crash(out / "one_rank")  # for resume_on_two_ranks
+    worker.save_several_hooks_position(out)  # for several_hooks
     worker.write_cache(out)  # for across_rank_counts and global_batches, with:
     worker.store_run(out, "live_one_rank", crash_at=worker.STEPS_BEFORE_CRASH)
     worker.store_run(out, "cache_one_rank", crash_at=worker.STEPS_BEFORE_CRASH, activation_cache=str(out / "cache"))
@@ -178,6 +179,37 @@ def test_two_ranks_serve_halves_of_the_transcoder_stores_global_pairs(ranks):
         assert torch.equal(torch.cat([halves[0][0], halves[1][0]]), source), f"source, batch {step}"
         assert torch.equal(torch.cat([halves[0][1], halves[1][1]]), target), f"target, batch {step}"
         assert not torch.equal(source, target)
+
+
+def _joined(halves: list[dict]) -> dict:
+    return {name: torch.cat([half[name] for half in halves]) for name in halves[0]}
+
+
+def test_the_several_hooks_store_serves_halves_and_resumes_on_another_number_of_ranks(ranks):
+    """The multi-hook store inherits the lanes: on 2 ranks each hook's rows are the ranks' halves of
+    one process's batch with the same 2 lanes (rows still paired across hooks); 2 ranks' position
+    resumed on 1 process, and 1 process's position (1 lane) resumed on 2 ranks, continue exactly."""
+    out, stop = ranks["out"], worker.SEVERAL_HOOKS_BEFORE_STOP
+    results = ranks["several_hooks"]
+    one_process = worker.several_hooks_store(out)
+    one_process.load_state_dict(results[0]["position"])  # 2 lanes, kept from the position
+    assert one_process.n_lanes == 2
+    for step in range(stop, 2 * stop):
+        expected = one_process.next_batch()
+        assert list(expected) == ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"]
+        joined = _joined([results[r]["batches"][step] for r in range(2)])
+        for name, batch in expected.items():
+            assert torch.equal(joined[name], batch), f"{name}, batch {step} after resuming on 1 process"
+    two_lanes = worker.several_hooks_store(out, data_lanes=2)
+    for step in range(stop):
+        expected, joined = two_lanes.next_batch(), _joined([results[r]["batches"][step] for r in range(2)])
+        assert all(torch.equal(joined[name], batch) for name, batch in expected.items()), f"batch {step}"
+    uninterrupted = worker.several_hooks_store(out)
+    batches = [uninterrupted.next_batch() for _ in range(2 * stop)][stop:]
+    for step, expected in enumerate(batches):
+        joined = _joined([results[r]["resumed"][step] for r in range(2)])
+        for name, batch in expected.items():
+            assert torch.equal(joined[name], batch), f"{name}, batch {step} after resuming on 2 ranks"
 
 
 def test_a_batch_that_does_not_divide_among_the_lanes_is_refused(ranks):
