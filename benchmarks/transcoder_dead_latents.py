@@ -23,6 +23,7 @@ machine the three rows take about 10 minutes, on a busy one much longer):
     python benchmarks/transcoder_dead_latents.py
     python benchmarks/transcoder_dead_latents.py --ablations --only transcoder "old init" "centring only"
     python benchmarks/transcoder_dead_latents.py --ablations --no-sae --no-ce
+    python benchmarks/transcoder_dead_latents.py --top-k 64 --lr 3e-4   # the Gemma example's k and lr
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from training import train_sae, train_sae_group  # noqa: E402
 from transcoder_activation_store import TranscoderActivationsStore  # noqa: E402
 
 ISSUE_SETTINGS = ["--model", "smollm2-135m", "--dataset", "python-docs", "--layer", "8",
-                  "--dict-size", "4608", "--top-k", "32", "--batch-size", "1024", "--lr", "2e-3",
+                  "--dict-size", "4608", "--batch-size", "1024",
                   "--device", "cpu", "--model-dtype", "float32",
                   "--model-batch-size", "16", "--wandb-mode", "disabled",
                   "--perf-log-freq", "1000000000", "--checkpoint-freq", "1000000000"]
@@ -81,6 +82,11 @@ def centring_only(sae) -> None:
     sae.initialize_from_batch = initialize
 
 
+def no_encoder_shift(sae) -> None:
+    """The initialisation without the fitted encoder shift (b_enc stays 0)."""
+    sae.initialize_encoder_bias_from_batch = lambda source, target: None
+
+
 # label -> (cfg changes, change to the freshly built transcoder or None)
 MAIN_VARIANTS = {
     "transcoder": ({}, None),
@@ -91,6 +97,8 @@ ABLATIONS = {
     "random encoder only": ({}, random_encoder_only),
     "centring only": ({}, centring_only),
     "old init, skip": ({"transcoder_skip": True}, old_initialisation),
+    "no encoder shift": ({}, no_encoder_shift),
+    "no encoder shift, skip": ({"transcoder_skip": True}, no_encoder_shift),
     "lr 3e-4": ({"lr": 3e-4}, None),
     "no AuxK": ({"aux_penalty": 0.0}, None),
     "AuxK x8": ({"aux_penalty": 8 / 32}, None),
@@ -102,7 +110,7 @@ def base_cfgs(args: argparse.Namespace, checkpoint_dir: str) -> tuple[dict, dict
     """(transcoder cfg, SAE-on-target cfg) from train_gemma_example.py's parser."""
     parser = train_gemma_example.build_parser()
     common = ISSUE_SETTINGS + ["--num-tokens", str(args.num_tokens), "--checkpoint-dir", checkpoint_dir,
-                               "--seed", str(args.seed)]
+                               "--seed", str(args.seed), "--top-k", str(args.top_k), "--lr", str(args.lr)]
     transcoder = train_gemma_example.transcoder_cfg(parser.parse_args(["transcoder", *common]))
     sae = train_gemma_example.sae_cfg(parser.parse_args(["sae", *common, "--site", "mlp_out"]))
     for cfg in (transcoder, sae):
@@ -172,6 +180,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-tokens", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=49)
+    parser.add_argument("--top-k", type=int, default=32, help="BatchTopK k (the Gemma example's: 64)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="learning rate (the Gemma example's: 3e-4)")
     parser.add_argument("--heldout-batches", type=int, default=16)
     parser.add_argument("--exclude-bos", action="store_true", help="leave BOS positions out (the demo does)")
     parser.add_argument("--ablations", action="store_true", help="add the one-choice transcoder variants")
@@ -191,7 +201,8 @@ def main() -> None:
         if not args.no_sae:
             rows["SAE on mlp_out"] = run_sae(model, sae_base, args)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {time.perf_counter() - started:.0f} s; "
-          f"{args.num_tokens} tokens, batch 1024, lr 2e-3, seed {args.seed}, exclude_bos {args.exclude_bos}")
+          f"{args.num_tokens} tokens, batch 1024, k {args.top_k}, lr {args.lr:g}, seed {args.seed}, "
+          f"exclude_bos {args.exclude_bos}")
     print_table(rows, transcoder_base["dict_size"], args.heldout_batches * transcoder_base["batch_size"])
 
 

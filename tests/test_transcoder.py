@@ -124,6 +124,38 @@ def test_initialize_from_batch_centres_the_source_and_aims_the_decoder():
     assert torch.equal(reloaded.source_mean, torch.zeros(PlantedPairs.D_PLANTED))
 
 
+def test_the_encoder_bias_brings_the_first_predictions_to_the_targets_size():
+    """Aimed decoder rows at k = 16 of 256 overshoot the target (FVU > 2 on `pair`, whose targets
+    share a direction); the one shift of every pre-activation that minimises the training loss
+    (mean over prefixes) keeps the selection, keeps every kept latent non-negative and brings the
+    FVU under 1."""
+    source, target = pair(0, 512)
+    cfg = transcoder_cfg(top_k=16)
+    torch.manual_seed(0)
+    shifted = MatryoshkaTranscoder(cfg)
+    torch.manual_seed(0)
+    unshifted = MatryoshkaTranscoder(cfg)
+    unshifted.initialize_encoder_bias_from_batch = lambda source, target: None
+    for transcoder in (shifted, unshifted):
+        transcoder.initialize_from_batch(source, target)
+    shift = -shifted.b_enc[0].item()
+    assert shift > 0 and torch.equal(shifted.b_enc, torch.full((S,), -shift))
+    assert torch.equal(shifted.W_dec, unshifted.W_dec) and not unshifted.b_enc.any()
+
+    def outputs(transcoder, shift_by=0.0):
+        with torch.no_grad():
+            trial = copy.deepcopy(transcoder)
+            trial.b_enc -= shift_by
+            return trial(source, target)
+
+    before, after = outputs(unshifted), outputs(shifted)
+    assert before["fvu"] > 2 and after["fvu"] < 0.8
+    assert torch.equal(before["feature_acts"] > 0, after["feature_acts"] > 0)  # the same selection
+    # The least-squares shift: moving it either way raises the loss (the mean over prefixes).
+    for step in (-0.05 * shift, 0.05 * shift):
+        assert outputs(shifted, step)["l2_loss"] > after["l2_loss"]
+
+
 # ---------------------------------------------------------------------------------------------
 # The skip connection
 # ---------------------------------------------------------------------------------------------
