@@ -19,6 +19,9 @@ Usage, from the repository root (any python; subprocesses use .bench-venv/bin/py
     python benchmarks/bench_step.py --json benchmarks/results/step.json
     python benchmarks/bench_step.py --no-malloc-tunables   # glibc's default allocator settings
     python benchmarks/bench_step.py --rounds 3             # best of 3 interleaved runs (noisy machine)
+    python benchmarks/bench_step.py --device cuda --dtype bfloat16 --sizes 2304x36864   # ours on a GPU
+
+On a GPU (--device cuda) and in bfloat16 only our implementations run (the peers stay on the CPU).
 
 Implementations (--impls): ours_batchtopk, ours_topk, ours_matryoshka, ours_transcoder (this
 project's sae.py, stepped as training.py's loop does: forward, backward,
@@ -118,19 +121,22 @@ def synthetic_batches(d_in: int, batch_size: int, n_batches: int, seed: int, wit
 # ---------------------------------------------------------------------------------------------
 
 
-def our_cfg(sae_type: str, d_in: int, dict_size: int, k: int, batch_size: int) -> dict:
+def our_cfg(sae_type: str, d_in: int, dict_size: int, k: int, batch_size: int, device: str = "cpu",
+            dtype: str = "float32") -> dict:
     from config import get_default_cfg, post_init_cfg
 
     cfg = get_default_cfg()
     cfg.update(model_name="synthetic", act_size=d_in, dict_size=dict_size, group_sizes=None,
-               top_k=k, batch_size=batch_size, sae_type=sae_type, device="cpu")
+               top_k=k, batch_size=batch_size, sae_type=sae_type, device=device, dtype=dtype)
     if sae_type == "matryoshka_transcoder":
         cfg.update(source_site="resid_mid", source_layer=0, target_site="mlp_out", target_layer=0)
     return post_init_cfg(cfg)
 
 
-def our_step(impl: str, d_in: int, dict_size: int, k: int, batch_size: int, first_batch):
-    """step(x, y) for one of our classes: the body of training.py's loop for one batch."""
+def our_step(impl: str, d_in: int, dict_size: int, k: int, batch_size: int, first_batch,
+             device: str = "cpu", dtype: str = "float32"):
+    """step(x, y) for one of our classes: the body of training.py's loop for one batch (its
+    loss.item() waits for the device, so a step's time includes the GPU's work)."""
     import torch
 
     if not (ROOT / "sae.py").exists():
@@ -138,7 +144,7 @@ def our_step(impl: str, d_in: int, dict_size: int, k: int, batch_size: int, firs
     import sae as sae_module
 
     sae_type, class_name = OURS[impl]
-    cfg = our_cfg(sae_type, d_in, dict_size, k, batch_size)
+    cfg = our_cfg(sae_type, d_in, dict_size, k, batch_size, device, dtype)
     sae = getattr(sae_module, class_name)(cfg)
     sae.train()
     transcoder = sae_type == "matryoshka_transcoder"
@@ -187,7 +193,9 @@ def run_worker(args) -> None:
                                 with_target=transcoder)
     checksum = float(sum(x.double().sum() for x, _ in batches))
     if args.worker in OURS:
-        step, _ = our_step(args.worker, d_in, dict_size, args.k, args.batch_size, batches[0])
+        batches = [(x.to(args.device), None if y is None else y.to(args.device)) for x, y in batches]
+        step, _ = our_step(args.worker, d_in, dict_size, args.k, args.batch_size, batches[0], args.device,
+                           args.dtype)
     else:
         from peers import PEERS
 
@@ -227,7 +235,8 @@ def run_one(args, impl: str, size: str) -> dict:
     """Run one worker subprocess; returns its RESULT dict or {"error": ...}."""
     cmd = [args.python, str(Path(__file__).resolve()), "--worker", impl, "--size", size,
            "--batch-size", str(args.batch_size), "--k", str(args.k), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--threads", str(args.threads), "--seed", str(args.seed)]
+           "--warmup", str(args.warmup), "--threads", str(args.threads), "--seed", str(args.seed),
+           "--device", args.device, "--dtype", args.dtype]
     try:
         proc = subprocess.run(cmd, env=worker_env(args.malloc_tunables, args.threads), cwd=ROOT,
                               capture_output=True, text=True, timeout=args.timeout)
@@ -288,12 +297,16 @@ def run_driver(args) -> None:
     sizes = QUICK_SIZES if args.quick and not args.sizes else tuple(args.sizes or FULL_SIZES)
     for size in sizes:
         parse_size(size)
-    impls = args.impls or ALL_IMPLS
+    impls = args.impls or (ALL_IMPLS if args.device == "cpu" and args.dtype == "float32" else tuple(OURS))
     unknown = [impl for impl in impls if impl not in ALL_IMPLS]
     if unknown:
         raise SystemExit(f"Unknown --impls {unknown}; choose from {', '.join(ALL_IMPLS)}.")
+    peers = [impl for impl in impls if impl not in OURS]
+    if peers and (args.device != "cpu" or args.dtype != "float32"):
+        raise SystemExit(f"--impls {peers}: the peers run on the CPU in float32 only; leave them out "
+                         f"with --device {args.device} / --dtype {args.dtype}.")
     start = time.perf_counter()
-    print(f"python {args.python}; batch {args.batch_size} tokens, k={args.k}, fp32, "
+    print(f"python {args.python}; batch {args.batch_size} tokens, k={args.k}, {args.device}, {args.dtype}, "
           f"{args.threads} threads, {args.warmup} warm-up + median of {args.steps} steps, "
           f"best of {args.rounds} round(s); "
           f"GLIBC_TUNABLES={MALLOC_TUNABLES if args.malloc_tunables else '(unset)'}", flush=True)
@@ -327,6 +340,9 @@ def parse_args(argv=None):
     parser.add_argument("--k", type=int, default=32, help="active latents per token")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="our implementations' device, e.g. cuda (peers: cpu only)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="our encoder matmul's dtype (cfg['dtype']; parameters stay float32)")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke test: sizes {','.join(QUICK_SIZES)}, batch 512, 2 steps")
     parser.add_argument("--json", help="write {size: {impl: tokens_per_s}} here")
