@@ -59,6 +59,9 @@ def main() -> None:
     parser.add_argument("--model-dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="SAE matmul dtype")
     args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"gpu_demo.py: --device {args.device}, but torch sees no CUDA GPU here; "
+                         f"use --device cpu (with e.g. --tokens 8192) to check the script on this machine.")
 
     import config
     import main as main_script
