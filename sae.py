@@ -542,8 +542,9 @@ class MatryoshkaTranscoder(GlobalBatchTopKMatryoshkaSAE):
         fit, size = torch.zeros_like(y_n), torch.zeros_like(y_n)  # P_g and Q_g, prefix by prefix
         numerator = denominator = values.new_zeros(())
         for g in range(len(self.group_ends)):
-            rows, rows_of_decoder = code.rows[group == g], self.W_dec[code.latents[group == g]]
-            fit.index_add_(0, rows, values[group == g, None] * rows_of_decoder)
+            in_group = group == g
+            rows, rows_of_decoder = code.rows[in_group], self.W_dec[code.latents[in_group]]
+            fit.index_add_(0, rows, values[in_group, None] * rows_of_decoder)
             size.index_add_(0, rows, rows_of_decoder)
             numerator = numerator + ((fit - y_n) * size).sum()
             denominator = denominator + size.pow(2).sum()

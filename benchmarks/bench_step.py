@@ -297,12 +297,13 @@ def run_driver(args) -> None:
     sizes = QUICK_SIZES if args.quick and not args.sizes else tuple(args.sizes or FULL_SIZES)
     for size in sizes:
         parse_size(size)
-    impls = args.impls or (ALL_IMPLS if args.device == "cpu" and args.dtype == "float32" else tuple(OURS))
+    peers_can_run = args.device == "cpu" and args.dtype == "float32"
+    impls = args.impls or (ALL_IMPLS if peers_can_run else tuple(OURS))
     unknown = [impl for impl in impls if impl not in ALL_IMPLS]
     if unknown:
         raise SystemExit(f"Unknown --impls {unknown}; choose from {', '.join(ALL_IMPLS)}.")
     peers = [impl for impl in impls if impl not in OURS]
-    if peers and (args.device != "cpu" or args.dtype != "float32"):
+    if peers and not peers_can_run:
         raise SystemExit(f"--impls {peers}: the peers run on the CPU in float32 only; leave them out "
                          f"with --device {args.device} / --dtype {args.dtype}.")
     start = time.perf_counter()

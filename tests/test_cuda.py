@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config import get_default_cfg, post_init_cfg  # noqa: E402
 from sae import SAE_CLASSES, create_sae  # noqa: E402
 from sparse_ops import select_batch_topk  # noqa: E402
+from state_checks import assert_state_close  # noqa: E402
 
 DEVICE = os.environ.get("TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
 pytestmark = pytest.mark.skipif(DEVICE is None, reason="needs a CUDA GPU (or TEST_DEVICE=cpu to check the test)")
@@ -84,12 +85,7 @@ def test_training_steps_on_the_device_match_the_cpu(sae_type):
     within 1e-3 (relative), the active latents the same but for float-rounding ties (< 0.1%)."""
     on_cpu, cpu_active, _ = train(sae_type, "cpu")
     on_device, device_active, _ = train(sae_type, DEVICE)
-    for name, expected in on_cpu.items():
-        if expected.is_floating_point():
-            error = (on_device[name] - expected).norm() / expected.norm().clamp(min=1e-12)
-            assert error < 1e-3, f"{sae_type} {name}: relative difference {error:.2e}"
-        else:
-            assert torch.equal(on_device[name], expected), f"{sae_type} {name}"
+    assert_state_close(on_device, on_cpu, 1e-3, sae_type)
     for step, (expected, found) in enumerate(zip(cpu_active, device_active)):
         assert (expected != found).float().mean() < 1e-3, f"{sae_type}: active latents of step {step}"
 

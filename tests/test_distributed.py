@@ -17,6 +17,7 @@ import distributed_worker as worker
 from checkpoint import load_metrics, load_sae
 from sae import create_sae
 from sparse_ops import select_batch_topk
+from state_checks import assert_state_close
 from test_training import PlantedStore
 from training import train_sae, train_sae_group
 
@@ -77,13 +78,9 @@ def test_training_on_two_ranks_equals_one_process(ranks, scenario, tmp_path):
     sae_type, overrides = worker.TRAINED[scenario]
     sae, selections = _single_process_run(sae_type, tmp_path, **overrides)
     rank0, rank1 = ranks[scenario]
-    for key, expected in sae.state_dict().items():
+    for key in sae.state_dict():
         assert torch.equal(rank0["state"][key], rank1["state"][key]), f"{key} differs between ranks"
-        if expected.is_floating_point():
-            error = (rank0["state"][key] - expected).norm() / expected.norm().clamp(min=1e-12)
-            assert error < 1e-5, f"{scenario} {key}: relative error {error:.2e}"
-        else:
-            assert torch.equal(rank0["state"][key], expected), key  # dead-latent counters
+    assert_state_close(rank0["state"], sae.state_dict(), 1e-5, scenario)
     assert len(rank0["selections"]) == len(selections) == (worker.N_STEPS if hasattr(sae, "select") else 0)
     for step, (expected, part0, part1) in enumerate(zip(selections, rank0["selections"], rank1["selections"])):
         assert torch.equal(torch.cat([part0, part1], dim=1), expected), f"{scenario}: selection of step {step}"
@@ -112,15 +109,6 @@ def test_resume_on_two_ranks_through_the_activation_store_is_exact(ranks):
             assert torch.equal(result["resumed"][key], expected), key
 
 
-def _assert_close(state: dict, expected_state: dict, what: str) -> None:
-    for key, expected in expected_state.items():
-        if expected.is_floating_point():
-            error = (state[key] - expected).norm() / expected.norm().clamp(min=1e-12)
-            assert error < 1e-5, f"{what} {key}: relative error {error:.2e}"
-        else:
-            assert torch.equal(state[key], expected), f"{what} {key}"
-
-
 @pytest.mark.parametrize("store", ["live", "cache"])
 def test_resume_on_another_number_of_ranks_through_the_real_stores_is_exact(ranks, store):
     """The global batches do not depend on the number of ranks, so (relative 1e-5): 2 ranks train as
@@ -139,9 +127,9 @@ def test_resume_on_another_number_of_ranks_through_the_real_stores_is_exact(rank
     one_process = worker.store_run(out, f"{store}_one_process", **overrides)
     two_ranks = [result[store] for result in ranks["across_rank_counts"]]
     for rank in range(2):
-        _assert_close(two_ranks[rank]["uninterrupted"], as_two_ranks, f"{store}: 2 ranks vs 1 process")
-        _assert_close(two_ranks[rank]["one_then_two"], one_process, f"{store}: 1 process, then 2 ranks")
-    _assert_close(two_then_one, as_two_ranks, f"{store}: 2 ranks, then 1 process")
+        assert_state_close(two_ranks[rank]["uninterrupted"], as_two_ranks, 1e-5, f"{store}: 2 ranks vs 1 process")
+        assert_state_close(two_ranks[rank]["one_then_two"], one_process, 1e-5, f"{store}: 1 process, then 2 ranks")
+    assert_state_close(two_then_one, as_two_ranks, 1e-5, f"{store}: 2 ranks, then 1 process")
 
 
 @pytest.mark.parametrize("lanes", [None, 1, 4, "cache"])
