@@ -1,6 +1,6 @@
-"""Dead latents of a transcoder on SmolLM2-135M (issue 14), against a skip transcoder and an SAE.
+"""Dead latents of a transcoder on SmolLM2-135M, against a skip transcoder and an SAE.
 
-The issue's setting: layer 8, resid_mid -> mlp_out, the built-in python-docs corpus, dictionary
+The setting: layer 8, resid_mid -> mlp_out, the built-in python-docs corpus, dictionary
 4608 (8 x 576, Matryoshka groups 1:2:4:9), BatchTopK k=32, batch 1024, lr 2e-3, 100k tokens, CPU,
 float32. The cfgs come from train_gemma_example.py's own parser (the `transcoder` and `sae`
 subcommands), the activations from the real stores, the training from training.py's one loop.
@@ -9,8 +9,8 @@ Rows (every transcoder variant trains on one activation stream with `train_sae_g
     transcoder          the transcoder as it is now
     skip transcoder     with cfg["transcoder_skip"] (y_hat = z W_dec + b_dec + x_s W_skip)
     SAE on mlp_out      a Matryoshka SAE on the target site, same settings (its own stream)
-With --ablations, transcoder variants that isolate one choice each are added: the initialisation
-before issue 14 (tied encoder, uncentred source, random decoder), each part of the new one alone,
+With --ablations, transcoder variants that isolate one choice each are added: the plain SAE-style
+initialisation (tied encoder, uncentred source, random decoder), each part of the new one alone,
 the learning rate, AuxK and the dead window (CE is measured for the main rows only).
 
 Printed per row: dead latents as the training counter sees them at the end (unfired for
@@ -58,7 +58,7 @@ ISSUE_SETTINGS = ["--model", "smollm2-135m", "--dataset", "python-docs", "--laye
 
 
 def old_initialisation(sae) -> None:
-    """The initialisation before issue 14: W_enc = W_dec^T, the source not centred, a random
+    """The plain SAE-style initialisation: W_enc = W_dec^T, the source not centred, a random
     decoder (the first batch sets only the target's scale and b_dec, and a skip path's units)."""
     with torch.no_grad():
         sae.W_enc.copy_(sae.W_dec.t())
