@@ -407,7 +407,7 @@ class MatryoshkaTranscoder(GlobalBatchTopKMatryoshkaSAE):
     decoder's unit-norm constraint. `decode(z)` has no source to read and returns z W_dec + b_dec;
     `reconstruct(x)` includes the skip term.
 
-    Initialisation (issue 14), from the first training batch (`initialize_from_batch`):
+    Initialisation, from the first training batch (`initialize_from_batch`):
     * The source is centred by its mean, a buffer. A residual stream has a few coordinates ~10x
       the others after standardisation (2 of 576 in SmolLM2's layer-8 resid_mid); left in, their
       mean m gives every latent an offset m . W_enc[:, i] that Adam moves by about lr x |m| a
