@@ -1,4 +1,4 @@
-"""Transcoders (issue 14): the encoder's initialisation, dead latents on a planted transcoder task,
+"""Transcoders: the encoder's initialisation, dead latents on a planted transcoder task,
 and the skip connection (its gradient and Matryoshka prefixes against a dense reference, the CLI
 option, save/load and resume)."""
 
@@ -87,7 +87,7 @@ def planted_dead_fraction(tmp_path, old_initialisation: bool) -> float:
                target_layer=0, device="cpu", seed=0, checkpoint_freq=10 ** 6, checkpoint_dir=str(tmp_path),
                wandb_mode="disabled")
     transcoder = MatryoshkaTranscoder(post_init_cfg(cfg))
-    if old_initialisation:  # before issue 14: tied encoder, uncentred source, random decoder
+    if old_initialisation:  # the plain SAE-style one: tied encoder, uncentred source, random decoder
         with torch.no_grad():
             transcoder.W_enc.copy_(transcoder.W_dec.t())
         transcoder.initialize_from_batch = lambda source, target: transcoder.initialize_b_dec(target)
