@@ -25,9 +25,18 @@ $(DEV_STAMP): $(STAMP) requirements-dev.txt
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $(DEV_STAMP)
 
+# Evaluation dependencies (evaluate_sae.py; its tests), after the dev ones for the same reason.
+# sae-probes with --no-deps: requirements-eval.txt lists its requirements with xgboost-cpu in place
+# of xgboost, whose Linux wheel pulls a CUDA library.
+EVAL_STAMP := $(VENV)/.installed-eval
+$(EVAL_STAMP): $(DEV_STAMP) requirements-eval.txt
+	$(BIN)/pip install --quiet -r requirements-eval.txt
+	$(BIN)/pip install --quiet --no-deps sae-probes==0.4.2
+	touch $(EVAL_STAMP)
+
 install: $(STAMP)
 
-test: $(DEV_STAMP)
+test: $(EVAL_STAMP)
 	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)
