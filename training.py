@@ -1,17 +1,25 @@
-"""Training loops for SAEs and transcoders.
+"""Training loops for SAEs and transcoders, and the one training step every caller shares.
+
+The public pieces, from the smallest:
+
+    make_optimizer(sae, cfg)            Adam over sae.param_groups() (JumpReLU's thresholds: own lr scale)
+    training_step(sae, optimizer, inputs, lr, max_grad_norm)    one step, see below
+    lr_at_step(step, total_steps, cfg)  the schedule
+    train_sae / train_transcoder / train_sae_group              the loop on an activation store
+    open_activation_store(model, cfgs)  the stream a group of dictionaries reads
+    train_from_cfgs(cfgs)               model -> store -> dictionaries -> training (the scripts')
+
+Tests and benchmarks step through `make_optimizer` and `training_step` too, so what they check or
+time is what training runs.
 
 `train_sae`, `train_transcoder` and `train_sae_group` share one loop (`_train`): every step draws one
 batch from the activation store and feeds it to every dictionary being trained, so several SAEs
-(the original repository's BatchTopK SAEs of different sparsity next to one Matryoshka SAE) see
-exactly the same data. Each dictionary has its own Adam optimizer, wandb run and checkpoint folder
-``Path(cfg["checkpoint_dir"]) / cfg["name"]``.
+(BatchTopK SAEs of different sparsity next to one Matryoshka SAE, as in
+https://github.com/bartbussmann/matryoshka_sae) see exactly the same data. Each dictionary has its
+own optimizer (`make_optimizer`), wandb run and checkpoint folder
+``Path(cfg["checkpoint_dir"]) / cfg["name"]``, and takes `training_step` at ``lr_at_step(step)``.
 
-One training step (the loop adds no host synchronisation to it):
-
-    loss.backward(); [torchrun: average_gradients]; sae.remove_parallel_decoder_grad(); clip_grad_norm_(max_grad_norm)
-    optimizer.step() at lr_at_step(step); sae.normalize_decoder()
-
-The scalars of the output dict stay on the device and are read back together every
+The loop adds no host synchronisation to the step: the scalars of the output dict stay on the device and are read back together every
 ``cfg["log_freq"]`` steps; that read is where non-finite inputs or losses are detected (a
 `NonFiniteError`, raised at most log_freq steps after the fact). A checkpoint is written only after
 every step before it was checked, so a good checkpoint is never replaced by NaN weights.
@@ -48,7 +56,10 @@ from tqdm import tqdm
 
 import distributed
 from activation_store import dictionary_hooks
-from checkpoint import checkpoint_folder, load_history, restore_checkpoint, save_checkpoint, saved_steps
+from checkpoint import (
+    checkpoint_folder, claim_run_folder, load_history, release_run_lock, restore_checkpoint, save_checkpoint,
+    saved_steps,
+)
 from config import cfg_to_json
 from evaluation import evaluate_ce_loss
 from preemption import StopSignals, TrainingInterrupted
@@ -78,6 +89,51 @@ def lr_at_step(step: int, total_steps: int, cfg: dict) -> float:
     if n_decay > 0:
         factor *= min(1.0, (total_steps - step) / n_decay)
     return cfg["lr"] * factor
+
+
+# ---------------------------------------------------------------------------------------------
+# One training step
+# ---------------------------------------------------------------------------------------------
+
+
+def make_optimizer(sae, cfg: dict) -> torch.optim.Adam:
+    """Adam (betas cfg["beta1"], cfg["beta2"]) over ``sae.param_groups()``.
+
+    Each group carries an "lr_scale": `training_step` sets the group's lr to lr_scale x the
+    scheduled lr. Every class has one group of scale 1 except JumpReLU, whose log_threshold learns
+    at cfg["jumprelu_threshold_lr_scale"] x lr (see JumpReLUSAE), so an optimizer built from
+    ``sae.parameters()`` would not train it as the library does.
+    """
+    return torch.optim.Adam(sae.param_groups(), lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]))
+
+
+def training_step(sae, optimizer: torch.optim.Optimizer, inputs: Sequence[torch.Tensor], lr: float,
+                  max_grad_norm: float) -> dict[str, torch.Tensor]:
+    """One optimisation step of `sae` on one batch; returns the forward's output dict.
+
+    `inputs`: the dictionary's arguments, (x [B, d_in],) for an SAE, (source, target) for a
+    transcoder. In order:
+
+        output = sae(*inputs); output["loss"].backward()
+        under torchrun: average the gradients over the ranks (the global batch's gradient)
+        sae.remove_parallel_decoder_grad()      # unit-norm decoder rows can only rotate
+        clip_grad_norm_(max_grad_norm)
+        every group's lr = lr x its "lr_scale"; optimizer.step(); zero_grad
+        sae.normalize_decoder()                 # back onto the unit sphere
+
+    Nothing here reads a value back to the host: the output's scalars stay on the device.
+    """
+    output = sae(*inputs)
+    output["loss"].backward()
+    distributed.average_gradients(sae.parameters())
+    sae.remove_parallel_decoder_grad()
+    torch.nn.utils.clip_grad_norm_(sae.parameters(), max_grad_norm)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # a restored state saved without scales: 1
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sae.normalize_decoder()
+    return output
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,22 +191,11 @@ def _tensors(inputs) -> list[torch.Tensor]:
 
 
 def _make_trainee(sae, cfg: dict) -> _Trainee:
-    optimizer = torch.optim.Adam(sae.param_groups(), lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]))
-    return _Trainee(sae=sae, cfg=cfg, optimizer=optimizer, folder=checkpoint_folder(cfg))
+    return _Trainee(sae=sae, cfg=cfg, optimizer=make_optimizer(sae, cfg), folder=checkpoint_folder(cfg))
 
 
 def _training_step(trainee: _Trainee, inputs: tuple[torch.Tensor, ...], lr: float) -> None:
-    sae, optimizer = trainee.sae, trainee.optimizer
-    output = sae(*inputs)
-    output["loss"].backward()
-    distributed.average_gradients(sae.parameters())  # under torchrun: the global batch's gradient
-    sae.remove_parallel_decoder_grad()
-    torch.nn.utils.clip_grad_norm_(sae.parameters(), trainee.cfg["max_grad_norm"])
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)  # optimizer states saved before lr_scale lack it
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    sae.normalize_decoder()
+    output = training_step(trainee.sae, trainee.optimizer, inputs, lr, trainee.cfg["max_grad_norm"])
     if trainee.scalar_keys is None:
         trainee.scalar_keys = [k for k, v in output.items() if _is_logged(k, v)]
     trainee.pending.append(torch.cat([output[k].detach().float().reshape(-1) for k in trainee.scalar_keys]))
@@ -356,8 +401,10 @@ def _train(saes: Sequence, activation_store, model, cfgs: Sequence[dict],
     trainees = _share_of(everyone, cfgs[0])
     if resume_from is not None:
         resume_from = _share_of(list(resume_from), cfgs[0])
-    for t in trainees:
+    for i, t in enumerate(trainees):
         t.sae.train()
+        if _writes_here(t.cfg):  # a folder of its own, locked (see checkpoint.claim_run_folder)
+            t.folder = claim_run_folder(t.cfg, resume_from=None if resume_from is None else resume_from[i])
     start, batches = _resume_or_start(trainees, activation_store, resume_from)
     eval_tokens = None
     if model is not None:
@@ -394,6 +441,7 @@ def _train(saes: Sequence, activation_store, model, cfgs: Sequence[dict],
         progress.close()
         for t in trainees:
             t.run.finish()
+            release_run_lock(t.folder)
     if _dictionaries_spread(cfgs[0]):  # every rank returns every trained dictionary
         for i, t in enumerate(everyone):
             distributed.broadcast_state(t.sae, source=i % distributed.world_size())
@@ -509,6 +557,46 @@ def train_transcoder(transcoder, activation_store, model, cfg: dict, resume_from
     """`train_sae` for a transcoder: the store yields (source, target) pairs and the CE evaluation
     splices the predicted target into cfg["target_hook_point"]."""
     return train_sae(transcoder, activation_store, model, cfg, resume_from)
+
+
+def open_activation_store(model, cfgs: Sequence[dict]):
+    """The activation stream a group of dictionaries trains on: when their cfgs read several hooks
+    (layers or sites), one `MultiHookActivationsStore` serving every hook from one model pass;
+    otherwise ``activation_cache.activation_store_for(model, cfgs[0])``, the live model's store (a
+    transcoder's paired one) or, with cfg["activation_cache"], the cache's."""
+    from activation_cache import activation_store_for
+    from activation_store import MultiHookActivationsStore
+
+    if len({tuple(dictionary_hooks(cfg)) for cfg in cfgs}) > 1:
+        if cfgs[0].get("activation_cache"):
+            raise ValueError("cfg['activation_cache'] (--activations) holds one hook's activations, but these "
+                             "dictionaries read several hooks; train each layer from its cache in its own run "
+                             "(--layer L --activations DIR).")
+        return MultiHookActivationsStore(model, list(cfgs))
+    return activation_store_for(model, cfgs[0])
+
+
+def train_from_cfgs(cfgs: Sequence[dict], resume_from: Sequence[str | Path] | None = None,
+                    model=None) -> list:
+    """The whole assembly, model -> store -> dictionaries -> training, for one cfg per dictionary:
+
+        model = model_loading.load_model(cfgs[0]["model_name"], device, model_dtype)  # unless given
+        store = open_activation_store(model, cfgs)
+        saes = [create_sae(cfg) for cfg in cfgs]
+        train_sae_group(saes, store, model, cfgs, resume_from)
+
+    main.py and train_gemma_example.py train through it. Under torchrun, call
+    ``distributed.init_from_env(cfg)`` for every cfg first. `resume_from`: one checkpoint folder per
+    cfg. Returns the trained dictionaries (their metrics are in each run's checkpoint folder).
+    """
+    import model_loading
+    from sae import create_sae
+
+    base = cfgs[0]
+    if model is None:
+        model = model_loading.load_model(base["model_name"], base["device"], base["model_dtype"])
+    store = open_activation_store(model, cfgs)
+    return train_sae_group([create_sae(cfg) for cfg in cfgs], store, model, cfgs, resume_from=resume_from)
 
 
 def train_sae_group(saes: Sequence, activation_store, model, cfgs: Sequence[dict],
