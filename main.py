@@ -71,25 +71,12 @@ def build_cfgs(args: argparse.Namespace | None = None) -> list[dict]:
 
 def train_group(cfgs: list[dict], resume_from: list[str] | None = None) -> list:
     """Load cfgs[0]'s model, open its activation stream and train one dictionary per cfg on it
-    (continuing the checkpoints in `resume_from`, one per cfg, when given)."""
+    (continuing the checkpoints in `resume_from`, one per cfg, when given): training.train_from_cfgs."""
     # Imported here so that --help (and train_gemma_example.py compare) load no model stack.
-    from activation_cache import activation_store_for
-    from activation_store import MultiHookActivationsStore, dictionary_hooks
-    from model_loading import load_model
-    from sae import create_sae
-    from training import train_sae_group
+    from training import train_from_cfgs
 
-    base = cfgs[0]
-    check_device(base)
-    model = load_model(base["model_name"], base["device"], base["model_dtype"])
-    if len({tuple(dictionary_hooks(cfg)) for cfg in cfgs}) > 1:  # several layers/sites: one pass
-        if base.get("activation_cache"):
-            raise ValueError("--activations trains the dictionaries of one hook; for several layers, train "
-                             "each layer from the cache in its own run (--layer L --activations DIR).")
-        store = MultiHookActivationsStore(model, cfgs)
-    else:
-        store = activation_store_for(model, base)  # the live model's, or the cache's (--activations)
-    return train_sae_group([create_sae(cfg) for cfg in cfgs], store, model, cfgs, resume_from=resume_from)
+    check_device(cfgs[0])
+    return train_from_cfgs(cfgs, resume_from=resume_from)
 
 
 def main(argv: list[str] | None = None) -> None:

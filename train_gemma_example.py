@@ -77,23 +77,14 @@ def train(cfg: dict, resume_from: str | None = None) -> None:
     """Load the model, open the activation stream and train the dictionary that cfg describes
     (continuing the checkpoint in `resume_from` when given)."""
     # Imported here so that `compare` and --help load no model stack.
-    from activation_cache import activation_store_for
-    from model_loading import load_model
-    from sae import GlobalBatchTopKMatryoshkaSAE, MatryoshkaTranscoder
-    from training import train_sae, train_transcoder
+    from training import train_from_cfgs
 
     try:
         distributed.init_from_env(cfg)  # under torchrun: join the other ranks, one device each
         if distributed.is_main_process():
             print(f"Training {cfg['name']} on {cfg['device']} ({distributed.world_size()} rank(s))")
         check_device(cfg)
-        model = load_model(cfg["model_name"], cfg["device"], cfg["model_dtype"])
-        if cfg["sae_type"] == "matryoshka_transcoder":
-            train_transcoder(MatryoshkaTranscoder(cfg), activation_store_for(model, cfg), model, cfg,
-                             resume_from=resume_from)
-        else:
-            train_sae(GlobalBatchTopKMatryoshkaSAE(cfg), activation_store_for(model, cfg), model, cfg,
-                      resume_from=resume_from)
+        train_from_cfgs([cfg], resume_from=None if resume_from is None else [resume_from])
         if distributed.is_main_process():
             print_final_metrics(cfg)
     finally:
