@@ -54,7 +54,7 @@ def load_text_dataset(dataset_path: Any) -> Dataset | IterableDataset:
     """Resolve cfg["dataset_path"] to a dataset of documents (its "train" split).
 
     Accepted: a `datasets.Dataset`/`IterableDataset` (or a dict of splits) object; "python-docs"
-    (the built-in corpus); a local .txt file (one document per blank-line separated paragraph),
+    (the built-in corpus; "python-docs:train" and "python-docs:test" its splits); a local .txt file (one document per blank-line separated paragraph),
     .jsonl/.json or .parquet file; a folder written by `Dataset.save_to_disk` or holding data
     files; otherwise a Hugging Face hub name, streamed.
     """
@@ -66,6 +66,10 @@ def load_text_dataset(dataset_path: Any) -> Dataset | IterableDataset:
         from builtin_corpus import python_docs_dataset
 
         return python_docs_dataset()
+    if isinstance(dataset_path, str) and dataset_path.startswith(BUILTIN_CORPUS + ":"):  # python-docs:train
+        from builtin_corpus import python_docs_dataset
+
+        return python_docs_dataset(split=dataset_path.split(":", 1)[1])
     path = Path(dataset_path)
     if path.is_dir():
         if (path / "state.json").exists() or (path / "dataset_dict.json").exists():
