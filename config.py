@@ -231,6 +231,7 @@ def default_settings() -> dict[str, Any]:
         "target_site": None,
         "target_layer": None,
         "transcoder_skip": False,  # skip transcoder: add an affine path x W_skip to every prediction
+        "transcoder_selection": "batchtopk",  # transcoder latents: "batchtopk" (of the batch) or "topk" (per token)
         # Free-form bookkeeping of the user's (any JSON-safe value); the library never reads it.
         "notes": None,
     }
@@ -271,7 +272,7 @@ BOOL_SETTINGS = ("input_unit_norm", "exclude_bos", "transcoder_skip", "distribut
                  "distribute_dictionaries",
                  "l1_coeff_relative")
 STR_SETTINGS = ("sae_type", "model_name", "site", "wandb_project", "source_site", "target_site",
-                "jumprelu_objective")
+                "jumprelu_objective", "transcoder_selection")
 
 
 def known_keys() -> set[str]:
@@ -430,6 +431,9 @@ def post_init_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
     _check_layer(cfg["layer"], n_layers, "layer")
     if cfg["sae_type"] == "matryoshka_transcoder" or cfg.get("source_site") is not None:
         _derive_transcoder_hooks(cfg, derived, n_layers)
+    if cfg["transcoder_selection"] not in ("batchtopk", "topk"):
+        raise ValueError(f"cfg['transcoder_selection'] = {cfg['transcoder_selection']!r}; choose 'batchtopk' "
+                         f"(the k x batch largest of the batch) or 'topk' (the k largest of each token).")
     if cfg.get("transcoder_skip") and cfg["sae_type"] != "matryoshka_transcoder":
         raise ValueError(f"cfg['transcoder_skip'] is a transcoder's skip connection, but sae_type is "
                          f"{cfg['sae_type']!r}; set transcoder_skip to False or train a transcoder.")
@@ -519,6 +523,8 @@ def run_name(cfg: dict) -> str:
         hook = f"{cfg['source_hook_point']}-to-{cfg['target_hook_point']}"
         if cfg.get("transcoder_skip"):
             hook += "-skip"
+        if cfg.get("transcoder_selection") == "topk":
+            hook += "-topk"
     sparsity = cfg["top_k"]
     if cfg["sae_type"] in ("vanilla", "jumprelu") and cfg.get("target_l0") is not None:
         sparsity = f"L0-{cfg['target_l0']:g}"

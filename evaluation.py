@@ -13,6 +13,7 @@ feature_statistics.py and shown by feature_browser.py.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Callable
 
@@ -120,6 +121,109 @@ def _chunk_losses(sae, model, tokens, cfg, keep) -> dict[str, float]:
         losses[name] = model.run_with_hooks(tokens, return_type="loss", fwd_hooks=hooks)
     values = torch.stack([loss.float() for loss in losses.values()]).tolist()
     return dict(zip(losses, values))
+
+
+# ---------------------------------------------------------------------------------------------
+# Several dictionaries spliced in at once (a transcoder set: every MLP replaced)
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_replacement(saes, cfgs, model, tokens: torch.Tensor) -> dict[str, float]:
+    """Next-token CE loss of `model` on `tokens` ([rows, seq]) with every dictionary of `saes`
+    spliced in at once (each at its cfg's target hook, reading its source hook in the same,
+    already replaced, forward pass), and how far its predictions move from the model's:
+
+        ce_loss_clean, ce_loss_spliced, ce_loss_zero_ablation (every target set to 0)
+        loss_recovered = (zero_ablation - spliced) / (zero_ablation - clean)
+        kl_divergence  = mean over predicted tokens of KL(p_clean || p_spliced)
+
+    BOS positions keep their activations (cfg["exclude_bos"] of cfgs[0]); chunks of
+    cfgs[0]["model_batch_size"] rows; the dictionaries run in eval mode, their modes restored.
+    """
+    cfg = cfgs[0]
+    totals = {"clean": 0.0, "spliced": 0.0, "zero_ablation": 0.0, "kl_divergence": 0.0}
+    with in_eval_mode(saes):
+        for chunk in tokens.split(cfg["model_batch_size"]):
+            chunk = chunk.to(model.cfg.device)
+            keep = bos_mask(chunk, model, cfg) if cfg["exclude_bos"] else None
+            spliced = [hook for sae, sae_cfg in zip(saes, cfgs)
+                       for hook in _patch_hooks(sae_cfg, _reconstruction_of(sae), keep)]
+            zeroed = [hook for sae_cfg in cfgs
+                      for hook in _patch_hooks(sae_cfg, lambda s, t: torch.zeros_like(t), keep)]
+            clean_logits = model(chunk)
+            spliced_logits = model.run_with_hooks(chunk, fwd_hooks=spliced)
+            losses = {"clean": _next_token_loss(clean_logits, chunk),
+                      "spliced": _next_token_loss(spliced_logits, chunk),
+                      "zero_ablation": model.run_with_hooks(chunk, return_type="loss", fwd_hooks=zeroed).float(),
+                      "kl_divergence": _mean_kl(clean_logits[:, :-1], spliced_logits[:, :-1])}
+            for name, value in losses.items():
+                totals[name] += value.item() * len(chunk) / len(tokens)
+    result = {f"ce_loss_{name}": totals[name] for name in ("clean", "spliced", "zero_ablation")}
+    result["ce_degradation"] = totals["spliced"] - totals["clean"]
+    result["loss_recovered"] = ((totals["zero_ablation"] - totals["spliced"])
+                                / (totals["zero_ablation"] - totals["clean"]))
+    result["kl_divergence"] = totals["kl_divergence"]
+    return result
+
+
+@contextlib.contextmanager
+def in_eval_mode(saes):
+    """Within it every dictionary of `saes` is in eval mode; their modes are restored after."""
+    modes = [sae.training for sae in saes]
+    for sae in saes:
+        sae.eval()
+    try:
+        yield
+    finally:
+        for sae, mode in zip(saes, modes):
+            sae.train(mode)
+
+
+def _reconstruction_of(sae) -> Callable:
+    return lambda source, target: sae.reconstruct(source.reshape(-1, source.shape[-1]))
+
+
+def _next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean CE of predicting tokens[:, 1:] from logits[:, :-1] (what return_type="loss" gives)."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+
+
+def _mean_kl(clean_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(softmax(clean) || softmax(other)), logits [..., vocab]."""
+    clean = clean_logits.float().log_softmax(-1)
+    other = other_logits.float().log_softmax(-1)
+    return (clean.exp() * (clean - other)).sum(-1).mean()
+
+
+@torch.no_grad()
+def layer_fvus(saes, cfgs, model, tokens: torch.Tensor) -> list[float]:
+    """Each dictionary's FVU on the clean model's activations of `tokens` (BOS positions left out
+    when cfgs[0]["exclude_bos"]), in chunks of model_batch_size rows: one model pass per chunk."""
+    cfg = cfgs[0]
+    names = sorted({name for c in cfgs for name in (_source_and_target(c))})
+    pairs: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in saes]
+    with in_eval_mode(saes):
+        _collect_pairs(saes, cfgs, model, tokens, names, pairs)
+    return [compute_fvu(torch.cat([t for t, _ in p]), torch.cat([r for _, r in p])).item() for p in pairs]
+
+
+def _collect_pairs(saes, cfgs, model, tokens, names, pairs) -> None:
+    cfg = cfgs[0]
+    for chunk in tokens.split(cfg["model_batch_size"]):
+        chunk = chunk.to(model.cfg.device)
+        _, cache = model.run_with_cache(chunk, names_filter=names)
+        keep = ~bos_mask(chunk, model, cfg) if cfg["exclude_bos"] else torch.ones_like(chunk, dtype=torch.bool)
+        for i, (sae, c) in enumerate(zip(saes, cfgs)):
+            source_hook, target_hook = _source_and_target(c)
+            source, target = cache[source_hook][keep], cache[target_hook][keep]
+            pairs[i].append((target.float(), sae.reconstruct(source)))
+
+
+def _source_and_target(cfg: dict) -> tuple[str, str]:
+    if is_transcoder(cfg):
+        return cfg["source_hook_point"], cfg["target_hook_point"]
+    return cfg["hook_point"], cfg["hook_point"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -449,6 +449,17 @@ class MatryoshkaTranscoder(GlobalBatchTopKMatryoshkaSAE):
     def center(self, x_n: torch.Tensor) -> torch.Tensor:
         return x_n - self.source_mean  # (b_dec lives in the target's space)
 
+    def select(self, pre: torch.Tensor) -> SparseCode:
+        """BatchTopK (the default), or with cfg["transcoder_selection"] = "topk" the k largest
+        latents of each token, in training and at inference alike (no threshold is learned)."""
+        if self.cfg["transcoder_selection"] == "topk":
+            return select_topk(pre, self.cfg["top_k"])
+        return super().select(pre)
+
+    def _update_threshold(self, values: torch.Tensor) -> None:
+        if self.cfg["transcoder_selection"] != "topk":
+            super()._update_threshold(values)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Files written before the source was centred (and SAELens's) have no source_mean: zero.
         state_dict.setdefault(prefix + "source_mean", torch.zeros_like(self.source_mean))
@@ -556,7 +567,8 @@ class MatryoshkaTranscoder(GlobalBatchTopKMatryoshkaSAE):
         the targets after b_dec y_n [B, d_out], for the initialisation."""
         x_c = self.center(self.normalize_source(source.reshape(-1, self.d_in))[0])
         pre = self.preactivations(x_c)
-        code = select_batch_topk(pre, self.cfg["top_k"])
+        per_token = self.cfg["transcoder_selection"] == "topk"
+        code = (select_topk if per_token else select_batch_topk)(pre, self.cfg["top_k"])
         y_n = self.to_units(target.reshape(-1, self.d_out), self.target_stats(None)) - self.b_dec
         return code, pre[code.rows, code.latents], y_n
 

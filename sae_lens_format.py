@@ -179,6 +179,10 @@ def _transcoder_form(sae: MatryoshkaTranscoder, state, weights) -> str:
         (z W_dec + b_dec + (x - skip_shift) / skip_scale W_skip) * target_scale,
     SAELens's z W_dec' + b_dec' + x W_skip'^T: W_dec' = W_dec s_t, W_skip' = (W_skip s_t / s_s)^T
     (powers of two: exact) and b_dec' = (b_dec - skip_shift / s_s W_skip) s_t (rounded)."""
+    if sae.cfg["transcoder_selection"] == "topk":
+        raise NotRepresentable("transcoder_selection: a per-token TopK transcoder has no JumpReLU form (its "
+                               "latents depend on the other latents of the token); train it with "
+                               "transcoder_selection 'batchtopk' to export it.")
     weights["threshold"] = _learned_threshold(sae).expand(sae.dict_size).clone()
     # Ours encodes the centred source x_n - source_mean, SAELens's reads x_n: the mean is folded
     # into b_enc (and the skip path's shift into b_dec); the extras keep the unfolded biases for

@@ -1,0 +1,214 @@
+"""A transcoder set: one transcoder per layer, every layer's MLP replaced, trained in one model pass.
+
+Circuit tracing (circuit-tracer's replacement model) needs a transcoder at every layer 0..L-1, each
+reading its layer's MLP input (the source site) and predicting that layer's MLP output (mlp_out).
+A set is trained as a group of ordinary transcoders (`sae.MatryoshkaTranscoder`) through the one
+training loop (`training.train_sae_group`), fed by one multi-hook store
+(`activation_store.MultiHookActivationsStore`): every chunk of text runs the model once, and each
+layer's transcoder gets the (source, target) batch of its layer, row i of every batch from the same
+token. Resume, SIGTERM and torchrun are those of the loop.
+
+Kinds (`TRANSCODER_KINDS`), all with an optional skip connection (``skip=True``):
+    matryoshka   BatchTopK over the whole dictionary, nested-prefix losses (the default)
+    batchtopk    BatchTopK, one group (the whole dictionary is the only prefix)
+    topk         the k largest latents of each token, one group
+
+The folder of a set:
+
+    <set>/transcoder_set.json   the manifest: layers, sites, kind, model (`SET_MANIFEST`)
+    <set>/layer_{i}/            layer i's checkpoint folder (checkpoint.py), loadable on its own
+    <set>/metrics.json          the set's final evaluation (every MLP replaced at once)
+
+Defaults that make a set exportable to circuit-tracer (circuit_tracer_format.py): no per-token
+standardisation of the source (input_unit_norm False: circuit-tracer encodes W_enc x + b_enc
+with nothing before it), BOS positions excluded from training (circuit-tracer zeroes the features
+at position 0).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from checkpoint import atomic_write, check_checkpoint_folder, load_sae
+from config import get_default_cfg, post_init_cfg
+from transcoder_activation_store import create_transcoder_config
+
+SET_MANIFEST = "transcoder_set.json"
+SET_FORMAT = 1
+
+# kind -> the settings that make it (beside transcoder_skip); group_sizes None: the default groups.
+TRANSCODER_KINDS: dict[str, dict] = {
+    "matryoshka": {"transcoder_selection": "batchtopk"},
+    "batchtopk": {"transcoder_selection": "batchtopk", "one_group": True},
+    "topk": {"transcoder_selection": "topk", "one_group": True},
+}
+
+# The source a set reads by default: the MLP's normalised input (see docs/transcoder_sets.md for
+# the comparison with hook_resid_mid that chose it).
+DEFAULT_SOURCE_SITE = "ln2_normalized"
+
+
+def layer_folder_name(layer: int) -> str:
+    return f"layer_{layer}"
+
+
+def parse_layers(text: str, n_layers: int) -> list[int]:
+    """``all``, ``0,3,5`` or ``0-11`` (ranges and lists may mix) -> sorted distinct layers."""
+    if text.strip() == "all":
+        return list(range(n_layers))
+    layers: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            first, _, last = part.partition("-")
+            span = range(int(first), int(last or first) + 1)
+        except ValueError:
+            raise ValueError(f"--layers {text!r}: write 'all', a list such as 0,3,5 or a range such as "
+                             f"0-11.") from None
+        layers.update(span)
+    outside = sorted(layer for layer in layers if not 0 <= layer < n_layers)
+    if not layers or outside:
+        raise ValueError(f"--layers {text!r}: the model has layers 0..{n_layers - 1}; "
+                         f"{outside or 'none given'} cannot be trained.")
+    return sorted(layers)
+
+
+def transcoder_set_cfgs(cfg: dict, layers: Sequence[int], set_folder: str | Path, kind: str = "matryoshka",
+                        skip: bool = False, source_site: str = DEFAULT_SOURCE_SITE,
+                        target_site: str = "mlp_out") -> list[dict]:
+    """One transcoder cfg per layer, from the run settings in `cfg` (sizes, k, lr, data, ...).
+
+    Layer i's transcoder reads (source_site, i) and predicts (target_site, i); its checkpoint
+    folder is ``set_folder / layer_{i}``. Every cfg shares the data and step settings, so that one
+    store feeds them all.
+    """
+    if kind not in TRANSCODER_KINDS:
+        raise ValueError(f"Unknown transcoder kind {kind!r}; choose one of {', '.join(TRANSCODER_KINDS)}.")
+    settings = dict(TRANSCODER_KINDS[kind])
+    one_group = settings.pop("one_group", False)
+    base = dict(cfg)
+    base.update(settings, transcoder_skip=skip, checkpoint_dir=str(set_folder))
+    cfgs = []
+    for layer in layers:
+        layer_cfg = create_transcoder_config(dict(base, name=layer_folder_name(layer)), source_layer=layer,
+                                             target_layer=layer, source_site=source_site,
+                                             target_site=target_site)
+        if one_group:  # the whole dictionary is the only prefix
+            layer_cfg = post_init_cfg({**layer_cfg, "group_sizes": [layer_cfg["dict_size"]]})
+        cfgs.append(layer_cfg)
+    return cfgs
+
+
+def default_set_cfg(**settings) -> dict:
+    """The defaults of a set's transcoders: `get_default_cfg` with exportable settings (no
+    per-token standardisation, BOS excluded), then `settings`."""
+    cfg = get_default_cfg()
+    cfg.update(input_unit_norm=False, exclude_bos=True)
+    cfg.update(settings)
+    return cfg
+
+
+def manifest(cfgs: Sequence[dict], kind: str) -> dict:
+    """What `SET_MANIFEST` records: enough to rebuild the cfgs' roles without reading them."""
+    first = cfgs[0]
+    return {
+        "format": SET_FORMAT,
+        "kind": kind,
+        "skip": bool(first.get("transcoder_skip")),
+        "model_name": first["model_name"],
+        "source_site": first["source_site"],
+        "target_site": first["target_site"],
+        "layers": [cfg["source_layer"] for cfg in cfgs],
+        "folders": {str(cfg["source_layer"]): cfg["name"] for cfg in cfgs},
+    }
+
+
+def write_manifest(set_folder: str | Path, cfgs: Sequence[dict], kind: str) -> Path:
+    folder = Path(set_folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / SET_MANIFEST
+    text = json.dumps(manifest(cfgs, kind), indent=2) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+    return path
+
+
+def read_manifest(set_folder: str | Path) -> dict:
+    """The set's manifest; a clear error when `set_folder` is not a transcoder set."""
+    path = Path(set_folder) / SET_MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{set_folder} is not a transcoder set: it has no {SET_MANIFEST} "
+                                f"(train one with train_gemma_example.py transcoder --layers ...).")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); restore it from the run.") from None
+    missing = [key for key in ("layers", "folders", "source_site", "target_site") if key not in data]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}; it was not written by transcoder_set.py.")
+    return data
+
+
+def layer_folders(set_folder: str | Path) -> dict[int, Path]:
+    """{layer: its checkpoint folder} of a set, each checked to hold a checkpoint."""
+    data = read_manifest(set_folder)
+    folders = {int(layer): Path(set_folder) / name for layer, name in data["folders"].items()}
+    for folder in folders.values():
+        check_checkpoint_folder(folder)
+    return dict(sorted(folders.items()))
+
+
+def load_transcoder_set(set_folder: str | Path, device: str | torch.device | None = None) -> dict[int, torch.nn.Module]:
+    """{layer: transcoder} of a set, each in eval mode (`checkpoint.load_sae`)."""
+    return {layer: load_sae(folder, device) for layer, folder in layer_folders(set_folder).items()}
+
+
+def train_transcoder_set(model, cfgs: Sequence[dict], kind: str = "matryoshka",
+                         resume: bool = False, evaluate: bool = True) -> list:
+    """Train one transcoder per cfg (`transcoder_set_cfgs`) in one pass of `model` per chunk.
+
+    The store is a `MultiHookActivationsStore` over every layer's source and target hook; the loop
+    is `training.train_sae_group`. The per-layer CE evaluation of the loop is off (model=None:
+    thirty dictionaries would mean thirty spliced runs each time); instead, with `evaluate`, the
+    set is evaluated once at the end with every MLP replaced at once (`evaluate_set`), into
+    ``<set>/metrics.json``. `resume`: continue the set from its layer folders' checkpoints.
+    Returns the trained transcoders in the order of `cfgs`.
+    """
+    from activation_store import MultiHookActivationsStore
+    from sae import create_sae
+    from training import train_sae_group
+
+    set_folder = Path(cfgs[0]["checkpoint_dir"])
+    store = MultiHookActivationsStore(model, list(cfgs))
+    transcoders = [create_sae(cfg) for cfg in cfgs]
+    folders = [set_folder / cfg["name"] for cfg in cfgs] if resume else None
+    if not resume:
+        write_manifest(set_folder, cfgs, kind)
+    trained = train_sae_group(transcoders, store, None, list(cfgs), resume_from=folders)
+    if evaluate:
+        import distributed
+
+        if distributed.is_main_process():
+            tokens = store.get_eval_tokens(cfgs[0]["n_eval_rows"])
+            metrics = evaluate_set(trained, cfgs, model, tokens)
+            text = json.dumps(metrics, indent=2) + "\n"
+            atomic_write(set_folder / "metrics.json", lambda tmp: tmp.write_text(text))
+    return trained
+
+
+@torch.no_grad()
+def evaluate_set(transcoders: Sequence, cfgs: Sequence[dict], model, tokens: torch.Tensor) -> dict:
+    """The set's replacement quality on held-out `tokens` ([rows, seq]): every layer's target
+    replaced at once by its transcoder's prediction (`evaluation.evaluate_replacement`), plus the
+    mean of the per-layer FVUs measured on the same tokens with the clean model's activations."""
+    from evaluation import evaluate_replacement, layer_fvus
+
+    metrics = evaluate_replacement(transcoders, cfgs, model, tokens)
+    fvus = layer_fvus(transcoders, cfgs, model, tokens)
+    metrics["fvu_per_layer"] = {str(cfg["source_layer"]): fvu for cfg, fvu in zip(cfgs, fvus)}
+    metrics["fvu_mean"] = sum(fvus) / len(fvus)
+    metrics["fvu_max"] = max(fvus)
+    return metrics
