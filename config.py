@@ -244,6 +244,31 @@ DERIVED_KEYS = ("n_layers", "hook_point", "source_hook_point", "target_hook_poin
 # Keys of earlier versions found in saved config.json files: renamed (old -> new) or retired (-> None).
 RETIRED_KEYS: dict[str, str | None] = {}
 
+# The format of saved cfgs (config.json, and the cfg inside exported files). `cfg_to_json` writes it
+# as "format_version"; a file without one is version 0.
+FORMAT_VERSION = 1
+
+# For each older format version, the settings that reproduce the behaviour of the code that wrote it,
+# for the settings such a file may lack (they did not exist yet): `upgrade_saved_cfg` gives them to a
+# file of that version or older before today's defaults fill the rest. A value may be a function of
+# the saved cfg. The defaults that differ are today's choices, measured and explained where the
+# setting is read (sae.py).
+FORMAT_UPGRADES: dict[int, dict[str, Any]] = {
+    0: {
+        "target_l0": None,  # no steering to an L0
+        "l1_coeff_relative": False,  # vanilla: lambda = l1_coeff, not l1_coeff x the inputs' RMS
+        "l1_warmup_steps": 0,  # vanilla: no ramp of lambda
+        "relu_bias_init": 0.0,  # vanilla: b_enc starts at 0, not from the first batch
+        "jumprelu_objective": "step",  # jumprelu: l0_coeff x L0
+        "l0_warmup_steps": 0,  # jumprelu: no ramp
+        "jumprelu_threshold_lr_scale": 1.0,  # jumprelu: log_threshold learns at lr (one parameter group)
+        "transcoder_skip": False,  # transcoders: no skip path
+        # transcoders: both ends have the model's width
+        "source_act_size": lambda cfg: cfg["act_size"] if cfg.get("source_hook_point") else None,
+        "target_act_size": lambda cfg: cfg["act_size"] if cfg.get("target_hook_point") else None,
+    },
+}
+
 # What other libraries (SAELens, sparsify, dictionary_learning) call our settings: suggested when a
 # cfg holds one of these names, which string similarity alone would not find.
 OTHER_NAMES = {
@@ -543,11 +568,14 @@ def cfg_to_json(cfg: dict[str, Any]) -> str:
             return value
         return f"<{type(value).__name__}>"  # e.g. a datasets.Dataset given as dataset_path
 
-    return json.dumps({k: encode(v) for k, v in cfg.items()}, indent=2, sort_keys=True)
+    saved = {k: encode(v) for k, v in cfg.items()}
+    saved["format_version"] = FORMAT_VERSION
+    return json.dumps(saved, indent=2, sort_keys=True)
 
 
 def cfg_from_json(text: str) -> dict[str, Any]:
-    """Inverse of `cfg_to_json`: dtype settings come back as torch dtypes."""
+    """Inverse of `cfg_to_json`: dtype settings come back as torch dtypes, and a cfg of an older
+    format version comes back with the settings of its version (`upgrade_saved_cfg`)."""
     cfg = upgrade_saved_cfg(json.loads(text))
     for key in ("dtype", "model_dtype"):
         if key in cfg:
@@ -556,11 +584,24 @@ def cfg_from_json(text: str) -> dict[str, Any]:
 
 
 def upgrade_saved_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
-    """A cfg saved by an earlier version, brought to this version's keys.
+    """A saved cfg (with its "format_version", absent: 0), brought to this version's keys with the
+    behaviour of the version that saved it.
 
-    Renamed keys take their new name and retired ones are dropped, each with a warning; settings
-    added since get their defaults, which keep the behaviour of the version that saved the cfg.
+    Renamed keys take their new name and retired ones are dropped, each with a warning. Settings
+    the file lacks take, for each format version from the file's up to this one, the values of
+    `FORMAT_UPGRADES` (the older version's behaviour), then the defaults. The returned cfg holds no
+    "format_version": it is written again by `cfg_to_json`.
     """
+    version = cfg.pop("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version <= FORMAT_VERSION:
+        raise ValueError(f"The saved cfg has format_version {version!r}, but this version of the library reads "
+                         f"formats 0..{FORMAT_VERSION}; load it with the newer version that wrote it.")
+    for old in range(version, FORMAT_VERSION):
+        for key, value in FORMAT_UPGRADES[old].items():
+            if key not in cfg:
+                value = value(cfg) if callable(value) else value
+                if value is not None or key in default_settings():
+                    cfg[key] = value
     for key in [key for key in cfg if key not in known_keys()]:
         new_key = RETIRED_KEYS.get(key)
         value = cfg.pop(key)
