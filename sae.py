@@ -426,11 +426,10 @@ class MatryoshkaTranscoder(GlobalBatchTopKMatryoshkaSAE):
     ties_encoder_to_decoder = False
 
     def __init__(self, cfg: dict):
-        super().__init__(cfg, d_in=cfg.get("source_act_size") or cfg["act_size"],
-                         d_out=cfg.get("target_act_size") or cfg["act_size"])
+        super().__init__(cfg, d_in=cfg["source_act_size"], d_out=cfg["target_act_size"])
         self.register_buffer("target_scale", torch.tensor(1.0, device=cfg["device"]))
         self.register_buffer("source_mean", torch.zeros(self.d_in, device=cfg["device"]))
-        if cfg.get("transcoder_skip", False):  # .get: checkpoints from before the setting load too
+        if cfg["transcoder_skip"]:
             self.W_skip = nn.Parameter(torch.zeros(self.d_in, self.d_out, device=cfg["device"]))
             self.register_buffer("skip_shift", torch.zeros(self.d_in, device=cfg["device"]))
             self.register_buffer("skip_scale", torch.tensor(1.0, device=cfg["device"]))
@@ -584,8 +583,8 @@ class DenseCodeSAE(BaseAutoencoder):
     A sparsity coefficient may be warmed up: multiplied by min(1, (t + 1) / warmup_steps) at
     training step t, so that the dictionary first learns to reconstruct. `steps_trained` counts the
     training forward passes (a buffer saved with the weights, so a resumed run continues the ramp);
-    it exists only when a warm-up or an adaptive coefficient needs it, which keeps the weights of
-    models configured before these settings loadable.
+    it exists only when a warm-up or an adaptive coefficient needs it, so a cfg without either (as
+    `config.FORMAT_UPGRADES` gives files of format 0) has the weights such files hold.
     """
 
     def __init__(self, cfg: dict):
@@ -609,7 +608,7 @@ class DenseCodeSAE(BaseAutoencoder):
 
     def initial_firing_rate(self) -> float:
         """The rate at which data-driven initialisation makes each latent fire on the first batch."""
-        return (self.cfg.get("target_l0") or self.cfg["top_k"]) / self.dict_size
+        return (self.cfg["target_l0"] or self.cfg["top_k"]) / self.dict_size
 
     @torch.no_grad()
     def firing_quantiles(self, target: torch.Tensor) -> torch.Tensor:
@@ -665,7 +664,7 @@ class VanillaSAE(DenseCodeSAE):
 
     lambda = cfg["l1_coeff"] x sigma, where sigma = sqrt(mean_b ||x_c||^2 / d) is the RMS per
     dimension of the batch's centred inputs x_c = x - b_dec (detached; sigma = 1 when
-    cfg["l1_coeff_relative"] is off, as in cfgs from before it). The default l1_coeff = 4 / d comes
+    cfg["l1_coeff_relative"] is off, as in files of format 0). The default l1_coeff = 4 / d comes
     from the units: the projection of x_c onto a unit direction unrelated to it is about
     N(0, sigma^2), so chance overlap has standard deviation sigma whatever d. For one latent
     explaining a coefficient c, the loss (z - c)^2 / d + lambda z is least at z = c - lambda d / 2:
@@ -688,20 +687,20 @@ class VanillaSAE(DenseCodeSAE):
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
-        if self.cfg.get("target_l0") is not None:
+        if self.cfg["target_l0"] is not None:
             self.register_buffer("adaptive_l1_coeff",
                                  torch.tensor(float(cfg["l1_coeff"]), device=cfg["device"]))
 
     def warmup_steps(self) -> int:
-        return 0 if self.cfg.get("target_l0") is not None else self.cfg.get("l1_warmup_steps") or 0
+        return 0 if self.cfg["target_l0"] is not None else self.cfg["l1_warmup_steps"]
 
     @torch.no_grad()
     def initialize_b_dec(self, target: torch.Tensor) -> None:
         """b_dec from the batch's mean, then b_enc: cfg["relu_bias_init"], or with None each latent's
         `firing_quantiles` negated, so that training starts at the intended L0 rather than with
-        half the dictionary firing (cfgs from before the setting keep b_enc = 0)."""
+        half the dictionary firing (files of format 0: b_enc = 0)."""
         super().initialize_b_dec(target)
-        bias = self.cfg.get("relu_bias_init", 0.0)
+        bias = self.cfg["relu_bias_init"]
         if bias is None:
             self.b_enc.copy_(-self.firing_quantiles(target))
         else:
@@ -709,10 +708,10 @@ class VanillaSAE(DenseCodeSAE):
 
     def l1_coeff(self, x_c: torch.Tensor) -> torch.Tensor | float:
         """lambda for the batch of centred inputs x_c [B, d_in] (see the class docstring)."""
-        if self.cfg.get("target_l0") is not None:
+        if self.cfg["target_l0"] is not None:
             return self.adaptive_l1_coeff.clone()  # the buffer is updated before backward
         coeff = self.cfg["l1_coeff"] * self.warmup()
-        if self.cfg.get("l1_coeff_relative", False):
+        if self.cfg["l1_coeff_relative"]:
             coeff = coeff * x_c.detach().pow(2).mean().sqrt()
         return coeff
 
@@ -726,7 +725,7 @@ class VanillaSAE(DenseCodeSAE):
     @torch.no_grad()
     def _after_training_batch(self, l0_norm: torch.Tensor) -> None:
         super()._after_training_batch(l0_norm)
-        target = self.cfg.get("target_l0")
+        target = self.cfg["target_l0"]
         if target is not None:
             error = (l0_norm / target - 1).clamp(-1.0, 1.0)
             self.adaptive_l1_coeff.mul_(torch.exp(self.L1_ADAPT_RATE * error))
@@ -820,7 +819,7 @@ class JumpReLUSAE(DenseCodeSAE):
 
     @property
     def objective(self) -> str:
-        return self.cfg.get("jumprelu_objective") or "step"  # cfgs from before the setting: step
+        return self.cfg["jumprelu_objective"]
 
     @property
     def threshold(self) -> torch.Tensor:
@@ -828,11 +827,11 @@ class JumpReLUSAE(DenseCodeSAE):
         return self.log_threshold.exp()
 
     def warmup_steps(self) -> int:
-        return 0 if self.objective == "quadratic" else self.cfg.get("l0_warmup_steps") or 0
+        return 0 if self.objective == "quadratic" else self.cfg["l0_warmup_steps"]
 
     def param_groups(self) -> list[dict]:
-        """log_threshold learns at jumprelu_threshold_lr_scale x lr (1 for cfgs from before it)."""
-        scale = self.cfg.get("jumprelu_threshold_lr_scale") or 1.0
+        """log_threshold learns at jumprelu_threshold_lr_scale x lr (a scale of 1: one group)."""
+        scale = self.cfg["jumprelu_threshold_lr_scale"]
         if scale == 1.0:
             return super().param_groups()
         rest = [p for name, p in self.named_parameters() if name != "log_threshold"]
