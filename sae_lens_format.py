@@ -52,7 +52,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_sae
+from checkpoint import CONFIG_FILE, MARKER_FILE, WEIGHTS_FILE, check_replaceable, load_sae
 from config import HOOK_SITES, canonical_model_name, cfg_from_json, cfg_to_json, get_default_cfg, post_init_cfg
 from sae import (
     BaseAutoencoder, BatchTopKSAE, GlobalBatchTopKMatryoshkaSAE, JumpReLUSAE, MatryoshkaTranscoder,
@@ -63,6 +63,7 @@ SAE_LENS_CONFIG = "cfg.json"
 SAE_LENS_WEIGHTS = "sae_weights.safetensors"
 NATIVE_CONFIG = "native_config.json"
 NATIVE_EXTRAS = "native_extras.safetensors"
+EXPORT_TOOL = "export_sae_lens"  # the marker of an exported folder: only such a folder is overwritten
 SAE_LENS_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec", "W_skip", "threshold")
 # The cfg.json layout written here is SAELens 6's; a config without a version is read by SAELens
 # as a pre-6.0 one and rewritten.
@@ -92,6 +93,8 @@ def export_sae_lens(checkpoint_or_sae: str | Path | BaseAutoencoder, out_dir: st
     """Write `checkpoint_or_sae` (a checkpoint folder or a live SAE) to `out_dir` in the SAELens
     format; returns out_dir. `metadata` overrides or adds cfg.json metadata fields (e.g.
     ``{"dataset_path": "...", "neuronpedia_id": "..."}``). The folder appears complete or not at all.
+    `overwrite` replaces only a folder an earlier export wrote, never the checkpoint or a folder
+    holding it or anything else (checkpoint.check_replaceable).
     """
     sae = checkpoint_or_sae if isinstance(checkpoint_or_sae, BaseAutoencoder) else load_checkpoint(checkpoint_or_sae)
     sae_lens_cfg, weights, extras = sae_lens_form(sae)
@@ -101,7 +104,11 @@ def export_sae_lens(checkpoint_or_sae: str | Path | BaseAutoencoder, out_dir: st
         SAE_LENS_WEIGHTS: lambda path: save_file(weights, str(path)),
         NATIVE_CONFIG: lambda path: path.write_text(cfg_to_json(sae.cfg)),
         NATIVE_EXTRAS: lambda path: save_file(extras, str(path)),
+        MARKER_FILE: lambda path: path.write_text(EXPORT_TOOL + "\n"),
     }
+    if overwrite:
+        inputs = [] if isinstance(checkpoint_or_sae, BaseAutoencoder) else [checkpoint_or_sae]
+        check_replaceable(out_dir, EXPORT_TOOL, files, inputs=inputs)
     return _write_folder_atomically(Path(out_dir), files, overwrite)
 
 
