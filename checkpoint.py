@@ -9,6 +9,8 @@ A checkpoint is a folder:
     sae.previous.safetensors, training_state.previous.pt   the save before (training saves only)
     metrics.json        the run's latest metrics (optional)
     history.jsonl       every logged training step's metrics, one JSON object a line (optional)
+    .written-by         the marker of a folder our tools wrote (see below)
+    run.lock            while a training run writes the folder: its process id and host
 
 Every file is written to a temporary name and renamed over the old one, so a crash while saving
 leaves each file either complete and old or complete and new, never partial. The weights file is
@@ -16,22 +18,39 @@ renamed last and records the step. A training save keeps the files it replaces a
 so the folder always holds one complete save, and usually two (`saved_steps`): after a crash
 between the renames, resuming takes the newest step whose weights and training state are both
 there, never a mix of two saves. Dictionaries trained together resume from their newest common step.
+Each temporary file is flushed to disk (fsync) before its rename and the folder after it; a write
+that fails (a full or read-only disk) leaves the file it would have replaced as it was and ends in
+a `CheckpointWriteError` naming the file.
+
+Nothing a user has is destroyed. A folder is replaced (``--overwrite``) only when the tool replacing
+it wrote it: it holds the marker file ``.written-by`` naming that tool and nothing but that tool's
+files, and it neither is nor contains the input (`check_replaceable`). A training run claims its
+folder before any model is loaded (`claim_run_folder`): a new run never writes into a folder that
+holds a run (an automatic name gets the next free ``-2``, ``-3``... suffix; a chosen name is an
+error unless resuming or overwriting), the folder is created and a probe file written there, the
+free disk space is checked against the checkpoint's size, and a lock file makes a second run into
+the same folder fail at once.
 """
 
 from __future__ import annotations
 
+import atexit
+import copy
+import errno
 import json
 import os
 import random
+import shutil
+import socket
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection, Sequence
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from config import cfg_from_json, cfg_to_json
+from config import cfg_from_json, cfg_to_json, post_init_cfg
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "config.json"
@@ -40,6 +59,19 @@ TRAINING_STATE_FILE = "training_state.pt"
 PREVIOUS = {TRAINING_STATE_FILE: "training_state.previous.pt", WEIGHTS_FILE: "sae.previous.safetensors"}
 METRICS_FILE = "metrics.json"
 HISTORY_FILE = "history.jsonl"
+MARKER_FILE = ".written-by"
+LOCK_FILE = "run.lock"
+PROBE_FILE = ".write-probe"
+TRAINING_TOOL = "training"
+# Everything training (and the demo's report, and inspect_sae.py by default) writes into a run folder.
+RUN_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, TRAINING_STATE_FILE, METRICS_FILE, HISTORY_FILE, LOCK_FILE,
+                       *PREVIOUS.values(), "prefix_fvu.png", "firing_density.png", "feature_browser"})
+# Errors of the disk rather than of the program: full, read-only, not permitted, over quota.
+DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
+
+
+class CheckpointWriteError(OSError):
+    """A file could not be written (full or read-only disk...); the file it replaces is intact."""
 
 
 def checkpoint_folder(cfg: dict) -> Path:
@@ -62,9 +94,10 @@ _FILE_MODE = 0o666 & ~_umask()
 
 
 def atomic_write(path: Path, write: Callable[[Path], None], previous: Path | None = None) -> None:
-    """Write `path` through `write(tmp_path)`, then rename; the old file survives any crash.
+    """Write `path` through `write(tmp_path)`, fsync, rename; the old file survives any crash.
 
-    With `previous`, the old file stays there (a hard link, else renamed) until the next write.
+    With `previous`, the old file stays there (a hard link, else renamed) until the next write. A
+    disk error (full, read-only...) is a `CheckpointWriteError` naming `path`; `path` is unchanged.
     """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -79,8 +112,29 @@ def atomic_write(path: Path, write: Callable[[Path], None], previous: Path | Non
             except OSError:  # no hard links here
                 os.replace(path, previous)
         os.replace(tmp, path)
+        _fsync_folder(path.parent)
+    except OSError as error:
+        if error.errno in DISK_ERRNOS and not isinstance(error, CheckpointWriteError):
+            raise CheckpointWriteError(error.errno, f"cannot write {path}: {os.strerror(error.errno)}; "
+                                       f"the file it replaces is intact. Free space or choose a writable "
+                                       f"folder, then resume") from error
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable (where the platform allows opening folders)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _write_text(text: str) -> Callable[[Path], None]:
@@ -158,6 +212,250 @@ def save_checkpoint(
 
 
 # ---------------------------------------------------------------------------------------------
+# Folders: what may be replaced, claiming a run's folder, the lock
+# ---------------------------------------------------------------------------------------------
+
+
+def mark_folder(folder: Path, tool: str) -> None:
+    """Record that `tool` wrote `folder` (the marker `check_replaceable` looks for)."""
+    marker = Path(folder) / MARKER_FILE
+    if not marker.exists() or marker.read_text().strip() != tool:
+        atomic_write(marker, _write_text(tool + "\n"))
+
+
+def _is_temporary(name: str) -> bool:
+    return name.startswith(".") and (".tmp-" in name or name == PROBE_FILE)
+
+
+def check_replaceable(folder: str | Path, tool: str, own_entries: Collection[str],
+                      inputs: Sequence[str | Path] = ()) -> None:
+    """Refuse (ValueError) to replace `folder` unless `tool` wrote it and nothing else is in it.
+
+    Refused: `folder` is one of `inputs` or contains one of them (or the current folder); it is a
+    file; it is not empty and has no marker of `tool`; it holds entries other than `own_entries`.
+    A folder that does not exist, or is empty, may be written.
+    """
+    folder = Path(folder)
+    where = folder.resolve()
+    for given in [*inputs, Path.cwd()]:
+        inside = Path(given).resolve()
+        if inside == where or where in inside.parents:
+            what = "the current folder" if given == Path.cwd() and given not in inputs else f"the input {given}"
+            relation = "is" if inside == where else "contains"
+            raise ValueError(f"refusing to replace {folder}: it {relation} {what}; choose a new output folder.")
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise ValueError(f"refusing to replace {folder}: it is a file, not a folder; choose a new output folder.")
+    entries = sorted(entry.name for entry in folder.iterdir() if not _is_temporary(entry.name))
+    if not entries:
+        return
+    marker = folder / MARKER_FILE
+    writer = marker.read_text(errors="replace").strip() if marker.is_file() else None
+    if writer != tool:
+        by = "no marker file " + MARKER_FILE if writer is None else f"its marker says {writer!r}"
+        raise ValueError(f"refusing to replace {folder}: {tool} did not write it ({by}); choose a new folder "
+                         f"or move it away yourself.")
+    foreign = [name for name in entries if name not in own_entries and name != MARKER_FILE]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise ValueError(f"refusing to replace {folder}: it holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} "
+                         f"{tool} did not write ({shown}); choose a new folder or move them away yourself.")
+
+
+def _has_entries(folder: Path) -> bool:
+    return any(not _is_temporary(entry.name) for entry in folder.iterdir())
+
+
+def claim_run_folder(cfg: dict, resume_from: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Make ``checkpoint_dir / name`` this process's run folder, before any expensive work.
+
+    New run (`resume_from` is not this folder): a folder that holds anything is never written into. A derived name
+    (cfg["derived"]["name"]) moves on to the next free ``name-2``, ``name-3``... (cfg["name"] is
+    updated); a chosen name is a ValueError, unless `overwrite` and the folder is a run folder that
+    training wrote (`check_replaceable`): its files are removed. Resuming (`resume_from` is the
+    folder): it must hold a checkpoint. Then: a probe file is written and removed, the free space is checked against
+    `estimated_checkpoint_bytes(cfg)`, and the run's lock is taken (`acquire_run_lock`). Returns
+    the folder; claiming it again in the same process does nothing more.
+    """
+    folder = checkpoint_folder(cfg)
+    if _lock_path(folder) in _HELD_LOCKS:
+        return folder
+    if resume_from is not None and Path(resume_from).resolve() == folder.resolve():
+        check_checkpoint_folder(folder)
+    else:
+        folder = _new_run_folder(cfg, overwrite)
+    probe_folder(folder)
+    check_free_space(folder, estimated_checkpoint_bytes(cfg))
+    acquire_run_lock(folder)
+    mark_folder(folder, TRAINING_TOOL)
+    return folder
+
+
+def _new_run_folder(cfg: dict, overwrite: bool) -> Path:
+    parent = Path(cfg["checkpoint_dir"])
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"checkpoint_dir {str(parent)!r} cannot be created ({error.strerror or error}); "
+                         f"choose a writable --checkpoint-dir.") from None
+    if not parent.is_dir():
+        raise ValueError(f"checkpoint_dir {str(parent)!r} is a file, not a folder; choose another --checkpoint-dir.")
+    derived_name = cfg.get("derived", {}).get("name") == cfg["name"]
+    base, counter = cfg["name"], 1
+    while True:
+        folder = parent / cfg["name"]
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            pass
+        except OSError as error:
+            raise ValueError(f"cannot create the run folder {folder} ({error.strerror or error}); choose a "
+                             f"writable --checkpoint-dir.") from None
+        if not folder.is_dir():
+            raise ValueError(f"{folder} is a file; choose another run name or --checkpoint-dir.")
+        if _lock_holder(folder) is None and not _has_entries(folder):  # (a dead process's lock is removed)
+            return folder
+        if overwrite or not derived_name:
+            _check_not_locked(folder)
+        if overwrite:
+            check_replaceable(folder, TRAINING_TOOL, RUN_FILES)
+            _remove_run_files(folder)
+            return folder
+        if not derived_name:
+            raise ValueError(f"{folder} already holds a run; continue it with --resume {folder}, replace it "
+                             f"with --overwrite, or give the new run another name or --checkpoint-dir.")
+        counter += 1
+        cfg["name"] = f"{base}-{counter}"
+
+
+def _remove_run_files(folder: Path) -> None:
+    """Remove a replaced run's files (check_replaceable has seen that nothing else is there)."""
+    for name in RUN_FILES - {LOCK_FILE}:
+        path = folder / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def probe_folder(folder: Path) -> None:
+    """Write, fsync and remove a small file in `folder`: a clear error now rather than at the first save."""
+    probe = folder / PROBE_FILE
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"probe")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as error:
+        raise ValueError(f"cannot write to the checkpoint folder {folder} ({error.strerror or error}); choose "
+                         f"a writable --checkpoint-dir.") from None
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def estimated_checkpoint_bytes(cfg: dict) -> int:
+    """Disk a training checkpoint of `cfg` takes at most: weights and Adam's two moments, float32, each
+    kept twice (the current save and the one before)."""
+    return 2 * 3 * 4 * dictionary_parameters(cfg)
+
+
+def dictionary_parameters(cfg: dict) -> int:
+    """Parameters of the dictionary `cfg` describes: encoder, decoder, biases (and a transcoder's
+    skip matrix); enough for memory and disk estimates."""
+    source = cfg.get("source_act_size") or cfg["act_size"]
+    target = cfg.get("target_act_size") or cfg["act_size"]
+    count = cfg["dict_size"] * (source + target + 1) + source + target
+    if cfg.get("transcoder_skip"):
+        count += source * target
+    return count
+
+
+def check_free_space(folder: Path, needed: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise ValueError(f"the checkpoint folder {folder} has {free / 2**20:,.0f} MiB free, but the run's checkpoints "
+                         f"need about {needed / 2**20:,.0f} MiB; free space or choose another --checkpoint-dir.")
+
+
+_HELD_LOCKS: set[Path] = set()
+
+
+def _lock_path(folder: Path) -> Path:
+    return (Path(folder) / LOCK_FILE).resolve()
+
+
+def _lock_holder(folder: Path) -> dict | None:
+    """Who holds `folder`'s lock ({"pid", "host"}), or None if nobody does (a dead process's lock is
+    removed)."""
+    path = Path(folder) / LOCK_FILE
+    try:
+        holder = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (ValueError, OSError):
+        return {"pid": "?", "host": "?"}  # being written, or damaged: treat as held
+    if holder.get("host") == socket.gethostname() and not _process_alive(holder.get("pid")):
+        path.unlink(missing_ok=True)  # left by a process that was killed
+        return None
+    return holder
+
+
+def _process_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, TypeError):
+        return True
+    return True
+
+
+def _check_not_locked(folder: Path) -> None:
+    holder = _lock_holder(folder)
+    if holder is not None and _lock_path(folder) not in _HELD_LOCKS:
+        raise ValueError(f"{folder} is in use by another run (process {holder['pid']} on {holder['host']}); wait "
+                         f"for it to end or choose another folder. If no run uses it, delete {folder / LOCK_FILE}.")
+
+
+def acquire_run_lock(folder: str | Path) -> None:
+    """Take `folder`'s lock file for this process (released at exit or by `release_run_lock`); a
+    ValueError at once if another live process holds it."""
+    folder = Path(folder)
+    path = _lock_path(folder)
+    if path in _HELD_LOCKS:
+        return
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _FILE_MODE)
+        except FileExistsError:
+            _check_not_locked(folder)  # raises unless the holder was dead (its lock is gone now)
+            continue
+        except OSError as error:
+            raise ValueError(f"cannot write to the checkpoint folder {folder} ({error.strerror or error}); choose "
+                             f"a writable --checkpoint-dir.") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname()}, f)
+        _HELD_LOCKS.add(path)
+        return
+    _check_not_locked(folder)
+
+
+def release_run_lock(folder: str | Path) -> None:
+    path = _lock_path(Path(folder))
+    if path in _HELD_LOCKS:
+        _HELD_LOCKS.discard(path)
+        path.unlink(missing_ok=True)
+
+
+@atexit.register
+def _release_all_locks() -> None:
+    for path in list(_HELD_LOCKS):
+        release_run_lock(path.parent)
+
+
+# ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
 
@@ -165,6 +463,9 @@ def save_checkpoint(
 def check_checkpoint_folder(folder: str | Path) -> None:
     """A clear error when `folder` is not a checkpoint folder (config.json and sae.safetensors)."""
     folder = Path(folder)
+    if folder.is_file():
+        raise ValueError(f"{str(folder)!r} is a file, not a checkpoint folder; give the folder training wrote "
+                         f"(checkpoint_dir/name, holding {CONFIG_FILE} and {WEIGHTS_FILE}).")
     if not folder.is_dir():
         raise ValueError(f"{str(folder)!r} is not a checkpoint folder: no such folder.")
     missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (folder / name).is_file()]
@@ -187,8 +488,43 @@ def _read_weights(folder: Path, device: str) -> dict[str, torch.Tensor]:
 
 
 def load_cfg(folder: str | Path) -> dict:
-    """The cfg stored in a checkpoint folder."""
-    return cfg_from_json((Path(folder) / CONFIG_FILE).read_text())
+    """The cfg stored in a checkpoint folder, checked: a ValueError names the file and what is wrong
+    (not text, not JSON, not an object, a setting `config.post_init_cfg` rejects)."""
+    path = Path(folder) / CONFIG_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a config.json: it is not UTF-8 text. Use an intact copy of the "
+                         f"checkpoint.") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); "
+                         f"fix the edit or use an intact copy.") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} holds a JSON {type(raw).__name__}, not an object of settings.")
+    cfg = cfg_from_json(text)
+    try:
+        post_init_cfg(copy.deepcopy(cfg))
+    except (ValueError, TypeError, KeyError) as error:
+        raise ValueError(f"{path}: {error}") from None
+    return cfg
+
+
+def check_weights_match(sae: torch.nn.Module, shapes: dict[str, Any], path: Path) -> None:
+    """`shapes` ({tensor name: shape} of a weights file) has every tensor of the SAE, of its shape,
+    and no other: else a ValueError naming the tensor."""
+    expected = sae.state_dict()
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    if missing or unexpected:
+        parts = ([f"lacks {', '.join(missing)}"] if missing else []) + (
+            [f"has unexpected {', '.join(unexpected)}"] if unexpected else [])
+        raise ValueError(f"{path} does not match its config.json ({sae.cfg['sae_type']}): it {' and '.join(parts)}.")
+    for name, tensor in expected.items():
+        if tuple(shapes[name]) != tuple(tensor.shape):
+            raise ValueError(f"{path}: tensor {name!r} has shape {tuple(shapes[name])}, but its config.json "
+                             f"(act_size, dict_size) needs {tuple(tensor.shape)}.")
 
 
 def load_history(folder: str | Path) -> list[dict[str, float]]:
@@ -205,7 +541,8 @@ def load_metrics(folder: str | Path) -> dict[str, float]:
 
 
 def load_sae(folder: str | Path, device: str | torch.device | None = None) -> torch.nn.Module:
-    """Build the SAE described by ``folder/config.json`` and load its weights and buffers.
+    """Build the SAE described by ``folder/config.json`` and load its weights and buffers; in eval
+    mode (call ``.train()`` to train it further).
 
     `device` overrides the cfg's device (e.g. load a GPU-trained SAE on "cpu"); without it, an
     SAE saved on CUDA loads on the CPU of a machine that has no GPU.
@@ -220,8 +557,19 @@ def load_sae(folder: str | Path, device: str | torch.device | None = None) -> to
     elif str(cfg["device"]).startswith("cuda") and not torch.cuda.is_available():
         cfg["device"] = "cpu"
     sae = create_sae(cfg)
-    sae.load_state_dict(_read_weights(folder, str(cfg["device"])))
-    return sae
+    weights = _read_weights(folder, str(cfg["device"]))
+    check_weights_match(sae, {name: t.shape for name, t in weights.items()}, folder / WEIGHTS_FILE)
+    sae.load_state_dict(weights)
+    return sae.eval()  # eval mode: a forward pass changes no running statistic (JumpReLU's threshold)
+
+
+def _weights_shapes(path: Path) -> dict[str, list[int]]:
+    """{tensor name: shape} of a safetensors file, from its header alone."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {name: f.get_slice(name).get_shape() for name in f.keys()}
+    except SafetensorError as error:
+        raise _damaged_weights(path.parent, error) from None
 
 
 def _weights_file_step(path: Path) -> int | None:
@@ -263,6 +611,7 @@ def restore_checkpoint(
         if key in saved_cfg and saved_cfg[key] != sae.cfg.get(key):
             raise ValueError(f"Cannot resume from {folder}: it was trained with {key}={saved_cfg[key]!r}, "
                              f"this SAE has {key}={sae.cfg.get(key)!r}. Use the checkpoint's config.json.")
+    check_weights_match(sae, _weights_shapes(folder / WEIGHTS_FILE), folder / WEIGHTS_FILE)
     saves = saved_steps(folder)
     step = max(saves, default=None) if step is None else step
     if step not in saves:
