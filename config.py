@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 import warnings
 from typing import Any
 
@@ -454,6 +455,7 @@ def post_init_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
     n_layers = cfg.get("n_layers")
     _derive(cfg, derived, "hook_point", get_hook_name(cfg["site"], cfg["layer"]))
     _check_layer(cfg["layer"], n_layers, "layer")
+    _check_hook_in_layer(cfg["hook_point"], cfg["layer"])
     if cfg["sae_type"] == "matryoshka_transcoder" or cfg.get("source_site") is not None:
         _derive_transcoder_hooks(cfg, derived, n_layers)
     if cfg["transcoder_selection"] not in ("batchtopk", "topk"):
@@ -540,8 +542,26 @@ def _default_wandb_mode() -> str:
     return "offline"
 
 
+def _check_hook_in_layer(hook_point: str, layer: int) -> None:
+    """A hook point given by hand (blocks.N....) must be in block cfg["layer"]."""
+    match = re.match(r"blocks\.(\d+)\.", str(hook_point))
+    if match and int(match.group(1)) != layer:
+        raise ValueError(f"cfg['hook_point'] = {hook_point!r} is in block {match.group(1)} but cfg['layer'] is "
+                         f"{layer}; give the same layer (--layer {match.group(1)}) or leave hook_point unset.")
+
+
+def _short_count(n: int) -> str:
+    """1000000 -> '1M', 364544 -> '364544' (exact, so distinct counts stay distinct)."""
+    for exponent, suffix in ((9, "G"), (6, "M"), (3, "k")):
+        if n % 10 ** exponent == 0:
+            return f"{n // 10 ** exponent}{suffix}"
+    return str(n)
+
+
 def run_name(cfg: dict) -> str:
-    """A descriptive run name, e.g. ``gpt2_blocks.8.hook_resid_pre_12288_matryoshka_32_0.0003``."""
+    """A descriptive run name: model, hook, dict size, class, sparsity, lr, token budget and seed, e.g.
+    ``gpt2_blocks.8.hook_resid_pre_12288_matryoshka_32_0.0003_100Mtok_seed42``. A new run whose folder
+    exists takes the next free -2, -3... suffix (checkpoint.claim_run_folder)."""
     model = canonical_model_name(cfg["model_name"]) or cfg["model_name"]
     hook = cfg["hook_point"]
     if cfg["sae_type"] == "matryoshka_transcoder":
@@ -553,7 +573,8 @@ def run_name(cfg: dict) -> str:
     sparsity = cfg["top_k"]
     if cfg["sae_type"] in ("vanilla", "jumprelu") and cfg.get("target_l0") is not None:
         sparsity = f"L0-{cfg['target_l0']:g}"
-    return f"{model.replace('/', '_')}_{hook}_{cfg['dict_size']}_{cfg['sae_type']}_{sparsity}_{cfg['lr']}"
+    return (f"{model.replace('/', '_')}_{hook}_{cfg['dict_size']}_{cfg['sae_type']}_{sparsity}_{cfg['lr']}"
+            f"_{_short_count(int(cfg['num_tokens']))}tok_seed{cfg['seed']}")
 
 
 def cfg_to_json(cfg: dict[str, Any]) -> str:
