@@ -36,6 +36,7 @@ TINY_LAYERS = 9  # the documents use layers up to 8
 # Caps on the run's sizes: a training run becomes 3 steps of 256 activations.
 TINY_SIZES = {"batch_size": 256, "num_tokens": 3 * 256, "seq_len": 32, "model_batch_size": 8,
               "n_eval_rows": 4, "num_batches_in_buffer": 2}
+TINY_DICT_SIZE = 1024  # unless the document sets group sizes, which must add up to dict_size
 
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)
 NO_RUN = re.compile(r"<!--\s*no-run:\s*\S.*?-->\s*$", re.S)
@@ -132,6 +133,9 @@ def small_world(monkeypatch, tmp_path, tokenizer):
         for key, cap in TINY_SIZES.items():
             if isinstance(cfg.get(key), (int, float)) and cfg[key] > cap:
                 cfg[key] = cap
+        groups_derived = cfg.get("derived", {}).get("group_sizes", None) == cfg.get("group_sizes")
+        if groups_derived and isinstance(cfg.get("dict_size"), int) and cfg["dict_size"] > TINY_DICT_SIZE:
+            cfg["dict_size"] = TINY_DICT_SIZE
         cfg["wandb_mode"] = "disabled"
         return post_init_cfg(cfg)
 
