@@ -185,7 +185,13 @@ def excluded_bos_token(model, cfg: dict) -> int | None:
 
 
 def dictionary_hooks(cfg: dict) -> list[str]:
-    """The hooks a dictionary of `cfg` reads: a transcoder's source and target, else hook_point."""
+    """The hooks a dictionary of `cfg` reads, in the order of its forward's arguments: a transcoder's
+    source and target; a cross-layer transcoder's sources (one a layer), then its targets; else hook_point."""
+    if cfg.get("sae_type") == "matryoshka_clt":
+        from config import clt_hooks
+
+        sources, targets = clt_hooks(cfg)
+        return sources + targets
     if cfg.get("sae_type") == "matryoshka_transcoder":
         return [cfg["source_hook_point"], cfg["target_hook_point"]]
     return [cfg["hook_point"]]

@@ -59,7 +59,7 @@ HOOK_SITES: dict[str, str] = {
     "ln2_normalized": "blocks.{layer}.ln2.hook_normalized",
 }
 
-SAE_TYPES = ("batchtopk", "topk", "vanilla", "jumprelu", "matryoshka", "matryoshka_transcoder")
+SAE_TYPES = ("batchtopk", "topk", "vanilla", "jumprelu", "matryoshka", "matryoshka_transcoder", "matryoshka_clt")
 SAE_TYPE_ALIASES = {
     "batch_topk": "batchtopk",
     "global-matryoshka-topk": "matryoshka",
@@ -67,7 +67,12 @@ SAE_TYPE_ALIASES = {
     "matryoshka-batchtopk": "matryoshka",
     "matryoshka-transcoder": "matryoshka_transcoder",
     "transcoder": "matryoshka_transcoder",
+    "matryoshka-clt": "matryoshka_clt",
+    "clt": "matryoshka_clt",
 }
+
+# A cross-layer transcoder's sites when cfg leaves them unset: the MLP's normalised input and its output.
+CLT_DEFAULT_SITES = {"source_site": "ln2_normalized", "target_site": "mlp_out"}
 
 # The user's document splits the dictionary into groups of 1/16, 2/16, 4/16 and 9/16.
 MATRYOSHKA_GROUP_PROPORTIONS = (1, 2, 4, 9)
@@ -233,6 +238,9 @@ def default_settings() -> dict[str, Any]:
         "target_layer": None,
         "transcoder_skip": False,  # skip transcoder: add an affine path x W_skip to every prediction
         "transcoder_selection": "batchtopk",  # transcoder latents: "batchtopk" (of the batch) or "topk" (per token)
+        # Cross-layer transcoders (sae_type "matryoshka_clt"; dict_size and top_k count per source layer)
+        "clt_layers": None,  # the layers it reads and writes, ascending; None: every layer of the model
+        "clt_sparsity": "global",  # "global": BatchTopK over every layer's latents; "per_layer": k per layer
         # Free-form bookkeeping of the user's (any JSON-safe value); the library never reads it.
         "notes": None,
     }
@@ -298,7 +306,7 @@ BOOL_SETTINGS = ("input_unit_norm", "exclude_bos", "transcoder_skip", "distribut
                  "distribute_dictionaries",
                  "l1_coeff_relative")
 STR_SETTINGS = ("sae_type", "model_name", "site", "wandb_project", "source_site", "target_site",
-                "jumprelu_objective", "transcoder_selection")
+                "jumprelu_objective", "transcoder_selection", "clt_sparsity")
 
 
 def known_keys() -> set[str]:
@@ -456,7 +464,9 @@ def post_init_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
     _derive(cfg, derived, "hook_point", get_hook_name(cfg["site"], cfg["layer"]))
     _check_layer(cfg["layer"], n_layers, "layer")
     _check_hook_in_layer(cfg["hook_point"], cfg["layer"])
-    if cfg["sae_type"] == "matryoshka_transcoder" or cfg.get("source_site") is not None:
+    if cfg["sae_type"] == "matryoshka_clt":
+        _derive_clt_settings(cfg, derived, n_layers)
+    elif cfg["sae_type"] == "matryoshka_transcoder" or cfg.get("source_site") is not None:
         _derive_transcoder_hooks(cfg, derived, n_layers)
     if cfg["transcoder_selection"] not in ("batchtopk", "topk"):
         raise ValueError(f"cfg['transcoder_selection'] = {cfg['transcoder_selection']!r}; choose 'batchtopk' "
@@ -526,6 +536,43 @@ def _derive_transcoder_hooks(cfg: dict, derived: dict, n_layers: int | None) -> 
         )
 
 
+def _derive_clt_settings(cfg: dict, derived: dict, n_layers: int | None) -> None:
+    """A cross-layer transcoder's sites (default ln2_normalized -> mlp_out), layers (default: all of
+    the model's) and sparsity mode; its source and target widths are the model's."""
+    for key, site in CLT_DEFAULT_SITES.items():
+        _derive(cfg, derived, key, site)
+        get_hook_name(cfg[key], 0)  # a known site
+    user_set = cfg["clt_layers"] is not None and cfg.get("derived", {}).get("clt_layers") != cfg["clt_layers"]
+    if not user_set:
+        if n_layers is None:
+            raise ValueError(f"cfg['clt_layers'] is unset and the number of layers of {cfg['model_name']!r} is not "
+                             f"known; set cfg['clt_layers'] to the layers to read and write, e.g. [0, 1, 2].")
+        _derive(cfg, derived, "clt_layers", list(range(n_layers)))
+    layers = cfg["clt_layers"]
+    if (not isinstance(layers, (list, tuple)) or not layers
+            or any(not isinstance(x, int) or isinstance(x, bool) or x < 0 for x in layers)
+            or list(layers) != sorted(set(layers))):
+        raise ValueError(f"cfg['clt_layers'] = {layers!r}; give distinct ascending layer numbers, e.g. [0, 1, 2], "
+                         f"or None for every layer of the model.")
+    for layer in layers:
+        _check_layer(layer, n_layers, "clt_layers")
+    cfg["clt_layers"] = list(layers)
+    if cfg["clt_sparsity"] not in ("global", "per_layer"):
+        raise ValueError(f"cfg['clt_sparsity'] = {cfg['clt_sparsity']!r}; choose 'global' (BatchTopK over every "
+                         f"layer's latents) or 'per_layer' (BatchTopK within each source layer).")
+    if cfg["source_site"] == cfg["target_site"]:
+        raise ValueError(f"cfg['source_site'] and cfg['target_site'] are both {cfg['source_site']!r}; a cross-layer "
+                         f"transcoder reads one site and predicts another (e.g. ln2_normalized -> mlp_out).")
+    _derive(cfg, derived, "source_act_size", cfg["act_size"])
+    _derive(cfg, derived, "target_act_size", cfg["act_size"])
+
+
+def clt_hooks(cfg: dict) -> tuple[list[str], list[str]]:
+    """A cross-layer transcoder's source hooks and target hooks, one of each per layer of cfg["clt_layers"]."""
+    return ([get_hook_name(cfg["source_site"], layer) for layer in cfg["clt_layers"]],
+            [get_hook_name(cfg["target_site"], layer) for layer in cfg["clt_layers"]])
+
+
 def _default_wandb_mode() -> str:
     """online when an API key is configured, offline otherwise (so nobody waits on a login)."""
     import os
@@ -570,6 +617,11 @@ def run_name(cfg: dict) -> str:
             hook += "-skip"
         if cfg.get("transcoder_selection") == "topk":
             hook += "-topk"
+    if cfg["sae_type"] == "matryoshka_clt":
+        layers = cfg["clt_layers"]
+        hook = f"{cfg['source_site']}-to-{cfg['target_site']}_layers{layers[0]}-{layers[-1]}"
+        if cfg["clt_sparsity"] == "per_layer":
+            hook += "-per-layer"
     sparsity = cfg["top_k"]
     if cfg["sae_type"] in ("vanilla", "jumprelu") and cfg.get("target_l0") is not None:
         sparsity = f"L0-{cfg['target_l0']:g}"
