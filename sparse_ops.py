@@ -93,7 +93,7 @@ class _GatherPreactivations(torch.autograd.Function):
     def forward(ctx, x, W_enc, b_enc, pre, code):
         ctx.code = code
         ctx.save_for_backward(x, W_enc)
-        return pre[code.rows, code.latents]
+        return pre.clone() if pre.dim() == 1 else pre[code.rows, code.latents]
 
     @staticmethod
     def backward(ctx, grad_values):
@@ -117,6 +117,8 @@ def gather_preactivations(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Ten
 
     `pre` [B, S] must equal x @ W_enc + b_enc (computed without gradient); only its N selected
     entries are read. The backward pass costs O(N d), not the O(B S d) of a dense matmul.
+    `pre` may also be those N values [N] already read (a caller whose pre-activations are not laid
+    out as x's rows by W_enc's columns, such as a cross-layer transcoder's).
     """
     return _GatherPreactivations.apply(x, W_enc, b_enc, pre, code)
 
