@@ -70,3 +70,32 @@ def token_rows() -> torch.Tensor:
     tokens = torch.randint(2, TINY_VOCAB, (64, 32), generator=generator)
     tokens[:, 0] = 1
     return tokens
+
+
+@pytest.fixture
+def tiny_models(monkeypatch, tiny_gpt2, tiny_gemma2):
+    """Model names 'tiny-gpt2' and 'tiny-gemma2' that the scripts load as the tiny models."""
+    import config
+    import model_loading
+
+    models = {"tiny-gpt2": tiny_gpt2, "tiny-gemma2": tiny_gemma2}
+    for name in models:
+        monkeypatch.setitem(config.MODEL_TABLE, name, {"act_size": TINY_D_MODEL, "n_layers": 2})
+    monkeypatch.setattr(model_loading, "load_model", lambda name, device, dtype: models[name])
+
+
+@pytest.fixture
+def wandb_runs(monkeypatch):
+    """Every wandb run started during the test, recorded (helpers.RecordingRun)."""
+    import wandb
+
+    from helpers import RecordingRun
+
+    runs, real_init = [], wandb.init
+
+    def init(**kwargs):
+        runs.append(RecordingRun(real_init(**kwargs), kwargs))
+        return runs[-1]
+
+    monkeypatch.setattr(wandb, "init", init)
+    return runs
