@@ -12,17 +12,9 @@ from checkpoint import (
     set_rng_states,
 )
 from config import SAE_TYPES
+from helpers import RESUME_SETTINGS, CrashingStore, PlantedStore, planted_cfg, train_briefly
 from sae import create_sae
-from test_training import PlantedStore, toy_cfg, wandb_runs  # noqa: F401 (wandb_runs is a fixture)
-from training import train_sae, train_sae_group, train_transcoder
-
-
-def train_briefly(sae_type, tmp_path, n_steps=8, **overrides):
-    """An SAE after a few training steps (its buffers hold real training state)."""
-    cfg = toy_cfg(sae_type, tmp_path, n_steps=n_steps, n_batches_to_dead=1, **overrides)
-    paired = sae_type == "matryoshka_transcoder"
-    train = train_transcoder if paired else train_sae
-    return train(create_sae(cfg), PlantedStore(paired=paired), None, cfg), cfg
+from training import train_sae, train_sae_group
 
 
 def eval_outputs(sae, seed=1):
@@ -64,26 +56,11 @@ def test_rng_states_round_trip():
     assert np.array_equal(first[2], second[2])
 
 
-class CrashingStore(PlantedStore):
-    def __init__(self, crash_at, **kwargs):
-        super().__init__(**kwargs)
-        self.crash_at = crash_at
-
-    def next_batch(self):
-        if self.index == self.crash_at:
-            raise RuntimeError("simulated crash")
-        return super().next_batch()
-
-
-RESUME_SETTINGS = dict(n_steps=30, log_freq=5, checkpoint_freq=10, lr_warmup_steps=5, lr_decay_frac=0.3,
-                       n_batches_to_dead=2)
-
-
-def test_resume_continues_exactly(tmp_path, wandb_runs):  # noqa: F811
-    cfg = toy_cfg("matryoshka", tmp_path / "uninterrupted", **RESUME_SETTINGS)
+def test_resume_continues_exactly(tmp_path, wandb_runs):
+    cfg = planted_cfg("matryoshka", tmp_path / "uninterrupted", **RESUME_SETTINGS)
     reference = train_sae(create_sae(cfg), PlantedStore(), None, cfg)
 
-    cfg = toy_cfg("matryoshka", tmp_path / "interrupted", **RESUME_SETTINGS)
+    cfg = planted_cfg("matryoshka", tmp_path / "interrupted", **RESUME_SETTINGS)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train_sae(create_sae(cfg), CrashingStore(crash_at=25), None, cfg)
     folder = checkpoint_folder(cfg)
@@ -99,7 +76,7 @@ def test_resume_continues_exactly(tmp_path, wandb_runs):  # noqa: F811
 
 def test_group_resume_continues_exactly(tmp_path):
     def group_cfgs(folder):
-        return [toy_cfg("batchtopk", folder, **RESUME_SETTINGS), toy_cfg("matryoshka", folder, **RESUME_SETTINGS)]
+        return [planted_cfg("batchtopk", folder, **RESUME_SETTINGS), planted_cfg("matryoshka", folder, **RESUME_SETTINGS)]
 
     cfgs = group_cfgs(tmp_path / "uninterrupted")
     reference = train_sae_group([create_sae(c) for c in cfgs], PlantedStore(), None, cfgs)
@@ -152,6 +129,6 @@ def test_resume_refuses_unusable_checkpoints(tmp_path):
     weights_only = save_checkpoint(tmp_path / "weights_only", sae, cfg)
     with pytest.raises(ValueError, match="load_sae"):
         restore_checkpoint(weights_only, sae)
-    other = toy_cfg("batchtopk", tmp_path, dict_size=64)
+    other = planted_cfg("batchtopk", tmp_path, dict_size=64)
     with pytest.raises(ValueError, match="dict_size"):
         restore_checkpoint(checkpoint_folder(cfg), create_sae(other))

@@ -25,10 +25,9 @@ from activation_store import ActivationsStore
 from checkpoint import WEIGHTS_FILE, save_checkpoint
 from config import SAE_TYPES, compute_fvu, get_default_cfg, post_init_cfg
 from evaluation import evaluate_ce_loss, reconstruction_report
+from helpers import PlantedStore, train_briefly
 from sae import BatchTopKSAE, GlobalBatchTopKMatryoshkaSAE, JumpReLUSAE, MatryoshkaTranscoder, create_sae
 from sae_lens_format import NotRepresentable, export_sae_lens, load_sae_lens
-from test_checkpoint import train_briefly
-from test_training import PlantedStore
 from training import train_sae
 
 SAE_LENS_CLASS = {"vanilla": "StandardSAE", "topk": "TopKSAE", "jumprelu": "JumpReLUSAE",
