@@ -12,6 +12,13 @@ activations, top and random contexts with every token shaded by the latent's act
 effects, parents and children as links) and a hierarchy view (each child under its most likely
 parent). Dataset text only ever reaches the page through `textContent` (never parsed as HTML),
 and the inlined JSON has `<`, `>` and `&` escaped, so no text can close the script block.
+
+A transcoder set (one dictionary per layer) gets one page per layer and an index page,
+`write_set_browser(stats_by_layer, folder)`:
+
+    folder/index.html                               the layers: sizes, dead latents, links
+    folder/layer_{i}/feature_browser.html           layer i's page, with a layer selector
+    folder/layer_{i}/feature_statistics.json        layer i's statistics
 """
 
 from __future__ import annotations
@@ -23,16 +30,50 @@ from feature_statistics import FeatureStatistics
 
 PAGE_FILE = "feature_browser.html"
 STATISTICS_FILE = "feature_statistics.json"
+SET_INDEX_FILE = "index.html"
 
 
-def write_feature_browser(stats: FeatureStatistics, folder: str | Path) -> Path:
-    """Write the page and the statistics' JSON into `folder`; returns the page's path."""
+def write_feature_browser(stats: FeatureStatistics, folder: str | Path, navigation: dict | None = None) -> Path:
+    """Write the page and the statistics' JSON into `folder`; returns the page's path.
+
+    `navigation` (a set's layer pages, see `write_set_browser`): {"index": href of the set's
+    index, "current": this page's label, "pages": [[label, href], ...]}, shown as a selector.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     stats.save(folder / STATISTICS_FILE)
     page = folder / PAGE_FILE
-    page.write_text(render_page(stats.data), encoding="utf-8")
+    page.write_text(render_page(stats.data, navigation), encoding="utf-8")
     return page
+
+
+def layer_page_folder(layer: int) -> str:
+    return f"layer_{layer}"
+
+
+def write_set_browser(stats_by_layer: dict[int, FeatureStatistics], folder: str | Path) -> Path:
+    """One page per layer (``folder/layer_{i}/``, each with a selector of the other layers) and
+    the set's index page ``folder/index.html``, whose path is returned."""
+    folder = Path(folder)
+    layers = sorted(stats_by_layer)
+    pages = [[f"layer {layer}", f"../{layer_page_folder(layer)}/{PAGE_FILE}"] for layer in layers]
+    for layer in layers:
+        navigation = {"index": f"../{SET_INDEX_FILE}", "current": f"layer {layer}", "pages": pages}
+        write_feature_browser(stats_by_layer[layer], folder / layer_page_folder(layer), navigation)
+    index = folder / SET_INDEX_FILE
+    index.write_text(render_set_index([set_row(layer, stats_by_layer[layer]) for layer in layers]),
+                     encoding="utf-8")
+    return index
+
+
+def set_row(layer: int, stats: FeatureStatistics) -> dict:
+    """What the set's index says about one layer's dictionary."""
+    latents = stats.data["latents"]
+    densities = sorted(latent["density"] for latent in latents)
+    return {"layer": layer, "href": f"{layer_page_folder(layer)}/{PAGE_FILE}", "source": stats.data["source"],
+            "n_latents": len(latents), "never_fired": sum(latent["fire_count"] == 0 for latent in latents),
+            "median_density": densities[len(densities) // 2] if densities else 0,
+            "n_tokens": stats.data["n_tokens"]}
 
 
 def inline_json(data: dict) -> str:
@@ -41,9 +82,15 @@ def inline_json(data: dict) -> str:
     return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
 
 
-def render_page(data: dict) -> str:
+def render_page(data: dict, navigation: dict | None = None) -> str:
     page = PAGE_TEMPLATE.replace("/*STYLE*/", STYLE).replace("/*SCRIPT*/", SCRIPT)
+    page = page.replace("/*NAVIGATION*/", inline_json(navigation))
     return page.replace("/*DATA*/", inline_json(data))  # last: the data may hold any text
+
+
+def render_set_index(rows: list[dict]) -> str:
+    page = SET_INDEX_TEMPLATE.replace("/*STYLE*/", STYLE).replace("/*SCRIPT*/", SET_INDEX_SCRIPT)
+    return page.replace("/*DATA*/", inline_json({"layers": rows}))
 
 
 PAGE_TEMPLATE = """<!DOCTYPE html>
@@ -56,6 +103,7 @@ PAGE_TEMPLATE = """<!DOCTYPE html>
 <body>
 <header>
   <h1>Feature browser</h1>
+  <span id="layer-navigation"></span>
   <div id="summary"></div>
   <nav>
     <a href="#latents" id="tab-latents" class="tab">Latents</a>
@@ -89,10 +137,66 @@ PAGE_TEMPLATE = """<!DOCTYPE html>
     <div id="hierarchy-tree"></div>
   </section>
 </main>
+<script type="application/json" id="set-navigation">/*NAVIGATION*/</script>
 <script type="application/json" id="feature-data">/*DATA*/</script>
 <script>/*SCRIPT*/</script>
 </body>
 </html>
+"""
+
+SET_INDEX_TEMPLATE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>Transcoder set: feature browser</title>
+<style>/*STYLE*/</style>
+</head>
+<body>
+<header>
+  <h1>Transcoder set</h1>
+  <label>layer <select id="layer-select"><option value="">choose</option></select></label>
+  <div id="summary"></div>
+</header>
+<main>
+  <table id="layer-table">
+    <thead><tr><th>layer</th><th>reads &rarr; predicts</th><th>latents</th><th>never fired</th>
+      <th>median density</th><th>held-out tokens</th></tr></thead>
+    <tbody></tbody>
+  </table>
+</main>
+<script type="application/json" id="set-data">/*DATA*/</script>
+<script>/*SCRIPT*/</script>
+</body>
+</html>
+"""
+
+SET_INDEX_SCRIPT = r"""
+"use strict";
+window.addEventListener("error", function (event) {
+  document.documentElement.setAttribute("data-script-error", String(event.message));
+});
+const SET = JSON.parse(document.getElementById("set-data").textContent);
+function cell(text) { const td = document.createElement("td"); td.textContent = text; return td; }
+const body = document.querySelector("#layer-table tbody"), select = document.getElementById("layer-select");
+for (const row of SET.layers) {
+  const tr = document.createElement("tr"), link = document.createElement("a"), first = document.createElement("td");
+  tr.setAttribute("data-layer", row.layer);
+  link.href = row.href; link.textContent = "layer " + row.layer;
+  first.append(link);
+  const s = row.source;
+  tr.append(first, cell(s.source_hook_point ? s.source_hook_point + " \u2192 " + s.target_hook_point : (s.hook_point || "")),
+    cell(row.n_latents), cell(row.never_fired), cell((100 * row.median_density).toPrecision(3) + "%"),
+    cell(row.n_tokens.toLocaleString("en")));
+  body.append(tr);
+  const option = document.createElement("option");
+  option.value = row.href; option.textContent = "layer " + row.layer;
+  select.append(option);
+}
+select.addEventListener("change", () => { if (select.value) location.href = select.value; });
+const first = SET.layers.length ? SET.layers[0].source : {};
+document.getElementById("summary").textContent = [first.model_name, first.sae_type,
+  SET.layers.length + " layers"].filter(x => x).join(" \u00b7 ");
+document.body.setAttribute("data-rendered", "ok");
 """
 
 STYLE = """
@@ -100,6 +204,8 @@ body { font-family: system-ui, sans-serif; margin: 0; color: #222; background: #
 header { padding: 8px 16px; background: #fff; border-bottom: 1px solid #ddd; }
 h1 { font-size: 18px; margin: 0 12px 0 0; display: inline-block; }
 #summary { display: inline-block; color: #555; }
+#layer-navigation { margin-right: 12px; }
+#layer-table { width: auto; background: #fff; }
 nav { margin-top: 6px; }
 .tab { margin-right: 12px; padding: 3px 10px; border-radius: 4px; text-decoration: none; color: #333; border: 1px solid #ccc; }
 .tab.active { background: #333; color: #fff; }
@@ -210,12 +316,26 @@ function groupRange(g) {
   return "latents " + start + "\u2013" + (ends[g] - 1);
 }
 
+// ---- a set's layer selector -------------------------------------------------------------------
+function renderNavigation() {
+  const nav = JSON.parse(document.getElementById("set-navigation").textContent);
+  if (!nav) return;
+  const select = el("select", {id: "layer-select"});
+  for (const [label, href] of nav.pages) {
+    const option = el("option", {value: href, text: label});
+    if (label === nav.current) option.setAttribute("selected", "");
+    select.append(option);
+  }
+  select.addEventListener("change", () => { location.href = select.value; });
+  document.getElementById("layer-navigation").append(el("a", {href: nav.index, text: "all layers"}), " ", select, " ");
+}
+
 // ---- summary -------------------------------------------------------------------------------
 function renderSummary() {
   const s = DATA.source, parts = [];
   if (s.model_name) parts.push(s.model_name);
-  if (s.hook_point) parts.push(s.hook_point);
   if (s.source_hook_point) parts.push(s.source_hook_point + " \u2192 " + s.target_hook_point);
+  else if (s.hook_point) parts.push(s.hook_point);
   if (s.sae_type) parts.push(s.sae_type);
   parts.push(LATENTS.length + " latents" + (DATA.group_ends.length > 1 ? " in groups ending at " + DATA.group_ends.join(", ") : ""));
   parts.push(DATA.n_tokens.toLocaleString("en") + " held-out tokens");
@@ -450,6 +570,7 @@ function route() {
   window.scrollTo(0, 0);
 }
 
+renderNavigation();
 renderSummary();
 setUpIndex();
 renderIndex();

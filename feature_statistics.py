@@ -27,7 +27,9 @@ tokens except the token ids themselves, which are kept to show the contexts' tex
 
 `collect_feature_statistics(sae, store)` runs the pass and returns a `FeatureStatistics`, which
 `save`s itself as JSON; `FeatureStatistics.load(path)` reads it back in a notebook without the model
-(`stats.top_contexts(17)`).
+(`stats.top_contexts(17)`). `collect_several_feature_statistics(saes, store)` does the same for
+several dictionaries (a transcoder set: one per layer) in one pass of the model, each chunk's
+activations of every hook from one forward pass (`MultiHookActivationsStore`).
 """
 
 from __future__ import annotations
@@ -328,34 +330,101 @@ def collect_feature_statistics(sae, store, n_rows: int | None = None, top_n: int
     model's forward passes took and what the statistics cost on top (encode and accumulate, and the
     once-per-dictionary logit effects and finishing, apart).
     """
+    return collect_several_feature_statistics([sae], store, n_rows, top_n, n_random, context, hierarchy, seed,
+                                              [source or describe_source(store.cfg)])[0]
+
+
+def source_hook_index(sae, store) -> int:
+    """Where the activations `sae` encodes are in `store.activations_of`'s list: its hook (a
+    transcoder's source hook) among `store.hook_names`."""
+    from activation_store import dictionary_hooks
+
+    hook = dictionary_hooks(sae.cfg)[0]
+    if hook not in store.hook_names:
+        raise ValueError(f"The store reads {store.hook_names} but the dictionary encodes {hook}; build the "
+                         f"store from the dictionaries' cfgs (MultiHookActivationsStore(model, cfgs)).")
+    return store.hook_names.index(hook)
+
+
+@torch.no_grad()
+def collect_several_feature_statistics(saes, store, n_rows: int | None = None, top_n: int = 20,
+                                       n_random: int = 5, context: int = 8, hierarchy: bool = True,
+                                       seed: int = 0, sources: list | None = None) -> list["FeatureStatistics"]:
+    """`collect_feature_statistics` for several dictionaries in one pass of the model: each chunk of
+    held-out rows runs the model once (`store.activations_of`, e.g. a `MultiHookActivationsStore`
+    over the dictionaries' cfgs) and every dictionary encodes its own hook's activations
+    (`source_hook_index`) into its own `FeatureStatisticsCollector`. Returns one
+    `FeatureStatistics` per dictionary, in the order of `saes`; `sources[j]` describes dictionary j
+    (default: `describe_source` of its cfg). Its timing's forward_seconds is the shared pass.
+    """
     model, cfg = store.model, store.cfg
-    collector = FeatureStatisticsCollector(sae.dict_size, latent_groups(sae), sae.W_dec.device, top_n,
-                                           n_random, context, seed, hierarchy)
-    was_training = sae.training
-    sae.eval()
-    timing = {"forward_seconds": 0.0, "statistics_seconds": 0.0}
+    inputs = [source_hook_index(sae, store) for sae in saes]
+    collectors = [FeatureStatisticsCollector(sae.dict_size, latent_groups(sae), sae.W_dec.device, top_n,
+                                             n_random, context, seed, hierarchy) for sae in saes]
+    was_training = [sae.training for sae in saes]
+    timings = [{"forward_seconds": 0.0, "statistics_seconds": 0.0, "dictionaries_in_pass": len(saes)}
+               for _ in saes]
+    for sae in saes:
+        sae.eval()
     try:
         for chunk in store.get_eval_tokens(n_rows).split(cfg["model_batch_size"]):
             started = time.perf_counter()
-            acts = store.activations_of(chunk)[0]  # a transcoder encodes its source
-            _sync(collector.device)
+            acts = store.activations_of(chunk)
+            _sync(store.device)
             forwarded = time.perf_counter()
             keep = chunk != store.bos if store.exclude_bos else torch.ones_like(chunk, dtype=torch.bool)
-            collector.add(chunk, keep, sae.encode(acts))
-            _sync(collector.device)
-            timing["forward_seconds"] += forwarded - started
-            timing["statistics_seconds"] += time.perf_counter() - forwarded
-        started = time.perf_counter()
-        effects = logit_effects(model, sae.W_dec.detach())
-        timing["logit_effects_seconds"] = time.perf_counter() - started
+            for sae, index, collector, timing in zip(saes, inputs, collectors, timings):
+                started_dictionary = time.perf_counter()
+                collector.add(chunk, keep, sae.encode(acts[index]))
+                _sync(collector.device)
+                timing["forward_seconds"] += forwarded - started
+                timing["statistics_seconds"] += time.perf_counter() - started_dictionary
+        effects = []
+        for sae, timing in zip(saes, timings):
+            started = time.perf_counter()
+            effects.append(logit_effects(model, sae.W_dec.detach()))
+            timing["logit_effects_seconds"] = time.perf_counter() - started
     finally:
-        sae.train(was_training)
-    started = time.perf_counter()
-    stats = _finish(collector, sae, model, effects, source or describe_source(cfg))
-    timing["finishing_seconds"] = time.perf_counter() - started
-    timing["statistics_overhead"] = timing["statistics_seconds"] / max(timing["forward_seconds"], 1e-9)
-    stats.data["timing"] = timing
-    return stats
+        for sae, mode in zip(saes, was_training):
+            sae.train(mode)
+    sources = sources or [describe_source(sae.cfg) for sae in saes]
+    results = []
+    for sae, collector, effect, source, timing in zip(saes, collectors, effects, sources, timings):
+        started = time.perf_counter()
+        stats = _finish(collector, sae, model, effect, source)
+        timing["finishing_seconds"] = time.perf_counter() - started
+        timing["statistics_overhead"] = timing["statistics_seconds"] / max(timing["forward_seconds"], 1e-9)
+        stats.data["timing"] = timing
+        results.append(stats)
+    return results
+
+
+def collect_set_statistics(set_folder, cfg_of=None, model=None, **options) -> dict[int, "FeatureStatistics"]:
+    """{layer: statistics} of every transcoder of a set (transcoder_set.py's folder), in one pass
+    of the model: a `MultiHookActivationsStore` over the layers' cfgs feeds
+    `collect_several_feature_statistics`. `cfg_of(cfg)` adjusts each layer's saved cfg (the data
+    to read, the device: inspect_sae.py's `inspection_cfg`); the store reads the held-out rows of
+    the first layer's cfg. `model` defaults to the cfg's model (`model_loading.load_model`);
+    `options` go to `collect_several_feature_statistics`.
+    """
+    from activation_store import MultiHookActivationsStore
+    from checkpoint import load_cfg, load_sae
+    from transcoder_set import layer_folders
+
+    folders = layer_folders(set_folder)
+    cfgs = [load_cfg(folder) for folder in folders.values()]
+    cfgs = [cfg_of(cfg) if cfg_of is not None else cfg for cfg in cfgs]
+    cfgs = [{**cfg, "num_batches_in_buffer": 1} for cfg in cfgs]  # the training buffer is not read here
+    saes = [load_sae(folder, device=cfg["device"]) for folder, cfg in zip(folders.values(), cfgs)]
+    if model is None:
+        from model_loading import load_model
+
+        model = load_model(cfgs[0]["model_name"], cfgs[0]["device"], cfgs[0]["model_dtype"])
+    store = MultiHookActivationsStore(model, cfgs)
+    sources = [{**describe_source(cfg), "checkpoint": str(folder), "layer": layer}
+               for (layer, folder), cfg in zip(folders.items(), cfgs)]
+    stats = collect_several_feature_statistics(saes, store, sources=sources, **options)
+    return dict(zip(folders, stats))
 
 
 def describe_source(cfg: dict) -> dict:
