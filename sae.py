@@ -891,3 +891,366 @@ SAE_CLASSES: dict[str, type[BaseAutoencoder]] = {
 def create_sae(cfg: dict) -> BaseAutoencoder:
     """The SAE class that cfg["sae_type"] names, built from cfg."""
     return SAE_CLASSES[cfg["sae_type"]](cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-layer transcoders
+# ---------------------------------------------------------------------------------------------
+
+
+class MatryoshkaCrossLayerTranscoder(BaseAutoencoder):
+    """A cross-layer transcoder (CLT): latents that read one layer's source and write every later target.
+
+    For the layers j = 0..L-1 of cfg["clt_layers"] (S = cfg["dict_size"] latents each), with x_j the
+    source at layer j (e.g. the MLP's normalised input) and y_m the target (its MLP output):
+        a_j     = sparsify(x_c,j W_enc^j + b_enc^j)                x_c,j = x_j - source_mean_j
+        y_hat_m = sum_{j <= m} a_j W_dec^{j->m} + b_dec^m
+    Layout: latent i of layer j is latent g = j S + i of one dictionary of L S latents, so that
+    W_enc [d_in, L S], b_enc [L S], the dead-latent counter and `feature_acts` [B, L S] are an SAE's;
+    the decoder of layer j is W_dec[j] [S, L - j, d_out] (circuit-tracer's layout), and each latent's
+    whole decoder (all its output layers, flattened) has unit norm.
+
+    Units and loss: each target layer m is divided by a fixed scale (the RMS of the centred target on
+    the first batch, rounded to a power of two, so that an export folds it exactly) and its squared
+    error is divided by its variance v_m in those units (also from the first batch), so that no
+    layer dominates because its MLP output is large:
+        L_rec = mean_g sum_m mean_{b, d}((y_hat_{g,m} - y_m)^2) / v_m
+    over the Matryoshka prefixes g (the first m_g latents of every source layer, cfg["group_sizes"]
+    splitting S; one group: a plain CLT), plus aux_penalty x AuxK (the dead latents' top_k_aux
+    pre-activations of each token decode the detached residual of every layer, weighted alike).
+
+    Sparsity (cfg["clt_sparsity"]), with k = cfg["top_k"] the mean active latents per token and
+    source layer (so k L per token in all):
+        "global"     BatchTopK over all L S latents of the batch: k L B entries, wherever they lie;
+        "per_layer"  BatchTopK within each source layer: k B entries per layer.
+    At inference a threshold replaces the selection (BatchTopK's EMA of the smallest kept value):
+    one for all layers (global), one per layer (per_layer), in the buffer `threshold` [1 or L].
+
+    Memory: the decode never forms [B, S, L, d]: each source layer's active latents are summed
+    with sparse_ops' sparse decode against W_dec[j] viewed as [S, (L - j) d], one row per latent,
+    into the [B, G, L, d] prefix partial sums (cost N (L - j) d for N active entries).
+
+    forward(*activations): the L sources, then the L targets, each [..., d] (the training loop's
+    order, `activation_store.dictionary_hooks`); `compute_outputs(sources, targets)` takes them
+    stacked [..., L, d]. Outputs: the contract's keys with sae_out [..., L, d_out] and
+    feature_acts [..., L S]; fvu is the mean over layers of each layer's FVU, each also as
+    fvu_layer_{layer}, with fvu_layer_min / fvu_layer_max; l0_layer_{layer} the mean active
+    latents of each source layer; with several groups fvu_min / fvu_max / fvu_mean /
+    fvu_per_prefix over the prefixes (each prefix's mean over layers).
+    """
+
+    ties_encoder_to_decoder = False
+
+    def __init__(self, cfg: dict):
+        layers, size = list(cfg["clt_layers"]), cfg["dict_size"]
+        if cfg["input_unit_norm"]:
+            raise ValueError("A cross-layer transcoder reads its sources without per-token standardisation; set "
+                             "cfg['input_unit_norm'] = False (its targets are scaled per layer instead).")
+        super().__init__({**cfg, "dict_size": len(layers) * size}, d_in=cfg["source_act_size"],
+                         d_out=cfg["target_act_size"])
+        self.cfg = cfg
+        self.layers, self.n_layers, self.layer_size = layers, len(layers), size
+        n, device = self.n_layers, cfg["device"]
+        del self.W_dec, self.b_dec
+        generator = torch.Generator().manual_seed(cfg["seed"] + 1)
+        decoders = [torch.randn(size, n - j, self.d_out, generator=generator) for j in range(n)]
+        self.W_dec = nn.ParameterList([nn.Parameter(w / w.flatten(1).norm(dim=1)[:, None, None]) for w in decoders])
+        self.b_dec = nn.Parameter(torch.zeros(n, self.d_out))
+        self.register_buffer("source_mean", torch.zeros(n, self.d_in))
+        self.register_buffer("target_scale", torch.ones(n))
+        self.register_buffer("target_variance", torch.ones(n))
+        n_thresholds = n if cfg["clt_sparsity"] == "per_layer" else 1
+        self.register_buffer("threshold", torch.full((n_thresholds,), -1.0))  # -1: not learned yet
+        self.register_buffer("group_ends", torch.tensor(cfg["group_sizes"]).cumsum(0), persistent=False)
+        self.to(device)
+
+    # -- units and the encoder ----------------------------------------------------------------
+
+    def center(self, x_n: torch.Tensor) -> torch.Tensor:
+        return x_n - self.source_mean
+
+    def _stack(self, activations, what: str) -> torch.Tensor:
+        if len(activations) != self.n_layers:
+            raise ValueError(f"This cross-layer transcoder reads layers {self.layers}: pass {self.n_layers} {what}, "
+                             f"got {len(activations)}.")
+        return torch.stack([x.float() for x in activations], dim=-2)
+
+    def _check_stacked(self, x: torch.Tensor, width: int, what: str) -> torch.Tensor:
+        """x [..., L, width] -> [N, L, width] float32."""
+        if x.dim() < 2 or tuple(x.shape[-2:]) != (self.n_layers, width):
+            raise ValueError(f"{what} must be [..., {self.n_layers}, {width}] (layers {self.layers}); got "
+                             f"{tuple(x.shape)}.")
+        return x.reshape(-1, self.n_layers, width).float()
+
+    def preactivations(self, x_c: torch.Tensor) -> torch.Tensor:
+        """pre [B, L S], block j = x_c[:, j] W_enc[:, block j] + b_enc[block j], from x_c [B, L, d_in]
+        (the matmuls in cfg["dtype"], the result float32)."""
+        S, dtype = self.layer_size, self.cfg["dtype"]
+        pre = x_c.new_empty(x_c.shape[0], self.dict_size, dtype=torch.float32)
+        with torch.autocast(x_c.device.type, enabled=False):
+            for j in range(self.n_layers):
+                block = slice(j * S, (j + 1) * S)
+                x, W, b = x_c[:, j], self.W_enc[:, block], self.b_enc[block]
+                if dtype == torch.float32:
+                    pre[:, block] = torch.addmm(b, x, W)
+                else:
+                    pre[:, block] = torch.addmm(b.to(dtype), x.to(dtype), W.to(dtype)).float()
+        return pre
+
+    def select(self, pre: torch.Tensor) -> SparseCode:
+        """The active (token, latent) entries of pre [B, L S]: see the class docstring."""
+        return self._select(pre, self.training, self.batch_group())
+
+    def _select(self, pre: torch.Tensor, of_batch: bool, group) -> SparseCode:
+        """BatchTopK (over the ranks of `group`) if `of_batch` or no threshold is learned yet, else
+        the thresholds."""
+        k = self.cfg["top_k"]
+        if self.cfg["clt_sparsity"] == "global":
+            return self._select_block(pre, k * self.n_layers, self.threshold[0], of_batch, group)
+        S, codes = self.layer_size, []
+        for j in range(self.n_layers):
+            codes.append(self._select_block(pre[:, j * S:(j + 1) * S], k, self.threshold[j], of_batch, group))
+        rows = torch.cat([code.rows for code in codes])
+        latents = torch.cat([code.latents + j * S for j, code in enumerate(codes)])
+        order = torch.argsort(rows * self.dict_size + latents)
+        return SparseCode.from_indices(rows[order], latents[order], pre.shape[0], self.dict_size)
+
+    @staticmethod
+    def _select_block(pre: torch.Tensor, k: int, threshold: torch.Tensor, of_batch: bool, group) -> SparseCode:
+        if of_batch or threshold.item() < 0:
+            return select_batch_topk(pre, k, lower_bound=0.8 * threshold, group=group)
+        return select_above_threshold(pre, threshold)
+
+    def sparse_code(self, x_c: torch.Tensor) -> tuple[SparseCode, torch.Tensor]:
+        """The active latents of x_c [B, L, d_in] with values differentiable in x_c, W_enc and b_enc
+        (gathered: O(N d) backward), and the dense pre-activations [B, L S] (no gradient)."""
+        with torch.no_grad():
+            pre = self.preactivations(x_c)
+        code = self.select(pre)
+        # Each entry reads its own layer's source: row b L + j of x_c viewed as [B L, d_in].
+        reading = SparseCode.from_indices(code.rows * self.n_layers + code.latents // self.layer_size,
+                                          code.latents, x_c.shape[0] * self.n_layers, self.dict_size)
+        values = gather_preactivations(x_c.reshape(-1, self.d_in), self.W_enc, self.b_enc,
+                                       pre[code.rows, code.latents], reading)
+        return code.with_values(values), pre
+
+    # -- the decoder ----------------------------------------------------------------------------
+
+    def decode_groups(self, code: SparseCode, group_ends: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-group partial decodes [B, G, L, d_out] of a code over the L S latents (values set), in
+        the scaled target units, without b_dec: entry (b, g, m) sums a_{b,j,i} W_dec[j][i, m - j] over
+        the source layers j <= m and the latents i of group g (`group_ends`, default the cfg's)."""
+        group_ends = self.group_ends if group_ends is None else group_ends
+        B, G, S, n = code.batch_size, group_ends.numel(), self.layer_size, self.n_layers
+        out = code.values.new_zeros(B, G, n, self.d_out)
+        layer_of_entry = code.latents // S
+        for j in range(n):
+            entries = (layer_of_entry == j).nonzero().squeeze(1)  # still sorted by (row, latent)
+            if entries.numel() == 0:
+                continue
+            layer_code = SparseCode.from_indices(code.rows[entries], code.latents[entries] - j * S, B, S)
+            layer_code = layer_code.with_values(code.values[entries])
+            partial = sparse_decode_groups(layer_code, self.W_dec[j].view(S, -1), group_ends)
+            out[:, :, j:] += partial.view(B, G, n - j, self.d_out)
+        return out
+
+    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        """Predictions [B, L, d_out] in the scaled target units from dense feature_acts [B, L S]
+        (`reconstruct` gives them in the target's own units)."""
+        z = feature_acts.reshape(-1, self.dict_size).float()
+        rows, latents = z.nonzero(as_tuple=True)
+        code = SparseCode.from_indices(rows, latents, z.shape[0], self.dict_size).with_values(z[rows, latents])
+        return self.decode_groups(code, self.group_ends[-1:]).squeeze(1) + self.b_dec
+
+    def encode(self, sources: torch.Tensor) -> torch.Tensor:
+        """Feature activations [..., L S] of sources [..., L, d_in] (no gradient)."""
+        x = self._check_stacked(sources, self.d_in, "sources")
+        with torch.no_grad():
+            code, _ = self.sparse_code(self.center(self.normalize_source(x)[0]))
+            return code.to_dense().reshape(*sources.shape[:-2], self.dict_size)
+
+    def _prefixes(self, sources: torch.Tensor):
+        x = self._check_stacked(sources, self.d_in, "sources")
+        code, _ = self.sparse_code(self.center(self.normalize_source(x)[0]))
+        return self.decode_groups(code).cumsum(dim=1) + self.b_dec, None
+
+    def reconstruct(self, sources: torch.Tensor) -> torch.Tensor:
+        """Predictions of every target layer [..., L, d_out] in the targets' units."""
+        prefixes, _ = self._prefixes(sources)
+        return (prefixes[:, -1] * self.target_scale[:, None]).reshape(*sources.shape[:-2], self.n_layers, self.d_out)
+
+    def reconstruct_prefixes(self, sources: torch.Tensor) -> torch.Tensor:
+        """Predictions from each nested prefix [..., G, L, d_out] in the targets' units."""
+        prefixes, _ = self._prefixes(sources)
+        out = prefixes * self.target_scale[:, None]
+        return out.reshape(*sources.shape[:-2], *out.shape[1:])
+
+    # -- the loss ---------------------------------------------------------------------------------
+
+    def forward(self, *activations: torch.Tensor) -> dict[str, torch.Tensor]:
+        n = self.n_layers
+        return self.compute_outputs(self._stack(activations[:n], "sources"), self._stack(activations[n:], "targets"))
+
+    def _weighted_error(self, squared_error: torch.Tensor) -> torch.Tensor:
+        """sum_m mean_{b,d}(e^2) / v_m for each leading group: [..., B, L, d] -> [...] (B at dim -3)."""
+        return (squared_error.mean(dim=(-3, -1)) / self.target_variance).sum(dim=-1)
+
+    def compute_outputs(self, sources: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Loss and metrics of one batch: sources and targets [..., L, d] (leading dims are tokens)."""
+        leading = sources.shape[:-2]
+        x = self._check_stacked(sources, self.d_in, "sources")
+        y = self._check_stacked(targets, self.d_out, "targets")
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"sources have {x.shape[0]} tokens but targets {y.shape[0]}; pass the activations of "
+                             f"the same tokens.")
+        x_c = self.center(self.normalize_source(x)[0])
+        scale = self.target_scale[:, None]
+        y_n = y / scale
+        code, pre = self.sparse_code(x_c)
+        prefixes = self.decode_groups(code).cumsum(dim=1) + self.b_dec  # [B, G, L, d]
+        squared_error = (prefixes - y_n.unsqueeze(1)).pow(2)
+        l2_per_prefix = self._weighted_error(squared_error.transpose(0, 1))  # [G]
+        l2_loss = l2_per_prefix.mean()
+        residual = (y_n - prefixes[:, -1]).detach()
+        aux_loss = self.auxk_loss(x_c, pre, residual)
+        if self.training:
+            self._update_threshold(code)
+            self._update_dead_counters(code.fired(), x.shape[0])
+        with torch.no_grad():  # FVU of every (prefix, layer), in the targets' units
+            errors = squared_error.detach().sum(dim=(0, 3)) * scale.squeeze(1).pow(2)  # [G, L]
+            total = (y - y.mean(dim=0)).pow(2).sum(dim=(0, 2))
+            fvus = torch.where(total > 0, errors / total, torch.full_like(errors, float("nan")))
+        l0_per_layer = torch.bincount(code.latents // self.layer_size, minlength=self.n_layers).float() / x.shape[0]
+        out = {
+            "loss": l2_loss + aux_loss,
+            "l2_loss": l2_loss,
+            "l1_loss": torch.zeros((), device=x.device),
+            "l1_norm": (code.values.detach().sum() / x.shape[0]),
+            "l0_norm": code.l0(),
+            "aux_loss": aux_loss,
+            "fvu": fvus[-1].mean(),
+            "fvu_layer_min": fvus[-1].min(),
+            "fvu_layer_max": fvus[-1].max(),
+            "fvu_layer_mean": fvus[-1].mean(),
+            "num_dead_features": self.dead_latents().sum(),
+            "sae_out": (prefixes[:, -1].detach() * scale).reshape(*leading, self.n_layers, self.d_out),
+            "feature_acts": code.to_dense(out=pre).reshape(*leading, self.dict_size),
+        }
+        for j, layer in enumerate(self.layers):
+            out[f"fvu_layer_{layer}"] = fvus[-1, j]
+            out[f"l0_layer_{layer}"] = l0_per_layer[j]
+        if fvus.shape[0] > 1:
+            per_prefix = fvus.mean(dim=1)
+            out.update(fvu_min=per_prefix.min(), fvu_max=per_prefix.max(), fvu_mean=per_prefix.mean(),
+                       min_l2_loss=l2_per_prefix.min().detach(), max_l2_loss=l2_per_prefix.max().detach(),
+                       fvu_per_prefix=per_prefix)
+        return out
+
+    def auxk_loss(self, x_c: torch.Tensor, pre: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """aux_penalty x sum_m mean((e_hat_m - e_m)^2) / v_m: e_hat from each token's top_k_aux dead
+        latents (of any layer), decoded without b_dec; e the detached residual [B, L, d]. 0 if none."""
+        dead = self.dead_latents().nonzero().squeeze(1)
+        if dead.numel() == 0 or self.cfg["aux_penalty"] == 0:
+            return torch.zeros((), device=x_c.device)
+        local = select_topk(pre[:, dead], self.cfg["top_k_aux"])
+        code = SparseCode.from_indices(local.rows, dead[local.latents], pre.shape[0], self.dict_size)
+        reading = SparseCode.from_indices(code.rows * self.n_layers + code.latents // self.layer_size,
+                                          code.latents, x_c.shape[0] * self.n_layers, self.dict_size)
+        values = gather_preactivations(x_c.reshape(-1, self.d_in), self.W_enc, self.b_enc,
+                                       pre[code.rows, code.latents], reading)
+        e_hat = self.decode_groups(code.with_values(values), self.group_ends[-1:]).squeeze(1)
+        return self.cfg["aux_penalty"] * self._weighted_error((e_hat - residual).pow(2))
+
+    @torch.no_grad()
+    def _update_threshold(self, code: SparseCode) -> None:
+        """EMA of the smallest kept value: of all layers (global) or of each layer (per_layer)."""
+        n = self.threshold.numel()
+        block = code.latents // self.layer_size if n > 1 else torch.zeros_like(code.latents)
+        smallest = torch.full((n,), float("inf"), device=code.values.device)
+        smallest.scatter_reduce_(0, block, code.values.detach(), reduce="amin")
+        group = self.batch_group()
+        if group is not None:
+            smallest = distributed.min_over_ranks(smallest, group)
+        rate = self.cfg["threshold_ema_rate"]
+        ema = torch.where(self.threshold < 0, smallest, (1 - rate) * self.threshold + rate * smallest)
+        self.threshold.copy_(torch.where(smallest.isfinite(), ema, self.threshold))
+
+    # -- training state and the decoder constraint -------------------------------------------------
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Per latent, project out of its whole decoder's gradient the component along its decoder."""
+        for W in self.W_dec:
+            if W.grad is None:
+                continue
+            w, g = W.view(W.shape[0], -1), W.grad.view(W.shape[0], -1)
+            g.sub_((g * w).sum(dim=1, keepdim=True) * w)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Each latent's whole decoder (every output layer, flattened) back to unit norm."""
+        for W in self.W_dec:
+            W.div_(W.flatten(1).norm(dim=1)[:, None, None])
+
+    @torch.no_grad()
+    def initialize_from_batch(self, *activations: torch.Tensor) -> None:
+        """From a first batch (sources, then targets, as forward): per layer the source mean, the
+        target scale (power-of-two RMS of the centred target), b_dec (the target mean) and the
+        target variance in scaled units; then the decoder aimed at the targets of the tokens each
+        latent fires on and one shift of every pre-activation fitted to the targets' size, as for
+        `MatryoshkaTranscoder` (see its docstring for why)."""
+        n = self.n_layers
+        x = self._stack(activations[:n], "sources")
+        y = self._stack(activations[n:], "targets").reshape(-1, n, self.d_out)
+        x = self.normalize_source(x.reshape(-1, n, self.d_in))[0]
+        self.source_mean.copy_(x.mean(dim=0))
+        centred = y - y.mean(dim=0)
+        for j in range(n):
+            self.target_scale[j] = power_of_two_rms(centred[:, j])
+        y_n = y / self.target_scale[:, None]
+        self.b_dec.copy_(y_n.mean(dim=0))
+        self.target_variance.copy_((y_n - self.b_dec).pow(2).mean(dim=(0, 2)).clamp(min=STD_EPS))
+        code = self._first_code(x)
+        self._aim_decoder(code, y_n - self.b_dec)
+        self._shift_encoder_bias(self._first_code(x), y_n - self.b_dec)
+
+    def _first_code(self, x_n: torch.Tensor) -> SparseCode:
+        """This batch's selection (this batch alone, on every rank) with its values."""
+        x_c = self.center(x_n)
+        pre = self.preactivations(x_c)
+        code = self._select(pre, of_batch=True, group=None)
+        return code.with_values(pre[code.rows, code.latents])
+
+    def _aim_decoder(self, code: SparseCode, targets: torch.Tensor) -> None:
+        """W_dec[j][i] = normalise(sum over the tokens b latent (j, i) fires on of z (y_b[j:] - b_dec[j:]))
+        for latents that fire; the others keep their random decoder. targets [B, L, d] after b_dec."""
+        S, n = self.layer_size, self.n_layers
+        layer_of_entry = code.latents // S
+        for j in range(n):
+            entries = (layer_of_entry == j).nonzero().squeeze(1)
+            if entries.numel() == 0:
+                continue
+            layer_code = SparseCode.from_indices(code.rows[entries], code.latents[entries] - j * S, code.batch_size, S)
+            order = layer_code.by_latent
+            table = targets[:, j:].reshape(code.batch_size, -1)
+            pull = F.embedding_bag(layer_code.rows[order], table, layer_code.latent_offsets, mode="sum",
+                                   per_sample_weights=code.values[entries][order])
+            norms = pull.norm(dim=1, keepdim=True)
+            W = self.W_dec[j].view(S, -1)
+            W.copy_(torch.where(norms > 0, pull / norms.clamp(min=STD_EPS), W))
+
+    def _shift_encoder_bias(self, code: SparseCode, targets: torch.Tensor) -> None:
+        """b_enc -= c, the one shift of every kept value that best fits the first predictions to the
+        targets in the training loss: with P the prefix predictions and Q those of the same entries
+        at value 1, c = sum <P - y, Q>_w / sum |Q|^2_w (w = 1 / v_m), clamped to [0, smallest value]."""
+        if code.values.numel() == 0:
+            return
+        P = self.decode_groups(code).cumsum(dim=1)
+        Q = self.decode_groups(code.with_values(torch.ones_like(code.values))).cumsum(dim=1)
+        weights = 1 / self.target_variance[:, None]
+        numerator = ((P - targets.unsqueeze(1)) * Q * weights).sum()
+        denominator = (Q.pow(2) * weights).sum().clamp(min=STD_EPS)
+        self.b_enc.sub_((numerator / denominator).clamp(min=0).minimum(code.values.min()))
+
+
+SAE_CLASSES["matryoshka_clt"] = MatryoshkaCrossLayerTranscoder
