@@ -561,13 +561,15 @@ def train_transcoder(transcoder, activation_store, model, cfg: dict, resume_from
 
 def open_activation_store(model, cfgs: Sequence[dict]):
     """The activation stream a group of dictionaries trains on: when their cfgs read several hooks
-    (layers or sites), one `MultiHookActivationsStore` serving every hook from one model pass;
+    (layers or sites, or a cross-layer transcoder's every layer), one `MultiHookActivationsStore`
+    serving every hook from one model pass;
     otherwise ``activation_cache.activation_store_for(model, cfgs[0])``, the live model's store (a
     transcoder's paired one) or, with cfg["activation_cache"], the cache's."""
     from activation_cache import activation_store_for
     from activation_store import MultiHookActivationsStore
 
-    if len({tuple(dictionary_hooks(cfg)) for cfg in cfgs}) > 1:
+    cross_layer = any(cfg["sae_type"] == "matryoshka_clt" for cfg in cfgs)  # reads a source and target per layer
+    if len({tuple(dictionary_hooks(cfg)) for cfg in cfgs}) > 1 or cross_layer:
         if cfgs[0].get("activation_cache"):
             raise ValueError("cfg['activation_cache'] (--activations) holds one hook's activations, but these "
                              "dictionaries read several hooks; train each layer from its cache in its own run "
