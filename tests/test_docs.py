@@ -6,7 +6,7 @@ cannot run here in seconds is swapped for a stand-in by the `small_world` fixtur
 
 - every model name loads a tiny random model of its family (9 blocks, d_model 64) with a byte-level
   tokenizer, and the model table reports that width (no hub, no 25 s SmolLM2 load);
-- the built-in corpus is its pydoc topics alone (no 6 s docstring scan);
+- the built-in corpus is its pydoc topics alone (no 6 s docstring scan), and a hub dataset reads it;
 - `post_init_cfg` caps the run's sizes (tokens, batch, rows) so that a training run is a few steps;
 - the working directory is a temporary folder (checkpoints, exports).
 
@@ -96,6 +96,7 @@ def replace_everywhere(monkeypatch, name: str, original, replacement) -> None:
 def small_world(monkeypatch, tmp_path, tokenizer):
     """Tiny stand-ins for the models, the corpus and the sizes; see the module docstring."""
     import activation_cache  # noqa: F401  (imported so that their names get patched too)
+    import activation_store
     import builtin_corpus
     import checkpoint  # noqa: F401
     import config
@@ -126,6 +127,15 @@ def small_world(monkeypatch, tmp_path, tokenizer):
     corpus = builtin_corpus.python_docs_dataset
     replace_everywhere(monkeypatch, "python_docs_dataset", corpus,
                        lambda *args, **kwargs: corpus(*args, **{**kwargs, "topics_only": True}))
+    load_text_dataset = activation_store.load_text_dataset
+
+    def offline_dataset(dataset_path):
+        """A hub dataset name reads the built-in corpus instead."""
+        is_hub_name = isinstance(dataset_path, str) and dataset_path != activation_store.BUILTIN_CORPUS \
+            and not Path(dataset_path).exists()
+        return load_text_dataset(activation_store.BUILTIN_CORPUS if is_hub_name else dataset_path)
+
+    replace_everywhere(monkeypatch, "load_text_dataset", load_text_dataset, offline_dataset)
 
     post_init_cfg = config.post_init_cfg
 
