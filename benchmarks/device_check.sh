@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks, in one run on a lent GPU machine (about 5 minutes on one H100; see the README's
-# "On a GPU" section). Prepare here, once: bash benchmarks/device_wheels.sh (fills .whl/ with the
+# The GPU checks, in one run on a lent GPU machine (about 5 minutes on one H100; see docs/gpu.md,
+# "The GPU checks"). Prepare here, once: bash benchmarks/device_wheels.sh (fills .whl/ with the
 # packages the GPU image lacks), then run, through the device tool:
 #     command: bash benchmarks/device_check.sh      carry: [".whl"]      timeout_s: 540
 # Steps, most valuable first, each independent of the others' success:
