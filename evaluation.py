@@ -71,7 +71,7 @@ def _patch_hooks(cfg: dict, replace: Callable, keep: torch.Tensor | None) -> lis
 
 
 @torch.no_grad()
-def evaluate_ce_loss(sae, model, tokens: torch.Tensor, cfg: dict) -> dict[str, float]:
+def evaluate_ce_loss(sae, model, tokens: torch.Tensor, cfg: dict, kl: bool = False) -> dict[str, float]:
     """Next-token CE loss of `model` on `tokens` ([rows, seq]) with the dictionary spliced in.
 
     Four runs of the model, each the mean loss per token:
@@ -83,6 +83,9 @@ def evaluate_ce_loss(sae, model, tokens: torch.Tensor, cfg: dict) -> dict[str, f
     and the summaries
         ce_degradation = spliced - clean
         loss_recovered = (zero_ablation - spliced) / (zero_ablation - clean)
+    With `kl`, also the mean over predicted positions of KL(p_clean || p_spliced) and
+    KL(p_clean || p_zero_ablation) as kl_div_spliced / kl_div_zero_ablation, and
+        kl_div_score = (kl_div_zero_ablation - kl_div_spliced) / kl_div_zero_ablation
     With cfg["exclude_bos"], BOS positions keep their original activation in every intervention.
     The SAE runs in eval mode (no training state is touched); its mode is restored afterwards.
     Rows are processed in chunks of cfg["model_batch_size"].
@@ -94,18 +97,20 @@ def evaluate_ce_loss(sae, model, tokens: torch.Tensor, cfg: dict) -> dict[str, f
         for chunk in tokens.split(cfg["model_batch_size"]):
             chunk = chunk.to(model.cfg.device)
             keep = bos_mask(chunk, model, cfg) if cfg["exclude_bos"] else None
-            for name, loss in _chunk_losses(sae, model, chunk, cfg, keep).items():
-                totals[name] += loss * len(chunk) / len(tokens)
+            for name, loss in _chunk_losses(sae, model, chunk, cfg, keep, kl).items():
+                totals[name] = totals.get(name, 0.0) + loss * len(chunk) / len(tokens)
     finally:
         sae.train(was_training)
-    result = {f"ce_loss_{name}": value for name, value in totals.items()}
+    result = {name if name.startswith("kl_div") else f"ce_loss_{name}": value for name, value in totals.items()}
     result["ce_degradation"] = totals["spliced"] - totals["clean"]
     ablation_gap = totals["zero_ablation"] - totals["clean"]
     result["loss_recovered"] = (totals["zero_ablation"] - totals["spliced"]) / ablation_gap
+    if kl:
+        result["kl_div_score"] = (totals["kl_div_zero_ablation"] - totals["kl_div_spliced"]) / totals["kl_div_zero_ablation"]
     return result
 
 
-def _chunk_losses(sae, model, tokens, cfg, keep) -> dict[str, float]:
+def _chunk_losses(sae, model, tokens, cfg, keep, kl=False) -> dict[str, float]:
     def spliced(source, target):
         return sae.reconstruct(source.reshape(-1, source.shape[-1]))
 
@@ -115,10 +120,19 @@ def _chunk_losses(sae, model, tokens, cfg, keep) -> dict[str, float]:
 
     replacements = {"spliced": spliced, "zero_ablation": lambda s, t: torch.zeros_like(t),
                     "mean_ablation": mean_ablated}
-    losses = {"clean": model(tokens, return_type="loss")}
+    if kl:  # the logits themselves, for the KL divergences; the losses from the same logits
+        clean_logits = model(tokens)
+        losses = {"clean": _next_token_loss(clean_logits, tokens)}
+    else:
+        losses = {"clean": model(tokens, return_type="loss")}
     for name, replace in replacements.items():
         hooks = _patch_hooks(cfg, replace, keep)
-        losses[name] = model.run_with_hooks(tokens, return_type="loss", fwd_hooks=hooks)
+        if kl and name != "mean_ablation":
+            logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
+            losses[name] = _next_token_loss(logits, tokens)
+            losses[f"kl_div_{name}"] = _mean_kl(clean_logits[:, :-1], logits[:, :-1])
+        else:
+            losses[name] = model.run_with_hooks(tokens, return_type="loss", fwd_hooks=hooks)
     values = torch.stack([loss.float() for loss in losses.values()]).tolist()
     return dict(zip(losses, values))
 
