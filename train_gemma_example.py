@@ -4,6 +4,7 @@
     python train_gemma_example.py sae          # Gemma-2-2B Matryoshka SAE, layer 8 resid_pre
     python train_gemma_example.py transcoder   # Gemma-2-2B Matryoshka transcoder, layer 8 resid_mid -> mlp_out
     python train_gemma_example.py transcoder --skip   # the same with a skip connection (x W_skip)
+    python train_gemma_example.py transcoder --layers all   # a transcoder set: every layer, one model pass
 
 `compare` needs no download. `sae` and `transcoder` load the model from the Hugging Face hub (bf16,
 4 token rows per forward pass) and accept the run-setting options of main.py, e.g.
@@ -18,7 +19,13 @@ import argparse
 
 import torch
 
-from config import DICT_EXPANSION, HOOK_SITES, MODEL_TABLE, get_default_cfg, post_init_cfg, split_into_groups
+from config import (
+    DICT_EXPANSION, HOOK_SITES, MODEL_TABLE, get_default_cfg, get_model_config, post_init_cfg, split_into_groups,
+)
+from transcoder_set import (
+    DEFAULT_SOURCE_SITE, TRANSCODER_KINDS, default_set_cfg, is_transcoder_set, layer_folders, new_set_folder,
+    parse_layers, print_set_metrics, read_manifest, train_transcoder_set, transcoder_set_cfgs,
+)
 import distributed
 from cli_options import (
     add_resume_argument, add_run_arguments, apply_overrides, check_device, print_final_metrics, resumed_cfgs,
@@ -68,7 +75,7 @@ def transcoder_cfg(args: argparse.Namespace | None = None) -> dict:
     cfg["transcoder_skip"] = getattr(args, "skip", False)
     return create_transcoder_config(
         cfg, source_layer=cfg["layer"], target_layer=cfg["layer"],
-        source_site=getattr(args, "source_site", "resid_mid"),
+        source_site=getattr(args, "source_site", None) or "resid_mid",
         target_site=getattr(args, "target_site", "mlp_out"),
     )
 
@@ -91,6 +98,53 @@ def train(cfg: dict, resume_from: str | None = None) -> None:
         distributed.shut_down()
 
 
+def set_cfgs(args: argparse.Namespace) -> list[dict]:
+    """The cfgs of the transcoder set that `args` asks for (--layers, --kind, --skip, run settings):
+    the guide's transcoder settings with the set's exportable defaults, one cfg per layer, in a
+    new folder ``checkpoint_dir / <model>_transcoder-set_<kind>_<source>_<width>_k<k>`` (``-2``,
+    ``-3``... when taken)."""
+    cfg = default_set_cfg(**GEMMA_TRANSCODER)
+    cfg = post_init_cfg(apply_overrides(cfg, args))
+    layers = parse_layers(args.layers, cfg["n_layers"] or get_model_config(cfg["model_name"])["n_layers"])
+    source_site = args.source_site or DEFAULT_SOURCE_SITE
+    name = (f"{cfg['model_name'].replace('/', '_')}_transcoder-set_{args.kind}{'-skip' if args.skip else ''}_"
+            f"{source_site}_{cfg['dict_size']}_k{cfg['top_k']}")
+    folder = new_set_folder(cfg["checkpoint_dir"], name)
+    return transcoder_set_cfgs(cfg, layers, folder, kind=args.kind, skip=args.skip, source_site=source_site,
+                               target_site=args.target_site)
+
+
+def train_set(args: argparse.Namespace) -> None:
+    """Train (or, with --resume SET_FOLDER, continue) a transcoder set, then print where it is."""
+    from model_loading import load_model
+
+    if args.resume:
+        if len(args.resume) != 1:
+            raise ValueError(f"--resume takes the one folder of a transcoder set; got {len(args.resume)}.")
+        folders = layer_folders(args.resume[0])
+        cfgs = resumed_cfgs([str(folder) for folder in folders.values()], args)
+        kind = read_manifest(args.resume[0])["kind"]
+    else:
+        cfgs = set_cfgs(args)
+        kind = args.kind
+    try:
+        distributed.init_from_env(cfgs[0])
+        check_device(cfgs[0])
+        set_folder = cfgs[0]["checkpoint_dir"]
+        if distributed.is_main_process():
+            print(f"Training a {kind} transcoder set of {len(cfgs)} layer(s) into {set_folder} on "
+                  f"{cfgs[0]['device']} ({distributed.world_size()} rank(s))")
+        model = load_model(cfgs[0]["model_name"], cfgs[0]["device"], cfgs[0]["model_dtype"])
+        for cfg in cfgs:  # rows start with BOS (circuit-tracer zeroes position 0), left out of training
+            if cfg["bos_token_id"] is None and model.tokenizer is not None:
+                cfg["bos_token_id"] = model.tokenizer.bos_token_id
+        train_transcoder_set(model, cfgs, kind=kind, resume=bool(args.resume))
+        if distributed.is_main_process():
+            print_set_metrics(set_folder)
+    finally:
+        distributed.shut_down()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -101,7 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     transcoder = commands.add_parser("transcoder", help="train the Gemma-2-2B Matryoshka transcoder")
     add_run_arguments(transcoder, exclude=("--site", "--sae-type"))
     add_resume_argument(transcoder)
-    transcoder.add_argument("--source-site", default="resid_mid", choices=list(HOOK_SITES))
+    transcoder.add_argument("--layers", metavar="LAYERS",
+                            help="train a transcoder set, one transcoder per layer from one model pass: 'all' "
+                                 "(what circuit-tracer needs), a list 0,3,5 or a range 0-11; see "
+                                 "docs/transcoder_sets.md")
+    transcoder.add_argument("--kind", choices=list(TRANSCODER_KINDS), default="matryoshka",
+                            help="with --layers: Matryoshka BatchTopK (default), plain BatchTopK or per-token TopK")
+    transcoder.add_argument("--source-site", default=None, choices=list(HOOK_SITES),
+                            help=f"default resid_mid; with --layers {DEFAULT_SOURCE_SITE}")
     transcoder.add_argument("--target-site", default="mlp_out", choices=list(HOOK_SITES))
     transcoder.add_argument("--skip", action="store_true",
                             help="skip transcoder: an affine path x W_skip added to every prediction")
@@ -118,6 +179,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Train the `sae` or `transcoder` of `args`, or continue it (--resume FOLDER)."""
+    if args.command == "transcoder" and (args.layers or (args.resume and is_transcoder_set(args.resume[0]))):
+        train_set(args)
+        return
     if args.resume:
         if len(args.resume) != 1:
             raise ValueError(f"--resume takes one checkpoint folder here; got {len(args.resume)}.")

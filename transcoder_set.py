@@ -35,7 +35,6 @@ import torch
 
 from checkpoint import atomic_write, check_checkpoint_folder, load_sae
 from config import get_default_cfg, post_init_cfg
-from transcoder_activation_store import create_transcoder_config
 
 SET_MANIFEST = "transcoder_set.json"
 SET_FORMAT = 1
@@ -86,6 +85,8 @@ def transcoder_set_cfgs(cfg: dict, layers: Sequence[int], set_folder: str | Path
     folder is ``set_folder / layer_{i}``. Every cfg shares the data and step settings, so that one
     store feeds them all.
     """
+    from transcoder_activation_store import create_transcoder_config  # (loads the data stack)
+
     if kind not in TRANSCODER_KINDS:
         raise ValueError(f"Unknown transcoder kind {kind!r}; choose one of {', '.join(TRANSCODER_KINDS)}.")
     settings = dict(TRANSCODER_KINDS[kind])
@@ -136,6 +137,41 @@ def write_manifest(set_folder: str | Path, cfgs: Sequence[dict], kind: str) -> P
     return path
 
 
+def is_transcoder_set(folder: str | Path) -> bool:
+    return (Path(folder) / SET_MANIFEST).is_file()
+
+
+def new_set_folder(parent: str | Path, name: str) -> Path:
+    """Create and return ``parent / name``, or ``name-2``, ``name-3``... if taken: a new set never
+    writes into a folder that exists."""
+    parent = Path(parent)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"checkpoint_dir {str(parent)!r} cannot be created ({error.strerror or error}); "
+                         f"choose a writable --checkpoint-dir.") from None
+    for counter in range(1, 10_000):
+        folder = parent / (name if counter == 1 else f"{name}-{counter}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise ValueError(f"{parent} holds 9999 sets named {name}; choose another --checkpoint-dir.")
+
+
+def print_set_metrics(set_folder: str | Path) -> None:
+    """One line: where the set is and its main figures with every MLP replaced."""
+    path = Path(set_folder) / "metrics.json"
+    if not path.is_file():
+        print(f"{set_folder}: trained (no evaluation)")
+        return
+    m = json.loads(path.read_text())
+    print(f"{set_folder}: every MLP replaced: loss recovered {m['loss_recovered']:.4g}, KL {m['kl_divergence']:.4g}, "
+          f"CE {m['ce_loss_clean']:.4g} -> {m['ce_loss_spliced']:.4g}; per-layer FVU mean {m['fvu_mean']:.4g}, "
+          f"max {m['fvu_max']:.4g}")
+
+
 def read_manifest(set_folder: str | Path) -> dict:
     """The set's manifest; a clear error when `set_folder` is not a transcoder set."""
     path = Path(set_folder) / SET_MANIFEST
@@ -170,19 +206,18 @@ def train_transcoder_set(model, cfgs: Sequence[dict], kind: str = "matryoshka",
                          resume: bool = False, evaluate: bool = True) -> list:
     """Train one transcoder per cfg (`transcoder_set_cfgs`) in one pass of `model` per chunk.
 
-    The store is a `MultiHookActivationsStore` over every layer's source and target hook; the loop
-    is `training.train_sae_group`. The per-layer CE evaluation of the loop is off (model=None:
+    The store is `training.open_activation_store`'s: a `MultiHookActivationsStore` over every
+    layer's source and target hook (one layer: its paired store); the loop is `train_sae_group`. The per-layer CE evaluation of the loop is off (model=None:
     thirty dictionaries would mean thirty spliced runs each time); instead, with `evaluate`, the
     set is evaluated once at the end with every MLP replaced at once (`evaluate_set`), into
     ``<set>/metrics.json``. `resume`: continue the set from its layer folders' checkpoints.
     Returns the trained transcoders in the order of `cfgs`.
     """
-    from activation_store import MultiHookActivationsStore
     from sae import create_sae
-    from training import train_sae_group
+    from training import open_activation_store, train_sae_group
 
     set_folder = Path(cfgs[0]["checkpoint_dir"])
-    store = MultiHookActivationsStore(model, list(cfgs))
+    store = open_activation_store(model, list(cfgs))
     transcoders = [create_sae(cfg) for cfg in cfgs]
     folders = [set_folder / cfg["name"] for cfg in cfgs] if resume else None
     if not resume:

@@ -1,0 +1,234 @@
+"""Trace attribution graphs with circuit-tracer through a transcoder set trained here, offline.
+
+Runs in circuit-tracer's own environment (``bash setup_circuit_tracer_env.sh`` makes .ct-venv):
+
+    .ct-venv/bin/python trace_circuit.py EXPORTED_FOLDER --set SET_FOLDER --out traces/run1
+
+EXPORTED_FOLDER is what ``export_sae.py SET_FOLDER OUT --format circuit-tracer`` wrote. The script
+
+1. loads the model with this library's loader (SmolLM2 from its wheel, no hub) and the exported
+   folder with circuit-tracer's own loader (circuit_tracer_format.load_in_circuit_tracer);
+2. checks, layer by layer, that circuit-tracer's transcoders compute what ours (SET_FOLDER) compute
+   on the model's activations of the prompts (float32 rounding: the relative error is printed and
+   must stay below --tolerance);
+3. builds circuit-tracer's replacement model from the same weights
+   (``TransformerLensReplacementModel.from_config``) and checks its logits equal the model's;
+4. runs ``circuit_tracer.attribute`` on each prompt (BOS prepended, as in training), saves the
+   graph (``graphs/<slug>.pt``) and the viewer's files (``graph_files/``), and prints the
+   replacement and completeness scores (``compute_graph_scores``) and the share of the logits'
+   influence that reaches them through error nodes;
+5. prints the replacement model's CE loss and KL divergence against the original model, with every
+   MLP output replaced by circuit-tracer's transcoders at once, on the prompts.
+
+Everything printed is also in ``<out>/trace_results.json``. To browse the graphs:
+``.ct-venv/bin/python -c "from circuit_tracer.frontend.local_server import serve; serve('<out>/graph_files')"``.
+Attribution on a CPU takes minutes per prompt; --max-feature-nodes bounds it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_PROMPTS = [
+    "The function returns a list of all the keys in the",
+    "To open a file for reading, call open() with the mode",
+    "A tuple is like a list, except that it cannot be",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("exported", help="folder written by export_sae.py --format circuit-tracer")
+    parser.add_argument("--set", dest="set_folder", help="the transcoder set it was exported from: checks that "
+                        "circuit-tracer computes what it computes")
+    parser.add_argument("--out", required=True, help="folder for graphs, viewer files and trace_results.json")
+    parser.add_argument("--prompt", action="append", dest="prompts", help="a prompt (repeatable); default: "
+                        "three Python-documentation completions")
+    parser.add_argument("--max-feature-nodes", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=64, help="attribution batch size")
+    parser.add_argument("--scan", help="the viewer's feature location (e.g. './data/features/<name>' for "
+                        "feature files written by inspect_sae.py); default: the exported config's scan")
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest relative difference allowed between circuit-tracer's and our outputs")
+    parser.add_argument("--device", default="cpu")
+    return parser
+
+
+def prompt_tokens(model, prompt: str) -> torch.Tensor:
+    """[1 + n] token ids: BOS, then the prompt (SmolLM2's tokenizer adds no BOS of its own)."""
+    ids = model.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return torch.tensor([model.tokenizer.bos_token_id, *ids])
+
+
+def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    return ((ours - theirs).norm() / ours.norm().clamp(min=1e-12)).item()
+
+
+@torch.no_grad()
+def compare_layers(model, transcoders, set_folder, tokens: list[torch.Tensor]) -> dict[str, float]:
+    """Per layer: the relative error between circuit-tracer's and our predictions of the MLP output
+    from the same activations (the prompts' tokens after the first), and whether the same latents fire."""
+    from transcoder_set import load_transcoder_set
+
+    ours = load_transcoder_set(set_folder, device=model.cfg.device)
+    hook_in, hook_out = transcoders.feature_input_hook, transcoders.feature_output_hook
+    names = [f"blocks.{layer}.{hook}" for layer in ours for hook in (hook_in, hook_out)]
+    if hook_in.endswith("hook_mlp_in"):
+        model.set_use_hook_mlp_in(True)
+    errors = {}
+    for layer, transcoder in ours.items():
+        x = torch.cat([model.run_with_cache(t[None], names_filter=names)[1][f"blocks.{layer}.{hook_in}"][0, 1:]
+                       for t in tokens])
+        theirs = transcoders[layer]
+        same_latents = torch.equal(transcoder.encode(x) > 0, theirs.encode(x) > 0)
+        errors[str(layer)] = relative_error(transcoder.reconstruct(x), theirs(x))
+        if not same_latents:
+            errors[str(layer)] = max(errors[str(layer)], float("inf"))
+    return errors
+
+
+def replacement_model(model, transcoders):
+    """circuit-tracer's replacement model with `model`'s weights (its MLPs and unembedding are
+    wrapped, so their parameters are renamed; every other name is the model's)."""
+    from circuit_tracer.replacement_model.replacement_model_transformerlens import (
+        TransformerLensReplacementModel,
+    )
+
+    replacement = TransformerLensReplacementModel.from_config(model.cfg, transcoders, tokenizer=model.tokenizer)
+    weights = model.state_dict()
+    renamed = {}
+    for name in replacement.state_dict():
+        plain = name.replace(".old_mlp.", ".").replace("unembed.old_unembed.", "unembed.")
+        if plain in weights:
+            renamed[name] = weights[plain]
+    missing = [name for name in weights if name not in {n.replace(".old_mlp.", ".").replace(
+        "unembed.old_unembed.", "unembed.") for n in renamed}]
+    if missing:
+        raise ValueError(f"circuit-tracer's replacement model has no place for {missing[:3]}...")
+    replacement.load_state_dict(renamed, strict=False)
+    return replacement
+
+
+@torch.no_grad()
+def spliced_ce_and_kl(model, transcoders, tokens: list[torch.Tensor]) -> dict[str, float]:
+    """CE loss of the original model and of the model with every MLP output replaced by
+    circuit-tracer's transcoders at once (position 0 left as it is, as circuit-tracer does), and
+    the mean KL(original || replaced) over the predicted positions."""
+    hook_in, hook_out = transcoders.feature_input_hook, transcoders.feature_output_hook
+    cached: dict[int, torch.Tensor] = {}
+
+    def remember(act, hook, layer):
+        cached[layer] = act
+
+    def replace(act, hook, layer):
+        new = transcoders[layer](cached.pop(layer)).to(act.dtype)
+        new[:, 0] = act[:, 0]
+        return new
+
+    hooks = []
+    for layer in range(len(transcoders)):
+        hooks.append((f"blocks.{layer}.{hook_in}", lambda a, hook, layer=layer: remember(a, hook, layer)))
+        hooks.append((f"blocks.{layer}.{hook_out}", lambda a, hook, layer=layer: replace(a, hook, layer)))
+    totals = {"ce_loss_clean": 0.0, "ce_loss_replaced": 0.0, "kl_divergence": 0.0}
+    n = 0
+    for t in tokens:
+        t = t[None].to(model.cfg.device)
+        clean = model(t)[0, :-1].float().log_softmax(-1)
+        replaced = model.run_with_hooks(t, fwd_hooks=hooks)[0, :-1].float().log_softmax(-1)
+        targets = t[0, 1:]
+        totals["ce_loss_clean"] -= clean.gather(-1, targets[:, None]).sum().item()
+        totals["ce_loss_replaced"] -= replaced.gather(-1, targets[:, None]).sum().item()
+        totals["kl_divergence"] += (clean.exp() * (clean - replaced)).sum().item()
+        n += len(targets)
+    return {key: value / n for key, value in totals.items()}
+
+
+def error_influence_share(graph) -> float:
+    """The share of the logits' total influence (circuit-tracer's node influence) held by error nodes."""
+    from circuit_tracer.graph import compute_influence, normalize_matrix
+
+    n_tokens, n_features = len(graph.input_tokens), len(graph.selected_features)
+    error_end = n_features + n_tokens * graph.cfg.n_layers
+    logit_weights = torch.zeros(graph.adjacency_matrix.shape[0], device=graph.adjacency_matrix.device)
+    logit_weights[-len(graph.logit_targets):] = graph.logit_probabilities
+    influence = compute_influence(normalize_matrix(graph.adjacency_matrix), logit_weights)
+    return (influence[n_features:error_end].sum() / influence[:error_end + n_tokens].sum()).item()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        import circuit_tracer  # noqa: F401
+    except ImportError:
+        print("trace_circuit.py: error: circuit_tracer is not installed here; run it with circuit-tracer's "
+              "environment: bash setup_circuit_tracer_env.sh, then .ct-venv/bin/python trace_circuit.py ...",
+              file=sys.stderr)
+        raise SystemExit(2)
+    from circuit_tracer import attribute
+    from circuit_tracer.graph import compute_graph_scores
+    from circuit_tracer.utils.create_graph_files import create_graph_files
+
+    from circuit_tracer_format import load_in_circuit_tracer, read_config
+    from model_loading import load_model
+
+    out = Path(args.out)
+    (out / "graphs").mkdir(parents=True, exist_ok=True)
+    config = read_config(args.exported)
+    model = load_model(config["model_name"], args.device, torch.float32)
+    transcoders = load_in_circuit_tracer(args.exported, device=args.device)
+    prompts = args.prompts or DEFAULT_PROMPTS
+    tokens = [prompt_tokens(model, p) for p in prompts]
+    results: dict = {"exported": str(args.exported), "prompts": prompts}
+
+    if args.set_folder:
+        errors = compare_layers(model, transcoders, args.set_folder, tokens)
+        worst = max(errors.values())
+        results["layer_relative_errors"] = errors
+        print(f"circuit-tracer's transcoders vs ours, {len(errors)} layers: largest relative error {worst:.2e}")
+        if not worst <= args.tolerance:
+            bad = [layer for layer, e in errors.items() if not e <= args.tolerance]
+            raise SystemExit(f"trace_circuit.py: error: layers {bad} differ from ours by more than "
+                             f"{args.tolerance:g} (or fire other latents)")
+
+    replacement = replacement_model(model, transcoders)
+    logits_gap = (replacement(tokens[0][None]) - model(tokens[0][None])).abs().max().item()
+    results["replacement_logits_max_difference"] = logits_gap
+    print(f"replacement model vs model, logits: largest difference {logits_gap:.2e}")
+    results.update(spliced_ce_and_kl(model, transcoders, tokens))
+    print(f"every MLP replaced: CE {results['ce_loss_clean']:.4f} -> {results['ce_loss_replaced']:.4f}, "
+          f"KL {results['kl_divergence']:.4f}")
+
+    scan = args.scan or config.get("scan")
+    results["graphs"] = []
+    for i, (prompt, t) in enumerate(zip(prompts, tokens)):
+        started = time.perf_counter()
+        graph = attribute(t, replacement, max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size,
+                          verbose=False)
+        seconds = time.perf_counter() - started
+        slug = f"prompt-{i}"
+        graph.scan = scan
+        graph.to_pt(str(out / "graphs" / f"{slug}.pt"))
+        create_graph_files(graph, slug=slug, output_path=str(out / "graph_files"), scan=scan)
+        replacement_score, completeness_score = compute_graph_scores(graph)
+        row = {"prompt": prompt, "slug": slug, "seconds": seconds, "n_active_features": len(graph.active_features),
+               "n_selected_features": len(graph.selected_features), "replacement_score": replacement_score,
+               "completeness_score": completeness_score, "error_influence_share": error_influence_share(graph)}
+        results["graphs"].append(row)
+        print(f"{slug} ({seconds:.0f} s, {row['n_selected_features']} feature nodes): replacement "
+              f"{replacement_score:.3f}, completeness {completeness_score:.3f}, error influence share "
+              f"{row['error_influence_share']:.3f}  | {prompt!r}")
+    for key in ("replacement_score", "completeness_score", "error_influence_share"):
+        results[f"mean_{key}"] = sum(row[key] for row in results["graphs"]) / len(results["graphs"])
+    (out / "trace_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"mean replacement {results['mean_replacement_score']:.3f}, completeness "
+          f"{results['mean_completeness_score']:.3f}; written to {out}")
+
+
+if __name__ == "__main__":
+    main()
