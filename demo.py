@@ -14,6 +14,8 @@ clean / spliced / ablated and the fraction recovered), writes PNG plots next to 
 builds the feature browser of the dictionary on the held-out rows (feature_browser.py), ending with
 the page's path.
 Every setting can be overridden with main.py's options (e.g. --num-tokens, --dataset my_texts.txt).
+The built-in corpus is recorded by name (python-docs:train, held out python-docs:test), so a stopped
+demo continues with ``python main.py --demo --resume FOLDER``, the command printed when it stops.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import time
 
 import torch
 
-from cli_options import apply_overrides
+from activation_store import BUILTIN_CORPUS
+from cli_options import apply_overrides, check_before_loading, resumed_cfgs
 from config import get_default_cfg, post_init_cfg
 
 DEMO_SETTINGS = {
@@ -52,16 +55,20 @@ DEMO_SETTINGS = {
 
 
 def demo_cfg(args=None) -> dict:
-    """The demo's cfg with any command-line overrides applied."""
+    """The demo's cfg with any command-line overrides applied (before `post_init_cfg`); the
+    built-in corpus becomes its training split, and its held-out split the evaluation data."""
     cfg = get_default_cfg()
     cfg.update(DEMO_SETTINGS)
-    return apply_overrides(cfg, args)
+    cfg = apply_overrides(cfg, args)
+    if cfg["dataset_path"] == BUILTIN_CORPUS:
+        cfg["dataset_path"] = f"{BUILTIN_CORPUS}:train"
+        cfg["eval_dataset_path"] = f"{BUILTIN_CORPUS}:test"
+    return cfg
 
 
 def run_demo(args=None) -> dict:
     """Train the demo SAE and report on it; returns the report's numbers."""
     from activation_store import ActivationsStore
-    from builtin_corpus import python_docs_dataset
     from checkpoint import checkpoint_folder, load_history, load_metrics
     from evaluation import format_report, plot_firing_density, plot_prefix_fvu, reconstruction_report
     from model_loading import load_model
@@ -69,19 +76,23 @@ def run_demo(args=None) -> dict:
     from training import train_sae
 
     started = time.perf_counter()
-    cfg = demo_cfg(args)
+    resume_from = getattr(args, "resume", None)
+    if resume_from:
+        if len(resume_from) != 1:
+            raise ValueError(f"--demo --resume takes the demo's one checkpoint folder; got {len(resume_from)}.")
+        cfg = resumed_cfgs(resume_from, args)[0]
+    else:
+        cfg = post_init_cfg(demo_cfg(args))
+    check_before_loading([cfg], resume_from=resume_from, overwrite=getattr(args, "overwrite", False))
     model = load_model(cfg["model_name"], cfg["device"], cfg["model_dtype"])
-    if model.tokenizer is not None:
+    if model.tokenizer is not None and cfg.get("bos_token_id") is None:
         cfg["bos_token_id"] = model.tokenizer.bos_token_id
-    if cfg["dataset_path"] == "python-docs":
-        cfg["dataset_path"] = python_docs_dataset(split="train")
-        cfg["eval_dataset_path"] = python_docs_dataset(split="test")
-    cfg = post_init_cfg(cfg)
     store = ActivationsStore(model, cfg)
-    print(f"Set-up took {time.perf_counter() - started:.0f} s. Training {cfg['name']}")
+    print(f"Set-up took {time.perf_counter() - started:.0f} s. {'Continuing' if resume_from else 'Training'} "
+          f"{cfg['name']}")
 
     training_started = time.perf_counter()
-    sae = train_sae(create_sae(cfg), store, model, cfg)
+    sae = train_sae(create_sae(cfg), store, model, cfg, resume_from=resume_from[0] if resume_from else None)
     training_time = time.perf_counter() - training_started
 
     folder = checkpoint_folder(cfg)

@@ -3,7 +3,9 @@
     python export_sae.py CHECKPOINT OUT_DIR [--overwrite] [--dataset-path NAME] [--neuronpedia-id ID]
 
 CHECKPOINT is a folder a training run saved (checkpoint_dir/name). OUT_DIR gets cfg.json and
-sae_weights.safetensors, which SAELens, SAEBench and sae-dashboard read:
+sae_weights.safetensors, which SAELens, SAEBench and sae-dashboard read. --overwrite replaces only
+a folder an earlier export wrote (it holds the marker file .written-by and nothing else), never the
+checkpoint or a folder that contains it:
 
     from sae_lens import SAE
     sae = SAE.load_from_disk("OUT_DIR")
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from cli_options import add_debug_argument, run_reporting_errors
 from sae_lens_format import SAE_LENS_CONFIG, export_sae_lens
 
 
@@ -21,20 +24,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="checkpoint folder (with config.json and sae.safetensors)")
     parser.add_argument("out_dir", help="folder to create for the SAELens files")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT_DIR if an earlier export wrote it (never the checkpoint or a folder "
+                             "holding other files)")
     parser.add_argument("--dataset-path", help="metadata.dataset_path (e.g. the hub name of the training data)")
     parser.add_argument("--neuronpedia-id", help="metadata.neuronpedia_id")
+    add_debug_argument(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    run_reporting_errors(lambda: export(args), resume_command="python export_sae.py", debug=args.debug)
+
+
+def export(args: argparse.Namespace) -> None:
     metadata = {key: value for key, value in
                 (("dataset_path", args.dataset_path), ("neuronpedia_id", args.neuronpedia_id)) if value}
-    try:
-        out = export_sae_lens(args.checkpoint, args.out_dir, metadata=metadata, overwrite=args.overwrite)
-    except (ValueError, OSError) as error:  # the folder, the checkpoint or what it cannot represent
-        raise SystemExit(f"export_sae.py: error: {error}") from None
+    out = export_sae_lens(args.checkpoint, args.out_dir, metadata=metadata, overwrite=args.overwrite)
     cfg = json.loads((out / SAE_LENS_CONFIG).read_text())
     print(f"Wrote {out}: SAELens architecture {cfg['architecture']!r}, d_in {cfg['d_in']}, d_sae {cfg['d_sae']}, "
           f"normalize_activations {cfg['normalize_activations']!r}, hook {cfg['metadata']['hook_name']}.")

@@ -19,7 +19,10 @@ import argparse
 import math
 from pathlib import Path
 
-from cli_options import RUN_OPTIONS, add_run_arguments, apply_overrides
+from cli_options import (
+    RUN_OPTIONS, add_debug_argument, add_run_arguments, apply_overrides, check_dataset_available, check_device,
+    non_negative_int, positive_int, run_reporting_errors,
+)
 
 INSPECT_RUN_OPTIONS = ("--dataset", "--device", "--model-dtype", "--model-batch-size")
 
@@ -30,11 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-tokens", dest="inspect_tokens", metavar="N", type=RUN_OPTIONS["--num-tokens"][1]["type"],
                         help="held-out tokens to read (default: the run's n_eval_rows x seq_len)")
     parser.add_argument("--out", type=Path, help="output folder (default: CHECKPOINT/feature_browser)")
-    parser.add_argument("--top-n", type=int, default=20, help="top contexts per latent")
-    parser.add_argument("--context", type=int, default=8, help="tokens shown on each side of a context's token")
+    parser.add_argument("--top-n", type=positive_int, default=20, help="top contexts per latent")
+    parser.add_argument("--context", type=non_negative_int, default=8,
+                        help="tokens shown on each side of a context's token")
     parser.add_argument("--no-hierarchy", action="store_true",
                         help="skip the co-firing counts (they need n_parents x dict_size int32 counters)")
     add_run_arguments(parser, exclude=tuple(option for option in RUN_OPTIONS if option not in INSPECT_RUN_OPTIONS))
+    add_debug_argument(parser)
     return parser
 
 
@@ -75,20 +80,50 @@ def inspection_cfg(cfg: dict, args: argparse.Namespace) -> dict:
     return cfg
 
 
+def check_output_folder(out: Path) -> None:
+    """The page goes into `out`: a new folder, or one holding only an earlier page; probed now."""
+    from checkpoint import probe_folder
+    from feature_browser import PAGE_FILE, STATISTICS_FILE
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the page.")
+    if out.is_dir():
+        foreign = sorted(entry.name for entry in out.iterdir() if entry.name not in (PAGE_FILE, STATISTICS_FILE))
+        if foreign:
+            raise ValueError(f"--out {out} holds other files ({', '.join(foreign[:5])}); the page would be written "
+                             f"among them. Give a new folder or one holding only an earlier page.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--out {out} cannot be created ({error.strerror or error}); give a writable folder.") from None
+    probe_folder(out)
+
+
 def main(argv: list[str] | None = None) -> Path:
+    args = build_parser().parse_args(argv)
+    pages = []
+    run_reporting_errors(lambda: pages.append(inspect(args)), resume_command="python inspect_sae.py", debug=args.debug)
+    return pages[0]
+
+
+def inspect(args: argparse.Namespace) -> Path:
+    """Check everything, then load the dictionary and the model and write the page; returns its path."""
     from activation_store import ActivationsStore
-    from checkpoint import load_cfg, load_sae
+    from checkpoint import check_checkpoint_folder, load_cfg, load_sae
     from feature_browser import write_feature_browser
     from feature_statistics import collect_feature_statistics, describe_source
-    from model_loading import load_model
+    from model_loading import check_model_available, load_model
     from transcoder_activation_store import TranscoderActivationsStore
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not (args.checkpoint / "config.json").is_file():
-        parser.error(f"{args.checkpoint} is not a checkpoint folder (it has no config.json); give the folder "
-                     f"training wrote, e.g. checkpoints/<run name>.")
+    check_checkpoint_folder(args.checkpoint)
     cfg = inspection_cfg(load_cfg(args.checkpoint), args)
+    check_device(cfg)
+    check_model_available(cfg["model_name"])
+    for key in ("dataset_path", "eval_dataset_path"):
+        if cfg.get(key) is not None:
+            check_dataset_available(cfg[key], key)
+    out = args.out or args.checkpoint / "feature_browser"
+    check_output_folder(out)
     sae = load_sae(args.checkpoint, device=cfg["device"])
     model = load_model(cfg["model_name"], cfg["device"], cfg["model_dtype"])
     store_class = TranscoderActivationsStore if cfg["sae_type"] == "matryoshka_transcoder" else ActivationsStore
@@ -97,7 +132,7 @@ def main(argv: list[str] | None = None) -> Path:
                                        hierarchy=not args.no_hierarchy,
                                        source={**describe_source(cfg), "checkpoint": str(args.checkpoint)})
     print(stats.describe_timing())
-    page = write_feature_browser(stats, args.out or args.checkpoint / "feature_browser")
+    page = write_feature_browser(stats, out)
     print(f"Feature browser: {page}")
     return page
 

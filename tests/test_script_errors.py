@@ -75,8 +75,6 @@ def test_cuda_without_cuda(capsys):
 def test_resume_from_something_that_is_not_a_checkpoint(tmp_path, capsys):
     assert "is not a checkpoint folder: it has no config.json and no sae.safetensors" in one_line_error(
         capsys, main.main, ["--resume", str(tmp_path)])
-    assert "--resume continues a run with its own settings" in one_line_error(
-        capsys, main.main, ["--resume", str(tmp_path), "--lr", "1e-3"])
 
 
 def test_load_sae_names_what_is_wrong(tmp_path):
