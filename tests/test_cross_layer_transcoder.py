@@ -1,0 +1,307 @@
+"""Cross-layer transcoders (sae.MatryoshkaCrossLayerTranscoder): the loss and gradients of a dense
+reference, a decode that never forms the dense product, training, exact resume on the real
+multi-hook store, torchrun, and the export that circuit-tracer's own loader reads.
+
+Run as a script under torchrun, this file is the worker of the two-rank test:
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/test_cross_layer_transcoder.py OUT
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import distributed  # noqa: E402
+from config import get_default_cfg, post_init_cfg  # noqa: E402
+from sae import MatryoshkaCrossLayerTranscoder, create_sae  # noqa: E402
+
+LAYERS = [0, 1, 2]
+D = 8
+N_STEPS = 8
+BATCH = 32
+
+
+def clt_cfg(tmp_path=None, **overrides) -> dict:
+    """A 3-layer CLT on synthetic activations of width 8: 12 latents a layer in groups 3, 3, 6, k = 2."""
+    cfg = get_default_cfg()
+    cfg.update(model_name="synthetic", act_size=D, sae_type="matryoshka_clt", clt_layers=LAYERS, dict_size=12,
+               group_sizes=[3, 3, 6], top_k=2, input_unit_norm=False, device="cpu", batch_size=BATCH,
+               num_tokens=BATCH * N_STEPS, log_freq=2, checkpoint_freq=4, seed=5, n_batches_to_dead=1,
+               top_k_aux=4, wandb_mode="disabled", checkpoint_dir=str(tmp_path or "unused"))
+    cfg.update(overrides)
+    return post_init_cfg(cfg)
+
+
+class PlantedCLTStore:
+    """Batches (sources of every layer, then targets) of a planted cross-layer map: 16 sparse features
+    per layer read from the source and written, through fixed random directions, to that layer's
+    target and every later one; each layer's source and target on its own scale. Seeded: the same
+    global batches every time."""
+
+    def __init__(self, seed: int = 0, batch_size: int = BATCH, n_layers: int = len(LAYERS)):
+        self.generator = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(123)
+        self.batch_size, self.n = batch_size, n_layers
+        self.read = [torch.randn(16, D, generator=g) for _ in range(n_layers)]
+        self.write = [[torch.randn(16, D, generator=g) * (1 + m) for m in range(n_layers)] for _ in range(n_layers)]
+
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        codes = [torch.rand(self.batch_size, 16, generator=self.generator) *
+                 (torch.rand(self.batch_size, 16, generator=self.generator) < 0.15) for _ in range(self.n)]
+        sources = [(c @ r) * (1 + j) + 0.01 * torch.randn(self.batch_size, D, generator=self.generator)
+                   for j, (c, r) in enumerate(zip(codes, self.read))]
+        targets = [sum(codes[j] @ self.write[j][m] for j in range(m + 1)) + 0.5 for m in range(self.n)]
+        return (*sources, *targets)
+
+
+def trained_clt(cfg: dict, steps: int = 3) -> MatryoshkaCrossLayerTranscoder:
+    """A CLT after a few training steps (scales, thresholds and dead counters set)."""
+    from training import make_optimizer, training_step
+
+    torch.manual_seed(0)
+    clt, store = create_sae(cfg), PlantedCLTStore()
+    clt.initialize_from_batch(*store.next_batch())
+    optimizer = make_optimizer(clt, cfg)
+    for _ in range(steps):
+        training_step(clt, optimizer, store.next_batch(), cfg["lr"], cfg["max_grad_norm"])
+    return clt
+
+
+# ---------------------------------------------------------------------------------------------
+# The dense reference
+# ---------------------------------------------------------------------------------------------
+
+
+def dense_reference(params: dict, clt: MatryoshkaCrossLayerTranscoder, batch, dead: torch.Tensor) -> dict:
+    """Loss of the class docstring computed densely from `params` (copies of the CLT's parameters):
+    BatchTopK by sorting, every (prefix, layer) prediction as a matmul of the masked code."""
+    cfg, n, S = clt.cfg, clt.n_layers, clt.layer_size
+    x = torch.stack(batch[:n], dim=1) - clt.source_mean
+    y_n = torch.stack(batch[n:], dim=1) / clt.target_scale[:, None]
+    pre = torch.cat([x[:, j] @ params["W_enc"][:, j * S:(j + 1) * S] + params["b_enc"][j * S:(j + 1) * S]
+                     for j in range(n)], dim=1)
+    B = pre.shape[0]
+    mask = torch.zeros_like(pre, dtype=torch.bool)
+    if cfg["clt_sparsity"] == "global":
+        mask.view(-1)[pre.detach().flatten().topk(cfg["top_k"] * n * B).indices] = True
+    else:
+        for j in range(n):
+            chosen = pre[:, j * S:(j + 1) * S].detach().flatten().topk(cfg["top_k"] * B).indices
+            flat = torch.zeros(B * S, dtype=torch.bool)
+            flat[chosen] = True
+            mask[:, j * S:(j + 1) * S] = flat.view(B, S)
+    z = pre * (mask & (pre > 0))
+
+    def decode(code, end):  # [B, n, d] from latents [0, end) of every layer, without b_dec
+        return torch.stack([sum(code[:, j * S:j * S + end] @ params[f"W_dec.{j}"][:end, m - j] for j in range(m + 1))
+                            for m in range(n)], dim=1)
+
+    weights = 1 / clt.target_variance
+    ends = torch.tensor(cfg["group_sizes"]).cumsum(0).tolist()
+    prefixes = [decode(z, end) + params["b_dec"] for end in ends]
+    l2 = torch.stack([((p - y_n).pow(2).mean(dim=(0, 2)) * weights).sum() for p in prefixes]).mean()
+    residual = (y_n - prefixes[-1]).detach()
+    aux = torch.zeros(())
+    if dead.any():
+        dead_pre = torch.where(dead, pre, torch.full_like(pre, -float("inf")))
+        top = dead_pre.detach().topk(cfg["top_k_aux"], dim=1).indices
+        aux_mask = torch.zeros_like(mask).scatter_(1, top, True) & (pre > 0) & dead
+        e_hat = decode(pre * aux_mask, S)
+        aux = cfg["aux_penalty"] * ((e_hat - residual).pow(2).mean(dim=(0, 2)) * weights).sum()
+    return {"loss": l2 + aux, "l2_loss": l2, "aux_loss": aux, "prefixes": prefixes}
+
+
+@pytest.mark.parametrize("sparsity", ["global", "per_layer"])
+def test_loss_and_gradients_equal_the_dense_reference(sparsity):
+    cfg = clt_cfg(clt_sparsity=sparsity)
+    clt = trained_clt(cfg)
+    clt.tokens_since_fired[::3] = 10 ** 6  # every third latent dead: AuxK is in the loss
+    batch = PlantedCLTStore(seed=9).next_batch()
+    dead = clt.dead_latents().clone()
+    params = {name: p.detach().clone().requires_grad_(True) for name, p in clt.named_parameters()}
+    expected = dense_reference(params, clt, batch, dead)
+    expected["loss"].backward()
+    out = clt(*batch)
+    out["loss"].backward()
+    assert out["aux_loss"] > 0 and out["l0_norm"] > 0
+    for key in ("loss", "l2_loss", "aux_loss"):
+        torch.testing.assert_close(out[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    for name, p in clt.named_parameters():
+        torch.testing.assert_close(p.grad, params[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+    # every prefix and every output layer, in the targets' units
+    scale = clt.target_scale[:, None]
+    targets = torch.stack(batch[len(LAYERS):], dim=1)
+    torch.testing.assert_close(out["sae_out"], expected["prefixes"][-1].detach() * scale, rtol=1e-5, atol=1e-5)
+    from config import compute_fvu
+
+    for j, layer in enumerate(LAYERS):
+        fvu = compute_fvu(targets[:, j], expected["prefixes"][-1][:, j].detach() * scale[j])
+        torch.testing.assert_close(out[f"fvu_layer_{layer}"], fvu, rtol=1e-4, atol=1e-6)
+    for g, prefix in enumerate(expected["prefixes"]):
+        fvus = [compute_fvu(targets[:, j], prefix[:, j].detach() * scale[j]) for j in range(len(LAYERS))]
+        torch.testing.assert_close(out["fvu_per_prefix"][g], torch.stack(fvus).mean(), rtol=1e-4, atol=1e-6)
+
+
+def test_per_layer_sparsity_keeps_k_per_layer_and_global_k_times_layers():
+    batch = PlantedCLTStore(seed=3).next_batch()
+    for sparsity in ("global", "per_layer"):
+        clt = trained_clt(clt_cfg(clt_sparsity=sparsity), steps=0).train()
+        out = clt(*batch)
+        assert out["l0_norm"].item() == pytest.approx(2 * len(LAYERS))
+        per_layer = [out[f"l0_layer_{layer}"].item() for layer in LAYERS]
+        if sparsity == "per_layer":
+            assert per_layer == pytest.approx([2.0] * len(LAYERS))
+        assert sum(per_layer) == pytest.approx(2 * len(LAYERS))
+
+
+def test_the_sparse_decode_never_forms_the_dense_decoder_product():
+    """No tensor of forward or backward is as large as [B, S, d] of one layer's dense product, let
+    alone [B, S, L, d]: the largest are the pre-activations [B, L S] and the predictions [B, G, L, d]."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestTensor(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for t in result if isinstance(result, (tuple, list)) else [result]:
+                if isinstance(t, torch.Tensor):
+                    LargestTensor.largest = max(LargestTensor.largest, t.numel())
+            return result
+
+    B, S, n, d = 256, 64, 4, 16
+    cfg = clt_cfg(clt_layers=list(range(n)), dict_size=S, group_sizes=[16, 48], act_size=d, batch_size=B)
+    clt = create_sae(cfg)
+    batch = [torch.randn(B, d) for _ in range(2 * n)]
+    clt.initialize_from_batch(*batch)
+    with LargestTensor():
+        clt(*batch)["loss"].backward()
+    inherent = max(B * n * S, B * 2 * n * d, S * n * d, d * n * S)
+    assert LargestTensor.largest <= inherent < B * S * d
+
+
+# ---------------------------------------------------------------------------------------------
+# Training, config, resume
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sparsity", ["global", "per_layer"])
+def test_training_learns_the_planted_cross_layer_map(tmp_path, sparsity):
+    from training import train_sae
+
+    cfg = clt_cfg(tmp_path, clt_sparsity=sparsity, dict_size=32, group_sizes=[8, 24], top_k=4,
+                  num_tokens=BATCH * 400, batch_size=BATCH, lr=3e-3, checkpoint_freq=10 ** 6, log_freq=50)
+    torch.manual_seed(0)
+    clt = train_sae(create_sae(cfg), PlantedCLTStore(), None, cfg)
+    clt.eval()
+    out = clt(*PlantedCLTStore(seed=77).next_batch())
+    fvus = {k: round(v.item(), 3) for k, v in out.items() if k.startswith("fvu_layer")}
+    assert out["fvu_layer_max"] < 0.6, fvus  # predicting each layer's mean: 1
+
+
+def test_config_derives_every_layer_and_refuses_bad_settings():
+    cfg = get_default_cfg()
+    cfg.update(model_name="smollm2-135m", sae_type="clt", dict_size=None, group_sizes=None, input_unit_norm=False)
+    cfg = post_init_cfg(cfg)
+    assert cfg["clt_layers"] == list(range(30)) and cfg["source_site"] == "ln2_normalized"
+    from activation_store import dictionary_hooks
+
+    hooks = dictionary_hooks(cfg)
+    assert hooks[0] == "blocks.0.ln2.hook_normalized" and hooks[30] == "blocks.0.hook_mlp_out" and len(hooks) == 60
+    cfg["model_name"] = "gpt2"
+    assert post_init_cfg(cfg)["clt_layers"] == list(range(12))  # derived again for the new model
+    for bad, match in (({"clt_layers": [2, 1]}, "ascending"), ({"clt_layers": [0, 40]}, "outside"),
+                       ({"clt_sparsity": "local"}, "per_layer"), ({"transcoder_skip": True}, "skip")):
+        with pytest.raises(ValueError, match=match):
+            post_init_cfg({**get_default_cfg(), "sae_type": "matryoshka_clt", **bad})
+    with pytest.raises(ValueError, match="input_unit_norm"):
+        create_sae(clt_cfg(input_unit_norm=True))
+
+
+def documents_cfg(tmp_path, name, **overrides) -> dict:
+    """The resume test's settings (tests/test_resume.py) for a CLT over both layers of a tiny model."""
+    from test_resume import run_cfg
+
+    base = run_cfg(tmp_path, name)
+    cfg = {**base, "sae_type": "matryoshka_clt", "clt_layers": [0, 1], "dict_size": 64, "group_sizes": [16, 48],
+           "top_k": 4, "input_unit_norm": False, "name": None, **overrides}
+    cfg["derived"] = {k: v for k, v in base["derived"].items() if k not in ("name", "group_sizes", "dict_size")}
+    return post_init_cfg(cfg)
+
+
+def test_crash_and_resume_on_the_multi_hook_store_is_exact(tiny_gemma2, tmp_path):
+    from checkpoint import checkpoint_folder
+    from test_resume import assert_same_weights, crash, failing_at
+    from training import open_activation_store, train_sae
+
+    def train(cfg, store=None, resume_from=None):
+        torch.manual_seed(0)
+        store = store or open_activation_store(tiny_gemma2, [cfg])
+        return train_sae(create_sae(cfg), store, None, cfg, resume_from=resume_from)
+
+    reference = train(documents_cfg(tmp_path, "reference"))
+    cfg = documents_cfg(tmp_path, "interrupted")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg, failing_at(open_activation_store(tiny_gemma2, [cfg]), 26, crash))  # after step 20's save
+    resumed = train(cfg, resume_from=checkpoint_folder(cfg))
+    assert_same_weights(reference, resumed)
+    assert reference.threshold.item() > 0  # trained, with its inference threshold
+
+
+# ---------------------------------------------------------------------------------------------
+# torchrun: 2 gloo ranks equal one process on the same global batches
+# ---------------------------------------------------------------------------------------------
+
+
+def distributed_cfg(out: Path, sparsity: str) -> dict:
+    return clt_cfg(out / sparsity, clt_sparsity=sparsity, num_tokens=BATCH * 10, checkpoint_freq=5)
+
+
+def train_on_this_process(out: Path, sparsity: str):
+    from distributed_worker import ShardStore
+    from training import train_sae
+
+    cfg = distributed_cfg(out, sparsity)
+    distributed.init_from_env(cfg)
+    torch.manual_seed(0)
+    store = ShardStore(PlantedCLTStore(), distributed.rank(), distributed.world_size())
+    return train_sae(create_sae(cfg), store, None, cfg)
+
+
+def test_two_ranks_equal_one_process(tmp_path):
+    from state_checks import assert_state_close
+    from training import train_sae
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
+               str(tmp_path)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    for sparsity in ("global", "per_layer"):
+        cfg = distributed_cfg(tmp_path / "single", sparsity)
+        torch.manual_seed(0)
+        single = train_sae(create_sae(cfg), PlantedCLTStore(), None, cfg)
+        for rank in range(2):
+            state = torch.load(tmp_path / f"{sparsity}.rank{rank}.pt")
+            assert_state_close(state, single.state_dict(), rtol=1e-4, what=f"{sparsity} rank {rank}")
+
+
+def _worker_main(out: Path) -> None:
+    torch.set_num_threads(1)
+    distributed.init_from_env({"batch_size": BATCH, "device": "cpu", "distributed_timeout_s": 60})
+    for sparsity in ("global", "per_layer"):
+        clt = train_on_this_process(out, sparsity)
+        torch.save(clt.state_dict(), out / f"{sparsity}.rank{distributed.rank()}.pt")
+    distributed.shut_down()
+
+
+if __name__ == "__main__":
+    _worker_main(Path(sys.argv[1]))
