@@ -41,16 +41,18 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 import distributed
 from activation_store import ActivationsStore, dictionary_hooks, first_held_out_rows
-from checkpoint import atomic_write
+from checkpoint import MARKER_FILE, atomic_write, mark_folder, probe_folder
 from config import canonical_model_name
 
 CACHE_FORMAT = "matryoshka-sae activation cache 1"
 MANIFEST_FILE = "manifest.json"
 EVAL_TOKENS_FILE = "eval_tokens.safetensors"
 TOKENS = "tokens"
+CACHE_TOOL = "cache_activations"  # the cache folder's marker (checkpoint.mark_folder)
 SHARD_MB = 256  # default shard size on disk
 MAX_CHUNK = 4096  # consecutive activations kept together by the epoch order
 OPEN_SHARDS = 64  # shard files kept memory-mapped at once
@@ -77,17 +79,20 @@ class _CacheSource(ActivationsStore):
 
 
 def write_activation_cache(model, cfg: dict, folder: str | Path, hook_names: list[str] | None = None,
-                           num_tokens: int | None = None, shard_mb: float = SHARD_MB) -> dict[str, Any]:
+                           num_tokens: int | None = None, shard_mb: float = SHARD_MB,
+                           overwrite: bool = False) -> dict[str, Any]:
     """Run `model` once over cfg's training data and write the activations at `hook_names`
     (default: those of the dictionary `cfg` describes) for `num_tokens` positions (default
     cfg["num_tokens"]) to `folder`, in shards of about `shard_mb` MB. Returns the manifest.
 
-    The folder must be empty, new, or an earlier cache (complete or not), which is replaced.
+    The folder must be new, empty, an incomplete cache, or (with `overwrite`) a complete cache,
+    which is replaced; a folder holding other files is refused. The provenance recorded is the
+    data as given (cfg["dataset_path"]).
     """
     if distributed.launched_by_torchrun():
         raise ValueError("An activation cache is written by one process: run cache_activations.py without "
                          "torchrun, then train from the cache (--activations DIR) under torchrun.")
-    folder = _prepare_folder(Path(folder))
+    folder = prepare_cache_folder(Path(folder), overwrite)
     hook_names = hook_names or dictionary_hooks(cfg)
     num_tokens = int(num_tokens or cfg["num_tokens"])
     source = _CacheSource(model, cfg, hook_names)
@@ -98,10 +103,12 @@ def write_activation_cache(model, cfg: dict, folder: str | Path, hook_names: lis
     shards: list[dict[str, Any]] = []
     pending: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
     n_pending = n_written = 0
+    progress = tqdm(total=num_tokens, unit="tok", unit_scale=True, desc="Caching activations")
     for token_ids, acts in source.unshuffled_activations():
         take = min(len(token_ids), num_tokens - n_written - n_pending)
         pending.append((token_ids[:take].to("cpu", torch.int32), [a[:take].cpu() for a in acts]))
         n_pending += take
+        progress.update(take)
         done = n_written + n_pending == num_tokens
         while n_pending >= shard_size or (done and n_pending):
             count = min(shard_size, n_pending)
@@ -110,6 +117,7 @@ def write_activation_cache(model, cfg: dict, folder: str | Path, hook_names: lis
             n_written += count
         if done:
             break
+    progress.close()
     eval_tokens = source.get_eval_tokens().cpu() if cfg["n_eval_rows"] else torch.empty(0, cfg["seq_len"])
     atomic_write(folder / EVAL_TOKENS_FILE, lambda path: save_file({TOKENS: eval_tokens.long()}, str(path)))
     manifest = {
@@ -122,16 +130,33 @@ def write_activation_cache(model, cfg: dict, folder: str | Path, hook_names: lis
     return manifest
 
 
-def _prepare_folder(folder: Path) -> Path:
+def prepare_cache_folder(folder: Path, overwrite: bool) -> Path:
+    """A new or empty folder, an incomplete cache, or (with `overwrite`) a complete one, emptied of
+    the cache's files; a folder holding anything else is refused."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file; write the cache to a new or empty folder.")
     if folder.exists() and any(folder.iterdir()):
-        if not (folder / MANIFEST_FILE).exists() and not list(folder.glob("shard_*.safetensors")):
-            raise ValueError(f"{folder} is not empty and holds no activation cache; write the cache to a new "
-                             f"or empty folder.")
+        names = [entry.name for entry in folder.iterdir()]
+        foreign = sorted(name for name in names if not _cache_file(name))
+        if foreign or not ({MANIFEST_FILE, MARKER_FILE} & set(names) or list(folder.glob("shard_*.safetensors"))):
+            raise ValueError(f"{folder} is not empty and holds no activation cache (it holds "
+                             f"{', '.join(foreign[:5])}); write the cache to a new or empty folder.")
+        if MANIFEST_FILE in names and not overwrite:
+            raise ValueError(f"{folder} holds a complete activation cache; replace it with --overwrite "
+                             f"(overwrite=True) or write to another folder.")
         (folder / MANIFEST_FILE).unlink(missing_ok=True)  # from here on the old cache is incomplete
-        for old in folder.glob("shard_*.safetensors"):
-            old.unlink()
+        for old in [*folder.glob("shard_*.safetensors"), folder / EVAL_TOKENS_FILE]:
+            old.unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
+    probe_folder(folder, "--out")
+    mark_folder(folder, CACHE_TOOL)
     return folder
+
+
+def _cache_file(name: str) -> bool:
+    """A name the cache writes (or its temporary files)."""
+    return (name in (MANIFEST_FILE, EVAL_TOKENS_FILE, MARKER_FILE) or (name.startswith("shard_") and name.endswith(
+        ".safetensors")) or (name.startswith(".") and ".tmp-" in name))
 
 
 def _shard_name(index: int) -> str:
@@ -165,9 +190,13 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
                              f"interrupted or is still running); write it again.")
         raise ValueError(f"{folder} is not an activation cache (no {MANIFEST_FILE}); write one with "
                          f"cache_activations.py.")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != CACHE_FORMAT:
-        raise ValueError(f"{folder}: unknown cache format {manifest.get('format')!r}; write it again.")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); write the cache again.") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
+        raise ValueError(f"{path}: not a manifest of this version's caches (format "
+                         f"{manifest.get('format') if isinstance(manifest, dict) else None!r}); write it again.")
     return manifest
 
 
@@ -183,6 +212,13 @@ def check_cache_matches(manifest: dict[str, Any], cfg: dict, folder: Path) -> No
     for key in ("seq_len", "exclude_bos"):
         if cfg.get(key) is not None and manifest[key] != cfg[key]:
             problems.append(f"{key} {manifest[key]!r}, not {cfg[key]!r}")
+    widths = {name: manifest["hooks"][name] for name in dictionary_hooks(cfg) if name in manifest["hooks"]}
+    wanted = cfg.get("act_size")
+    if wanted is not None and any(width != wanted for width in widths.values()):
+        problems.append(f"activations of width {sorted(set(widths.values()))}, not act_size {wanted}")
+    if cfg.get("n_eval_rows") and manifest["n_eval_rows"] < cfg["n_eval_rows"]:
+        problems.append(f"{manifest['n_eval_rows']} held-out rows, not n_eval_rows {cfg['n_eval_rows']} "
+                        f"(train with --n-eval-rows {manifest['n_eval_rows']} or fewer)")
     if problems:
         raise ValueError(f"The activation cache {folder} holds {'; '.join(problems)}. Train with the cache's "
                          f"settings (--model, --layer/--site, --seq-len as when it was written) or write a "
@@ -234,6 +270,10 @@ class CachedActivationsStore:
         if any(shape[0] != shard["count"] for shape in shapes.values()):
             raise ValueError(f"The activation cache shard {path} holds {shapes} positions, the manifest says "
                              f"{shard['count']}; write the cache again.")
+        for name in self.hook_names:
+            if len(shapes[name]) != 2 or shapes[name][1] != self.manifest["hooks"][name]:
+                raise ValueError(f"The activation cache shard {path}: tensor {name!r} has shape {shapes[name]}, "
+                                 f"but {MANIFEST_FILE} gives width {self.manifest['hooks'][name]}; write the cache again.")
         return _tensor_layout(path, self.hook_names)
 
     # -- public ---------------------------------------------------------------------------------

@@ -7,15 +7,21 @@ then train any number of dictionaries from it with ``--activations DIR``.
     python train_gemma_example.py transcoder --activations cache/tc8
 
 The data settings (--dataset, --seq-len, --model-batch-size, --n-eval-rows...) are those of the
-training scripts; the cache holds one hook per (site, layer) of --sites x --layers.
+training scripts; the cache holds one hook per (site, layer) of --sites x --layers, and the
+held-out rows a training run from it evaluates on (train with the same --n-eval-rows or fewer).
+Everything is checked before the model loads; --out must be new, empty or an incomplete cache
+(a complete cache is replaced only with --overwrite; a folder holding other files never).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
-from cli_options import add_run_arguments, apply_overrides, check_device, run_reporting_errors
+from cli_options import (
+    add_debug_argument, add_run_arguments, apply_overrides, check_dataset_available, check_device, run_reporting_errors,
+)
 from config import get_default_cfg, get_hook_name, post_init_cfg
 
 
@@ -25,21 +31,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sites", nargs="+", help="hook sites to cache (default: --site)")
     parser.add_argument("--layers", type=int, nargs="+", help="layers to cache (default: --layer)")
     parser.add_argument("--shard-mb", type=float, default=256, help="size of each shard file (default 256)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a complete cache in --out")
     add_run_arguments(parser)
+    add_debug_argument(parser)
     return parser
 
 
 def cache(args: argparse.Namespace) -> None:
-    from activation_cache import write_activation_cache
-    from model_loading import load_model
+    from activation_cache import prepare_cache_folder, write_activation_cache
+    from model_loading import check_model_available, load_model
 
     cfg = post_init_cfg(apply_overrides(get_default_cfg(), args))
     hooks = [get_hook_name(site, layer, cfg["model_name"])
              for layer in (args.layers or [cfg["layer"]]) for site in (args.sites or [cfg["site"]])]
+    if not 0 < args.shard_mb < float("inf"):
+        raise ValueError(f"--shard-mb {args.shard_mb}: give a positive size in MB, e.g. 256.")
     check_device(cfg)
+    check_model_available(cfg["model_name"])
+    check_dataset_available(cfg["dataset_path"])
+    prepare_cache_folder(Path(args.out), args.overwrite)  # checked and probed before the model loads
     model = load_model(cfg["model_name"], cfg["device"], cfg["model_dtype"])
     start = time.perf_counter()
-    manifest = write_activation_cache(model, cfg, args.out, hooks, shard_mb=args.shard_mb)
+    manifest = write_activation_cache(model, cfg, args.out, hooks, shard_mb=args.shard_mb, overwrite=True)
     seconds = time.perf_counter() - start
     print(f"{args.out}: {manifest['num_tokens']} activations of {', '.join(hooks)} ({manifest['dtype']}) in "
           f"{len(manifest['shards'])} shard(s), {seconds:.1f} s ({manifest['num_tokens'] / seconds:,.0f} tokens/s)")
@@ -47,7 +60,7 @@ def cache(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    run_reporting_errors(lambda: cache(args), resume_command="python cache_activations.py")
+    run_reporting_errors(lambda: cache(args), resume_command="python cache_activations.py", debug=args.debug)
 
 
 if __name__ == "__main__":

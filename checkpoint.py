@@ -340,8 +340,9 @@ def _remove_run_files(folder: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def probe_folder(folder: Path) -> None:
-    """Write, fsync and remove a small file in `folder`: a clear error now rather than at the first save."""
+def probe_folder(folder: Path, option: str = "--checkpoint-dir") -> None:
+    """Write, fsync and remove a small file in `folder`: a clear error now rather than at the first
+    save (naming `option`, the setting that chose the folder)."""
     probe = folder / PROBE_FILE
     try:
         with open(probe, "wb") as f:
@@ -349,8 +350,7 @@ def probe_folder(folder: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
     except OSError as error:
-        raise ValueError(f"cannot write to the checkpoint folder {folder} ({error.strerror or error}); choose "
-                         f"a writable --checkpoint-dir.") from None
+        raise ValueError(f"cannot write to {folder} ({error.strerror or error}); choose a writable {option}.") from None
     finally:
         probe.unlink(missing_ok=True)
 
@@ -505,7 +505,7 @@ def load_cfg(folder: str | Path) -> dict:
         raise ValueError(f"{path} holds a JSON {type(raw).__name__}, not an object of settings.")
     cfg = cfg_from_json(text)
     try:
-        post_init_cfg(copy.deepcopy(cfg))
+        post_init_cfg({**copy.deepcopy(cfg), "derived": {}})  # every saved value checked as given
     except (ValueError, TypeError, KeyError) as error:
         raise ValueError(f"{path}: {error}") from None
     return cfg

@@ -96,7 +96,7 @@ def check_output_folder(out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ValueError(f"--out {out} cannot be created ({error.strerror or error}); give a writable folder.") from None
-    probe_folder(out)
+    probe_folder(out, "--out")
 
 
 def main(argv: list[str] | None = None) -> Path:
