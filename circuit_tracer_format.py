@@ -38,7 +38,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from config import MODEL_ALIASES, canonical_model_name
+from config import MODEL_ALIASES, canonical_model_name, get_hook_name
 from sae import MatryoshkaTranscoder
 from sae_lens_format import NotRepresentable, _write_folder_atomically, sae_lens_form
 from transcoder_set import load_transcoder_set, read_manifest
@@ -151,3 +151,107 @@ def load_in_circuit_tracer(folder: str | Path, device: str = "cpu", dtype: torch
 
     return load_transcoders(read_config(folder), device=torch.device(device), dtype=dtype,
                             lazy_encoder=False, lazy_decoder=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-layer transcoders (model_kind: cross_layer_transcoder)
+# ---------------------------------------------------------------------------------------------
+#
+# circuit-tracer 0.5.0's CrossLayerTranscoder (circuit_tracer/transcoder/cross_layer_transcoder.py,
+# read by its load_clt) reads a folder of
+#
+#     W_enc_{i}.safetensors   W_enc_{i} [S, d_model], b_enc_{i} [S], b_dec_{i} [d_model] (the bias of
+#                             output layer i), threshold_{i} [S] (present: JumpReLU, absent: ReLU)
+#     W_dec_{i}.safetensors   W_dec_{i} [S, L - i, d_model]: latent f of layer i writes W_dec_{i}[f, m - i]
+#                             to output layer m >= i
+#
+# for i = 0..L-1 (L = the number of W_enc_* files; every layer of the model), and computes
+# pre_i = F.linear(x_i, W_enc_i, b_enc_i), z_i = pre_i * (pre_i > threshold_i) and
+# y_m = sum_{i <= m} z_i W_dec_i[:, m - i] + b_dec_m, with features zeroed at position 0. It stores no
+# skip connection. Ours (sae.MatryoshkaCrossLayerTranscoder) computes pre_i = (x_i - source_mean_i)
+# W_enc^i + b_enc^i, keeps pre_i > max(threshold, 0) and returns (sum ... + b_dec_m) * target_scale_m:
+# the centring folds into b_enc (float32 rounding), the power-of-two scales into W_dec and b_dec (exact).
+# config.yaml holds model_kind, model_name, feature_input_hook, feature_output_hook and scan.
+
+
+def clt_file_names(layer: int) -> tuple[str, str]:
+    return f"W_enc_{layer}.safetensors", f"W_dec_{layer}.safetensors"
+
+
+def circuit_tracer_clt_tensors(clt) -> dict[str, dict[str, torch.Tensor]]:
+    """{file name: {tensor name: tensor}} of a cross-layer transcoder in circuit-tracer's layout."""
+    cfg = clt.cfg
+    layers = list(cfg["clt_layers"])
+    n_model_layers = cfg.get("n_layers") or len(layers)
+    if layers != list(range(n_model_layers)):
+        raise NotRepresentable(f"{cfg['name']}: circuit-tracer's CLT reads and writes every layer 0..{n_model_layers - 1} "
+                               f"of the model, but this one covers {layers}; train it with clt_layers None (all).")
+    if getattr(clt, "W_skip", None) is not None or cfg.get("transcoder_skip"):
+        raise NotRepresentable(f"{cfg['name']}: circuit-tracer's CLT format stores no skip connection; train the CLT "
+                               f"without one.")
+    if cfg["input_unit_norm"]:
+        raise NotRepresentable(f"{cfg['name']}: input_unit_norm standardises each token, which circuit-tracer cannot "
+                               f"compute; train with input_unit_norm False.")
+    if clt.d_in != clt.d_out:
+        raise NotRepresentable(f"{cfg['name']}: source width {clt.d_in} != target width {clt.d_out}; circuit-tracer's "
+                               f"CLT reads and writes the model's width.")
+    if (clt.threshold < 0).any():
+        raise NotRepresentable(f"{cfg['name']}: no inference threshold has been learned yet (threshold < 0); train the "
+                               f"CLT before exporting it.")
+    S, files = clt.layer_size, {}
+    with torch.no_grad():
+        for i in range(clt.n_layers):
+            block = slice(i * S, (i + 1) * S)
+            W_enc = clt.W_enc[:, block].float()
+            threshold = clt.threshold[i if clt.threshold.numel() > 1 else 0]
+            enc_name, dec_name = clt_file_names(i)
+            files[enc_name] = {
+                f"W_enc_{i}": W_enc.t().contiguous(),  # F.linear's [out, in]
+                f"b_enc_{i}": (clt.b_enc[block] - clt.source_mean[i] @ W_enc).contiguous(),
+                f"b_dec_{i}": (clt.b_dec[i] * clt.target_scale[i]).contiguous(),
+                f"threshold_{i}": threshold.clamp(min=0).expand(S).contiguous(),
+            }
+            files[dec_name] = {f"W_dec_{i}": (clt.W_dec[i] * clt.target_scale[i:, None]).contiguous()}
+    return files
+
+
+def circuit_tracer_clt_config(clt, scan: str | None = None) -> dict:
+    """config.yaml's fields for a cross-layer transcoder."""
+    cfg = clt.cfg
+    return {
+        "model_kind": "cross_layer_transcoder",
+        "model_name": hub_model_name(cfg["model_name"]),
+        "feature_input_hook": block_relative_hook(get_hook_name(cfg["source_site"], 0), 0),
+        "feature_output_hook": block_relative_hook(get_hook_name(cfg["target_site"], 0), 0),
+        "scan": scan or f"{cfg['model_name']}-clt",
+    }
+
+
+def export_circuit_tracer_clt(checkpoint: str | Path, out_dir: str | Path, scan: str | None = None,
+                              overwrite: bool = False) -> Path:
+    """Write the cross-layer transcoder saved in `checkpoint` to `out_dir` in circuit-tracer's CLT
+    format; returns out_dir. Checked before anything is written; the folder appears complete or not
+    at all."""
+    from checkpoint import load_sae
+
+    clt = load_sae(checkpoint, device="cpu")
+    if clt.cfg["sae_type"] != "matryoshka_clt":
+        raise NotRepresentable(f"{checkpoint} holds a {clt.cfg['sae_type']!r} dictionary, not a cross-layer "
+                               f"transcoder; export a transcoder set with export_circuit_tracer.")
+    config = circuit_tracer_clt_config(clt, scan)
+    tensors = circuit_tracer_clt_tensors(clt)
+    files = {CONFIG_YAML: lambda path: path.write_text(yaml.safe_dump(config, sort_keys=False))}
+    for name, file_tensors in tensors.items():
+        files[name] = lambda path, t=file_tensors: save_file(t, str(path))
+    return _write_folder_atomically(Path(out_dir), files, overwrite)
+
+
+def load_clt_in_circuit_tracer(folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """circuit-tracer's own CrossLayerTranscoder for an exported folder (needs the circuit_tracer package)."""
+    from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+
+    folder = Path(folder)
+    config = yaml.safe_load((folder / CONFIG_YAML).read_text())
+    return load_clt(str(folder), feature_input_hook=config["feature_input_hook"],
+                    feature_output_hook=config["feature_output_hook"], scan=config["scan"],
+                    device=torch.device(device), dtype=dtype, lazy_decoder=False, lazy_encoder=False)
