@@ -305,3 +305,72 @@ def _worker_main(out: Path) -> None:
 
 if __name__ == "__main__":
     _worker_main(Path(sys.argv[1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Export: circuit-tracer's own CLT loader computes what ours computes
+# ---------------------------------------------------------------------------------------------
+
+CT_PYTHON = Path(__file__).resolve().parents[1] / ".ct-venv" / "bin" / "python"
+
+
+def needs_circuit_tracer():
+    if not CT_PYTHON.exists():
+        if os.environ.get("REQUIRE_CIRCUIT_TRACER") == "1":
+            pytest.fail(f"{CT_PYTHON} is missing; run: bash setup_circuit_tracer_env.sh")
+        pytest.skip("circuit-tracer's environment .ct-venv is missing (bash setup_circuit_tracer_env.sh)")
+
+
+def save_tiny_model(model, path: Path) -> Path:
+    """The tiny model's config, weights and 4 token rows led by BOS, for circuit-tracer's environment."""
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(2, 1000, (4, 24), generator=generator)
+    tokens[:, 0] = 1
+    keys = ("n_layers", "d_model", "n_ctx", "d_head", "n_heads", "d_mlp", "d_vocab", "act_fn", "normalization_type",
+            "positional_embedding_type", "use_normalization_before_and_after", "n_key_value_heads",
+            "original_architecture", "gated_mlp", "final_rms", "rotary_dim", "window_size", "attn_types",
+            "attn_scores_soft_cap", "output_logits_soft_cap", "seed")
+    config = {key: value for key, value in model.cfg.to_dict().items() if key in keys}
+    torch.save({"config": config, "weights": model.state_dict(), "tokens": tokens}, path)
+    return path
+
+
+@pytest.mark.parametrize("sparsity", ["global", "per_layer"])
+def test_circuit_tracer_computes_what_we_export(tiny_gemma2, tmp_path, sparsity):
+    import json
+
+    from checkpoint import checkpoint_folder
+    from circuit_tracer_format import export_circuit_tracer_clt
+    from training import open_activation_store, train_sae
+
+    needs_circuit_tracer()
+    cfg = documents_cfg(tmp_path, "clt", clt_sparsity=sparsity)
+    torch.manual_seed(0)
+    train_sae(create_sae(cfg), open_activation_store(tiny_gemma2, [cfg]), None, cfg)
+    exported = export_circuit_tracer_clt(checkpoint_folder(cfg), tmp_path / "exported")
+    assert sorted(p.name for p in exported.iterdir()) == [
+        "W_dec_0.safetensors", "W_dec_1.safetensors", "W_enc_0.safetensors", "W_enc_1.safetensors", "config.yaml"]
+    command = [str(CT_PYTHON), str(Path(__file__).parent / "circuit_tracer_clt_check.py"), str(exported),
+               str(checkpoint_folder(cfg)), str(save_tiny_model(tiny_gemma2, tmp_path / "model.pt")),
+               *(["--attribute"] if sparsity == "global" else [])]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["input_hook"] == "ln2.hook_normalized" and result["output_hook"] == "hook_mlp_out"
+    assert result["n_layers"] == 2 and result["same_latents"] and result["active_latents"] > 0
+    assert max(result["relative_error"]) < 1e-5, result
+    if sparsity == "global":
+        assert result["logits_difference"] < 1e-4 and result["n_active_features"] > 0
+        assert 0 < result["replacement_score"] <= 1 and 0 < result["completeness_score"] <= 1
+
+
+def test_export_refuses_what_circuit_tracer_cannot_represent(tmp_path):
+    from circuit_tracer_format import circuit_tracer_clt_tensors
+    from sae_lens_format import NotRepresentable
+
+    with pytest.raises(NotRepresentable, match="no inference threshold"):
+        circuit_tracer_clt_tensors(create_sae(clt_cfg()))
+    with pytest.raises(NotRepresentable, match=r"every layer 0..11 .*\[1, 2, 3\]"):
+        circuit_tracer_clt_tensors(create_sae(clt_cfg(clt_layers=[1, 2, 3], n_layers=None, model_name="gpt2",
+                                                      act_size=None)))
