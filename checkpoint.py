@@ -366,6 +366,9 @@ def dictionary_parameters(cfg: dict) -> int:
     skip matrix); enough for memory and disk estimates."""
     source = cfg.get("source_act_size") or cfg["act_size"]
     target = cfg.get("target_act_size") or cfg["act_size"]
+    if cfg.get("sae_type") == "matryoshka_clt":  # L encoders; decoders S x (L - j) x target for j < L
+        n = len(cfg["clt_layers"])
+        return n * cfg["dict_size"] * (source + 1) + cfg["dict_size"] * target * n * (n + 1) // 2 + n * (source + target)
     count = cfg["dict_size"] * (source + target + 1) + source + target
     if cfg.get("transcoder_skip"):
         count += source * target

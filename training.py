@@ -145,8 +145,11 @@ def format_postfix(metrics: dict[str, float], target_l0: float | None = None) ->
     """The progress bar's postfix, e.g. ``Loss: 0.0234, L0: 64.2, L2: 0.0180, FVU: 0.1823``; with a
     target L0 (cfg["target_l0"]) the L0 reads against it, e.g. ``L0: 33.1/32``."""
     target = "" if target_l0 is None else f"/{target_l0:g}"
+    layers = ""  # a cross-layer transcoder's FVU is the mean over its layers: their range too
+    if "fvu_layer_max" in metrics:
+        layers = f" (layers {metrics['fvu_layer_min']:.3f}..{metrics['fvu_layer_max']:.3f})"
     return (f"Loss: {metrics['loss']:.4f}, L0: {metrics['l0_norm']:.1f}{target}, "
-            f"L2: {metrics['l2_loss']:.4f}, FVU: {metrics['fvu']:.4f}")
+            f"L2: {metrics['l2_loss']:.4f}, FVU: {metrics['fvu']:.4f}{layers}")
 
 
 # ---------------------------------------------------------------------------------------------
