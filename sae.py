@@ -1074,6 +1074,24 @@ class MatryoshkaCrossLayerTranscoder(BaseAutoencoder):
         code, _ = self.sparse_code(self.center(self.normalize_source(x)[0]))
         return self.decode_groups(code).cumsum(dim=1) + self.b_dec, None
 
+    @torch.no_grad()
+    def layer_contributions(self, j: int, x: torch.Tensor) -> torch.Tensor:
+        """What the latents of source layer j write to the outputs j..L-1, in the targets' units,
+        [N, L - j, d_out], for sources x [..., d_in] of that layer alone, at inference (thresholds):
+        the replacement of a forward pass, where later sources depend on earlier predictions.
+        `reconstruct` is sum_{j <= m} of these plus b_dec_m x target_scale_m."""
+        S, block = self.layer_size, slice(j * self.layer_size, (j + 1) * self.layer_size)
+        threshold = self.threshold[j if self.threshold.numel() > 1 else 0]
+        if threshold < 0:
+            raise ValueError("This cross-layer transcoder has no inference threshold yet (it was not trained); "
+                             "train it first.")
+        x_c = self.normalize_source(x.reshape(-1, self.d_in))[0] - self.source_mean[j]
+        pre = torch.addmm(self.b_enc[block], x_c, self.W_enc[:, block])
+        code = select_above_threshold(pre, threshold)
+        code = code.with_values(pre[code.rows, code.latents])
+        out = sparse_decode(code, self.W_dec[j].view(S, -1)).view(-1, self.n_layers - j, self.d_out)
+        return out * self.target_scale[j:, None]
+
     def reconstruct(self, sources: torch.Tensor) -> torch.Tensor:
         """Predictions of every target layer [..., L, d_out] in the targets' units."""
         prefixes, _ = self._prefixes(sources)
