@@ -60,6 +60,7 @@ def test_demo_runs_end_to_end_on_a_tiny_model(monkeypatch, tmp_path, tiny_gpt2, 
     monkeypatch.setitem(demo.DEMO_SETTINGS, "model_batch_size", 8)
     monkeypatch.setitem(demo.DEMO_SETTINGS, "wandb_mode", "disabled")
     monkeypatch.setattr("model_loading.load_model", lambda *args, **kwargs: tiny_gpt2)
+    monkeypatch.setattr("model_loading.check_model_available", lambda name: None)  # the stand-in is there
     args = main.build_parser().parse_args(["--demo", "--num-tokens", "6144", "--batch-size", "512",
                                            "--checkpoint-dir", str(tmp_path)])
     result = demo.run_demo(args)
