@@ -33,6 +33,7 @@ from typing import Any
 
 import datasets
 import torch
+from tqdm import tqdm
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 from datasets.exceptions import DatasetGenerationError
 
@@ -339,8 +340,9 @@ class Lane:
         self._pointer += self.batch_size
         return batches
 
-    def fill_block(self) -> None:
-        """Make the next block of block_size activations current, shuffled; remember where it began."""
+    def fill_block(self, progress: bool = False) -> None:
+        """Make the next block of block_size activations current, shuffled; remember where it began.
+        `progress`: show a bar of activations collected of block_size (the first fill is the long one)."""
         rows_before, chunk_length = self._last_chunk
         if len(self._spill[0]):  # the block starts inside the last chunk read
             self._block_start = {"rows": rows_before, "skip": chunk_length - len(self._spill[0])}
@@ -349,6 +351,8 @@ class Lane:
         self._block_start["generator"] = self._generator.get_state()
         columns = [[spill] for spill in self._spill]
         n_have = len(self._spill[0])
+        bar = tqdm(total=self.block_size, initial=n_have, desc="Filling the activation buffer", unit="tok",
+                   unit_scale=True, leave=False, disable=not progress or not distributed.is_main_process())
         while n_have < self.block_size:
             rows_before = self.rows.state_dict()
             fresh = self._activations_of(self.rows.take(self._chunk_rows))
@@ -356,6 +360,8 @@ class Lane:
             for column, acts in zip(columns, fresh):
                 column.append(acts)
             n_have += len(fresh[0])
+            bar.update(min(len(fresh[0]), self.block_size - bar.n))
+        bar.close()
         blocks = [torch.cat(column) for column in columns]
         self._spill = [block[self.block_size:].clone() for block in blocks]  # frees the block
         order = torch.randperm(self.block_size, generator=self._generator, device=self._device)
@@ -465,7 +471,7 @@ class ActivationsStore:
         self._lanes: dict[int, tuple[Lane, slice]] = {}  # this rank's lanes: lane, its rows of a lane batch
         self._set_lanes(cfg.get("data_lanes") or distributed.world_size())
         for lane, _ in self._lanes.values():
-            lane.fill_block()  # early, so that bad settings or data fail here
+            lane.fill_block(progress=True)  # early, so that bad settings or data fail here
 
     # -- public -------------------------------------------------------------------------------
 
