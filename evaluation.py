@@ -14,12 +14,15 @@ feature_statistics.py and shown by feature_browser.py.
 from __future__ import annotations
 
 import contextlib
+import sys
 from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm import tqdm
 
 from activation_store import excluded_bos_token
+from preemption import stop_requested
 from config import compute_fvu
 
 DENSE_FRACTION = 0.1
@@ -88,18 +91,27 @@ def evaluate_ce_loss(sae, model, tokens: torch.Tensor, cfg: dict, kl: bool = Fal
         kl_div_score = (kl_div_zero_ablation - kl_div_spliced) / kl_div_zero_ablation
     With cfg["exclude_bos"], BOS positions keep their original activation in every intervention.
     The SAE runs in eval mode (no training state is touched); its mode is restored afterwards.
-    Rows are processed in chunks of cfg["model_batch_size"].
+    Rows are processed in chunks of cfg["model_batch_size"], with a progress bar. Inside training,
+    a stop signal (SIGTERM, Ctrl-C; see preemption.stop_requested) ends it early: it returns {}.
     """
     was_training = sae.training
     sae.eval()
+    chunks = tokens.split(cfg["model_batch_size"])
+    bar = tqdm(chunks, desc="CE evaluation", unit="batch", leave=False, disable=len(chunks) < 2)
     try:
         totals = {"clean": 0.0, "spliced": 0.0, "zero_ablation": 0.0, "mean_ablation": 0.0}
-        for chunk in tokens.split(cfg["model_batch_size"]):
+        for i, chunk in enumerate(bar):
+            signal_name = stop_requested()
+            if signal_name is not None:  # inside training, told to stop: the figures would be partial
+                print(f"CE evaluation stopped by {signal_name} after {i} of {len(chunks)} batches; its figures "
+                      f"are left out.", file=sys.stderr)
+                return {}
             chunk = chunk.to(model.cfg.device)
             keep = bos_mask(chunk, model, cfg) if cfg["exclude_bos"] else None
             for name, loss in _chunk_losses(sae, model, chunk, cfg, keep, kl).items():
                 totals[name] = totals.get(name, 0.0) + loss * len(chunk) / len(tokens)
     finally:
+        bar.close()
         sae.train(was_training)
     result = {name if name.startswith("kl_div") else f"ce_loss_{name}": value for name, value in totals.items()}
     result["ce_degradation"] = totals["spliced"] - totals["clean"]
