@@ -20,13 +20,14 @@ import time
 from pathlib import Path
 
 from cli_options import (
-    add_debug_argument, add_run_arguments, apply_overrides, check_dataset_available, check_device, run_reporting_errors,
+    ArgumentParser, add_debug_argument, add_run_arguments, apply_overrides, check_dataset_available, check_device,
+    run_reporting_errors,
 )
 from config import get_default_cfg, get_hook_name, post_init_cfg
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder to write the cache to (new, empty, or a cache)")
     parser.add_argument("--sites", nargs="+", help="hook sites to cache (default: --site)")
     parser.add_argument("--layers", type=int, nargs="+", help="layers to cache (default: --layer)")

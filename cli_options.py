@@ -32,6 +32,13 @@ DTYPES = ["float32", "bfloat16", "float16"]
 WANDB_MODES = ["online", "offline", "disabled"]
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors are one line, ``<prog>: error: ... (see --help)``, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see --help)\n")
+
+
 MAX_COUNT = 10 ** 15  # tokens: far beyond any run or dataset; larger is a typo (1e30)
 
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from cli_options import add_debug_argument, run_reporting_errors
+from cli_options import ArgumentParser, add_debug_argument, run_reporting_errors
 from sae_lens_format import SAE_LENS_CONFIG, export_sae_lens
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="checkpoint folder (with config.json and sae.safetensors)")
     parser.add_argument("out_dir", help="folder to create for the SAELens files")
     parser.add_argument("--overwrite", action="store_true",

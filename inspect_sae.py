@@ -20,15 +20,15 @@ import math
 from pathlib import Path
 
 from cli_options import (
-    RUN_OPTIONS, add_debug_argument, add_run_arguments, apply_overrides, check_dataset_available, check_device,
-    non_negative_int, positive_int, run_reporting_errors,
+    RUN_OPTIONS, ArgumentParser, add_debug_argument, add_run_arguments, apply_overrides, check_dataset_available,
+    check_device, non_negative_int, positive_int, run_reporting_errors,
 )
 
 INSPECT_RUN_OPTIONS = ("--dataset", "--device", "--model-dtype", "--model-batch-size")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="a checkpoint folder (config.json, sae.safetensors)")
     parser.add_argument("--num-tokens", dest="inspect_tokens", metavar="N", type=RUN_OPTIONS["--num-tokens"][1]["type"],
                         help="held-out tokens to read (default: the run's n_eval_rows x seq_len)")

@@ -28,8 +28,8 @@ import copy
 
 import distributed
 from cli_options import (
-    add_resume_argument, add_run_arguments, apply_overrides, check_before_loading, check_device, print_final_metrics,
-    resumed_cfgs, run_reporting_errors,
+    ArgumentParser, add_resume_argument, add_run_arguments, apply_overrides, check_before_loading, check_device,
+    print_final_metrics, resumed_cfgs, run_reporting_errors,
 )
 from config import get_default_cfg, post_init_cfg
 
@@ -37,7 +37,7 @@ BATCHTOPK_KS = [16, 32, 64]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", action="store_true",
                         help="train one Matryoshka SAE on SmolLM2-135M and Python's documentation, "
                              "offline on a CPU, and print a report (see demo.py)")
