@@ -12,9 +12,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from config import get_default_cfg, post_init_cfg
+from config import SAE_TYPES, get_default_cfg, post_init_cfg
 from sae import create_sae
 from training import make_optimizer, train_sae, training_step
+
+# The classes that read one activation a token (a transcoder: one source and one target), which the
+# generic tests run alike; the cross-layer transcoder reads every layer's (test_cross_layer_transcoder.py).
+ONE_ACTIVATION_TYPES = tuple(t for t in SAE_TYPES if t != "matryoshka_clt")
 
 # A transcoder of the synthetic model: from resid_mid to mlp_out of layer 0.
 TRANSCODER_HOOKS = dict(source_site="resid_mid", source_layer=0, target_site="mlp_out", target_layer=0)

@@ -4,25 +4,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from config import compute_fvu, get_default_cfg, post_init_cfg
+from config import compute_fvu
+from helpers import ONE_ACTIVATION_TYPES, step_on_batches, synthetic_cfg
 from sae import (
-    SAE_CLASSES, BatchTopKSAE, GlobalBatchTopKMatryoshkaSAE, JumpReLUSAE, MatryoshkaTranscoder,
+    BatchTopKSAE, GlobalBatchTopKMatryoshkaSAE, JumpReLUSAE, MatryoshkaTranscoder,
     TopKSAE, _JumpReLU, _Step, create_sae,
 )
 from sparse_ops import select_batch_topk
+from training import make_optimizer, training_step
 
-D, S, K, B = 32, 256, 8, 128
+D, S, K, B = 32, 256, 8, 128  # helpers.synthetic_cfg: act_size, dict_size, top_k, batch_size
 TOPK_FAMILY = ["topk", "batchtopk", "matryoshka", "matryoshka_transcoder"]
-
-
-def make_cfg(sae_type, **overrides):
-    cfg = get_default_cfg()
-    cfg.update(model_name="synthetic", act_size=D, dict_size=S, group_sizes=None, top_k=K,
-               batch_size=B, sae_type=sae_type, device="cpu", seed=0)
-    if sae_type == "matryoshka_transcoder":
-        cfg.update(source_site="resid_mid", source_layer=0, target_site="mlp_out", target_layer=0)
-    cfg.update(overrides)
-    return post_init_cfg(cfg)
 
 
 def batch(seed=0, n=B, d=D):
@@ -30,8 +22,16 @@ def batch(seed=0, n=B, d=D):
     return torch.randn(n, d, generator=generator) * 2 + torch.linspace(-3, 3, d)
 
 
+def inputs(sae, x, y=None):
+    """The dictionary's arguments for the batch x: (x,), or a transcoder's (x, y) with y by default
+    a fixed function of x."""
+    if isinstance(sae, MatryoshkaTranscoder):
+        return x, (y if y is not None else 0.5 * x.roll(1, dims=1) + 1)
+    return (x,)
+
+
 def run(sae, x, y=None):
-    return sae(x, y if y is not None else 0.5 * x.roll(1, dims=1) + 1) if isinstance(sae, MatryoshkaTranscoder) else sae(x)
+    return sae(*inputs(sae, x, y))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,7 +71,7 @@ def dense_reference_loss(sae, x, y=None):
 @pytest.mark.parametrize("sae_type", TOPK_FAMILY)
 @pytest.mark.parametrize("with_dead", [False, True])
 def test_fast_path_matches_dense_reference(sae_type, with_dead):
-    sae = create_sae(make_cfg(sae_type, top_k_aux=16))
+    sae = create_sae(synthetic_cfg(sae_type, top_k_aux=16))
     with torch.no_grad():  # move away from the symmetric initialisation
         sae.b_dec.normal_(0, 0.1)
         sae.b_enc.normal_(0, 0.1)
@@ -122,7 +122,7 @@ def test_batch_topk_selection_is_exact_with_ties_and_heavy_rows(hint):
 
 
 def test_batch_topk_keeps_k_times_batch_in_training_and_threshold_in_eval():
-    sae = BatchTopKSAE(make_cfg("batchtopk"))
+    sae = BatchTopKSAE(synthetic_cfg("batchtopk"))
     x = batch(2)
     out = sae(x)
     assert int((out["feature_acts"] > 0).sum()) == K * B
@@ -140,7 +140,7 @@ def test_batch_topk_keeps_k_times_batch_in_training_and_threshold_in_eval():
 
 
 def test_threshold_is_an_ema_of_the_smallest_kept_activation():
-    sae = BatchTopKSAE(make_cfg("batchtopk", threshold_ema_rate=0.5))
+    sae = BatchTopKSAE(synthetic_cfg("batchtopk", threshold_ema_rate=0.5))
     mins = []
     for seed in range(3):
         out = sae(batch(seed))
@@ -153,7 +153,7 @@ def test_threshold_is_an_ema_of_the_smallest_kept_activation():
 
 
 def test_topk_keeps_k_per_row():
-    sae = TopKSAE(make_cfg("topk"))
+    sae = TopKSAE(synthetic_cfg("topk"))
     acts = sae(batch(3))["feature_acts"]
     assert torch.equal((acts > 0).sum(dim=1), torch.full((B,), K))
     sae.eval()
@@ -162,7 +162,7 @@ def test_topk_keeps_k_per_row():
 
 @pytest.mark.parametrize("sae_type", ["matryoshka", "matryoshka_transcoder"])
 def test_every_matryoshka_prefix_contributes_gradient(sae_type):
-    sae = create_sae(make_cfg(sae_type))
+    sae = create_sae(synthetic_cfg(sae_type))
     x = batch(4)
     x_n, stats = sae.normalize_source(x)
     y_n = sae.to_units(0.5 * x + 1 if sae_type.endswith("transcoder") else x, sae.target_stats(stats))
@@ -183,32 +183,35 @@ def test_every_matryoshka_prefix_contributes_gradient(sae_type):
 
 
 def test_matryoshka_last_prefix_fvu_is_the_output_fvu():
-    sae = GlobalBatchTopKMatryoshkaSAE(make_cfg("matryoshka"))
+    sae = GlobalBatchTopKMatryoshkaSAE(synthetic_cfg("matryoshka"))
     x = batch(5)
     out = sae(x)
     assert out["fvu_per_prefix"][-1].item() == pytest.approx(out["fvu"].item(), rel=1e-5)
     assert out["fvu"].item() == pytest.approx(compute_fvu(x, out["sae_out"]).item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("sae_type", list(SAE_CLASSES))
+@pytest.mark.parametrize("sae_type", ONE_ACTIVATION_TYPES)
+def test_the_decoder_gradient_has_no_component_along_its_rows(sae_type):
+    sae = create_sae(synthetic_cfg(sae_type))
+    run(sae, batch(0))["loss"].backward()
+    sae.remove_parallel_decoder_grad()
+    assert (sae.W_dec.grad * sae.W_dec).sum(dim=1).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("sae_type", ONE_ACTIVATION_TYPES)
 def test_decoder_rows_stay_unit_norm_after_a_step(sae_type):
-    sae = create_sae(make_cfg(sae_type))
-    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    cfg = synthetic_cfg(sae_type, lr=1e-2)
+    sae = create_sae(cfg)
+    optimizer = make_optimizer(sae, cfg)
     for seed in range(3):
-        run(sae, batch(seed))["loss"].backward()
-        sae.remove_parallel_decoder_grad()
-        parallel = (sae.W_dec.grad * sae.W_dec).sum(dim=1)
-        assert parallel.abs().max() < 1e-5
-        optimizer.step()
-        sae.normalize_decoder()
-        optimizer.zero_grad()
+        training_step(sae, optimizer, inputs(sae, batch(seed)), cfg["lr"], cfg["max_grad_norm"])
         torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(S))
 
 
-@pytest.mark.parametrize("sae_type", list(SAE_CLASSES))
+@pytest.mark.parametrize("sae_type", ONE_ACTIVATION_TYPES)
 def test_outputs_are_in_original_units(sae_type):
     """With per-token standardisation, scaling an input scales its reconstruction."""
-    sae = create_sae(make_cfg(sae_type))
+    sae = create_sae(synthetic_cfg(sae_type))
     sae.eval()
     x = batch(6)
     if sae_type == "matryoshka_transcoder":
@@ -218,9 +221,9 @@ def test_outputs_are_in_original_units(sae_type):
         torch.testing.assert_close(sae(x)["sae_out"], sae.reconstruct(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("sae_type", list(SAE_CLASSES))
+@pytest.mark.parametrize("sae_type", ONE_ACTIVATION_TYPES)
 def test_required_output_keys_and_encode_is_stateless(sae_type):
-    sae = create_sae(make_cfg(sae_type))
+    sae = create_sae(synthetic_cfg(sae_type))
     x = batch(7)
     out = run(sae, x)
     for key in ("loss", "l2_loss", "l1_loss", "l1_norm", "l0_norm", "aux_loss", "fvu", "num_dead_features"):
@@ -235,7 +238,7 @@ def test_required_output_keys_and_encode_is_stateless(sae_type):
 
 
 def test_dead_latents_are_counted_by_tokens():
-    sae = TopKSAE(make_cfg("topk", n_batches_to_dead=2))
+    sae = TopKSAE(synthetic_cfg("topk", n_batches_to_dead=2))
     x = batch(8)
     sae(x)
     fired = sae(x)["feature_acts"].gt(0).any(0)
@@ -248,10 +251,10 @@ def test_dead_latents_are_counted_by_tokens():
 
 
 def test_state_dict_round_trip_gives_identical_outputs():
-    for sae_type in SAE_CLASSES:
-        sae = create_sae(make_cfg(sae_type))
+    for sae_type in ONE_ACTIVATION_TYPES:
+        sae = create_sae(synthetic_cfg(sae_type))
         run(sae, batch(9))  # learn a threshold, move counters
-        clone = create_sae(make_cfg(sae_type, seed=1))
+        clone = create_sae(synthetic_cfg(sae_type, seed=1))
         clone.load_state_dict(sae.state_dict())
         sae.eval(), clone.eval()
         assert torch.equal(sae.reconstruct(batch(10)), clone.reconstruct(batch(10)))
@@ -282,7 +285,7 @@ def test_jumprelu_threshold_gradient_matches_smoothed_finite_difference():
 
 
 def test_jumprelu_log_threshold_gets_the_chain_rule():
-    sae = JumpReLUSAE(make_cfg("jumprelu", bandwidth=0.05, jumprelu_threshold_init=0.5))
+    sae = JumpReLUSAE(synthetic_cfg("jumprelu", bandwidth=0.05, jumprelu_threshold_init=0.5))
     x = batch(11)
     loss = sae(x)["loss"]
     loss.backward()
@@ -308,34 +311,21 @@ def planted_data(n, d=D, n_features=64, k_true=4, seed=0):
     return torch.einsum("nk,nkd->nd", coeff, features[idx]), features
 
 
-@pytest.mark.parametrize("sae_type", list(SAE_CLASSES))
+@pytest.mark.parametrize("sae_type", ONE_ACTIVATION_TYPES)
 def test_loss_falls_on_a_planted_sparse_dictionary(sae_type):
-    cfg = make_cfg(sae_type, lr=3e-3, l1_coeff=3e-4 if sae_type == "vanilla" else None,
+    cfg = synthetic_cfg(sae_type, lr=3e-3, l1_coeff=3e-4 if sae_type == "vanilla" else None,
                    l0_coeff=3e-4, bandwidth=0.05, jumprelu_threshold_init=0.05)
     sae = create_sae(cfg)
     data, _ = planted_data(200 * B)
     mix = torch.randn(D, D) / D ** 0.5  # the transcoder learns a fixed linear map of the source
-    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]))
-    if sae_type == "matryoshka_transcoder":
-        sae.initialize_b_dec(data[:B] @ mix)
-    else:
-        sae.initialize_b_dec(data[:B])
-    fvus = []
-    for step in range(200):
-        x = data[step * B:(step + 1) * B]
-        out = sae(x, x @ mix) if sae_type == "matryoshka_transcoder" else sae(x)
-        out["loss"].backward()
-        sae.remove_parallel_decoder_grad()
-        optimizer.step()
-        sae.normalize_decoder()
-        optimizer.zero_grad()
-        fvus.append(out["fvu"].item())
+    batches = [inputs(sae, x, x @ mix) for x in data.split(B)]
+    fvus = [out["fvu"].item() for out in step_on_batches(sae, cfg, batches)]
     assert sum(fvus[-10:]) / 10 < 0.5 * sum(fvus[:10]) / 10
     assert sum(fvus[-10:]) / 10 < 0.3
 
 
 def test_bf16_encoder_keeps_float32_parameters():
-    sae = create_sae(make_cfg("matryoshka", dtype="bfloat16"))
+    sae = create_sae(synthetic_cfg("matryoshka", dtype="bfloat16"))
     out = sae(batch(12))
     out["loss"].backward()
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in sae.parameters())
@@ -343,7 +333,7 @@ def test_bf16_encoder_keeps_float32_parameters():
 
 
 def test_transcoder_shapes_and_mismatched_rows():
-    cfg = make_cfg("matryoshka_transcoder", source_act_size=D, target_act_size=48)
+    cfg = synthetic_cfg("matryoshka_transcoder", source_act_size=D, target_act_size=48)
     transcoder = MatryoshkaTranscoder(cfg)
     out = transcoder(batch(13), torch.randn(B, 48))
     assert out["sae_out"].shape == (B, 48)
@@ -353,7 +343,7 @@ def test_transcoder_shapes_and_mismatched_rows():
 
 @pytest.mark.parametrize("sae_type", ["matryoshka", "matryoshka_transcoder"])
 def test_reconstruct_prefixes_agree_with_the_outputs(sae_type):
-    sae = create_sae(make_cfg(sae_type))
+    sae = create_sae(synthetic_cfg(sae_type))
     x = batch(14)
     y = 0.5 * x.roll(1, dims=1) + 1
     if sae_type.endswith("transcoder"):
@@ -376,9 +366,9 @@ def test_reconstruct_prefixes_agree_with_the_outputs(sae_type):
         torch.testing.assert_close(prefixes[:, 0], first, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("sae_type", list(SAE_CLASSES))
+@pytest.mark.parametrize("sae_type", ONE_ACTIVATION_TYPES)
 def test_forward_accepts_batch_and_position_dims_and_ignores_autocast(sae_type):
-    sae = create_sae(make_cfg(sae_type))
+    sae = create_sae(synthetic_cfg(sae_type))
     sae.eval()
     x = batch(15).reshape(8, B // 8, D)
     with torch.no_grad():

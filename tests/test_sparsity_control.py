@@ -1,20 +1,16 @@
 """Steering the dense-code SAEs (JumpReLU, ReLU + L1) to a sparsity with their default settings.
 
-The training runs use the issue's planted dictionary: 64-d inputs built from 256 true unit
-directions, exactly 4 active per input, dictionaries of 512 latents, batches of 1,024 tokens,
+The training runs use a planted dictionary: 64-d inputs built from 256 true unit directions,
+exactly 4 active per input, dictionaries of 512 latents, batches of 1,024 tokens, 1,000 steps
 through the real training loop (`train_sae`: param groups, data-driven initialisation, warm-up).
-The issue asks for its figures within 2,000 steps; the runs here stop at 1,000 (half the suite's
-time) and already meet them.
 """
-
-import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from checkpoint import checkpoint_folder, load_metrics
-from config import get_default_cfg, post_init_cfg
+from helpers import planted_cfg
 from sae import JumpReLUSAE, VanillaSAE, create_sae
 from training import format_postfix, train_sae
 
@@ -42,12 +38,11 @@ class PlantedDictionary:
         return self.batch(self.index)
 
 
-def planted_cfg(sae_type, tmp_path, n_steps=STEPS, **settings):
-    cfg = get_default_cfg()
-    cfg.update(model_name="planted", act_size=D_IN, dict_size=DICT, group_sizes=None, sae_type=sae_type,
-               batch_size=BATCH, num_tokens=BATCH * n_steps, device="cpu", seed=0, log_freq=250,
-               checkpoint_freq=10 ** 9, checkpoint_dir=str(tmp_path), wandb_mode="disabled", **settings)
-    return post_init_cfg(cfg)
+def sparsity_cfg(sae_type, tmp_path, n_steps=STEPS, **settings):
+    """helpers.planted_cfg at this module's sizes, with the default lr and top_k."""
+    defaults = dict(act_size=D_IN, dict_size=DICT, batch_size=BATCH, top_k=32, lr=3e-4, log_freq=250,
+                    checkpoint_freq=10**9)
+    return planted_cfg(sae_type, tmp_path, n_steps, **{**defaults, **settings})
 
 
 def train_on_planted(cfg):
@@ -74,7 +69,7 @@ def train_on_planted(cfg):
 
 @pytest.mark.parametrize("target", [4, 8])
 def test_jumprelu_reaches_its_target_l0(target, tmp_path):
-    cfg = planted_cfg("jumprelu", tmp_path, target_l0=target)
+    cfg = sparsity_cfg("jumprelu", tmp_path, target_l0=target)
     assert cfg["jumprelu_objective"] == "quadratic"
     l0, cosine = train_on_planted(cfg)
     assert abs(l0 - target) <= 0.2 * target, l0
@@ -83,7 +78,7 @@ def test_jumprelu_reaches_its_target_l0(target, tmp_path):
 
 
 def test_relu_l1_default_coefficient_gives_a_sparse_dictionary(tmp_path):
-    cfg = planted_cfg("vanilla", tmp_path)
+    cfg = sparsity_cfg("vanilla", tmp_path)
     assert cfg["l1_coeff"] == pytest.approx(4 / D_IN)
     l0, cosine = train_on_planted(cfg)
     assert K_TRUE / 2 <= l0 <= 2 * K_TRUE, l0
@@ -115,7 +110,7 @@ def smoothed_objective(objective, cfg, pre, theta, eps):
 def test_threshold_gradient_matches_the_smoothed_objective(objective, tmp_path):
     """The straight-through gradient of each objective is the derivative of that objective with the
     step smoothed over the kernel (central finite differences), for thresholds in the data's range."""
-    cfg = planted_cfg("jumprelu", tmp_path, jumprelu_objective=objective, l0_warmup_steps=0,
+    cfg = sparsity_cfg("jumprelu", tmp_path, jumprelu_objective=objective, l0_warmup_steps=0,
                       target_l0=2.0 if objective == "quadratic" else None,
                       pre_act_coeff=0.05)  # large enough for the pre-activation term to show
     sae = JumpReLUSAE(cfg)
@@ -137,7 +132,7 @@ def test_threshold_gradient_matches_the_smoothed_objective(objective, tmp_path):
 def test_first_batch_fires_at_the_intended_rate(sae_type, target, tmp_path):
     """Data-driven initialisation: on the batch it was set from, each latent fires rate x B times
     (rate = (target_l0 or top_k) / dict_size), so the batch's L0 is that number."""
-    cfg = planted_cfg(sae_type, tmp_path, target_l0=target, top_k=16)
+    cfg = sparsity_cfg(sae_type, tmp_path, target_l0=target, top_k=16)
     sae = create_sae(cfg)
     x = PlantedDictionary().batch(0)
     sae.initialize_b_dec(x)
@@ -148,7 +143,7 @@ def test_first_batch_fires_at_the_intended_rate(sae_type, target, tmp_path):
 
 
 def test_threshold_learns_at_its_own_rate(tmp_path):
-    cfg = planted_cfg("jumprelu", tmp_path, target_l0=4)
+    cfg = sparsity_cfg("jumprelu", tmp_path, target_l0=4)
     groups = create_sae(cfg).param_groups()
     assert [g["lr_scale"] for g in groups] == [1.0, cfg["jumprelu_threshold_lr_scale"]]
     assert len(groups[1]["params"]) == 1 and groups[1]["params"][0].shape == (DICT,)
@@ -156,14 +151,14 @@ def test_threshold_learns_at_its_own_rate(tmp_path):
 
 
 def test_bandwidth_is_relative_to_the_threshold_unless_set(tmp_path):
-    sae = JumpReLUSAE(planted_cfg("jumprelu", tmp_path, target_l0=4))
+    sae = JumpReLUSAE(sparsity_cfg("jumprelu", tmp_path, target_l0=4))
     theta = torch.tensor([0.5, 2.0])
     assert torch.equal(sae.bandwidth(theta), sae.cfg["jumprelu_relative_bandwidth"] * theta)
-    assert JumpReLUSAE(planted_cfg("jumprelu", tmp_path, bandwidth=0.05)).bandwidth(theta) == 0.05
+    assert JumpReLUSAE(sparsity_cfg("jumprelu", tmp_path, bandwidth=0.05)).bandwidth(theta) == 0.05
 
 
 def test_quadratic_objective_pulls_towards_the_target_from_both_sides(tmp_path):
-    sae = JumpReLUSAE(planted_cfg("jumprelu", tmp_path, target_l0=2.0))
+    sae = JumpReLUSAE(sparsity_cfg("jumprelu", tmp_path, target_l0=2.0))
     pre = torch.randn(4000, 8, generator=torch.Generator().manual_seed(1))
     grads = []
     for value in (0.2, 2.0):  # L0 about 3.4 of 8 (above the target), then about 0.2 (below)
@@ -176,7 +171,7 @@ def test_quadratic_objective_pulls_towards_the_target_from_both_sides(tmp_path):
 
 def test_sparsity_warmup_ramps_and_resumes(tmp_path):
     """The coefficient is scaled by (t + 1) / warmup_steps; the step count is saved with the weights."""
-    cfg = planted_cfg("vanilla", tmp_path, l1_warmup_steps=10, l1_coeff_relative=False)
+    cfg = sparsity_cfg("vanilla", tmp_path, l1_warmup_steps=10, l1_coeff_relative=False)
     sae = create_sae(cfg)
     x = PlantedDictionary().batch(0)
     out = sae(x)
@@ -198,7 +193,7 @@ def test_l1_coefficient_is_relative_to_the_centred_inputs_scale(tmp_path):
     store = PlantedDictionary()
     for offset in (0.0, 20.0):
         x = store.batch(0) + offset * store.directions[0]
-        sae = create_sae(planted_cfg("vanilla", tmp_path, l1_warmup_steps=0))
+        sae = create_sae(sparsity_cfg("vanilla", tmp_path, l1_warmup_steps=0))
         sae.initialize_b_dec(x)
         out = sae(x)
         x_n, _ = sae.normalize_source(x)
@@ -211,7 +206,7 @@ def test_adaptive_l1_moves_towards_the_target(tmp_path):
     """With target_l0 the ReLU SAE's coefficient rises while L0 is above the target, falls below it."""
     x = PlantedDictionary().batch(0)
     for target, direction in ((1.0, 1), (500.0, -1)):  # about half the 512 latents fire at first
-        sae = VanillaSAE(planted_cfg("vanilla", tmp_path, target_l0=target, relu_bias_init=0.0))
+        sae = VanillaSAE(sparsity_cfg("vanilla", tmp_path, target_l0=target, relu_bias_init=0.0))
         before = sae.adaptive_l1_coeff.clone()
         out = sae(x)
         assert out["l1_loss"].item() == pytest.approx(before.item() * out["l1_norm"].item(), rel=1e-5)
@@ -227,49 +222,19 @@ def test_adaptive_l1_moves_towards_the_target(tmp_path):
 
 
 def test_settings_are_derived_and_checked(tmp_path):
-    cfg = planted_cfg("jumprelu", tmp_path)
+    cfg = sparsity_cfg("jumprelu", tmp_path)
     assert cfg["jumprelu_objective"] == "step" and cfg["l0_coeff"] == 1e-3 and cfg["l0_warmup_steps"] == 0
     cfg["target_l0"] = 32
     cfg = post_init_cfg(cfg)  # the derived objective and coefficient follow the new target
     assert cfg["jumprelu_objective"] == "quadratic" and cfg["l0_coeff"] == 1.0
-    assert planted_cfg("vanilla", tmp_path, n_steps=400)["l1_warmup_steps"] == 20  # 5% of the run
-    assert planted_cfg("vanilla", tmp_path, l1_warmup_steps=0)["l1_warmup_steps"] == 0  # switched off
+    assert sparsity_cfg("vanilla", tmp_path, n_steps=400)["l1_warmup_steps"] == 20  # 5% of the run
+    assert sparsity_cfg("vanilla", tmp_path, l1_warmup_steps=0)["l1_warmup_steps"] == 0  # switched off
     with pytest.raises(ValueError, match="target_l0"):
-        planted_cfg("jumprelu", tmp_path, jumprelu_objective="quadratic")
+        sparsity_cfg("jumprelu", tmp_path, jumprelu_objective="quadratic")
     with pytest.raises(ValueError, match="target_l0"):
-        planted_cfg("jumprelu", tmp_path, target_l0=DICT + 1)
+        sparsity_cfg("jumprelu", tmp_path, target_l0=DICT + 1)
     with pytest.raises(ValueError, match="jumprelu_objective"):
-        planted_cfg("jumprelu", tmp_path, jumprelu_objective="l1")
-
-
-NEW_KEYS = ("target_l0", "l1_coeff_relative", "l1_warmup_steps", "relu_bias_init", "jumprelu_objective", "l0_warmup_steps",
-            "jumprelu_tanh_scale", "pre_act_coeff", "jumprelu_relative_bandwidth",
-            "jumprelu_threshold_lr_scale")
-
-
-@pytest.mark.parametrize("sae_type", ["jumprelu", "vanilla"])
-def test_a_cfg_from_before_these_settings_builds_the_same_model(sae_type, tmp_path):
-    """A config.json written before: no new keys, the old values of bandwidth, threshold init and
-    coefficients. It builds the old parameters and buffers, one param group, b_enc 0, the old loss."""
-    old = copy.deepcopy(planted_cfg(sae_type, tmp_path))
-    for key in NEW_KEYS:
-        old.pop(key)
-    old.update(bandwidth=0.001, jumprelu_threshold_init=0.001, l1_coeff=1e-3, l0_coeff=1e-3)
-    sae = create_sae(old)
-    keys = {"W_enc", "b_enc", "W_dec", "b_dec", "tokens_since_fired"}
-    assert set(sae.state_dict()) == keys | ({"log_threshold"} if sae_type == "jumprelu" else set())
-    assert len(sae.param_groups()) == 1
-    x = PlantedDictionary().batch(0)
-    sae.initialize_b_dec(x)
-    assert torch.count_nonzero(sae.b_enc) == 0
-    out = sae(x)
-    acts = out["feature_acts"]
-    if sae_type == "jumprelu":
-        assert torch.allclose(sae.log_threshold, torch.full((DICT,), 0.001).log())
-        expected = 1e-3 * (acts > 0).float().sum(dim=-1).mean()  # l0_coeff x L0, no warm-up
-    else:
-        expected = 1e-3 * acts.sum(dim=-1).mean()
-    assert (out["loss"] - out["l2_loss"]).item() == pytest.approx(expected.item(), rel=1e-5)
+        sparsity_cfg("jumprelu", tmp_path, jumprelu_objective="l1")
 
 
 def test_progress_bar_shows_l0_against_the_target():
