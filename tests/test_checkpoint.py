@@ -11,8 +11,7 @@ from checkpoint import (
     checkpoint_folder, load_metrics, load_sae, restore_checkpoint, rng_states, save_checkpoint,
     set_rng_states,
 )
-from config import SAE_TYPES
-from helpers import RESUME_SETTINGS, CrashingStore, PlantedStore, planted_cfg, train_briefly
+from helpers import ONE_ACTIVATION_TYPES, RESUME_SETTINGS, CrashingStore, PlantedStore, planted_cfg, train_briefly
 from sae import create_sae
 from training import train_sae, train_sae_group
 
@@ -26,7 +25,7 @@ def eval_outputs(sae, seed=1):
     return {k: v for k, v in out.items() if torch.is_tensor(v)}
 
 
-@pytest.mark.parametrize("sae_type", SAE_TYPES)
+@pytest.mark.parametrize("sae_type", ONE_ACTIVATION_TYPES)
 def test_save_then_load_gives_identical_sae(sae_type, tmp_path):
     sae, cfg = train_briefly(sae_type, tmp_path)
     folder = save_checkpoint(tmp_path / "saved", sae, cfg)
