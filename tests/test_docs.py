@@ -85,10 +85,17 @@ def tokenizer():
         yield byte_tokenizer(Path(folder))
 
 
+def project_modules() -> list:
+    """The loaded modules of this repository (its flat modules, tests and benchmarks)."""
+    folders = {REPO, REPO / "tests", REPO / "benchmarks"}
+    return [m for m in list(sys.modules.values())
+            if getattr(m, "__file__", None) and Path(m.__file__).resolve().parent in folders]
+
+
 def replace_everywhere(monkeypatch, name: str, original, replacement) -> None:
-    """Patch `name` in every loaded module that holds `original` (modules that imported it by name)."""
-    for module in list(sys.modules.values()):
-        if getattr(module, name, None) is original:
+    """Patch `name` in every project module that holds `original` (those that imported it by name)."""
+    for module in project_modules():
+        if vars(module).get(name) is original:
             monkeypatch.setattr(module, name, replacement)
 
 
