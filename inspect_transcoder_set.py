@@ -77,29 +77,47 @@ def layer_cfg_of(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> Path:
+    from cli_options import run_reporting_errors
+
+    args = build_parser().parse_args(argv)
+    pages = []
+    run_reporting_errors(lambda: pages.append(inspect_set(args)), resume_command="python inspect_transcoder_set.py",
+                         debug=args.debug)
+    return pages[0]
+
+
+def inspect_set(args: argparse.Namespace) -> Path:
+    """Check everything, then collect every layer's statistics in one pass and write the pages
+    (and the viewer's files); returns the index page's path."""
     from circuit_tracer_features import check_viewer_name, write_viewer_features
+    from cli_options import check_dataset_available, check_device
+    from checkpoint import load_cfg
     from feature_browser import write_set_browser
     from feature_statistics import collect_set_statistics
+    from model_loading import check_model_available
     from transcoder_set import layer_folders
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    folders = layer_folders(args.checkpoint)
     name = args.viewer_name or args.checkpoint.resolve().name
+    if args.viewer_features is not None:
+        check_viewer_name(name)
+    cfg_of = layer_cfg_of(args)
+    cfg = cfg_of(load_cfg(next(iter(folders.values()))))
+    check_device(cfg)
+    check_model_available(cfg["model_name"])
+    for key in ("dataset_path", "eval_dataset_path"):
+        if cfg.get(key) is not None:
+            check_dataset_available(cfg[key], key)
     out = args.out or args.checkpoint / "feature_browser"
-    try:
-        layers = list(layer_folders(args.checkpoint))
-        if args.viewer_features is not None:
-            check_viewer_name(name)
-        check_set_output_folder(out)
-    except (OSError, ValueError) as error:
-        parser.error(str(error))
-    print(f"Transcoder set {args.checkpoint}: layers {', '.join(map(str, layers))}")
-    stats_by_layer = collect_set_statistics(args.checkpoint, layer_cfg_of(args), top_n=args.top_n,
-                                            context=args.context, hierarchy=not args.no_hierarchy)
-    timing = next(iter(stats_by_layer.values())).data["timing"]
+    check_set_output_folder(out)
+
+    print(f"Transcoder set {args.checkpoint}: layers {', '.join(map(str, folders))}")
+    stats_by_layer = collect_set_statistics(args.checkpoint, cfg_of, top_n=args.top_n, context=args.context,
+                                            hierarchy=not args.no_hierarchy)
+    first = next(iter(stats_by_layer.values())).data
     statistics = sum(stats.data["timing"]["statistics_seconds"] for stats in stats_by_layer.values())
-    print(f"Feature statistics of {len(layers)} layers over {next(iter(stats_by_layer.values())).data['n_tokens']:,} "
-          f"tokens: one model pass {timing['forward_seconds']:.1f} s, statistics {statistics:.1f} s.")
+    print(f"Feature statistics of {len(folders)} layers over {first['n_tokens']:,} tokens: one model pass "
+          f"{first['timing']['forward_seconds']:.1f} s, statistics {statistics:.1f} s.")
     index = write_set_browser(stats_by_layer, out)
     print(f"Feature browser: {index}")
     if args.viewer_features is not None:

@@ -246,6 +246,7 @@ def test_script_writes_the_set_browser_and_the_viewer_files(transcoder_set, tiny
     import inspect_transcoder_set
 
     monkeypatch.setattr("model_loading.load_model", lambda *args, **kwargs: tiny_gpt2)
+    monkeypatch.setattr("model_loading.check_model_available", lambda name: None)  # "synthetic" stands in
     data = tmp_path / "held_out.jsonl"
     data.write_text("".join(json.dumps({"tokens": row}) + "\n" for row in token_dataset(50, seed=5)["tokens"]))
     calls = counting_forward_passes(tiny_gpt2, monkeypatch)
@@ -263,13 +264,17 @@ def test_script_writes_the_set_browser_and_the_viewer_files(transcoder_set, tiny
     assert len(calls) <= 2 + 8  # 10 rows in chunks of 8, and the store's first block: not one pass per layer
 
 
-def test_script_refuses_bad_input_before_any_work(transcoder_set, tmp_path, capsys):
+def test_script_refuses_bad_input_before_any_work(transcoder_set, tmp_path, monkeypatch, capsys):
     import inspect_transcoder_set
 
+    monkeypatch.setattr("model_loading.check_model_available", lambda name: None)  # "synthetic" stands in
+    monkeypatch.setattr("model_loading.load_model", lambda *args, **kwargs: pytest.fail("loaded the model"))
     for argv, message in [([str(tmp_path)], "is not a transcoder set"),
                           ([str(transcoder_set), "--viewer-features", str(tmp_path), "--viewer-name", "a b"],
                            "letters, digits"),
                           ([str(transcoder_set), "--out", str(transcoder_set)], "holds other files")]:
-        with pytest.raises(SystemExit):
+        with pytest.raises(SystemExit) as exit_:
             inspect_transcoder_set.main(argv)
-        assert message in capsys.readouterr().err
+        assert exit_.value.code == 2
+        error = capsys.readouterr().err
+        assert message in error and error.count("\n") == 1

@@ -276,6 +276,7 @@ def test_inspect_script_builds_the_page_from_a_checkpoint(tiny_gpt2, tmp_path, m
     data = tmp_path / "held_out.jsonl"
     data.write_text("".join(json.dumps({"tokens": row}) + "\n" for row in token_dataset(50, seed=5)["tokens"]))
     monkeypatch.setattr("model_loading.load_model", lambda *args, **kwargs: tiny_gpt2)
+    monkeypatch.setattr("model_loading.check_model_available", lambda name: None)  # "synthetic" stands in
     page = inspect_sae.main([str(folder), "--dataset", str(data), "--num-tokens", "320", "--top-n", "3"])
     assert page == folder / "feature_browser" / "feature_browser.html" and page.exists()
     assert capsys.readouterr().out.strip().endswith(str(page))
