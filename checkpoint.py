@@ -497,7 +497,7 @@ def load_cfg(folder: str | Path) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise ValueError(f"{path} is not a config.json: it is not UTF-8 text. Use an intact copy of the "
+        raise ValueError(f"{path} is not UTF-8 text (a damaged or binary file); use an intact copy of the "
                          f"checkpoint.") from None
     try:
         raw = json.loads(text)

@@ -122,9 +122,9 @@ def inspect(args: argparse.Namespace) -> Path:
     for key in ("dataset_path", "eval_dataset_path"):
         if cfg.get(key) is not None:
             check_dataset_available(cfg[key], key)
+    sae = load_sae(args.checkpoint, device=cfg["device"])
     out = args.out or args.checkpoint / "feature_browser"
     check_output_folder(out)
-    sae = load_sae(args.checkpoint, device=cfg["device"])
     model = load_model(cfg["model_name"], cfg["device"], cfg["model_dtype"])
     store_class = TranscoderActivationsStore if cfg["sae_type"] == "matryoshka_transcoder" else ActivationsStore
     store = store_class(model, cfg)
