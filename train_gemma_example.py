@@ -28,8 +28,8 @@ from transcoder_set import (
 )
 import distributed
 from cli_options import (
-    add_resume_argument, add_run_arguments, apply_overrides, check_device, print_final_metrics, resumed_cfgs,
-    run_reporting_errors,
+    ArgumentParser, add_resume_argument, add_run_arguments, apply_overrides, check_before_loading, check_device,
+    print_final_metrics, resumed_cfgs, run_reporting_errors,
 )
 
 COMPARED_MODELS = ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "gemma-2-2b", "gemma-2-9b", "gemma-2-27b"]
@@ -80,7 +80,7 @@ def transcoder_cfg(args: argparse.Namespace | None = None) -> dict:
     )
 
 
-def train(cfg: dict, resume_from: str | None = None) -> None:
+def train(cfg: dict, resume_from: str | None = None, overwrite: bool = False) -> None:
     """Load the model, open the activation stream and train the dictionary that cfg describes
     (continuing the checkpoint in `resume_from` when given)."""
     # Imported here so that `compare` and --help load no model stack.
@@ -88,9 +88,9 @@ def train(cfg: dict, resume_from: str | None = None) -> None:
 
     try:
         distributed.init_from_env(cfg)  # under torchrun: join the other ranks, one device each
+        check_before_loading([cfg], None if resume_from is None else [resume_from], overwrite)
         if distributed.is_main_process():
             print(f"Training {cfg['name']} on {cfg['device']} ({distributed.world_size()} rank(s))")
-        check_device(cfg)
         train_from_cfgs([cfg], resume_from=None if resume_from is None else [resume_from])
         if distributed.is_main_process():
             print_final_metrics(cfg)
@@ -146,7 +146,7 @@ def train_set(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("compare", help="print the model table (no download)")
     sae = commands.add_parser("sae", help="train the Gemma-2-2B Matryoshka SAE")
@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "compare":
         print(model_table())
         return
-    run_reporting_errors(lambda: run(args), resume_command=f"python train_gemma_example.py {args.command}")
+    run_reporting_errors(lambda: run(args), resume_command=f"python train_gemma_example.py {args.command}",
+                         debug=args.debug)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -187,7 +188,7 @@ def run(args: argparse.Namespace) -> None:
             raise ValueError(f"--resume takes one checkpoint folder here; got {len(args.resume)}.")
         train(resumed_cfgs(args.resume, args)[0], resume_from=args.resume[0])
     else:
-        train(sae_cfg(args) if args.command == "sae" else transcoder_cfg(args))
+        train(sae_cfg(args) if args.command == "sae" else transcoder_cfg(args), overwrite=args.overwrite)
 
 
 if __name__ == "__main__":
