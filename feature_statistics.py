@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 HISTOGRAM_LOW_DECADE, HISTOGRAM_HIGH_DECADE, HISTOGRAM_BINS_PER_DECADE = -4, 4, 10
 HISTOGRAM_EDGES = [10 ** (HISTOGRAM_LOW_DECADE + i / HISTOGRAM_BINS_PER_DECADE)
@@ -367,7 +368,8 @@ def collect_several_feature_statistics(saes, store, n_rows: int | None = None, t
     for sae in saes:
         sae.eval()
     try:
-        for chunk in store.get_eval_tokens(n_rows).split(cfg["model_batch_size"]):
+        chunks = store.get_eval_tokens(n_rows).split(cfg["model_batch_size"])
+        for chunk in tqdm(chunks, desc="Feature statistics", unit="chunk", leave=False, disable=None):
             started = time.perf_counter()
             acts = store.activations_of(chunk)
             _sync(store.device)
