@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: install test demo bench clean-venv
+.PHONY: install test demo bench clean-venv circuit-tracer-env
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,15 @@ $(EVAL_STAMP): $(DEV_STAMP) requirements-eval.txt
 
 install: $(STAMP)
 
-test: $(EVAL_STAMP)
+# circuit-tracer pins transformers<=4.57.3 and huggingface-hub<1: its own environment, .ct-venv, where
+# tests/test_circuit_tracer_format.py and trace_circuit.py run it on our exported transcoder sets.
+CT_STAMP := .ct-venv/.installed
+$(CT_STAMP): setup_circuit_tracer_env.sh
+	bash setup_circuit_tracer_env.sh $(PYTHON)
+
+circuit-tracer-env: $(CT_STAMP)
+
+test: $(EVAL_STAMP) $(CT_STAMP)
 	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)
