@@ -23,7 +23,7 @@ from config import (
     DICT_EXPANSION, HOOK_SITES, MODEL_TABLE, get_default_cfg, get_model_config, post_init_cfg, split_into_groups,
 )
 from transcoder_set import (
-    DEFAULT_SOURCE_SITE, TRANSCODER_KINDS, default_set_cfg, is_transcoder_set, layer_folders, new_set_folder,
+    DEFAULT_SOURCE_SITE, TRANSCODER_KINDS, default_set_cfg, is_transcoder_set, layer_folders, free_set_folder,
     parse_layers, print_set_metrics, read_manifest, train_transcoder_set, transcoder_set_cfgs,
 )
 import distributed
@@ -102,14 +102,14 @@ def set_cfgs(args: argparse.Namespace) -> list[dict]:
     """The cfgs of the transcoder set that `args` asks for (--layers, --kind, --skip, run settings):
     the guide's transcoder settings with the set's exportable defaults, one cfg per layer, in a
     new folder ``checkpoint_dir / <model>_transcoder-set_<kind>_<source>_<width>_k<k>`` (``-2``,
-    ``-3``... when taken)."""
+    ``-3``... when taken; created when the run claims its layer folders)."""
     cfg = default_set_cfg(**GEMMA_TRANSCODER)
     cfg = post_init_cfg(apply_overrides(cfg, args))
     layers = parse_layers(args.layers, cfg["n_layers"] or get_model_config(cfg["model_name"])["n_layers"])
     source_site = args.source_site or DEFAULT_SOURCE_SITE
     name = (f"{cfg['model_name'].replace('/', '_')}_transcoder-set_{args.kind}{'-skip' if args.skip else ''}_"
             f"{source_site}_{cfg['dict_size']}_k{cfg['top_k']}")
-    folder = new_set_folder(cfg["checkpoint_dir"], name)
+    folder = free_set_folder(cfg["checkpoint_dir"], name)
     return transcoder_set_cfgs(cfg, layers, folder, kind=args.kind, skip=args.skip, source_site=source_site,
                                target_site=args.target_site)
 
@@ -118,18 +118,19 @@ def train_set(args: argparse.Namespace) -> None:
     """Train (or, with --resume SET_FOLDER, continue) a transcoder set, then print where it is."""
     from model_loading import load_model
 
+    resume_from = None
     if args.resume:
         if len(args.resume) != 1:
             raise ValueError(f"--resume takes the one folder of a transcoder set; got {len(args.resume)}.")
-        folders = layer_folders(args.resume[0])
-        cfgs = resumed_cfgs([str(folder) for folder in folders.values()], args)
+        resume_from = [str(folder) for folder in layer_folders(args.resume[0]).values()]
+        cfgs = resumed_cfgs(resume_from, args)
         kind = read_manifest(args.resume[0])["kind"]
     else:
         cfgs = set_cfgs(args)
         kind = args.kind
     try:
         distributed.init_from_env(cfgs[0])
-        check_device(cfgs[0])
+        check_before_loading(cfgs, resume_from, args.overwrite)
         set_folder = cfgs[0]["checkpoint_dir"]
         if distributed.is_main_process():
             print(f"Training a {kind} transcoder set of {len(cfgs)} layer(s) into {set_folder} on "

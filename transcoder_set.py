@@ -141,22 +141,13 @@ def is_transcoder_set(folder: str | Path) -> bool:
     return (Path(folder) / SET_MANIFEST).is_file()
 
 
-def new_set_folder(parent: str | Path, name: str) -> Path:
-    """Create and return ``parent / name``, or ``name-2``, ``name-3``... if taken: a new set never
-    writes into a folder that exists."""
-    parent = Path(parent)
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"checkpoint_dir {str(parent)!r} cannot be created ({error.strerror or error}); "
-                         f"choose a writable --checkpoint-dir.") from None
+def free_set_folder(parent: str | Path, name: str) -> Path:
+    """``parent / name``, or ``name-2``, ``name-3``... where that exists: a new set never writes
+    into a folder that exists (its layer folders are created when the run claims them)."""
     for counter in range(1, 10_000):
-        folder = parent / (name if counter == 1 else f"{name}-{counter}")
-        try:
-            folder.mkdir()
+        folder = Path(parent) / (name if counter == 1 else f"{name}-{counter}")
+        if not folder.exists():
             return folder
-        except FileExistsError:
-            continue
     raise ValueError(f"{parent} holds 9999 sets named {name}; choose another --checkpoint-dir.")
 
 
