@@ -1,6 +1,8 @@
 """Checkpoints: save -> load round trips, atomic writes, resuming a run exactly where it stopped."""
 
+import json
 import random
+import socket
 
 import numpy as np
 import pytest
@@ -131,3 +133,60 @@ def test_resume_refuses_unusable_checkpoints(tmp_path):
     other = planted_cfg("batchtopk", tmp_path, dict_size=64)
     with pytest.raises(ValueError, match="dict_size"):
         restore_checkpoint(checkpoint_folder(cfg), create_sae(other))
+
+
+def test_new_runs_take_the_next_free_folder_and_a_chosen_name_is_refused(tmp_path):
+    """A derived name moves on to -2, -3... (cfg["name"] follows); a chosen name that holds a run is an
+    error; the lock is this process's until released, and a dead process's lock is taken over."""
+    cfg = planted_cfg("batchtopk", tmp_path)
+    base = cfg["name"]
+    (tmp_path / base).mkdir(parents=True)
+    (tmp_path / base / "config.json").write_text("{}")
+    (tmp_path / f"{base}-2").mkdir()
+    checkpoint.acquire_run_lock(tmp_path / f"{base}-2")  # in use: skipped as well
+    try:
+        assert checkpoint.claim_run_folder(cfg) == tmp_path / f"{base}-3" and cfg["name"] == f"{base}-3"
+        assert checkpoint.claim_run_folder(cfg) == tmp_path / f"{base}-3"  # claimed already: nothing more
+        assert (tmp_path / f"{base}-3" / checkpoint.LOCK_FILE).is_file()
+    finally:
+        checkpoint.release_run_lock(tmp_path / f"{base}-3")
+        checkpoint.release_run_lock(tmp_path / f"{base}-2")
+    assert not (tmp_path / f"{base}-3" / checkpoint.LOCK_FILE).exists()
+    chosen = {**planted_cfg("batchtopk", tmp_path), "name": base, "derived": {}}
+    with pytest.raises(ValueError, match="already holds a run; continue it with --resume"):
+        checkpoint.claim_run_folder(chosen)
+    dead = json.dumps({"pid": 999_999_999, "host": socket.gethostname()})
+    (tmp_path / base / checkpoint.LOCK_FILE).write_text(dead)
+    checkpoint.acquire_run_lock(tmp_path / base)  # a lock left by a process that no longer exists
+    checkpoint.release_run_lock(tmp_path / base)
+    assert not (tmp_path / base / checkpoint.LOCK_FILE).exists()
+
+
+def test_atomic_write_on_a_full_disk_keeps_the_old_file(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text("old")
+
+    def fill_the_disk(tmp):
+        tmp.write_text("partial")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(checkpoint.CheckpointWriteError, match="cannot write .*config.json: No space left"):
+        checkpoint.atomic_write(path, fill_the_disk)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+def test_check_replaceable(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    checkpoint.check_replaceable(out, "tool", {"a.json"})  # does not exist: may be written
+    out.mkdir()
+    (out / "a.json").write_text("{}")
+    with pytest.raises(ValueError, match="tool did not write it .no marker file"):
+        checkpoint.check_replaceable(out, "tool", {"a.json"})
+    checkpoint.mark_folder(out, "other")
+    with pytest.raises(ValueError, match="its marker says 'other'"):
+        checkpoint.check_replaceable(out, "tool", {"a.json"})
+    checkpoint.mark_folder(out, "tool")
+    checkpoint.check_replaceable(out, "tool", {"a.json"})
+    monkeypatch.chdir(out)
+    with pytest.raises(ValueError, match="it is the current folder"):
+        checkpoint.check_replaceable(out, "tool", {"a.json"})
