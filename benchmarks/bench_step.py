@@ -11,12 +11,12 @@ and its load, so compare ratios measured in one run.
 
 Setup (once): bash benchmarks/setup_bench_env.sh   (creates .bench-venv with the peers)
 
-Usage, from the repository root (any python; subprocesses use .bench-venv/bin/python):
+Usage, from any folder (any python; subprocesses use .bench-venv/bin/python):
     python benchmarks/bench_step.py                        # 512x8192 and 768x12288, all impls
     python benchmarks/bench_step.py --quick                # tiny sizes: a smoke test (minutes,
                                                            # mostly the peers' imports)
     python benchmarks/bench_step.py --impls ours_batchtopk,sparsify_topk --sizes 512x8192 --steps 5
-    python benchmarks/bench_step.py --json benchmarks/results/step.json
+    python benchmarks/bench_step.py --json /tmp/step.json         # the result file elsewhere
     python benchmarks/bench_step.py --no-malloc-tunables   # glibc's default allocator settings
     python benchmarks/bench_step.py --rounds 3             # best of 3 interleaved runs (noisy machine)
     python benchmarks/bench_step.py --device cuda --dtype bfloat16 --sizes 2304x36864   # ours on a GPU
@@ -24,16 +24,19 @@ Usage, from the repository root (any python; subprocesses use .bench-venv/bin/py
 On a GPU (--device cuda) and in bfloat16 only our implementations run (the peers stay on the CPU).
 
 Implementations (--impls): ours_batchtopk, ours_topk, ours_matryoshka, ours_transcoder (this
-project's sae.py, stepped as training.py's loop does: forward, backward,
-remove_parallel_decoder_grad, clip_grad_norm_ to max_grad_norm, Adam, zero_grad,
-normalize_decoder; the transcoder maps a synthetic source to a synthetic target of the same width),
+project's sae.py, stepped by training.py's own `make_optimizer` and `training_step`: forward,
+backward, remove_parallel_decoder_grad, clip_grad_norm_ to max_grad_norm, Adam over the class's
+parameter groups, zero_grad, normalize_decoder; the transcoder maps a synthetic source to a
+synthetic target of the same width),
 and the peers of peers.py: saelens_batchtopk, saelens_matryoshka, dictlearn_batchtopk,
 dictlearn_matryoshka, sparsify_topk. All share k, lr, Adam, batch size, the dead-latent window and
 Matryoshka groups of 1:2:4:9 sixteenths of the dictionary; see peers.py for how each peer's step
 is assembled from its own trainer code.
 
---json PATH writes {"<d_in>x<dict_size>": {"<impl>": tokens_per_s, ...}, ...} (failed
-implementations are left out and reported on stderr).
+Results go to benchmarks/results/step.json (step_<device>_<dtype>.json off the CPU's float32;
+--json PATH elsewhere; --quick writes none unless --json is given): one row per size and
+implementation with tokens/s, the ratio to sparsify's TopK, the median step time and the first and
+last loss, stamped by harness.py (failed implementations are left out and reported on stderr).
 
 Synthetic activations: x = mu + sum_j a_j d_j + noise, with 8 x d_in planted unit directions d_j,
 about 24 active per token drawn with Zipf-like frequencies and exponential magnitudes a_j, a
@@ -44,17 +47,14 @@ same code read through a second planted dictionary.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-ROOT = BENCH_DIR.parent
-BENCH_PYTHON = ROOT / ".bench-venv" / "bin" / "python"
+import harness
+from harness import BENCH_PYTHON
+
 MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 
 OURS = {  # impl -> (cfg sae_type, class name in sae.py)
@@ -135,33 +135,24 @@ def our_cfg(sae_type: str, d_in: int, dict_size: int, k: int, batch_size: int, d
 
 def our_step(impl: str, d_in: int, dict_size: int, k: int, batch_size: int, first_batch,
              device: str = "cpu", dtype: str = "float32"):
-    """step(x, y) for one of our classes: the body of training.py's loop for one batch (its
-    loss.item() waits for the device, so a step's time includes the GPU's work)."""
-    import torch
-
-    if not (ROOT / "sae.py").exists():
-        raise RuntimeError(f"{ROOT / 'sae.py'} does not exist yet: our implementations cannot run.")
+    """step(x, y) for one of our classes: training.py's `training_step` with its `make_optimizer`,
+    after the first-batch initialisation a training run does; the step's loss.item() waits for the
+    device, so a step's time includes the GPU's work."""
     import sae as sae_module
+    from training import make_optimizer, training_step
 
     sae_type, class_name = OURS[impl]
     cfg = our_cfg(sae_type, d_in, dict_size, k, batch_size, device, dtype)
     sae = getattr(sae_module, class_name)(cfg)
     sae.train()
     transcoder = sae_type == "matryoshka_transcoder"
-    if hasattr(sae, "initialize_b_dec"):  # the data-dependent initialisation a training run does
-        x0, y0 = first_batch
-        sae.initialize_b_dec(y0 if transcoder else x0)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]))
+    x0, y0 = first_batch
+    sae.initialize_from_batch(*((x0, y0) if transcoder else (x0,)))
+    optimizer = make_optimizer(sae, cfg)
 
     def step(x, y=None) -> float:
-        out = sae(x, y) if transcoder else sae(x)
-        out["loss"].backward()
-        sae.remove_parallel_decoder_grad()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg["max_grad_norm"])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sae.normalize_decoder()
-        return out["loss"].item()
+        inputs = (x, y) if transcoder else (x,)
+        return training_step(sae, optimizer, inputs, cfg["lr"], cfg["max_grad_norm"])["loss"].item()
 
     return step, cfg
 
@@ -184,7 +175,6 @@ def make_spec(d_in: int, dict_size: int, k: int, batch_size: int):
 def run_worker(args) -> None:
     import torch
 
-    sys.path[:0] = [str(ROOT), str(BENCH_DIR)]
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     d_in, dict_size = parse_size(args.size)
@@ -200,18 +190,17 @@ def run_worker(args) -> None:
         from peers import PEERS
 
         step = PEERS[args.worker](make_spec(d_in, dict_size, args.k, args.batch_size))
-    times, losses = [], []
-    for i, (x, y) in enumerate(batches):
-        start = time.perf_counter()
-        loss = step(x, y) if transcoder else step(x)
-        elapsed = time.perf_counter() - start
-        losses.append(loss)
-        if i >= args.warmup:
-            times.append(elapsed)
+    losses = []
+
+    def one_step(i: int) -> None:
+        x, y = batches[i]
+        losses.append(step(x, y) if transcoder else step(x))
+
+    times = harness.step_times(one_step, args.steps, args.warmup, args.device)
     from peers import versions
 
-    print("RESULT " + json.dumps({"times": times, "losses": losses, "checksum": checksum,
-                                  "versions": versions(), "threads": torch.get_num_threads()}))
+    harness.emit({"times": times, "losses": losses, "checksum": checksum, "versions": versions(),
+                  "threads": torch.get_num_threads()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,33 +209,20 @@ def run_worker(args) -> None:
 
 
 def worker_env(malloc_tunables: bool, threads: int) -> dict[str, str]:
-    env = dict(os.environ)
+    env = harness.worker_env(threads)
     env.pop("GLIBC_TUNABLES", None)
     if malloc_tunables:
         env["GLIBC_TUNABLES"] = MALLOC_TUNABLES
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[var] = str(threads)
-    env.update(WANDB_MODE="disabled", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
     return env
 
 
 def run_one(args, impl: str, size: str) -> dict:
     """Run one worker subprocess; returns its RESULT dict or {"error": ...}."""
-    cmd = [args.python, str(Path(__file__).resolve()), "--worker", impl, "--size", size,
-           "--batch-size", str(args.batch_size), "--k", str(args.k), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--threads", str(args.threads), "--seed", str(args.seed),
-           "--device", args.device, "--dtype", args.dtype]
-    try:
-        proc = subprocess.run(cmd, env=worker_env(args.malloc_tunables, args.threads), cwd=ROOT,
-                              capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {args.timeout} s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
-    return {"error": f"exit {proc.returncode}:\n{tail}"}
+    return harness.run_isolated(
+        [Path(__file__).resolve(), "--worker", impl, "--size", size, "--batch-size", args.batch_size, "--k", args.k,
+         "--steps", args.steps, "--warmup", args.warmup, "--threads", args.threads, "--seed", args.seed,
+         "--device", args.device, "--dtype", args.dtype],
+        python=args.python, env=worker_env(args.malloc_tunables, args.threads), timeout=args.timeout)
 
 
 def print_table(sizes, impls, rates, results) -> None:
@@ -307,6 +283,7 @@ def run_driver(args) -> None:
         raise SystemExit(f"--impls {peers}: the peers run on the CPU in float32 only; leave them out "
                          f"with --device {args.device} / --dtype {args.dtype}.")
     start = time.perf_counter()
+    at_start = harness.environment(threads=args.threads)
     print(f"python {args.python}; batch {args.batch_size} tokens, k={args.k}, {args.device}, {args.dtype}, "
           f"{args.threads} threads, {args.warmup} warm-up + median of {args.steps} steps, "
           f"best of {args.rounds} round(s); "
@@ -321,10 +298,35 @@ def run_driver(args) -> None:
     print()
     print_table(sizes, impls, rates, results)
     print(f"\ntotal wall time {time.perf_counter() - start:.0f} s")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rates, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    if args.json or not args.quick:
+        save_results(args, sizes, impls, rates, results, found[0] if found else {}, at_start)
+
+
+def result_name(args) -> str:
+    on_cpu = args.device == "cpu" and args.dtype == "float32"
+    return "step" if on_cpu else f"step_{args.device.split(':')[0]}_{args.dtype}"
+
+
+def save_results(args, sizes, impls, rates, results, versions: dict, at_start: dict) -> None:
+    rows = []
+    for size in sizes:
+        for impl in impls:
+            rate, base, result = rates[size].get(impl), rates[size].get(BASELINE), results[size].get(impl, {})
+            if not rate:
+                continue
+            rows.append({"size": size, "implementation": impl, "tokens_per_s": round(rate),
+                         "vs_sparsify_topk": round(rate / base, 2) if base else None,
+                         "median_step_ms": round(statistics.median(result["times"]) * 1e3, 1),
+                         "loss_first": round(result["losses"][0], 4), "loss_last": round(result["losses"][-1], 4)})
+    settings = {"batch_size": args.batch_size, "k": args.k, "device": args.device, "dtype": args.dtype,
+                "torch_threads": args.threads, "warmup_steps": args.warmup, "timed_steps": args.steps,
+                "rounds": args.rounds, "GLIBC_TUNABLES": MALLOC_TUNABLES if args.malloc_tunables else None,
+                "worker_packages": versions}
+    harness.save(result_name(args), "One training step on synthetic activations (tokens/s)", rows, settings,
+                  notes="Median of the timed steps of each implementation, each in its own process on the "
+                        "same activations; the best of the rounds counts. Ratios within one run compare "
+                        "implementations under the same load.",
+                  environment_at_start=at_start, path=args.json)
 
 
 def parse_args(argv=None):
@@ -346,7 +348,7 @@ def parse_args(argv=None):
                         help="our encoder matmul's dtype (cfg['dtype']; parameters stay float32)")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke test: sizes {','.join(QUICK_SIZES)}, batch 512, 2 steps")
-    parser.add_argument("--json", help="write {size: {impl: tokens_per_s}} here")
+    parser.add_argument("--json", help="the result file (default benchmarks/results/step.json)")
     parser.add_argument("--no-malloc-tunables", dest="malloc_tunables", action="store_false",
                         help="run the workers without GLIBC_TUNABLES")
     parser.add_argument("--python", default=str(BENCH_PYTHON if BENCH_PYTHON.exists() else sys.executable),
