@@ -1,0 +1,238 @@
+"""Train a Matryoshka cross-layer transcoder (CLT), evaluate it with every MLP replaced, export it to
+circuit-tracer. Offline with SmolLM2 and the built-in corpus:
+
+    python train_clt.py train --model smollm2-135m --dataset python-docs:train --dict-size 1152 --top-k 16 --num-tokens 2e6
+    python train_clt.py train ... --plain                 # one group: a plain BatchTopK CLT
+    python train_clt.py train ... --sparsity per_layer    # BatchTopK within each source layer
+    python train_clt.py train --resume checkpoints/<run>  # continue a run (after SIGTERM, a crash...)
+    python train_clt.py evaluate checkpoints/<run>        # every MLP replaced at once: CE, KL, per-layer FVU
+    python train_clt.py export checkpoints/<run> exported/<name>   # circuit-tracer's CLT folder
+
+A CLT's latents at layer j read that layer's source (--source-site, default the MLP's normalised
+input ln2_normalized) and write the target (mlp_out) of layer j and of every later layer; see
+sae.MatryoshkaCrossLayerTranscoder and docs/cross_layer_transcoders.md. --dict-size and --top-k count
+per source layer (a CLT over L layers has L x dict-size latents and keeps L x top-k per token). One
+model pass per chunk of text feeds every layer (the multi-hook store); training is the library's
+loop (tqdm with the per-layer FVU range, wandb, checkpoints, exact resume, SIGTERM, torchrun). The
+final evaluation goes to <run>/clt_metrics.json. The export is read by circuit-tracer's own loader
+(`circuit_tracer_format.load_clt_in_circuit_tracer`, in its environment .ct-venv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+import distributed
+from cli_options import (
+    add_debug_argument, add_resume_argument, add_run_arguments, apply_overrides, check_before_loading, resumed_cfgs,
+    run_reporting_errors,
+)
+from config import HOOK_SITES, get_default_cfg, post_init_cfg
+
+METRICS_FILE = "clt_metrics.json"
+
+# The script's defaults: SmolLM2 offline, exportable to circuit-tracer (no per-token standardisation,
+# BOS left out as circuit-tracer zeroes position 0), 2 x d_model latents per layer.
+CLT_DEFAULTS = dict(sae_type="matryoshka_clt", model_name="smollm2-135m", dataset_path="python-docs:train",
+                    input_unit_norm=False, exclude_bos=True, top_k=16, batch_size=1024, lr=3e-4, num_tokens=int(2e6),
+                    seq_len=128, model_batch_size=8, num_batches_in_buffer=8, checkpoint_freq=500, perf_log_freq=10 ** 9)
+
+
+def clt_cfg(args: argparse.Namespace | None = None) -> dict:
+    """The script's CLT settings, then the command line's."""
+    cfg = get_default_cfg()
+    cfg.update(CLT_DEFAULTS, dict_size=None, group_sizes=None)
+    if args is not None:
+        cfg = apply_overrides(cfg, args)
+        cfg.update(clt_sparsity=args.sparsity, source_site=args.source_site, target_site=args.target_site)
+    if cfg["dict_size"] is None:
+        cfg = post_init_cfg({**cfg, "dict_size": 1})  # the model's width
+        cfg.update(dict_size=2 * cfg["act_size"], group_sizes=None, name=None, derived={})
+    if args is not None and args.plain:
+        cfg["group_sizes"] = [cfg["dict_size"]]
+    return post_init_cfg(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: every MLP replaced at once
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_clt(clt, model, tokens: torch.Tensor) -> dict:
+    """The CLT as the replacement of every MLP at once on `tokens` [rows, seq] (chunks of
+    model_batch_size rows), and its per-layer FVU on the clean model's activations:
+
+        ce_loss_clean / _spliced / _zero_ablation, loss_recovered, kl_divergence (as
+        evaluation.evaluate_replacement: spliced, every target is the CLT's prediction, each layer's
+        latents reading the source of the replaced forward pass); fvu_per_layer, fvu_mean, fvu_max;
+        l0_per_layer (active latents per token at each source layer, inference thresholds).
+
+    BOS positions keep their activations when cfg["exclude_bos"] (they were not trained on)."""
+    from evaluation import _mean_kl, _next_token_loss, bos_mask, in_eval_mode
+
+    cfg, n = clt.cfg, clt.n_layers
+    sources, targets = zip(*[(HOOK_SITES[cfg["source_site"]].format(layer=layer),
+                              HOOK_SITES[cfg["target_site"]].format(layer=layer)) for layer in cfg["clt_layers"]])
+    totals = {"clean": 0.0, "spliced": 0.0, "zero_ablation": 0.0, "kl_divergence": 0.0}
+    errors, squares, active, sums = torch.zeros(n), torch.zeros(n), torch.zeros(n), torch.zeros(n, clt.d_out)
+    n_tokens = 0
+    with in_eval_mode([clt]):
+        for chunk in tokens.split(cfg["model_batch_size"]):
+            chunk = chunk.to(model.cfg.device)
+            keep = bos_mask(chunk, model, cfg) if cfg["exclude_bos"] else torch.zeros_like(chunk, dtype=torch.bool)
+            written = {}
+
+            def read(act, hook, j):
+                written[j] = clt.layer_contributions(j, act).view(*act.shape[:-1], n - j, clt.d_out)
+
+            def write(act, hook, m):
+                prediction = sum(written[j][..., m - j, :] for j in range(m + 1))
+                prediction = prediction + clt.b_dec[m] * clt.target_scale[m]
+                return torch.where(keep[..., None], act, prediction.to(act.dtype))
+
+            def zero(act, hook):
+                return torch.where(keep[..., None], act, torch.zeros_like(act))
+
+            hooks = [(name, lambda a, hook, j=j: read(a, hook, j)) for j, name in enumerate(sources)]
+            hooks += [(name, lambda a, hook, m=m: write(a, hook, m)) for m, name in enumerate(targets)]
+            clean_logits, cache = model.run_with_cache(chunk, names_filter=list(sources) + list(targets))
+            spliced_logits = model.run_with_hooks(chunk, fwd_hooks=hooks)
+            zeroed = model.run_with_hooks(chunk, return_type="loss", fwd_hooks=[(name, zero) for name in targets])
+            weight = len(chunk) / len(tokens)
+            totals["clean"] += _next_token_loss(clean_logits, chunk).item() * weight
+            totals["spliced"] += _next_token_loss(spliced_logits, chunk).item() * weight
+            totals["zero_ablation"] += zeroed.float().item() * weight
+            totals["kl_divergence"] += _mean_kl(clean_logits[:, :-1], spliced_logits[:, :-1]).item() * weight
+            x = torch.stack([cache[name][~keep] for name in sources], dim=1)
+            y = torch.stack([cache[name][~keep] for name in targets], dim=1).float()
+            prediction = clt.reconstruct(x)
+            active += (clt.encode(x) > 0).view(-1, n, clt.layer_size).sum(dim=(0, 2)).float().cpu()
+            errors += (prediction - y).pow(2).sum(dim=(0, 2)).cpu()
+            squares += y.pow(2).sum(dim=(0, 2)).cpu()
+            sums += y.sum(dim=0).cpu()
+            n_tokens += y.shape[0]
+    fvus = _fvus(errors, squares, sums, n_tokens)
+    result = {f"ce_loss_{name}": totals[name] for name in ("clean", "spliced", "zero_ablation")}
+    result["loss_recovered"] = ((totals["zero_ablation"] - totals["spliced"])
+                                / (totals["zero_ablation"] - totals["clean"]))
+    result["kl_divergence"] = totals["kl_divergence"]
+    result["fvu_per_layer"] = {str(layer): fvu for layer, fvu in zip(cfg["clt_layers"], fvus)}
+    result["fvu_mean"], result["fvu_max"] = sum(fvus) / n, max(fvus)
+    result["l0_per_layer"] = {str(layer): (a / n_tokens).item() for layer, a in zip(cfg["clt_layers"], active)}
+    result["l0_total"] = (active.sum() / n_tokens).item()
+    return result
+
+
+def _fvus(errors: torch.Tensor, squares: torch.Tensor, sums: torch.Tensor, n_tokens: int) -> list[float]:
+    """Per layer [L]: sum ||y - y_hat||^2 / sum ||y - mean(y)||^2 (compute_fvu's definition over all
+    the held-out tokens) from running sums: errors and squares [L], sums [L, d]."""
+    total = squares - sums.pow(2).sum(dim=1) / n_tokens
+    return (errors / total).tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------
+
+
+def train(args: argparse.Namespace) -> None:
+    from model_loading import load_model
+    from sae import create_sae
+    from training import open_activation_store, train_sae_group
+
+    if args.resume:
+        if len(args.resume) != 1:
+            raise ValueError(f"--resume takes one checkpoint folder; got {len(args.resume)}.")
+        cfg, resume_from = resumed_cfgs(args.resume, args)[0], [args.resume[0]]
+    else:
+        cfg, resume_from = clt_cfg(args), None
+    distributed.init_from_env(cfg)
+    check_before_loading([cfg], resume_from, overwrite=args.overwrite)
+    if distributed.is_main_process():
+        n = len(cfg["clt_layers"])
+        print(f"Training a cross-layer transcoder over {n} layers ({cfg['source_site']} -> {cfg['target_site']}), "
+              f"{cfg['dict_size']} latents a layer in groups {cfg['group_sizes']}, k {cfg['top_k']} per layer "
+              f"({cfg['clt_sparsity']}), on {cfg['device']} ({distributed.world_size()} rank(s))")
+    model = load_model(cfg["model_name"], cfg["device"], cfg["model_dtype"])
+    if cfg["bos_token_id"] is None and model.tokenizer is not None:
+        cfg["bos_token_id"] = model.tokenizer.bos_token_id
+    store = open_activation_store(model, [cfg])
+    clt = train_sae_group([create_sae(cfg)], store, None, [cfg], resume_from=resume_from)[0]
+    if distributed.is_main_process():
+        from checkpoint import atomic_write, checkpoint_folder
+
+        metrics = evaluate_clt(clt, model, store.get_eval_tokens(cfg["n_eval_rows"]))
+        folder = checkpoint_folder(cfg)
+        text = json.dumps(metrics, indent=2) + "\n"
+        atomic_write(folder / METRICS_FILE, lambda tmp: tmp.write_text(text))
+        print_metrics(folder, metrics)
+
+
+def print_metrics(folder, metrics: dict) -> None:
+    print(f"{folder}: every MLP replaced: loss recovered {metrics['loss_recovered']:.4g}, KL "
+          f"{metrics['kl_divergence']:.4g}, CE {metrics['ce_loss_clean']:.4g} -> {metrics['ce_loss_spliced']:.4g}; "
+          f"per-layer FVU mean {metrics['fvu_mean']:.4g}, max {metrics['fvu_max']:.4g}; L0 {metrics['l0_total']:.1f}")
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    from activation_store import ActivationsStore
+    from checkpoint import load_sae
+    from model_loading import load_model
+
+    clt = load_sae(args.checkpoint, device=args.device)
+    cfg = clt.cfg
+    model = load_model(cfg["model_name"], cfg["device"], cfg["model_dtype"])
+    if cfg["bos_token_id"] is None and model.tokenizer is not None:
+        cfg["bos_token_id"] = model.tokenizer.bos_token_id
+    tokens = ActivationsStore(model, {**cfg, "sae_type": "matryoshka", "hook_point": "blocks.0.hook_resid_pre",
+                                      "layer": 0}).get_eval_tokens(cfg["n_eval_rows"])
+    metrics = evaluate_clt(clt, model, tokens)
+    print(json.dumps(metrics, indent=2))
+    print_metrics(args.checkpoint, metrics)
+
+
+def export(args: argparse.Namespace) -> None:
+    from circuit_tracer_format import export_circuit_tracer_clt
+
+    out = export_circuit_tracer_clt(args.checkpoint, args.out_dir, scan=args.scan, overwrite=args.overwrite)
+    print(f"Wrote {out}: circuit-tracer cross_layer_transcoder; load it in circuit-tracer's environment with "
+          f"circuit_tracer_format.load_clt_in_circuit_tracer({str(out)!r}).")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    train_parser = commands.add_parser("train", help="train a cross-layer transcoder")
+    add_run_arguments(train_parser, exclude=("--site", "--layer", "--hook-point", "--sae-type"))
+    add_resume_argument(train_parser)
+    train_parser.add_argument("--sparsity", choices=["global", "per_layer"], default="global",
+                              help="BatchTopK over every layer's latents (default) or within each source layer")
+    train_parser.add_argument("--plain", action="store_true", help="one group: a plain BatchTopK CLT (no prefixes)")
+    train_parser.add_argument("--source-site", default="ln2_normalized", choices=list(HOOK_SITES))
+    train_parser.add_argument("--target-site", default="mlp_out", choices=list(HOOK_SITES))
+    evaluate_parser = commands.add_parser("evaluate", help="every MLP replaced at once: CE, KL, per-layer FVU")
+    evaluate_parser.add_argument("checkpoint")
+    evaluate_parser.add_argument("--device", default=None)
+    add_debug_argument(evaluate_parser)
+    export_parser = commands.add_parser("export", help="write circuit-tracer's cross_layer_transcoder folder")
+    export_parser.add_argument("checkpoint")
+    export_parser.add_argument("out_dir")
+    export_parser.add_argument("--scan", help="the viewer's feature location (default <model>-clt)")
+    export_parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    add_debug_argument(export_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    work = {"train": train, "evaluate": evaluate, "export": export}[args.command]
+    run_reporting_errors(lambda: work(args), resume_command="python train_clt.py train", debug=args.debug)
+
+
+if __name__ == "__main__":
+    main()
