@@ -169,8 +169,9 @@ def evaluate_replacement(saes, cfgs, model, tokens: torch.Tensor) -> dict[str, f
     """
     cfg = cfgs[0]
     totals = {"clean": 0.0, "spliced": 0.0, "zero_ablation": 0.0, "kl_divergence": 0.0}
+    chunks = tokens.split(cfg["model_batch_size"])
     with in_eval_mode(saes):
-        for chunk in tokens.split(cfg["model_batch_size"]):
+        for chunk in tqdm(chunks, desc="Replacement evaluation", unit="batch", leave=False, disable=len(chunks) < 2):
             chunk = chunk.to(model.cfg.device)
             keep = bos_mask(chunk, model, cfg) if cfg["exclude_bos"] else None
             spliced = [hook for sae, sae_cfg in zip(saes, cfgs)
@@ -235,11 +236,11 @@ def layer_fvus(saes, cfgs, model, tokens: torch.Tensor) -> list[float]:
 
 
 def _collect_pairs(saes, cfgs, model, tokens, names, pairs) -> None:
-    cfg = cfgs[0]
-    for chunk in tokens.split(cfg["model_batch_size"]):
+    chunks = tokens.split(cfgs[0]["model_batch_size"])
+    for chunk in tqdm(chunks, desc="Per-layer FVU", unit="batch", leave=False, disable=len(chunks) < 2):
         chunk = chunk.to(model.cfg.device)
         _, cache = model.run_with_cache(chunk, names_filter=names)
-        keep = ~bos_mask(chunk, model, cfg) if cfg["exclude_bos"] else torch.ones_like(chunk, dtype=torch.bool)
+        keep = ~bos_mask(chunk, model, cfgs[0]) if cfgs[0]["exclude_bos"] else torch.ones_like(chunk, dtype=torch.bool)
         for i, (sae, c) in enumerate(zip(saes, cfgs)):
             source_hook, target_hook = _source_and_target(c)
             source, target = cache[source_hook][keep], cache[target_hook][keep]
