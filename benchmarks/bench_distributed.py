@@ -6,8 +6,8 @@ Run under torchrun (CPU gloo here; NCCL when --device cuda and one GPU per rank)
     torchrun --standalone --nproc_per_node 2 benchmarks/bench_distributed.py --sizes 512x8192 --steps 5
     torchrun --standalone --nproc_per_node 8 benchmarks/bench_distributed.py --device cuda --batch 32768
 
-For each size d_in x dict_size, a BatchTopK SAE of this project takes training steps on synthetic
-activations, each rank on its batch / ranks rows of the global batch, and rank 0 prints:
+For each size d_in x dict_size, a BatchTopK SAE of this project takes training steps
+(training.py's `training_step`, with its `make_optimizer`) on synthetic activations, each rank on its batch / ranks rows of the global batch, and rank 0 prints:
 
 * the bytes each rank sends into collectives per step and their number, split into the global
   BatchTopK agreement (select_batch_topk with the process group: the radix selection's histograms,
@@ -20,18 +20,16 @@ activations, each rank on its batch / ranks rows of the global batch, and rank 0
   waiting), over ranks x the distributed step time (1.0 = linear).
 
 Timings are medians of --steps steps after --warmup untimed ones, with torch.set_num_threads(1) in
-every rank by default (on a CPU machine each rank then has one core, as the baseline does).
+every rank by default (on a CPU machine each rank then has one core, as the baseline does). Rank 0
+writes benchmarks/results/distributed.json (--json PATH elsewhere).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness  # noqa: F401  (first: the repository's modules on sys.path)
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -39,6 +37,7 @@ import torch.distributed as dist  # noqa: E402
 import distributed  # noqa: E402
 from config import get_default_cfg, post_init_cfg  # noqa: E402
 from sae import BatchTopKSAE  # noqa: E402
+from training import make_optimizer, training_step  # noqa: E402
 
 
 class CollectiveCounter:
@@ -57,6 +56,16 @@ class CollectiveCounter:
             return self._all_reduce(tensor, *args, **kwargs)
 
         dist.all_reduce = counting_all_reduce
+        average_gradients = distributed.average_gradients
+
+        def counted_average_gradients(parameters):  # the step's gradient all-reduce, by its own name
+            outer, self.category = self.category, "gradients" if self.category is not None else None
+            try:
+                return average_gradients(parameters)
+            finally:
+                self.category = outer
+
+        distributed.average_gradients = counted_average_gradients
 
     def reset(self):
         self.bytes.clear()
@@ -78,38 +87,21 @@ def synthetic_batch(step: int, rows: int, d_in: int, device: str) -> torch.Tenso
     return (codes @ directions + 0.05 * torch.randn(rows, d_in, generator=generator)).to(device)
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def timed(fn, device: str) -> float:
-    """Seconds fn takes, the ranks starting together (so that no rank's wait for another counts)."""
-    sync(device)
+    """harness.timed, the ranks starting together (so that no rank's wait for another counts)."""
+    harness.synchronize(device)
     if distributed.batch_group() is not None:
         dist.barrier()
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
+    return harness.timed(fn, device)
 
 
-def training_step(sae, optimizer, x, counter: CollectiveCounter | None) -> None:
-    """training.py's step: forward, backward, gradient all-reduce, projection, clipping, Adam."""
+def counted_step(sae, optimizer, x, counter: CollectiveCounter | None) -> None:
+    """training.py's step on x; with a counter, its collectives counted (batch statistics, gradients)."""
     if counter is not None:
         counter.category = "batch statistics"
-    output = sae(x)
-    output["loss"].backward()
-    if counter is not None:
-        counter.category = "gradients"
-    distributed.average_gradients(sae.parameters())
+    training_step(sae, optimizer, (x,), sae.cfg["lr"], sae.cfg["max_grad_norm"])
     if counter is not None:
         counter.category = None
-    sae.remove_parallel_decoder_grad()
-    torch.nn.utils.clip_grad_norm_(sae.parameters(), sae.cfg["max_grad_norm"])
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    sae.normalize_decoder()
 
 
 def candidates(pre: torch.Tensor, lower_bound: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
@@ -130,13 +122,13 @@ def measure(d_in: int, dict_size: int, args, counter: CollectiveCounter) -> dict
     ranks, device = distributed.world_size(), args.device
     local_rows = distributed.local_batch_size(args.batch)
     sae = make_sae(d_in, dict_size, args.batch, args.k, device)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=3e-4)
+    optimizer = make_optimizer(sae, sae.cfg)
     sae.train()
     step_times, grad_times, agree_times, kth_times = [], [], [], []
     for step in range(args.warmup + args.steps):
         x = synthetic_batch(step, local_rows, d_in, device)
         counter.reset()
-        step_time = timed(lambda: training_step(sae, optimizer, x, counter), device)
+        step_time = timed(lambda: counted_step(sae, optimizer, x, counter), device)
         per_step = (dict(counter.bytes), dict(counter.calls))
         # The threshold agreement alone, on the candidates select_batch_topk would use.
         with torch.no_grad():
@@ -174,11 +166,11 @@ def single_rank_baseline(d_in: int, dict_size: int, args) -> float | None:
     if distributed.is_main_process():
         with distributed.local_batches():
             sae = make_sae(d_in, dict_size, args.batch, args.k, args.device)
-            optimizer = torch.optim.Adam(sae.parameters(), lr=3e-4)
+            optimizer = make_optimizer(sae, sae.cfg)
             times = []
             for step in range(args.warmup + args.steps):
                 x = synthetic_batch(step, args.batch, d_in, args.device)
-                elapsed = timed(lambda: training_step(sae, optimizer, x, None), args.device)
+                elapsed = timed(lambda: counted_step(sae, optimizer, x, None), args.device)
                 if step >= args.warmup:
                     times.append(elapsed)
             median = statistics.median(times)
@@ -217,20 +209,45 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    parser.add_argument("--json", help="the result file (default benchmarks/results/distributed.json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = {"batch_size": args.batch, "device": args.device, "distributed_timeout_s": 600}
     distributed.init_from_env(cfg)
     args.device = cfg["device"]
     counter = CollectiveCounter()
+    at_start, rows = harness.environment(threads=args.threads), []
     try:
         for size in args.sizes:
             d_in, dict_size = (int(n) for n in size.split("x"))
             result = measure(d_in, dict_size, args, counter)
             if distributed.is_main_process():
                 print(report(size, result, args), flush=True)
+                rows.append(result_row(size, result, args))
+        if distributed.is_main_process():
+            settings = {"global_batch": args.batch, "k": args.k, "ranks": distributed.world_size(),
+                        "device": args.device, "torch_threads_per_rank": args.threads, "warmup_steps": args.warmup,
+                        "timed_steps": args.steps}
+            harness.save("distributed", "The distributed BatchTopK step under torchrun", rows, settings,
+                         notes="Scaling efficiency: one rank alone on the whole global batch over ranks x the "
+                               "distributed step time (1.0 is linear).",
+                         environment_at_start=at_start, path=args.json)
     finally:
         distributed.shut_down()
+
+
+def result_row(size: str, result: dict, args) -> dict:
+    ranks = distributed.world_size()
+    return {
+        "size": size, "ranks": ranks, "step_ms": round(result["step_s"] * 1e3, 1),
+        "tokens_per_s": round(args.batch / result["step_s"]),
+        "one_rank_step_ms": round(result["baseline_step_s"] * 1e3, 1),
+        "scaling_efficiency": round(result["baseline_step_s"] / (ranks * result["step_s"]), 2),
+        "sent_MB_per_rank_step": round(sum(result["bytes"].values()) / 1e6, 3),
+        "all_reduces": sum(result["calls"].values()),
+        "gradient_allreduce_ms": round(result["gradients_s"] * 1e3, 1),
+        "threshold_agreement_ms": round(result["agreement_s"] * 1e3, 2),
+    }
 
 
 if __name__ == "__main__":
