@@ -51,9 +51,12 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python main.py --demo
 
 # The peers (SAELens, dictionary_learning, sparsify) live in their own environment, .bench-venv.
+# Each benchmark writes benchmarks/results/<name>.json; docs/results.md is rendered from those files.
 bench: $(STAMP)
 	test -x .bench-venv/bin/python || bash benchmarks/setup_bench_env.sh
-	$(BIN)/python benchmarks/bench_step.py --json benchmarks/results/step.json
+	$(BIN)/python benchmarks/bench_step.py
+	$(BIN)/python -m torch.distributed.run --standalone --nproc_per_node 2 benchmarks/bench_distributed.py
+	$(BIN)/python benchmarks/render_results.py
 
 clean-venv:
 	rm -rf $(VENV)
