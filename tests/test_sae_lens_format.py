@@ -206,8 +206,9 @@ def test_cli_exports_a_checkpoint(tmp_path, capsys):
     export_sae.main([str(checkpoint), str(tmp_path / "out")])
     assert "SAE.load_from_disk" in capsys.readouterr().out
     assert type(SAE.load_from_disk(tmp_path / "out")).__name__ == "JumpReLUSAE"
-    with pytest.raises(SystemExit, match="already exists"):
+    with pytest.raises(SystemExit) as refused:
         export_sae.main([str(checkpoint), str(tmp_path / "out")])
+    assert refused.value.code == 2 and "already exists" in capsys.readouterr().err
     export_sae.main([str(checkpoint), str(tmp_path / "out"), "--overwrite"])
 
 
