@@ -10,7 +10,7 @@ Per dictionary (docs/evaluation.md has every formula):
   (mean subtracted per dimension, and SAEBench's legacy per-token one), feature density statistics,
   CE loss score and KL divergence score with zero ablation.
 - k-sparse probing through the real sae-probes (sparse_probing.py) on its bundled datasets, k in
-  --ks, with its baseline probe on the model's activations; a default subset of ten datasets.
+  --ks, with its baseline probe on the model's activations; a default subset of eight datasets.
 - First-letter absorption by SAEBench's definition (absorption.py), with its model-size caveat.
 Transcoders: core metrics on the target, probing on the latents (read from the source hook);
 absorption does not apply (the decoder writes to another space than the probe's).
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-tokens", dest="inspect_tokens", metavar="N", type=RUN_OPTIONS["--num-tokens"][1]["type"],
                         help="held-out tokens for the core metrics (default: the run's n_eval_rows x seq_len)")
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 5, 16], help="k of the k-sparse probes")
-    parser.add_argument("--probe-datasets", nargs="+", metavar="NAME", help="sae-probes datasets (default: ten, "
+    parser.add_argument("--probe-datasets", nargs="+", metavar="NAME", help="sae-probes datasets (default: eight, "
                         "see sparse_probing.DEFAULT_DATASETS)")
     parser.add_argument("--all-datasets", action="store_true", help="every sae-probes dataset (113)")
     parser.add_argument("--probe-cache", type=Path, default=Path(".cache") / "sae_probes",
