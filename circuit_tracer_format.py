@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 
 from config import MODEL_ALIASES, canonical_model_name, get_hook_name
 from sae import MatryoshkaTranscoder
-from sae_lens_format import NotRepresentable, _write_folder_atomically, sae_lens_form
+from sae_lens_format import NotRepresentable, sae_lens_form, write_export_folder
 from transcoder_set import load_transcoder_set, read_manifest
 
 CONFIG_YAML = "config.yaml"
@@ -122,7 +122,7 @@ def export_circuit_tracer(set_folder: str | Path, out_dir: str | Path, scan: str
                           overwrite: bool = False) -> Path:
     """Write the transcoder set in `set_folder` to `out_dir` in circuit-tracer's format; returns
     out_dir. Everything is checked before anything is written, and the folder appears complete or
-    not at all (sae_lens_format's folder writer, with its --overwrite guard)."""
+    not at all; `overwrite` replaces only a folder an export wrote (sae_lens_format.write_export_folder)."""
     read_manifest(set_folder)
     transcoders = load_transcoder_set(set_folder, device="cpu")
     config = circuit_tracer_config(transcoders, scan)
@@ -130,7 +130,7 @@ def export_circuit_tracer(set_folder: str | Path, out_dir: str | Path, scan: str
     files = {CONFIG_YAML: lambda path: path.write_text(yaml.safe_dump(config, sort_keys=False))}
     for layer, layer_tensors in tensors.items():
         files[layer_file_name(layer)] = lambda path, t=layer_tensors: save_file(t, str(path))
-    return _write_folder_atomically(Path(out_dir), files, overwrite)
+    return write_export_folder(Path(out_dir), files, overwrite, inputs=[set_folder])
 
 
 def read_config(folder: str | Path) -> dict:

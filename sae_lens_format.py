@@ -104,12 +104,9 @@ def export_sae_lens(checkpoint_or_sae: str | Path | BaseAutoencoder, out_dir: st
         SAE_LENS_WEIGHTS: lambda path: save_file(weights, str(path)),
         NATIVE_CONFIG: lambda path: path.write_text(cfg_to_json(sae.cfg)),
         NATIVE_EXTRAS: lambda path: save_file(extras, str(path)),
-        MARKER_FILE: lambda path: path.write_text(EXPORT_TOOL + "\n"),
     }
-    if overwrite:
-        inputs = [] if isinstance(checkpoint_or_sae, BaseAutoencoder) else [checkpoint_or_sae]
-        check_replaceable(out_dir, EXPORT_TOOL, files, inputs=inputs)
-    return _write_folder_atomically(Path(out_dir), files, overwrite)
+    inputs = [] if isinstance(checkpoint_or_sae, BaseAutoencoder) else [checkpoint_or_sae]
+    return write_export_folder(Path(out_dir), files, overwrite, inputs)
 
 
 def load_checkpoint(folder: str | Path) -> BaseAutoencoder:
@@ -274,6 +271,17 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def write_export_folder(out_dir: Path, files: dict, overwrite: bool, inputs=()) -> Path:
+    """Write an export: every file of `files` ({name: write(path)}) and the marker of EXPORT_TOOL
+    into a temporary sibling folder, then rename it to out_dir, so that it appears complete or not
+    at all. `overwrite` replaces only a folder an export wrote, which neither is nor holds one of
+    `inputs` (checkpoint.check_replaceable); without it an existing out_dir is refused."""
+    files = {**files, MARKER_FILE: lambda path: path.write_text(EXPORT_TOOL + "\n")}
+    if overwrite:
+        check_replaceable(out_dir, EXPORT_TOOL, files, inputs=inputs)
+    return _write_folder_atomically(out_dir, files, overwrite)
 
 
 def _write_folder_atomically(out_dir: Path, files: dict, overwrite: bool) -> Path:
