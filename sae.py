@@ -28,7 +28,7 @@ import distributed
 from config import compute_fvu
 from sparse_ops import (
     SparseCode, gather_preactivations, select_above_threshold, select_batch_topk, select_topk,
-    sparse_decode, sparse_decode_groups,
+    sparse_decode, sparse_decode_cross_layer, sparse_decode_groups,
 )
 
 STD_EPS = 1e-5
@@ -1041,18 +1041,14 @@ class MatryoshkaCrossLayerTranscoder(BaseAutoencoder):
         the scaled target units, without b_dec: entry (b, g, m) sums a_{b,j,i} W_dec[j][i, m - j] over
         the source layers j <= m and the latents i of group g (`group_ends`, default the cfg's)."""
         group_ends = self.group_ends if group_ends is None else group_ends
-        B, G, S, n = code.batch_size, group_ends.numel(), self.layer_size, self.n_layers
-        out = code.values.new_zeros(B, G, n, self.d_out)
+        S = self.layer_size
         layer_of_entry = code.latents // S
-        for j in range(n):
+        codes = []
+        for j in range(self.n_layers):
             entries = (layer_of_entry == j).nonzero().squeeze(1)  # still sorted by (row, latent)
-            if entries.numel() == 0:
-                continue
-            layer_code = SparseCode.from_indices(code.rows[entries], code.latents[entries] - j * S, B, S)
-            layer_code = layer_code.with_values(code.values[entries])
-            partial = sparse_decode_groups(layer_code, self.W_dec[j].view(S, -1), group_ends)
-            out[:, :, j:] += partial.view(B, G, n - j, self.d_out)
-        return out
+            layer_code = SparseCode.from_indices(code.rows[entries], code.latents[entries] - j * S, code.batch_size, S)
+            codes.append((layer_code.with_values(code.values[entries]), j))
+        return sparse_decode_cross_layer(codes, list(self.W_dec), group_ends, self.n_layers)
 
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
         """Predictions [B, L, d_out] in the scaled target units from dense feature_acts [B, L S]

@@ -188,6 +188,67 @@ def sparse_decode_groups(code: SparseCode, W_dec: torch.Tensor, group_ends: torc
     return partial.view(code.batch_size, n_groups, -1)
 
 
+class _CrossLayerDecode(torch.autograd.Function):
+    """out[b, g, m] = sum over source layers j <= m and their entries n in bag (b, g) of
+    values_j[n] W_j[latent_n, m - j]: a cross-layer transcoder's decode (see sparse_decode_cross_layer)."""
+
+    @staticmethod
+    def forward(ctx, layout, out_shape, *tensors):
+        n = len(layout)
+        values, weights = tensors[:n], tensors[n:]
+        out = weights[0].new_zeros(out_shape)
+        B, G, n_out, d = out_shape
+        for (code, bags, offsets, j), v, W in zip(layout, values, weights):
+            if v.numel():  # the whole row of a latent, all its output layers, in one bag sum
+                partial = F.embedding_bag(code.latents, W.view(W.shape[0], -1), offsets, mode="sum",
+                                          per_sample_weights=v)
+                out[:, :, j:] += partial.view(B, G, n_out - j, d)
+        ctx.layout = layout
+        ctx.save_for_backward(*values, *weights)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        layout, n = ctx.layout, len(ctx.layout)
+        values, weights = ctx.saved_tensors[:n], ctx.saved_tensors[n:]
+        grad_values, grad_weights = [], []
+        for i, ((code, bags, offsets, j), v, W) in enumerate(zip(layout, values, weights)):
+            table = W.view(W.shape[0], -1)
+            grad_v = grad_W = None
+            if v.numel() == 0:
+                grad_v = torch.zeros_like(v) if ctx.needs_input_grad[2 + i] else None
+                grad_W = torch.zeros_like(W) if ctx.needs_input_grad[2 + n + i] else None
+            else:
+                g = grad_out[:, :, j:].reshape(grad_out.shape[0] * grad_out.shape[1], -1)  # [B G, (L - j) d]
+                if ctx.needs_input_grad[2 + i]:
+                    grad_v = sampled_row_dots(g, table, offsets, code.latents)
+                if ctx.needs_input_grad[2 + n + i]:
+                    grad_W = _sum_by_latent(code, g, bags, v).view_as(W)
+            grad_values.append(grad_v)
+            grad_weights.append(grad_W)
+        return (None, None, *grad_values, *grad_weights)
+
+
+def sparse_decode_cross_layer(codes: list[tuple[SparseCode, int]], weights: list[torch.Tensor],
+                              group_ends: torch.Tensor, n_out: int) -> torch.Tensor:
+    """A cross-layer decode [batch, n_groups, n_out, d]: entry (b, g, m) sums, over the source layers
+    j <= m and the active latents of group g ([group_ends[g-1], group_ends[g])) of row b in code_j,
+    value x weights_j[latent, m - j]. `codes`: (code with values, j) per source layer; weights_j
+    [S, n_out - j, d]. Each latent's rows for all its output layers are one table row of width
+    (n_out - j) d, so the cost is N_j (n_out - j) d per layer, forward and backward, and no
+    [batch, S, n_out, d] product is formed; the output is allocated once (summing layer by layer
+    with autograd would copy it once per layer in the backward pass)."""
+    n_groups = group_ends.numel()
+    batch, d = codes[0][0].batch_size, weights[0].shape[-1]
+    layout, values = [], []
+    for code, j in codes:
+        groups = torch.bucketize(code.latents, group_ends, right=True)
+        bags = code.rows * n_groups + groups  # sorted, since latents are sorted within each row
+        layout.append((code, bags, bag_offsets(bags, batch * n_groups), j))
+        values.append(code.values)
+    return _CrossLayerDecode.apply(layout, (batch, n_groups, n_out, d), *values, *weights)
+
+
 # ---------------------------------------------------------------------------------------------
 # Selection: which (row, latent) entries are active
 # ---------------------------------------------------------------------------------------------
