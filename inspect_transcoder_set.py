@@ -101,6 +101,8 @@ def inspect_set(args: argparse.Namespace) -> Path:
     name = args.viewer_name or args.checkpoint.resolve().name
     if args.viewer_features is not None:
         check_viewer_name(name)
+    out = args.out or args.checkpoint / "feature_browser"
+    check_set_output_folder(out)
     cfg_of = layer_cfg_of(args)
     cfg = cfg_of(load_cfg(next(iter(folders.values()))))
     check_device(cfg)
@@ -108,8 +110,6 @@ def inspect_set(args: argparse.Namespace) -> Path:
     for key in ("dataset_path", "eval_dataset_path"):
         if cfg.get(key) is not None:
             check_dataset_available(cfg[key], key)
-    out = args.out or args.checkpoint / "feature_browser"
-    check_set_output_folder(out)
 
     print(f"Transcoder set {args.checkpoint}: layers {', '.join(map(str, folders))}")
     stats_by_layer = collect_set_statistics(args.checkpoint, cfg_of, top_n=args.top_n, context=args.context,
