@@ -43,15 +43,19 @@ CLT_DEFAULTS = dict(sae_type="matryoshka_clt", model_name="smollm2-135m", datase
 
 
 def clt_cfg(args: argparse.Namespace | None = None) -> dict:
-    """The script's CLT settings, then the command line's."""
+    """The script's CLT settings, then the command line's (--layers, --plain, --sparsity, sites)."""
     cfg = get_default_cfg()
     cfg.update(CLT_DEFAULTS, dict_size=None, group_sizes=None)
     if args is not None:
         cfg = apply_overrides(cfg, args)
         cfg.update(clt_sparsity=args.sparsity, source_site=args.source_site, target_site=args.target_site)
+    model = post_init_cfg({**cfg, "dict_size": 64, "group_sizes": None})  # the model's width and depth
     if cfg["dict_size"] is None:
-        cfg = post_init_cfg({**cfg, "dict_size": 1})  # the model's width
-        cfg.update(dict_size=2 * cfg["act_size"], group_sizes=None, name=None, derived={})
+        cfg.update(dict_size=2 * model["act_size"], group_sizes=None)
+    if args is not None and args.layers != "all":
+        from transcoder_set import parse_layers
+
+        cfg["clt_layers"] = parse_layers(args.layers, model["n_layers"])
     if args is not None and args.plain:
         cfg["group_sizes"] = [cfg["dict_size"]]
     return post_init_cfg(cfg)
@@ -213,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--sparsity", choices=["global", "per_layer"], default="global",
                               help="BatchTopK over every layer's latents (default) or within each source layer")
     train_parser.add_argument("--plain", action="store_true", help="one group: a plain BatchTopK CLT (no prefixes)")
+    train_parser.add_argument("--layers", default="all", help="the layers it reads and writes: 'all' (default; "
+                              "what circuit-tracer needs), a range 0-9 or a list 0,1,2")
     train_parser.add_argument("--source-site", default="ln2_normalized", choices=list(HOOK_SITES))
     train_parser.add_argument("--target-site", default="mlp_out", choices=list(HOOK_SITES))
     evaluate_parser = commands.add_parser("evaluate", help="every MLP replaced at once: CE, KL, per-layer FVU")
