@@ -114,7 +114,11 @@ def inspect(args: argparse.Namespace) -> Path:
     from feature_statistics import collect_feature_statistics, describe_source
     from model_loading import check_model_available, load_model
     from transcoder_activation_store import TranscoderActivationsStore
+    from transcoder_set import is_transcoder_set
 
+    if is_transcoder_set(args.checkpoint):
+        raise ValueError(f"{args.checkpoint} is a transcoder set; build its pages (and circuit-tracer's feature "
+                         f"files) with python inspect_transcoder_set.py {args.checkpoint}")
     check_checkpoint_folder(args.checkpoint)
     cfg = inspection_cfg(load_cfg(args.checkpoint), args)
     check_device(cfg)
