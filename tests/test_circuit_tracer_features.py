@@ -278,3 +278,12 @@ def test_script_refuses_bad_input_before_any_work(transcoder_set, tmp_path, monk
         assert exit_.value.code == 2
         error = capsys.readouterr().err
         assert message in error and error.count("\n") == 1
+
+
+def test_inspect_sae_points_a_set_folder_to_the_set_script(transcoder_set, capsys):
+    import inspect_sae
+
+    with pytest.raises(SystemExit) as exit_:
+        inspect_sae.main([str(transcoder_set)])
+    assert exit_.value.code == 2
+    assert f"python inspect_transcoder_set.py {transcoder_set}" in capsys.readouterr().err
