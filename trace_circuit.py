@@ -52,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "three Python-documentation completions")
     parser.add_argument("--max-feature-nodes", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=64, help="attribution batch size")
-    parser.add_argument("--scan", help="the viewer's feature location (e.g. './data/features/<name>' for "
-                        "feature files written by inspect_sae.py); default: the exported config's scan")
+    parser.add_argument("--scan", help="where the viewer finds feature pages: the scan that "
+                        "inspect_transcoder_set.py SET --viewer-features OUT/graph_files prints "
+                        "('./data/features/<name>'); default: the exported config's scan")
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="largest relative difference allowed between circuit-tracer's and our outputs")
     parser.add_argument("--device", default="cpu")
