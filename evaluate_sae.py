@@ -215,31 +215,18 @@ def _version(package: str) -> str:
 
 
 def environment_stamp() -> dict:
-    """Commit, package versions, CPU, threads and date: what a figure was measured with."""
-    import datetime
-    import platform
-    import subprocess
+    """When, where and with what the figures were measured: benchmarks/harness.py's stamp (commit,
+    versions, CPU, cores, threads, GPU, load) with the evaluation packages' versions added."""
+    import sys
 
-    import torch
+    benchmarks = str(Path(__file__).resolve().parent / "benchmarks")
+    if benchmarks not in sys.path:
+        sys.path.insert(0, benchmarks)
+    import harness
 
-    def git(*command):
-        try:
-            return subprocess.run(["git", *command], capture_output=True, text=True, check=True,
-                                  cwd=Path(__file__).parent).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"commit": git("rev-parse", "HEAD"), "uncommitted_changes": bool(git("status", "--porcelain", "--", "*.py")),
-            "python": platform.python_version(),
-            "versions": {p: _version(p) for p in ("torch", "transformer-lens", "sae-lens", "sae-probes",
-                                                  "scikit-learn", "numpy")},
-            "cpu": cpu, "threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    stamp = harness.environment()
+    stamp["packages"].update(harness.package_versions(("sae-probes", "scikit-learn", "numpy")))
+    return stamp
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +248,17 @@ def _get(result: dict, path: tuple[str, ...]):
     return result
 
 
-def table_rows(results: list[dict]) -> list[tuple[str, list]]:
+def table_rows(results: list[dict]) -> list[tuple[str, list[str]]]:
+    """(metric, one formatted cell per dictionary) for every metric some dictionary has."""
+    return [(label, [_cell(v, fmt) for v in values]) for label, values, fmt in _rows(results)
+            if any(v is not None for v in values)]
+
+
+def _row_values(results: list[dict]) -> list[tuple[str, list]]:
+    return [(label, values) for label, values, _ in _rows(results) if any(v is not None for v in values)]
+
+
+def _rows(results: list[dict]) -> list[tuple[str, list, str]]:
     rows = [(label, [_get(r, path) for r in results], fmt) for label, path, fmt in TABLE_ROWS]
     ks = next((r["sparse_probing"]["ks"] for r in results if "sparse_probing" in r), [])
     for k in ks:
@@ -274,8 +271,18 @@ def table_rows(results: list[dict]) -> list[tuple[str, list]]:
                             ("full absorption rate*", "mean_full_absorption_score", "{:.3f}"),
                             ("letters scored*", "letters_scored", "{}")):
         rows.append((label, [_get(r, ("absorption", key)) for r in results], fmt))
-    return [(label, [_cell(v, fmt) for v in values]) for label, values, fmt in rows
-            if any(v is not None for v in values)]
+    return rows
+
+
+def summary_rows(results: list[dict]) -> tuple[list[str], list[dict]]:
+    """The table as (columns, one row per dictionary), values as measured (for result files)."""
+    rows = [{"dictionary": label} for label in labels_of(results)]
+    columns = ["dictionary"]
+    for label, values in _row_values(results):
+        columns.append(label)
+        for row, value in zip(rows, values):
+            row[label] = None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+    return columns, rows
 
 
 def _cell(value, fmt: str) -> str:

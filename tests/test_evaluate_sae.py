@@ -30,7 +30,7 @@ def test_two_dictionaries_side_by_side(tmp_path, token_rows, tiny_models, capsys
         assert 0 < core["l0"] <= result["top_k"] * 4 and core["l1"] > 0
         assert core["kl_div_with_sae"] < core["kl_div_with_ablation"]
         assert 0 <= core["frac_over_10_percent"] <= core["frac_over_1_percent"] <= core["frac_alive"] <= 1
-        assert result["environment"]["commit"] and result["environment"]["versions"]["torch"]
+        assert result["environment"]["commit"] and result["environment"]["packages"]["sae-probes"]
     assert (out / "evaluation_table.md").read_text().startswith("| metric |")
 
 
@@ -54,3 +54,7 @@ def test_table_marks_missing_values_and_the_absorption_caveat():
     assert "| absorption fraction* | 0.120 | - |" in table
     assert "| full absorption rate* | - | - |" in table
     assert "1B-parameter" in table
+    columns, rows = evaluate_sae.summary_rows(results)  # the same figures, for result files
+    assert columns[:2] == ["dictionary", "L0"] and [row["dictionary"] for row in rows] == ["topk", "matryoshka_transcoder"]
+    assert rows[0]["absorption fraction*"] == 0.12 and rows[1]["absorption fraction*"] is None
+    assert rows[0]["full absorption rate*"] is None
