@@ -243,7 +243,7 @@ def export_circuit_tracer_clt(checkpoint: str | Path, out_dir: str | Path, scan:
     files = {CONFIG_YAML: lambda path: path.write_text(yaml.safe_dump(config, sort_keys=False))}
     for name, file_tensors in tensors.items():
         files[name] = lambda path, t=file_tensors: save_file(t, str(path))
-    return _write_folder_atomically(Path(out_dir), files, overwrite)
+    return write_export_folder(Path(out_dir), files, overwrite, inputs=[checkpoint])
 
 
 def load_clt_in_circuit_tracer(folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
