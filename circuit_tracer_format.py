@@ -118,6 +118,13 @@ def circuit_tracer_config(transcoders: dict[int, MatryoshkaTranscoder], scan: st
     }
 
 
+def viewer_scan(set_folder: str | Path) -> str:
+    """The scan under which circuit-tracer's local viewer finds the set's feature pages, as
+    ``inspect_transcoder_set.py SET --viewer-features DATA_DIR`` writes them by default
+    (DATA_DIR/features/<set folder's name>, served as ./data/...)."""
+    return f"./data/features/{Path(set_folder).resolve().name}"
+
+
 def export_circuit_tracer(set_folder: str | Path, out_dir: str | Path, scan: str | None = None,
                           overwrite: bool = False) -> Path:
     """Write the transcoder set in `set_folder` to `out_dir` in circuit-tracer's format; returns
@@ -125,7 +132,7 @@ def export_circuit_tracer(set_folder: str | Path, out_dir: str | Path, scan: str
     not at all; `overwrite` replaces only a folder an export wrote (sae_lens_format.write_export_folder)."""
     read_manifest(set_folder)
     transcoders = load_transcoder_set(set_folder, device="cpu")
-    config = circuit_tracer_config(transcoders, scan)
+    config = circuit_tracer_config(transcoders, scan or viewer_scan(set_folder))
     tensors = {layer: circuit_tracer_layer(t) for layer, t in transcoders.items()}
     files = {CONFIG_YAML: lambda path: path.write_text(yaml.safe_dump(config, sort_keys=False))}
     for layer, layer_tensors in tensors.items():

@@ -39,11 +39,11 @@ from config import get_default_cfg, post_init_cfg
 SET_MANIFEST = "transcoder_set.json"
 SET_FORMAT = 1
 
-# kind -> the settings that make it (beside transcoder_skip); group_sizes None: the default groups.
-TRANSCODER_KINDS: dict[str, dict] = {
-    "matryoshka": {"transcoder_selection": "batchtopk"},
-    "batchtopk": {"transcoder_selection": "batchtopk", "one_group": True},
-    "topk": {"transcoder_selection": "topk", "one_group": True},
+# kind -> (cfg["transcoder_selection"], whether the whole dictionary is the only prefix)
+TRANSCODER_KINDS: dict[str, tuple[str, bool]] = {
+    "matryoshka": ("batchtopk", False),
+    "batchtopk": ("batchtopk", True),
+    "topk": ("topk", True),
 }
 
 # The source a set reads by default: the MLP's normalised input (see docs/transcoder_sets.md for
@@ -89,10 +89,8 @@ def transcoder_set_cfgs(cfg: dict, layers: Sequence[int], set_folder: str | Path
 
     if kind not in TRANSCODER_KINDS:
         raise ValueError(f"Unknown transcoder kind {kind!r}; choose one of {', '.join(TRANSCODER_KINDS)}.")
-    settings = dict(TRANSCODER_KINDS[kind])
-    one_group = settings.pop("one_group", False)
-    base = dict(cfg)
-    base.update(settings, transcoder_skip=skip, checkpoint_dir=str(set_folder))
+    selection, one_group = TRANSCODER_KINDS[kind]
+    base = {**cfg, "transcoder_selection": selection, "transcoder_skip": skip, "checkpoint_dir": str(set_folder)}
     cfgs = []
     for layer in layers:
         layer_cfg = create_transcoder_config(dict(base, name=layer_folder_name(layer)), source_layer=layer,
