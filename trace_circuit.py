@@ -82,10 +82,10 @@ def compare_layers(model, transcoders, set_folder, tokens: list[torch.Tensor]) -
     names = [f"blocks.{layer}.{hook}" for layer in ours for hook in (hook_in, hook_out)]
     if hook_in.endswith("hook_mlp_in"):
         model.set_use_hook_mlp_in(True)
+    caches = [model.run_with_cache(t[None], names_filter=names)[1] for t in tokens]
     errors = {}
     for layer, transcoder in ours.items():
-        x = torch.cat([model.run_with_cache(t[None], names_filter=names)[1][f"blocks.{layer}.{hook_in}"][0, 1:]
-                       for t in tokens])
+        x = torch.cat([cache[f"blocks.{layer}.{hook_in}"][0, 1:] for cache in caches])
         theirs = transcoders[layer]
         same_latents = torch.equal(transcoder.encode(x) > 0, theirs.encode(x) > 0)
         errors[str(layer)] = relative_error(transcoder.reconstruct(x), theirs(x))
