@@ -102,7 +102,7 @@ def run_demo(args=None) -> dict:
     plots = [plot_prefix_fvu(load_history(folder), folder / "prefix_fvu.png"),
              plot_firing_density(report["firing_density"], folder / "firing_density.png")]
     print()
-    print(format_report(report, ce, cfg["group_sizes"]))
+    print(format_report(report, ce if "ce_loss_clean" in ce else None, cfg["group_sizes"]))  # (a stop skips it)
     print(f"\nTrained on {cfg['num_tokens']:,} tokens in {training_time / 60:.1f} min "
           f"({cfg['num_tokens'] / training_time:,.0f} tokens/s, model included); "
           f"held-out: {len(held_out):,} tokens.")

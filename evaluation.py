@@ -101,14 +101,15 @@ def evaluate_ce_loss(sae, model, tokens: torch.Tensor, cfg: dict, kl: bool = Fal
     try:
         totals = {"clean": 0.0, "spliced": 0.0, "zero_ablation": 0.0, "mean_ablation": 0.0}
         for i, chunk in enumerate(bar):
-            signal_name = stop_requested()
-            if signal_name is not None:  # inside training, told to stop: the figures would be partial
-                print(f"CE evaluation stopped by {signal_name} after {i} of {len(chunks)} batches; its figures "
-                      f"are left out.", file=sys.stderr)
-                return {}
             chunk = chunk.to(model.cfg.device)
             keep = bos_mask(chunk, model, cfg) if cfg["exclude_bos"] else None
-            for name, loss in _chunk_losses(sae, model, chunk, cfg, keep, kl).items():
+            try:
+                losses = _chunk_losses(sae, model, chunk, cfg, keep, kl)
+            except _Stopped as stop:  # inside training, told to stop: the figures would be partial
+                print(f"CE evaluation stopped by {stop} after {i} of {len(chunks)} batches; its figures are left "
+                      f"out.", file=sys.stderr)
+                return {}
+            for name, loss in losses.items():
                 totals[name] = totals.get(name, 0.0) + loss * len(chunk) / len(tokens)
     finally:
         bar.close()
@@ -120,6 +121,10 @@ def evaluate_ce_loss(sae, model, tokens: torch.Tensor, cfg: dict, kl: bool = Fal
     if kl:
         result["kl_div_score"] = (totals["kl_div_zero_ablation"] - totals["kl_div_spliced"]) / totals["kl_div_zero_ablation"]
     return result
+
+
+class _Stopped(Exception):
+    """A stop signal arrived during the CE evaluation (its name is the message)."""
 
 
 def _chunk_losses(sae, model, tokens, cfg, keep, kl=False) -> dict[str, float]:
@@ -138,6 +143,8 @@ def _chunk_losses(sae, model, tokens, cfg, keep, kl=False) -> dict[str, float]:
     else:
         losses = {"clean": model(tokens, return_type="loss")}
     for name, replace in replacements.items():
+        if stop_requested() is not None:  # between the model runs: a stop waits for one run at most
+            raise _Stopped(stop_requested())
         hooks = _patch_hooks(cfg, replace, keep)
         if kl and name != "mean_ablation":
             logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
