@@ -16,13 +16,10 @@ machines here are shared and noisy). Offline, CPU.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+import harness
 
 import torch  # noqa: E402
 
@@ -77,6 +74,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16, help="training steps timed (epochs over the cache)")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
+    at_start = harness.environment()
     torch.manual_seed(0)
     model = load_model("smollm2-135m")
     cfg = run_cfg(args)
@@ -104,6 +102,17 @@ def main() -> None:
             cached.append(time_steps(step, (store.next_batch() for _ in range(n_steps))))
         print(f"{args.sae_type} 576 -> 9216, k 32, batch {args.batch_size}: bare step {max(bare):,.0f} tokens/s, "
               f"from the cache {max(cached):,.0f} tokens/s: {max(cached) / max(bare):.2f} x")
+    rows = [{"phase": "model forward (bare)", "tokens_per_s": round(args.tokens / min(forward))},
+            {"phase": "cache write (model included)", "tokens_per_s": round(args.tokens / min(write)),
+             "ratio": round(min(forward) / min(write), 2)},
+            {"phase": f"{args.sae_type} step, batches in memory", "tokens_per_s": round(max(bare))},
+            {"phase": f"{args.sae_type} step, batches from the cache", "tokens_per_s": round(max(cached)),
+             "ratio": round(max(cached) / max(bare), 2)}]
+    settings = {"model": "smollm2-135m", "layer": 4, "tokens": args.tokens, "batch_size": args.batch_size,
+                "dictionary": "576 -> 9216, k 32", "rounds": args.rounds, "timed_steps": args.steps}
+    harness.save("cache", "The activation cache: writing it, and training from it", rows, settings,
+                 columns=["phase", "tokens_per_s", "ratio"], environment_at_start=at_start,
+                 notes="ratio: against the row above it (the bare model pass; the step on batches in memory).")
 
 
 if __name__ == "__main__":

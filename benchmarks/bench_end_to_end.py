@@ -90,9 +90,8 @@ import tempfile
 import time
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-ROOT = BENCH_DIR.parent
-BENCH_PYTHON = ROOT / ".bench-venv" / "bin" / "python"
+import harness
+from harness import BENCH_PYTHON
 
 LAYER = 4
 LAYERS = (4, 6, 8)
@@ -137,6 +136,7 @@ def main() -> None:
     if not python.exists():
         sys.exit(f"error: {python} does not exist; create the benchmark environment with "
                  f"bash benchmarks/setup_bench_env.sh (or pass --python).")
+    at_start = harness.environment(threads=args.threads)
     with tempfile.TemporaryDirectory(prefix="bench_e2e_") as workdir:
         prepared = call_worker(args, python, workdir, "prepare", "-")
         if "error" in prepared:
@@ -146,9 +146,24 @@ def main() -> None:
             print(f"... {case} {sae_type}", file=sys.stderr, flush=True)
             records.append(call_worker(args, python, workdir, case, sae_type))
     print(markdown_report(records, args))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(records, indent=1))
+    save_results(records, args, at_start)
+
+
+def save_results(records: list[dict], args, at_start: dict) -> None:
+    """benchmarks/results/end_to_end.json (or --json): one row per case, the raw records beside."""
+    prepared, runs = records[0], records[1:]
+    columns = ["case", "sae_type", "tokens", "seconds", "tokens_per_s", "forward_s", "fvu_first", "fvu_last",
+               "l0_last", "peak_rss_mb"]
+    rows = [{"case": LABELS.get(r["case"], r["case"]), **{key: r.get(key) for key in columns[1:]}}
+            if "error" not in r else {"case": LABELS.get(r["case"], r["case"]), "sae_type": r["sae_type"]}
+            for r in runs]
+    settings = {"model": "smollm2-135m", "layer": LAYER, "dict_size": DICT_SIZE, "top_k": TOP_K, "batch_size": BATCH,
+                "lr": LR, "seq_len": SEQ_LEN, "steps": prepared.get("n_steps"), "worker_packages": prepared.get("versions")}
+    path = harness.save("end_to_end", "End to end with the model included: ours against SAELens and sparsify", rows,
+                        settings, columns=columns, environment_at_start=at_start, path=args.json)
+    record = json.loads(path.read_text())
+    record["raw_records"] = records
+    path.write_text(json.dumps(record, indent=1) + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"default: {' '.join(DEFAULT_CASES)}")
     parser.add_argument("--sae-types", nargs="+", choices=SAE_TYPES, default=list(SAE_TYPES))
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in every case")
-    parser.add_argument("--json", help="write the raw records to this file")
+    parser.add_argument("--json", help="the result file (default benchmarks/results/end_to_end.json)")
     parser.add_argument("--python", default=str(BENCH_PYTHON), help="the interpreter of the cases")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds before a case is given up")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -273,7 +288,6 @@ def cache_totals(runs: list[dict]) -> list[str]:
 def run_worker(args) -> None:
     import torch
 
-    sys.path[:0] = [str(ROOT), str(BENCH_DIR)]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     plan = Plan(args.tokens, Path(args.workdir))

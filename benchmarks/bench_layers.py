@@ -12,13 +12,9 @@ single layer's do. Target: the three-layer run takes <= 1.3 x the single layer's
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import harness
 
 import torch  # noqa: E402
 
@@ -41,10 +37,12 @@ def layer_cfg(args, layer: int, checkpoint_dir: str) -> dict:
 def timed_run(model, cfgs) -> float:
     """Seconds for the whole run: the store (its first model passes) and the training loop."""
     torch.manual_seed(0)
-    start = time.perf_counter()
-    store = (MultiHookActivationsStore(model, cfgs) if len(cfgs) > 1 else ActivationsStore(model, cfgs[0]))
-    train_sae_group([create_sae(cfg) for cfg in cfgs], store, None, cfgs)
-    return time.perf_counter() - start
+
+    def run() -> None:
+        store = (MultiHookActivationsStore(model, cfgs) if len(cfgs) > 1 else ActivationsStore(model, cfgs[0]))
+        train_sae_group([create_sae(cfg) for cfg in cfgs], store, None, cfgs)
+
+    return harness.timed(run, cfgs[0]["device"])
 
 
 def main() -> None:
@@ -53,6 +51,7 @@ def main() -> None:
     parser.add_argument("--sae-type", default="matryoshka")
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
+    at_start = harness.environment()
     model = load_model("smollm2-135m")
     one, three = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,6 +61,13 @@ def main() -> None:
     print(f"{args.sae_type}, {args.tokens} tokens, {torch.get_num_threads()} threads: layer 8 alone {min(one):.1f} s "
           f"({args.tokens / min(one):,.0f} tokens/s); layers 4, 6, 8 from one pass {min(three):.1f} s: "
           f"{min(three) / min(one):.2f} x")
+    rows = [{"run": "layer 8 alone", "seconds": round(min(one), 1), "tokens_per_s": round(args.tokens / min(one))},
+            {"run": "layers 4, 6, 8 from one pass", "seconds": round(min(three), 1),
+             "tokens_per_s": round(args.tokens / min(three)), "time_vs_one_layer": round(min(three) / min(one), 2)}]
+    settings = {"model": "smollm2-135m", "sae_type": args.sae_type, "tokens": args.tokens, "batch_size": 4096,
+                "rounds": args.rounds}
+    harness.save("layers", "Several layers from one model pass (model included)", rows, settings,
+                 columns=["run", "seconds", "tokens_per_s", "time_vs_one_layer"], environment_at_start=at_start)
 
 
 if __name__ == "__main__":

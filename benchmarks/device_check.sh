@@ -3,8 +3,10 @@
 # "The GPU checks"). Prepare here, once: bash benchmarks/device_wheels.sh (fills .whl/ with the
 # packages the GPU image lacks), then run, through the device tool:
 #     command: bash benchmarks/device_check.sh      carry: [".whl"]      timeout_s: 540
-# Steps, most valuable first, each independent of the others' success:
-#   1. tests/test_cuda.py: every dictionary trains on the GPU as on the CPU (torch alone);
+# First the carried wheels go in (/tmp/site): test_cuda.py and the step benchmark step through
+# training.py, which imports wandb, datasets and transformer_lens. Then the steps, most valuable
+# first, each independent of the others' success:
+#   1. tests/test_cuda.py: every dictionary trains on the GPU as on the CPU;
 #   2. the step benchmark on the GPU, ours in float32 and bfloat16, at the CPU table's sizes and
 #      Gemma-2-2B's (2304 -> 36864);
 #   3. with the carried wheels: the test suite (CPU tests, on the GPU machine's torch) and
@@ -30,6 +32,16 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.is_available())" \
   | tee -a "$OUT/gpu.txt"
 
+step "0. carried wheels"
+if [ "$DEVICE" = cpu ]; then
+  echo "DEVICE=cpu: the wheels are not installed; this machine's environment runs every step"
+elif ! { ls .whl/*.whl > /dev/null 2>&1 \
+   && "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; }; then
+  echo "no wheels in .whl (run benchmarks/device_wheels.sh here and carry .whl): the steps below will fail to import"
+  status=1
+fi
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site
+
 step "1. tests/test_cuda.py"
 TEST_DEVICE=$DEVICE "$PYTHON" -m pytest -q -p no:cacheprovider --noconftest tests/test_cuda.py 2>&1 \
   | tee "$OUT/test_cuda.log" || status=1
@@ -41,16 +53,8 @@ for dtype in float32 bfloat16; do
     --batch-size 4096 --warmup 3 --steps 10 2>&1 | tee "$OUT/step_$dtype.log" || status=1
 done
 
-step "3. carried wheels: the test suite and the GPU demo"
-if [ "$DEVICE" = cpu ]; then
-  echo "DEVICE=cpu: the wheels are not installed; this machine's environment runs step 3"
-elif ! { ls .whl/*.whl > /dev/null 2>&1 \
-   && "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; }; then
-  echo "no wheels in .whl (run benchmarks/device_wheels.sh here and carry .whl): step 3 skipped"
-  status=1
-fi
+step "3. the test suite and the GPU demo"
 if [ "$DEVICE" = cpu ] || [ -d /tmp/site ]; then
-  [ -d /tmp/site ] && export PYTHONPATH=/tmp/site
   # The image's versions that the carried packages' requirements name (datasets: pyarrow >= 24).
   "$PYTHON" -m pip show pyarrow fsspec protobuf typing-extensions 2>/dev/null | grep -E "^(Name|Version)" | paste - - \
     | tee "$OUT/image_versions.txt"

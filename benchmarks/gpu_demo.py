@@ -15,12 +15,10 @@ Printed: the wall time of main.main, its training tokens/s, and the GPU's peak m
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness
 
 import torch  # noqa: E402
 
@@ -67,6 +65,7 @@ def main() -> None:
     import main as main_script
     import model_loading
 
+    at_start = harness.environment()
     model = random_smollm2(args.device, getattr(torch, args.model_dtype))
     config.MODEL_TABLE["smollm2-random"] = {"act_size": SMOLLM2["hidden_size"], "n_layers": SMOLLM2["num_hidden_layers"]}
     model_loading.load_model = lambda name, device, dtype: model
@@ -80,16 +79,23 @@ def main() -> None:
                 "--perf-log-freq", str(max(1, args.tokens // args.batch_size))]  # one CE evaluation, at the end
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        started = time.perf_counter()
-        main_script.main(argv)
-        elapsed = time.perf_counter() - started
+        elapsed = harness.timed(lambda: main_script.main(argv), args.device)
     trained = args.tokens // args.batch_size * args.batch_size
     print(f"\ngpu_demo: {args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'CPU'}), "
           f"torch {torch.__version__}, model {args.model_dtype}, SAE matmuls {args.dtype}: {trained:,} tokens "
           f"in {elapsed:.1f} s, {trained / elapsed:,.0f} tokens/s (main.py's dictionaries, CE evaluations and "
           f"checkpoints included)")
-    if args.device.startswith("cuda"):
-        print(f"gpu_demo: peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
+    if peak is not None:
+        print(f"gpu_demo: peak GPU memory {peak:.2f} GiB")
+    rows = [{"device": args.device, "model_dtype": args.model_dtype, "sae_dtype": args.dtype, "tokens": trained,
+             "seconds": round(elapsed, 1), "tokens_per_s": round(trained / elapsed),
+             "peak_gpu_GiB": None if peak is None else round(peak, 2)}]
+    harness.save(f"gpu_demo_{args.device.split(':')[0]}", "main.py end to end on a random SmolLM2-sized model",
+                 rows, {"layer": 6, "seq_len": SEQ_LEN, "batch_size": args.batch_size},
+                 environment_at_start=at_start,
+                 notes="main.py's default group (BatchTopK k 16/32/64 and one Matryoshka SAE) with its CE "
+                       "evaluation and checkpoints, the model's passes included.")
 
 
 if __name__ == "__main__":

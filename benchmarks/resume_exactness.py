@@ -10,14 +10,14 @@ while fetching the batch of step 23 (after the checkpoint of step 20); that run 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness
 
 import torch  # noqa: E402
 
@@ -59,19 +59,24 @@ def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--killed-run":
         train(model, run_cfg(sys.argv[2]), kill_at_batch=24)
         return
+    at_start = harness.environment()
     with tempfile.TemporaryDirectory() as tmp:
         reference = train(model, run_cfg(f"{tmp}/reference"))
         child = subprocess.run([sys.executable, __file__, "--killed-run", f"{tmp}/killed"])
         cfg = run_cfg(f"{tmp}/killed")
         folder = checkpoint_folder(cfg)
-        print(f"child exit status {child.returncode} (SIGKILL: {-signal.SIGKILL}); checkpoint at step "
-              f"{load_sae(folder) and __import__('json').loads((folder / 'metrics.json').read_text())['step']}")
+        step = load_sae(folder) and json.loads((folder / "metrics.json").read_text())["step"]
+        print(f"child exit status {child.returncode} (SIGKILL: {-signal.SIGKILL}); checkpoint at step {step}")
         resumed = train(model, cfg, resume_from=folder)
         worst = max((a - b).abs().max().item() for a, b in
                     zip(reference.state_dict().values(), resumed.state_dict().values()))
         same = all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(),
                                                       resumed.state_dict().values()))
         print(f"resumed vs uninterrupted: bit-identical {same}, largest difference {worst:.3g}")
+    rows = [{"killed_at_step": 23, "resumed_from_step": step, "bit_identical": same, "largest_difference": worst}]
+    harness.save("resume_exactness", "Resume after SIGKILL on the real path (SmolLM2-135M)", rows,
+                 {"model": "smollm2-135m", "layer": 4, "sae_type": "matryoshka", "steps": 40, "batch_size": 512,
+                  "checkpoint_freq": 10}, argv=[], environment_at_start=at_start)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,10 @@ latents differ; and the largest relative difference of the outputs. Needs sae_le
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import harness
 
 import torch  # noqa: E402
 from sae_lens import SAE  # noqa: E402
@@ -41,6 +39,7 @@ def held_out_activations(sae, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def compare(checkpoint: str, rows: int) -> None:
+    at_start = harness.environment()
     ours = load_sae(checkpoint, device="cpu").eval()
     x, y = held_out_activations(ours, rows)
     if not isinstance(ours, MatryoshkaTranscoder):
@@ -56,6 +55,11 @@ def compare(checkpoint: str, rows: int) -> None:
     differing = ((ours_z > 0) != (theirs_z > 0)).any(dim=1).sum().item()
     relative = ((ours_y - theirs_y).norm(dim=1) / y.norm(dim=1).clamp(min=1e-12)).max().item()
     print(f"  tokens whose active latents differ: {differing}; largest relative output difference {relative:.2e}")
+    row = {"checkpoint": Path(checkpoint).name, "class": type(ours).__name__, "sae_lens_class": type(theirs).__name__,
+           "tokens": len(x), "fvu_ours": compute_fvu(y, ours_y).item(), "fvu_sae_lens": compute_fvu(y, theirs_y).item(),
+           "tokens_with_different_latents": differing, "largest_relative_output_difference": relative}
+    harness.save(f"sae_lens_agreement_{type(ours).__name__}", "Our checkpoints against their SAELens export",
+                 [row], {"held_out_rows": rows}, environment_at_start=at_start)
 
 
 def main() -> None:

@@ -30,13 +30,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import harness
 
 import torch  # noqa: E402
 
@@ -50,7 +47,7 @@ from sae import GlobalBatchTopKMatryoshkaSAE, MatryoshkaTranscoder  # noqa: E402
 from training import train_sae, train_sae_group  # noqa: E402
 from transcoder_activation_store import TranscoderActivationsStore  # noqa: E402
 
-ISSUE_SETTINGS = ["--model", "smollm2-135m", "--dataset", "python-docs", "--layer", "8",
+SMOLLM2_SETTINGS = ["--model", "smollm2-135m", "--dataset", "python-docs", "--layer", "8",
                   "--dict-size", "4608", "--batch-size", "1024",
                   "--device", "cpu", "--model-dtype", "float32",
                   "--model-batch-size", "16", "--wandb-mode", "disabled",
@@ -109,7 +106,7 @@ ABLATIONS = {
 def base_cfgs(args: argparse.Namespace, checkpoint_dir: str) -> tuple[dict, dict]:
     """(transcoder cfg, SAE-on-target cfg) from train_gemma_example.py's parser."""
     parser = train_gemma_example.build_parser()
-    common = ISSUE_SETTINGS + ["--num-tokens", str(args.num_tokens), "--checkpoint-dir", checkpoint_dir,
+    common = SMOLLM2_SETTINGS + ["--num-tokens", str(args.num_tokens), "--checkpoint-dir", checkpoint_dir,
                                "--seed", str(args.seed), "--top-k", str(args.top_k), "--lr", str(args.lr)]
     transcoder = train_gemma_example.transcoder_cfg(parser.parse_args(["transcoder", *common]))
     sae = train_gemma_example.sae_cfg(parser.parse_args(["sae", *common, "--site", "mlp_out"]))
@@ -189,6 +186,7 @@ def main() -> None:
     parser.add_argument("--no-sae", action="store_true", help="skip the SAE on mlp_out")
     parser.add_argument("--no-ce", action="store_true", help="skip the CE-loss evaluation")
     args = parser.parse_args()
+    at_start = harness.environment()
 
     with tempfile.TemporaryDirectory() as checkpoint_dir:
         transcoder_base, sae_base = base_cfgs(args, checkpoint_dir)
@@ -204,6 +202,15 @@ def main() -> None:
           f"{args.num_tokens} tokens, batch 1024, k {args.top_k}, lr {args.lr:g}, seed {args.seed}, "
           f"exclude_bos {args.exclude_bos}")
     print_table(rows, transcoder_base["dict_size"], args.heldout_batches * transcoder_base["batch_size"])
+    dict_size = transcoder_base["dict_size"]
+    table = [{"variant": label, "dead_train_share": round(r["train_dead"] / dict_size, 4),
+              "dead_held_out_share": round(r["heldout_dead"] / dict_size, 4), "fvu": round(r["fvu"], 4),
+              "l0": round(r["l0"], 1), "ce_recovered": r["ce_recovered"]} for label, r in rows.items()]
+    settings = {"model": "smollm2-135m", "layer": 8, "num_tokens": args.num_tokens, "batch_size": 1024,
+                "top_k": args.top_k, "lr": args.lr, "seed": args.seed, "exclude_bos": args.exclude_bos,
+                "dict_size": dict_size, "held_out_tokens": args.heldout_batches * transcoder_base["batch_size"]}
+    harness.save("transcoder_dead_latents", "Transcoder initialisations: dead latents, FVU, CE recovered",
+                 table, settings, environment_at_start=at_start)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The dictionaries on a CUDA GPU train as they do on the CPU (skipped without a GPU).
 
-Torch alone (no transformer_lens, datasets or wandb), so that a bare GPU machine runs it with
+The steps are training.py's (`helpers.step_on_batches`). Without conftest, so that a GPU machine
+runs it with the project's packages alone:
     python -m pytest --noconftest tests/test_cuda.py
 as benchmarks/device_check.sh does. TEST_DEVICE=cpu runs it with the CPU in the GPU's place,
 which checks the test itself.
@@ -16,8 +17,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from config import get_default_cfg, post_init_cfg  # noqa: E402
-from sae import SAE_CLASSES, create_sae  # noqa: E402
+from helpers import ONE_ACTIVATION_TYPES, step_on_batches, synthetic_cfg  # noqa: E402
+from sae import create_sae  # noqa: E402
 from sparse_ops import select_batch_topk  # noqa: E402
 from state_checks import assert_state_close  # noqa: E402
 
@@ -28,13 +29,8 @@ D, S, K, B, STEPS, N_PLANTED = 64, 1024, 8, 512, 8, 256
 
 
 def cfg_for(sae_type: str, device: str, **overrides) -> dict:
-    cfg = get_default_cfg()
-    cfg.update(model_name="synthetic", act_size=D, dict_size=S, group_sizes=None, top_k=K, batch_size=B,
-               lr=1e-3, sae_type=sae_type, device=device, seed=0, wandb_mode="disabled")
-    if sae_type == "matryoshka_transcoder":
-        cfg.update(source_site="resid_mid", source_layer=0, target_site="mlp_out", target_layer=0)
-    cfg.update(overrides)
-    return post_init_cfg(cfg)
+    return synthetic_cfg(sae_type, act_size=D, dict_size=S, top_k=K, batch_size=B, lr=1e-3, device=device,
+                         **overrides)
 
 
 def planted_batches(paired: bool) -> list[tuple[torch.Tensor, ...]]:
@@ -53,33 +49,21 @@ def planted_batches(paired: bool) -> list[tuple[torch.Tensor, ...]]:
 
 
 def train(sae_type: str, device: str, **overrides) -> tuple[dict, list[torch.Tensor], list[float]]:
-    """STEPS steps of training.py's step body on `device` from the CPU's initial weights: the final
+    """STEPS steps of training.py's step on `device` from the CPU's initial weights: the final
     state (on the CPU), each step's active latents [B, S] and losses."""
     torch.manual_seed(0)
     initial = create_sae(cfg_for(sae_type, "cpu", **overrides)).state_dict()
     cfg = cfg_for(sae_type, device, **overrides)
     sae = create_sae(cfg)
     sae.load_state_dict(initial)
-    optimizer = torch.optim.Adam(sae.param_groups(), lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]))
     batches = [tuple(t.to(device) for t in batch) for batch in planted_batches(sae_type == "matryoshka_transcoder")]
-    sae.initialize_from_batch(*batches[0])
-    active, losses = [], []
-    for batch in batches:
-        output = sae(*batch)
-        output["loss"].backward()
-        sae.remove_parallel_decoder_grad()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg["max_grad_norm"])
-        for group in optimizer.param_groups:
-            group["lr"] = cfg["lr"] * group.get("lr_scale", 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sae.normalize_decoder()
-        active.append((output["feature_acts"] > 0).cpu())
-        losses.append(output["loss"].item())
+    outputs = step_on_batches(sae, cfg, batches)
+    active = [(output["feature_acts"] > 0).cpu() for output in outputs]
+    losses = [output["loss"].item() for output in outputs]
     return {name: tensor.cpu() for name, tensor in sae.state_dict().items()}, active, losses
 
 
-@pytest.mark.parametrize("sae_type", list(SAE_CLASSES))
+@pytest.mark.parametrize("sae_type", ONE_ACTIVATION_TYPES)
 def test_training_steps_on_the_device_match_the_cpu(sae_type):
     """8 steps on the device and on the CPU from the same weights: every parameter and buffer
     within 1e-3 (relative), the active latents the same but for float-rounding ties (< 0.1%)."""

@@ -1,0 +1,104 @@
+"""The benchmarks: they time the library's own training step, share one harness, and docs/results.md
+is what benchmarks/results/*.json give."""
+
+import ast
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import harness  # noqa: E402
+import render_results  # noqa: E402
+
+# peers.py assembles the other libraries' steps from their own trainer code (their optimizers and
+# backward passes); every other file must step our dictionaries through training.py.
+PEER_CODE = {"peers.py"}
+SCRIPTS = sorted(path for path in BENCHMARKS.glob("*.py") if path.name not in PEER_CODE | {"harness.py"})
+
+
+def calls_and_attributes(path: Path) -> tuple[set[str], set[str]]:
+    tree = ast.parse(path.read_text())
+    attributes = {ast.unparse(node) for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    calls = {node.func.attr for node in ast.walk(tree)
+             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)}
+    return calls, attributes
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda path: path.name)
+def test_benchmarks_step_through_the_library(path):
+    """No optimizer, backward pass or decoder-norm step of a benchmark's own: training.py's
+    make_optimizer and training_step (or its loops) are what gets timed."""
+    calls, attributes = calls_and_attributes(path)
+    own = sorted({a for a in attributes if a.startswith("torch.optim")}
+                 | calls & {"backward", "clip_grad_norm_", "remove_parallel_decoder_grad", "normalize_decoder"})
+    assert not own, f"{path.name} builds its own training step ({own}); use training.make_optimizer/training_step"
+
+
+def test_the_peers_file_steps_no_dictionary_of_ours():
+    source = (BENCHMARKS / "peers.py").read_text()
+    assert "import sae" not in source and "from sae " not in source and "training" not in source
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda path: path.name)
+def test_benchmarks_use_the_harness(path):
+    """Import paths come from harness.py (no sys.path edits of their own), so that every script
+    runs from any folder the same way."""
+    tree = ast.parse(path.read_text())
+    imports = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert "harness" in imports, f"{path.name} does not import harness"
+    assert "sys.path" not in {ast.unparse(node) for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+
+
+def test_timing_synchronises_the_device(monkeypatch):
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append(("sync", device)))
+    seconds = harness.timed(lambda: events.append("work"), "cuda:0")
+    assert events == [("sync", "cuda:0"), "work", ("sync", "cuda:0")] and seconds >= 0
+    events.clear()
+    harness.timed(lambda: events.append("work"), "cpu")
+    assert events == ["work"]
+    assert len(harness.step_times(lambda i: None, steps=3, warmup=2)) == 3
+
+
+def test_a_case_runs_in_its_own_process(tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(f"import sys; sys.path.insert(0, {str(BENCHMARKS)!r}); import harness, os\n"
+                      "print('noise'); harness.emit({'pid': os.getpid(), 'args': sys.argv[1:]})\n")
+    result = harness.run_isolated([worker, "a", 3])
+    assert result["args"] == ["a", "3"] and result["pid"] != __import__("os").getpid()
+    worker.write_text("raise SystemExit('no luck')\n")
+    assert "no luck" in harness.run_isolated([worker])["error"]
+
+
+def test_the_stamp_says_when_where_and_with_what():
+    stamp = harness.environment(threads=3)
+    assert stamp["commit"] and stamp["cores"] >= 1 and stamp["threads"] == 3
+    assert len(stamp["load_average"]) == 3 and stamp["packages"]["torch"] == torch.__version__
+    assert stamp["when"].endswith("UTC") and stamp["cpu"]
+
+
+def test_results_render_with_their_stamp(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["benchmarks/bench_x.py", "--size", "8"])
+    at_start = harness.environment()
+    rows = [{"size": "8x64", "tokens_per_s": 1234.5}, {"size": "16x128", "tokens_per_s": 99.0}]
+    harness.save("x", "A benchmark", rows, {"batch": 16}, environment_at_start=at_start, path=tmp_path / "x.json")
+    record = json.loads((tmp_path / "x.json").read_text())
+    assert record["command"].endswith("bench_x.py --size 8") and record["columns"] == ["size", "tokens_per_s"]
+    page = render_results.render(tmp_path)
+    assert "## A benchmark" in page and "| 8x64 | 1,234 |" in page and "| 16x128 | 99 |" in page
+    assert f"at commit {at_start['commit']}" in page and at_start["cpu"] in page and "load average" in page
+
+
+def test_docs_results_is_rendered_from_the_result_files():
+    """docs/results.md is exactly what benchmarks/results/*.json give (run render_results.py after
+    measuring), and every result file is a harness record."""
+    assert (REPO / "docs" / "results.md").read_text() == render_results.render()
+    for path in harness.RESULTS_DIR.glob("*.json"):
+        record = json.loads(path.read_text())
+        assert record["environment"]["commit"] and record["rows"], path.name
