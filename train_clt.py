@@ -37,7 +37,7 @@ METRICS_FILE = "clt_metrics.json"
 
 # The script's defaults: SmolLM2 offline, exportable to circuit-tracer (no per-token standardisation,
 # BOS left out as circuit-tracer zeroes position 0), 2 x d_model latents per layer.
-CLT_DEFAULTS = dict(sae_type="matryoshka_clt", model_name="smollm2-135m", dataset_path="python-docs:train",
+CLT_DEFAULTS = dict(sae_type="matryoshka_clt", model_name="smollm2-135m", dataset_path="python-docs:train", layer=0,
                     input_unit_norm=False, exclude_bos=True, top_k=16, batch_size=1024, lr=3e-4, num_tokens=int(2e6),
                     seq_len=128, model_batch_size=8, num_batches_in_buffer=8, checkpoint_freq=500, perf_log_freq=10 ** 9)
 

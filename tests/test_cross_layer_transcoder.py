@@ -348,7 +348,7 @@ def test_circuit_tracer_computes_what_we_export(tiny_gemma2, tmp_path, sparsity)
     torch.manual_seed(0)
     train_sae(create_sae(cfg), open_activation_store(tiny_gemma2, [cfg]), None, cfg)
     exported = export_circuit_tracer_clt(checkpoint_folder(cfg), tmp_path / "exported")
-    assert sorted(p.name for p in exported.iterdir()) == [
+    assert sorted(p.name for p in exported.iterdir() if not p.name.startswith(".")) == [
         "W_dec_0.safetensors", "W_dec_1.safetensors", "W_enc_0.safetensors", "W_enc_1.safetensors", "config.yaml"]
     command = [str(CT_PYTHON), str(Path(__file__).parent / "circuit_tracer_clt_check.py"), str(exported),
                str(checkpoint_folder(cfg)), str(save_tiny_model(tiny_gemma2, tmp_path / "model.pt")),
@@ -374,3 +374,43 @@ def test_export_refuses_what_circuit_tracer_cannot_represent(tmp_path):
     with pytest.raises(NotRepresentable, match=r"every layer 0..11 .*\[1, 2, 3\]"):
         circuit_tracer_clt_tensors(create_sae(clt_cfg(clt_layers=[1, 2, 3], n_layers=None, model_name="gpt2",
                                                       act_size=None)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The script: train, evaluate with every MLP replaced, export
+# ---------------------------------------------------------------------------------------------
+
+
+def test_train_clt_script_trains_evaluates_and_exports(tmp_path, token_rows, tiny_models, monkeypatch, capsys):
+    import json
+
+    from datasets import Dataset, DatasetDict
+
+    import train_clt
+    from checkpoint import load_sae
+
+    monkeypatch.setitem(train_clt.CLT_DEFAULTS, "bos_token_id", 1)  # the tiny model has no tokenizer
+    data = tmp_path / "tokens"
+    DatasetDict({"train": Dataset.from_dict({"tokens": token_rows.tolist()})}).save_to_disk(str(data))
+    train_clt.main(["train", "--model", "tiny-gemma2", "--dict-size", "64", "--top-k", "4", "--num-tokens", "512",
+                    "--batch-size", "128", "--dataset", str(data), "--seq-len", "32", "--model-batch-size", "8",
+                    "--num-batches-in-buffer", "4", "--n-eval-rows", "4", "--checkpoint-dir", str(tmp_path / "runs"),
+                    "--wandb-mode", "disabled", "--device", "cpu", "--sparsity", "per_layer"])
+    (folder,) = (tmp_path / "runs").iterdir()
+    assert "every MLP replaced" in capsys.readouterr().out
+    metrics = json.loads((folder / train_clt.METRICS_FILE).read_text())
+    clt = load_sae(folder)
+    assert clt.cfg["clt_layers"] == [0, 1] and clt.cfg["clt_sparsity"] == "per_layer"
+    assert metrics["ce_loss_clean"] < metrics["ce_loss_zero_ablation"] and metrics["kl_divergence"] > 0
+    assert set(metrics["fvu_per_layer"]) == {"0", "1"} and metrics["l0_total"] > 0
+    train_clt.main(["export", str(folder), str(tmp_path / "exported")])
+    assert (tmp_path / "exported" / "W_dec_1.safetensors").is_file()
+
+
+def test_layer_contributions_add_up_to_the_reconstruction():
+    clt = trained_clt(clt_cfg(clt_sparsity="per_layer"), steps=3).eval()
+    sources = torch.stack(PlantedCLTStore(seed=4).next_batch()[:len(LAYERS)], dim=1)
+    with torch.no_grad():
+        total = sum(torch.nn.functional.pad(clt.layer_contributions(j, sources[:, j]), (0, 0, j, 0))
+                    for j in range(len(LAYERS)))
+        torch.testing.assert_close(total + clt.b_dec * clt.target_scale[:, None], clt.reconstruct(sources))
