@@ -408,7 +408,12 @@ def _train(saes: Sequence, activation_store, model, cfgs: Sequence[dict],
         t.sae.train()
         if _writes_here(t.cfg):  # a folder of its own, locked (see checkpoint.claim_run_folder)
             t.folder = claim_run_folder(t.cfg, resume_from=None if resume_from is None else resume_from[i])
-    start, batches = _resume_or_start(trainees, activation_store, resume_from)
+    try:
+        start, batches = _resume_or_start(trainees, activation_store, resume_from)
+    except BaseException:  # e.g. a checkpoint that cannot be resumed: its folder is free again
+        for t in trainees:
+            release_run_lock(t.folder)
+        raise
     eval_tokens = None
     if model is not None:
         if not hasattr(activation_store, "get_eval_tokens"):
