@@ -10,7 +10,6 @@ from sae import (
     BatchTopKSAE, GlobalBatchTopKMatryoshkaSAE, JumpReLUSAE, MatryoshkaTranscoder,
     TopKSAE, _JumpReLU, _Step, create_sae,
 )
-from sparse_ops import select_batch_topk
 from training import make_optimizer, training_step
 
 D, S, K, B = 32, 256, 8, 128  # helpers.synthetic_cfg: act_size, dict_size, top_k, batch_size
@@ -97,28 +96,6 @@ def test_fast_path_matches_dense_reference(sae_type, with_dead):
     for name, param in sae.named_parameters():
         ref_grad = dict(reference.named_parameters())[name].grad
         torch.testing.assert_close(param.grad, ref_grad, rtol=1e-4, atol=1e-6, msg=name)
-
-
-@pytest.mark.parametrize("hint", [None, 0.01, 1.0, 2.0, 100.0])
-def test_batch_topk_selection_is_exact_with_ties_and_heavy_rows(hint):
-    torch.manual_seed(0)
-    pre = torch.randn(64, 200)
-    pre[3] += 10  # one row holds far more than 4k of the batch's largest values
-    pre[10, :50] = 2.5  # ties
-    pre[11, 50:90] = 2.5
-    cut_offs = []
-    for k in (1, 4, 5, 16, 100):
-        code = select_batch_topk(pre, k, None if hint is None else torch.tensor(hint))
-        n_keep = k * 64
-        t = pre.flatten().topk(n_keep).values[-1]
-        # Reference: everything above t, then ties at t in row-major order up to k x batch.
-        ties = (pre == t).flatten()
-        ties &= ties.cumsum(0) <= n_keep - int((pre > t).sum())
-        mask = ((pre > t).flatten() | ties).view_as(pre) & (pre > 0)
-        assert torch.equal(torch.stack([code.rows, code.latents], 1), mask.nonzero())
-        assert len(code.rows) == min(n_keep, int((pre > 0).sum()))
-        cut_offs.append(t.item())
-    assert 2.5 in cut_offs  # some k cuts through the tied values
 
 
 def test_batch_topk_keeps_k_times_batch_in_training_and_threshold_in_eval():
@@ -378,23 +355,3 @@ def test_forward_accepts_batch_and_position_dims_and_ignores_autocast(sae_type):
         torch.testing.assert_close(out["sae_out"].reshape(B, D), flat["sae_out"])
     with torch.autocast("cpu", dtype=torch.bfloat16):  # cfg["dtype"], not autocast, sets the encoder's
         run(sae, x)["loss"]
-
-
-def test_sampled_row_dots_fallback_gives_the_same_result(monkeypatch):
-    import sparse_ops
-
-    generator = torch.Generator().manual_seed(0)
-    a, b = torch.randn(6, 5, generator=generator), torch.randn(9, 5, generator=generator)
-    offsets = torch.tensor([0, 2, 2, 5, 6, 8])  # row 1 has no entries
-    index = torch.tensor([0, 3, 1, 2, 8, 4, 0, 7, 5, 6])
-    expected = (a[torch.tensor([0, 0, 2, 2, 2, 3, 4, 4, 5, 5])] * b[index]).sum(-1)
-    torch.testing.assert_close(sparse_ops.sampled_row_dots(a, b, offsets, index), expected)
-
-    def unsupported(*args, **kwargs):
-        raise NotImplementedError("not on this device")
-
-    monkeypatch.setattr(torch.sparse, "sampled_addmm", unsupported)
-    monkeypatch.setattr(sparse_ops, "_SAMPLED_ADDMM_WORKS", True)
-    with pytest.warns(UserWarning, match="gathered rows"):
-        torch.testing.assert_close(sparse_ops.sampled_row_dots(a, b, offsets, index), expected)
-    assert sparse_ops._SAMPLED_ADDMM_WORKS is False
