@@ -95,24 +95,21 @@ def compare_layers(model, transcoders, set_folder, tokens: list[torch.Tensor]) -
 
 
 def replacement_model(model, transcoders):
-    """circuit-tracer's replacement model with `model`'s weights (its MLPs and unembedding are
-    wrapped, so their parameters are renamed; every other name is the model's)."""
+    """circuit-tracer's replacement model with `model`'s weights. It wraps each MLP and the
+    unembedding (``blocks.i.mlp.old_mlp.*``, ``unembed.old_unembed.*``); every other parameter
+    keeps the model's name. Every weight of the model must find its place."""
     from circuit_tracer.replacement_model.replacement_model_transformerlens import (
         TransformerLensReplacementModel,
     )
 
     replacement = TransformerLensReplacementModel.from_config(model.cfg, transcoders, tokenizer=model.tokenizer)
-    weights = model.state_dict()
-    renamed = {}
-    for name in replacement.state_dict():
-        plain = name.replace(".old_mlp.", ".").replace("unembed.old_unembed.", "unembed.")
-        if plain in weights:
-            renamed[name] = weights[plain]
-    missing = [name for name in weights if name not in {n.replace(".old_mlp.", ".").replace(
-        "unembed.old_unembed.", "unembed.") for n in renamed}]
-    if missing:
-        raise ValueError(f"circuit-tracer's replacement model has no place for {missing[:3]}...")
-    replacement.load_state_dict(renamed, strict=False)
+    places = {name.replace(".old_mlp.", ".").replace("unembed.old_unembed.", "unembed."): name
+              for name in replacement.state_dict()}
+    weights = {name: value for name, value in model.state_dict().items() if name in places}
+    unplaced = [name for name, _ in model.named_parameters() if name not in places]
+    if unplaced:
+        raise ValueError(f"circuit-tracer's replacement model has no place for {unplaced[:3]}")
+    replacement.load_state_dict({places[name]: value for name, value in weights.items()}, strict=False)
     return replacement
 
 

@@ -69,15 +69,11 @@ def word_tokenizer(vocab_size: int):
 def attribution(model, tokens, exported) -> dict:
     from circuit_tracer import attribute
     from circuit_tracer.graph import compute_graph_scores
-    from circuit_tracer.replacement_model.replacement_model_transformerlens import (
-        TransformerLensReplacementModel,
-    )
 
-    replacement = TransformerLensReplacementModel.from_config(model.cfg, load_in_circuit_tracer(exported),
-                                                              tokenizer=word_tokenizer(model.cfg.d_vocab))
-    names = {name.replace(".old_mlp.", ".").replace("unembed.old_unembed.", "unembed."): name
-             for name in replacement.state_dict()}
-    replacement.load_state_dict({names[name]: value for name, value in model.state_dict().items()}, strict=False)
+    from trace_circuit import replacement_model
+
+    model.set_tokenizer(word_tokenizer(model.cfg.d_vocab))
+    replacement = replacement_model(model, load_in_circuit_tracer(exported))
     with torch.no_grad():
         gap = (replacement(tokens[:1]) - model(tokens[:1])).abs().max().item()
     graph = attribute(tokens[0], replacement, max_feature_nodes=64, batch_size=32)
