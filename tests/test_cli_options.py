@@ -1,0 +1,110 @@
+"""cli_options: the scripts' shared options, their types, overrides of a cfg, one-line usage errors
+and what --resume may change."""
+
+import argparse
+
+import pytest
+import torch
+
+import cli_options
+from checkpoint import checkpoint_folder
+from cli_options import (
+    RUN_OPTIONS, ArgumentParser, add_resume_argument, add_run_arguments, apply_overrides, check_device,
+    check_repeated_options, non_negative_int, positive_int, resumed_cfgs,
+)
+from config import get_default_cfg, known_keys, post_init_cfg
+from helpers import train_briefly
+
+
+def parser_with_run_options(**kwargs) -> ArgumentParser:
+    parser = ArgumentParser(prog="script")
+    add_run_arguments(parser, **kwargs)
+    add_resume_argument(parser)
+    return parser
+
+
+def test_every_run_option_sets_a_setting():
+    assert {key for key, _ in RUN_OPTIONS.values()} <= known_keys()
+
+
+def test_unset_options_keep_the_scripts_values():
+    args = parser_with_run_options().parse_args(["--lr", "1e-3", "--top-k", "16"])
+    cfg = apply_overrides(get_default_cfg(), args)
+    assert (cfg["lr"], cfg["top_k"], cfg["batch_size"]) == (1e-3, 16, get_default_cfg()["batch_size"])
+    assert apply_overrides(get_default_cfg(), None) == get_default_cfg()
+
+
+def test_sizes_follow_a_new_model_unless_given():
+    args = parser_with_run_options().parse_args(["--model", "gemma-2-2b"])
+    cfg = post_init_cfg(apply_overrides(get_default_cfg(), args))
+    assert cfg["dict_size"] == 16 * 2304 and sum(cfg["group_sizes"]) == cfg["dict_size"]
+    args = parser_with_run_options().parse_args(["--model", "gemma-2-2b", "--dict-size", "4608"])
+    cfg = post_init_cfg(apply_overrides(get_default_cfg(), args))
+    assert cfg["dict_size"] == 4608 and sum(cfg["group_sizes"]) == 4608
+
+
+def test_token_counts_read_scientific_notation():
+    args = parser_with_run_options().parse_args(["--num-tokens", "2e7"])
+    assert args.num_tokens == 20_000_000
+
+
+@pytest.mark.parametrize("value", ["1.5", "ten", "-3", "0", "1e30", "inf"])
+def test_a_bad_token_count_is_a_one_line_usage_error(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parser_with_run_options().parse_args(["--num-tokens", value])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("script: error:") and err.count("\n") == 1
+    assert "(see --help)" in err
+
+
+def test_integer_types():
+    assert positive_int("3") == 3 and non_negative_int("0") == 0
+    for convert, text in ((positive_int, "0"), (non_negative_int, "-1"), (positive_int, "2.5")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            convert(text)
+
+
+def test_excluded_options_are_not_offered(capsys):
+    parser = parser_with_run_options(exclude=("--sae-type",))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--sae-type", "topk"])
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_an_unknown_device_is_a_clear_error():
+    with pytest.raises(ValueError, match="not a device torch knows"):
+        check_device({"device": "gpu0"})
+    check_device({"device": "cpu"})
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            check_device({"device": "cuda"})
+
+
+def test_resume_repeats_the_saved_settings_and_may_change_the_device(tmp_path):
+    _, cfg = train_briefly("batchtopk", tmp_path, n_steps=2)
+    folder = str(checkpoint_folder(cfg))
+    parser = parser_with_run_options()
+    (resumed,) = resumed_cfgs([folder], parser.parse_args(["--resume", folder, "--top-k", str(cfg["top_k"]),
+                                                           "--wandb-mode", "offline"]))
+    assert resumed["wandb_mode"] == "offline" and resumed["top_k"] == cfg["top_k"]
+    assert resumed["name"] == cfg["name"] and resumed["checkpoint_dir"] == str(tmp_path)
+    with pytest.raises(ValueError, match="--lr 0.5 \\(saved: 0.003\\)"):
+        resumed_cfgs([folder], parser.parse_args(["--resume", folder, "--lr", "0.5"]))
+
+
+def test_a_group_may_repeat_any_of_its_dictionaries_values():
+    cfgs = [{"top_k": 16}, {"top_k": 32}]
+    args = argparse.Namespace(top_k=32)
+    check_repeated_options(args, cfgs)
+    with pytest.raises(ValueError, match="--top-k 8"):
+        check_repeated_options(argparse.Namespace(top_k=8), cfgs)
+
+
+def test_the_options_are_shared_by_the_scripts():
+    import main
+    import train_gemma_example
+
+    for parser in (main.build_parser(),):
+        options = {action.option_strings[0] for action in parser._actions if action.option_strings}
+        assert set(RUN_OPTIONS) <= options
+    assert cli_options.RUN_OPTIONS is RUN_OPTIONS and train_gemma_example.add_run_arguments is add_run_arguments
