@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from activation_store import BUILTIN_CORPUS
 from cli_options import apply_overrides, check_before_loading, resumed_cfgs
 from config import get_default_cfg, post_init_cfg
