@@ -2,13 +2,17 @@
 
 `add_run_arguments(parser)` adds one option per run setting (`RUN_OPTIONS`); `apply_overrides(cfg,
 args)` copies the options given on the command line into a cfg before `post_init_cfg`.
-`print_final_metrics(cfg)` prints a finished run's folder and main metrics.
+`print_final_metrics(cfg)` prints a finished run's folder and main metrics. `ArgumentParser` is
+argparse's with one-line usage errors.
 
-Long runs: `add_resume_argument` adds ``--resume FOLDER ...`` and `resumed_cfgs` reads the runs'
-own settings back from their checkpoints. `run_reporting_errors(work, resume_command)` runs a
-script's work so that bad settings end in one line ``<script>: error: ...`` with exit status 2
-(as argparse does) instead of a traceback, and a stop signal (preemption, Ctrl-C) ends in the
-command that resumes the run, with exit status 128 + the signal number.
+Long runs: `add_resume_argument` adds ``--resume FOLDER ...``, ``--overwrite`` and ``--debug``;
+`resumed_cfgs` reads the runs' own settings back from their checkpoints (options repeated from
+the original command line must equal them). `check_before_loading(cfgs)` checks what can be
+checked before the model loads: device, memory, model and data, the activation cache, the run
+folders (claimed). `run_reporting_errors(work, resume_command)` runs a script's work so that a
+user error ends in one line ``<script>: error: ...`` with exit status 2 instead of a traceback
+(``--debug`` shows it), and a stop signal (preemption, Ctrl-C) ends in the command that resumes
+the run, with exit status 128 + the signal number. docs/errors.md describes all of it for users.
 """
 
 from __future__ import annotations
