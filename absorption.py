@@ -17,8 +17,8 @@ dictionary's hook on the word's token. 80% of the words train, 20% test.
 Per dictionary:
 1. Ground-truth probe: a 26-way one-vs-rest logistic probe on the activations (BCE weighted by the
    class balance, Adam), F1 per letter on the test words (score > 0).
-2. k-sparse probes on the latents: an L1-regularised 26-way probe picks, per letter, the k latents
-   with the largest weights (k = 1..10); a logistic regression on those k latents gives F1_k.
+2. k-sparse probes on the latents: an L1-regularised 26-way probe (50 epochs in batches of
+   min(4096, N/8), at least 64) picks, per letter, the k latents with the largest weights (k = 1..10); a logistic regression on those k latents gives F1_k.
    Feature splitting: starting at k = 1, k grows while F1_k > best F1 so far + 0.03; the letter's
    main latents are those of the last k reached.
 3. For each test word of the letter that the probe detects (score > 0), with p̂ the unit probe
@@ -186,7 +186,10 @@ def k_sparse_main_latents(codes_train: torch.Tensor, labels_train: torch.Tensor,
     """Per class: its main latents (feature splitting rule, module docstring) and F1_k for k = 1..max_k."""
     from sklearn.linear_model import LogisticRegression
 
-    weights, _ = train_multi_probe(codes_train, labels_train, n_classes, l1=0.01, batch_size=4096, seed=seed)
+    # SAEBench's batch of 4096 over its whole vocabulary gives a few hundred steps in 50 epochs; a
+    # smaller word sample gets as many through smaller batches.
+    batch_size = min(4096, max(64, len(codes_train) // 8))
+    weights, _ = train_multi_probe(codes_train, labels_train, n_classes, l1=0.01, batch_size=batch_size, seed=seed)
     main, f1s = [], []
     for c in range(n_classes):
         chosen = weights[c].topk(max_k).indices
