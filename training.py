@@ -400,6 +400,9 @@ def _train(saes: Sequence, activation_store, model, cfgs: Sequence[dict],
     if len(saes) != len(cfgs):
         raise ValueError(f"Got {len(saes)} dictionaries but {len(cfgs)} cfgs; pass one cfg per dictionary.")
     total_steps = _check_group(cfgs, several_hooks=getattr(activation_store, "serves_several_hooks", False))
+    if model is not None and any(cfg["sae_type"] == "matryoshka_clt" for cfg in cfgs):
+        raise ValueError("The loop's CE evaluation splices one hook, but a cross-layer transcoder replaces every "
+                         "layer's MLP: train it with model=None (python train_clt.py train evaluates it at the end).")
     everyone = [_make_trainee(sae, cfg) for sae, cfg in zip(saes, cfgs)]
     trainees = _share_of(everyone, cfgs[0])
     if resume_from is not None:
