@@ -56,10 +56,10 @@ def selection_cases() -> dict[str, dict]:
 
 
 def train_cfg(sae_type: str, checkpoint_dir: str, **overrides) -> dict:
-    from test_training import toy_cfg  # the planted-dictionary settings of the training tests
+    from helpers import planted_cfg  # the planted-dictionary settings of the training tests
 
     settings = dict(batch_size=GLOBAL_BATCH, num_tokens=GLOBAL_BATCH * N_STEPS, log_freq=4, checkpoint_freq=8)
-    return toy_cfg(sae_type, Path(checkpoint_dir), **{**settings, **overrides})
+    return planted_cfg(sae_type, Path(checkpoint_dir), **{**settings, **overrides})
 
 
 class ShardStore:
@@ -129,7 +129,7 @@ TRAINED = {
 def _train(name: str, out: Path) -> dict:
     """Train scenario `name` of TRAINED (with the weight check of debug mode on)."""
     import training
-    from test_training import PlantedStore
+    from helpers import PlantedStore
     from sae import create_sae
 
     sae_type, overrides = TRAINED[name]
@@ -167,7 +167,7 @@ def spread_group_cfgs(checkpoint_dir: Path) -> list[dict]:
 def scenario_spread_group(out: Path) -> dict:
     """train_sae_group with the dictionaries spread over the ranks: rank r trains dictionaries r, r + 2."""
     import training
-    from test_training import PlantedStore
+    from helpers import PlantedStore
     from sae import create_sae
 
     cfgs = spread_group_cfgs(out / "spread_group")
@@ -215,7 +215,7 @@ class FailingStore(ShardStore):
 
 def _train_until_failure(out: Path, name: str, how: str) -> dict:
     """Train with rank 1 failing at step 5; report the error each rank saw."""
-    from test_training import PlantedStore
+    from helpers import PlantedStore
     from sae import create_sae
     from training import train_sae
 
@@ -285,7 +285,7 @@ class StoppingStore(ShardStore):
 def train_until_crash(checkpoint_dir: Path) -> Path:
     """Train on this process's ranks until the data fails at step 8; the checkpoint of step 8's folder."""
     from checkpoint import checkpoint_folder
-    from test_training import PlantedStore
+    from helpers import PlantedStore
     from sae import create_sae
     from training import train_sae
 
@@ -301,7 +301,7 @@ def train_until_crash(checkpoint_dir: Path) -> Path:
 
 def resume_after_crash(checkpoint_dir: Path, folder: Path) -> dict:
     """Resume from `folder` on this process's ranks, the data continuing at global batch 8."""
-    from test_training import PlantedStore
+    from helpers import PlantedStore
     from sae import create_sae
     from training import train_sae
 

@@ -15,10 +15,10 @@ import torch
 
 import distributed_worker as worker
 from checkpoint import load_metrics, load_sae
+from helpers import PlantedStore
 from sae import create_sae
 from sparse_ops import select_batch_topk
 from state_checks import assert_state_close
-from test_training import PlantedStore
 from training import train_sae, train_sae_group
 
 # rank_raises breaks the process group, so it runs last.

@@ -10,7 +10,7 @@ from datasets import Dataset
 
 from activation_store import ActivationsStore
 from checkpoint import checkpoint_folder
-from config import get_default_cfg, post_init_cfg
+from helpers import synthetic_cfg
 from preemption import TrainingInterrupted
 from sae import create_sae
 from training import train_sae, train_sae_group, train_transcoder
@@ -38,14 +38,11 @@ def documents() -> Dataset:
 
 def run_cfg(tmp_path, name, transcoder=False, **overrides) -> dict:
     """40 steps of 48 activations; blocks of 4 batches; chunks of 3 rows (not a multiple of a block)."""
-    cfg = get_default_cfg()
-    cfg.update(model_name="synthetic", act_size=64, layer=1, site="resid_pre", dataset_path=documents(),
-               seq_len=32, batch_size=48, num_batches_in_buffer=4, model_batch_size=3, device="cpu",
-               n_eval_rows=2, bos_token_id=BOS, exclude_bos=True, sae_type="matryoshka", dict_size=256,
-               top_k=8, num_tokens=48 * N_STEPS, checkpoint_freq=10, log_freq=5, seed=3,
-               n_batches_to_dead=2, checkpoint_dir=str(tmp_path / name), wandb_mode="disabled")
-    cfg.update(overrides)
-    cfg = post_init_cfg(cfg)
+    settings = dict(act_size=64, layer=1, site="resid_pre", dataset_path=documents(), seq_len=32, batch_size=48,
+                    num_batches_in_buffer=4, model_batch_size=3, n_eval_rows=2, bos_token_id=BOS, exclude_bos=True,
+                    dict_size=256, top_k=8, num_tokens=48 * N_STEPS, checkpoint_freq=10, log_freq=5, seed=3,
+                    n_batches_to_dead=2, checkpoint_dir=str(tmp_path / name))
+    cfg = synthetic_cfg("matryoshka", **{**settings, **overrides})
     if transcoder:
         cfg = create_transcoder_config(cfg, source_layer=0, target_layer=0, source_site="resid_mid",
                                        target_site="mlp_out")

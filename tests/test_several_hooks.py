@@ -10,7 +10,6 @@ from config import post_init_cfg
 from sae import create_sae
 from test_activation_store import direct_activations, make_cfg, match_rows, without_bos
 from test_preemption import run_args
-from test_scripts import tiny_models  # noqa: F401  (a fixture)
 from training import train_sae, train_sae_group
 from transcoder_activation_store import create_transcoder_config
 

@@ -12,21 +12,15 @@ import torch.nn.functional as F
 import train_gemma_example
 from checkpoint import checkpoint_folder, load_metrics, load_sae, save_checkpoint
 from config import get_default_cfg, post_init_cfg
+from helpers import RESUME_SETTINGS, CrashingStore, PlantedStore, planted_cfg, synthetic_cfg
 from sae import MatryoshkaTranscoder, create_sae
-from test_checkpoint import RESUME_SETTINGS, CrashingStore
-from test_training import PlantedStore, toy_cfg, wandb_runs  # noqa: F401 (wandb_runs is a fixture)
 from training import train_transcoder
 
-D, S, K, B = 32, 256, 8, 128
+D, S, K, B = 32, 256, 8, 128  # helpers.synthetic_cfg: act_size, dict_size, top_k, batch_size
 
 
 def transcoder_cfg(**overrides):
-    cfg = get_default_cfg()
-    cfg.update(model_name="synthetic", act_size=D, dict_size=S, group_sizes=None, top_k=K, batch_size=B,
-               sae_type="matryoshka_transcoder", source_site="resid_mid", source_layer=0,
-               target_site="mlp_out", target_layer=0, device="cpu", seed=0)
-    cfg.update(overrides)
-    return post_init_cfg(cfg)
+    return synthetic_cfg("matryoshka_transcoder", **overrides)
 
 
 def pair(seed=0, n=B):
@@ -80,13 +74,9 @@ class PlantedPairs:
 def planted_dead_fraction(tmp_path, old_initialisation: bool) -> float:
     """Train on PlantedPairs for 300 steps (the real loop); the fraction of latents that never fire
     on 4096 unseen tokens."""
-    cfg = get_default_cfg()
-    cfg.update(model_name="planted", act_size=PlantedPairs.D_PLANTED, dict_size=PlantedPairs.N_TRUE,
-               group_sizes=None, top_k=PlantedPairs.K_TRUE, batch_size=128, num_tokens=128 * 300, lr=3e-3,
-               sae_type="matryoshka_transcoder", source_site="resid_mid", source_layer=0, target_site="mlp_out",
-               target_layer=0, device="cpu", seed=0, checkpoint_freq=10 ** 6, checkpoint_dir=str(tmp_path),
-               wandb_mode="disabled")
-    transcoder = MatryoshkaTranscoder(post_init_cfg(cfg))
+    cfg = planted_cfg("matryoshka_transcoder", tmp_path, n_steps=300, act_size=PlantedPairs.D_PLANTED,
+                      dict_size=PlantedPairs.N_TRUE, top_k=PlantedPairs.K_TRUE)
+    transcoder = MatryoshkaTranscoder(cfg)
     if old_initialisation:  # the plain SAE-style one: tied encoder, uncentred source, random decoder
         with torch.no_grad():
             transcoder.W_enc.copy_(transcoder.W_dec.t())
@@ -267,9 +257,9 @@ def test_skip_setting_belongs_to_transcoders_and_the_cli():
     assert not cfg["transcoder_skip"] and not cfg["name"].endswith("skip")
 
 
-def test_skip_transcoder_saves_loads_and_resumes_W_skip(tmp_path, wandb_runs):  # noqa: F811
+def test_skip_transcoder_saves_loads_and_resumes_W_skip(tmp_path, wandb_runs):
     def cfg_in(folder):
-        return toy_cfg("matryoshka_transcoder", tmp_path / folder, transcoder_skip=True, **RESUME_SETTINGS)
+        return planted_cfg("matryoshka_transcoder", tmp_path / folder, transcoder_skip=True, **RESUME_SETTINGS)
 
     cfg = cfg_in("uninterrupted")
     reference = train_transcoder(create_sae(cfg), PlantedStore(paired=True), None, cfg)
