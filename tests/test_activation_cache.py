@@ -15,7 +15,6 @@ from checkpoint import checkpoint_folder
 from sae import create_sae
 from test_activation_store import direct_activations, make_cfg, without_bos
 from test_preemption import run_args
-from test_scripts import tiny_models  # noqa: F401  (a fixture)
 from training import train_sae, train_transcoder
 from transcoder_activation_store import create_transcoder_config
 

@@ -16,7 +16,6 @@ from datasets import Dataset, DatasetDict
 import main
 import train_gemma_example
 from checkpoint import checkpoint_folder, load_metrics, load_sae
-from test_scripts import tiny_models  # noqa: F401  (a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SCRIPT = REPO / "tests" / "tiny_script.py"

@@ -14,7 +14,6 @@ from checkpoint import load_sae, save_checkpoint
 from config import get_default_cfg, post_init_cfg
 from sae import create_sae
 from test_preemption import run_args
-from test_scripts import tiny_models  # noqa: F401  (a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 

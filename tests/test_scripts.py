@@ -8,9 +8,7 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict
 
-import config
 import main
-import model_loading
 import train_gemma_example
 from checkpoint import checkpoint_folder, load_metrics, load_sae
 
@@ -100,15 +98,6 @@ def test_main_cfgs_share_one_stream():
 # ---------------------------------------------------------------------------------------------
 # End to end, with tiny models standing in for the hub's
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def tiny_models(monkeypatch, tiny_gpt2, tiny_gemma2):
-    """Model names 'tiny-gpt2' and 'tiny-gemma2' that load the conftest models."""
-    models = {"tiny-gpt2": tiny_gpt2, "tiny-gemma2": tiny_gemma2}
-    for name in models:
-        monkeypatch.setitem(config.MODEL_TABLE, name, {"act_size": 64, "n_layers": 2})
-    monkeypatch.setattr(model_loading, "load_model", lambda name, device, dtype: models[name])
 
 
 def small_run_args(tmp_path, token_rows):
