@@ -10,10 +10,10 @@ import pytest
 import evaluate_sae
 import main
 from checkpoint import checkpoint_folder, load_metrics
-from test_scripts import small_run_args, tiny_models  # noqa: F401  (fixture)
+from test_scripts import small_run_args
 
 
-def test_two_dictionaries_side_by_side(tmp_path, token_rows, tiny_models, capsys):  # noqa: F811
+def test_two_dictionaries_side_by_side(tmp_path, token_rows, tiny_models, capsys):
     args = ["--model", "tiny-gpt2", "--batchtopk-k", "4", *small_run_args(tmp_path, token_rows)]
     main.main(args)
     folders = [str(checkpoint_folder(cfg)) for cfg in main.build_cfgs(main.build_parser().parse_args(args))]
