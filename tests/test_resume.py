@@ -10,6 +10,7 @@ from datasets import Dataset
 
 from activation_store import ActivationsStore
 from checkpoint import checkpoint_folder
+from config import post_init_cfg
 from helpers import synthetic_cfg
 from preemption import TrainingInterrupted
 from sae import create_sae

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import checkpoint_folder, load_metrics
+from config import post_init_cfg
 from helpers import planted_cfg
 from sae import JumpReLUSAE, VanillaSAE, create_sae
 from training import format_postfix, train_sae
