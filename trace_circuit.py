@@ -203,6 +203,10 @@ def main(argv: list[str] | None = None) -> None:
           f"KL {results['kl_divergence']:.4f}")
 
     scan = args.scan or config.get("scan")
+    # The viewer's files decode tokens with the tokenizer named in the graph, which circuit-tracer
+    # reads from the hub; ours (from the model's own files) is saved beside the graphs instead.
+    tokenizer_folder = out / "tokenizer"
+    model.tokenizer.save_pretrained(str(tokenizer_folder))
     results["graphs"] = []
     for i, (prompt, t) in enumerate(zip(prompts, tokens)):
         started = time.perf_counter()
@@ -211,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         seconds = time.perf_counter() - started
         slug = f"prompt-{i}"
         graph.scan = scan
+        graph.cfg.tokenizer_name = str(tokenizer_folder.resolve())
         graph.to_pt(str(out / "graphs" / f"{slug}.pt"))
         create_graph_files(graph, slug=slug, output_path=str(out / "graph_files"), scan=scan)
         replacement_score, completeness_score = compute_graph_scores(graph)
