@@ -15,7 +15,7 @@ from checkpoint import (
 )
 from helpers import ONE_ACTIVATION_TYPES, RESUME_SETTINGS, CrashingStore, PlantedStore, planted_cfg, train_briefly
 from sae import create_sae
-from training import train_sae, train_sae_group
+from training import make_optimizer, train_sae, train_sae_group
 
 
 def eval_outputs(sae, seed=1):
@@ -96,7 +96,7 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     sae, cfg = train_briefly("batchtopk", tmp_path)
     folder = checkpoint_folder(cfg)
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    optimizer = torch.optim.Adam(sae.parameters())
+    optimizer = make_optimizer(sae, cfg)
 
     def crash_mid_write(tensors, path, metadata=None):
         with open(path, "wb") as f:
@@ -114,7 +114,7 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     assert (folder / "sae.safetensors").read_bytes() == before["sae.safetensors"]
     assert not torch.equal(load_sae(folder).W_dec, sae.W_dec)  # the old weights
     # The training state was already replaced: resuming takes the previous one, which matches the weights.
-    assert restore_checkpoint(folder, create_sae(cfg), torch.optim.Adam(sae.parameters()))["step"] == 8
+    assert restore_checkpoint(folder, create_sae(cfg), make_optimizer(sae, cfg))["step"] == 8
     assert (folder / "training_state.pt").read_bytes() == before["training_state.pt"]
     # With neither state matching the weights, resuming refuses the mix.
     (folder / "training_state.pt").unlink()
@@ -122,7 +122,7 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     save_checkpoint(folder / "other", sae, cfg, optimizer, step=99)
     (folder / "other" / "training_state.pt").rename(folder / "training_state.pt")
     with pytest.raises(ValueError, match="inconsistent"):
-        restore_checkpoint(folder, create_sae(cfg), torch.optim.Adam(sae.parameters()))
+        restore_checkpoint(folder, create_sae(cfg), make_optimizer(sae, cfg))
 
 
 def test_resume_refuses_unusable_checkpoints(tmp_path):
