@@ -202,6 +202,7 @@ def train_transcoder_set(model, cfgs: Sequence[dict], kind: str = "matryoshka",
     ``<set>/metrics.json``. `resume`: continue the set from its layer folders' checkpoints.
     Returns the trained transcoders in the order of `cfgs`.
     """
+    import distributed
     from sae import create_sae
     from training import open_activation_store, train_sae_group
 
@@ -209,17 +210,13 @@ def train_transcoder_set(model, cfgs: Sequence[dict], kind: str = "matryoshka",
     store = open_activation_store(model, list(cfgs))
     transcoders = [create_sae(cfg) for cfg in cfgs]
     folders = [set_folder / cfg["name"] for cfg in cfgs] if resume else None
-    if not resume:
+    if not resume and distributed.is_main_process():
         write_manifest(set_folder, cfgs, kind)
     trained = train_sae_group(transcoders, store, None, list(cfgs), resume_from=folders)
-    if evaluate:
-        import distributed
-
-        if distributed.is_main_process():
-            tokens = store.get_eval_tokens(cfgs[0]["n_eval_rows"])
-            metrics = evaluate_set(trained, cfgs, model, tokens)
-            text = json.dumps(metrics, indent=2) + "\n"
-            atomic_write(set_folder / "metrics.json", lambda tmp: tmp.write_text(text))
+    if evaluate and distributed.is_main_process():
+        metrics = evaluate_set(trained, cfgs, model, store.get_eval_tokens(cfgs[0]["n_eval_rows"]))
+        text = json.dumps(metrics, indent=2) + "\n"
+        atomic_write(set_folder / "metrics.json", lambda tmp: tmp.write_text(text))
     return trained
 
 
