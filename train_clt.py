@@ -6,6 +6,7 @@ circuit-tracer. Offline with SmolLM2 and the built-in corpus:
     python train_clt.py train ... --sparsity per_layer    # BatchTopK within each source layer
     python train_clt.py train --resume checkpoints/<run>  # continue a run (after SIGTERM, a crash...)
     python train_clt.py evaluate checkpoints/<run>        # every MLP replaced at once: CE, KL, per-layer FVU
+                                                          # (into <run>/clt_metrics.json)
     python train_clt.py export checkpoints/<run> exported/<name>   # circuit-tracer's CLT folder
 
 A CLT's latents at layer j read that layer's source (--source-site, default the MLP's normalised
@@ -185,7 +186,7 @@ def print_metrics(folder, metrics: dict) -> None:
 
 def evaluate(args: argparse.Namespace) -> None:
     from activation_store import ActivationsStore
-    from checkpoint import load_sae
+    from checkpoint import atomic_write, load_sae
     from model_loading import load_model
 
     clt = load_sae(args.checkpoint, device=args.device)
@@ -196,7 +197,9 @@ def evaluate(args: argparse.Namespace) -> None:
     tokens = ActivationsStore(model, {**cfg, "sae_type": "matryoshka", "hook_point": "blocks.0.hook_resid_pre",
                                       "layer": 0}).get_eval_tokens(cfg["n_eval_rows"])
     metrics = evaluate_clt(clt, model, tokens)
-    print(json.dumps(metrics, indent=2))
+    text = json.dumps(metrics, indent=2) + "\n"
+    atomic_write(Path(args.checkpoint) / METRICS_FILE, lambda tmp: tmp.write_text(text))
+    print(text, end="")
     print_metrics(args.checkpoint, metrics)
 
 
