@@ -42,12 +42,14 @@ def synthetic_cfg(sae_type: str = "matryoshka", **overrides) -> dict:
 
 
 def planted_cfg(sae_type: str, checkpoint_dir: str | Path, n_steps: int = 200, **overrides) -> dict:
-    """A training run of `n_steps` steps on `PlantedStore`: dict_size 128, top_k = K_TRUE, lr 3e-3,
-    logs every 10 steps, no checkpoint before the last, written under `checkpoint_dir`."""
+    """A training run of `n_steps` steps (or of the num_tokens given) on `PlantedStore`: dict_size 128,
+    top_k = K_TRUE, lr 3e-3, logs every 10 steps, no checkpoint before the last, written under
+    `checkpoint_dir`."""
     settings = dict(model_name="planted", act_size=ACT_SIZE, dict_size=128, top_k=K_TRUE, batch_size=BATCH,
                     lr=3e-3, log_freq=10, checkpoint_freq=10**6, checkpoint_dir=str(checkpoint_dir))
     settings.update(overrides)
-    return synthetic_cfg(sae_type, num_tokens=settings["batch_size"] * n_steps, **settings)
+    settings.setdefault("num_tokens", settings["batch_size"] * n_steps)  # unless given
+    return synthetic_cfg(sae_type, **settings)
 
 
 class PlantedStore:
