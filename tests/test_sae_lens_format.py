@@ -23,9 +23,9 @@ import export_sae
 import sae_lens_format
 from activation_store import ActivationsStore
 from checkpoint import WEIGHTS_FILE, save_checkpoint
-from config import SAE_TYPES, compute_fvu, get_default_cfg, post_init_cfg
+from config import compute_fvu, get_default_cfg, post_init_cfg
 from evaluation import evaluate_ce_loss, reconstruction_report
-from helpers import PlantedStore, train_briefly
+from helpers import ONE_ACTIVATION_TYPES, PlantedStore, train_briefly
 from sae import BatchTopKSAE, GlobalBatchTopKMatryoshkaSAE, JumpReLUSAE, MatryoshkaTranscoder, create_sae
 from sae_lens_format import NotRepresentable, export_sae_lens, load_sae_lens
 from training import train_sae
@@ -64,7 +64,7 @@ def assert_same_sae(a, b) -> None:
 
 
 @pytest.mark.parametrize("input_unit_norm", [True, False])
-@pytest.mark.parametrize("sae_type", SAE_TYPES)
+@pytest.mark.parametrize("sae_type", ONE_ACTIVATION_TYPES)
 def test_export_computes_what_ours_computes_in_sae_lens(sae_type, input_unit_norm, tmp_path):
     sae, _ = train_briefly(sae_type, tmp_path, n_steps=20, input_unit_norm=input_unit_norm)
     sae.eval()
@@ -86,7 +86,7 @@ def test_export_computes_what_ours_computes_in_sae_lens(sae_type, input_unit_nor
         assert compute_fvu(batch[1], sl(x)).item() == pytest.approx(compute_fvu(batch[1], reconstruction).item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("sae_type", SAE_TYPES)
+@pytest.mark.parametrize("sae_type", ONE_ACTIVATION_TYPES)
 def test_export_then_import_is_bit_exact(sae_type, tmp_path):
     sae, cfg = train_briefly(sae_type, tmp_path, n_steps=20)
     back = load_sae_lens(export_sae_lens(sae, tmp_path / "exported"))
