@@ -4,7 +4,7 @@ ln2.hook_normalized vs the residual stream hook_resid_mid, neither standardised 
 every set exports to circuit-tracer).
 
     python benchmarks/transcoder_sets.py train --out runs/transcoder_sets     # results/transcoder_sets.json
-    .ct-venv/bin/python ...  (trace: see below)
+    python benchmarks/transcoder_sets.py evaluate --out runs/transcoder_sets  # again, from the checkpoints
     python benchmarks/transcoder_sets.py trace --out runs/transcoder_sets     # results/transcoder_sets_tracing.json
 
 `train` trains every variant's 30 transcoders together, 30 x variants dictionaries fed by one model
@@ -13,6 +13,9 @@ batches), then evaluates each set with every MLP replaced at once (transcoder_se
 CE loss recovered, KL, per-layer FVU on held-out text). `trace` exports each set to circuit-tracer's
 format and runs trace_circuit.py in circuit-tracer's environment (.ct-venv) on the same prompts:
 replacement and completeness scores, error share, and circuit-tracer's own spliced CE and KL.
+`evaluate` does `train`'s evaluation from the sets' checkpoints, e.g. after the training run was
+stopped (SIGTERM writes every dictionary's checkpoint after the same step): the rows say how many
+steps the sets had.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ VARIANTS = {  # name: (kind, skip, source site)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phase", choices=["train", "trace"])
+    parser.add_argument("phase", choices=["train", "evaluate", "trace"])
     parser.add_argument("--out", default="runs/transcoder_sets", help="folder holding one set per variant")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--num-tokens", type=float, default=61440)
@@ -69,7 +72,7 @@ def train(args) -> None:
     from model_loading import load_model
     from sae import create_sae
     from training import open_activation_store, train_sae_group
-    from transcoder_set import evaluate_set, write_manifest
+    from transcoder_set import write_manifest
 
     started = environment()
     groups = {name: variant_cfgs(args, name) for name in args.variants}
@@ -82,31 +85,65 @@ def train(args) -> None:
     every = [cfg for cfgs in groups.values() for cfg in cfgs]
     store = open_activation_store(model, every)
     torch.manual_seed(0)
-    began = time.perf_counter()
     trained = train_sae_group([create_sae(cfg) for cfg in every], store, None, every)
-    train_seconds = time.perf_counter() - began
-    tokens = store.get_eval_tokens(args.n_eval_rows)
-    rows, start = [], 0
+    sets, start = {}, 0
     for name, cfgs in groups.items():
-        transcoders = trained[start:start + len(cfgs)]
+        sets[name] = (trained[start:start + len(cfgs)], cfgs)
         start += len(cfgs)
+    evaluate_and_save(args, model, sets, store.get_eval_tokens(args.n_eval_rows), started)
+
+
+def evaluate(args) -> None:
+    """`train`'s evaluation of the sets in --out, from their checkpoints."""
+    import torch
+
+    from checkpoint import load_cfg
+    from model_loading import load_model
+    from transcoder_activation_store import TranscoderActivationsStore
+    from transcoder_set import layer_folders, load_transcoder_set
+
+    started = environment()
+    model = load_model("smollm2-135m", "cpu", torch.float32)
+    sets = {}
+    for name in args.variants:
+        folders = layer_folders(Path(args.out) / name)
+        transcoders = load_transcoder_set(Path(args.out) / name)
+        sets[name] = ([transcoders[layer] for layer in folders], [load_cfg(folder) for folder in folders.values()])
+    # The held-out rows are the data's first rows; a store that reads layer 0 alone gives them cheaply.
+    first = {**sets[args.variants[0]][1][0], "batch_size": 64, "num_batches_in_buffer": 1}
+    tokens = TranscoderActivationsStore(model, first).get_eval_tokens(args.n_eval_rows)
+    evaluate_and_save(args, model, sets, tokens, started)
+
+
+def evaluate_and_save(args, model, sets: dict, tokens, started: dict) -> None:
+    """Every set with all of its MLPs replaced at once (transcoder_set.evaluate_set) on `tokens`;
+    one row per set into results/transcoder_sets.json."""
+    from checkpoint import load_metrics
+    from transcoder_set import evaluate_set
+
+    rows = []
+    for name, (transcoders, cfgs) in sets.items():
         metrics = evaluate_set(transcoders, cfgs, model, tokens)
         metrics["dead_latents_mean"] = sum(int(t.dead_latents().sum()) for t in transcoders) / len(transcoders)
         (Path(args.out) / name / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         kind, skip, site = VARIANTS[name]
-        rows.append({"set": name, "kind": kind, "skip": skip, "source": site, "fvu_mean": metrics["fvu_mean"],
-                     "fvu_max": metrics["fvu_max"], "loss_recovered": metrics["loss_recovered"],
-                     "kl_divergence": metrics["kl_divergence"], "ce_loss_clean": metrics["ce_loss_clean"],
-                     "ce_loss_spliced": metrics["ce_loss_spliced"], "dead_latents_mean": metrics["dead_latents_mean"]})
+        steps = load_metrics(Path(args.out) / name / cfgs[0]["name"]).get("step")
+        rows.append({"set": name, "kind": kind, "skip": skip, "source": site, "steps": steps,
+                     "fvu_mean": metrics["fvu_mean"], "fvu_max": metrics["fvu_max"],
+                     "loss_recovered": metrics["loss_recovered"], "kl_divergence": metrics["kl_divergence"],
+                     "ce_loss_clean": metrics["ce_loss_clean"], "ce_loss_spliced": metrics["ce_loss_spliced"],
+                     "dead_latents_mean": metrics["dead_latents_mean"]})
         print(json.dumps(rows[-1]))
-    settings = {"model": "smollm2-135m", "layers": 30, "dict_size": args.dict_size, "top_k": args.top_k,
-                "batch_size": args.batch_size, "num_tokens": int(args.num_tokens), "lr": args.lr,
-                "data": "python-docs (built-in corpus)", "eval_tokens": int(tokens.numel()),
-                "dictionaries_trained_together": len(every), "train_seconds": round(train_seconds, 1)}
+    cfg = next(iter(sets.values()))[1][0]
+    settings = {"model": "smollm2-135m", "layers": len(next(iter(sets.values()))[1]), "dict_size": cfg["dict_size"],
+                "top_k": cfg["top_k"], "batch_size": cfg["batch_size"], "planned_tokens": cfg["num_tokens"],
+                "lr": cfg["lr"], "data": "python-docs (built-in corpus)", "eval_tokens": int(tokens.numel()),
+                "dictionaries_trained_together": sum(len(c) for _, c in sets.values())}
     save("transcoder_sets", "Transcoder sets on SmolLM2-135M, every MLP replaced at once", rows, settings,
          environment_at_start=started,
-         notes="Every set trained in the same run on the same batches; evaluation on held-out rows of the "
-               "built-in corpus with all 30 MLP outputs replaced by the set's predictions at once.")
+         notes="Every set trained in the same run on the same batches (steps: the steps each set had, of "
+               "planned_tokens / batch_size); evaluation on held-out rows of the built-in corpus with all "
+               "MLP outputs replaced by the set's predictions at once.")
 
 
 def trace(args) -> None:
@@ -147,7 +184,7 @@ def trace(args) -> None:
 
 def main() -> None:
     args = build_parser().parse_args()
-    train(args) if args.phase == "train" else trace(args)
+    {"train": train, "evaluate": evaluate, "trace": trace}[args.phase](args)
 
 
 if __name__ == "__main__":
