@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--n-eval-rows", type=int, default=16)
     parser.add_argument("--sparsity", default="global", choices=["global", "per_layer"])
     parser.add_argument("--collect", nargs=4, action="append", metavar=("KIND", "RUN", "SECONDS", "PEAK_MB"))
+    parser.add_argument("--note", default="", help="added to the result's notes (how collected runs were made)")
     args = parser.parse_args()
     start = harness.environment()
     if args.collect:
@@ -87,7 +88,7 @@ def main() -> None:
                  columns=["kind", "layers", "latents", "loss_recovered", "kl", "ce_spliced", "fvu_mean", "fvu_max",
                           "l0_total", "dead_latents", "seconds", "peak_rss_mb"],
                  notes="Every MLP of the CLT's layers replaced at once on held-out python-docs rows (BOS kept). "
-                       "One run each, same seed, tokens and batches.", environment_at_start=start)
+                       "One run each, same seed, tokens and batches. " + args.note, environment_at_start=start)
 
 
 if __name__ == "__main__":
