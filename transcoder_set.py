@@ -46,8 +46,9 @@ TRANSCODER_KINDS: dict[str, tuple[str, bool]] = {
     "topk": ("topk", True),
 }
 
-# The source a set reads by default: the MLP's normalised input (see docs/transcoder_sets.md for
-# the comparison with hook_resid_mid that chose it).
+# The source a set reads by default: the MLP's normalised input. Without per-token standardisation
+# (which circuit-tracer cannot compute) hook_resid_mid sets did far worse at equal budget: see
+# docs/transcoder_sets.md and benchmarks/transcoder_sets.py.
 DEFAULT_SOURCE_SITE = "ln2_normalized"
 
 
