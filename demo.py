@@ -109,7 +109,8 @@ def run_demo(args=None) -> dict:
     browser, stats = build_demo_browser(sae, store, cfg, folder)
     print(stats.describe_timing())
     print(f"Feature browser (open it in a web browser; works offline): {browser}")
-    return {**{k: v for k, v in report.items() if k != "firing_density"}, **ce,
+    # The held-out report's fvu and l0_norm, not the last training batch's (also in metrics.json).
+    return {**ce, **{k: v for k, v in report.items() if k != "firing_density"},
             "training_seconds": training_time, "folder": str(folder), "feature_browser": str(browser),
             "feature_statistics_timing": stats.data["timing"]}
 
