@@ -48,10 +48,7 @@ def _patch_hooks(cfg: dict, replace: Callable, keep: torch.Tensor | None) -> lis
     For an SAE source and target are the same hook. Positions where `keep` ([rows, seq]) is True
     keep their original activation.
     """
-    if is_transcoder(cfg):
-        source_hook, target_hook = cfg["source_hook_point"], cfg["target_hook_point"]
-    else:
-        source_hook = target_hook = cfg["hook_point"]
+    source_hook, target_hook = _source_and_target(cfg)
     captured: dict[str, torch.Tensor] = {}
 
     def capture(act, hook):
@@ -128,14 +125,11 @@ class _Stopped(Exception):
 
 
 def _chunk_losses(sae, model, tokens, cfg, keep, kl=False) -> dict[str, float]:
-    def spliced(source, target):
-        return sae.reconstruct(source.reshape(-1, source.shape[-1]))
-
     def mean_ablated(source, target):
         positions = target if keep is None else target[~keep]
         return positions.reshape(-1, target.shape[-1]).mean(0).expand_as(target)
 
-    replacements = {"spliced": spliced, "zero_ablation": lambda s, t: torch.zeros_like(t),
+    replacements = {"spliced": _reconstruction_of(sae), "zero_ablation": lambda s, t: torch.zeros_like(t),
                     "mean_ablation": mean_ablated}
     if kl:  # the logits themselves, for the KL divergences; the losses from the same logits
         clean_logits = model(tokens)
@@ -234,8 +228,7 @@ def _mean_kl(clean_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Te
 def layer_fvus(saes, cfgs, model, tokens: torch.Tensor) -> list[float]:
     """Each dictionary's FVU on the clean model's activations of `tokens` (BOS positions left out
     when cfgs[0]["exclude_bos"]), in chunks of model_batch_size rows: one model pass per chunk."""
-    cfg = cfgs[0]
-    names = sorted({name for c in cfgs for name in (_source_and_target(c))})
+    names = sorted({name for c in cfgs for name in _source_and_target(c)})
     pairs: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in saes]
     with in_eval_mode(saes):
         _collect_pairs(saes, cfgs, model, tokens, names, pairs)
@@ -255,6 +248,7 @@ def _collect_pairs(saes, cfgs, model, tokens, names, pairs) -> None:
 
 
 def _source_and_target(cfg: dict) -> tuple[str, str]:
+    """The hooks a dictionary reads and replaces: a transcoder's source and target, else hook_point twice."""
     if is_transcoder(cfg):
         return cfg["source_hook_point"], cfg["target_hook_point"]
     return cfg["hook_point"], cfg["hook_point"]

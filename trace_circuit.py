@@ -74,12 +74,12 @@ def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
 @torch.no_grad()
 def compare_layers(model, transcoders, set_folder, tokens: list[torch.Tensor]) -> dict[str, float]:
     """Per layer: the relative error between circuit-tracer's and our predictions of the MLP output
-    from the same activations (the prompts' tokens after the first), and whether the same latents fire."""
+    from the same activations (the prompts' tokens after the first); infinite where other latents fire."""
     from transcoder_set import load_transcoder_set
 
     ours = load_transcoder_set(set_folder, device=model.cfg.device)
-    hook_in, hook_out = transcoders.feature_input_hook, transcoders.feature_output_hook
-    names = [f"blocks.{layer}.{hook}" for layer in ours for hook in (hook_in, hook_out)]
+    hook_in = transcoders.feature_input_hook
+    names = [f"blocks.{layer}.{hook_in}" for layer in ours]
     if hook_in.endswith("hook_mlp_in"):
         model.set_use_hook_mlp_in(True)
     caches = [model.run_with_cache(t[None], names_filter=names)[1] for t in tokens]
@@ -88,9 +88,7 @@ def compare_layers(model, transcoders, set_folder, tokens: list[torch.Tensor]) -
         x = torch.cat([cache[f"blocks.{layer}.{hook_in}"][0, 1:] for cache in caches])
         theirs = transcoders[layer]
         same_latents = torch.equal(transcoder.encode(x) > 0, theirs.encode(x) > 0)
-        errors[str(layer)] = relative_error(transcoder.reconstruct(x), theirs(x))
-        if not same_latents:
-            errors[str(layer)] = max(errors[str(layer)], float("inf"))
+        errors[str(layer)] = relative_error(transcoder.reconstruct(x), theirs(x)) if same_latents else float("inf")
     return errors
 
 
