@@ -1,16 +1,24 @@
-"""What the tests share: synthetic cfgs, the planted activation stores, training on them.
+"""What the tests share: synthetic cfgs, the planted activation stores, training on them, and the
+cfgs, data, command lines and checks that several test modules use with the tiny models.
 
 Every cfg here goes through `post_init_cfg`, so a test sees the settings users get; the sizes are
 tiny and every batch is seeded. The fixtures built on these (wandb_runs, tiny models) are in
-conftest.py.
+conftest.py. A test module takes what it shares from here, never from another test module
+(test_docs.py checks that).
 """
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
+from datasets import Dataset, DatasetDict
 
 from config import SAE_TYPES, get_default_cfg, post_init_cfg
 from sae import create_sae
@@ -139,3 +147,237 @@ class RecordingRun:
 
     def history(self, key):
         return [(step, data[key]) for step, data in self.logged if key in data]
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations of the tiny models (conftest.py), compared with a direct run_with_cache
+# ---------------------------------------------------------------------------------------------
+
+BOS = 1  # the tiny models' BOS-like token id (conftest.token_rows leads every row with it)
+
+
+def make_cfg(dataset, **overrides) -> dict:
+    """A cfg for the tiny models (activations of width 64), small buffers, CPU: rows of 32 tokens of
+    `dataset`, batches of 64, a buffer of 4 batches, model batches of 8 rows, 4 held-out rows,
+    bos_token_id BOS; `overrides` are applied before `post_init_cfg`."""
+    cfg = get_default_cfg()
+    cfg.update(model_name="synthetic", act_size=64, layer=0, site="resid_post", dataset_path=dataset,
+               seq_len=32, batch_size=64, num_batches_in_buffer=4, model_batch_size=8, device="cpu",
+               n_eval_rows=4, bos_token_id=BOS)
+    cfg.update(overrides)
+    return post_init_cfg(cfg)
+
+
+def without_bos(token_rows) -> torch.Tensor:
+    """Rows with distinct first tokens instead of BOS. Position 0 sees only its own token, so rows
+    that share it have equal activations there; distinct first tokens make every activation unique."""
+    tokens = token_rows.clone()
+    tokens[:, 0] = torch.arange(100, 100 + len(tokens))
+    return tokens
+
+
+def direct_activations(model, tokens, hook, layer) -> torch.Tensor:
+    """``[rows * seq_len, d]`` activations of `tokens` at `hook`, computed in one plain pass."""
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=layer + 1)
+    return cache[hook].flatten(0, 1)
+
+
+def distances(a, b) -> torch.Tensor:
+    """Euclidean distances between the rows of `a` and of `b`, computed exactly (no matmul trick)."""
+    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def match_rows(store_rows, direct_rows, atol=1e-5) -> torch.Tensor:
+    """Index into `direct_rows` of the row equal to each store row; asserts a one-to-one match
+    (a store shuffles its buffer, so its activations are compared with direct ones as sets of rows)."""
+    distances_ = distances(store_rows, direct_rows)
+    nearest = distances_.argmin(dim=1)
+    assert distances_.min(dim=1).values.max() < atol
+    assert len(set(nearest.tolist())) == len(nearest), "two store rows matched the same activation"
+    return nearest
+
+
+# ---------------------------------------------------------------------------------------------
+# Command lines of main.py and train_gemma_example.py on the tiny models
+# ---------------------------------------------------------------------------------------------
+
+
+def run_args(tmp_path, token_rows, checkpoint_dir, n_steps=24):
+    """The scripts' arguments (after the model's) for `n_steps` steps of 64 activations at layer 1 of
+    `token_rows` (saved once as tmp_path/tokens), checkpoints every 5 steps into `checkpoint_dir`,
+    model batches of 3 rows, seed 5, on the CPU, wandb off."""
+    data = tmp_path / "tokens"
+    if not data.exists():
+        DatasetDict({"train": Dataset.from_dict({"tokens": token_rows.tolist()})}).save_to_disk(str(data))
+    return ["--layer", "1", "--num-tokens", str(64 * n_steps), "--batch-size", "64", "--dict-size", "256",
+            "--top-k", "8", "--dataset", str(data), "--seq-len", "32", "--model-batch-size", "3",
+            "--num-batches-in-buffer", "4", "--checkpoint-freq", "5", "--checkpoint-dir", str(checkpoint_dir),
+            "--wandb-mode", "disabled", "--device", "cpu", "--seed", "5"]
+
+
+def small_run_args(tmp_path, token_rows):
+    """The scripts' arguments (after the model's) for 4 steps of 128 activations at layer 1 of
+    `token_rows` (saved as tmp_path/tokens), checkpoints into tmp_path/checkpoints, on the CPU,
+    wandb off."""
+    data = tmp_path / "tokens"
+    DatasetDict({"train": Dataset.from_dict({"tokens": token_rows.tolist()})}).save_to_disk(str(data))
+    return ["--layer", "1", "--num-tokens", "512", "--batch-size", "128", "--dict-size", "256", "--top-k", "8",
+            "--dataset", str(data), "--seq-len", "32", "--model-batch-size", "8", "--num-batches-in-buffer", "4",
+            "--checkpoint-dir", str(tmp_path / "checkpoints"), "--wandb-mode", "disabled", "--device", "cpu"]
+
+
+# ---------------------------------------------------------------------------------------------
+# CE-loss evaluation with a stand-in dictionary
+# ---------------------------------------------------------------------------------------------
+
+
+class ReconstructStub(torch.nn.Module):
+    """An "SAE" whose reconstruction is a given function of its input."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def reconstruct(self, x):
+        return self.fn(x)
+
+
+def eval_cfg(**overrides):
+    """The settings `evaluation.evaluate_ce_loss` reads, for a batchtopk SAE spliced in at
+    blocks.1.hook_resid_pre of a tiny model: model batches of 16 rows, BOS not excluded."""
+    cfg = {"sae_type": "batchtopk", "hook_point": "blocks.1.hook_resid_pre", "model_batch_size": 16,
+           "exclude_bos": False}
+    cfg.update(overrides)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact resume and transcoder sets on packed token documents
+# ---------------------------------------------------------------------------------------------
+
+RUN_CFG_STEPS = 40  # the steps of a `run_cfg` run
+SET_CFG_STEPS = 12  # the steps of a `set_cfgs` set
+
+
+def documents() -> Dataset:
+    """40 token documents of 5..80 tokens (~1,500 training activations), seeded: rows are packed
+    across documents (a carry between reads), and 40 steps of 48 run through the data more than once."""
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 80, (40,), generator=generator).tolist()
+    docs = [torch.randint(2, 1000, (n,), generator=generator).tolist() for n in lengths]
+    return Dataset.from_dict({"tokens": docs})
+
+
+def run_cfg(tmp_path, name, transcoder=False, **overrides) -> dict:
+    """A matryoshka SAE at blocks.1.hook_resid_pre of a tiny model (or, with `transcoder`, a
+    transcoder resid_mid -> mlp_out of layer 0) trained on `documents()`: 40 steps of 48 activations,
+    BOS excluded; blocks of 4 batches; chunks of 3 rows (not a multiple of a block); checkpoints every
+    10 steps under tmp_path/name."""
+    from transcoder_activation_store import create_transcoder_config
+
+    settings = dict(act_size=64, layer=1, site="resid_pre", dataset_path=documents(), seq_len=32, batch_size=48,
+                    num_batches_in_buffer=4, model_batch_size=3, n_eval_rows=2, bos_token_id=BOS, exclude_bos=True,
+                    dict_size=256, top_k=8, num_tokens=48 * RUN_CFG_STEPS, checkpoint_freq=10, log_freq=5, seed=3,
+                    n_batches_to_dead=2, checkpoint_dir=str(tmp_path / name))
+    cfg = synthetic_cfg("matryoshka", **{**settings, **overrides})
+    if transcoder:
+        cfg = create_transcoder_config(cfg, source_layer=0, target_layer=0, source_site="resid_mid",
+                                       target_site="mlp_out")
+    return cfg
+
+
+def failing_at(store, n_batch: int, failure):
+    """`store`, whose `n_batch`-th next_batch call (1-based) calls failure() first."""
+    served = {"n": 0}
+    next_batch = store.next_batch
+
+    def counted():
+        served["n"] += 1
+        if served["n"] == n_batch:
+            failure()
+        return next_batch()
+
+    store.next_batch = counted
+    return store
+
+
+def crash():
+    """Raises RuntimeError("simulated crash") (a `failure` for `failing_at`)."""
+    raise RuntimeError("simulated crash")
+
+
+def assert_same_weights(a, b):
+    """Every tensor of dictionary `a`'s state dict equals `b`'s exactly."""
+    for name, tensor in a.state_dict().items():
+        assert torch.equal(b.state_dict()[name], tensor), name
+
+
+def set_cfgs(tmp_path, name, layers=(0, 1), kind="matryoshka", skip=False, source_site="ln2_normalized", **overrides):
+    """The cfgs of a transcoder set over the tiny models (width 64) at `layers`, under tmp_path/name:
+    12 steps of 48 activations of `documents()` in BOS-led packed rows, dict_size 128, top_k 6,
+    checkpoints every 4 steps, seed 5."""
+    from transcoder_set import default_set_cfg, transcoder_set_cfgs
+
+    base = default_set_cfg(model_name="synthetic", act_size=64, dataset_path=documents(), seq_len=32,
+                           batch_size=48, num_batches_in_buffer=4, model_batch_size=3, device="cpu",
+                           n_eval_rows=4, bos_token_id=BOS, dict_size=128, top_k=6, num_tokens=48 * SET_CFG_STEPS,
+                           checkpoint_freq=4, log_freq=2, seed=5, wandb_mode="disabled", **overrides)
+    return transcoder_set_cfgs(base, list(layers), tmp_path / name, kind=kind, skip=skip, source_site=source_site)
+
+
+def train_set(model, cfgs, **kwargs):
+    """`train_transcoder_set(model, cfgs, **kwargs)` after torch.manual_seed(0); returns its result."""
+    from transcoder_set import train_transcoder_set
+
+    torch.manual_seed(0)
+    return train_transcoder_set(model, cfgs, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature statistics and the feature browser in headless Chromium
+# ---------------------------------------------------------------------------------------------
+
+TINY_SEQ_LEN = 32  # the rows of `tiny_cfg`
+
+
+def token_dataset(n_docs=100, seed=0):
+    """Documents of 45 random token ids: packed into rows that start with BOS (id 1)."""
+    tokens = torch.randint(2, 1000, (n_docs, 45), generator=torch.Generator().manual_seed(seed))
+    return Dataset.from_dict({"tokens": tokens.tolist()})
+
+
+def tiny_cfg(sae_type="matryoshka", **overrides):
+    """A dictionary at layer 1 of a tiny model (width 64) reading `token_dataset()`: dict_size 128,
+    top_k 8, batches of 256, rows of TINY_SEQ_LEN tokens, 40 held-out rows, BOS excluded, seed 3."""
+    cfg = get_default_cfg()
+    cfg.update(model_name="synthetic", act_size=64, layer=1, dict_size=128, top_k=8, batch_size=256,
+               seq_len=TINY_SEQ_LEN, model_batch_size=8, num_batches_in_buffer=2, n_eval_rows=40, bos_token_id=1,
+               exclude_bos=True, dataset_path=token_dataset(), device="cpu", sae_type=sae_type, seed=3)
+    cfg.update(overrides)
+    return post_init_cfg(cfg)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("REQUIRE_CHROMIUM"),
+                                    reason="Debian's chromium is not installed (.ci/run installs it)")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def rendered_dom(page, fragment, tmp_path) -> str:
+    """The DOM of file://page#fragment after its scripts ran, as headless Chromium dumps it."""
+    assert CHROMIUM is not None, "chromium is not installed: apt-get install -y chromium"
+    result = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}",
+                             "--dump-dom", f"{page.resolve().as_uri()}#{fragment}"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def assert_rendered_without_errors(dom: str) -> None:
+    """The page's script ran to its end and window.onerror marked nothing (nor did injected markup)."""
+    html, body = re.search(r"<html[^>]*>", dom).group(), re.search(r"<body[^>]*>", dom).group()
+    assert 'data-rendered="ok"' in body, dom[-3000:]
+    assert "data-script-error" not in html and '<div id="script-error"' not in dom
+    assert "data-pwned" not in body

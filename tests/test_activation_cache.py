@@ -12,9 +12,8 @@ from datasets import Dataset
 import activation_cache
 from activation_cache import CachedActivationsStore, read_manifest, write_activation_cache
 from checkpoint import checkpoint_folder
+from helpers import direct_activations, make_cfg, run_args, without_bos
 from sae import create_sae
-from test_activation_store import direct_activations, make_cfg, without_bos
-from test_preemption import run_args
 from training import train_sae, train_transcoder
 from transcoder_activation_store import create_transcoder_config
 

@@ -17,50 +17,8 @@ from transformers import PreTrainedTokenizerFast
 import activation_store
 from activation_store import (ActivationsStore, document_markers, find_data_column, load_text_dataset,
                               pack_documents)
-from config import get_default_cfg, post_init_cfg
 from conftest import build_tiny_model
-
-BOS = 1
-
-
-def make_cfg(dataset, **overrides) -> dict:
-    """A cfg for the tiny models (activations of width 64), small buffers, CPU."""
-    cfg = get_default_cfg()
-    cfg.update(model_name="synthetic", act_size=64, layer=0, site="resid_post", dataset_path=dataset,
-               seq_len=32, batch_size=64, num_batches_in_buffer=4, model_batch_size=8, device="cpu",
-               n_eval_rows=4, bos_token_id=BOS)
-    cfg.update(overrides)
-    return post_init_cfg(cfg)
-
-
-def without_bos(token_rows) -> torch.Tensor:
-    """Rows with distinct first tokens instead of BOS. Position 0 sees only its own token, so rows
-    that share it have equal activations there; distinct first tokens make every activation unique."""
-    tokens = token_rows.clone()
-    tokens[:, 0] = torch.arange(100, 100 + len(tokens))
-    return tokens
-
-
-def direct_activations(model, tokens, hook, layer) -> torch.Tensor:
-    """``[rows * seq_len, d]`` activations of `tokens` at `hook`, computed in one plain pass."""
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=layer + 1)
-    return cache[hook].flatten(0, 1)
-
-
-def distances(a, b) -> torch.Tensor:
-    """Euclidean distances between the rows of `a` and of `b`, computed exactly (no matmul trick)."""
-    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
-
-
-def match_rows(store_rows, direct_rows, atol=1e-5) -> torch.Tensor:
-    """Index into `direct_rows` of the row equal to each store row; asserts a one-to-one match."""
-    distances_ = distances(store_rows, direct_rows)
-    nearest = distances_.argmin(dim=1)
-    assert distances_.min(dim=1).values.max() < atol
-    assert len(set(nearest.tolist())) == len(nearest), "two store rows matched the same activation"
-    return nearest
-
+from helpers import BOS, direct_activations, distances, make_cfg, match_rows, without_bos
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
     """A character-level tokenizer: <unk> 0, <bos> 1, <eos> 2, printable ASCII and newline after."""

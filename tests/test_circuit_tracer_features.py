@@ -23,10 +23,8 @@ from feature_browser import write_set_browser
 from feature_statistics import (
     HISTOGRAM_BINS_PER_DECADE, HISTOGRAM_LOW_DECADE, collect_feature_statistics, collect_set_statistics,
 )
+from helpers import assert_rendered_without_errors, needs_chromium, rendered_dom, tiny_cfg, token_dataset
 from sae import create_sae
-from test_feature_browser import (
-    assert_rendered_without_errors, needs_chromium, rendered_dom, tiny_cfg, token_dataset,
-)
 from transcoder_activation_store import TranscoderActivationsStore
 from transcoder_set import transcoder_set_cfgs, write_manifest
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from circuit_tracer_format import export_circuit_tracer
-from test_transcoder_set import set_cfgs, train_set
+from helpers import set_cfgs, train_set
 
 ROOT = Path(__file__).resolve().parents[1]
 CT_PYTHON = ROOT / ".ct-venv" / "bin" / "python"

@@ -9,8 +9,8 @@ from core_metrics import (
     density_statistics, explained_variance, explained_variance_legacy, sparsity_and_variance,
 )
 from evaluation import evaluate_ce_loss
+from helpers import ReconstructStub, eval_cfg
 from sae import create_sae
-from test_training import ReconstructStub, eval_cfg
 
 
 def data_with_large_mean(seed=0, n=256, d=8):

@@ -227,8 +227,8 @@ def test_config_derives_every_layer_and_refuses_bad_settings():
 
 
 def documents_cfg(tmp_path, name, **overrides) -> dict:
-    """The resume test's settings (tests/test_resume.py) for a CLT over both layers of a tiny model."""
-    from test_resume import run_cfg
+    """The resume test's settings (helpers.run_cfg) for a CLT over both layers of a tiny model."""
+    from helpers import run_cfg
 
     base = run_cfg(tmp_path, name)
     cfg = {**base, "sae_type": "matryoshka_clt", "clt_layers": [0, 1], "dict_size": 64, "group_sizes": [16, 48],
@@ -239,7 +239,7 @@ def documents_cfg(tmp_path, name, **overrides) -> dict:
 
 def test_crash_and_resume_on_the_multi_hook_store_is_exact(tiny_gemma2, tmp_path):
     from checkpoint import checkpoint_folder
-    from test_resume import assert_same_weights, crash, failing_at
+    from helpers import assert_same_weights, crash, failing_at
     from training import open_activation_store, train_sae
 
     def train(cfg, store=None, resume_from=None):

@@ -1,4 +1,5 @@
-"""The documentation holds: its Python runs, its links resolve, and no file names an issue number.
+"""The documentation holds: its Python runs, its links resolve, and no file names an issue number;
+and no test module imports from another (what they share is in tests/helpers.py and conftest.py).
 
 Every ```python block of README.md and docs/*.md runs. The blocks of one file run in order in one
 namespace, as the cells of a notebook do, so a later block may use what an earlier one built. What
@@ -17,6 +18,7 @@ exist, so guides added later are checked too.
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -267,3 +269,44 @@ def test_issue_pattern():
     number = "12"  # kept apart from the words, so that this file does not match itself
     assert ISSUE_NUMBER.search("as in Issue #" + number) and ISSUE_NUMBER.search("issues " + number + " and 4")
     assert not ISSUE_NUMBER.search("reissue " + number) and not ISSUE_NUMBER.search("the issue is " + number)
+
+
+# ---------------------------------------------------------------------------------------------
+# Test modules share through helpers.py and conftest.py, never through each other
+# ---------------------------------------------------------------------------------------------
+
+
+def imported_test_modules(source: str) -> list[tuple[int, str]]:
+    """(line, module) of every import of a tests/test_*.py module in `source`, at any depth:
+    `import test_x`, `from test_x import ...`, `from tests.test_x import ...`, `from tests import test_x`."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+            if node.module == "tests":
+                names += [f"tests.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            module = name.removeprefix("tests.").split(".")[0]
+            if module.startswith("test_"):
+                found.append((node.lineno, module))
+    return found
+
+
+def test_no_test_module_imports_another():
+    found = []
+    for path in sorted((REPO / "tests").glob("*.py")):
+        for line, module in imported_test_modules(path.read_text()):
+            found.append(f"{relative(path)}:{line}: imports {module}")
+    assert not found, ("move what test modules share into tests/helpers.py (fixtures: conftest.py):\n"
+                       + "\n".join(found))
+
+
+def test_imported_test_modules_finds_every_form():
+    source = ("import os\nimport test_a\nfrom test_b import x\nfrom tests.test_c import y\nfrom tests import test_d, helpers\n"
+              "from helpers import test_e\nimport tests.test_f as f\ndef g():\n    from test_h import z\n")
+    assert [module for _, module in imported_test_modules(source)] == ["test_a", "test_b", "test_c", "test_d",
+                                                                        "test_f", "test_h"]

@@ -10,7 +10,7 @@ import pytest
 import evaluate_sae
 import main
 from checkpoint import checkpoint_folder, load_metrics
-from test_scripts import small_run_args
+from helpers import small_run_args
 
 
 def test_two_dictionaries_side_by_side(tmp_path, token_rows, tiny_models, capsys):

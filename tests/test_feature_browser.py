@@ -1,44 +1,27 @@
 """The feature browser: exact streaming statistics, the hierarchy statistic, and the page in Chromium."""
 
 import json
-import os
 import re
-import shutil
-import subprocess
 
 import pytest
 import torch
-from datasets import Dataset
 
 from activation_store import ActivationsStore, pack_documents
 from checkpoint import save_checkpoint
-from config import get_default_cfg, post_init_cfg
 from feature_browser import write_feature_browser
 from feature_statistics import (
     HISTOGRAM_BINS_PER_DECADE, HISTOGRAM_LOW_DECADE, N_HISTOGRAM_BINS, FeatureStatistics,
     FeatureStatisticsCollector, collect_feature_statistics, hierarchy_links, latent_groups,
 )
+from helpers import (
+    TINY_SEQ_LEN, assert_rendered_without_errors, needs_chromium, rendered_dom, tiny_cfg, token_dataset,
+)
 from sae import create_sae
 from transcoder_activation_store import TranscoderActivationsStore, create_transcoder_config
 
-SEQ_LEN = 32
+SEQ_LEN = TINY_SEQ_LEN  # the rows of tiny_cfg
 TOP_N, CONTEXT = 6, 3
 PAYLOAD = '<script>document.body.setAttribute("data-pwned","1")</script><img src=x onerror="document.body.setAttribute(\'data-pwned\',\'2\')">'
-
-
-def token_dataset(n_docs=100, seed=0):
-    """Documents of 45 random token ids: packed into rows that start with BOS (id 1)."""
-    tokens = torch.randint(2, 1000, (n_docs, 45), generator=torch.Generator().manual_seed(seed))
-    return Dataset.from_dict({"tokens": tokens.tolist()})
-
-
-def tiny_cfg(sae_type="matryoshka", **overrides):
-    cfg = get_default_cfg()
-    cfg.update(model_name="synthetic", act_size=64, layer=1, dict_size=128, top_k=8, batch_size=256,
-               seq_len=SEQ_LEN, model_batch_size=8, num_batches_in_buffer=2, n_eval_rows=40, bos_token_id=1,
-               exclude_bos=True, dataset_path=token_dataset(), device="cpu", sae_type=sae_type, seed=3)
-    cfg.update(overrides)
-    return post_init_cfg(cfg)
 
 
 def trained_threshold_sae(cfg, store):
@@ -194,31 +177,6 @@ def test_saved_statistics_load_without_the_model(matryoshka_run, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # The page in headless Chromium
 # ---------------------------------------------------------------------------------------------
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-needs_chromium = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("REQUIRE_CHROMIUM"),
-                                    reason="Debian's chromium is not installed (.ci/run installs it)")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-def rendered_dom(page, fragment, tmp_path) -> str:
-    """The DOM of file://page#fragment after its scripts ran, as headless Chromium dumps it."""
-    assert CHROMIUM is not None, "chromium is not installed: apt-get install -y chromium"
-    result = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}",
-                             "--dump-dom", f"{page.resolve().as_uri()}#{fragment}"],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
-
-
-def assert_rendered_without_errors(dom: str) -> None:
-    """The page's script ran to its end and window.onerror marked nothing (nor did injected markup)."""
-    html, body = re.search(r"<html[^>]*>", dom).group(), re.search(r"<body[^>]*>", dom).group()
-    assert 'data-rendered="ok"' in body, dom[-3000:]
-    assert "data-script-error" not in html and '<div id="script-error"' not in dom
-    assert "data-pwned" not in body
-
 
 def busiest(stats, condition=lambda latent: True) -> int:
     candidates = [latent for latent in stats.data["latents"] if condition(latent)]

@@ -11,24 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
-from datasets import Dataset, DatasetDict
 
 import main
 import train_gemma_example
 from checkpoint import checkpoint_folder, load_metrics, load_sae
+from helpers import run_args
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SCRIPT = REPO / "tests" / "tiny_script.py"
-
-
-def run_args(tmp_path, token_rows, checkpoint_dir, n_steps=24):
-    data = tmp_path / "tokens"
-    if not data.exists():
-        DatasetDict({"train": Dataset.from_dict({"tokens": token_rows.tolist()})}).save_to_disk(str(data))
-    return ["--layer", "1", "--num-tokens", str(64 * n_steps), "--batch-size", "64", "--dict-size", "256",
-            "--top-k", "8", "--dataset", str(data), "--seq-len", "32", "--model-batch-size", "3",
-            "--num-batches-in-buffer", "4", "--checkpoint-freq", "5", "--checkpoint-dir", str(checkpoint_dir),
-            "--wandb-mode", "disabled", "--device", "cpu", "--seed", "5"]
 
 
 def run_tiny(*args, env=None, timeout=120):

@@ -6,19 +6,15 @@ import warnings
 
 import pytest
 import torch
-from datasets import Dataset
 
 from activation_store import ActivationsStore
 from checkpoint import checkpoint_folder
 from config import post_init_cfg
-from helpers import synthetic_cfg
+from helpers import RUN_CFG_STEPS, assert_same_weights, crash, failing_at, run_cfg
 from preemption import TrainingInterrupted
 from sae import create_sae
 from training import train_sae, train_sae_group, train_transcoder
-from transcoder_activation_store import TranscoderActivationsStore, create_transcoder_config
-
-BOS = 1
-N_STEPS = 40
+from transcoder_activation_store import TranscoderActivationsStore
 
 
 @pytest.fixture(autouse=True)
@@ -26,28 +22,6 @@ def quiet_epochs():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is exhausted; starting epoch")
         yield
-
-
-def documents() -> Dataset:
-    """40 token documents of 5..80 tokens (~1,500 training activations): rows are packed across
-    documents (a carry between reads), and 40 steps of 48 run through the data more than once."""
-    generator = torch.Generator().manual_seed(0)
-    lengths = torch.randint(5, 80, (40,), generator=generator).tolist()
-    docs = [torch.randint(2, 1000, (n,), generator=generator).tolist() for n in lengths]
-    return Dataset.from_dict({"tokens": docs})
-
-
-def run_cfg(tmp_path, name, transcoder=False, **overrides) -> dict:
-    """40 steps of 48 activations; blocks of 4 batches; chunks of 3 rows (not a multiple of a block)."""
-    settings = dict(act_size=64, layer=1, site="resid_pre", dataset_path=documents(), seq_len=32, batch_size=48,
-                    num_batches_in_buffer=4, model_batch_size=3, n_eval_rows=2, bos_token_id=BOS, exclude_bos=True,
-                    dict_size=256, top_k=8, num_tokens=48 * N_STEPS, checkpoint_freq=10, log_freq=5, seed=3,
-                    n_batches_to_dead=2, checkpoint_dir=str(tmp_path / name))
-    cfg = synthetic_cfg("matryoshka", **{**settings, **overrides})
-    if transcoder:
-        cfg = create_transcoder_config(cfg, source_layer=0, target_layer=0, source_site="resid_mid",
-                                       target_site="mlp_out")
-    return cfg
 
 
 def make_store(model, cfg):
@@ -59,30 +33,6 @@ def train(model, cfg, store=None, resume_from=None):
     train_fn = train_transcoder if cfg["sae_type"] == "matryoshka_transcoder" else train_sae
     torch.manual_seed(0)
     return train_fn(create_sae(cfg), store or make_store(model, cfg), None, cfg, resume_from=resume_from)
-
-
-def failing_at(store, n_batch: int, failure):
-    """`store`, whose `n_batch`-th next_batch call (1-based) calls failure() first."""
-    served = {"n": 0}
-    next_batch = store.next_batch
-
-    def counted():
-        served["n"] += 1
-        if served["n"] == n_batch:
-            failure()
-        return next_batch()
-
-    store.next_batch = counted
-    return store
-
-
-def crash():
-    raise RuntimeError("simulated crash")
-
-
-def assert_same_weights(a, b):
-    for name, tensor in a.state_dict().items():
-        assert torch.equal(b.state_dict()[name], tensor), name
 
 
 @pytest.mark.parametrize("transcoder", [False, True], ids=["sae", "transcoder"])
@@ -143,6 +93,6 @@ def test_store_state_round_trip_continues_the_stream(tiny_gpt2, tmp_path):
 
 def test_resuming_with_changed_settings_is_refused(tiny_gpt2, tmp_path):
     state = ActivationsStore(tiny_gpt2, run_cfg(tmp_path, "a")).state_dict()
-    other = ActivationsStore(tiny_gpt2, run_cfg(tmp_path, "a", batch_size=32, num_tokens=32 * N_STEPS))
+    other = ActivationsStore(tiny_gpt2, run_cfg(tmp_path, "a", batch_size=32, num_tokens=32 * RUN_CFG_STEPS))
     with pytest.raises(ValueError, match="batch_size 48 -> 32.*own settings"):
         other.load_state_dict(state)

@@ -12,8 +12,8 @@ import main
 import train_gemma_example
 from checkpoint import load_sae, save_checkpoint
 from config import get_default_cfg, post_init_cfg
+from helpers import run_args
 from sae import create_sae
-from test_preemption import run_args
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import Dataset, DatasetDict
 
 import main
 import train_gemma_example
 from checkpoint import checkpoint_folder, load_metrics, load_sae
+from helpers import small_run_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,14 +98,6 @@ def test_main_cfgs_share_one_stream():
 # ---------------------------------------------------------------------------------------------
 # End to end, with tiny models standing in for the hub's
 # ---------------------------------------------------------------------------------------------
-
-
-def small_run_args(tmp_path, token_rows):
-    data = tmp_path / "tokens"
-    DatasetDict({"train": Dataset.from_dict({"tokens": token_rows.tolist()})}).save_to_disk(str(data))
-    return ["--layer", "1", "--num-tokens", "512", "--batch-size", "128", "--dict-size", "256", "--top-k", "8",
-            "--dataset", str(data), "--seq-len", "32", "--model-batch-size", "8", "--num-batches-in-buffer", "4",
-            "--checkpoint-dir", str(tmp_path / "checkpoints"), "--wandb-mode", "disabled", "--device", "cpu"]
 
 
 def test_main_trains_the_group(tmp_path, token_rows, tiny_models, capsys):

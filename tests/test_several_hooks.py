@@ -7,9 +7,8 @@ import main
 from activation_store import ActivationsStore, MultiHookActivationsStore
 from checkpoint import checkpoint_folder, load_metrics
 from config import post_init_cfg
+from helpers import direct_activations, make_cfg, match_rows, run_args, without_bos
 from sae import create_sae
-from test_activation_store import direct_activations, make_cfg, match_rows, without_bos
-from test_preemption import run_args
 from training import train_sae, train_sae_group
 from transcoder_activation_store import create_transcoder_config
 

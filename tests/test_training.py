@@ -12,7 +12,7 @@ from datasets import Dataset, DatasetDict
 from activation_store import ActivationsStore
 from checkpoint import checkpoint_folder, load_history, load_metrics, load_sae
 from evaluation import evaluate_ce_loss
-from helpers import BATCH, PlantedStore, planted_cfg
+from helpers import BATCH, PlantedStore, ReconstructStub, eval_cfg, planted_cfg
 from sae import create_sae
 from training import NonFiniteError, format_postfix, lr_at_step, train_sae, train_sae_group, train_transcoder
 
@@ -157,24 +157,6 @@ def test_nan_loss_stops_with_clear_error(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # CE-loss evaluation
 # ---------------------------------------------------------------------------------------------
-
-
-class ReconstructStub(torch.nn.Module):
-    """An "SAE" whose reconstruction is a given function of its input."""
-
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def reconstruct(self, x):
-        return self.fn(x)
-
-
-def eval_cfg(**overrides):
-    cfg = {"sae_type": "batchtopk", "hook_point": "blocks.1.hook_resid_pre", "model_batch_size": 16,
-           "exclude_bos": False}
-    cfg.update(overrides)
-    return cfg
 
 
 @pytest.mark.parametrize("exclude_bos", [False, True])

@@ -7,52 +7,20 @@ import signal
 
 import pytest
 import torch
-from datasets import Dataset
 
 import train_gemma_example
 from activation_store import MultiHookActivationsStore
 from circuit_tracer_format import (
     THRESHOLD, circuit_tracer_layer, export_circuit_tracer, read_config,
 )
+from helpers import assert_same_weights, set_cfgs, train_set
 from preemption import TrainingInterrupted
 from sae import create_sae
 from sae_lens_format import NotRepresentable
 from safetensors.torch import load_file
 from training import train_transcoder
 from transcoder_activation_store import TranscoderActivationsStore
-from transcoder_set import (
-    SET_MANIFEST, default_set_cfg, layer_folders, load_transcoder_set, parse_layers, read_manifest,
-    train_transcoder_set, transcoder_set_cfgs,
-)
-
-BOS = 1
-N_STEPS = 12
-
-
-def documents() -> Dataset:
-    generator = torch.Generator().manual_seed(0)
-    lengths = torch.randint(5, 80, (40,), generator=generator).tolist()
-    return Dataset.from_dict({"tokens": [torch.randint(2, 1000, (n,), generator=generator).tolist()
-                                         for n in lengths]})
-
-
-def set_cfgs(tmp_path, name, layers=(0, 1), kind="matryoshka", skip=False, source_site="ln2_normalized", **overrides):
-    """A set over the tiny models (width 64): 12 steps of 48 activations, BOS-led packed rows."""
-    base = default_set_cfg(model_name="synthetic", act_size=64, dataset_path=documents(), seq_len=32,
-                           batch_size=48, num_batches_in_buffer=4, model_batch_size=3, device="cpu",
-                           n_eval_rows=4, bos_token_id=BOS, dict_size=128, top_k=6, num_tokens=48 * N_STEPS,
-                           checkpoint_freq=4, log_freq=2, seed=5, wandb_mode="disabled", **overrides)
-    return transcoder_set_cfgs(base, list(layers), tmp_path / name, kind=kind, skip=skip, source_site=source_site)
-
-
-def train_set(model, cfgs, **kwargs):
-    torch.manual_seed(0)
-    return train_transcoder_set(model, cfgs, **kwargs)
-
-
-def assert_same_weights(a, b):
-    for name, tensor in a.state_dict().items():
-        assert torch.equal(b.state_dict()[name], tensor), name
+from transcoder_set import SET_MANIFEST, layer_folders, load_transcoder_set, parse_layers, read_manifest
 
 
 def test_set_trains_each_layer_as_a_run_of_its_own(tiny_gemma2, tmp_path):

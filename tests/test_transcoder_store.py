@@ -10,7 +10,7 @@ import torch
 from datasets import Dataset
 
 from config import get_default_cfg, post_init_cfg
-from test_activation_store import BOS, make_cfg, match_rows, without_bos
+from helpers import BOS, make_cfg, match_rows, without_bos
 from transcoder_activation_store import TranscoderActivationsStore, create_transcoder_config
 
 
