@@ -148,15 +148,20 @@ def read_config(folder: str | Path) -> dict:
         raise FileNotFoundError(f"{folder} has no {CONFIG_YAML}; export a set there with export_sae.py "
                                 f"--format circuit-tracer.")
     config = yaml.safe_load(path.read_text())
-    config["transcoders"] = [str((folder / name).resolve()) for name in config["transcoders"]]
+    if "transcoders" in config:  # a transcoder set; a cross-layer transcoder's files have fixed names
+        config["transcoders"] = [str((folder / name).resolve()) for name in config["transcoders"]]
     return config
 
 
 def load_in_circuit_tracer(folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """circuit-tracer's own TranscoderSet for an exported folder (needs the circuit_tracer package)."""
+    """circuit-tracer's own TranscoderSet, or CrossLayerTranscoder, for an exported folder (needs the
+    circuit_tracer package)."""
     from circuit_tracer.utils.hf_utils import load_transcoders
 
-    return load_transcoders(read_config(folder), device=torch.device(device), dtype=dtype,
+    config = read_config(folder)
+    if config["model_kind"] == "cross_layer_transcoder":
+        return load_clt_in_circuit_tracer(folder, device, dtype)
+    return load_transcoders(config, device=torch.device(device), dtype=dtype,
                             lazy_encoder=False, lazy_decoder=False)
 
 

@@ -14,6 +14,7 @@ feature_statistics.py and shown by feature_browser.py.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from pathlib import Path
 from typing import Callable
@@ -23,7 +24,7 @@ from tqdm import tqdm
 
 from activation_store import excluded_bos_token
 from preemption import stop_requested
-from config import compute_fvu
+from config import clt_hooks, compute_fvu
 
 DENSE_FRACTION = 0.1
 
@@ -68,6 +69,43 @@ def _patch_hooks(cfg: dict, replace: Callable, keep: torch.Tensor | None) -> lis
     if source_hook != target_hook:
         hooks.insert(0, (source_hook, capture))
     return hooks
+
+
+def is_cross_layer(cfg: dict) -> bool:
+    return cfg["sae_type"] == "matryoshka_clt"
+
+
+def _splice_hooks(sae, cfg: dict, keep: torch.Tensor | None, zero: bool = False) -> list[tuple[str, Callable]]:
+    """The forward hooks that replace what `sae` replaces (its target, or every target of a
+    cross-layer transcoder) by its prediction, or by zeros if `zero`; `keep` as `_patch_hooks`."""
+    if is_cross_layer(cfg):
+        return _cross_layer_hooks(sae, cfg, keep, zero)
+    replace = (lambda source, target: torch.zeros_like(target)) if zero else _reconstruction_of(sae)
+    return _patch_hooks(cfg, replace, keep)
+
+
+def _cross_layer_hooks(clt, cfg: dict, keep: torch.Tensor | None, zero: bool) -> list[tuple[str, Callable]]:
+    """A cross-layer transcoder spliced into a forward pass: at each source hook j its latents read
+    the (already replaced) activation and write their contributions to the targets j..L-1
+    (`layer_contributions`); at target hook m the sum over j <= m plus b_dec_m replaces the output."""
+    sources, targets = clt_hooks(cfg)
+    written: dict[int, torch.Tensor] = {}
+
+    def read(act, hook, j):
+        written[j] = clt.layer_contributions(j, act).view(*act.shape[:-1], clt.n_layers - j, clt.d_out)
+
+    def write(act, hook, m):
+        if zero:
+            new = torch.zeros_like(act)
+        else:
+            new = sum(written[j][..., m - j, :] for j in range(m + 1)) + clt.b_dec[m] * clt.target_scale[m]
+            if m == clt.n_layers - 1:
+                written.clear()
+        new = new.to(act.dtype)
+        return new if keep is None else torch.where(keep[..., None], act, new)
+
+    hooks = [] if zero else [(name, functools.partial(read, j=j)) for j, name in enumerate(sources)]
+    return hooks + [(name, functools.partial(write, m=m)) for m, name in enumerate(targets)]
 
 
 @torch.no_grad()
@@ -159,7 +197,8 @@ def _chunk_losses(sae, model, tokens, cfg, keep, kl=False) -> dict[str, float]:
 def evaluate_replacement(saes, cfgs, model, tokens: torch.Tensor) -> dict[str, float]:
     """Next-token CE loss of `model` on `tokens` ([rows, seq]) with every dictionary of `saes`
     spliced in at once (each at its cfg's target hook, reading its source hook in the same,
-    already replaced, forward pass), and how far its predictions move from the model's:
+    already replaced, forward pass; a cross-layer transcoder at every target of its layers), and
+    how far its predictions move from the model's:
 
         ce_loss_clean, ce_loss_spliced, ce_loss_zero_ablation (every target set to 0)
         loss_recovered = (zero_ablation - spliced) / (zero_ablation - clean)
@@ -175,10 +214,8 @@ def evaluate_replacement(saes, cfgs, model, tokens: torch.Tensor) -> dict[str, f
         for chunk in tqdm(chunks, desc="Replacement evaluation", unit="batch", leave=False, disable=len(chunks) < 2):
             chunk = chunk.to(model.cfg.device)
             keep = bos_mask(chunk, model, cfg) if cfg["exclude_bos"] else None
-            spliced = [hook for sae, sae_cfg in zip(saes, cfgs)
-                       for hook in _patch_hooks(sae_cfg, _reconstruction_of(sae), keep)]
-            zeroed = [hook for sae_cfg in cfgs
-                      for hook in _patch_hooks(sae_cfg, lambda s, t: torch.zeros_like(t), keep)]
+            spliced = [hook for sae, sae_cfg in zip(saes, cfgs) for hook in _splice_hooks(sae, sae_cfg, keep)]
+            zeroed = [hook for sae, sae_cfg in zip(saes, cfgs) for hook in _splice_hooks(sae, sae_cfg, keep, zero=True)]
             clean_logits = model(chunk)
             spliced_logits = model.run_with_hooks(chunk, fwd_hooks=spliced)
             losses = {"clean": _next_token_loss(clean_logits, chunk),
@@ -225,26 +262,60 @@ def _mean_kl(clean_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Te
 
 
 @torch.no_grad()
-def layer_fvus(saes, cfgs, model, tokens: torch.Tensor) -> list[float]:
-    """Each dictionary's FVU on the clean model's activations of `tokens` (BOS positions left out
-    when cfgs[0]["exclude_bos"]), in chunks of model_batch_size rows: one model pass per chunk."""
+def layer_statistics(saes, cfgs, model, tokens: torch.Tensor) -> list[dict[str, float]]:
+    """Each dictionary's {"fvu", "l0"} on the clean model's activations of `tokens` (BOS positions
+    left out when cfgs[0]["exclude_bos"]), at inference, in chunks of model_batch_size rows: one
+    model pass per chunk. l0 is the mean number of active latents a token."""
     names = sorted({name for c in cfgs for name in _source_and_target(c)})
     pairs: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in saes]
-    with in_eval_mode(saes):
-        _collect_pairs(saes, cfgs, model, tokens, names, pairs)
-    return [compute_fvu(torch.cat([t for t, _ in p]), torch.cat([r for _, r in p])).item() for p in pairs]
-
-
-def _collect_pairs(saes, cfgs, model, tokens, names, pairs) -> None:
+    active = [0.0 for _ in saes]
     chunks = tokens.split(cfgs[0]["model_batch_size"])
-    for chunk in tqdm(chunks, desc="Per-layer FVU", unit="batch", leave=False, disable=len(chunks) < 2):
-        chunk = chunk.to(model.cfg.device)
-        _, cache = model.run_with_cache(chunk, names_filter=names)
-        keep = ~bos_mask(chunk, model, cfgs[0]) if cfgs[0]["exclude_bos"] else torch.ones_like(chunk, dtype=torch.bool)
-        for i, (sae, c) in enumerate(zip(saes, cfgs)):
-            source_hook, target_hook = _source_and_target(c)
-            source, target = cache[source_hook][keep], cache[target_hook][keep]
-            pairs[i].append((target.float(), sae.reconstruct(source)))
+    with in_eval_mode(saes):
+        for chunk in tqdm(chunks, desc="Per-layer FVU", unit="batch", leave=False, disable=len(chunks) < 2):
+            chunk = chunk.to(model.cfg.device)
+            _, cache = model.run_with_cache(chunk, names_filter=names)
+            keep = ~bos_mask(chunk, model, cfgs[0]) if cfgs[0]["exclude_bos"] else torch.ones_like(chunk, dtype=torch.bool)
+            for i, (sae, c) in enumerate(zip(saes, cfgs)):
+                source_hook, target_hook = _source_and_target(c)
+                source, target = cache[source_hook][keep], cache[target_hook][keep]
+                pairs[i].append((target.float(), sae.reconstruct(source)))
+                active[i] += (sae.encode(source) > 0).sum().item()
+    return [{"fvu": compute_fvu(torch.cat([t for t, _ in p]), torch.cat([r for _, r in p])).item(),
+             "l0": n / sum(len(t) for t, _ in p)} for p, n in zip(pairs, active)]
+
+
+@torch.no_grad()
+def evaluate_clt(clt, model, tokens: torch.Tensor) -> dict:
+    """A cross-layer transcoder on `tokens` [rows, seq]: `evaluate_replacement` (every target of its
+    layers replaced at once, each layer's latents reading the source of the replaced forward pass)
+    and, on the clean model's activations (BOS left out when cfg["exclude_bos"]):
+
+        fvu_per_layer {layer: FVU of its target}, fvu_mean, fvu_max (compute_fvu per layer)
+        l0_per_layer {layer: active latents a token at that source layer}, l0_total (their sum)
+
+    at inference (thresholds), in chunks of model_batch_size rows."""
+    cfg = clt.cfg
+    result = evaluate_replacement([clt], [cfg], model, tokens)
+    sources, targets = clt_hooks(cfg)
+    predictions, actual, active = [], [], torch.zeros(clt.n_layers)
+    with in_eval_mode([clt]):
+        for chunk in tokens.split(cfg["model_batch_size"]):
+            chunk = chunk.to(model.cfg.device)
+            _, cache = model.run_with_cache(chunk, names_filter=sources + targets)
+            keep = ~bos_mask(chunk, model, cfg) if cfg["exclude_bos"] else torch.ones_like(chunk, dtype=torch.bool)
+            x = torch.stack([cache[name][keep] for name in sources], dim=1)  # [N, L, d_in]
+            actual.append(torch.stack([cache[name][keep] for name in targets], dim=1).float())
+            predictions.append(clt.reconstruct(x))
+            latents = clt.encode(x).view(-1, clt.n_layers, clt.layer_size)
+            active += (latents > 0).sum(dim=(0, 2)).float().cpu()
+    y, y_hat = torch.cat(actual), torch.cat(predictions)
+    fvus = [compute_fvu(y[:, j], y_hat[:, j]).item() for j in range(clt.n_layers)]
+    layers = [str(layer) for layer in cfg["clt_layers"]]
+    result["fvu_per_layer"] = dict(zip(layers, fvus))
+    result["fvu_mean"], result["fvu_max"] = sum(fvus) / len(fvus), max(fvus)
+    result["l0_per_layer"] = dict(zip(layers, (active / len(y)).tolist()))
+    result["l0_total"] = (active.sum() / len(y)).item()
+    return result
 
 
 def _source_and_target(cfg: dict) -> tuple[str, str]:

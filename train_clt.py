@@ -25,8 +25,6 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 import distributed
 from cli_options import (
     add_debug_argument, add_resume_argument, add_run_arguments, apply_overrides, check_before_loading, resumed_cfgs,
@@ -63,84 +61,6 @@ def clt_cfg(args: argparse.Namespace | None = None) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation: every MLP replaced at once
-# ---------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate_clt(clt, model, tokens: torch.Tensor) -> dict:
-    """The CLT as the replacement of every MLP at once on `tokens` [rows, seq] (chunks of
-    model_batch_size rows), and its per-layer FVU on the clean model's activations:
-
-        ce_loss_clean / _spliced / _zero_ablation, loss_recovered, kl_divergence (as
-        evaluation.evaluate_replacement: spliced, every target is the CLT's prediction, each layer's
-        latents reading the source of the replaced forward pass); fvu_per_layer, fvu_mean, fvu_max;
-        l0_per_layer (active latents per token at each source layer, inference thresholds).
-
-    BOS positions keep their activations when cfg["exclude_bos"] (they were not trained on)."""
-    from evaluation import _mean_kl, _next_token_loss, bos_mask, in_eval_mode
-
-    cfg, n = clt.cfg, clt.n_layers
-    sources, targets = zip(*[(HOOK_SITES[cfg["source_site"]].format(layer=layer),
-                              HOOK_SITES[cfg["target_site"]].format(layer=layer)) for layer in cfg["clt_layers"]])
-    totals = {"clean": 0.0, "spliced": 0.0, "zero_ablation": 0.0, "kl_divergence": 0.0}
-    errors, squares, active, sums = torch.zeros(n), torch.zeros(n), torch.zeros(n), torch.zeros(n, clt.d_out)
-    n_tokens = 0
-    with in_eval_mode([clt]):
-        for chunk in tokens.split(cfg["model_batch_size"]):
-            chunk = chunk.to(model.cfg.device)
-            keep = bos_mask(chunk, model, cfg) if cfg["exclude_bos"] else torch.zeros_like(chunk, dtype=torch.bool)
-            written = {}
-
-            def read(act, hook, j):
-                written[j] = clt.layer_contributions(j, act).view(*act.shape[:-1], n - j, clt.d_out)
-
-            def write(act, hook, m):
-                prediction = sum(written[j][..., m - j, :] for j in range(m + 1))
-                prediction = prediction + clt.b_dec[m] * clt.target_scale[m]
-                return torch.where(keep[..., None], act, prediction.to(act.dtype))
-
-            def zero(act, hook):
-                return torch.where(keep[..., None], act, torch.zeros_like(act))
-
-            hooks = [(name, lambda a, hook, j=j: read(a, hook, j)) for j, name in enumerate(sources)]
-            hooks += [(name, lambda a, hook, m=m: write(a, hook, m)) for m, name in enumerate(targets)]
-            clean_logits, cache = model.run_with_cache(chunk, names_filter=list(sources) + list(targets))
-            spliced_logits = model.run_with_hooks(chunk, fwd_hooks=hooks)
-            zeroed = model.run_with_hooks(chunk, return_type="loss", fwd_hooks=[(name, zero) for name in targets])
-            weight = len(chunk) / len(tokens)
-            totals["clean"] += _next_token_loss(clean_logits, chunk).item() * weight
-            totals["spliced"] += _next_token_loss(spliced_logits, chunk).item() * weight
-            totals["zero_ablation"] += zeroed.float().item() * weight
-            totals["kl_divergence"] += _mean_kl(clean_logits[:, :-1], spliced_logits[:, :-1]).item() * weight
-            x = torch.stack([cache[name][~keep] for name in sources], dim=1)
-            y = torch.stack([cache[name][~keep] for name in targets], dim=1).float()
-            prediction = clt.reconstruct(x)
-            active += (clt.encode(x) > 0).view(-1, n, clt.layer_size).sum(dim=(0, 2)).float().cpu()
-            errors += (prediction - y).pow(2).sum(dim=(0, 2)).cpu()
-            squares += y.pow(2).sum(dim=(0, 2)).cpu()
-            sums += y.sum(dim=0).cpu()
-            n_tokens += y.shape[0]
-    fvus = _fvus(errors, squares, sums, n_tokens)
-    result = {f"ce_loss_{name}": totals[name] for name in ("clean", "spliced", "zero_ablation")}
-    result["loss_recovered"] = ((totals["zero_ablation"] - totals["spliced"])
-                                / (totals["zero_ablation"] - totals["clean"]))
-    result["kl_divergence"] = totals["kl_divergence"]
-    result["fvu_per_layer"] = {str(layer): fvu for layer, fvu in zip(cfg["clt_layers"], fvus)}
-    result["fvu_mean"], result["fvu_max"] = sum(fvus) / n, max(fvus)
-    result["l0_per_layer"] = {str(layer): (a / n_tokens).item() for layer, a in zip(cfg["clt_layers"], active)}
-    result["l0_total"] = (active.sum() / n_tokens).item()
-    return result
-
-
-def _fvus(errors: torch.Tensor, squares: torch.Tensor, sums: torch.Tensor, n_tokens: int) -> list[float]:
-    """Per layer [L]: sum ||y - y_hat||^2 / sum ||y - mean(y)||^2 (compute_fvu's definition over all
-    the held-out tokens) from running sums: errors and squares [L], sums [L, d]."""
-    total = squares - sums.pow(2).sum(dim=1) / n_tokens
-    return (errors / total).tolist()
-
-
-# ---------------------------------------------------------------------------------------------
 # Commands
 # ---------------------------------------------------------------------------------------------
 
@@ -171,6 +91,8 @@ def train(args: argparse.Namespace) -> None:
     if distributed.is_main_process():
         from checkpoint import atomic_write, checkpoint_folder
 
+        from evaluation import evaluate_clt
+
         metrics = evaluate_clt(clt, model, store.get_eval_tokens(cfg["n_eval_rows"]))
         folder = checkpoint_folder(cfg)
         text = json.dumps(metrics, indent=2) + "\n"
@@ -187,6 +109,7 @@ def print_metrics(folder, metrics: dict) -> None:
 def evaluate(args: argparse.Namespace) -> None:
     from activation_store import ActivationsStore
     from checkpoint import atomic_write, load_sae
+    from evaluation import evaluate_clt
     from model_loading import load_model
 
     clt = load_sae(args.checkpoint, device=args.device)

@@ -225,12 +225,17 @@ def train_transcoder_set(model, cfgs: Sequence[dict], kind: str = "matryoshka",
 def evaluate_set(transcoders: Sequence, cfgs: Sequence[dict], model, tokens: torch.Tensor) -> dict:
     """The set's replacement quality on held-out `tokens` ([rows, seq]): every layer's target
     replaced at once by its transcoder's prediction (`evaluation.evaluate_replacement`), plus the
-    mean of the per-layer FVUs measured on the same tokens with the clean model's activations."""
-    from evaluation import evaluate_replacement, layer_fvus
+    per-layer FVUs and L0s measured on the same tokens with the clean model's activations (the keys
+    of `evaluation.evaluate_clt`: fvu_per_layer, fvu_mean, fvu_max, l0_per_layer, l0_total)."""
+    from evaluation import evaluate_replacement, layer_statistics
 
     metrics = evaluate_replacement(transcoders, cfgs, model, tokens)
-    fvus = layer_fvus(transcoders, cfgs, model, tokens)
-    metrics["fvu_per_layer"] = {str(cfg["source_layer"]): fvu for cfg, fvu in zip(cfgs, fvus)}
+    statistics = layer_statistics(transcoders, cfgs, model, tokens)
+    layers = [str(cfg["source_layer"]) for cfg in cfgs]
+    fvus = [layer["fvu"] for layer in statistics]
+    metrics["fvu_per_layer"] = dict(zip(layers, fvus))
     metrics["fvu_mean"] = sum(fvus) / len(fvus)
     metrics["fvu_max"] = max(fvus)
+    metrics["l0_per_layer"] = {layer: entry["l0"] for layer, entry in zip(layers, statistics)}
+    metrics["l0_total"] = sum(metrics["l0_per_layer"].values())
     return metrics

@@ -1,94 +1,228 @@
-"""Matryoshka cross-layer transcoder vs plain BatchTopK CLT on SmolLM2: same layers, width, k, tokens, seed.
+"""Cross-layer transcoders against the per-layer transcoder set on SmolLM2-135M: a Matryoshka CLT, a
+plain BatchTopK CLT and a Matryoshka transcoder set over all 30 layers, at equal latents (S a layer),
+equal L0 summed over layers (k a layer: global BatchTopK over k L a token for the CLTs, k in each
+transcoder of the set), the same tokens, batches, learning rate and seed.
 
-    python benchmarks/clt_comparison.py --layers 0-9 --dict-size 256 --top-k 8 --batch-size 512 --num-tokens 76800 --lr 1e-3
-    python benchmarks/clt_comparison.py --collect matryoshka RUN_FOLDER SECONDS PEAK_MB --collect plain ...
+    python benchmarks/clt_comparison.py train --out runs/clt_comparison      # one process per dictionary
+    python benchmarks/clt_comparison.py evaluate --out runs/clt_comparison   # -> results/clt_comparison.json
+    python benchmarks/clt_comparison.py trace --out runs/clt_comparison      # -> results/clt_comparison_tracing.json
 
-Without --collect, trains each kind with train_clt.py (one process at a time; wall time and the
-process's peak resident memory measured here) and writes benchmarks/results/clt_matryoshka_vs_plain.json
-from each run's final evaluation (<run>/clt_metrics.json: every MLP of the layers replaced at once,
-CE loss, loss recovered, KL; per-layer FVU and L0 on held-out tokens) and its last training metrics
-(dead latents). --collect takes runs trained with train_clt.py already, with their measured seconds
-and peak memory.
+`train` trains each case with the library's own commands (train_clt.py train, train_clt.py train
+--plain, train_gemma_example.py transcoder --layers all), one process at a time, and records each
+process's wall time and peak resident memory (os.wait4 of that process) in <out>/runs.json.
+`evaluate` loads the three from their checkpoints and replaces every MLP output at once on the same
+held-out rows (evaluation.evaluate_replacement through evaluation.evaluate_clt and
+transcoder_set.evaluate_set): CE loss, loss recovered, KL, per-layer FVU, dead latents.
+`trace` exports each to circuit-tracer's format and runs trace_circuit.py in circuit-tracer's
+environment (.ct-venv) on the same prompts, one process per dictionary (its peak memory measured
+the same way): replacement and completeness scores, the mean path length of the pruned graphs,
+seconds per prompt and where they go (circuit-tracer's phases), circuit-tracer's own spliced CE/KL.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import harness
+import harness  # noqa: F401  (first: import paths)
+from harness import ROOT, environment, save, worker_env
 
-KINDS = {"matryoshka": [], "plain": ["--plain"]}
-
-
-def train_case(kind: str, args: argparse.Namespace, out: Path) -> tuple[Path, float, float]:
-    """Train one kind in its own process; returns (run folder, seconds, peak resident MB)."""
-    folder = out / kind
-    command = [sys.executable, str(harness.ROOT / "train_clt.py"), "train", "--layers", args.layers,
-               "--dict-size", str(args.dict_size), "--top-k", str(args.top_k), "--batch-size", str(args.batch_size),
-               "--num-tokens", str(args.num_tokens), "--lr", str(args.lr), "--n-eval-rows", str(args.n_eval_rows),
-               "--sparsity", args.sparsity, "--checkpoint-dir", str(folder), "--wandb-mode", "disabled",
-               "--checkpoint-freq", "1000000", *KINDS[kind]]
-    start = time.perf_counter()
-    subprocess.run(command, check=True, cwd=harness.ROOT)
-    seconds = time.perf_counter() - start
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest child so far
-    (run,) = [p for p in folder.iterdir() if p.is_dir()]
-    return run, seconds, peak_mb
+CASES = ("matryoshka-clt", "batchtopk-clt", "matryoshka-set")
 
 
-def row(kind: str, run: Path, seconds: float, peak_mb: float) -> dict:
-    evaluation = json.loads((run / "clt_metrics.json").read_text())
-    training = json.loads((run / "metrics.json").read_text())
-    config = json.loads((run / "config.json").read_text())
-    return {
-        "kind": kind, "layers": f"{config['clt_layers'][0]}-{config['clt_layers'][-1]}",
-        "latents": config["dict_size"] * len(config["clt_layers"]), "groups": config["group_sizes"],
-        "loss_recovered": round(evaluation["loss_recovered"], 4), "kl": round(evaluation["kl_divergence"], 4),
-        "ce_clean": round(evaluation["ce_loss_clean"], 4), "ce_spliced": round(evaluation["ce_loss_spliced"], 4),
-        "fvu_mean": round(evaluation["fvu_mean"], 4), "fvu_max": round(evaluation["fvu_max"], 4),
-        "l0_total": round(evaluation["l0_total"], 1), "dead_latents": int(training["num_dead_features"]),
-        "train_fvu_last_batch": round(training["fvu"], 4), "seconds": round(seconds), "peak_rss_mb": round(peak_mb),
-        "fvu_per_layer": {k: round(v, 4) for k, v in evaluation["fvu_per_layer"].items()},
-        "l0_per_layer": {k: round(v, 2) for k, v in evaluation["l0_per_layer"].items()},
-        "run": str(run),
-    }
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("phase", choices=["train", "evaluate", "trace"])
+    parser.add_argument("--out", default="runs/clt_comparison", help="folder holding one run per case")
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    parser.add_argument("--num-tokens", type=float, default=81920)
+    parser.add_argument("--dict-size", type=int, default=256, help="latents a layer")
+    parser.add_argument("--group-sizes", type=int, nargs="+", default=[16, 32, 64, 144])
+    parser.add_argument("--top-k", type=int, default=8, help="active latents a layer and token")
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=49)
+    parser.add_argument("--n-eval-rows", type=int, default=16)
+    parser.add_argument("--max-feature-nodes", type=int, default=256)
+    parser.add_argument("--prompts", type=int, default=3, help="trace: how many of trace_circuit.py's prompts")
+    return parser
+
+
+def train_command(case: str, args, folder: Path) -> list[str]:
+    """The library's own command that trains `case` into `folder`."""
+    shared = ["--dict-size", str(args.dict_size), "--top-k", str(args.top_k), "--batch-size", str(args.batch_size),
+              "--num-tokens", str(int(args.num_tokens)), "--lr", str(args.lr), "--seed", str(args.seed),
+              "--n-eval-rows", str(args.n_eval_rows), "--seq-len", "128", "--model-batch-size", "8",
+              "--num-batches-in-buffer", "8", "--model-dtype", "float32", "--checkpoint-dir", str(folder),
+              "--checkpoint-freq", "1000000", "--wandb-mode", "disabled"]
+    groups = ["--group-sizes", *map(str, args.group_sizes)]
+    if case == "matryoshka-clt":
+        return [sys.executable, "train_clt.py", "train", "--layers", "all", *shared, *groups]
+    if case == "batchtopk-clt":
+        return [sys.executable, "train_clt.py", "train", "--layers", "all", "--plain", *shared]
+    return [sys.executable, "train_gemma_example.py", "transcoder", "--layers", "all", "--kind", "matryoshka",
+            "--model", "smollm2-135m", "--dataset", "python-docs:train", *shared, *groups]
+
+
+def run_measured(command: list[str], log: Path, env: dict | None = None) -> tuple[float, float]:
+    """Run `command` from the repository root, output to `log`; (seconds, peak resident MB of that process)."""
+    with open(log, "w") as out:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"clt_comparison.py: {' '.join(command[1:3])} failed; see {log}")
+    return seconds, usage.ru_maxrss / 1024
+
+
+def run_folder(case: str, out: Path) -> Path:
+    """The checkpoint (CLT) or set folder that `train` wrote for `case`."""
+    (folder,) = [p for p in (out / case).iterdir() if p.is_dir()]
+    return folder
+
+
+def train(args) -> None:
+    out = Path(args.out)
+    runs_file = out / "runs.json"
+    runs = json.loads(runs_file.read_text()) if runs_file.exists() else {}
+    for case in args.cases:
+        (out / case).mkdir(parents=True, exist_ok=False)
+        print(f"training {case} ...", flush=True)
+        seconds, peak_mb = run_measured(train_command(case, args, out / case), out / f"{case}-train.log",
+                                        env=worker_env())
+        runs[case] = {"folder": str(run_folder(case, out)), "train_seconds": round(seconds, 1),
+                      "train_peak_rss_mb": round(peak_mb), "settings": {k: v for k, v in vars(args).items()
+                                                                         if k not in ("phase", "cases")}}
+        runs_file.write_text(json.dumps(runs, indent=2) + "\n")
+        print(f"{case}: {seconds:.0f} s, peak {peak_mb:.0f} MB", flush=True)
+
+
+def load_case(case: str, folder: Path):
+    """(dictionaries, cfgs) of a case: the CLT alone, or the set's transcoders in layer order."""
+    from checkpoint import load_cfg, load_sae
+    from transcoder_set import layer_folders
+
+    if case.endswith("-clt"):
+        clt = load_sae(folder)
+        return [clt], [clt.cfg]
+    folders = layer_folders(folder)
+    return [load_sae(f) for f in folders.values()], [load_cfg(f) for f in folders.values()]
+
+
+def evaluate(args) -> None:
+    """Every case with all 30 MLP outputs replaced at once, on the same held-out rows."""
+    import torch
+
+    from activation_store import ActivationsStore
+    from evaluation import evaluate_clt
+    from model_loading import load_model
+    from transcoder_set import evaluate_set
+
+    started = environment()
+    out = Path(args.out)
+    runs = json.loads((out / "runs.json").read_text())
+    model = load_model("smollm2-135m", "cpu", torch.float32)
+    rows = []
+    for case in args.cases:
+        saes, cfgs = load_case(case, Path(runs[case]["folder"]))
+        if not rows:  # the held-out rows: the data's first n_eval_rows rows, as every store serves them
+            first = {**cfgs[0], "sae_type": "matryoshka", "hook_point": "blocks.0.hook_resid_pre", "layer": 0,
+                     "batch_size": 64, "num_batches_in_buffer": 1}
+            tokens = ActivationsStore(model, first).get_eval_tokens(cfgs[0]["n_eval_rows"])
+        if case.endswith("-clt"):
+            metrics = evaluate_clt(saes[0], model, tokens)
+        else:
+            metrics = evaluate_set(saes, cfgs, model, tokens)
+        dead = sum(int(sae.dead_latents().sum()) for sae in saes)
+        latents = sum(sae.dict_size for sae in saes)
+        (out / f"{case}-metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        rows.append({"case": case, "latents": latents, "groups": cfgs[0]["group_sizes"],
+                     "l0_total": round(metrics["l0_total"], 1), "loss_recovered": round(metrics["loss_recovered"], 4),
+                     "kl": round(metrics["kl_divergence"], 4), "ce_clean": round(metrics["ce_loss_clean"], 4),
+                     "ce_spliced": round(metrics["ce_loss_spliced"], 4), "fvu_mean": round(metrics["fvu_mean"], 4),
+                     "fvu_max": round(metrics["fvu_max"], 4), "dead_latents": dead,
+                     "train_seconds": round(runs[case]["train_seconds"]),
+                     "train_peak_rss_mb": runs[case]["train_peak_rss_mb"],
+                     "fvu_per_layer": {k: round(v, 4) for k, v in metrics["fvu_per_layer"].items()},
+                     "l0_per_layer": {k: round(v, 2) for k, v in metrics["l0_per_layer"].items()}})
+        print(json.dumps({k: v for k, v in rows[-1].items() if not isinstance(v, dict)}), flush=True)
+    settings = dict(runs[args.cases[0]]["settings"], model="smollm2-135m", layers="0-29", source="ln2_normalized",
+                    target="mlp_out", data="python-docs:train", eval_tokens=int(tokens.numel()))
+    save("clt_comparison", "Cross-layer transcoders vs the per-layer transcoder set, SmolLM2-135M, all 30 layers",
+         rows, settings, environment_at_start=started,
+         columns=["case", "latents", "l0_total", "loss_recovered", "kl", "ce_spliced", "fvu_mean", "fvu_max",
+                  "dead_latents", "train_seconds", "train_peak_rss_mb"],
+         notes="One run each, same seed, tokens and batches; every MLP output replaced at once on held-out rows "
+               "of the built-in corpus (BOS kept); l0_total: active latents a token summed over layers, "
+               "measured there; train_seconds and train_peak_rss_mb: the training process (model passes, "
+               "training, final evaluation) on this machine's CPU.")
+
+
+def trace(args) -> None:
+    """Export every case, then trace each with trace_circuit.py in circuit-tracer's environment, one
+    process at a time (its wall time and peak memory its own), and collect their trace_results.json."""
+    from circuit_tracer_format import export_circuit_tracer, export_circuit_tracer_clt
+    from trace_circuit import DEFAULT_PROMPTS
+
+    started = environment()
+    out = Path(args.out)
+    runs = json.loads((out / "runs.json").read_text())
+    prompts = DEFAULT_PROMPTS[:args.prompts]
+    rows = []
+    for case in args.cases:
+        folder, exported, traces = Path(runs[case]["folder"]), out / f"{case}-circuit-tracer", out / f"{case}-traces"
+        if not exported.exists():
+            (export_circuit_tracer_clt if case.endswith("-clt") else export_circuit_tracer)(folder, exported)
+        command = [str(ROOT / ".ct-venv" / "bin" / "python"), "trace_circuit.py", str(exported), "--from",
+                   str(folder), "--out", str(traces), "--max-feature-nodes", str(args.max_feature_nodes)]
+        for prompt in prompts:
+            command += ["--prompt", prompt]
+        print(f"tracing {case} ...", flush=True)
+        seconds, peak_mb = run_measured(command, out / f"{case}-trace.log", env=worker_env())
+        result = json.loads((traces / "trace_results.json").read_text())
+        graphs = result["graphs"]
+        phases = {phase: round(sum(g["phase_seconds"].get(phase, 0.0) for g in graphs) / len(graphs), 1)
+                  for phase in ("precomputation", "forward_pass", "logit_attributions", "feature_attributions")}
+        rows.append({"case": case, "replacement_score": round(result["mean_replacement_score"], 4),
+                     "completeness_score": round(result["mean_completeness_score"], 4),
+                     "error_influence_share": round(result["mean_error_influence_share"], 4),
+                     "feature_nodes_per_path": round(result["mean_feature_nodes_per_path"], 3),
+                     "multi_hop_share": round(result["mean_multi_hop_share"], 3),
+                     "pruned_feature_nodes": round(sum(g["pruned_feature_nodes"] for g in graphs) / len(graphs), 1),
+                     "active_features": round(sum(g["n_active_features"] for g in graphs) / len(graphs)),
+                     "decoder_vectors": round(sum(g["decoder_vectors"] for g in graphs) / len(graphs)),
+                     "seconds_per_prompt": round(result["mean_seconds"], 1), **{f"{k}_s": v for k, v in phases.items()},
+                     "peak_rss_mb": round(peak_mb), "process_seconds": round(seconds),
+                     "ce_clean": round(result["ce_loss_clean"], 4), "ce_replaced": round(result["ce_loss_replaced"], 4),
+                     "kl": round(result["kl_divergence"], 4),
+                     "largest_relative_error": max(result["layer_relative_errors"].values())})
+        print(json.dumps(rows[-1]), flush=True)
+    save("clt_comparison_tracing", "CLTs vs the transcoder set traced with circuit-tracer 0.5.0 (SmolLM2-135M)",
+         rows, {"prompts": prompts, "max_feature_nodes": args.max_feature_nodes, "attribution_batch_size": 64,
+                "pruning": "node 0.8, edge 0.98 (circuit-tracer's defaults)", "circuit_tracer": "0.5.0 in .ct-venv",
+                "threads": "all (2 cores)"},
+         environment_at_start=started,
+         columns=["case", "replacement_score", "completeness_score", "feature_nodes_per_path", "multi_hop_share",
+                  "active_features", "decoder_vectors", "seconds_per_prompt", "feature_attributions_s",
+                  "peak_rss_mb", "ce_replaced", "kl"],
+         notes="Means over the prompts. Scores: circuit-tracer's compute_graph_scores. feature_nodes_per_path: "
+               "the expected number of feature nodes on a path of the pruned graph from the logits back to a "
+               "token or error node, paths weighted by their normalised absolute edge weights "
+               "(trace_circuit.mean_path_length); multi_hop_share: the weight of paths through two or more. "
+               "decoder_vectors: one per active feature for the set, L - j for a CLT feature of layer j. "
+               "Seconds by phase from circuit-tracer's own log; peak_rss_mb: the tracing process. CE and KL with "
+               "every MLP replaced by circuit-tracer's own loaded transcoders, on the prompts' tokens.")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", default="0-9")
-    parser.add_argument("--dict-size", type=int, default=256)
-    parser.add_argument("--top-k", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--num-tokens", type=int, default=76800)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--n-eval-rows", type=int, default=16)
-    parser.add_argument("--sparsity", default="global", choices=["global", "per_layer"])
-    parser.add_argument("--collect", nargs=4, action="append", metavar=("KIND", "RUN", "SECONDS", "PEAK_MB"))
-    parser.add_argument("--note", default="", help="added to the result's notes (how collected runs were made)")
-    args = parser.parse_args()
-    start = harness.environment()
-    if args.collect:
-        rows = [row(kind, Path(run), float(seconds), float(peak)) for kind, run, seconds, peak in args.collect]
-    else:
-        out = Path(tempfile.mkdtemp(prefix="clt_comparison_"))
-        rows = [row(kind, *train_case(kind, args, out)) for kind in KINDS]
-    settings = {key: getattr(args, key) for key in ("layers", "dict_size", "top_k", "batch_size", "num_tokens", "lr",
-                                                    "n_eval_rows", "sparsity")}
-    settings.update(model="smollm2-135m", source="ln2_normalized", target="mlp_out", data="python-docs:train",
-                    seed=49)
-    harness.save("clt_matryoshka_vs_plain", "Matryoshka CLT vs plain BatchTopK CLT, SmolLM2", rows, settings,
-                 columns=["kind", "layers", "latents", "loss_recovered", "kl", "ce_spliced", "fvu_mean", "fvu_max",
-                          "l0_total", "dead_latents", "seconds", "peak_rss_mb"],
-                 notes="Every MLP of the CLT's layers replaced at once on held-out python-docs rows (BOS kept). "
-                       "One run each, same seed, tokens and batches. " + args.note, environment_at_start=start)
+    args = build_parser().parse_args()
+    {"train": train, "evaluate": evaluate, "trace": trace}[args.phase](args)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@
 
 Loads EXPORTED with circuit-tracer's own CLT loader (load_clt) and checks that its cross-layer
 transcoder computes what ours (CHECKPOINT, loaded with this library) computes on the activations of
-the tiny model saved in MODEL_FILE (config, weights, token rows); with --attribute, builds
-circuit-tracer's replacement model with it and runs `attribute` and `compute_graph_scores` on one
-row. Prints one JSON line of results.
+the tiny model saved in MODEL_FILE (config, weights, token rows); with --attribute, runs what
+trace_circuit.py runs on a CLT: its layer check (compare_clt), the model with every MLP replaced
+by circuit-tracer's CLT (spliced_ce_and_kl), the replacement model, `attribute` with its phase
+times, `compute_graph_scores` and the pruned graph's path length, on one row. Prints one JSON line
+of results.
 """
 
 import json
@@ -62,23 +64,25 @@ def main() -> None:
         "active_latents": int(theirs_active.sum()),
     }
     if "--attribute" in sys.argv:
-        from circuit_tracer import attribute
         from circuit_tracer.graph import compute_graph_scores
-        from circuit_tracer.replacement_model.replacement_model_transformerlens import (
-            TransformerLensReplacementModel,
+
+        from trace_circuit import (
+            attribute_timed, compare_clt, decoder_vectors, mean_path_length, replacement_model, spliced_ce_and_kl,
         )
 
-        replacement = TransformerLensReplacementModel.from_config(model.cfg, theirs)
+        rows = list(tokens)
+        result["layer_relative_errors"] = compare_clt(model, theirs, checkpoint, rows)
+        result.update(spliced_ce_and_kl(model, theirs, rows))
+        replacement = replacement_model(model, theirs)
         replacement.tokenizer = TokenIds()
-        weights = {name.replace(".old_mlp.", ".").replace("unembed.old_unembed.", "unembed."): name
-                   for name in replacement.state_dict()}
-        replacement.load_state_dict({weights[name]: value for name, value in model.state_dict().items()
-                                     if name in weights}, strict=False)
         with torch.no_grad():
             result["logits_difference"] = (replacement(tokens[:1]) - model(tokens[:1])).abs().max().item()
-        graph = attribute(tokens[0], replacement, max_feature_nodes=64, batch_size=32)
+        graph, result["phase_seconds"] = attribute_timed(tokens[0], replacement, max_feature_nodes=64, batch_size=32)
         result["replacement_score"], result["completeness_score"] = compute_graph_scores(graph)
         result["n_active_features"] = len(graph.active_features)
+        result["decoder_vectors"] = decoder_vectors(graph, theirs.n_layers, cross_layer=True)
+        result["active_feature_layers"] = graph.active_features[:, 0].tolist()
+        result.update(mean_path_length(graph))
     print(json.dumps(result))
 
 

@@ -360,9 +360,23 @@ def test_circuit_tracer_computes_what_we_export(tiny_gemma2, tmp_path, sparsity)
     assert result["input_hook"] == "ln2.hook_normalized" and result["output_hook"] == "hook_mlp_out"
     assert result["n_layers"] == 2 and result["same_latents"] and result["active_latents"] > 0
     assert max(result["relative_error"]) < 1e-5, result
-    if sparsity == "global":
+    if sparsity == "global":  # trace_circuit.py's steps on the exported CLT
+        from checkpoint import load_sae
+        from evaluation import evaluate_clt
+
+        assert max(result["layer_relative_errors"].values()) < 1e-5
         assert result["logits_difference"] < 1e-4 and result["n_active_features"] > 0
         assert 0 < result["replacement_score"] <= 1 and 0 < result["completeness_score"] <= 1
+        # circuit-tracer's CLT spliced into every MLP at once gives our evaluation's CE (BOS kept in both)
+        tokens = torch.load(tmp_path / "model.pt", weights_only=False)["tokens"]
+        ours = evaluate_clt(load_sae(checkpoint_folder(cfg)), tiny_gemma2, tokens)
+        assert result["ce_loss_replaced"] == pytest.approx(ours["ce_loss_spliced"], rel=1e-4)
+        assert result["ce_loss_clean"] == pytest.approx(ours["ce_loss_clean"], rel=1e-5)
+        assert result["kl_divergence"] == pytest.approx(ours["kl_divergence"], rel=1e-3)
+        assert abs(result["ce_loss_replaced"] - result["ce_loss_clean"]) > 1e-3 and result["kl_divergence"] > 1e-4
+        assert result["decoder_vectors"] == sum(2 - layer for layer in result["active_feature_layers"])
+        assert {"precomputation", "forward_pass", "feature_attributions", "attribution"} <= set(result["phase_seconds"])
+        assert 0 <= result["multi_hop_share"] <= 1 and result["feature_nodes_per_path"] >= 0
 
 
 def test_export_refuses_what_circuit_tracer_cannot_represent(tmp_path):
@@ -414,3 +428,42 @@ def test_layer_contributions_add_up_to_the_reconstruction():
         total = sum(torch.nn.functional.pad(clt.layer_contributions(j, sources[:, j]), (0, 0, j, 0))
                     for j in range(len(LAYERS)))
         torch.testing.assert_close(total + clt.b_dec * clt.target_scale[:, None], clt.reconstruct(sources))
+
+
+def test_evaluation_splices_every_layer_as_the_full_reconstruction_would(tiny_gemma2, tmp_path, token_rows):
+    """evaluation.evaluate_clt replaces layer m's MLP output by what `reconstruct` predicts from the
+    sources of the replaced pass (layer m's prediction reads only sources j <= m, so the later
+    sources of a stack filled in as the pass goes do not matter): an independent reference."""
+    import torch.nn.functional as F
+
+    from config import clt_hooks
+    from evaluation import evaluate_clt
+    from training import open_activation_store, train_sae
+
+    cfg = documents_cfg(tmp_path, "evaluated", num_tokens=512, exclude_bos=False)
+    torch.manual_seed(0)
+    clt = train_sae(create_sae(cfg), open_activation_store(tiny_gemma2, [cfg]), None, cfg).eval()
+    tokens = token_rows[:4]
+    sources, targets = clt_hooks(cfg)
+    seen = torch.zeros(len(tokens), tokens.shape[1], clt.n_layers, clt.d_in)
+
+    def read(act, hook, j):
+        seen[:, :, j] = act
+
+    def write(act, hook, m):
+        with torch.no_grad():
+            return clt.reconstruct(seen)[:, :, m].to(act.dtype)
+
+    hooks = [(name, lambda a, hook, j=j: read(a, hook, j)) for j, name in enumerate(sources)]
+    hooks += [(name, lambda a, hook, m=m: write(a, hook, m)) for m, name in enumerate(targets)]
+    with torch.no_grad():
+        logits = tiny_gemma2.run_with_hooks(tokens, fwd_hooks=hooks)
+        clean = tiny_gemma2(tokens)
+    expected_ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).item()
+    metrics = evaluate_clt(clt, tiny_gemma2, tokens)
+    assert metrics["ce_loss_spliced"] == pytest.approx(expected_ce, rel=1e-5)
+    assert metrics["ce_loss_clean"] == pytest.approx(
+        F.cross_entropy(clean[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).item(), rel=1e-5)
+    assert metrics["ce_loss_spliced"] != pytest.approx(metrics["ce_loss_clean"])  # the splice did something
+    assert set(metrics["fvu_per_layer"]) == {"0", "1"} and 0 < metrics["fvu_mean"] <= metrics["fvu_max"]
+    assert metrics["l0_total"] == pytest.approx(sum(metrics["l0_per_layer"].values()))
