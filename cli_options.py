@@ -280,7 +280,9 @@ def available_memory(device: torch.device) -> int | None:
 
 def check_memory(cfgs: list[dict]) -> None:
     """The dictionaries, their gradients and Adam's two moments (float32), and the activation
-    buffer, must fit in the device's free memory; a ValueError gives both figures."""
+    buffer (every hook the group reads: a transcoder set or a cross-layer transcoder over L layers
+    reads 2 L), must fit in the device's free memory; a ValueError gives both figures."""
+    from activation_store import dictionary_hooks
     from checkpoint import dictionary_parameters
 
     device = torch.device(cfgs[0]["device"])
@@ -289,7 +291,8 @@ def check_memory(cfgs: list[dict]) -> None:
         return
     dictionaries = sum(4 * 4 * dictionary_parameters(cfg) for cfg in cfgs)
     base = cfgs[0]
-    buffer = 4 * base["act_size"] * base["batch_size"] * (base["num_batches_in_buffer"] + 1)
+    hooks = {hook for cfg in cfgs for hook in dictionary_hooks(cfg)}
+    buffer = 4 * len(hooks) * base["act_size"] * base["batch_size"] * (base["num_batches_in_buffer"] + 1)
     needed = dictionaries + buffer
     if needed > free:
         raise ValueError(f"--dict-size {base['dict_size']}: {len(cfgs)} dictionar{'y' if len(cfgs) == 1 else 'ies'} "

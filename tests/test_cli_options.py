@@ -108,3 +108,21 @@ def test_the_options_are_shared_by_the_scripts():
         options = {action.option_strings[0] for action in parser._actions if action.option_strings}
         assert set(RUN_OPTIONS) <= options
     assert cli_options.RUN_OPTIONS is RUN_OPTIONS and train_gemma_example.add_run_arguments is add_run_arguments
+
+
+def test_the_memory_check_counts_every_hook_a_cross_layer_transcoder_reads(monkeypatch):
+    """A CLT over 30 layers buffers 60 hooks' activations: free memory for the dictionary and one
+    hook's buffer is not enough."""
+    from checkpoint import dictionary_parameters
+
+    cfg = get_default_cfg()
+    cfg.update(model_name="smollm2-135m", sae_type="matryoshka_clt", dict_size=64, group_sizes=None, top_k=4,
+               input_unit_norm=False, batch_size=4096, num_batches_in_buffer=9, device="cpu")
+    cfg = post_init_cfg(cfg)
+    one_hook = 4 * cfg["act_size"] * cfg["batch_size"] * (cfg["num_batches_in_buffer"] + 1)
+    enough_for_one_hook = 16 * dictionary_parameters(cfg) + 2 * one_hook
+    monkeypatch.setattr(cli_options, "available_memory", lambda device: enough_for_one_hook)
+    with pytest.raises(ValueError, match="GiB available"):
+        cli_options.check_memory([cfg])
+    monkeypatch.setattr(cli_options, "available_memory", lambda device: enough_for_one_hook + 60 * one_hook)
+    cli_options.check_memory([cfg])
