@@ -65,7 +65,7 @@ def export_transcoder_set(args: argparse.Namespace) -> None:
     print(f"Wrote {out}/{CONFIG_YAML} and {len(config['transcoders'])} layer files: circuit-tracer transcoder_set, "
           f"{config['feature_input_hook']} -> {config['feature_output_hook']}, model {config['model_name']}.")
     print(f"Trace with it (circuit-tracer's environment): .ct-venv/bin/python trace_circuit.py {out} "
-          f"--set {args.checkpoint} --out traces")
+          f"--from {args.checkpoint} --out traces")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ circuit-tracer. Offline with SmolLM2 and the built-in corpus:
     python train_clt.py evaluate checkpoints/<run>        # every MLP replaced at once: CE, KL, per-layer FVU
                                                           # (into <run>/clt_metrics.json)
     python train_clt.py export checkpoints/<run> exported/<name>   # circuit-tracer's CLT folder
+    .ct-venv/bin/python trace_circuit.py exported/<name> --from checkpoints/<run> --out traces/<name>
 
 A CLT's latents at layer j read that layer's source (--source-site, default the MLP's normalised
 input ln2_normalized) and write the target (mlp_out) of layer j and of every later layer; see
@@ -16,7 +17,8 @@ per source layer (a CLT over L layers has L x dict-size latents and keeps L x to
 model pass per chunk of text feeds every layer (the multi-hook store); training is the library's
 loop (tqdm with the per-layer FVU range, wandb, checkpoints, exact resume, SIGTERM, torchrun). The
 final evaluation goes to <run>/clt_metrics.json. The export is read by circuit-tracer's own loader
-(`circuit_tracer_format.load_clt_in_circuit_tracer`, in its environment .ct-venv).
+(`circuit_tracer_format.load_clt_in_circuit_tracer`, in its environment .ct-venv); trace_circuit.py
+traces attribution graphs through it.
 """
 
 from __future__ import annotations
@@ -130,8 +132,9 @@ def export(args: argparse.Namespace) -> None:
     from circuit_tracer_format import export_circuit_tracer_clt
 
     out = export_circuit_tracer_clt(args.checkpoint, args.out_dir, scan=args.scan, overwrite=args.overwrite)
-    print(f"Wrote {out}: circuit-tracer cross_layer_transcoder; load it in circuit-tracer's environment with "
-          f"circuit_tracer_format.load_clt_in_circuit_tracer({str(out)!r}).")
+    print(f"Wrote {out}: circuit-tracer cross_layer_transcoder. Trace with it in circuit-tracer's environment "
+          f"(bash setup_circuit_tracer_env.sh): .ct-venv/bin/python trace_circuit.py {out} --from {args.checkpoint} "
+          f"--out traces/{Path(out).name}")
 
 
 def build_parser() -> argparse.ArgumentParser:

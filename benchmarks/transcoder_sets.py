@@ -160,7 +160,7 @@ def trace(args) -> None:
         set_folder, exported = Path(args.out) / name, Path(args.out) / f"{name}-circuit-tracer"
         if not exported.exists():
             export_circuit_tracer(set_folder, exported)
-        command = [str(ct_python), str(ROOT / "trace_circuit.py"), str(exported), "--set", str(set_folder),
+        command = [str(ct_python), str(ROOT / "trace_circuit.py"), str(exported), "--from", str(set_folder),
                    "--out", str(Path(args.out) / f"{name}-traces"), "--max-feature-nodes",
                    str(args.max_feature_nodes)]
         for prompt in prompts:
