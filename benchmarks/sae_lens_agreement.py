@@ -30,8 +30,9 @@ from sae_lens_format import export_sae_lens  # noqa: E402
 
 
 def held_out_activations(sae, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input, target) [N, d] on the first `rows` held-out rows of the checkpoint's data."""
-    cfg = dict(sae.cfg)
+    """(input, target) [N, d] on the first `rows` held-out rows of the checkpoint's data, from the
+    model itself (also for a dictionary trained from an activation cache)."""
+    cfg = {**sae.cfg, "activation_cache": None}
     model = load_model(cfg["model_name"], "cpu", cfg["model_dtype"])
     store = activation_store_for(model, cfg)
     acts = store.activations_of(store.get_eval_tokens(rows))
