@@ -183,6 +183,9 @@ def load_in_circuit_tracer(folder: str | Path, device: str = "cpu", dtype: torch
 # skip connection. Ours (sae.MatryoshkaCrossLayerTranscoder) computes pre_i = (x_i - source_mean_i)
 # W_enc^i + b_enc^i, keeps pre_i > max(threshold, 0) and returns (sum ... + b_dec_m) * target_scale_m:
 # the centring folds into b_enc (float32 rounding), the power-of-two scales into W_dec and b_dec (exact).
+# The thresholds are in the pre-activations' units, which the export leaves as they are: threshold_{i}
+# is row i of `inference_thresholds()` (BatchTopK's learned threshold repeated, or a jumprelu CLT's
+# theta of each latent), floored at 0.
 # config.yaml holds model_kind, model_name, feature_input_hook, feature_output_hook and scan.
 
 
@@ -207,7 +210,8 @@ def circuit_tracer_clt_tensors(clt) -> dict[str, dict[str, torch.Tensor]]:
     if clt.d_in != clt.d_out:
         raise NotRepresentable(f"{cfg['name']}: source width {clt.d_in} != target width {clt.d_out}; circuit-tracer's "
                                f"CLT reads and writes the model's width.")
-    if (clt.threshold < 0).any():
+    thresholds = clt.inference_thresholds()  # [L, S]
+    if (thresholds < 0).any():
         raise NotRepresentable(f"{cfg['name']}: no inference threshold has been learned yet (threshold < 0); train the "
                                f"CLT before exporting it.")
     S, files = clt.layer_size, {}
@@ -215,13 +219,12 @@ def circuit_tracer_clt_tensors(clt) -> dict[str, dict[str, torch.Tensor]]:
         for i in range(clt.n_layers):
             block = slice(i * S, (i + 1) * S)
             W_enc = clt.W_enc[:, block].float()
-            threshold = clt.threshold[i if clt.threshold.numel() > 1 else 0]
             enc_name, dec_name = clt_file_names(i)
             files[enc_name] = {
                 f"W_enc_{i}": W_enc.t().contiguous(),  # F.linear's [out, in]
                 f"b_enc_{i}": (clt.b_enc[block] - clt.source_mean[i] @ W_enc).contiguous(),
                 f"b_dec_{i}": (clt.b_dec[i] * clt.target_scale[i]).contiguous(),
-                f"threshold_{i}": threshold.clamp(min=0).expand(S).contiguous(),
+                f"threshold_{i}": thresholds[i].clamp(min=0).contiguous(),
             }
             files[dec_name] = {f"W_dec_{i}": (clt.W_dec[i] * clt.target_scale[i:, None]).contiguous()}
     return files

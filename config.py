@@ -176,7 +176,8 @@ def default_settings() -> dict[str, Any]:
         "aux_penalty": 1 / 32,
         "n_batches_to_dead": 5,  # a latent is dead after this many batches' worth of tokens unfired
         # Sparsity of the dense-code SAEs (vanilla ReLU + L1, JumpReLU); the TopK family uses top_k.
-        "target_l0": None,  # mean L0 to steer to (jumprelu: quadratic penalty; vanilla: adaptive l1)
+        "target_l0": None,  # mean L0 to steer to (jumprelu: quadratic penalty; vanilla: adaptive l1;
+        # a CLT with clt_sparsity "jumprelu": the quadratic penalty, counted per source layer as top_k is)
         "l1_coeff": None,  # derived: 4 / act_size for vanilla (see VanillaSAE), 0 for the TopK family
         "l1_coeff_relative": True,  # vanilla: l1_coeff times the RMS of the centred inputs (VanillaSAE)
         "l1_warmup_steps": None,  # vanilla: steps ramping l1_coeff up from 0; derived: 5% of the run
@@ -240,7 +241,8 @@ def default_settings() -> dict[str, Any]:
         "transcoder_selection": "batchtopk",  # transcoder latents: "batchtopk" (of the batch) or "topk" (per token)
         # Cross-layer transcoders (sae_type "matryoshka_clt"; dict_size and top_k count per source layer)
         "clt_layers": None,  # the layers it reads and writes, ascending; None: every layer of the model
-        "clt_sparsity": "global",  # "global": BatchTopK over every layer's latents; "per_layer": k per layer
+        "clt_sparsity": "global",  # "global": BatchTopK over every layer's latents; "per_layer": k per layer;
+        # "jumprelu": a learned threshold per latent, steered to target_l0 a token per source layer
         # Free-form bookkeeping of the user's (any JSON-safe value); the library never reads it.
         "notes": None,
     }
@@ -557,9 +559,16 @@ def _derive_clt_settings(cfg: dict, derived: dict, n_layers: int | None) -> None
     for layer in layers:
         _check_layer(layer, n_layers, "clt_layers")
     cfg["clt_layers"] = list(layers)
-    if cfg["clt_sparsity"] not in ("global", "per_layer"):
+    if cfg["clt_sparsity"] not in ("global", "per_layer", "jumprelu"):
         raise ValueError(f"cfg['clt_sparsity'] = {cfg['clt_sparsity']!r}; choose 'global' (BatchTopK over every "
-                         f"layer's latents) or 'per_layer' (BatchTopK within each source layer).")
+                         f"layer's latents), 'per_layer' (BatchTopK within each source layer) or 'jumprelu' "
+                         f"(a learned threshold per latent, steered to target_l0).")
+    if cfg["clt_sparsity"] == "jumprelu" and cfg["target_l0"] is None:
+        raise ValueError("cfg['clt_sparsity'] = 'jumprelu' steers the L0 to cfg['target_l0'], which is None; set "
+                         "target_l0 to the active latents wanted a token per source layer (train_clt.py --target-l0).")
+    if cfg["clt_sparsity"] == "jumprelu" and cfg["jumprelu_objective"] != "quadratic":
+        raise ValueError(f"cfg['clt_sparsity'] = 'jumprelu' trains with the quadratic target-L0 objective, but "
+                         f"cfg['jumprelu_objective'] is {cfg['jumprelu_objective']!r}; set it to 'quadratic' (or None).")
     if cfg["source_site"] == cfg["target_site"]:
         raise ValueError(f"cfg['source_site'] and cfg['target_site'] are both {cfg['source_site']!r}; a cross-layer "
                          f"transcoder reads one site and predicts another (e.g. ln2_normalized -> mlp_out).")
@@ -620,10 +629,12 @@ def run_name(cfg: dict) -> str:
     if cfg["sae_type"] == "matryoshka_clt":
         layers = cfg["clt_layers"]
         hook = f"{cfg['source_site']}-to-{cfg['target_site']}_layers{layers[0]}-{layers[-1]}"
-        if cfg["clt_sparsity"] == "per_layer":
-            hook += "-per-layer"
+        if cfg["clt_sparsity"] in ("per_layer", "jumprelu"):
+            hook += "-" + cfg["clt_sparsity"].replace("_", "-")
     sparsity = cfg["top_k"]
-    if cfg["sae_type"] in ("vanilla", "jumprelu") and cfg.get("target_l0") is not None:
+    steers_l0 = cfg["sae_type"] in ("vanilla", "jumprelu") or (
+        cfg["sae_type"] == "matryoshka_clt" and cfg["clt_sparsity"] == "jumprelu")
+    if steers_l0 and cfg.get("target_l0") is not None:
         sparsity = f"L0-{cfg['target_l0']:g}"
     return (f"{model.replace('/', '_')}_{hook}_{cfg['dict_size']}_{cfg['sae_type']}_{sparsity}_{cfg['lr']}"
             f"_{_short_count(int(cfg['num_tokens']))}tok_seed{cfg['seed']}")

@@ -577,6 +577,14 @@ class MatryoshkaTranscoder(GlobalBatchTopKMatryoshkaSAE):
 # ---------------------------------------------------------------------------------------------
 
 
+def firing_thresholds(pre: torch.Tensor, rate: float) -> torch.Tensor:
+    """[S]: for each latent (column of pre [B, S]) a value that exactly k = rate x B of its B
+    pre-activations exceed: the midpoint of its k-th and (k+1)-th largest."""
+    k = min(pre.shape[0] - 1, max(1, round(rate * pre.shape[0])))
+    kth, next_one = pre.topk(k + 1, dim=0).values[-2:]
+    return (kth + next_one) / 2
+
+
 class DenseCodeSAE(BaseAutoencoder):
     """Shared by the SAEs whose codes are formed densely (every latent may fire).
 
@@ -616,10 +624,7 @@ class DenseCodeSAE(BaseAutoencoder):
         batch `target` [B, d_in] exceed, rate = `initial_firing_rate()`: the midpoint of its k-th and
         (k+1)-th largest. Call after b_dec was set from the batch."""
         x_n, _ = self.normalize_source(target.reshape(-1, self.d_in))
-        pre = self.preactivations(self.center(x_n))
-        k = min(pre.shape[0] - 1, max(1, round(self.initial_firing_rate() * pre.shape[0])))
-        kth, next_one = pre.topk(k + 1, dim=0).values[-2:]
-        return (kth + next_one) / 2
+        return firing_thresholds(self.preactivations(self.center(x_n)), self.initial_firing_rate())
 
     def warmup(self) -> torch.Tensor | float:
         """The sparsity coefficient's factor at this step, min(1, (t + 1) / warmup_steps)."""
@@ -731,6 +736,49 @@ class VanillaSAE(DenseCodeSAE):
             self.adaptive_l1_coeff.mul_(torch.exp(self.L1_ADAPT_RATE * error))
 
 
+# JumpReLU's pieces, shared by JumpReLUSAE and the cross-layer transcoder's "jumprelu" sparsity: one
+# threshold theta_i = exp(log_threshold_i) a latent, learned through straight-through estimators
+# (_JumpReLU, _Step) over the window `jumprelu_bandwidth`, in a parameter group of its own.
+
+
+def initial_log_thresholds(cfg: dict, size: int) -> torch.Tensor:
+    """log theta [size] before any data: cfg["jumprelu_threshold_init"], or 1 until the first batch."""
+    init = cfg["jumprelu_threshold_init"]
+    return torch.full((size,), 1.0 if init is None else float(init)).log()
+
+
+def log_of_thresholds(theta: torch.Tensor) -> torch.Tensor:
+    """log theta for thresholds found from data, each floored at 1e-3 x their mean size (log theta
+    needs theta > 0; a firing quantile may be <= 0)."""
+    floor = 1e-3 * theta.abs().mean().clamp(min=STD_EPS)
+    return theta.clamp(min=floor).log()
+
+
+def jumprelu_bandwidth(cfg: dict, theta: torch.Tensor) -> torch.Tensor | float:
+    """The straight-through window eps: cfg["bandwidth"], or cfg["jumprelu_relative_bandwidth"] x
+    each threshold (detached)."""
+    if cfg["bandwidth"] is not None:
+        return cfg["bandwidth"]
+    return cfg["jumprelu_relative_bandwidth"] * theta.detach()
+
+
+def quadratic_l0_objective(cfg: dict, l0: torch.Tensor, target: float, group) -> torch.Tensor:
+    """l0_coeff x (L0 / target - 1)^2 for this rank's mean L0 a token `l0` (differentiable, through
+    _Step, in the thresholds). Under torchrun (`group`) the value is the whole batch's L0 and the
+    ranks' averaged gradients are the whole batch's (distributed.global_mean_value)."""
+    l0 = distributed.global_mean_value(l0, group)
+    return cfg["l0_coeff"] * (l0 / target - 1).pow(2)
+
+
+def log_threshold_param_groups(module: nn.Module, lr_scale: float) -> list[dict]:
+    """The optimizer's groups of a module with a `log_threshold` parameter: log_threshold at
+    lr_scale x lr, the rest at lr (one group when lr_scale is 1)."""
+    if lr_scale == 1.0:
+        return [{"params": list(module.parameters()), "lr_scale": 1.0}]
+    rest = [p for name, p in module.named_parameters() if name != "log_threshold"]
+    return [{"params": rest, "lr_scale": 1.0}, {"params": [module.log_threshold], "lr_scale": lr_scale}]
+
+
 class _JumpReLU(torch.autograd.Function):
     """z = pre * H(pre - theta). d z / d theta uses the straight-through estimate
     -(theta / eps) K((pre - theta) / eps) with the rectangle kernel K(u) = 1{|u| < 1/2}.
@@ -813,9 +861,7 @@ class JumpReLUSAE(DenseCodeSAE):
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
-        init = cfg["jumprelu_threshold_init"]
-        init = torch.full((self.dict_size,), 1.0 if init is None else float(init))  # 1: until data
-        self.log_threshold = nn.Parameter(init.log().to(cfg["device"]))
+        self.log_threshold = nn.Parameter(initial_log_thresholds(cfg, self.dict_size).to(cfg["device"]))
 
     @property
     def objective(self) -> str:
@@ -831,17 +877,11 @@ class JumpReLUSAE(DenseCodeSAE):
 
     def param_groups(self) -> list[dict]:
         """log_threshold learns at jumprelu_threshold_lr_scale x lr (a scale of 1: one group)."""
-        scale = self.cfg["jumprelu_threshold_lr_scale"]
-        if scale == 1.0:
-            return super().param_groups()
-        rest = [p for name, p in self.named_parameters() if name != "log_threshold"]
-        return [{"params": rest, "lr_scale": 1.0}, {"params": [self.log_threshold], "lr_scale": scale}]
+        return log_threshold_param_groups(self, self.cfg["jumprelu_threshold_lr_scale"])
 
     def bandwidth(self, theta: torch.Tensor) -> torch.Tensor | float:
         """The straight-through window eps: cfg["bandwidth"], or a fraction of each threshold."""
-        if self.cfg["bandwidth"] is not None:
-            return self.cfg["bandwidth"]
-        return self.cfg["jumprelu_relative_bandwidth"] * theta.detach()
+        return jumprelu_bandwidth(self.cfg, theta)
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         theta = self.threshold
@@ -857,9 +897,8 @@ class JumpReLUSAE(DenseCodeSAE):
         """The objective of the class docstring for pre-activations pre [B, S] and thresholds theta [S]."""
         cfg = self.cfg
         fires = _Step.apply(pre, theta, eps)  # H(pre - theta) [B, S], gradient to theta only
-        if self.objective == "quadratic":  # under torchrun, of the whole batch's L0 (see distributed.py)
-            l0 = distributed.global_mean_value(fires.sum(dim=-1).mean(), self.batch_group())
-            return cfg["l0_coeff"] * (l0 / cfg["target_l0"] - 1).pow(2)
+        if self.objective == "quadratic":  # under torchrun, of the whole batch's L0
+            return quadratic_l0_objective(cfg, fires.sum(dim=-1).mean(), cfg["target_l0"], self.batch_group())
         if self.objective == "step":
             return cfg["l0_coeff"] * self.warmup() * fires.sum(dim=-1).mean()
         smooth_l0 = (torch.tanh(cfg["jumprelu_tanh_scale"] * pre) * fires).sum(dim=-1).mean()
@@ -873,9 +912,7 @@ class JumpReLUSAE(DenseCodeSAE):
         super().initialize_b_dec(target)
         if self.cfg["jumprelu_threshold_init"] is not None:
             return
-        theta = self.firing_quantiles(target)
-        floor = 1e-3 * theta.abs().mean().clamp(min=STD_EPS)  # log theta needs theta > 0
-        self.log_threshold.copy_(theta.clamp(min=floor).log())
+        self.log_threshold.copy_(log_of_thresholds(self.firing_quantiles(target)))
 
 
 SAE_CLASSES: dict[str, type[BaseAutoencoder]] = {
@@ -925,6 +962,25 @@ class MatryoshkaCrossLayerTranscoder(BaseAutoencoder):
         "per_layer"  BatchTopK within each source layer: k B entries per layer.
     At inference a threshold replaces the selection (BatchTopK's EMA of the smallest kept value):
     one for all layers (global), one per layer (per_layer), in the buffer `threshold` [1 or L].
+        "jumprelu"   one learned threshold a latent, theta = exp(log_threshold) [L S] (a parameter;
+                     no `threshold` buffer), z = pre * H(pre - theta), in training and at inference
+                     alike; trained as JumpReLUSAE's quadratic objective (the module's shared JumpReLU
+                     pieces), l0_coeff x (L0 / (T L) - 1)^2 with L0 the active latents a token summed
+                     over the layers and T = cfg["target_l0"] per source layer, as k is; theta learns
+                     through the straight-through estimators over the window eps (cfg["bandwidth"] or
+                     jumprelu_relative_bandwidth x theta), at jumprelu_threshold_lr_scale x lr.
+    `inference_thresholds()` gives every latent's threshold [L, S] in all three modes.
+
+    JumpReLU stays sparse: the code holds the entries with pre > theta - eps / 2, not only those
+    above theta. The entries just below theta (value 0, adding nothing to the decode) are those whose
+    straight-through gradient to theta is not 0: the decode's backward gives each entry's value its
+    gradient, _JumpReLU turns the zero-valued entries' into theta's, and _Step over the same entries
+    gives the L0 term's. Every entry the dense JumpReLUSAE would differentiate is in the code, and
+    none else (a test checks loss and gradients against a dense reference). At inference the code is
+    pre > theta alone. Thresholds start from the first batch: each latent's firing quantile, so that
+    it fires at the rate target_l0 / S (`firing_thresholds`), then the shift and factor of the
+    initialisation applied to theta as to the pre-activations (theta <- alpha (theta - c), the shift
+    bounded by half the smallest theta), so that they keep the first batch's code.
 
     Memory: the decode never forms [B, S, L, d]: each source layer's active latents are summed
     with sparse_ops' sparse decode against W_dec[j] viewed as [S, (L - j) d], one row per latent,
@@ -959,10 +1015,18 @@ class MatryoshkaCrossLayerTranscoder(BaseAutoencoder):
         self.register_buffer("source_mean", torch.zeros(n, self.d_in))
         self.register_buffer("target_scale", torch.ones(n))
         self.register_buffer("target_variance", torch.ones(n))
-        n_thresholds = n if cfg["clt_sparsity"] == "per_layer" else 1
-        self.register_buffer("threshold", torch.full((n_thresholds,), -1.0))  # -1: not learned yet
+        if self.jumprelu:  # theta, one a latent (a checkpoint of the BatchTopK modes has none)
+            self.log_threshold = nn.Parameter(initial_log_thresholds(cfg, self.dict_size))
+        else:
+            n_thresholds = n if cfg["clt_sparsity"] == "per_layer" else 1
+            self.register_buffer("threshold", torch.full((n_thresholds,), -1.0))  # -1: not learned yet
         self.register_buffer("group_ends", torch.tensor(cfg["group_sizes"]).cumsum(0), persistent=False)
         self.to(device)
+
+    @property
+    def jumprelu(self) -> bool:
+        """Learned per-latent thresholds (clt_sparsity "jumprelu") rather than BatchTopK."""
+        return self.cfg["clt_sparsity"] == "jumprelu"
 
     # -- units and the encoder ----------------------------------------------------------------
 
@@ -1003,7 +1067,9 @@ class MatryoshkaCrossLayerTranscoder(BaseAutoencoder):
 
     def _select(self, pre: torch.Tensor, of_batch: bool, group) -> SparseCode:
         """BatchTopK (over the ranks of `group`) if `of_batch` or no threshold is learned yet, else
-        the thresholds."""
+        the thresholds; jumprelu: pre > theta."""
+        if self.jumprelu:
+            return select_above_threshold(pre, self.log_threshold.detach().exp())
         k = self.cfg["top_k"]
         if self.cfg["clt_sparsity"] == "global":
             return self._select_block(pre, k * self.n_layers, self.threshold[0], of_batch, group)
@@ -1023,16 +1089,48 @@ class MatryoshkaCrossLayerTranscoder(BaseAutoencoder):
 
     def sparse_code(self, x_c: torch.Tensor) -> tuple[SparseCode, torch.Tensor]:
         """The active latents of x_c [B, L, d_in] with values differentiable in x_c, W_enc and b_enc
-        (gathered: O(N d) backward), and the dense pre-activations [B, L S] (no gradient)."""
+        (gathered: O(N d) backward), and the dense pre-activations [B, L S] (no gradient).
+        jumprelu, while the thresholds learn (gradients on): also the entries within eps / 2 below
+        theta, at value 0, and the values differentiable in log_threshold too (class docstring)."""
         with torch.no_grad():
             pre = self.preactivations(x_c)
-        code = self.select(pre)
+        learning = self._thresholds_learn()
+        code = self._jumprelu_window(pre) if learning else self.select(pre)
         # Each entry reads its own layer's source: row b L + j of x_c viewed as [B L, d_in].
         reading = SparseCode.from_indices(code.rows * self.n_layers + code.latents // self.layer_size,
                                           code.latents, x_c.shape[0] * self.n_layers, self.dict_size)
         values = gather_preactivations(x_c.reshape(-1, self.d_in), self.W_enc, self.b_enc,
                                        pre[code.rows, code.latents], reading)
+        if learning:  # entry-wise [1, N] against thresholds [N]: _JumpReLU's backward sums over dim 0
+            theta, eps = self._entry_thresholds(code)
+            values = _JumpReLU.apply(values[None], theta, eps)[0]
         return code.with_values(values), pre
+
+    def _thresholds_learn(self) -> bool:
+        return self.jumprelu and torch.is_grad_enabled() and self.log_threshold.requires_grad
+
+    def _jumprelu_window(self, pre: torch.Tensor) -> SparseCode:
+        """The entries of pre [B, L S] above theta - eps / 2: those above theta and those whose
+        straight-through gradient to theta is not 0."""
+        theta = self.log_threshold.detach().exp()
+        rows, latents = (pre > theta - jumprelu_bandwidth(self.cfg, theta) / 2).nonzero(as_tuple=True)
+        return SparseCode.from_indices(rows, latents, pre.shape[0], self.dict_size)
+
+    def _entry_thresholds(self, code: SparseCode):
+        """theta of each entry's latent [N] (differentiable in log_threshold) and the window eps (a
+        number, or [N])."""
+        theta = self.log_threshold.exp()
+        eps = jumprelu_bandwidth(self.cfg, theta)
+        return theta[code.latents], (eps[code.latents] if torch.is_tensor(eps) else eps)
+
+    @torch.no_grad()
+    def inference_thresholds(self) -> torch.Tensor:
+        """[L, S]: at inference latent i of layer j fires where its pre-activation exceeds row j's
+        entry i (and 0): theta (jumprelu), or BatchTopK's threshold of every layer (global) or of
+        each (per_layer), negative while none is learned yet."""
+        if self.jumprelu:
+            return self.log_threshold.exp().view(self.n_layers, self.layer_size)
+        return self.threshold.view(-1, 1).expand(self.n_layers, self.layer_size)
 
     # -- the decoder ----------------------------------------------------------------------------
 
@@ -1077,8 +1175,8 @@ class MatryoshkaCrossLayerTranscoder(BaseAutoencoder):
         the replacement of a forward pass, where later sources depend on earlier predictions.
         `reconstruct` is sum_{j <= m} of these plus b_dec_m x target_scale_m."""
         S, block = self.layer_size, slice(j * self.layer_size, (j + 1) * self.layer_size)
-        threshold = self.threshold[j if self.threshold.numel() > 1 else 0]
-        if threshold < 0:
+        threshold = self.inference_thresholds()[j]
+        if (threshold < 0).any():
             raise ValueError("This cross-layer transcoder has no inference threshold yet (it was not trained); "
                              "train it first.")
         x_c = self.normalize_source(x.reshape(-1, self.d_in))[0] - self.source_mean[j]
@@ -1127,20 +1225,24 @@ class MatryoshkaCrossLayerTranscoder(BaseAutoencoder):
         l2_loss = l2_per_prefix.mean()
         residual = (y_n - prefixes[:, -1]).detach()
         aux_loss = self.auxk_loss(x_c, pre, residual)
+        active = code.latents[code.values.detach() > 0]  # (jumprelu's window entries have value 0)
+        sparsity_loss = self.sparsity_loss(code, pre) if self.jumprelu else None
         if self.training:
-            self._update_threshold(code)
-            self._update_dead_counters(code.fired(), x.shape[0])
+            if not self.jumprelu:
+                self._update_threshold(code)
+            fired = torch.zeros(self.dict_size, dtype=torch.bool, device=x.device).index_fill_(0, active, True)
+            self._update_dead_counters(fired, x.shape[0])
         with torch.no_grad():  # FVU of every (prefix, layer), in the targets' units
             errors = squared_error.detach().sum(dim=(0, 3)) * scale.squeeze(1).pow(2)  # [G, L]
             total = (y - y.mean(dim=0)).pow(2).sum(dim=(0, 2))
             fvus = torch.where(total > 0, errors / total, torch.full_like(errors, float("nan")))
-        l0_per_layer = torch.bincount(code.latents // self.layer_size, minlength=self.n_layers).float() / x.shape[0]
+        l0_per_layer = torch.bincount(active // self.layer_size, minlength=self.n_layers).float() / x.shape[0]
         out = {
-            "loss": l2_loss + aux_loss,
+            "loss": l2_loss + aux_loss + (0 if sparsity_loss is None else sparsity_loss),
             "l2_loss": l2_loss,
             "l1_loss": torch.zeros((), device=x.device),
             "l1_norm": (code.values.detach().sum() / x.shape[0]),
-            "l0_norm": code.l0(),
+            "l0_norm": torch.tensor(active.numel() / x.shape[0], device=x.device),
             "aux_loss": aux_loss,
             "fvu": fvus[-1].mean(),
             "fvu_layer_min": fvus[-1].min(),
@@ -1150,6 +1252,8 @@ class MatryoshkaCrossLayerTranscoder(BaseAutoencoder):
             "sae_out": (prefixes[:, -1].detach() * scale).reshape(*leading, self.n_layers, self.d_out),
             "feature_acts": code.to_dense(out=pre).reshape(*leading, self.dict_size),
         }
+        if sparsity_loss is not None:
+            out["sparsity_loss"] = sparsity_loss
         for j, layer in enumerate(self.layers):
             out[f"fvu_layer_{layer}"] = fvus[-1, j]
             out[f"l0_layer_{layer}"] = l0_per_layer[j]
@@ -1159,6 +1263,16 @@ class MatryoshkaCrossLayerTranscoder(BaseAutoencoder):
                        min_l2_loss=l2_per_prefix.min().detach(), max_l2_loss=l2_per_prefix.max().detach(),
                        fvu_per_prefix=per_prefix)
         return out
+
+    def sparsity_loss(self, code: SparseCode, pre: torch.Tensor) -> torch.Tensor:
+        """jumprelu: JumpReLUSAE's quadratic objective l0_coeff x (L0 / (T L) - 1)^2, L0 the mean
+        active latents a token over all layers (under torchrun, of the whole batch), counted by _Step
+        on the code's entries (pre [B, L S] read before feature_acts reuses it) so that theta gets
+        its straight-through gradient; T = target_l0 per source layer."""
+        theta, eps = self._entry_thresholds(code)
+        fires = _Step.apply(pre[code.rows, code.latents][None], theta, eps)  # [1, N]
+        l0 = fires.sum() / code.batch_size
+        return quadratic_l0_objective(self.cfg, l0, self.cfg["target_l0"] * self.n_layers, self.batch_group())
 
     def auxk_loss(self, x_c: torch.Tensor, pre: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """aux_penalty x sum_m mean((e_hat_m - e_m)^2) / v_m: e_hat from each token's top_k_aux dead
@@ -1191,6 +1305,12 @@ class MatryoshkaCrossLayerTranscoder(BaseAutoencoder):
 
     # -- training state and the decoder constraint -------------------------------------------------
 
+    def param_groups(self) -> list[dict]:
+        """One group; jumprelu: log_threshold in its own at jumprelu_threshold_lr_scale x lr, as JumpReLUSAE."""
+        if self.jumprelu:
+            return log_threshold_param_groups(self, self.cfg["jumprelu_threshold_lr_scale"])
+        return super().param_groups()
+
     @torch.no_grad()
     def remove_parallel_decoder_grad(self) -> None:
         """Per latent, project out of its whole decoder's gradient the component along its decoder."""
@@ -1212,7 +1332,9 @@ class MatryoshkaCrossLayerTranscoder(BaseAutoencoder):
         target scale (power-of-two RMS of the centred target), b_dec (the target mean) and the
         target variance in scaled units; then the decoder aimed at the targets of the tokens each
         latent fires on and one shift of every pre-activation fitted to the targets' size, as for
-        `MatryoshkaTranscoder` (see its docstring for why)."""
+        `MatryoshkaTranscoder` (see its docstring for why), and one factor on the encoder. jumprelu:
+        first the thresholds at each latent's firing quantile (unless jumprelu_threshold_init sets
+        them), last the shift and factor applied to them too, so that the first batch's code is kept."""
         n = self.n_layers
         x = self._stack(activations[:n], "sources")
         y = self._stack(activations[n:], "targets").reshape(-1, n, self.d_out)
@@ -1224,10 +1346,15 @@ class MatryoshkaCrossLayerTranscoder(BaseAutoencoder):
         y_n = y / self.target_scale[:, None]
         self.b_dec.copy_(y_n.mean(dim=0))
         self.target_variance.copy_((y_n - self.b_dec).pow(2).mean(dim=(0, 2)).clamp(min=STD_EPS))
+        if self.jumprelu and self.cfg["jumprelu_threshold_init"] is None:
+            rate = self.cfg["target_l0"] / self.layer_size
+            self.log_threshold.copy_(log_of_thresholds(firing_thresholds(self.preactivations(self.center(x)), rate)))
         code = self._first_code(x)
         self._aim_decoder(code, y_n - self.b_dec)
         shift = self._shift_encoder_bias(code, y_n - self.b_dec)
-        self._scale_encoder(code.with_values(code.values - shift), y_n - self.b_dec)
+        alpha = self._scale_encoder(code.with_values(code.values - shift), y_n - self.b_dec)
+        if self.jumprelu:  # pre -> alpha (pre - c): the same on theta keeps which entries exceed it
+            self.log_threshold.copy_(log_of_thresholds(alpha * (self.log_threshold.exp() - shift)))
 
     def _first_code(self, x_n: torch.Tensor) -> SparseCode:
         """This batch's selection (this batch alone, on every rank) with its values."""
@@ -1257,8 +1384,10 @@ class MatryoshkaCrossLayerTranscoder(BaseAutoencoder):
     def _shift_encoder_bias(self, code: SparseCode, targets: torch.Tensor) -> torch.Tensor | float:
         """b_enc -= c, the one shift of every kept value that best fits the first predictions to the
         targets in the training loss: with P the prefix predictions and Q those of the same entries
-        at value 1, c = sum <P - y, Q>_w / sum |Q|^2_w (w = 1 / v_m), clamped to [0, smallest value].
-        Returns c."""
+        at value 1, c = sum <P - y, Q>_w / sum |Q|^2_w (w = 1 / v_m), clamped to [0, smallest value];
+        jumprelu: to [0, half the smallest theta], as theta moves by c too (`initialize_from_batch`),
+        and a theta at 0 would have no straight-through window left to learn in (the latent with the
+        smallest kept value would keep a floored threshold, firing like a ReLU latent). Returns c."""
         if code.values.numel() == 0:
             return 0.0
         P = self.decode_groups(code).cumsum(dim=1)
@@ -1266,24 +1395,27 @@ class MatryoshkaCrossLayerTranscoder(BaseAutoencoder):
         weights = 1 / self.target_variance[:, None]
         numerator = ((P - targets.unsqueeze(1)) * Q * weights).sum()
         denominator = (Q.pow(2) * weights).sum().clamp(min=STD_EPS)
-        shift = (numerator / denominator).clamp(min=0).minimum(code.values.min())
+        at_most = self.log_threshold.exp().min() / 2 if self.jumprelu else code.values.min()
+        shift = (numerator / denominator).clamp(min=0).minimum(at_most)
         self.b_enc.sub_(shift)
         return shift
 
-    def _scale_encoder(self, code: SparseCode, targets: torch.Tensor) -> None:
+    def _scale_encoder(self, code: SparseCode, targets: torch.Tensor) -> torch.Tensor | float:
         """W_enc and b_enc *= alpha = sum <P, y>_w / sum |P|^2_w, clamped to [0.05, 1]: what the shift
         (bounded by the smallest kept value) leaves of the overshoot. A CLT's later targets receive
         the latents of every earlier layer, all aimed at the same main directions: on a planted map
         of 3 layers the shifted first predictions were still ~6x the targets (FVU 8 at the start,
-        1.1 with the factor; alpha 0.17). A uniform factor keeps every BatchTopK selection."""
+        1.1 with the factor; alpha 0.17). A uniform factor keeps every BatchTopK selection.
+        Returns alpha (1 without entries)."""
         if code.values.numel() == 0:
-            return
+            return 1.0
         P = self.decode_groups(code).cumsum(dim=1)
         weights = 1 / self.target_variance[:, None]
         alpha = (P * targets.unsqueeze(1) * weights).sum() / (P.pow(2) * weights).sum().clamp(min=STD_EPS)
         alpha = alpha.clamp(0.05, 1.0)
         self.W_enc.mul_(alpha)
         self.b_enc.mul_(alpha)
+        return alpha
 
 
 SAE_CLASSES["matryoshka_clt"] = MatryoshkaCrossLayerTranscoder

@@ -4,6 +4,7 @@ circuit-tracer. Offline with SmolLM2 and the built-in corpus:
     python train_clt.py train --model smollm2-135m --dataset python-docs:train --dict-size 1152 --top-k 16 --num-tokens 2e6
     python train_clt.py train ... --plain                 # one group: a plain BatchTopK CLT
     python train_clt.py train ... --sparsity per_layer    # BatchTopK within each source layer
+    python train_clt.py train ... --sparsity jumprelu --target-l0 16   # a learned threshold per latent
     python train_clt.py train --resume checkpoints/<run>  # continue a run (after SIGTERM, a crash...)
     python train_clt.py evaluate checkpoints/<run>        # every MLP replaced at once: CE, KL, per-layer FVU
                                                           # (into <run>/clt_metrics.json)
@@ -13,7 +14,8 @@ circuit-tracer. Offline with SmolLM2 and the built-in corpus:
 A CLT's latents at layer j read that layer's source (--source-site, default the MLP's normalised
 input ln2_normalized) and write the target (mlp_out) of layer j and of every later layer; see
 sae.MatryoshkaCrossLayerTranscoder and docs/cross_layer_transcoders.md. --dict-size and --top-k count
-per source layer (a CLT over L layers has L x dict-size latents and keeps L x top-k per token). One
+per source layer (a CLT over L layers has L x dict-size latents and keeps L x top-k per token), and so
+does --target-l0, the mean L0 a jumprelu CLT is steered to (L x target-l0 per token in all). One
 model pass per chunk of text feeds every layer (the multi-hook store); training is the library's
 loop (tqdm with the per-layer FVU range, wandb, checkpoints, exact resume, SIGTERM, torchrun). The
 final evaluation goes to <run>/clt_metrics.json. The export is read by circuit-tracer's own loader
@@ -82,8 +84,9 @@ def train(args: argparse.Namespace) -> None:
     check_before_loading([cfg], resume_from, overwrite=args.overwrite)
     if distributed.is_main_process():
         n = len(cfg["clt_layers"])
+        sparsity = (f"target L0 {cfg['target_l0']:g}" if cfg["clt_sparsity"] == "jumprelu" else f"k {cfg['top_k']}")
         print(f"Training a cross-layer transcoder over {n} layers ({cfg['source_site']} -> {cfg['target_site']}), "
-              f"{cfg['dict_size']} latents a layer in groups {cfg['group_sizes']}, k {cfg['top_k']} per layer "
+              f"{cfg['dict_size']} latents a layer in groups {cfg['group_sizes']}, {sparsity} per layer "
               f"({cfg['clt_sparsity']}), on {cfg['device']} ({distributed.world_size()} rank(s))")
     model = load_model(cfg["model_name"], cfg["device"], cfg["model_dtype"])
     if cfg["bos_token_id"] is None and model.tokenizer is not None:
@@ -143,9 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser = commands.add_parser("train", help="train a cross-layer transcoder")
     add_run_arguments(train_parser, exclude=("--site", "--layer", "--hook-point", "--sae-type"))
     add_resume_argument(train_parser)
-    train_parser.add_argument("--sparsity", choices=["global", "per_layer"], default="global",
-                              help="BatchTopK over every layer's latents (default) or within each source layer")
-    train_parser.add_argument("--plain", action="store_true", help="one group: a plain BatchTopK CLT (no prefixes)")
+    train_parser.add_argument("--sparsity", choices=["global", "per_layer", "jumprelu"], default="global",
+                              help="BatchTopK over every layer's latents (default) or within each source layer, "
+                                   "or jumprelu: a learned threshold per latent, steered to --target-l0 a token "
+                                   "per source layer")
+    train_parser.add_argument("--plain", action="store_true", help="one group: a plain CLT, no Matryoshka prefixes")
     train_parser.add_argument("--layers", default="all", help="the layers it reads and writes: 'all' (default; "
                               "what circuit-tracer needs), a range 0-9 or a list 0,1,2")
     train_parser.add_argument("--source-site", default="ln2_normalized", choices=list(HOOK_SITES))

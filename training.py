@@ -152,6 +152,14 @@ def format_postfix(metrics: dict[str, float], target_l0: float | None = None) ->
             f"L2: {metrics['l2_loss']:.4f}, FVU: {metrics['fvu']:.4f}{layers}")
 
 
+def l0_target(cfg: dict) -> float | None:
+    """The L0 the progress bar reads l0_norm against: cfg["target_l0"]; a jumprelu cross-layer
+    transcoder's counts per source layer and its l0_norm sums the layers, so target_l0 x L."""
+    if cfg["sae_type"] == "matryoshka_clt":
+        return cfg["target_l0"] * len(cfg["clt_layers"]) if cfg["clt_sparsity"] == "jumprelu" else None
+    return cfg.get("target_l0")
+
+
 # ---------------------------------------------------------------------------------------------
 # The shared loop
 # ---------------------------------------------------------------------------------------------
@@ -527,7 +535,7 @@ def _after_step(done: int, total_steps: int, trainees: list[_Trainee], nonfinite
     if checkpoint_due or ce_due or done % cfg["log_freq"] == 0:
         _flush(trainees, nonfinite_inputs, next_step=done)
         labels = [f"#{i} " if len(trainees) > 1 else "" for i in range(len(trainees))]
-        progress.set_postfix_str(" | ".join(label + format_postfix(t.metrics, t.cfg.get("target_l0"))
+        progress.set_postfix_str(" | ".join(label + format_postfix(t.metrics, l0_target(t.cfg))
                                             for label, t in zip(labels, trainees)))
         if cfg["distributed_debug"] and not _dictionaries_spread(cfg):
             for t in trainees:

@@ -27,6 +27,8 @@ LAYERS = [0, 1, 2]
 D = 8
 N_STEPS = 8
 BATCH = 32
+# What each sparsity mode needs besides its name: jumprelu steers to a target L0 per source layer.
+SPARSITY = {"global": {}, "per_layer": {}, "jumprelu": {"target_l0": 2}}
 
 
 def clt_cfg(tmp_path=None, **overrides) -> dict:
@@ -82,7 +84,9 @@ def trained_clt(cfg: dict, steps: int = 3) -> MatryoshkaCrossLayerTranscoder:
 
 def dense_reference(params: dict, clt: MatryoshkaCrossLayerTranscoder, batch, dead: torch.Tensor) -> dict:
     """Loss of the class docstring computed densely from `params` (copies of the CLT's parameters):
-    BatchTopK by sorting, every (prefix, layer) prediction as a matmul of the masked code."""
+    BatchTopK by sorting, or JumpReLU as JumpReLUSAE computes it on the dense [B, L S] pre-activations
+    (with its straight-through functions and quadratic objective), every (prefix, layer) prediction
+    as a matmul of the masked code."""
     cfg, n, S = clt.cfg, clt.n_layers, clt.layer_size
     x = torch.stack(batch[:n], dim=1) - clt.source_mean
     y_n = torch.stack(batch[n:], dim=1) / clt.target_scale[:, None]
@@ -90,7 +94,16 @@ def dense_reference(params: dict, clt: MatryoshkaCrossLayerTranscoder, batch, de
                      for j in range(n)], dim=1)
     B = pre.shape[0]
     mask = torch.zeros_like(pre, dtype=torch.bool)
-    if cfg["clt_sparsity"] == "global":
+    sparsity_loss = torch.zeros(())
+    if cfg["clt_sparsity"] == "jumprelu":
+        from sae import _JumpReLU, _Step
+
+        theta = params["log_threshold"].exp()
+        eps = cfg["bandwidth"] if cfg["bandwidth"] is not None else cfg["jumprelu_relative_bandwidth"] * theta.detach()
+        z = _JumpReLU.apply(pre, theta, eps)
+        l0 = _Step.apply(pre, theta, eps).sum(dim=1).mean()
+        sparsity_loss = cfg["l0_coeff"] * (l0 / (cfg["target_l0"] * n) - 1) ** 2
+    elif cfg["clt_sparsity"] == "global":
         mask.view(-1)[pre.detach().flatten().topk(cfg["top_k"] * n * B).indices] = True
     else:
         for j in range(n):
@@ -98,7 +111,8 @@ def dense_reference(params: dict, clt: MatryoshkaCrossLayerTranscoder, batch, de
             flat = torch.zeros(B * S, dtype=torch.bool)
             flat[chosen] = True
             mask[:, j * S:(j + 1) * S] = flat.view(B, S)
-    z = pre * (mask & (pre > 0))
+    if cfg["clt_sparsity"] != "jumprelu":
+        z = pre * (mask & (pre > 0))
 
     def decode(code, end):  # [B, n, d] from latents [0, end) of every layer, without b_dec
         return torch.stack([sum(code[:, j * S:j * S + end] @ params[f"W_dec.{j}"][:end, m - j] for j in range(m + 1))
@@ -116,12 +130,17 @@ def dense_reference(params: dict, clt: MatryoshkaCrossLayerTranscoder, batch, de
         aux_mask = torch.zeros_like(mask).scatter_(1, top, True) & (pre > 0) & dead
         e_hat = decode(pre * aux_mask, S)
         aux = cfg["aux_penalty"] * ((e_hat - residual).pow(2).mean(dim=(0, 2)) * weights).sum()
-    return {"loss": l2 + aux, "l2_loss": l2, "aux_loss": aux, "prefixes": prefixes}
+    return {"loss": l2 + aux + sparsity_loss, "l2_loss": l2, "aux_loss": aux, "sparsity_loss": sparsity_loss,
+            "prefixes": prefixes}
 
 
-@pytest.mark.parametrize("sparsity", ["global", "per_layer"])
-def test_loss_and_gradients_equal_the_dense_reference(sparsity):
-    cfg = clt_cfg(clt_sparsity=sparsity)
+@pytest.mark.parametrize("sparsity,settings", [
+    pytest.param("global", {}, id="global"), pytest.param("per_layer", {}, id="per_layer"),
+    pytest.param("jumprelu", {}, id="jumprelu"),
+    pytest.param("jumprelu", {"bandwidth": 0.5}, id="jumprelu-fixed-bandwidth"),  # windows reaching below 0
+])
+def test_loss_and_gradients_equal_the_dense_reference(sparsity, settings):
+    cfg = clt_cfg(clt_sparsity=sparsity, **SPARSITY[sparsity], **settings)
     clt = trained_clt(cfg)
     clt.tokens_since_fired[::3] = 10 ** 6  # every third latent dead: AuxK is in the loss
     batch = PlantedCLTStore(seed=9).next_batch()
@@ -132,7 +151,19 @@ def test_loss_and_gradients_equal_the_dense_reference(sparsity):
     out = clt(*batch)
     out["loss"].backward()
     assert out["aux_loss"] > 0 and out["l0_norm"] > 0
-    for key in ("loss", "l2_loss", "aux_loss"):
+    keys = ("loss", "l2_loss", "aux_loss")
+    if sparsity == "jumprelu":  # some entries lie in the window below theta, and theta learns from them
+        keys += ("sparsity_loss",)
+        with torch.no_grad():
+            x = torch.stack(batch[:len(LAYERS)], dim=1) - clt.source_mean
+            pre = clt.preactivations(x)
+            theta = clt.log_threshold.exp()
+            eps = cfg["bandwidth"] or cfg["jumprelu_relative_bandwidth"] * theta
+        below = (pre > theta - eps / 2) & (pre <= theta)
+        assert below.sum() > 0 and out["sparsity_loss"] > 0
+        assert out["l0_norm"].item() == pytest.approx((pre > theta).sum().item() / len(pre))
+        assert clt.log_threshold.grad.abs().sum() > 0
+    for key in keys:
         torch.testing.assert_close(out[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
     for name, p in clt.named_parameters():
         torch.testing.assert_close(p.grad, params[name].grad, rtol=1e-4, atol=1e-6, msg=name)
@@ -193,18 +224,22 @@ def test_the_sparse_decode_never_forms_the_dense_decoder_product():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sparsity", ["global", "per_layer"])
+@pytest.mark.parametrize("sparsity", ["global", "per_layer", "jumprelu"])
 def test_training_learns_the_planted_cross_layer_map(tmp_path, sparsity):
     from training import train_sae
 
     cfg = clt_cfg(tmp_path, clt_sparsity=sparsity, dict_size=32, group_sizes=[8, 24], top_k=4,
-                  num_tokens=BATCH * 400, batch_size=BATCH, lr=3e-3, checkpoint_freq=10 ** 6, log_freq=50)
+                  num_tokens=BATCH * 400, batch_size=BATCH, lr=3e-3, checkpoint_freq=10 ** 6, log_freq=50,
+                  target_l0=4 if sparsity == "jumprelu" else None)
     torch.manual_seed(0)
     clt = train_sae(create_sae(cfg), PlantedCLTStore(), None, cfg)
     clt.eval()
-    out = clt(*PlantedCLTStore(seed=77).next_batch())
+    out = clt(*PlantedCLTStore(seed=77, batch_size=256).next_batch())
     fvus = {k: round(v.item(), 3) for k, v in out.items() if k.startswith("fvu_layer")}
     assert out["fvu_layer_max"] < 0.6, fvus  # predicting each layer's mean: 1
+    if sparsity == "jumprelu":  # steered to 4 active latents a token per source layer, 12 in all
+        l0s = {k: round(v.item(), 2) for k, v in out.items() if k.startswith("l0")}
+        assert out["l0_norm"].item() == pytest.approx(4 * len(LAYERS), rel=0.2), l0s
 
 
 def test_config_derives_every_layer_and_refuses_bad_settings():
@@ -219,11 +254,50 @@ def test_config_derives_every_layer_and_refuses_bad_settings():
     cfg["model_name"] = "gpt2"
     assert post_init_cfg(cfg)["clt_layers"] == list(range(12))  # derived again for the new model
     for bad, match in (({"clt_layers": [2, 1]}, "ascending"), ({"clt_layers": [0, 40]}, "outside"),
-                       ({"clt_sparsity": "local"}, "per_layer"), ({"transcoder_skip": True}, "skip")):
+                       ({"clt_sparsity": "local"}, "per_layer"), ({"transcoder_skip": True}, "skip"),
+                       ({"clt_sparsity": "jumprelu"}, "target_l0.*--target-l0"),
+                       ({"clt_sparsity": "jumprelu", "target_l0": 4, "jumprelu_objective": "tanh"}, "'quadratic'")):
         with pytest.raises(ValueError, match=match):
             post_init_cfg({**get_default_cfg(), "sae_type": "matryoshka_clt", **bad})
     with pytest.raises(ValueError, match="input_unit_norm"):
         create_sae(clt_cfg(input_unit_norm=True))
+
+
+def test_jumprelu_thresholds_are_a_parameter_the_batchtopk_modes_lack():
+    """A jumprelu CLT's theta [L S] learns in its own optimizer group; checkpoints of the BatchTopK
+    modes keep exactly their tensors (threshold, no log_threshold), so older ones load as before."""
+    jumprelu = create_sae(clt_cfg(clt_sparsity="jumprelu", target_l0=2, jumprelu_threshold_lr_scale=7.0))
+    assert jumprelu.log_threshold.shape == (3 * 12,) and "threshold" not in jumprelu.state_dict()
+    groups = jumprelu.param_groups()
+    assert [g["lr_scale"] for g in groups] == [1.0, 7.0] and groups[1]["params"] == [jumprelu.log_threshold]
+    assert sum(len(g["params"]) for g in groups) == len(list(jumprelu.parameters()))
+    assert jumprelu.cfg["jumprelu_objective"] == "quadratic" and "jumprelu" in jumprelu.cfg["name"]
+    for sparsity in ("global", "per_layer"):
+        clt = create_sae(clt_cfg(clt_sparsity=sparsity))
+        assert "log_threshold" not in clt.state_dict() and "threshold" in clt.state_dict()
+        assert [g["lr_scale"] for g in clt.param_groups()] == [1.0]
+
+
+def test_jumprelu_initialisation_fires_each_latent_at_the_target_rate_and_keeps_that_code():
+    """On the first batch each latent's threshold is its firing quantile at target_l0 / S, then moved
+    with the encoder's shift and factor: the code on that batch stays each latent's 60 largest
+    pre-activations of 240 tokens under the initial encoder, and no threshold reaches 0."""
+    import copy
+
+    cfg = clt_cfg(clt_sparsity="jumprelu", target_l0=3, batch_size=240)
+    clt, batch = create_sae(cfg), PlantedCLTStore(batch_size=240).next_batch()
+    x = torch.stack(batch[:len(LAYERS)], dim=1)
+    with torch.no_grad():
+        pre = copy.deepcopy(clt).preactivations(x - x.mean(dim=0))
+    expected = torch.zeros_like(pre, dtype=torch.bool).scatter_(0, pre.topk(60, dim=0).indices, True)
+    clt.initialize_from_batch(*batch)
+    with torch.no_grad():
+        fires = clt.encode(x).view(240, -1) > 0
+        out = clt.eval()(*batch)
+    assert torch.equal(fires, expected)
+    assert [out[f"l0_layer_{layer}"].item() for layer in LAYERS] == pytest.approx([3.0] * 3, abs=0.02)
+    theta = clt.log_threshold.exp()
+    assert theta.min() > theta.median() / 10 and out["fvu"] < 2
 
 
 def documents_cfg(tmp_path, name, **overrides) -> dict:
@@ -237,7 +311,8 @@ def documents_cfg(tmp_path, name, **overrides) -> dict:
     return post_init_cfg(cfg)
 
 
-def test_crash_and_resume_on_the_multi_hook_store_is_exact(tiny_gemma2, tmp_path):
+@pytest.mark.parametrize("sparsity", ["global", "jumprelu"])
+def test_crash_and_resume_on_the_multi_hook_store_is_exact(tiny_gemma2, tmp_path, sparsity):
     from checkpoint import checkpoint_folder
     from helpers import assert_same_weights, crash, failing_at
     from training import open_activation_store, train_sae
@@ -247,13 +322,13 @@ def test_crash_and_resume_on_the_multi_hook_store_is_exact(tiny_gemma2, tmp_path
         store = store or open_activation_store(tiny_gemma2, [cfg])
         return train_sae(create_sae(cfg), store, None, cfg, resume_from=resume_from)
 
-    reference = train(documents_cfg(tmp_path, "reference"))
-    cfg = documents_cfg(tmp_path, "interrupted")
+    reference = train(documents_cfg(tmp_path, "reference", clt_sparsity=sparsity, **SPARSITY[sparsity]))
+    cfg = documents_cfg(tmp_path, "interrupted", clt_sparsity=sparsity, **SPARSITY[sparsity])
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(cfg, failing_at(open_activation_store(tiny_gemma2, [cfg]), 26, crash))  # after step 20's save
     resumed = train(cfg, resume_from=checkpoint_folder(cfg))
     assert_same_weights(reference, resumed)
-    assert reference.threshold.item() > 0  # trained, with its inference threshold
+    assert (reference.inference_thresholds() > 0).all()  # trained, with its inference thresholds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +337,7 @@ def test_crash_and_resume_on_the_multi_hook_store_is_exact(tiny_gemma2, tmp_path
 
 
 def distributed_cfg(out: Path, sparsity: str) -> dict:
-    return clt_cfg(out / sparsity, clt_sparsity=sparsity, num_tokens=BATCH * 10, checkpoint_freq=5)
+    return clt_cfg(out / sparsity, clt_sparsity=sparsity, num_tokens=BATCH * 10, checkpoint_freq=5, **SPARSITY[sparsity])
 
 
 def train_on_this_process(out: Path, sparsity: str):
@@ -285,7 +360,7 @@ def test_two_ranks_equal_one_process(tmp_path):
                str(tmp_path)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
-    for sparsity in ("global", "per_layer"):
+    for sparsity in SPARSITY:
         cfg = distributed_cfg(tmp_path / "single", sparsity)
         torch.manual_seed(0)
         single = train_sae(create_sae(cfg), PlantedCLTStore(), None, cfg)
@@ -297,7 +372,7 @@ def test_two_ranks_equal_one_process(tmp_path):
 def _worker_main(out: Path) -> None:
     torch.set_num_threads(1)
     distributed.init_from_env({"batch_size": BATCH, "device": "cpu", "distributed_timeout_s": 60})
-    for sparsity in ("global", "per_layer"):
+    for sparsity in SPARSITY:
         clt = train_on_this_process(out, sparsity)
         torch.save(clt.state_dict(), out / f"{sparsity}.rank{distributed.rank()}.pt")
     distributed.shut_down()
@@ -335,7 +410,7 @@ def save_tiny_model(model, path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("sparsity", ["global", "per_layer"])
+@pytest.mark.parametrize("sparsity", ["global", "per_layer", "jumprelu"])
 def test_circuit_tracer_computes_what_we_export(tiny_gemma2, tmp_path, sparsity):
     import json
 
@@ -344,10 +419,18 @@ def test_circuit_tracer_computes_what_we_export(tiny_gemma2, tmp_path, sparsity)
     from training import open_activation_store, train_sae
 
     needs_circuit_tracer()
-    cfg = documents_cfg(tmp_path, "clt", clt_sparsity=sparsity)
+    cfg = documents_cfg(tmp_path, "clt", clt_sparsity=sparsity, target_l0=4 if sparsity == "jumprelu" else None)
     torch.manual_seed(0)
-    train_sae(create_sae(cfg), open_activation_store(tiny_gemma2, [cfg]), None, cfg)
+    clt = train_sae(create_sae(cfg), open_activation_store(tiny_gemma2, [cfg]), None, cfg)
     exported = export_circuit_tracer_clt(checkpoint_folder(cfg), tmp_path / "exported")
+    if sparsity == "jumprelu":  # threshold_{i}: theta of each latent of layer i
+        from safetensors.torch import load_file
+
+        theta = clt.log_threshold.detach().exp().view(2, -1)
+        for i in range(2):
+            torch.testing.assert_close(load_file(exported / f"W_enc_{i}.safetensors")[f"threshold_{i}"], theta[i],
+                                       rtol=0, atol=0)
+        assert theta.std() > 0
     assert sorted(p.name for p in exported.iterdir() if not p.name.startswith(".")) == [
         "W_dec_0.safetensors", "W_dec_1.safetensors", "W_enc_0.safetensors", "W_enc_1.safetensors", "config.yaml"]
     command = [str(CT_PYTHON), str(Path(__file__).parent / "circuit_tracer_clt_check.py"), str(exported),
@@ -421,8 +504,26 @@ def test_train_clt_script_trains_evaluates_and_exports(tmp_path, token_rows, tin
     assert (tmp_path / "exported" / "W_dec_1.safetensors").is_file()
 
 
-def test_layer_contributions_add_up_to_the_reconstruction():
-    clt = trained_clt(clt_cfg(clt_sparsity="per_layer"), steps=3).eval()
+def test_train_clt_script_takes_jumprelu_with_a_target_l0_per_layer():
+    import train_clt
+
+    def cfg_of(*options):
+        return train_clt.clt_cfg(train_clt.build_parser().parse_args(["train", "--layers", "0-3", *options]))
+
+    cfg = cfg_of("--sparsity", "jumprelu", "--target-l0", "3")
+    assert (cfg["clt_sparsity"], cfg["target_l0"], cfg["jumprelu_objective"]) == ("jumprelu", 3.0, "quadratic")
+    assert "-jumprelu_" in cfg["name"] and "_L0-3_" in cfg["name"]
+    from training import format_postfix, l0_target
+
+    metrics = {"loss": 1.0, "l0_norm": 11.5, "l2_loss": 1.0, "fvu": 0.5}
+    assert "L0: 11.5/12," in format_postfix(metrics, l0_target(cfg))  # l0_norm sums the 4 layers
+    with pytest.raises(ValueError, match="--target-l0"):
+        cfg_of("--sparsity", "jumprelu")
+
+
+@pytest.mark.parametrize("sparsity", ["per_layer", "jumprelu"])
+def test_layer_contributions_add_up_to_the_reconstruction(sparsity):
+    clt = trained_clt(clt_cfg(clt_sparsity=sparsity, **SPARSITY[sparsity]), steps=3).eval()
     sources = torch.stack(PlantedCLTStore(seed=4).next_batch()[:len(LAYERS)], dim=1)
     with torch.no_grad():
         total = sum(torch.nn.functional.pad(clt.layer_contributions(j, sources[:, j]), (0, 0, j, 0))
