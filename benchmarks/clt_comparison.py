@@ -1,14 +1,17 @@
 """Cross-layer transcoders against the per-layer transcoder set on SmolLM2-135M: a Matryoshka CLT, a
 plain BatchTopK CLT and a Matryoshka transcoder set over all 30 layers, at equal latents (S a layer),
 equal L0 summed over layers (k a layer: global BatchTopK over k L a token for the CLTs, k in each
-transcoder of the set), the same tokens, batches, learning rate and seed.
+transcoder of the set), the same tokens, batches, learning rate and seed; and two more Matryoshka
+CLTs that reach that L0 differently: BatchTopK within each source layer (k a layer) and JumpReLU
+thresholds steered to a mean L0 of k L by the quadratic target-L0 objective.
 
     python benchmarks/clt_comparison.py train --out runs/clt_comparison      # one process per dictionary
     python benchmarks/clt_comparison.py evaluate --out runs/clt_comparison   # -> results/clt_comparison.json
     python benchmarks/clt_comparison.py trace --out runs/clt_comparison      # -> results/clt_comparison_tracing.json
 
-`train` trains each case with the library's own commands (train_clt.py train, train_clt.py train
---plain, train_gemma_example.py transcoder --layers all), one process at a time, and records each
+`train` trains each case with the library's own commands (train_clt.py train [--plain | --sparsity
+per_layer | --sparsity jumprelu --target-l0 k], train_gemma_example.py transcoder --layers all), one
+process at a time, and records each
 process's wall time and peak resident memory (os.wait4 of that process) in <out>/runs.json.
 `evaluate` loads the three from their checkpoints and replaces every MLP output at once on the same
 held-out rows (evaluation.evaluate_replacement through evaluation.evaluate_clt and
@@ -32,7 +35,7 @@ from pathlib import Path
 import harness  # noqa: F401  (first: import paths)
 from harness import ROOT, environment, save, worker_env
 
-CASES = ("matryoshka-clt", "batchtopk-clt", "matryoshka-set")
+CASES = ("matryoshka-clt", "batchtopk-clt", "matryoshka-set", "matryoshka-clt-per-layer", "matryoshka-clt-jumprelu")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +68,11 @@ def train_command(case: str, args, folder: Path) -> list[str]:
         return [sys.executable, "train_clt.py", "train", "--layers", "all", *shared, *groups]
     if case == "batchtopk-clt":
         return [sys.executable, "train_clt.py", "train", "--layers", "all", "--plain", *shared]
+    if case == "matryoshka-clt-per-layer":
+        return [sys.executable, "train_clt.py", "train", "--layers", "all", "--sparsity", "per_layer", *shared, *groups]
+    if case == "matryoshka-clt-jumprelu":  # target L0 k a layer, summed over layers (the quadratic objective)
+        return [sys.executable, "train_clt.py", "train", "--layers", "all", "--sparsity", "jumprelu", "--target-l0",
+                str(args.top_k), *shared, *groups]
     return [sys.executable, "train_gemma_example.py", "transcoder", "--layers", "all", "--kind", "matryoshka",
             "--model", "smollm2-135m", "--dataset", "python-docs:train", *shared, *groups]
 
