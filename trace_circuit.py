@@ -213,22 +213,32 @@ def error_influence_share(graph) -> float:
 
 def mean_path_length(graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> dict[str, float]:
     """How many feature nodes a path of the pruned graph passes, from the logits back to a token or
-    error node. The graph is pruned as circuit-tracer's viewer prunes it (`prune_graph`); a walk
-    starts at the logits (weighted by their probabilities) and steps back along each node's
-    incoming edges in proportion to their absolute weights (circuit-tracer's normalised
-    adjacency), until it reaches a token or error node. Returns the expected number of feature
-    nodes on the walk (`feature_nodes_per_path`; 1 is a single hop through one feature), the share of
-    walks through two or more (`multi_hop_share`), and the pruned graph's feature nodes."""
-    from circuit_tracer.graph import normalize_matrix, prune_graph
+    error node: the graph pruned as circuit-tracer's viewer prunes it (`prune_graph`), then
+    `walk_lengths` from the logits weighted by their probabilities. Returns `walk_lengths`'s
+    figures and the pruned graph's feature nodes."""
+    from circuit_tracer.graph import prune_graph
 
     node_mask, edge_mask, _ = prune_graph(graph, node_threshold, edge_threshold)
     n_features, n_logits = len(graph.selected_features), len(graph.logit_targets)
     kept = edge_mask & node_mask[:, None] & node_mask[None, :]
-    steps = normalize_matrix(graph.adjacency_matrix * kept)  # [target, source], rows sum to 1 (or 0)
-    mass = torch.zeros(steps.shape[0], dtype=steps.dtype)
-    mass[-n_logits:] = graph.logit_probabilities / graph.logit_probabilities.sum()
-    mass = mass @ steps  # the first step back from the logits
-    ended = torch.zeros(n_features + 2)  # ended[k]: mass reaching a token or error node after k features
+    start = torch.zeros(graph.adjacency_matrix.shape[0])
+    start[-n_logits:] = graph.logit_probabilities.float().cpu()
+    lengths = walk_lengths(graph.adjacency_matrix.float().cpu() * kept.cpu(), n_features, start)
+    return {**lengths, "pruned_feature_nodes": int(node_mask[:n_features].sum())}
+
+
+def walk_lengths(adjacency: torch.Tensor, n_features: int, start: torch.Tensor) -> dict[str, float]:
+    """A walk back through an attribution graph: adjacency [target, source] (circuit-tracer's
+    layout: nodes 0..n_features-1 are features, the rest errors, tokens and logits), started with
+    the weights `start` [nodes] (the logits' probabilities), stepping from each node to its sources
+    in proportion to the absolute weights of its incoming edges, and ending at the first node that
+    is not a feature (a token or error node, which have no incoming edges). Returns the expected
+    number of feature nodes on the walk (`feature_nodes_per_path`; 1: one hop through one feature)
+    and the share of walks through two or more (`multi_hop_share`)."""
+    steps = adjacency.abs()
+    steps = steps / steps.sum(dim=1, keepdim=True).clamp(min=1e-10)
+    mass = (start / start.sum()) @ steps  # the first step back from the logits
+    ended = torch.zeros(n_features + 2)  # ended[k]: the weight of walks that end after k features
     for k in range(n_features + 1):
         ended[k] = mass[n_features:].sum()
         at_features = torch.zeros_like(mass)
@@ -239,8 +249,7 @@ def mean_path_length(graph, node_threshold: float = 0.8, edge_threshold: float =
     total = ended.sum().clamp(min=1e-12)
     counts = torch.arange(len(ended), dtype=ended.dtype)
     return {"feature_nodes_per_path": ((counts * ended).sum() / total).item(),
-            "multi_hop_share": (ended[2:].sum() / total).item(),
-            "pruned_feature_nodes": int(node_mask[:n_features].sum())}
+            "multi_hop_share": (ended[2:].sum() / total).item()}
 
 
 PHASE_LINE = re.compile(r"^(Precomputation|Forward pass|Logit attributions|Feature attributions|Attribution) "
