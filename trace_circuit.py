@@ -233,8 +233,10 @@ def walk_lengths(adjacency: torch.Tensor, n_features: int, start: torch.Tensor) 
     the weights `start` [nodes] (the logits' probabilities), stepping from each node to its sources
     in proportion to the absolute weights of its incoming edges, and ending at the first node that
     is not a feature (a token or error node, which have no incoming edges). Returns the expected
-    number of feature nodes on the walk (`feature_nodes_per_path`; 1: one hop through one feature)
-    and the share of walks through two or more (`multi_hop_share`)."""
+    number of feature nodes on the walk (`feature_nodes_per_path`; 1: one hop through one feature),
+    the share of walks through two or more (`multi_hop_share`), and both among the walks through at
+    least one feature (`feature_nodes_per_feature_path`, `multi_hop_share_of_feature_paths`): a
+    graph whose logits read error nodes directly has short walks without being shallow."""
     steps = adjacency.abs()
     steps = steps / steps.sum(dim=1, keepdim=True).clamp(min=1e-10)
     mass = (start / start.sum()) @ steps  # the first step back from the logits
@@ -248,8 +250,11 @@ def walk_lengths(adjacency: torch.Tensor, n_features: int, start: torch.Tensor) 
         mass = at_features @ steps
     total = ended.sum().clamp(min=1e-12)
     counts = torch.arange(len(ended), dtype=ended.dtype)
+    through_features = ended[1:].sum().clamp(min=1e-12)
     return {"feature_nodes_per_path": ((counts * ended).sum() / total).item(),
-            "multi_hop_share": (ended[2:].sum() / total).item()}
+            "multi_hop_share": (ended[2:].sum() / total).item(),
+            "feature_nodes_per_feature_path": ((counts * ended).sum() / through_features).item(),
+            "multi_hop_share_of_feature_paths": (ended[2:].sum() / through_features).item()}
 
 
 PHASE_LINE = re.compile(r"^(Precomputation|Forward pass|Logit attributions|Feature attributions|Attribution) "
@@ -350,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
               f"feature nodes a path {row['feature_nodes_per_path']:.2f}  | {prompt!r}")
         print("  seconds by phase: " + ", ".join(f"{name} {value:.1f}" for name, value in phases.items()))
     for key in ("replacement_score", "completeness_score", "error_influence_share", "feature_nodes_per_path",
-                "multi_hop_share", "seconds"):
+                "multi_hop_share", "feature_nodes_per_feature_path", "multi_hop_share_of_feature_paths", "seconds"):
         results[f"mean_{key}"] = sum(row[key] for row in results["graphs"]) / len(results["graphs"])
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     (out / "trace_results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -116,7 +116,7 @@ def load_case(case: str, folder: Path):
     from checkpoint import load_cfg, load_sae
     from transcoder_set import layer_folders
 
-    if case.endswith("-clt"):
+    if "-clt" in case:
         clt = load_sae(folder)
         return [clt], [clt.cfg]
     folders = layer_folders(folder)
@@ -143,7 +143,7 @@ def evaluate(args) -> None:
             first = {**cfgs[0], "sae_type": "matryoshka", "hook_point": "blocks.0.hook_resid_pre", "layer": 0,
                      "batch_size": 64, "num_batches_in_buffer": 1}
             tokens = ActivationsStore(model, first).get_eval_tokens(cfgs[0]["n_eval_rows"])
-        if case.endswith("-clt"):
+        if "-clt" in case:
             metrics = evaluate_clt(saes[0], model, tokens)
         else:
             metrics = evaluate_set(saes, cfgs, model, tokens)
@@ -186,7 +186,7 @@ def trace(args) -> None:
     for case in args.cases:
         folder, exported, traces = Path(runs[case]["folder"]), out / f"{case}-circuit-tracer", out / f"{case}-traces"
         if not exported.exists():
-            (export_circuit_tracer_clt if case.endswith("-clt") else export_circuit_tracer)(folder, exported)
+            (export_circuit_tracer_clt if "-clt" in case else export_circuit_tracer)(folder, exported)
         command = [str(ROOT / ".ct-venv" / "bin" / "python"), "trace_circuit.py", str(exported), "--from",
                    str(folder), "--out", str(traces), "--max-feature-nodes", str(args.max_feature_nodes)]
         for prompt in prompts:
@@ -202,6 +202,8 @@ def trace(args) -> None:
                      "error_influence_share": round(result["mean_error_influence_share"], 4),
                      "feature_nodes_per_path": round(result["mean_feature_nodes_per_path"], 3),
                      "multi_hop_share": round(result["mean_multi_hop_share"], 3),
+                     "feature_nodes_per_feature_path": round(result["mean_feature_nodes_per_feature_path"], 3),
+                     "multi_hop_share_of_feature_paths": round(result["mean_multi_hop_share_of_feature_paths"], 3),
                      "pruned_feature_nodes": round(sum(g["pruned_feature_nodes"] for g in graphs) / len(graphs), 1),
                      "active_features": round(sum(g["n_active_features"] for g in graphs) / len(graphs)),
                      "decoder_vectors": round(sum(g["decoder_vectors"] for g in graphs) / len(graphs)),
@@ -216,13 +218,14 @@ def trace(args) -> None:
                 "pruning": "node 0.8, edge 0.98 (circuit-tracer's defaults)", "circuit_tracer": "0.5.0 in .ct-venv",
                 "threads": "all (2 cores)"},
          environment_at_start=started,
-         columns=["case", "replacement_score", "completeness_score", "feature_nodes_per_path", "multi_hop_share",
-                  "active_features", "decoder_vectors", "seconds_per_prompt", "feature_attributions_s",
+         columns=["case", "replacement_score", "completeness_score", "error_influence_share",
+                  "feature_nodes_per_feature_path", "multi_hop_share_of_feature_paths", "active_features", "decoder_vectors", "seconds_per_prompt", "feature_attributions_s",
                   "peak_rss_mb", "ce_replaced", "kl"],
          notes="Means over the prompts. Scores: circuit-tracer's compute_graph_scores. feature_nodes_per_path: "
                "the expected number of feature nodes on a path of the pruned graph from the logits back to a "
                "token or error node, paths weighted by their normalised absolute edge weights "
-               "(trace_circuit.mean_path_length); multi_hop_share: the weight of paths through two or more. "
+               "(trace_circuit.mean_path_length); multi_hop_share: the weight of paths through two or more; "
+               "*_of_feature_paths / *_per_feature_path: the same among the paths through at least one feature. "
                "decoder_vectors: one per active feature for the set, L - j for a CLT feature of layer j. "
                "Seconds by phase from circuit-tracer's own log; peak_rss_mb: the tracing process. CE and KL with "
                "every MLP replaced by circuit-tracer's own loaded transcoders, on the prompts' tokens.")

@@ -23,6 +23,7 @@ def test_a_chain_of_features_is_one_path_through_each():
     lengths = walk_lengths(adjacency, 3, start)
     assert lengths["feature_nodes_per_path"] == pytest.approx(3.0)
     assert lengths["multi_hop_share"] == pytest.approx(1.0)
+    assert lengths["feature_nodes_per_feature_path"] == pytest.approx(3.0)
 
 
 def test_paths_are_weighted_by_their_share_of_absolute_edge_weight():
@@ -35,9 +36,13 @@ def test_paths_are_weighted_by_their_share_of_absolute_edge_weight():
     expected = 0.25 * 0 + 0.25 * 1 + 0.5 * (0.75 * 2 + 0.25 * 1)
     assert lengths["feature_nodes_per_path"] == pytest.approx(expected)
     assert lengths["multi_hop_share"] == pytest.approx(0.5 * 0.75)
+    # among the walks through a feature (weight 3/4): the same lengths over 3/4
+    assert lengths["feature_nodes_per_feature_path"] == pytest.approx(expected / 0.75)
+    assert lengths["multi_hop_share_of_feature_paths"] == pytest.approx(0.5 * 0.75 / 0.75)
 
 
 def test_a_graph_without_feature_nodes_has_paths_of_none():
     adjacency = graph({(2, 0): 1.0, (2, 1): 1.0}, 3)  # logit 2 reads an error node and a token
     lengths = walk_lengths(adjacency, 0, torch.tensor([0, 0, 1.0]))
-    assert lengths == {"feature_nodes_per_path": 0.0, "multi_hop_share": 0.0}
+    assert lengths["feature_nodes_per_path"] == 0.0 and lengths["multi_hop_share"] == 0.0
+    assert lengths["feature_nodes_per_feature_path"] == 0.0
