@@ -81,15 +81,15 @@ def main() -> None:
     print(f"SmolLM2-135M layer 4, {args.tokens} tokens, {torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory() as tmp:
         forward, write = [], []
-        for _ in range(args.rounds):
+        for round_ in range(args.rounds):  # a folder each: the writer never replaces a complete cache
             forward.append(time_forward(model, cfg, args.tokens))
             start = time.perf_counter()
-            write_activation_cache(model, cfg, f"{tmp}/cache")
+            write_activation_cache(model, cfg, f"{tmp}/cache{round_}")
             write.append(time.perf_counter() - start)
         print(f"model forward {min(forward):.1f} s ({args.tokens / min(forward):,.0f} tokens/s); cache write "
               f"{min(write):.1f} s ({args.tokens / min(write):,.0f} tokens/s): {min(write) / min(forward):.2f} x")
 
-        cached_cfg = run_cfg(args, f"{tmp}/cache")
+        cached_cfg = run_cfg(args, f"{tmp}/cache{args.rounds - 1}")
         n_steps = args.steps
         in_memory = [CachedActivationsStore(cached_cfg).next_batch().clone()] * n_steps
         step, _ = our_step(IMPLS[args.sae_type], 576, 16 * 576, 32, args.batch_size, (in_memory[0], None))
