@@ -188,42 +188,66 @@ def sparse_decode_groups(code: SparseCode, W_dec: torch.Tensor, group_ends: torc
     return partial.view(code.batch_size, n_groups, -1)
 
 
+def _segments(counts: torch.Tensor):
+    """For consecutive segments of `counts` [n] items: (segment of each item, its position in the
+    segment, where each segment starts), the items being listed segment by segment."""
+    starts = torch.cumsum(counts, 0) - counts
+    segment = torch.repeat_interleave(counts)
+    return segment, torch.arange(segment.numel(), device=counts.device) - starts[segment], starts
+
+
 class _CrossLayerDecode(torch.autograd.Function):
     """out[b, g, m] = sum over source layers j <= m and their entries n in bag (b, g) of
-    values_j[n] W_j[latent_n, m - j]: a cross-layer transcoder's decode (see sparse_decode_cross_layer)."""
+    values_j[n] W_j[latent_n, m - j]: a cross-layer transcoder's decode (see sparse_decode_cross_layer).
+
+    Each entry n of layer j stands for L - j pairs (n, m), m >= j: table row (latent_n, m - j) of W_j
+    viewed [S (L - j), d], summed into row (b G + g) L + m of the output viewed [B G L, d]."""
 
     @staticmethod
     def forward(ctx, layout, out_shape, *tensors):
         n = len(layout)
         values, weights = tensors[:n], tensors[n:]
-        out = weights[0].new_zeros(out_shape)
-        B, G, n_out, d = out_shape
-        for (code, bags, offsets, j), v, W in zip(layout, values, weights):
-            if v.numel():  # the whole row of a latent, all its output layers, in one bag sum
-                partial = F.embedding_bag(code.latents, W.view(W.shape[0], -1), offsets, mode="sum",
-                                          per_sample_weights=v)
-                out[:, :, j:] += partial.view(B, G, n_out - j, d)
+        B, G, L, d = out_shape
+        # Every layer's entries sorted by (bag b G + g, layer j): output row (b G + g) L + m sums the
+        # first ones of their bag, those of the layers j <= m.
+        key = torch.cat([bags * L + j for _, bags, j in layout])
+        order = torch.argsort(key, stable=True)
+        per_layer = torch.bincount(key, minlength=B * G * L).view(B * G, L)
+        bag_starts = torch.cumsum(per_layer.sum(1), 0) - per_layer.sum(1)
+        out_row, position, offsets = _segments(per_layer.cumsum(1).flatten())
+        entry = order[bag_starts[out_row // L] + position]
+        # One table of every layer's rows, in which pair (n, m) reads row first_row[n] + m.
+        table_starts = torch.tensor([0] + [W.shape[0] * W.shape[1] for W in weights]).cumsum(0).tolist()
+        first_row = torch.cat([start + code.latents * (L - j) - j for (code, _, j), start in zip(layout, table_starts)])
+        table = torch.cat([W.view(-1, d) for W in weights])
+        out = F.embedding_bag(first_row[entry] + out_row % L, table, offsets, mode="sum",
+                              per_sample_weights=torch.cat(values)[entry])
         ctx.layout = layout
         ctx.save_for_backward(*values, *weights)
-        return out
+        return out.view(out_shape)
 
     @staticmethod
     def backward(ctx, grad_out):
         layout, n = ctx.layout, len(ctx.layout)
         values, weights = ctx.saved_tensors[:n], ctx.saved_tensors[n:]
+        L, d = grad_out.shape[2], grad_out.shape[3]
+        grad_rows = grad_out.contiguous().view(-1, d)  # [B G L, d], row (b G + g) L + m
         grad_values, grad_weights = [], []
-        for i, ((code, bags, offsets, j), v, W) in enumerate(zip(layout, values, weights)):
-            table = W.view(W.shape[0], -1)
+        for i, ((code, bags, j), v, W) in enumerate(zip(layout, values, weights)):
+            # Layer j's pairs by table row (latent, m - j): each latent's entries, in by_latent order (by
+            # row, so out_row rises within a table row), once for every m.
+            table_row, position, row_starts = _segments(
+                torch.diff(code.latent_offsets, append=code.latent_offsets.new_tensor([v.numel()]))
+                .repeat_interleave(L - j))
+            entry = code.by_latent[code.latent_offsets[table_row // (L - j)] + position]
+            out_row = bags[entry] * L + j + table_row % (L - j)
             grad_v = grad_W = None
-            if v.numel() == 0:
-                grad_v = torch.zeros_like(v) if ctx.needs_input_grad[2 + i] else None
-                grad_W = torch.zeros_like(W) if ctx.needs_input_grad[2 + n + i] else None
-            else:
-                g = grad_out[:, :, j:].reshape(grad_out.shape[0] * grad_out.shape[1], -1)  # [B G, (L - j) d]
-                if ctx.needs_input_grad[2 + i]:
-                    grad_v = sampled_row_dots(g, table, offsets, code.latents)
-                if ctx.needs_input_grad[2 + n + i]:
-                    grad_W = _sum_by_latent(code, g, bags, v).view_as(W)
+            if ctx.needs_input_grad[2 + i]:  # sum over the entry's pairs of grad_out[row] . W_j row
+                dots = sampled_row_dots(W.view(-1, d), grad_rows, row_starts, out_row)
+                grad_v = torch.zeros_like(v).index_add_(0, entry, dots)
+            if ctx.needs_input_grad[2 + n + i]:  # sum over the table row's pairs of value x grad_out[row]
+                grad_W = F.embedding_bag(out_row, grad_rows, row_starts, mode="sum",
+                                         per_sample_weights=v[entry]).view_as(W)
             grad_values.append(grad_v)
             grad_weights.append(grad_W)
         return (None, None, *grad_values, *grad_weights)
@@ -234,19 +258,23 @@ def sparse_decode_cross_layer(codes: list[tuple[SparseCode, int]], weights: list
     """A cross-layer decode [batch, n_groups, n_out, d]: entry (b, g, m) sums, over the source layers
     j <= m and the active latents of group g ([group_ends[g-1], group_ends[g])) of row b in code_j,
     value x weights_j[latent, m - j]. `codes`: (code with values, j) per source layer; weights_j
-    [S, n_out - j, d]. Each latent's rows for all its output layers are one table row of width
-    (n_out - j) d, so the cost is N_j (n_out - j) d per layer, forward and backward, and no
-    [batch, S, n_out, d] product is formed; the output is allocated once (summing layer by layer
-    with autograd would copy it once per layer in the backward pass)."""
+    [S, n_out - j, d].
+
+    Each active entry of layer j is expanded into its n_out - j (entry, output layer) pairs, listed
+    in output-row order (the N entries are sorted, the pairs are not), and one `F.embedding_bag`
+    over the layers' weights, concatenated as one [sum_j S (n_out - j), d] table, writes the output
+    directly. The backward pass lists each layer's pairs by weight row and reads the output's
+    gradient in place: `sampled_row_dots` and a sum per entry for the values, `F.embedding_bag` for
+    the weights. Cost: N_j (n_out - j) d per layer, forward and backward, the pairs' integer indices
+    and the copy of the weights into one table. No [batch, S, n_out, d] product, no [pairs, d]
+    gather and no per-layer [batch, n_groups, n_out - j, d] partial or gradient slice is formed:
+    the largest tensors are the output, its gradient, the table and the weights' gradients."""
     n_groups = group_ends.numel()
     batch, d = codes[0][0].batch_size, weights[0].shape[-1]
-    layout, values = [], []
-    for code, j in codes:
-        groups = torch.bucketize(code.latents, group_ends, right=True)
-        bags = code.rows * n_groups + groups  # sorted, since latents are sorted within each row
-        layout.append((code, bags, bag_offsets(bags, batch * n_groups), j))
-        values.append(code.values)
-    return _CrossLayerDecode.apply(layout, (batch, n_groups, n_out, d), *values, *weights)
+    # bag b G + g of each entry: sorted, since latents are sorted within each row
+    layout = [(code, code.rows * n_groups + torch.bucketize(code.latents, group_ends, right=True), j)
+              for code, j in codes]
+    return _CrossLayerDecode.apply(layout, (batch, n_groups, n_out, d), *[c.values for c, _ in codes], *weights)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -193,30 +193,65 @@ def test_per_layer_sparsity_keeps_k_per_layer_and_global_k_times_layers():
         assert sum(per_layer) == pytest.approx(2 * len(LAYERS))
 
 
+def allocations(run) -> list[int]:
+    """Sizes (elements) of the tensors that ops allocate while `run()` runs: a view or an in-place
+    result (whose storage is one of the op's inputs') is not counted, nor a sparse tensor (its
+    logical size is not memory; its index and value tensors are counted where they are made)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    sizes = []
+
+    class Allocations(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                      if isinstance(t, torch.Tensor) and t.layout == torch.strided}
+            for t in tree_leaves(result):
+                if isinstance(t, torch.Tensor) and t.layout == torch.strided and \
+                        t.untyped_storage().data_ptr() not in inputs:
+                    sizes.append(t.numel())
+            return result
+
+    with Allocations():
+        run()
+    return sizes
+
+
 def test_the_sparse_decode_never_forms_the_dense_decoder_product():
     """No tensor of forward or backward is as large as [B, S, d] of one layer's dense product, let
     alone [B, S, L, d]: the largest are the pre-activations [B, L S] and the predictions [B, G, L, d]."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class LargestTensor(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            result = func(*args, **(kwargs or {}))
-            for t in result if isinstance(result, (tuple, list)) else [result]:
-                if isinstance(t, torch.Tensor):
-                    LargestTensor.largest = max(LargestTensor.largest, t.numel())
-            return result
-
     B, S, n, d = 256, 64, 4, 16
     cfg = clt_cfg(clt_layers=list(range(n)), dict_size=S, group_sizes=[16, 48], act_size=d, batch_size=B)
     clt = create_sae(cfg)
     batch = [torch.randn(B, d) for _ in range(2 * n)]
     clt.initialize_from_batch(*batch)
-    with LargestTensor():
-        clt(*batch)["loss"].backward()
+    sizes = allocations(lambda: clt(*batch)["loss"].backward())
     inherent = max(B * n * S, B * 2 * n * d, S * n * d, d * n * S)
-    assert LargestTensor.largest <= inherent < B * S * d
+    assert max(sizes) <= inherent < B * S * d
+
+
+def test_the_cross_layer_decode_forms_no_partial_per_source_layer():
+    """The decode's forward and backward allocate the output [B, G, L, d] and nothing else as large as
+    [B, G, L - 1, d], source layer 1's partial decode of its later layers: no partial per source layer
+    (together (L + 1) / 2 = 2.5 times the output here) and no per-layer copy of the output's gradient."""
+    B, S, n, d = 512, 32, 4, 16
+    cfg = clt_cfg(clt_layers=list(range(n)), dict_size=S, group_sizes=[8, 24], act_size=d, batch_size=B)
+    clt = create_sae(cfg)
+    clt.initialize_from_batch(*[torch.randn(B, d) for _ in range(2 * n)])
+    from sparse_ops import select_batch_topk
+
+    pre = torch.randn(B, n * S)
+    code = select_batch_topk(pre, 2 * n)  # 2 latents a layer and row on average
+    values = pre[code.rows, code.latents].requires_grad_(True)
+    upstream = torch.randn(B, 2, n, d)
+    out = []
+    sizes = allocations(lambda: out.append(clt.decode_groups(code.with_values(values))))
+    sizes += allocations(lambda: out[0].backward(upstream))
+    assert out[0].shape == (B, 2, n, d) and values.grad.abs().sum() > 0
+    partial = B * 2 * (n - 1) * d
+    assert [size for size in sizes if size >= partial] == [B * 2 * n * d]
+    assert max(size for size in sizes if size < partial) <= partial // 2  # everything else: well below
 
 
 # ---------------------------------------------------------------------------------------------

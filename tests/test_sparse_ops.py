@@ -135,3 +135,51 @@ def test_sparse_decodes_have_the_dense_values_and_gradients():
     (dense_out * upstream).sum().backward()
     torch.testing.assert_close(sparse_grads[0], values.grad)
     torch.testing.assert_close(sparse_grads[1], W_dec.grad)
+
+
+def dense_cross_layer_decode(codes, values, weights, group_ends, n_out):
+    """Reference of sparse_decode_cross_layer: each layer's dense code, masked to each group, times all
+    its decoder rows, into output layers j..n_out - 1."""
+    code = codes[0][0]
+    in_group = torch.nn.functional.one_hot(torch.bucketize(torch.arange(code.dict_size), group_ends, right=True))
+    out = 0
+    for (code, j), v, W in zip(codes, values, weights):
+        dense = torch.zeros(code.batch_size, code.dict_size, dtype=v.dtype).index_put((code.rows, code.latents), v)
+        out = out + torch.nn.functional.pad(torch.einsum("bs,sg,smd->bgmd", dense, in_group.to(v.dtype), W),
+                                            (0, 0, j, 0))
+    return out
+
+
+def test_cross_layer_decode_has_the_dense_values_and_gradients():
+    """3 source layers of 5 latents (groups [0, 2), [2, 5)), 4 rows: layer 1 has no active entries
+    and row 2 none in any layer."""
+    generator = torch.Generator().manual_seed(3)
+    B, S, L, d = 4, 5, 3, 3
+    group_ends = torch.tensor([2, 5])
+    codes, values = [], []
+    for j in range(L):
+        pre = torch.randn(B, S, generator=generator, dtype=torch.float64)
+        pre[2] = -1.0
+        if j == 1:
+            pre[:] = -1.0
+        code = select_topk(pre, 3)
+        codes.append((code, j))
+        values.append(pre[code.rows, code.latents].requires_grad_(True))
+    assert [len(v) for v in values] == [8, 0, 8]
+    weights = [torch.randn(S, L - j, d, generator=generator, dtype=torch.float64, requires_grad=True)
+               for j in range(L)]
+
+    def decode(*tensors):
+        with_values = [(code.with_values(v), j) for (code, j), v in zip(codes, tensors[:L])]
+        return sparse_ops.sparse_decode_cross_layer(with_values, list(tensors[L:]), group_ends, L)
+
+    out = decode(*values, *weights)
+    expected = dense_cross_layer_decode(codes, values, weights, group_ends, L)
+    assert out.shape == (B, 2, L, d) and out[2].abs().max() == 0
+    torch.testing.assert_close(out, expected)
+    upstream = torch.randn(out.shape, generator=generator, dtype=torch.float64)
+    sparse_grads = torch.autograd.grad((out * upstream).sum(), [*values, *weights])
+    dense_grads = torch.autograd.grad((expected * upstream).sum(), [*values, *weights])
+    for sparse_grad, dense_grad in zip(sparse_grads, dense_grads):
+        torch.testing.assert_close(sparse_grad, dense_grad)
+    assert torch.autograd.gradcheck(decode, (*values, *weights))
