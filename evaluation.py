@@ -268,20 +268,20 @@ def layer_statistics(saes, cfgs, model, tokens: torch.Tensor) -> list[dict[str, 
     model pass per chunk. l0 is the mean number of active latents a token."""
     names = sorted({name for c in cfgs for name in _source_and_target(c)})
     pairs: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in saes]
-    active = [0.0 for _ in saes]
+    active = torch.zeros(len(saes))
     chunks = tokens.split(cfgs[0]["model_batch_size"])
     with in_eval_mode(saes):
         for chunk in tqdm(chunks, desc="Per-layer FVU", unit="batch", leave=False, disable=len(chunks) < 2):
             chunk = chunk.to(model.cfg.device)
             _, cache = model.run_with_cache(chunk, names_filter=names)
-            keep = ~bos_mask(chunk, model, cfgs[0]) if cfgs[0]["exclude_bos"] else torch.ones_like(chunk, dtype=torch.bool)
+            keep = _kept_positions(chunk, model, cfgs[0])
             for i, (sae, c) in enumerate(zip(saes, cfgs)):
                 source_hook, target_hook = _source_and_target(c)
                 source, target = cache[source_hook][keep], cache[target_hook][keep]
                 pairs[i].append((target.float(), sae.reconstruct(source)))
-                active[i] += (sae.encode(source) > 0).sum().item()
+                active[i] += (sae.encode(source) > 0).sum().cpu()
     return [{"fvu": compute_fvu(torch.cat([t for t, _ in p]), torch.cat([r for _, r in p])).item(),
-             "l0": n / sum(len(t) for t, _ in p)} for p, n in zip(pairs, active)]
+             "l0": n.item() / sum(len(t) for t, _ in p)} for p, n in zip(pairs, active)]
 
 
 @torch.no_grad()
@@ -302,7 +302,7 @@ def evaluate_clt(clt, model, tokens: torch.Tensor) -> dict:
         for chunk in tokens.split(cfg["model_batch_size"]):
             chunk = chunk.to(model.cfg.device)
             _, cache = model.run_with_cache(chunk, names_filter=sources + targets)
-            keep = ~bos_mask(chunk, model, cfg) if cfg["exclude_bos"] else torch.ones_like(chunk, dtype=torch.bool)
+            keep = _kept_positions(chunk, model, cfg)
             x = torch.stack([cache[name][keep] for name in sources], dim=1)  # [N, L, d_in]
             actual.append(torch.stack([cache[name][keep] for name in targets], dim=1).float())
             predictions.append(clt.reconstruct(x))
@@ -316,6 +316,11 @@ def evaluate_clt(clt, model, tokens: torch.Tensor) -> dict:
     result["l0_per_layer"] = dict(zip(layers, (active / len(y)).tolist()))
     result["l0_total"] = (active.sum() / len(y)).item()
     return result
+
+
+def _kept_positions(chunk: torch.Tensor, model, cfg: dict) -> torch.Tensor:
+    """[rows, seq] bool: the positions a dictionary is measured on (all but BOS when cfg["exclude_bos"])."""
+    return ~bos_mask(chunk, model, cfg) if cfg["exclude_bos"] else torch.ones_like(chunk, dtype=torch.bool)
 
 
 def _source_and_target(cfg: dict) -> tuple[str, str]:
