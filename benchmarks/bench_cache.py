@@ -23,11 +23,11 @@ import harness
 
 import torch  # noqa: E402
 
-from activation_cache import CachedActivationsStore, write_activation_cache  # noqa: E402
-from activation_store import ActivationsStore  # noqa: E402
+from matryoshka_sae.activation_cache import CachedActivationsStore, write_activation_cache  # noqa: E402
+from matryoshka_sae.activation_store import ActivationsStore  # noqa: E402
 from bench_step import our_step  # noqa: E402
-from config import get_default_cfg, post_init_cfg  # noqa: E402
-from model_loading import load_model  # noqa: E402
+from matryoshka_sae.config import get_default_cfg, post_init_cfg  # noqa: E402
+from matryoshka_sae.model_loading import load_model  # noqa: E402
 
 IMPLS = {"matryoshka": "ours_matryoshka", "batchtopk": "ours_batchtopk"}
 

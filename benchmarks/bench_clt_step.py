@@ -43,10 +43,10 @@ def synthetic_batch(layers: int, batch: int, d: int, maps: list):
 def worker(args) -> None:
     import torch
 
-    from config import get_default_cfg, post_init_cfg
-    from sae import create_sae
-    from training import lr_at_step, make_optimizer, training_step
-    from transcoder_set import default_set_cfg, transcoder_set_cfgs
+    from matryoshka_sae.config import get_default_cfg, post_init_cfg
+    from matryoshka_sae.sae import create_sae
+    from matryoshka_sae.training import lr_at_step, make_optimizer, training_step
+    from matryoshka_sae.transcoder_set import default_set_cfg, transcoder_set_cfgs
 
     torch.manual_seed(0)
     groups = args.group_sizes if args.case != "batchtopk CLT" else [args.dict_size]

@@ -34,10 +34,10 @@ import harness  # noqa: F401  (first: the repository's modules on sys.path)
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-import distributed  # noqa: E402
-from config import get_default_cfg, post_init_cfg  # noqa: E402
-from sae import BatchTopKSAE  # noqa: E402
-from training import make_optimizer, training_step  # noqa: E402
+from matryoshka_sae import distributed  # noqa: E402
+from matryoshka_sae.config import get_default_cfg, post_init_cfg  # noqa: E402
+from matryoshka_sae.sae import BatchTopKSAE  # noqa: E402
+from matryoshka_sae.training import make_optimizer, training_step  # noqa: E402
 
 
 class CollectiveCounter:

@@ -329,7 +329,7 @@ def versions() -> dict[str, str]:
 def smollm2_tokenizer():
     from transformers import AutoTokenizer
 
-    from model_loading import smollm2_gguf_path
+    from matryoshka_sae.model_loading import smollm2_gguf_path
 
     path = smollm2_gguf_path()
     return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -337,7 +337,7 @@ def smollm2_tokenizer():
 
 def training_documents():
     """The demo's training text: Python's documentation, train split (a `datasets.Dataset`)."""
-    from builtin_corpus import python_docs_dataset
+    from matryoshka_sae.builtin_corpus import python_docs_dataset
 
     return python_docs_dataset(split="train")
 
@@ -492,7 +492,7 @@ def prepare(plan: Plan, _sae_type: str) -> dict:
     import datasets
     import torch
 
-    from activation_store import pack_documents
+    from matryoshka_sae.activation_store import pack_documents
 
     tokenizer = smollm2_tokenizer()
     texts = list(training_documents()["text"])
@@ -516,8 +516,8 @@ def prepare(plan: Plan, _sae_type: str) -> dict:
 
 
 def our_cfg(plan: Plan, sae_type: str, layer: int = LAYER, **extra) -> dict:
-    from builtin_corpus import python_docs_dataset
-    from config import get_default_cfg, post_init_cfg
+    from matryoshka_sae.builtin_corpus import python_docs_dataset
+    from matryoshka_sae.config import get_default_cfg, post_init_cfg
 
     cfg = get_default_cfg()
     cfg.update(model_name="smollm2-135m", layer=layer, site="resid_pre", sae_type=sae_type,
@@ -532,7 +532,7 @@ def our_cfg(plan: Plan, sae_type: str, layer: int = LAYER, **extra) -> dict:
 
 def recorded_sae(cfg: dict):
     """Our SAE of `cfg` with a Recorder on its forward pass."""
-    from sae import create_sae
+    from matryoshka_sae.sae import create_sae
 
     torch_seed(0)
     sae = create_sae(cfg)
@@ -548,7 +548,7 @@ def torch_seed(seed: int) -> None:
 
 
 def load_our_model():
-    from model_loading import load_model
+    from matryoshka_sae.model_loading import load_model
 
     start = time.perf_counter()
     model = load_model("smollm2-135m")
@@ -556,8 +556,8 @@ def load_our_model():
 
 
 def ours_live(plan: Plan, sae_type: str) -> dict:
-    from activation_store import ActivationsStore
-    from training import train_sae
+    from matryoshka_sae.activation_store import ActivationsStore
+    from matryoshka_sae.training import train_sae
 
     model, load_s = load_our_model()
     cfg = our_cfg(plan, sae_type)
@@ -576,7 +576,7 @@ def our_desc(sae_type: str) -> str:
 
 
 def ours_cache_write(plan: Plan, _sae_type: str) -> dict:
-    from activation_cache import write_activation_cache
+    from matryoshka_sae.activation_cache import write_activation_cache
 
     model, load_s = load_our_model()
     cfg = our_cfg(plan, "matryoshka")
@@ -592,8 +592,8 @@ def ours_cache_write(plan: Plan, _sae_type: str) -> dict:
 
 
 def ours_cache(plan: Plan, sae_type: str) -> dict:
-    from activation_cache import CachedActivationsStore
-    from training import train_sae
+    from matryoshka_sae.activation_cache import CachedActivationsStore
+    from matryoshka_sae.training import train_sae
 
     cfg = our_cfg(plan, sae_type, activation_cache=str(plan.cache_path))
     sae, recorder = recorded_sae(cfg)
@@ -602,8 +602,8 @@ def ours_cache(plan: Plan, sae_type: str) -> dict:
 
 
 def ours_layers(plan: Plan, sae_type: str) -> dict:
-    from activation_store import MultiHookActivationsStore
-    from training import train_sae_group
+    from matryoshka_sae.activation_store import MultiHookActivationsStore
+    from matryoshka_sae.training import train_sae_group
 
     model, load_s = load_our_model()
     cfgs = [our_cfg(plan, sae_type, layer=layer) for layer in LAYERS]
@@ -632,7 +632,7 @@ def saelens(plan: Plan, sae_type: str) -> dict:
     from sae_lens.saes.matryoshka_batchtopk_sae import MatryoshkaBatchTopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    from config import get_default_cfg
+    from matryoshka_sae.config import get_default_cfg
 
     defaults = get_default_cfg()
     model, load_s = load_our_model()
@@ -687,8 +687,8 @@ def sparsify_run(plan: Plan, layers: tuple[int, ...]) -> dict:
     import torch
     from sparsify import SaeConfig, SparseCoder, TrainConfig, Trainer
 
-    from config import get_default_cfg
-    from model_loading import load_smollm2_hf
+    from matryoshka_sae.config import get_default_cfg
+    from matryoshka_sae.model_loading import load_smollm2_hf
 
     defaults = get_default_cfg()
     start = time.perf_counter()

@@ -18,11 +18,11 @@ import harness
 
 import torch  # noqa: E402
 
-from activation_store import ActivationsStore, MultiHookActivationsStore  # noqa: E402
-from config import get_default_cfg, post_init_cfg  # noqa: E402
-from model_loading import load_model  # noqa: E402
-from sae import create_sae  # noqa: E402
-from training import train_sae_group  # noqa: E402
+from matryoshka_sae.activation_store import ActivationsStore, MultiHookActivationsStore  # noqa: E402
+from matryoshka_sae.config import get_default_cfg, post_init_cfg  # noqa: E402
+from matryoshka_sae.model_loading import load_model  # noqa: E402
+from matryoshka_sae.sae import create_sae  # noqa: E402
+from matryoshka_sae.training import train_sae_group  # noqa: E402
 
 
 def layer_cfg(args, layer: int, checkpoint_dir: str) -> dict:

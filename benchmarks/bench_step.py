@@ -123,7 +123,7 @@ def synthetic_batches(d_in: int, batch_size: int, n_batches: int, seed: int, wit
 
 def our_cfg(sae_type: str, d_in: int, dict_size: int, k: int, batch_size: int, device: str = "cpu",
             dtype: str = "float32") -> dict:
-    from config import get_default_cfg, post_init_cfg
+    from matryoshka_sae.config import get_default_cfg, post_init_cfg
 
     cfg = get_default_cfg()
     cfg.update(model_name="synthetic", act_size=d_in, dict_size=dict_size, group_sizes=None,
@@ -138,8 +138,8 @@ def our_step(impl: str, d_in: int, dict_size: int, k: int, batch_size: int, firs
     """step(x, y) for one of our classes: training.py's `training_step` with its `make_optimizer`,
     after the first-batch initialisation a training run does; the step's loss.item() waits for the
     device, so a step's time includes the GPU's work."""
-    import sae as sae_module
-    from training import make_optimizer, training_step
+    from matryoshka_sae import sae as sae_module
+    from matryoshka_sae.training import make_optimizer, training_step
 
     sae_type, class_name = OURS[impl]
     cfg = our_cfg(sae_type, d_in, dict_size, k, batch_size, device, dtype)

@@ -41,7 +41,7 @@ def load(model_name: str):
         from tests.conftest import build_tiny_model
 
         return build_tiny_model("gpt2"), "synthetic"
-    from model_loading import load_model
+    from matryoshka_sae.model_loading import load_model
 
     return load_model(model_name, device="cpu"), model_name
 
@@ -53,7 +53,7 @@ def token_rows(n_rows: int, seq_len: int, vocab: int, seed: int) -> torch.Tensor
 
 
 def store_cfg(model, cfg_model_name: str, args, hook_point: str, dataset) -> dict:
-    from config import get_default_cfg, post_init_cfg
+    from matryoshka_sae.config import get_default_cfg, post_init_cfg
 
     cfg = get_default_cfg()
     cfg.update(model_name=cfg_model_name, site=args.site, layer=args.layer, hook_point=hook_point,
@@ -106,7 +106,7 @@ def time_store_window(store, counter: TokenCounter, n_batches: int) -> tuple[flo
 def make_store(model, cfg_model_name: str, args, hook_point: str, tokens: torch.Tensor):
     """An ActivationsStore over `tokens` (its first buffer fill timed), or None without the module."""
     try:
-        from activation_store import ActivationsStore
+        from matryoshka_sae.activation_store import ActivationsStore
     except ImportError as error:
         print(f"activation_store.py not available ({error}): only the bare model is timed")
         return None
@@ -121,7 +121,7 @@ def make_store(model, cfg_model_name: str, args, hook_point: str, tokens: torch.
 
 
 def run(args) -> None:
-    from config import get_hook_name
+    from matryoshka_sae.config import get_hook_name
 
     torch.set_num_threads(args.threads)
     at_start = harness.environment(threads=args.threads)

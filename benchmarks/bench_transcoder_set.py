@@ -28,10 +28,10 @@ from harness import emit, environment, run_isolated, save, step_times, worker_en
 def worker(args) -> None:
     import torch
 
-    from config import post_init_cfg
-    from sae import create_sae
-    from training import lr_at_step, make_optimizer, training_step
-    from transcoder_set import default_set_cfg, transcoder_set_cfgs
+    from matryoshka_sae.config import post_init_cfg
+    from matryoshka_sae.sae import create_sae
+    from matryoshka_sae.training import lr_at_step, make_optimizer, training_step
+    from matryoshka_sae.transcoder_set import default_set_cfg, transcoder_set_cfgs
 
     torch.manual_seed(0)
     base = post_init_cfg(default_set_cfg(model_name="smollm2-135m", device="cpu", dict_size=args.dict_size,

@@ -113,8 +113,8 @@ def train(args) -> None:
 
 def load_case(case: str, folder: Path):
     """(dictionaries, cfgs) of a case: the CLT alone, or the set's transcoders in layer order."""
-    from checkpoint import load_cfg, load_sae
-    from transcoder_set import layer_folders
+    from matryoshka_sae.checkpoint import load_cfg, load_sae
+    from matryoshka_sae.transcoder_set import layer_folders
 
     if "-clt" in case:
         clt = load_sae(folder)
@@ -127,10 +127,10 @@ def evaluate(args) -> None:
     """Every case with all 30 MLP outputs replaced at once, on the same held-out rows."""
     import torch
 
-    from activation_store import ActivationsStore
-    from evaluation import evaluate_clt
-    from model_loading import load_model
-    from transcoder_set import evaluate_set
+    from matryoshka_sae.activation_store import ActivationsStore
+    from matryoshka_sae.evaluation import evaluate_clt
+    from matryoshka_sae.model_loading import load_model
+    from matryoshka_sae.transcoder_set import evaluate_set
 
     started = environment()
     out = Path(args.out)
@@ -175,8 +175,8 @@ def evaluate(args) -> None:
 def trace(args) -> None:
     """Export every case, then trace each with trace_circuit.py in circuit-tracer's environment, one
     process at a time (its wall time and peak memory its own), and collect their trace_results.json."""
-    from circuit_tracer_format import export_circuit_tracer, export_circuit_tracer_clt
-    from trace_circuit import DEFAULT_PROMPTS
+    from matryoshka_sae.circuit_tracer_format import export_circuit_tracer, export_circuit_tracer_clt
+    from matryoshka_sae.cli.trace_circuit import DEFAULT_PROMPTS
 
     started = environment()
     out = Path(args.out)

@@ -27,9 +27,9 @@ def counts(clt, sources) -> tuple[int, int]:
 def main() -> None:
     import torch
 
-    from circuit_tracer_format import load_in_circuit_tracer, read_config
-    from model_loading import load_model
-    from trace_circuit import DEFAULT_PROMPTS, prompt_tokens
+    from matryoshka_sae.circuit_tracer_format import load_in_circuit_tracer, read_config
+    from matryoshka_sae.model_loading import load_model
+    from matryoshka_sae.cli.trace_circuit import DEFAULT_PROMPTS, prompt_tokens
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("exported", help="a CLT folder written by train_clt.py export")

@@ -21,7 +21,7 @@ import argparse
 from pathlib import Path
 
 import harness  # noqa: F401  (puts the repository root on sys.path)
-from cli_options import RUN_OPTIONS  # noqa: E402
+from matryoshka_sae.cli.options import RUN_OPTIONS  # noqa: E402
 
 ROOT = harness.ROOT
 
@@ -43,9 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def comparison_cfgs(num_tokens: int, work_dir: Path) -> list[dict]:
     """The four dictionaries' cfgs: the demo's settings, read from the cache in work_dir."""
-    from builtin_corpus import python_docs_dataset
-    from config import post_init_cfg
-    from demo import demo_cfg
+    from matryoshka_sae.builtin_corpus import python_docs_dataset
+    from matryoshka_sae.config import post_init_cfg
+    from matryoshka_sae.cli.demo import demo_cfg
 
     base = demo_cfg()
     base.update(num_tokens=num_tokens, dataset_path=python_docs_dataset(split="train"),
@@ -59,13 +59,13 @@ def comparison_cfgs(num_tokens: int, work_dir: Path) -> list[dict]:
 def train(cfgs: list[dict]) -> None:
     """Write the cache (one model pass) unless it is there, then train the four on it together.
     Training runs without the model: evaluate_sae.py measures the CE losses afterwards."""
-    from activation_cache import MANIFEST_FILE, CachedActivationsStore, read_manifest, write_activation_cache
-    from sae import create_sae
-    from training import train_sae_group
+    from matryoshka_sae.activation_cache import MANIFEST_FILE, CachedActivationsStore, read_manifest, write_activation_cache
+    from matryoshka_sae.sae import create_sae
+    from matryoshka_sae.training import train_sae_group
 
     cache = Path(cfgs[0]["activation_cache"])
     if not (cache / MANIFEST_FILE).is_file():
-        from model_loading import load_model
+        from matryoshka_sae.model_loading import load_model
 
         model = load_model(cfgs[0]["model_name"], cfgs[0]["device"], cfgs[0]["model_dtype"])
         live = {**cfgs[0], "activation_cache": None, "bos_token_id": model.tokenizer.bos_token_id}
@@ -79,9 +79,9 @@ def train(cfgs: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     import shlex
 
-    import evaluate_sae
+    from matryoshka_sae.cli import evaluate_sae
     import harness
-    from checkpoint import checkpoint_folder
+    from matryoshka_sae.checkpoint import checkpoint_folder
 
     args = build_parser().parse_args(argv)
     cfgs = comparison_cfgs(args.num_tokens, args.work_dir)

@@ -27,13 +27,13 @@ def main() -> None:
     import torch
     from sae_lens import SAE
 
-    import main as main_script
-    from activation_store import ActivationsStore
-    from checkpoint import load_cfg, load_sae
-    from config import compute_fvu
-    from demo import run_demo
-    from model_loading import load_model
-    from sae_lens_format import export_sae_lens
+    from matryoshka_sae.cli import main as main_script
+    from matryoshka_sae.activation_store import ActivationsStore
+    from matryoshka_sae.checkpoint import load_cfg, load_sae
+    from matryoshka_sae.config import compute_fvu
+    from matryoshka_sae.cli.demo import run_demo
+    from matryoshka_sae.model_loading import load_model
+    from matryoshka_sae.sae_lens_format import export_sae_lens
 
     started = environment()
     shutil.rmtree(args.out, ignore_errors=True)  # runs/demo is this script's own folder

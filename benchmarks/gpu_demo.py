@@ -33,7 +33,7 @@ def random_smollm2(device: str, dtype: torch.dtype):
     from transformer_lens import HookedTransformer
     from transformers import LlamaConfig
 
-    from model_loading import llama_hooked_config
+    from matryoshka_sae.model_loading import llama_hooked_config
 
     torch.manual_seed(0)
     config = LlamaConfig(**SMOLLM2)
@@ -61,9 +61,9 @@ def main() -> None:
         raise SystemExit(f"gpu_demo.py: --device {args.device}, but torch sees no CUDA GPU here; "
                          f"use --device cpu (with e.g. --tokens 8192) to check the script on this machine.")
 
-    import config
-    import main as main_script
-    import model_loading
+    from matryoshka_sae import config
+    from matryoshka_sae.cli import main as main_script
+    from matryoshka_sae import model_loading
 
     at_start = harness.environment()
     model = random_smollm2(args.device, getattr(torch, args.model_dtype))

@@ -21,12 +21,12 @@ import harness
 
 import torch  # noqa: E402
 
-from activation_store import ActivationsStore  # noqa: E402
-from checkpoint import checkpoint_folder, load_sae  # noqa: E402
-from config import get_default_cfg, post_init_cfg  # noqa: E402
-from model_loading import load_model  # noqa: E402
-from sae import create_sae  # noqa: E402
-from training import train_sae  # noqa: E402
+from matryoshka_sae.activation_store import ActivationsStore  # noqa: E402
+from matryoshka_sae.checkpoint import checkpoint_folder, load_sae  # noqa: E402
+from matryoshka_sae.config import get_default_cfg, post_init_cfg  # noqa: E402
+from matryoshka_sae.model_loading import load_model  # noqa: E402
+from matryoshka_sae.sae import create_sae  # noqa: E402
+from matryoshka_sae.training import train_sae  # noqa: E402
 
 
 def run_cfg(checkpoint_dir: str) -> dict:

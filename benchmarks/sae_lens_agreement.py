@@ -21,12 +21,12 @@ import harness
 import torch  # noqa: E402
 from sae_lens import SAE  # noqa: E402
 
-from activation_cache import activation_store_for  # noqa: E402
-from checkpoint import load_sae  # noqa: E402
-from config import compute_fvu  # noqa: E402
-from model_loading import load_model  # noqa: E402
-from sae import MatryoshkaTranscoder  # noqa: E402
-from sae_lens_format import export_sae_lens  # noqa: E402
+from matryoshka_sae.activation_cache import activation_store_for  # noqa: E402
+from matryoshka_sae.checkpoint import load_sae  # noqa: E402
+from matryoshka_sae.config import compute_fvu  # noqa: E402
+from matryoshka_sae.model_loading import load_model  # noqa: E402
+from matryoshka_sae.sae import MatryoshkaTranscoder  # noqa: E402
+from matryoshka_sae.sae_lens_format import export_sae_lens  # noqa: E402
 
 
 def held_out_activations(sae, rows: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,15 +37,15 @@ import harness
 
 import torch  # noqa: E402
 
-import train_gemma_example  # noqa: E402
-from activation_store import ActivationsStore  # noqa: E402
-from checkpoint import checkpoint_folder, load_metrics  # noqa: E402
-from config import post_init_cfg  # noqa: E402
-from evaluation import evaluate_ce_loss, reconstruction_report  # noqa: E402
-from model_loading import load_model  # noqa: E402
-from sae import GlobalBatchTopKMatryoshkaSAE, MatryoshkaTranscoder  # noqa: E402
-from training import train_sae, train_sae_group  # noqa: E402
-from transcoder_activation_store import TranscoderActivationsStore  # noqa: E402
+from matryoshka_sae.cli import train_gemma_example  # noqa: E402
+from matryoshka_sae.activation_store import ActivationsStore  # noqa: E402
+from matryoshka_sae.checkpoint import checkpoint_folder, load_metrics  # noqa: E402
+from matryoshka_sae.config import post_init_cfg  # noqa: E402
+from matryoshka_sae.evaluation import evaluate_ce_loss, reconstruction_report  # noqa: E402
+from matryoshka_sae.model_loading import load_model  # noqa: E402
+from matryoshka_sae.sae import GlobalBatchTopKMatryoshkaSAE, MatryoshkaTranscoder  # noqa: E402
+from matryoshka_sae.training import train_sae, train_sae_group  # noqa: E402
+from matryoshka_sae.transcoder_activation_store import TranscoderActivationsStore  # noqa: E402
 
 SMOLLM2_SETTINGS = ["--model", "smollm2-135m", "--dataset", "python-docs", "--layer", "8",
                   "--dict-size", "4608", "--batch-size", "1024",

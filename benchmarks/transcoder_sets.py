@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def variant_cfgs(args, name: str) -> list[dict]:
-    from config import post_init_cfg
-    from transcoder_set import default_set_cfg, transcoder_set_cfgs
+    from matryoshka_sae.config import post_init_cfg
+    from matryoshka_sae.transcoder_set import default_set_cfg, transcoder_set_cfgs
 
     kind, skip, site = VARIANTS[name]
     base = post_init_cfg(default_set_cfg(
@@ -69,10 +69,10 @@ def variant_cfgs(args, name: str) -> list[dict]:
 def train(args) -> None:
     import torch
 
-    from model_loading import load_model
-    from sae import create_sae
-    from training import open_activation_store, train_sae_group
-    from transcoder_set import write_manifest
+    from matryoshka_sae.model_loading import load_model
+    from matryoshka_sae.sae import create_sae
+    from matryoshka_sae.training import open_activation_store, train_sae_group
+    from matryoshka_sae.transcoder_set import write_manifest
 
     started = environment()
     groups = {name: variant_cfgs(args, name) for name in args.variants}
@@ -97,10 +97,10 @@ def evaluate(args) -> None:
     """`train`'s evaluation of the sets in --out, from their checkpoints."""
     import torch
 
-    from checkpoint import load_cfg
-    from model_loading import load_model
-    from transcoder_activation_store import TranscoderActivationsStore
-    from transcoder_set import layer_folders, load_transcoder_set
+    from matryoshka_sae.checkpoint import load_cfg
+    from matryoshka_sae.model_loading import load_model
+    from matryoshka_sae.transcoder_activation_store import TranscoderActivationsStore
+    from matryoshka_sae.transcoder_set import layer_folders, load_transcoder_set
 
     started = environment()
     model = load_model("smollm2-135m", "cpu", torch.float32)
@@ -118,8 +118,8 @@ def evaluate(args) -> None:
 def evaluate_and_save(args, model, sets: dict, tokens, started: dict) -> None:
     """Every set with all of its MLPs replaced at once (transcoder_set.evaluate_set) on `tokens`;
     one row per set into results/transcoder_sets.json."""
-    from checkpoint import load_metrics
-    from transcoder_set import evaluate_set
+    from matryoshka_sae.checkpoint import load_metrics
+    from matryoshka_sae.transcoder_set import evaluate_set
 
     rows = []
     for name, (transcoders, cfgs) in sets.items():
@@ -149,8 +149,8 @@ def evaluate_and_save(args, model, sets: dict, tokens, started: dict) -> None:
 def trace(args) -> None:
     """Export every set, then trace them with trace_circuit.py in circuit-tracer's environment, one
     process per set at a time (one torch thread each), and collect their trace_results.json."""
-    from circuit_tracer_format import export_circuit_tracer
-    from trace_circuit import DEFAULT_PROMPTS
+    from matryoshka_sae.circuit_tracer_format import export_circuit_tracer
+    from matryoshka_sae.cli.trace_circuit import DEFAULT_PROMPTS
 
     ct_python = ROOT / ".ct-venv" / "bin" / "python"
     started = environment()

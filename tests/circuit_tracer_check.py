@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from circuit_tracer_format import load_in_circuit_tracer  # noqa: E402
-from transcoder_set import load_transcoder_set  # noqa: E402
+from matryoshka_sae.circuit_tracer_format import load_in_circuit_tracer  # noqa: E402
+from matryoshka_sae.transcoder_set import load_transcoder_set  # noqa: E402
 from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
 
 
@@ -70,7 +70,7 @@ def attribution(model, tokens, exported) -> dict:
     from circuit_tracer import attribute
     from circuit_tracer.graph import compute_graph_scores
 
-    from trace_circuit import replacement_model
+    from matryoshka_sae.cli.trace_circuit import replacement_model
 
     model.set_tokenizer(word_tokenizer(model.cfg.d_vocab))
     replacement = replacement_model(model, load_in_circuit_tracer(exported))

@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from checkpoint import load_sae  # noqa: E402
-from circuit_tracer_format import load_clt_in_circuit_tracer  # noqa: E402
+from matryoshka_sae.checkpoint import load_sae  # noqa: E402
+from matryoshka_sae.circuit_tracer_format import load_clt_in_circuit_tracer  # noqa: E402
 from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
 
 
@@ -66,7 +66,7 @@ def main() -> None:
     if "--attribute" in sys.argv:
         from circuit_tracer.graph import compute_graph_scores
 
-        from trace_circuit import (
+        from matryoshka_sae.cli.trace_circuit import (
             attribute_timed, compare_clt, decoder_vectors, mean_path_length, replacement_model, spliced_ce_and_kl,
         )
 

@@ -75,8 +75,8 @@ def token_rows() -> torch.Tensor:
 @pytest.fixture
 def tiny_models(monkeypatch, tiny_gpt2, tiny_gemma2):
     """Model names 'tiny-gpt2' and 'tiny-gemma2' that the scripts load as the tiny models."""
-    import config
-    import model_loading
+    from matryoshka_sae import config
+    from matryoshka_sae import model_loading
 
     models = {"tiny-gpt2": tiny_gpt2, "tiny-gemma2": tiny_gemma2}
     for name in models:

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-import distributed  # noqa: E402
+from matryoshka_sae import distributed  # noqa: E402
 
 N_STEPS = 12
 GLOBAL_BATCH = 64
@@ -103,7 +103,7 @@ def record_selections(sae) -> list:
 
 
 def scenario_select(out: Path) -> dict:
-    from sparse_ops import select_batch_topk
+    from matryoshka_sae.sparse_ops import select_batch_topk
 
     group = distributed.batch_group()
     results = {}
@@ -128,9 +128,9 @@ TRAINED = {
 
 def _train(name: str, out: Path) -> dict:
     """Train scenario `name` of TRAINED (with the weight check of debug mode on)."""
-    import training
+    from matryoshka_sae import training
     from helpers import PlantedStore
-    from sae import create_sae
+    from matryoshka_sae.sae import create_sae
 
     sae_type, overrides = TRAINED[name]
     cfg = train_cfg(sae_type, str(out / name), distributed_debug=True, **overrides)
@@ -166,9 +166,9 @@ def spread_group_cfgs(checkpoint_dir: Path) -> list[dict]:
 
 def scenario_spread_group(out: Path) -> dict:
     """train_sae_group with the dictionaries spread over the ranks: rank r trains dictionaries r, r + 2."""
-    import training
+    from matryoshka_sae import training
     from helpers import PlantedStore
-    from sae import create_sae
+    from matryoshka_sae.sae import create_sae
 
     cfgs = spread_group_cfgs(out / "spread_group")
     store = ShardStore(PlantedStore(seed=1, batch_size=GLOBAL_BATCH), distributed.rank(), distributed.world_size())
@@ -216,8 +216,8 @@ class FailingStore(ShardStore):
 def _train_until_failure(out: Path, name: str, how: str) -> dict:
     """Train with rank 1 failing at step 5; report the error each rank saw."""
     from helpers import PlantedStore
-    from sae import create_sae
-    from training import train_sae
+    from matryoshka_sae.sae import create_sae
+    from matryoshka_sae.training import train_sae
 
     cfg = train_cfg("batchtopk", str(out / name), log_freq=2, checkpoint_freq=4, distributed_timeout_s=30)
     distributed.init_from_env(cfg)
@@ -243,7 +243,7 @@ def scenario_rank_raises(out: Path) -> dict:
 
 def scenario_diverged(out: Path) -> dict:
     """check_same_on_every_rank raises on every rank when one rank's weights differ."""
-    from sae import create_sae
+    from matryoshka_sae.sae import create_sae
 
     sae = create_sae(train_cfg("batchtopk", str(out / "diverged")))
     distributed.check_same_on_every_rank(sae, "fresh SAE")
@@ -284,10 +284,10 @@ class StoppingStore(ShardStore):
 
 def train_until_crash(checkpoint_dir: Path) -> Path:
     """Train on this process's ranks until the data fails at step 8; the checkpoint of step 8's folder."""
-    from checkpoint import checkpoint_folder
+    from matryoshka_sae.checkpoint import checkpoint_folder
     from helpers import PlantedStore
-    from sae import create_sae
-    from training import train_sae
+    from matryoshka_sae.sae import create_sae
+    from matryoshka_sae.training import train_sae
 
     cfg = train_cfg(RESUMED_TYPE, str(checkpoint_dir))
     store = StoppingStore(PlantedStore(seed=1, batch_size=GLOBAL_BATCH), distributed.rank(),
@@ -302,8 +302,8 @@ def train_until_crash(checkpoint_dir: Path) -> Path:
 def resume_after_crash(checkpoint_dir: Path, folder: Path) -> dict:
     """Resume from `folder` on this process's ranks, the data continuing at global batch 8."""
     from helpers import PlantedStore
-    from sae import create_sae
-    from training import train_sae
+    from matryoshka_sae.sae import create_sae
+    from matryoshka_sae.training import train_sae
 
     cfg = train_cfg(RESUMED_TYPE, str(checkpoint_dir))
     store = ShardStore(PlantedStore(seed=1, start=STEPS_BEFORE_CRASH, batch_size=GLOBAL_BATCH),
@@ -346,8 +346,8 @@ def make_datasets(out: Path) -> None:
 
 def _tiny_models():
     """Model names tiny-gpt2 and tiny-gemma2 that load_model resolves to the test models."""
-    import config
-    import model_loading
+    from matryoshka_sae import config
+    from matryoshka_sae import model_loading
     from conftest import build_tiny_model
 
     models = {"tiny-gpt2": build_tiny_model("gpt2"), "tiny-gemma2": build_tiny_model("gemma2")}
@@ -359,8 +359,8 @@ def _tiny_models():
 
 def scenario_store_shares(out: Path) -> dict:
     """The documents each rank's ActivationsStore runs the model on (ids), and its batch shape."""
-    from activation_store import ActivationsStore
-    from config import get_default_cfg, post_init_cfg
+    from matryoshka_sae.activation_store import ActivationsStore
+    from matryoshka_sae.config import get_default_cfg, post_init_cfg
 
     model = _tiny_models()["tiny-gpt2"]
     cfg = get_default_cfg()
@@ -386,7 +386,7 @@ def scenario_store_shares(out: Path) -> dict:
 def store_run_cfg(out: Path, name: str, **overrides) -> dict:
     """BatchTopK on the tiny GPT-2 (as "synthetic", width 64) over OUT/tokens: 12 steps of 64, a
     checkpoint at step 8; overrides e.g. data_lanes, or activation_cache to read a cache instead."""
-    from config import get_default_cfg, post_init_cfg
+    from matryoshka_sae.config import get_default_cfg, post_init_cfg
 
     cfg = get_default_cfg()
     cfg.update(model_name="synthetic", act_size=64, layer=1, dataset_path=str(out / "tokens"), seq_len=32,
@@ -401,10 +401,10 @@ def store_run(out: Path, name: str, crash_at: int | None = None, resume_from: Pa
     """Train `store_run_cfg` through the real store (ActivationsStore, or the cache's) on this
     process's ranks; `crash_at`: the store fails when asked for that batch (after the checkpoint of
     step 8); `resume_from`: continue that checkpoint. The trained weights ({} after a crash)."""
-    from activation_cache import activation_store_for
+    from matryoshka_sae.activation_cache import activation_store_for
     from conftest import build_tiny_model
-    from sae import create_sae
-    from training import train_sae
+    from matryoshka_sae.sae import create_sae
+    from matryoshka_sae.training import train_sae
 
     cfg = store_run_cfg(out, name, **overrides)
     store = activation_store_for(build_tiny_model("gpt2"), cfg)
@@ -419,14 +419,14 @@ def store_run(out: Path, name: str, crash_at: int | None = None, resume_from: Pa
 
 
 def stopped_folder(out: Path, name: str) -> Path:
-    from checkpoint import checkpoint_folder
+    from matryoshka_sae.checkpoint import checkpoint_folder
 
     return checkpoint_folder(store_run_cfg(out, name))
 
 
 def write_cache(out: Path) -> None:
     """OUT/cache: the tiny GPT-2's activations over OUT/tokens (written by one process)."""
-    from activation_cache import write_activation_cache
+    from matryoshka_sae.activation_cache import write_activation_cache
     from conftest import build_tiny_model
 
     write_activation_cache(build_tiny_model("gpt2"), store_run_cfg(out, "unused"), out / "cache", num_tokens=1500,
@@ -458,7 +458,7 @@ def scenario_across_rank_counts(out: Path) -> dict:
 
 def transcoder_store_cfg(out: Path, **overrides) -> dict:
     """`store_run_cfg` made a transcoder's: layer 1's resid_mid -> mlp_out of the tiny GPT-2."""
-    from transcoder_activation_store import create_transcoder_config
+    from matryoshka_sae.transcoder_activation_store import create_transcoder_config
 
     return create_transcoder_config(store_run_cfg(out, "unused", **overrides), source_layer=1, target_layer=1)
 
@@ -466,10 +466,10 @@ def transcoder_store_cfg(out: Path, **overrides) -> dict:
 def scenario_global_batches(out: Path) -> dict:
     """Each rank's first 6 batches (2 blocks) from the live store with 2, 1 and 4 data lanes, from
     the cache, and (source, target) pairs from the transcoder's store (2 lanes)."""
-    from activation_cache import CachedActivationsStore
-    from activation_store import ActivationsStore
+    from matryoshka_sae.activation_cache import CachedActivationsStore
+    from matryoshka_sae.activation_store import ActivationsStore
     from conftest import build_tiny_model
-    from transcoder_activation_store import TranscoderActivationsStore
+    from matryoshka_sae.transcoder_activation_store import TranscoderActivationsStore
 
     model, batches = build_tiny_model("gpt2"), {}
     for lanes in (None, 1, 4):
@@ -485,9 +485,9 @@ def scenario_global_batches(out: Path) -> dict:
 def several_hooks_store(out: Path, **overrides):
     """The multi-hook store over layers 0 and 1 of the tiny GPT-2 (`store_run_cfg`'s data; overrides
     e.g. data_lanes)."""
-    from activation_store import MultiHookActivationsStore
+    from matryoshka_sae.activation_store import MultiHookActivationsStore
     from conftest import build_tiny_model
-    from config import post_init_cfg
+    from matryoshka_sae.config import post_init_cfg
 
     cfgs = [post_init_cfg({**store_run_cfg(out, "unused", **overrides), "layer": layer}) for layer in (0, 1)]
     return MultiHookActivationsStore(build_tiny_model("gpt2"), cfgs)
@@ -537,14 +537,14 @@ def _run_script(main, argv: list[str]) -> dict:
 
 def scenario_cli_main(out: Path) -> dict:
     """main.py's group (a BatchTopK SAE beside the Matryoshka SAE) on the tiny GPT-2."""
-    import main
+    from matryoshka_sae.cli import main
 
     return _run_script(main.main, ["--model", "tiny-gpt2", "--batchtopk-k", "4", *_cli_args(out, "cli_main")])
 
 
 def scenario_cli_gemma_transcoder(out: Path) -> dict:
     """train_gemma_example.py transcoder on the tiny Gemma-2."""
-    import train_gemma_example
+    from matryoshka_sae.cli import train_gemma_example
 
     return _run_script(train_gemma_example.main,
                        ["transcoder", "--model", "tiny-gemma2", *_cli_args(out, "cli_gemma")])

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset, DatasetDict
 
-from config import SAE_TYPES, get_default_cfg, post_init_cfg
-from sae import create_sae
-from training import make_optimizer, train_sae, training_step
+from matryoshka_sae.config import SAE_TYPES, get_default_cfg, post_init_cfg
+from matryoshka_sae.sae import create_sae
+from matryoshka_sae.training import make_optimizer, train_sae, training_step
 
 # The classes that read one activation a token (a transcoder: one source and one target), which the
 # generic tests run alike; the cross-layer transcoder reads every layer's (test_cross_layer_transcoder.py).
@@ -274,7 +274,7 @@ def run_cfg(tmp_path, name, transcoder=False, **overrides) -> dict:
     transcoder resid_mid -> mlp_out of layer 0) trained on `documents()`: 40 steps of 48 activations,
     BOS excluded; blocks of 4 batches; chunks of 3 rows (not a multiple of a block); checkpoints every
     10 steps under tmp_path/name."""
-    from transcoder_activation_store import create_transcoder_config
+    from matryoshka_sae.transcoder_activation_store import create_transcoder_config
 
     settings = dict(act_size=64, layer=1, site="resid_pre", dataset_path=documents(), seq_len=32, batch_size=48,
                     num_batches_in_buffer=4, model_batch_size=3, n_eval_rows=2, bos_token_id=BOS, exclude_bos=True,
@@ -317,7 +317,7 @@ def set_cfgs(tmp_path, name, layers=(0, 1), kind="matryoshka", skip=False, sourc
     """The cfgs of a transcoder set over the tiny models (width 64) at `layers`, under tmp_path/name:
     12 steps of 48 activations of `documents()` in BOS-led packed rows, dict_size 128, top_k 6,
     checkpoints every 4 steps, seed 5."""
-    from transcoder_set import default_set_cfg, transcoder_set_cfgs
+    from matryoshka_sae.transcoder_set import default_set_cfg, transcoder_set_cfgs
 
     base = default_set_cfg(model_name="synthetic", act_size=64, dataset_path=documents(), seq_len=32,
                            batch_size=48, num_batches_in_buffer=4, model_batch_size=3, device="cpu",
@@ -328,7 +328,7 @@ def set_cfgs(tmp_path, name, layers=(0, 1), kind="matryoshka", skip=False, sourc
 
 def train_set(model, cfgs, **kwargs):
     """`train_transcoder_set(model, cfgs, **kwargs)` after torch.manual_seed(0); returns its result."""
-    from transcoder_set import train_transcoder_set
+    from matryoshka_sae.transcoder_set import train_transcoder_set
 
     torch.manual_seed(0)
     return train_transcoder_set(model, cfgs, **kwargs)

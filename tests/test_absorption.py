@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from absorption import absorption_scores, f1_score, latent_projections, split_latents
-from config import get_default_cfg, post_init_cfg
-from sae import create_sae
+from matryoshka_sae.absorption import absorption_scores, f1_score, latent_projections, split_latents
+from matryoshka_sae.config import get_default_cfg, post_init_cfg
+from matryoshka_sae.sae import create_sae
 
 D = 8
 PARENT, CHILD = torch.eye(D)[0], torch.eye(D)[1]

@@ -9,18 +9,18 @@ import pytest
 import torch
 from datasets import Dataset
 
-import activation_cache
-from activation_cache import CachedActivationsStore, read_manifest, write_activation_cache
-from checkpoint import checkpoint_folder
+from matryoshka_sae import activation_cache
+from matryoshka_sae.activation_cache import CachedActivationsStore, read_manifest, write_activation_cache
+from matryoshka_sae.checkpoint import checkpoint_folder
 from helpers import direct_activations, make_cfg, run_args, without_bos
-from sae import create_sae
-from training import train_sae, train_transcoder
-from transcoder_activation_store import create_transcoder_config
+from matryoshka_sae.sae import create_sae
+from matryoshka_sae.training import train_sae, train_transcoder
+from matryoshka_sae.transcoder_activation_store import create_transcoder_config
 
-import cache_activations
-import main
-import train_gemma_example
-from checkpoint import load_sae
+from matryoshka_sae.cli import cache_activations
+from matryoshka_sae.cli import main
+from matryoshka_sae.cli import train_gemma_example
+from matryoshka_sae.checkpoint import load_sae
 
 
 @pytest.fixture(autouse=True)

@@ -14,8 +14,8 @@ from datasets import Dataset, DatasetDict
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
-import activation_store
-from activation_store import (ActivationsStore, document_markers, find_data_column, load_text_dataset,
+from matryoshka_sae import activation_store
+from matryoshka_sae.activation_store import (ActivationsStore, document_markers, find_data_column, load_text_dataset,
                               pack_documents)
 from conftest import build_tiny_model
 from helpers import BOS, direct_activations, distances, make_cfg, match_rows, without_bos
@@ -76,9 +76,9 @@ def test_hub_names_are_streamed(monkeypatch):
 
 def test_python_docs_comes_from_builtin_corpus(monkeypatch):
     corpus = Dataset.from_dict({"text": ["The Python Tutorial"]})
-    fake = types.ModuleType("builtin_corpus")
+    fake = types.ModuleType("matryoshka_sae.builtin_corpus")
     fake.python_docs_dataset = lambda: corpus
-    monkeypatch.setitem(sys.modules, "builtin_corpus", fake)
+    monkeypatch.setitem(sys.modules, "matryoshka_sae.builtin_corpus", fake)
     assert load_text_dataset("python-docs") is corpus
 
 

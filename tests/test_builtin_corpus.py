@@ -2,8 +2,8 @@
 
 import pytest
 
-import builtin_corpus
-from builtin_corpus import is_held_out, python_docs_dataset, stdlib_docstrings
+from matryoshka_sae import builtin_corpus
+from matryoshka_sae.builtin_corpus import is_held_out, python_docs_dataset, stdlib_docstrings
 
 COMMON_WORDS = (" the ", " of ", " and ", " is ", " to ")
 

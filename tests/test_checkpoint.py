@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
-from checkpoint import (
+from matryoshka_sae import checkpoint
+from matryoshka_sae.checkpoint import (
     checkpoint_folder, load_metrics, load_sae, restore_checkpoint, rng_states, save_checkpoint,
     set_rng_states,
 )
 from helpers import ONE_ACTIVATION_TYPES, RESUME_SETTINGS, CrashingStore, PlantedStore, planted_cfg, train_briefly
-from sae import create_sae
-from training import make_optimizer, train_sae, train_sae_group
+from matryoshka_sae.sae import create_sae
+from matryoshka_sae.training import make_optimizer, train_sae, train_sae_group
 
 
 def eval_outputs(sae, seed=1):

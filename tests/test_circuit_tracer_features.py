@@ -14,19 +14,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from activation_store import MultiHookActivationsStore
-from checkpoint import save_checkpoint
-from circuit_tracer_features import (
+from matryoshka_sae.activation_store import MultiHookActivationsStore
+from matryoshka_sae.checkpoint import save_checkpoint
+from matryoshka_sae.circuit_tracer_features import (
     HISTOGRAM_BINS, N_QUANTILE_VALUES, VIEWER_MANIFEST, cantor_pairing, viewer_scan, write_viewer_features,
 )
-from feature_browser import write_set_browser
-from feature_statistics import (
+from matryoshka_sae.feature_browser import write_set_browser
+from matryoshka_sae.feature_statistics import (
     HISTOGRAM_BINS_PER_DECADE, HISTOGRAM_LOW_DECADE, collect_feature_statistics, collect_set_statistics,
 )
 from helpers import assert_rendered_without_errors, needs_chromium, rendered_dom, tiny_cfg, token_dataset
-from sae import create_sae
-from transcoder_activation_store import TranscoderActivationsStore
-from transcoder_set import transcoder_set_cfgs, write_manifest
+from matryoshka_sae.sae import create_sae
+from matryoshka_sae.transcoder_activation_store import TranscoderActivationsStore
+from matryoshka_sae.transcoder_set import transcoder_set_cfgs, write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 CT_PYTHON = ROOT / ".ct-venv" / "bin" / "python"
@@ -85,7 +85,7 @@ def counting_forward_passes(model, monkeypatch) -> list:
 
 
 def test_set_statistics_take_one_pass_and_equal_each_layer_collected_alone(transcoder_set, tiny_gpt2, monkeypatch):
-    from checkpoint import load_sae
+    from matryoshka_sae.checkpoint import load_sae
 
     calls = counting_forward_passes(tiny_gpt2, monkeypatch)
     together = collect_set_statistics(transcoder_set, with_data, model=tiny_gpt2, top_n=TOP_N, context=CONTEXT)
@@ -114,7 +114,7 @@ def test_set_statistics_take_one_pass_and_equal_each_layer_collected_alone(trans
 
 def brute_force_firings(transcoder_set, tiny_gpt2, layer):
     """Every firing activation of layer `layer`'s latents on the held-out rows: {latent: sorted values}."""
-    from checkpoint import load_sae
+    from matryoshka_sae.checkpoint import load_sae
 
     cfg = {**set_cfgs(transcoder_set)[layer], "num_batches_in_buffer": 1}
     store = TranscoderActivationsStore(tiny_gpt2, cfg)
@@ -234,17 +234,17 @@ def test_set_browser_index_and_layer_pages_render(set_statistics, tmp_path):
 
 
 def test_single_dictionary_page_has_no_layer_selector(set_statistics, tmp_path):
-    from feature_browser import write_feature_browser
+    from matryoshka_sae.feature_browser import write_feature_browser
 
     page = write_feature_browser(set_statistics[0], tmp_path / "one").read_text()
     assert '<script type="application/json" id="set-navigation">null</script>' in page
 
 
 def test_script_writes_the_set_browser_and_the_viewer_files(transcoder_set, tiny_gpt2, tmp_path, monkeypatch, capsys):
-    import inspect_transcoder_set
+    from matryoshka_sae.cli import inspect_transcoder_set
 
-    monkeypatch.setattr("model_loading.load_model", lambda *args, **kwargs: tiny_gpt2)
-    monkeypatch.setattr("model_loading.check_model_available", lambda name: None)  # "synthetic" stands in
+    monkeypatch.setattr("matryoshka_sae.model_loading.load_model", lambda *args, **kwargs: tiny_gpt2)
+    monkeypatch.setattr("matryoshka_sae.model_loading.check_model_available", lambda name: None)  # "synthetic" stands in
     data = tmp_path / "held_out.jsonl"
     data.write_text("".join(json.dumps({"tokens": row}) + "\n" for row in token_dataset(50, seed=5)["tokens"]))
     calls = counting_forward_passes(tiny_gpt2, monkeypatch)
@@ -263,10 +263,10 @@ def test_script_writes_the_set_browser_and_the_viewer_files(transcoder_set, tiny
 
 
 def test_script_refuses_bad_input_before_any_work(transcoder_set, tmp_path, monkeypatch, capsys):
-    import inspect_transcoder_set
+    from matryoshka_sae.cli import inspect_transcoder_set
 
-    monkeypatch.setattr("model_loading.check_model_available", lambda name: None)  # "synthetic" stands in
-    monkeypatch.setattr("model_loading.load_model", lambda *args, **kwargs: pytest.fail("loaded the model"))
+    monkeypatch.setattr("matryoshka_sae.model_loading.check_model_available", lambda name: None)  # "synthetic" stands in
+    monkeypatch.setattr("matryoshka_sae.model_loading.load_model", lambda *args, **kwargs: pytest.fail("loaded the model"))
     for argv, message in [([str(tmp_path)], "is not a transcoder set"),
                           ([str(transcoder_set), "--viewer-features", str(tmp_path), "--viewer-name", "a b"],
                            "letters, digits"),
@@ -279,7 +279,7 @@ def test_script_refuses_bad_input_before_any_work(transcoder_set, tmp_path, monk
 
 
 def test_inspect_sae_points_a_set_folder_to_the_set_script(transcoder_set, capsys):
-    import inspect_sae
+    from matryoshka_sae.cli import inspect_sae
 
     with pytest.raises(SystemExit) as exit_:
         inspect_sae.main([str(transcoder_set)])

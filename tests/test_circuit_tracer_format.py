@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from circuit_tracer_format import export_circuit_tracer
+from matryoshka_sae.circuit_tracer_format import export_circuit_tracer
 from helpers import set_cfgs, train_set
 
 ROOT = Path(__file__).resolve().parents[1]

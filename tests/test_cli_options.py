@@ -6,13 +6,13 @@ import argparse
 import pytest
 import torch
 
-import cli_options
-from checkpoint import checkpoint_folder
-from cli_options import (
+from matryoshka_sae.cli import options as cli_options
+from matryoshka_sae.checkpoint import checkpoint_folder
+from matryoshka_sae.cli.options import (
     RUN_OPTIONS, ArgumentParser, add_resume_argument, add_run_arguments, apply_overrides, check_device,
     check_repeated_options, non_negative_int, positive_int, resumed_cfgs,
 )
-from config import get_default_cfg, known_keys, post_init_cfg
+from matryoshka_sae.config import get_default_cfg, known_keys, post_init_cfg
 from helpers import train_briefly
 
 
@@ -101,8 +101,8 @@ def test_a_group_may_repeat_any_of_its_dictionaries_values():
 
 
 def test_the_options_are_shared_by_the_scripts():
-    import main
-    import train_gemma_example
+    from matryoshka_sae.cli import main
+    from matryoshka_sae.cli import train_gemma_example
 
     for parser in (main.build_parser(),):
         options = {action.option_strings[0] for action in parser._actions if action.option_strings}
@@ -113,7 +113,7 @@ def test_the_options_are_shared_by_the_scripts():
 def test_the_memory_check_counts_every_hook_a_cross_layer_transcoder_reads(monkeypatch):
     """A CLT over 30 layers buffers 60 hooks' activations: free memory for the dictionary and one
     hook's buffer is not enough."""
-    from checkpoint import dictionary_parameters
+    from matryoshka_sae.checkpoint import dictionary_parameters
 
     cfg = get_default_cfg()
     cfg.update(model_name="smollm2-135m", sae_type="matryoshka_clt", dict_size=64, group_sizes=None, top_k=4,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from config import (
+from matryoshka_sae.config import (
     HOOK_SITES, MODEL_TABLE, cfg_from_json, cfg_to_json, compute_fvu, get_default_cfg,
     get_hook_name, get_model_config, post_init_cfg,
 )
@@ -200,8 +200,8 @@ def test_config_saved_by_an_earlier_version_still_loads(tmp_path):
     warning for what is dropped, and builds the same SAE as the cfg it was saved from."""
     import json
 
-    from checkpoint import load_sae, save_checkpoint
-    from sae import create_sae
+    from matryoshka_sae.checkpoint import load_sae, save_checkpoint
+    from matryoshka_sae.sae import create_sae
 
     cfg = get_default_cfg()
     cfg.update(act_size=16, model_name="synthetic", dict_size=64, group_sizes=None, top_k=4, device="cpu")

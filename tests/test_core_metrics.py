@@ -4,13 +4,13 @@ computations on small tensors and the tiny model."""
 import pytest
 import torch
 
-from config import get_default_cfg, post_init_cfg
-from core_metrics import (
+from matryoshka_sae.config import get_default_cfg, post_init_cfg
+from matryoshka_sae.core_metrics import (
     density_statistics, explained_variance, explained_variance_legacy, sparsity_and_variance,
 )
-from evaluation import evaluate_ce_loss
+from matryoshka_sae.evaluation import evaluate_ce_loss
 from helpers import ReconstructStub, eval_cfg
-from sae import create_sae
+from matryoshka_sae.sae import create_sae
 
 
 def data_with_large_mean(seed=0, n=256, d=8):

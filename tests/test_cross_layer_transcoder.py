@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import distributed  # noqa: E402
-from config import get_default_cfg, post_init_cfg  # noqa: E402
-from sae import MatryoshkaCrossLayerTranscoder, create_sae  # noqa: E402
+from matryoshka_sae import distributed  # noqa: E402
+from matryoshka_sae.config import get_default_cfg, post_init_cfg  # noqa: E402
+from matryoshka_sae.sae import MatryoshkaCrossLayerTranscoder, create_sae  # noqa: E402
 
 LAYERS = [0, 1, 2]
 D = 8
@@ -66,7 +66,7 @@ class PlantedCLTStore:
 
 def trained_clt(cfg: dict, steps: int = 3) -> MatryoshkaCrossLayerTranscoder:
     """A CLT after a few training steps (scales, thresholds and dead counters set)."""
-    from training import make_optimizer, training_step
+    from matryoshka_sae.training import make_optimizer, training_step
 
     torch.manual_seed(0)
     clt, store = create_sae(cfg), PlantedCLTStore()
@@ -96,7 +96,7 @@ def dense_reference(params: dict, clt: MatryoshkaCrossLayerTranscoder, batch, de
     mask = torch.zeros_like(pre, dtype=torch.bool)
     sparsity_loss = torch.zeros(())
     if cfg["clt_sparsity"] == "jumprelu":
-        from sae import _JumpReLU, _Step
+        from matryoshka_sae.sae import _JumpReLU, _Step
 
         theta = params["log_threshold"].exp()
         eps = cfg["bandwidth"] if cfg["bandwidth"] is not None else cfg["jumprelu_relative_bandwidth"] * theta.detach()
@@ -171,7 +171,7 @@ def test_loss_and_gradients_equal_the_dense_reference(sparsity, settings):
     scale = clt.target_scale[:, None]
     targets = torch.stack(batch[len(LAYERS):], dim=1)
     torch.testing.assert_close(out["sae_out"], expected["prefixes"][-1].detach() * scale, rtol=1e-5, atol=1e-5)
-    from config import compute_fvu
+    from matryoshka_sae.config import compute_fvu
 
     for j, layer in enumerate(LAYERS):
         fvu = compute_fvu(targets[:, j], expected["prefixes"][-1][:, j].detach() * scale[j])
@@ -239,7 +239,7 @@ def test_the_cross_layer_decode_forms_no_partial_per_source_layer():
     cfg = clt_cfg(clt_layers=list(range(n)), dict_size=S, group_sizes=[8, 24], act_size=d, batch_size=B)
     clt = create_sae(cfg)
     clt.initialize_from_batch(*[torch.randn(B, d) for _ in range(2 * n)])
-    from sparse_ops import select_batch_topk
+    from matryoshka_sae.sparse_ops import select_batch_topk
 
     pre = torch.randn(B, n * S)
     code = select_batch_topk(pre, 2 * n)  # 2 latents a layer and row on average
@@ -261,7 +261,7 @@ def test_the_cross_layer_decode_forms_no_partial_per_source_layer():
 
 @pytest.mark.parametrize("sparsity", ["global", "per_layer", "jumprelu"])
 def test_training_learns_the_planted_cross_layer_map(tmp_path, sparsity):
-    from training import train_sae
+    from matryoshka_sae.training import train_sae
 
     cfg = clt_cfg(tmp_path, clt_sparsity=sparsity, dict_size=32, group_sizes=[8, 24], top_k=4,
                   num_tokens=BATCH * 400, batch_size=BATCH, lr=3e-3, checkpoint_freq=10 ** 6, log_freq=50,
@@ -282,7 +282,7 @@ def test_config_derives_every_layer_and_refuses_bad_settings():
     cfg.update(model_name="smollm2-135m", sae_type="clt", dict_size=None, group_sizes=None, input_unit_norm=False)
     cfg = post_init_cfg(cfg)
     assert cfg["clt_layers"] == list(range(30)) and cfg["source_site"] == "ln2_normalized"
-    from activation_store import dictionary_hooks
+    from matryoshka_sae.activation_store import dictionary_hooks
 
     hooks = dictionary_hooks(cfg)
     assert hooks[0] == "blocks.0.ln2.hook_normalized" and hooks[30] == "blocks.0.hook_mlp_out" and len(hooks) == 60
@@ -348,9 +348,9 @@ def documents_cfg(tmp_path, name, **overrides) -> dict:
 
 @pytest.mark.parametrize("sparsity", ["global", "jumprelu"])
 def test_crash_and_resume_on_the_multi_hook_store_is_exact(tiny_gemma2, tmp_path, sparsity):
-    from checkpoint import checkpoint_folder
+    from matryoshka_sae.checkpoint import checkpoint_folder
     from helpers import assert_same_weights, crash, failing_at
-    from training import open_activation_store, train_sae
+    from matryoshka_sae.training import open_activation_store, train_sae
 
     def train(cfg, store=None, resume_from=None):
         torch.manual_seed(0)
@@ -377,7 +377,7 @@ def distributed_cfg(out: Path, sparsity: str) -> dict:
 
 def train_on_this_process(out: Path, sparsity: str):
     from distributed_worker import ShardStore
-    from training import train_sae
+    from matryoshka_sae.training import train_sae
 
     cfg = distributed_cfg(out, sparsity)
     distributed.init_from_env(cfg)
@@ -388,7 +388,7 @@ def train_on_this_process(out: Path, sparsity: str):
 
 def test_two_ranks_equal_one_process(tmp_path):
     from state_checks import assert_state_close
-    from training import train_sae
+    from matryoshka_sae.training import train_sae
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
@@ -449,9 +449,9 @@ def save_tiny_model(model, path: Path) -> Path:
 def test_circuit_tracer_computes_what_we_export(tiny_gemma2, tmp_path, sparsity):
     import json
 
-    from checkpoint import checkpoint_folder
-    from circuit_tracer_format import export_circuit_tracer_clt
-    from training import open_activation_store, train_sae
+    from matryoshka_sae.checkpoint import checkpoint_folder
+    from matryoshka_sae.circuit_tracer_format import export_circuit_tracer_clt
+    from matryoshka_sae.training import open_activation_store, train_sae
 
     needs_circuit_tracer()
     cfg = documents_cfg(tmp_path, "clt", clt_sparsity=sparsity, target_l0=4 if sparsity == "jumprelu" else None)
@@ -479,8 +479,8 @@ def test_circuit_tracer_computes_what_we_export(tiny_gemma2, tmp_path, sparsity)
     assert result["n_layers"] == 2 and result["same_latents"] and result["active_latents"] > 0
     assert max(result["relative_error"]) < 1e-5, result
     if sparsity == "global":  # trace_circuit.py's steps on the exported CLT
-        from checkpoint import load_sae
-        from evaluation import evaluate_clt
+        from matryoshka_sae.checkpoint import load_sae
+        from matryoshka_sae.evaluation import evaluate_clt
 
         assert max(result["layer_relative_errors"].values()) < 1e-5
         assert result["logits_difference"] < 1e-4 and result["n_active_features"] > 0
@@ -498,8 +498,8 @@ def test_circuit_tracer_computes_what_we_export(tiny_gemma2, tmp_path, sparsity)
 
 
 def test_export_refuses_what_circuit_tracer_cannot_represent(tmp_path):
-    from circuit_tracer_format import circuit_tracer_clt_tensors
-    from sae_lens_format import NotRepresentable
+    from matryoshka_sae.circuit_tracer_format import circuit_tracer_clt_tensors
+    from matryoshka_sae.sae_lens_format import NotRepresentable
 
     with pytest.raises(NotRepresentable, match="no inference threshold"):
         circuit_tracer_clt_tensors(create_sae(clt_cfg()))
@@ -518,8 +518,8 @@ def test_train_clt_script_trains_evaluates_and_exports(tmp_path, token_rows, tin
 
     from datasets import Dataset, DatasetDict
 
-    import train_clt
-    from checkpoint import load_sae
+    from matryoshka_sae.cli import train_clt
+    from matryoshka_sae.checkpoint import load_sae
 
     monkeypatch.setitem(train_clt.CLT_DEFAULTS, "bos_token_id", 1)  # the tiny model has no tokenizer
     data = tmp_path / "tokens"
@@ -540,7 +540,7 @@ def test_train_clt_script_trains_evaluates_and_exports(tmp_path, token_rows, tin
 
 
 def test_train_clt_script_takes_jumprelu_with_a_target_l0_per_layer():
-    import train_clt
+    from matryoshka_sae.cli import train_clt
 
     def cfg_of(*options):
         return train_clt.clt_cfg(train_clt.build_parser().parse_args(["train", "--layers", "0-3", *options]))
@@ -548,7 +548,7 @@ def test_train_clt_script_takes_jumprelu_with_a_target_l0_per_layer():
     cfg = cfg_of("--sparsity", "jumprelu", "--target-l0", "3")
     assert (cfg["clt_sparsity"], cfg["target_l0"], cfg["jumprelu_objective"]) == ("jumprelu", 3.0, "quadratic")
     assert "-jumprelu_" in cfg["name"] and "_L0-3_" in cfg["name"]
-    from training import format_postfix, l0_target
+    from matryoshka_sae.training import format_postfix, l0_target
 
     metrics = {"loss": 1.0, "l0_norm": 11.5, "l2_loss": 1.0, "fvu": 0.5}
     assert "L0: 11.5/12," in format_postfix(metrics, l0_target(cfg))  # l0_norm sums the 4 layers
@@ -567,14 +567,14 @@ def test_layer_contributions_add_up_to_the_reconstruction(sparsity):
 
 
 def test_evaluation_splices_every_layer_as_the_full_reconstruction_would(tiny_gemma2, tmp_path, token_rows):
-    """evaluation.evaluate_clt replaces layer m's MLP output by what `reconstruct` predicts from the
+    """matryoshka_sae.evaluation.evaluate_clt replaces layer m's MLP output by what `reconstruct` predicts from the
     sources of the replaced pass (layer m's prediction reads only sources j <= m, so the later
     sources of a stack filled in as the pass goes do not matter): an independent reference."""
     import torch.nn.functional as F
 
-    from config import clt_hooks
-    from evaluation import evaluate_clt
-    from training import open_activation_store, train_sae
+    from matryoshka_sae.config import clt_hooks
+    from matryoshka_sae.evaluation import evaluate_clt
+    from matryoshka_sae.training import open_activation_store, train_sae
 
     cfg = documents_cfg(tmp_path, "evaluated", num_tokens=512, exclude_bos=False)
     torch.manual_seed(0)

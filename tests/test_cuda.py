@@ -18,8 +18,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from helpers import ONE_ACTIVATION_TYPES, step_on_batches, synthetic_cfg  # noqa: E402
-from sae import create_sae  # noqa: E402
-from sparse_ops import select_batch_topk  # noqa: E402
+from matryoshka_sae.sae import create_sae  # noqa: E402
+from matryoshka_sae.sparse_ops import select_batch_topk  # noqa: E402
 from state_checks import assert_state_close  # noqa: E402
 
 DEVICE = os.environ.get("TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)

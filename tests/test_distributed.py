@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import distributed_worker as worker
-from checkpoint import load_metrics, load_sae
+from matryoshka_sae.checkpoint import load_metrics, load_sae
 from helpers import PlantedStore
-from sae import create_sae
-from sparse_ops import select_batch_topk
+from matryoshka_sae.sae import create_sae
+from matryoshka_sae.sparse_ops import select_batch_topk
 from state_checks import assert_state_close
-from training import train_sae, train_sae_group
+from matryoshka_sae.training import train_sae, train_sae_group
 
 # rank_raises breaks the process group, so it runs last.
 SCENARIOS = ["select", *worker.TRAINED, "crash_on_two_ranks", "resume_on_two_ranks", "store_shares", "store_resume",
@@ -138,8 +138,8 @@ def test_two_ranks_serve_disjoint_halves_of_the_one_process_global_batch(ranks, 
     bit-identical, across blocks: the ranks' rows are disjoint and together the global batch. The
     live store with 2 lanes (the 2 ranks' default), 1 lane (each rank computes it all and serves its
     half), 4 lanes (two a rank); the cache (each rank reads its rows)."""
-    from activation_cache import CachedActivationsStore
-    from activation_store import ActivationsStore
+    from matryoshka_sae.activation_cache import CachedActivationsStore
+    from matryoshka_sae.activation_store import ActivationsStore
     from conftest import build_tiny_model
 
     out = ranks["out"]
@@ -158,7 +158,7 @@ def test_two_ranks_serve_halves_of_the_transcoder_stores_global_pairs(ranks):
     """The transcoder's store inherits the lanes: each rank's (source, target) rows are its half of
     the pairs one process serves with the same 2 lanes, still paired token by token."""
     from conftest import build_tiny_model
-    from transcoder_activation_store import TranscoderActivationsStore
+    from matryoshka_sae.transcoder_activation_store import TranscoderActivationsStore
 
     store = TranscoderActivationsStore(build_tiny_model("gpt2"), worker.transcoder_store_cfg(ranks["out"], data_lanes=2))
     for step in range(6):
@@ -201,7 +201,7 @@ def test_the_several_hooks_store_serves_halves_and_resumes_on_another_number_of_
 
 
 def test_a_batch_that_does_not_divide_among_the_lanes_is_refused(ranks):
-    from activation_store import ActivationsStore
+    from matryoshka_sae.activation_store import ActivationsStore
     from conftest import build_tiny_model
 
     with pytest.raises(ValueError, match="batch_size'] = 64 does not divide among 5 data lanes.*--data-lanes"):

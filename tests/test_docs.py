@@ -88,8 +88,8 @@ def tokenizer():
 
 
 def project_modules() -> list:
-    """The loaded modules of this repository (its flat modules, tests and benchmarks)."""
-    folders = {REPO, REPO / "tests", REPO / "benchmarks"}
+    """The loaded modules of this repository (the package, the root's entry points, tests and benchmarks)."""
+    folders = {REPO, REPO / "matryoshka_sae", REPO / "matryoshka_sae" / "cli", REPO / "tests", REPO / "benchmarks"}
     return [m for m in list(sys.modules.values())
             if getattr(m, "__file__", None) and Path(m.__file__).resolve().parent in folders]
 
@@ -104,17 +104,17 @@ def replace_everywhere(monkeypatch, name: str, original, replacement) -> None:
 @pytest.fixture
 def small_world(monkeypatch, tmp_path, tokenizer):
     """Tiny stand-ins for the models, the corpus and the sizes; see the module docstring."""
-    import activation_cache  # noqa: F401  (imported so that their names get patched too)
-    import activation_store
-    import builtin_corpus
-    import checkpoint  # noqa: F401
-    import config
-    import demo  # noqa: F401
-    import evaluation  # noqa: F401
-    import feature_statistics  # noqa: F401
-    import model_loading
-    import training  # noqa: F401
-    import transcoder_activation_store  # noqa: F401
+    from matryoshka_sae import activation_cache  # noqa: F401  (imported so that their names get patched too)
+    from matryoshka_sae import activation_store
+    from matryoshka_sae import builtin_corpus
+    from matryoshka_sae import checkpoint  # noqa: F401
+    from matryoshka_sae import config
+    from matryoshka_sae.cli import demo  # noqa: F401
+    from matryoshka_sae import evaluation  # noqa: F401
+    from matryoshka_sae import feature_statistics  # noqa: F401
+    from matryoshka_sae import model_loading
+    from matryoshka_sae import training  # noqa: F401
+    from matryoshka_sae import transcoder_activation_store  # noqa: F401
     from transformer_lens import HookedTransformer
 
     names = set(config.MODEL_TABLE) | set(model_loading.HUB_MODEL_NAMES.values())

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-import evaluate_sae
-import main
-from checkpoint import checkpoint_folder, load_metrics
+from matryoshka_sae.cli import evaluate_sae
+from matryoshka_sae.cli import main
+from matryoshka_sae.checkpoint import checkpoint_folder, load_metrics
 from helpers import small_run_args
 
 

@@ -1,10 +1,10 @@
 import torch
 
-import demo
-import main
-from config import compute_fvu, get_default_cfg, post_init_cfg
-from evaluation import format_report, plot_firing_density, plot_prefix_fvu, reconstruction_report
-from sae import create_sae
+from matryoshka_sae.cli import demo
+from matryoshka_sae.cli import main
+from matryoshka_sae.config import compute_fvu, get_default_cfg, post_init_cfg
+from matryoshka_sae.evaluation import format_report, plot_firing_density, plot_prefix_fvu, reconstruction_report
+from matryoshka_sae.sae import create_sae
 
 
 def small_sae(sae_type="matryoshka"):
@@ -59,8 +59,8 @@ def test_demo_runs_end_to_end_on_a_tiny_model(monkeypatch, tmp_path, tiny_gpt2, 
     monkeypatch.setitem(demo.DEMO_SETTINGS, "dataset_path", Dataset.from_dict({"tokens": tokens}))
     monkeypatch.setitem(demo.DEMO_SETTINGS, "model_batch_size", 8)
     monkeypatch.setitem(demo.DEMO_SETTINGS, "wandb_mode", "disabled")
-    monkeypatch.setattr("model_loading.load_model", lambda *args, **kwargs: tiny_gpt2)
-    monkeypatch.setattr("model_loading.check_model_available", lambda name: None)  # the stand-in is there
+    monkeypatch.setattr("matryoshka_sae.model_loading.load_model", lambda *args, **kwargs: tiny_gpt2)
+    monkeypatch.setattr("matryoshka_sae.model_loading.check_model_available", lambda name: None)  # the stand-in is there
     args = main.build_parser().parse_args(["--demo", "--num-tokens", "6144", "--batch-size", "512",
                                            "--checkpoint-dir", str(tmp_path)])
     result = demo.run_demo(args)

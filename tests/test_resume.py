@@ -7,14 +7,14 @@ import warnings
 import pytest
 import torch
 
-from activation_store import ActivationsStore
-from checkpoint import checkpoint_folder
-from config import post_init_cfg
+from matryoshka_sae.activation_store import ActivationsStore
+from matryoshka_sae.checkpoint import checkpoint_folder
+from matryoshka_sae.config import post_init_cfg
 from helpers import RUN_CFG_STEPS, assert_same_weights, crash, failing_at, run_cfg
-from preemption import TrainingInterrupted
-from sae import create_sae
-from training import train_sae, train_sae_group, train_transcoder
-from transcoder_activation_store import TranscoderActivationsStore
+from matryoshka_sae.preemption import TrainingInterrupted
+from matryoshka_sae.sae import create_sae
+from matryoshka_sae.training import train_sae, train_sae_group, train_transcoder
+from matryoshka_sae.transcoder_activation_store import TranscoderActivationsStore
 
 
 @pytest.fixture(autouse=True)

@@ -4,13 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from config import compute_fvu
+from matryoshka_sae.config import compute_fvu
 from helpers import ONE_ACTIVATION_TYPES, step_on_batches, synthetic_cfg
-from sae import (
+from matryoshka_sae.sae import (
     BatchTopKSAE, GlobalBatchTopKMatryoshkaSAE, JumpReLUSAE, MatryoshkaTranscoder,
     TopKSAE, _JumpReLU, _Step, create_sae,
 )
-from training import make_optimizer, training_step
+from matryoshka_sae.training import make_optimizer, training_step
 
 D, S, K, B = 32, 256, 8, 128  # helpers.synthetic_cfg: act_size, dict_size, top_k, batch_size
 TOPK_FAMILY = ["topk", "batchtopk", "matryoshka", "matryoshka_transcoder"]

@@ -19,16 +19,16 @@ from sae_lens.saes import (
 )
 from sae_lens.saes.sae import TrainStepInput
 
-import export_sae
-import sae_lens_format
-from activation_store import ActivationsStore
-from checkpoint import WEIGHTS_FILE, save_checkpoint
-from config import compute_fvu, get_default_cfg, post_init_cfg
-from evaluation import evaluate_ce_loss, reconstruction_report
+from matryoshka_sae.cli import export_sae
+from matryoshka_sae import sae_lens_format
+from matryoshka_sae.activation_store import ActivationsStore
+from matryoshka_sae.checkpoint import WEIGHTS_FILE, save_checkpoint
+from matryoshka_sae.config import compute_fvu, get_default_cfg, post_init_cfg
+from matryoshka_sae.evaluation import evaluate_ce_loss, reconstruction_report
 from helpers import ONE_ACTIVATION_TYPES, PlantedStore, train_briefly
-from sae import BatchTopKSAE, GlobalBatchTopKMatryoshkaSAE, JumpReLUSAE, MatryoshkaTranscoder, create_sae
-from sae_lens_format import NotRepresentable, export_sae_lens, load_sae_lens
-from training import train_sae
+from matryoshka_sae.sae import BatchTopKSAE, GlobalBatchTopKMatryoshkaSAE, JumpReLUSAE, MatryoshkaTranscoder, create_sae
+from matryoshka_sae.sae_lens_format import NotRepresentable, export_sae_lens, load_sae_lens
+from matryoshka_sae.training import train_sae
 
 SAE_LENS_CLASS = {"vanilla": "StandardSAE", "topk": "TopKSAE", "jumprelu": "JumpReLUSAE",
                   "batchtopk": "JumpReLUSAE", "matryoshka": "JumpReLUSAE",

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import main
-import train_gemma_example
-from checkpoint import load_sae, save_checkpoint
-from config import get_default_cfg, post_init_cfg
+from matryoshka_sae.cli import main
+from matryoshka_sae.cli import train_gemma_example
+from matryoshka_sae.checkpoint import load_sae, save_checkpoint
+from matryoshka_sae.config import get_default_cfg, post_init_cfg
 from helpers import run_args
-from sae import create_sae
+from matryoshka_sae.sae import create_sae
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import main
-import train_gemma_example
-from checkpoint import checkpoint_folder, load_metrics, load_sae
+from matryoshka_sae.cli import main
+from matryoshka_sae.cli import train_gemma_example
+from matryoshka_sae.checkpoint import checkpoint_folder, load_metrics, load_sae
 from helpers import small_run_args
 
 REPO = Path(__file__).resolve().parents[1]

@@ -3,14 +3,14 @@
 import torch
 from datasets import Dataset
 
-import main
-from activation_store import ActivationsStore, MultiHookActivationsStore
-from checkpoint import checkpoint_folder, load_metrics
-from config import post_init_cfg
+from matryoshka_sae.cli import main
+from matryoshka_sae.activation_store import ActivationsStore, MultiHookActivationsStore
+from matryoshka_sae.checkpoint import checkpoint_folder, load_metrics
+from matryoshka_sae.config import post_init_cfg
 from helpers import direct_activations, make_cfg, match_rows, run_args, without_bos
-from sae import create_sae
-from training import train_sae, train_sae_group
-from transcoder_activation_store import create_transcoder_config
+from matryoshka_sae.sae import create_sae
+from matryoshka_sae.training import train_sae, train_sae_group
+from matryoshka_sae.transcoder_activation_store import create_transcoder_config
 
 
 def layer_cfg(token_rows, layer, tmp_path, **overrides):

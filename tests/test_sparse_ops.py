@@ -4,8 +4,8 @@ the sparse products' values and gradients against dense autograd."""
 import pytest
 import torch
 
-import sparse_ops
-from sparse_ops import (
+from matryoshka_sae import sparse_ops
+from matryoshka_sae.sparse_ops import (
     SparseCode, bag_offsets, gather_preactivations, select_above_threshold, select_batch_topk, select_topk,
     sparse_decode, sparse_decode_groups,
 )

@@ -6,12 +6,12 @@ the dictionary goes through our SAELens export and sae_lens.SAE.load_from_disk."
 import pytest
 import torch
 
-from config import get_default_cfg, post_init_cfg
-from sae import create_sae
+from matryoshka_sae.config import get_default_cfg, post_init_cfg
+from matryoshka_sae.sae import create_sae
 
 sae_probes = pytest.importorskip("sae_probes")  # requirements-eval.txt
 
-import sparse_probing  # noqa: E402
+from matryoshka_sae import sparse_probing  # noqa: E402
 
 DATASET = "154_athlete_sport_football"  # 1,772 prompts: 1,024 train, 747 test
 HOOK = "blocks.0.hook_resid_post"

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from checkpoint import checkpoint_folder, load_metrics
-from config import post_init_cfg
+from matryoshka_sae.checkpoint import checkpoint_folder, load_metrics
+from matryoshka_sae.config import post_init_cfg
 from helpers import planted_cfg
-from sae import JumpReLUSAE, VanillaSAE, create_sae
-from training import format_postfix, train_sae
+from matryoshka_sae.sae import JumpReLUSAE, VanillaSAE, create_sae
+from matryoshka_sae.training import format_postfix, train_sae
 
 D_IN, N_TRUE, K_TRUE, DICT, BATCH, STEPS = 64, 256, 4, 512, 1024, 1000
 
@@ -245,7 +245,7 @@ def test_progress_bar_shows_l0_against_the_target():
 
 
 def test_main_trains_one_dictionary_of_the_chosen_class():
-    import main
+    from matryoshka_sae.cli import main
 
     args = main.build_parser().parse_args(["--sae-type", "jumprelu", "--target-l0", "32"])
     (cfg,) = main.build_cfgs(args)

@@ -5,7 +5,7 @@ run in its environment: tests/circuit_tracer_check.py, tests/circuit_tracer_clt_
 import pytest
 import torch
 
-from trace_circuit import walk_lengths
+from matryoshka_sae.cli.trace_circuit import walk_lengths
 
 
 def graph(edges: dict[tuple[int, int], float], n_nodes: int) -> torch.Tensor:

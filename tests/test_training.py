@@ -9,12 +9,12 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict
 
-from activation_store import ActivationsStore
-from checkpoint import checkpoint_folder, load_history, load_metrics, load_sae
-from evaluation import evaluate_ce_loss
+from matryoshka_sae.activation_store import ActivationsStore
+from matryoshka_sae.checkpoint import checkpoint_folder, load_history, load_metrics, load_sae
+from matryoshka_sae.evaluation import evaluate_ce_loss
 from helpers import BATCH, PlantedStore, ReconstructStub, eval_cfg, planted_cfg
-from sae import create_sae
-from training import NonFiniteError, format_postfix, lr_at_step, train_sae, train_sae_group, train_transcoder
+from matryoshka_sae.sae import create_sae
+from matryoshka_sae.training import NonFiniteError, format_postfix, lr_at_step, train_sae, train_sae_group, train_transcoder
 
 
 def mean_of(run, key, steps):

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import train_gemma_example
-from checkpoint import checkpoint_folder, load_metrics, load_sae, save_checkpoint
-from config import get_default_cfg, post_init_cfg
+from matryoshka_sae.cli import train_gemma_example
+from matryoshka_sae.checkpoint import checkpoint_folder, load_metrics, load_sae, save_checkpoint
+from matryoshka_sae.config import get_default_cfg, post_init_cfg
 from helpers import RESUME_SETTINGS, CrashingStore, PlantedStore, planted_cfg, synthetic_cfg
-from sae import MatryoshkaTranscoder, create_sae
-from training import train_transcoder
+from matryoshka_sae.sae import MatryoshkaTranscoder, create_sae
+from matryoshka_sae.training import train_transcoder
 
 D, S, K, B = 32, 256, 8, 128  # helpers.synthetic_cfg: act_size, dict_size, top_k, batch_size
 

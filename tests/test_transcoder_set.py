@@ -8,19 +8,19 @@ import signal
 import pytest
 import torch
 
-import train_gemma_example
-from activation_store import MultiHookActivationsStore
-from circuit_tracer_format import (
+from matryoshka_sae.cli import train_gemma_example
+from matryoshka_sae.activation_store import MultiHookActivationsStore
+from matryoshka_sae.circuit_tracer_format import (
     THRESHOLD, circuit_tracer_layer, export_circuit_tracer, read_config,
 )
 from helpers import assert_same_weights, set_cfgs, train_set
-from preemption import TrainingInterrupted
-from sae import create_sae
-from sae_lens_format import NotRepresentable
+from matryoshka_sae.preemption import TrainingInterrupted
+from matryoshka_sae.sae import create_sae
+from matryoshka_sae.sae_lens_format import NotRepresentable
 from safetensors.torch import load_file
-from training import train_transcoder
-from transcoder_activation_store import TranscoderActivationsStore
-from transcoder_set import SET_MANIFEST, layer_folders, load_transcoder_set, parse_layers, read_manifest
+from matryoshka_sae.training import train_transcoder
+from matryoshka_sae.transcoder_activation_store import TranscoderActivationsStore
+from matryoshka_sae.transcoder_set import SET_MANIFEST, layer_folders, load_transcoder_set, parse_layers, read_manifest
 
 
 def test_set_trains_each_layer_as_a_run_of_its_own(tiny_gemma2, tmp_path):
@@ -138,7 +138,7 @@ def test_cli_refuses_bad_layers_before_loading_a_model(capsys):
 
 def test_manifest_names_every_layer_folder(tmp_path):
     cfgs = set_cfgs(tmp_path, "set", layers=(0, 1))
-    from transcoder_set import write_manifest
+    from matryoshka_sae.transcoder_set import write_manifest
 
     write_manifest(tmp_path / "set", cfgs, "matryoshka")
     data = json.loads((tmp_path / "set" / SET_MANIFEST).read_text())

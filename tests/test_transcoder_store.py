@@ -9,9 +9,9 @@ import pytest
 import torch
 from datasets import Dataset
 
-from config import get_default_cfg, post_init_cfg
+from matryoshka_sae.config import get_default_cfg, post_init_cfg
 from helpers import BOS, make_cfg, match_rows, without_bos
-from transcoder_activation_store import TranscoderActivationsStore, create_transcoder_config
+from matryoshka_sae.transcoder_activation_store import TranscoderActivationsStore, create_transcoder_config
 
 
 def transcoder_cfg(token_rows, source_site, source_layer, target_site, target_layer, **overrides):

@@ -11,7 +11,7 @@ import torch
 from datasets import Dataset
 from transformer_lens import HookedTransformer
 
-import config
+from matryoshka_sae import config
 from conftest import TINY_D_MODEL, tiny_gemma2_config, tiny_gpt2_config
 
 TINY_LAYERS = 9
@@ -40,10 +40,10 @@ def hub(monkeypatch, tmp_path):
 
 
 def test_quick_example_gemma_2_2b(hub):
-    from activation_store import ActivationsStore
-    from config import get_default_cfg, post_init_cfg
-    from sae import GlobalBatchTopKMatryoshkaSAE
-    from training import train_sae
+    from matryoshka_sae.activation_store import ActivationsStore
+    from matryoshka_sae.config import get_default_cfg, post_init_cfg
+    from matryoshka_sae.sae import GlobalBatchTopKMatryoshkaSAE
+    from matryoshka_sae.training import train_sae
 
     # Configure for Gemma-2-2B
     cfg = get_default_cfg()
@@ -71,16 +71,16 @@ def test_quick_example_gemma_2_2b(hub):
     train_sae(sae, activation_store, model, cfg)
 
     assert cfg["hook_point"] == "blocks.8.hook_resid_pre" and cfg["exclude_bos"]
-    from checkpoint import checkpoint_folder, load_metrics
+    from matryoshka_sae.checkpoint import checkpoint_folder, load_metrics
 
     metrics = load_metrics(checkpoint_folder(cfg))
     assert {"fvu", "fvu_min", "fvu_max", "fvu_mean", "loss_recovered"} <= set(metrics)
 
 
 def test_example_1_gpt2_with_fvu_monitoring(hub, capsys):
-    from activation_store import ActivationsStore
-    from config import get_default_cfg, post_init_cfg
-    from sae import GlobalBatchTopKMatryoshkaSAE
+    from matryoshka_sae.activation_store import ActivationsStore
+    from matryoshka_sae.config import get_default_cfg, post_init_cfg
+    from matryoshka_sae.sae import GlobalBatchTopKMatryoshkaSAE
 
     num_batches = 3  # test: the guide leaves it to the reader
     cfg = get_default_cfg()
@@ -105,10 +105,10 @@ def test_example_1_gpt2_with_fvu_monitoring(hub, capsys):
 
 
 def test_example_2_gemma_transcoder(hub):
-    from config import get_default_cfg
-    from sae import MatryoshkaTranscoder
-    from training import train_transcoder
-    from transcoder_activation_store import TranscoderActivationsStore, create_transcoder_config
+    from matryoshka_sae.config import get_default_cfg
+    from matryoshka_sae.sae import MatryoshkaTranscoder
+    from matryoshka_sae.training import train_transcoder
+    from matryoshka_sae.transcoder_activation_store import TranscoderActivationsStore, create_transcoder_config
 
     cfg = get_default_cfg()
     cfg["model_name"] = "gemma-2-2b"
@@ -136,7 +136,7 @@ def test_example_2_gemma_transcoder(hub):
 
 
 def test_example_3_and_the_api_reference(capsys):
-    from config import get_hook_name, get_model_config
+    from matryoshka_sae.config import get_hook_name, get_model_config
 
     for model_name in ["gpt2-small", "gemma-2-2b"]:
         config_ = get_model_config(model_name)
@@ -150,8 +150,8 @@ def test_example_3_and_the_api_reference(capsys):
 
 
 def test_fvu_snippets_and_migration(capsys):
-    from config import compute_fvu, get_default_cfg, post_init_cfg
-    from sae import GlobalBatchTopKMatryoshkaSAE
+    from matryoshka_sae.config import compute_fvu, get_default_cfg, post_init_cfg
+    from matryoshka_sae.sae import GlobalBatchTopKMatryoshkaSAE
 
     x_original = torch.randn(64, 768)
     x_reconstruct = x_original + 0.3 * torch.randn(64, 768)

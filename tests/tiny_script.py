@@ -19,10 +19,10 @@ TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
 import conftest  # noqa: E402  (offline settings, one torch thread, the tiny models)
-import activation_store  # noqa: E402
-import checkpoint  # noqa: E402
-import config  # noqa: E402
-import model_loading  # noqa: E402
+from matryoshka_sae import activation_store  # noqa: E402
+from matryoshka_sae import checkpoint  # noqa: E402
+from matryoshka_sae import config  # noqa: E402
+from matryoshka_sae import model_loading  # noqa: E402
 
 TINY_MODELS = {"tiny-gpt2": "gpt2", "tiny-gemma2": "gemma2"}
 

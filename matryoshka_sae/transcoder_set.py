@@ -33,8 +33,8 @@ from typing import Sequence
 
 import torch
 
-from checkpoint import atomic_write, check_checkpoint_folder, load_sae
-from config import get_default_cfg, post_init_cfg
+from matryoshka_sae.checkpoint import atomic_write, check_checkpoint_folder, load_sae
+from matryoshka_sae.config import get_default_cfg, post_init_cfg
 
 SET_MANIFEST = "transcoder_set.json"
 SET_FORMAT = 1
@@ -86,7 +86,7 @@ def transcoder_set_cfgs(cfg: dict, layers: Sequence[int], set_folder: str | Path
     folder is ``set_folder / layer_{i}``. Every cfg shares the data and step settings, so that one
     store feeds them all.
     """
-    from transcoder_activation_store import create_transcoder_config  # (loads the data stack)
+    from matryoshka_sae.transcoder_activation_store import create_transcoder_config  # (loads the data stack)
 
     if kind not in TRANSCODER_KINDS:
         raise ValueError(f"Unknown transcoder kind {kind!r}; choose one of {', '.join(TRANSCODER_KINDS)}.")
@@ -203,9 +203,9 @@ def train_transcoder_set(model, cfgs: Sequence[dict], kind: str = "matryoshka",
     ``<set>/metrics.json``. `resume`: continue the set from its layer folders' checkpoints.
     Returns the trained transcoders in the order of `cfgs`.
     """
-    import distributed
-    from sae import create_sae
-    from training import open_activation_store, train_sae_group
+    from matryoshka_sae import distributed
+    from matryoshka_sae.sae import create_sae
+    from matryoshka_sae.training import open_activation_store, train_sae_group
 
     set_folder = Path(cfgs[0]["checkpoint_dir"])
     store = open_activation_store(model, list(cfgs))
@@ -227,7 +227,7 @@ def evaluate_set(transcoders: Sequence, cfgs: Sequence[dict], model, tokens: tor
     replaced at once by its transcoder's prediction (`evaluation.evaluate_replacement`), plus the
     per-layer FVUs and L0s measured on the same tokens with the clean model's activations (the keys
     of `evaluation.evaluate_clt`: fvu_per_layer, fvu_mean, fvu_max, l0_per_layer, l0_total)."""
-    from evaluation import evaluate_replacement, layer_statistics
+    from matryoshka_sae.evaluation import evaluate_replacement, layer_statistics
 
     metrics = evaluate_replacement(transcoders, cfgs, model, tokens)
     statistics = layer_statistics(transcoders, cfgs, model, tokens)

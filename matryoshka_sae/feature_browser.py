@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from feature_statistics import FeatureStatistics
+from matryoshka_sae.feature_statistics import FeatureStatistics
 
 PAGE_FILE = "feature_browser.html"
 STATISTICS_FILE = "feature_statistics.json"

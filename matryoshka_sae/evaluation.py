@@ -22,9 +22,9 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from activation_store import excluded_bos_token
-from preemption import stop_requested
-from config import clt_hooks, compute_fvu
+from matryoshka_sae.activation_store import excluded_bos_token
+from matryoshka_sae.preemption import stop_requested
+from matryoshka_sae.config import clt_hooks, compute_fvu
 
 DENSE_FRACTION = 0.1
 

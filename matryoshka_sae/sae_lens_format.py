@@ -52,9 +52,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from checkpoint import CONFIG_FILE, MARKER_FILE, WEIGHTS_FILE, check_replaceable, load_sae
-from config import HOOK_SITES, canonical_model_name, cfg_from_json, cfg_to_json, get_default_cfg, post_init_cfg
-from sae import (
+from matryoshka_sae.checkpoint import CONFIG_FILE, MARKER_FILE, WEIGHTS_FILE, check_replaceable, load_sae
+from matryoshka_sae.config import HOOK_SITES, canonical_model_name, cfg_from_json, cfg_to_json, get_default_cfg, post_init_cfg
+from matryoshka_sae.sae import (
     BaseAutoencoder, BatchTopKSAE, GlobalBatchTopKMatryoshkaSAE, JumpReLUSAE, MatryoshkaTranscoder,
     TopKSAE, VanillaSAE, create_sae,
 )

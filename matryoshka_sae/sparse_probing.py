@@ -81,7 +81,7 @@ def as_sae_lens(sae, folder: str | Path):
     """Our dictionary as a `sae_lens.SAE`, through the SAELens export."""
     from sae_lens import SAE
 
-    from sae_lens_format import export_sae_lens
+    from matryoshka_sae.sae_lens_format import export_sae_lens
 
     return SAE.load_from_disk(str(export_sae_lens(sae, folder)), device=str(sae.W_dec.device))
 

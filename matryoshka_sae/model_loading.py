@@ -20,7 +20,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.pretrained.weight_conversions import convert_llama_weights
 
-from config import MODEL_ALIASES, MODEL_TABLE, canonical_model_name
+from matryoshka_sae.config import MODEL_ALIASES, MODEL_TABLE, canonical_model_name
 
 # Canonical name (config.MODEL_TABLE) -> the name TransformerLens loads from the hub.
 HUB_MODEL_NAMES: dict[str, str] = {

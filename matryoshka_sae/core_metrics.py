@@ -96,7 +96,7 @@ def core_metrics(sae, model, cfg: dict, x: torch.Tensor, tokens: torch.Tensor,
                  target: torch.Tensor | None = None) -> dict[str, float]:
     """All of the above: the activation metrics on x (and target) and the spliced-model scores on
     token rows `tokens` [rows, seq] (BOS positions kept as they are when cfg["exclude_bos"])."""
-    from evaluation import evaluate_ce_loss
+    from matryoshka_sae.evaluation import evaluate_ce_loss
 
     metrics = sparsity_and_variance(sae, x, target)
     metrics.update(downstream_scores(evaluate_ce_loss(sae, model, tokens, cfg, kl=True)))

@@ -129,7 +129,7 @@ def collect_letter_data(model, hook_name: str, n_words: int = 1500, seed: int = 
 
 
 def _stop_layer(hook_name: str) -> int | None:
-    from activation_store import block_index
+    from matryoshka_sae.activation_store import block_index
 
     block = block_index(hook_name)
     return None if block is None else block + 1

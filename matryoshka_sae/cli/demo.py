@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import time
 
-from activation_store import BUILTIN_CORPUS
-from cli_options import apply_overrides, check_before_loading, resumed_cfgs
-from config import get_default_cfg, post_init_cfg
+from matryoshka_sae.activation_store import BUILTIN_CORPUS
+from matryoshka_sae.cli.options import apply_overrides, check_before_loading, resumed_cfgs
+from matryoshka_sae.config import get_default_cfg, post_init_cfg
 
 DEMO_SETTINGS = {
     "model_name": "smollm2-135m",
@@ -66,12 +66,12 @@ def demo_cfg(args=None) -> dict:
 
 def run_demo(args=None) -> dict:
     """Train the demo SAE and report on it; returns the report's numbers."""
-    from activation_store import ActivationsStore
-    from checkpoint import checkpoint_folder, load_history, load_metrics
-    from evaluation import format_report, plot_firing_density, plot_prefix_fvu, reconstruction_report
-    from model_loading import load_model
-    from sae import create_sae
-    from training import train_sae
+    from matryoshka_sae.activation_store import ActivationsStore
+    from matryoshka_sae.checkpoint import checkpoint_folder, load_history, load_metrics
+    from matryoshka_sae.evaluation import format_report, plot_firing_density, plot_prefix_fvu, reconstruction_report
+    from matryoshka_sae.model_loading import load_model
+    from matryoshka_sae.sae import create_sae
+    from matryoshka_sae.training import train_sae
 
     started = time.perf_counter()
     resume_from = getattr(args, "resume", None)
@@ -117,8 +117,8 @@ def run_demo(args=None) -> dict:
 
 def build_demo_browser(sae, store, cfg: dict, folder):
     """The feature browser of the demo's dictionary over its held-out rows: (page path, statistics)."""
-    from feature_browser import write_feature_browser
-    from feature_statistics import collect_feature_statistics, describe_source
+    from matryoshka_sae.feature_browser import write_feature_browser
+    from matryoshka_sae.feature_statistics import collect_feature_statistics, describe_source
 
     stats = collect_feature_statistics(sae, store, source={**describe_source(cfg), "checkpoint": str(folder)})
     return write_feature_browser(stats, folder / "feature_browser"), stats

@@ -22,7 +22,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-import distributed
+from matryoshka_sae import distributed
 
 
 def bag_offsets(sorted_bag_ids: torch.Tensor, n_bags: int) -> torch.Tensor:

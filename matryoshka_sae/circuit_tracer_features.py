@@ -50,7 +50,7 @@ from typing import Iterable
 
 import torch
 
-from feature_statistics import HISTOGRAM_EDGES, N_HISTOGRAM_BINS, FeatureStatistics
+from matryoshka_sae.feature_statistics import HISTOGRAM_EDGES, N_HISTOGRAM_BINS, FeatureStatistics
 
 FEATURES_FOLDER = "features"
 VIEWER_MANIFEST = "viewer_features.json"

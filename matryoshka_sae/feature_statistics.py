@@ -338,7 +338,7 @@ def collect_feature_statistics(sae, store, n_rows: int | None = None, top_n: int
 def source_hook_index(sae, store) -> int:
     """Where the activations `sae` encodes are in `store.activations_of`'s list: its hook (a
     transcoder's source hook) among `store.hook_names`."""
-    from activation_store import dictionary_hooks
+    from matryoshka_sae.activation_store import dictionary_hooks
 
     hook = dictionary_hooks(sae.cfg)[0]
     if hook not in store.hook_names:
@@ -409,9 +409,9 @@ def collect_set_statistics(set_folder, cfg_of=None, model=None, **options) -> di
     the first layer's cfg. `model` defaults to the cfg's model (`model_loading.load_model`);
     `options` go to `collect_several_feature_statistics`.
     """
-    from activation_store import MultiHookActivationsStore
-    from checkpoint import load_cfg, load_sae
-    from transcoder_set import layer_folders
+    from matryoshka_sae.activation_store import MultiHookActivationsStore
+    from matryoshka_sae.checkpoint import load_cfg, load_sae
+    from matryoshka_sae.transcoder_set import layer_folders
 
     folders = layer_folders(set_folder)
     cfgs = [load_cfg(folder) for folder in folders.values()]
@@ -419,7 +419,7 @@ def collect_set_statistics(set_folder, cfg_of=None, model=None, **options) -> di
     cfgs = [{**cfg, "num_batches_in_buffer": 1} for cfg in cfgs]  # the training buffer is not read here
     saes = [load_sae(folder, device=cfg["device"]) for folder, cfg in zip(folders.values(), cfgs)]
     if model is None:
-        from model_loading import load_model
+        from matryoshka_sae.model_loading import load_model
 
         model = load_model(cfgs[0]["model_name"], cfgs[0]["device"], cfgs[0]["model_dtype"])
     store = MultiHookActivationsStore(model, cfgs)

@@ -28,9 +28,9 @@ from typing import Callable
 
 import torch
 
-from checkpoint import CheckpointWriteError, check_checkpoint_folder, checkpoint_folder, load_cfg, load_metrics
-from preemption import TrainingInterrupted
-from config import HOOK_SITES, SAE_TYPES
+from matryoshka_sae.checkpoint import CheckpointWriteError, check_checkpoint_folder, checkpoint_folder, load_cfg, load_metrics
+from matryoshka_sae.preemption import TrainingInterrupted
+from matryoshka_sae.config import HOOK_SITES, SAE_TYPES
 
 DTYPES = ["float32", "bfloat16", "float16"]
 WANDB_MODES = ["online", "offline", "disabled"]
@@ -282,8 +282,8 @@ def check_memory(cfgs: list[dict]) -> None:
     """The dictionaries, their gradients and Adam's two moments (float32), and the activation
     buffer (every hook the group reads: a transcoder set or a cross-layer transcoder over L layers
     reads 2 L), must fit in the device's free memory; a ValueError gives both figures."""
-    from activation_store import dictionary_hooks
-    from checkpoint import dictionary_parameters
+    from matryoshka_sae.activation_store import dictionary_hooks
+    from matryoshka_sae.checkpoint import dictionary_parameters
 
     device = torch.device(cfgs[0]["device"])
     free = available_memory(device)
@@ -305,17 +305,17 @@ def check_before_loading(cfgs: list[dict], resume_from: list[str] | None = None,
     """Everything that can be checked before the model loads: the device, memory, the model and the
     data available (offline too), the activation cache, and each run's folder (claimed: created,
     written to, enough free space, locked; see checkpoint.claim_run_folder)."""
-    from checkpoint import claim_run_folder
-    from model_loading import check_model_available
+    from matryoshka_sae.checkpoint import claim_run_folder
+    from matryoshka_sae.model_loading import check_model_available
 
-    import distributed
+    from matryoshka_sae import distributed
 
     base = cfgs[0]
     check_device(base)
     check_memory(cfgs)
     check_model_available(base["model_name"])
     if base.get("activation_cache"):
-        from activation_cache import check_cache_matches, read_manifest
+        from matryoshka_sae.activation_cache import check_cache_matches, read_manifest
 
         check_cache_matches(read_manifest(base["activation_cache"]), base, Path(base["activation_cache"]))
     else:
@@ -331,7 +331,7 @@ def check_before_loading(cfgs: list[dict], resume_from: list[str] | None = None,
 def check_dataset_available(dataset_path, key: str = "dataset_path") -> None:
     """A clear error now, not after the model loaded, for data that cannot be read: a local file
     missing, empty or not text; a hub dataset absent from the local cache while offline."""
-    from activation_store import BUILTIN_CORPUS, LOCAL_FILE_BUILDERS, check_local_data_file
+    from matryoshka_sae.activation_store import BUILTIN_CORPUS, LOCAL_FILE_BUILDERS, check_local_data_file
 
     if not isinstance(dataset_path, (str, Path)) or str(dataset_path).split(":")[0] == BUILTIN_CORPUS:
         return

@@ -43,10 +43,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-import distributed
-from activation_store import ActivationsStore, dictionary_hooks, first_held_out_rows
-from checkpoint import MARKER_FILE, atomic_write, mark_folder, probe_folder
-from config import canonical_model_name
+from matryoshka_sae import distributed
+from matryoshka_sae.activation_store import ActivationsStore, dictionary_hooks, first_held_out_rows
+from matryoshka_sae.checkpoint import MARKER_FILE, atomic_write, mark_folder, probe_folder
+from matryoshka_sae.config import canonical_model_name
 
 CACHE_FORMAT = "matryoshka-sae activation cache 1"
 MANIFEST_FILE = "manifest.json"
@@ -411,7 +411,7 @@ def activation_store_for(model, cfg: dict):
     if cfg.get("activation_cache"):
         return CachedActivationsStore(cfg)
     if cfg["sae_type"] == "matryoshka_transcoder":
-        from transcoder_activation_store import TranscoderActivationsStore
+        from matryoshka_sae.transcoder_activation_store import TranscoderActivationsStore
 
         return TranscoderActivationsStore(model, cfg)
     return ActivationsStore(model, cfg)

