@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: install test demo bench clean-venv circuit-tracer-env
+.PHONY: install test lint demo bench clean-venv circuit-tracer-env
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,11 @@ circuit-tracer-env: $(CT_STAMP)
 
 test: $(EVAL_STAMP) $(CT_STAMP)
 	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+# Formatting and lint (ruff, settings in pyproject.toml: line length 100); CI runs it before the tests.
+lint: $(DEV_STAMP)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python main.py --demo

@@ -50,12 +50,22 @@ def worker(args) -> None:
 
     torch.manual_seed(0)
     groups = args.group_sizes if args.case != "batchtopk CLT" else [args.dict_size]
-    settings = dict(model_name="smollm2-135m", device="cpu", dict_size=args.dict_size, group_sizes=groups,
-                    top_k=args.top_k, batch_size=args.batch_size, wandb_mode="disabled", input_unit_norm=False)
+    settings = dict(
+        model_name="smollm2-135m",
+        device="cpu",
+        dict_size=args.dict_size,
+        group_sizes=groups,
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+        wandb_mode="disabled",
+        input_unit_norm=False,
+    )
     d = 576
-    maps = [torch.randn(d, d) / d ** 0.5 for _ in range(args.layers)]
+    maps = [torch.randn(d, d) / d**0.5 for _ in range(args.layers)]
     if args.case == "set":
-        cfgs = transcoder_set_cfgs(post_init_cfg(default_set_cfg(**settings)), range(args.layers), "/tmp/unused-set")
+        cfgs = transcoder_set_cfgs(
+            post_init_cfg(default_set_cfg(**settings)), range(args.layers), "/tmp/unused-set"
+        )
         dictionaries = [create_sae(cfg) for cfg in cfgs]
         sources, targets = synthetic_batch(args.layers, args.batch_size, d, maps)
         inputs = [(x, y) for x, y in zip(sources, targets)]
@@ -72,7 +82,7 @@ def worker(args) -> None:
             with torch.no_grad():
                 n_dead = int(0.3 * clt.dict_size)
                 clt.b_enc[:n_dead] -= 100.0
-                clt.tokens_since_fired[:n_dead] = 10 ** 9
+                clt.tokens_since_fired[:n_dead] = 10**9
         dictionaries, inputs = [clt], [(*sources, *targets)]
     optimizers = [make_optimizer(t, cfg) for t, cfg in zip(dictionaries, cfgs)]
 
@@ -83,12 +93,19 @@ def worker(args) -> None:
     times = step_times(step, args.steps, args.warmup)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     parameters = sum(p.numel() for t in dictionaries for p in t.parameters())
-    emit({"parameters": parameters, "seconds_per_step": round(sorted(times)[len(times) // 2], 3),
-          "peak_rss_mb": round(peak_mb)})
+    emit(
+        {
+            "parameters": parameters,
+            "seconds_per_step": round(sorted(times)[len(times) // 2], 3),
+            "peak_rss_mb": round(peak_mb),
+        }
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--worker", action="store_true")
     parser.add_argument("--case", choices=CASES)
     parser.add_argument("--layers", type=int, default=30)
@@ -104,11 +121,27 @@ def main() -> None:
         worker(args)
         return
     started = environment(args.threads)
-    common = ["--layers", args.layers, "--dict-size", args.dict_size, "--group-sizes", *args.group_sizes,
-              "--top-k", args.top_k, "--batch-size", args.batch_size, "--steps", args.steps, "--warmup", args.warmup]
+    common = [
+        "--layers",
+        args.layers,
+        "--dict-size",
+        args.dict_size,
+        "--group-sizes",
+        *args.group_sizes,
+        "--top-k",
+        args.top_k,
+        "--batch-size",
+        args.batch_size,
+        "--steps",
+        args.steps,
+        "--warmup",
+        args.warmup,
+    ]
     rows = []
     for case in CASES:
-        result = run_isolated([__file__, "--worker", "--case", case, *common], env=worker_env(args.threads))
+        result = run_isolated(
+            [__file__, "--worker", "--case", case, *common], env=worker_env(args.threads)
+        )
         if "error" in result:
             sys.exit(f"bench_clt_step.py: {case} failed: {result['error']}")
         rows.append({"case": case, **result})
@@ -116,13 +149,24 @@ def main() -> None:
     set_step = rows[0]["seconds_per_step"]
     for row in rows:
         row["step_vs_set"] = round(row["seconds_per_step"] / set_step, 2)
-    save("clt_step_cost", "A cross-layer transcoder's training step against the transcoder set's (SmolLM2 sizes)",
-         rows, {"d_model": 576, "layers": args.layers, "dict_size_per_layer": args.dict_size,
-                "group_sizes": args.group_sizes, "top_k_per_layer": args.top_k, "batch_size": args.batch_size,
-                "threads": args.threads, "steps": args.steps},
-         environment_at_start=started,
-         notes="Median step time, each case in its own process on synthetic activations; parameters of the "
-               "dictionaries (the set's 30 together). step_vs_set: the case's step over the set's.")
+    save(
+        "clt_step_cost",
+        "A cross-layer transcoder's training step against the transcoder set's (SmolLM2 sizes)",
+        rows,
+        {
+            "d_model": 576,
+            "layers": args.layers,
+            "dict_size_per_layer": args.dict_size,
+            "group_sizes": args.group_sizes,
+            "top_k_per_layer": args.top_k,
+            "batch_size": args.batch_size,
+            "threads": args.threads,
+            "steps": args.steps,
+        },
+        environment_at_start=started,
+        notes="Median step time, each case in its own process on synthetic activations; parameters of the "
+        "dictionaries (the set's 30 together). step_vs_set: the case's step over the set's.",
+    )
 
 
 if __name__ == "__main__":

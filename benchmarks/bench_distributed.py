@@ -30,7 +30,6 @@ import argparse
 import statistics
 
 import harness  # noqa: F401  (first: the repository's modules on sys.path)
-
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
@@ -51,14 +50,18 @@ class CollectiveCounter:
 
         def counting_all_reduce(tensor, *args, **kwargs):
             if self.category is not None:
-                self.bytes[self.category] = self.bytes.get(self.category, 0) + tensor.numel() * tensor.element_size()
+                self.bytes[self.category] = (
+                    self.bytes.get(self.category, 0) + tensor.numel() * tensor.element_size()
+                )
                 self.calls[self.category] = self.calls.get(self.category, 0) + 1
             return self._all_reduce(tensor, *args, **kwargs)
 
         dist.all_reduce = counting_all_reduce
         average_gradients = distributed.average_gradients
 
-        def counted_average_gradients(parameters):  # the step's gradient all-reduce, by its own name
+        def counted_average_gradients(
+            parameters,
+        ):  # the step's gradient all-reduce, by its own name
             outer, self.category = self.category, "gradients" if self.category is not None else None
             try:
                 return average_gradients(parameters)
@@ -74,8 +77,17 @@ class CollectiveCounter:
 
 def make_sae(d_in: int, dict_size: int, batch: int, k: int, device: str) -> BatchTopKSAE:
     cfg = get_default_cfg()
-    cfg.update(model_name="synthetic", act_size=d_in, dict_size=dict_size, top_k=k, batch_size=batch,
-               sae_type="batchtopk", device=device, wandb_mode="disabled", seed=0)
+    cfg.update(
+        model_name="synthetic",
+        act_size=d_in,
+        dict_size=dict_size,
+        top_k=k,
+        batch_size=batch,
+        sae_type="batchtopk",
+        device=device,
+        wandb_mode="disabled",
+        seed=0,
+    )
     return BatchTopKSAE(post_init_cfg(cfg))
 
 
@@ -111,8 +123,9 @@ def candidates(pre: torch.Tensor, lower_bound: torch.Tensor, k: int) -> tuple[to
     n_keep = k * pre.shape[0] * distributed.world_size()
     if lower_bound > 0:
         values = pre[pre >= lower_bound]
-        enough = distributed.sum_over_ranks(torch.tensor(values.numel(), device=pre.device),
-                                            distributed.batch_group())
+        enough = distributed.sum_over_ranks(
+            torch.tensor(values.numel(), device=pre.device), distributed.batch_group()
+        )
         if enough >= n_keep:
             return values, n_keep
     return pre.topk(4 * k, dim=1, sorted=False).values.flatten(), n_keep
@@ -136,7 +149,10 @@ def measure(d_in: int, dict_size: int, args, counter: CollectiveCounter) -> dict
         values, n_keep = candidates(pre, 0.8 * sae.threshold, args.k)
         counter.reset()
         counter.category = "threshold agreement"
-        agree = timed(lambda: distributed.n_largest_threshold(values, n_keep, distributed.batch_group()), device)
+        agree = timed(
+            lambda: distributed.n_largest_threshold(values, n_keep, distributed.batch_group()),
+            device,
+        )
         counter.category = None
         agreement = (dict(counter.bytes), dict(counter.calls))
         kth = timed(lambda: values.kthvalue(max(1, values.numel() - n_keep // ranks + 1)), device)
@@ -150,13 +166,19 @@ def measure(d_in: int, dict_size: int, args, counter: CollectiveCounter) -> dict
             kth_times.append(kth)
             grad_times.append(grads)
     result = {
-        "step_s": statistics.median(step_times), "agreement_s": statistics.median(agree_times),
-        "local_kthvalue_s": statistics.median(kth_times), "n_candidates": values.numel(),
-        "gradients_s": statistics.median(grad_times), "bytes": per_step[0], "calls": per_step[1],
+        "step_s": statistics.median(step_times),
+        "agreement_s": statistics.median(agree_times),
+        "local_kthvalue_s": statistics.median(kth_times),
+        "n_candidates": values.numel(),
+        "gradients_s": statistics.median(grad_times),
+        "bytes": per_step[0],
+        "calls": per_step[1],
         "agreement_bytes": agreement[0].get("threshold agreement", 0),
         "agreement_calls": agreement[1].get("threshold agreement", 0),
     }
-    result["baseline_step_s"] = single_rank_baseline(d_in, dict_size, args) if ranks > 1 else result["step_s"]
+    result["baseline_step_s"] = (
+        single_rank_baseline(d_in, dict_size, args) if ranks > 1 else result["step_s"]
+    )
     return result
 
 
@@ -188,7 +210,10 @@ def report(size: str, result: dict, args) -> str:
         f"{size}, global batch {args.batch} ({args.batch // ranks} a rank), k {args.k}, {ranks} ranks, "
         f"{args.device}:",
         f"  sent per rank and step: {total / 1e6:.2f} MB in {calls} all-reduces: "
-        + ", ".join(f"{name} {b / 1e3:.1f} kB ({result['calls'][name]})" for name, b in result["bytes"].items()),
+        + ", ".join(
+            f"{name} {b / 1e3:.1f} kB ({result['calls'][name]})"
+            for name, b in result["bytes"].items()
+        ),
         f"  threshold agreement: {result['agreement_bytes']} bytes in {result['agreement_calls']} all-reduces, "
         f"{result['agreement_s'] * 1e3:.2f} ms on {result['n_candidates']:,} candidates (a local kthvalue on them: "
         f"{result['local_kthvalue_s'] * 1e3:.2f} ms)",
@@ -201,7 +226,9 @@ def report(size: str, result: dict, args) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", nargs="+", default=["512x8192", "768x12288"])
     parser.add_argument("--batch", type=int, default=4096, help="global batch (activations a step)")
     parser.add_argument("--k", type=int, default=32)
@@ -209,7 +236,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    parser.add_argument("--json", help="the result file (default benchmarks/results/distributed.json)")
+    parser.add_argument(
+        "--json", help="the result file (default benchmarks/results/distributed.json)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = {"batch_size": args.batch, "device": args.device, "distributed_timeout_s": 600}
@@ -225,13 +254,25 @@ def main() -> None:
                 print(report(size, result, args), flush=True)
                 rows.append(result_row(size, result, args))
         if distributed.is_main_process():
-            settings = {"global_batch": args.batch, "k": args.k, "ranks": distributed.world_size(),
-                        "device": args.device, "torch_threads_per_rank": args.threads, "warmup_steps": args.warmup,
-                        "timed_steps": args.steps}
-            harness.save("distributed", "The distributed BatchTopK step under torchrun", rows, settings,
-                         notes="Scaling efficiency: one rank alone on the whole global batch over ranks x the "
-                               "distributed step time (1.0 is linear).",
-                         environment_at_start=at_start, path=args.json)
+            settings = {
+                "global_batch": args.batch,
+                "k": args.k,
+                "ranks": distributed.world_size(),
+                "device": args.device,
+                "torch_threads_per_rank": args.threads,
+                "warmup_steps": args.warmup,
+                "timed_steps": args.steps,
+            }
+            harness.save(
+                "distributed",
+                "The distributed BatchTopK step under torchrun",
+                rows,
+                settings,
+                notes="Scaling efficiency: one rank alone on the whole global batch over ranks x the "
+                "distributed step time (1.0 is linear).",
+                environment_at_start=at_start,
+                path=args.json,
+            )
     finally:
         distributed.shut_down()
 
@@ -239,7 +280,9 @@ def main() -> None:
 def result_row(size: str, result: dict, args) -> dict:
     ranks = distributed.world_size()
     return {
-        "size": size, "ranks": ranks, "step_ms": round(result["step_s"] * 1e3, 1),
+        "size": size,
+        "ranks": ranks,
+        "step_ms": round(result["step_s"] * 1e3, 1),
         "tokens_per_s": round(args.batch / result["step_s"]),
         "one_rank_step_ms": round(result["baseline_step_s"] * 1e3, 1),
         "scaling_efficiency": round(result["baseline_step_s"] / (ranks * result["step_s"]), 2),

@@ -103,14 +103,18 @@ SEQ_LEN = 128
 MODEL_BATCH = 16  # rows per model pass
 BUFFER_BATCHES = 8  # our shuffle buffer: 8 x 2048 = 16,384 activations
 BUFFER = BUFFER_BATCHES * BATCH
-PER_ROW = SEQ_LEN - 1  # activations per row at most: BOS left out (documents starting inside it have one too)
+PER_ROW = (
+    SEQ_LEN - 1
+)  # activations per row at most: BOS left out (documents starting inside it have one too)
 PROFILE_ROWS = 32
 
 CASES = ("ours_live", "ours_cache", "ours_layers", "saelens", "sparsify", "sparsify_layers")
 DEFAULT_CASES = CASES[:-1]  # sparsify_layers on request: a few more minutes
 SAE_TYPES = ("matryoshka", "batchtopk")
 SINGLE_TYPE_CASES = {"sparsify": "topk", "sparsify_layers": "topk"}  # peers with one kind of SAE
-DEFAULT_TOKENS = 49152  # 24 steps: 3 fills of our buffer; the default run takes ~10-15 min on 2 cores
+DEFAULT_TOKENS = (
+    49152  # 24 steps: 3 fills of our buffer; the default run takes ~10-15 min on 2 cores
+)
 LABELS = {
     "ours_live": "ours, live",
     "ours_cache_write": "ours, writing the cache",
@@ -134,8 +138,10 @@ def main() -> None:
         return
     python = Path(args.python)
     if not python.exists():
-        sys.exit(f"error: {python} does not exist; create the benchmark environment with "
-                 f"bash benchmarks/setup_bench_env.sh (or pass --python).")
+        sys.exit(
+            f"error: {python} does not exist; create the benchmark environment with "
+            f"bash benchmarks/setup_bench_env.sh (or pass --python)."
+        )
     at_start = harness.environment(threads=args.threads)
     with tempfile.TemporaryDirectory(prefix="bench_e2e_") as workdir:
         prepared = call_worker(args, python, workdir, "prepare", "-")
@@ -152,32 +158,78 @@ def main() -> None:
 def save_results(records: list[dict], args, at_start: dict) -> None:
     """benchmarks/results/end_to_end.json (or --json): one row per case, the raw records beside."""
     prepared, runs = records[0], records[1:]
-    columns = ["case", "sae_type", "tokens", "seconds", "tokens_per_s", "forward_s", "fvu_first", "fvu_last",
-               "l0_last", "peak_rss_mb"]
-    rows = [{"case": LABELS.get(r["case"], r["case"]), **{key: r.get(key) for key in columns[1:]}}
-            if "error" not in r else {"case": LABELS.get(r["case"], r["case"]), "sae_type": r["sae_type"]}
-            for r in runs]
-    settings = {"model": "smollm2-135m", "layer": LAYER, "dict_size": DICT_SIZE, "top_k": TOP_K, "batch_size": BATCH,
-                "lr": LR, "seq_len": SEQ_LEN, "steps": prepared.get("n_steps"), "worker_packages": prepared.get("versions")}
-    path = harness.save("end_to_end", "End to end with the model included: ours against SAELens and sparsify", rows,
-                        settings, columns=columns, environment_at_start=at_start, path=args.json)
+    columns = [
+        "case",
+        "sae_type",
+        "tokens",
+        "seconds",
+        "tokens_per_s",
+        "forward_s",
+        "fvu_first",
+        "fvu_last",
+        "l0_last",
+        "peak_rss_mb",
+    ]
+    rows = [
+        {"case": LABELS.get(r["case"], r["case"]), **{key: r.get(key) for key in columns[1:]}}
+        if "error" not in r
+        else {"case": LABELS.get(r["case"], r["case"]), "sae_type": r["sae_type"]}
+        for r in runs
+    ]
+    settings = {
+        "model": "smollm2-135m",
+        "layer": LAYER,
+        "dict_size": DICT_SIZE,
+        "top_k": TOP_K,
+        "batch_size": BATCH,
+        "lr": LR,
+        "seq_len": SEQ_LEN,
+        "steps": prepared.get("n_steps"),
+        "worker_packages": prepared.get("versions"),
+    }
+    path = harness.save(
+        "end_to_end",
+        "End to end with the model included: ours against SAELens and sparsify",
+        rows,
+        settings,
+        columns=columns,
+        environment_at_start=at_start,
+        path=args.json,
+    )
     record = json.loads(path.read_text())
     record["raw_records"] = records
     path.write_text(json.dumps(record, indent=1) + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
-                        help=f"activations each dictionary trains on, rounded down to whole batches of {BATCH} "
-                             f"(default {DEFAULT_TOKENS})")
-    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(DEFAULT_CASES),
-                        help=f"default: {' '.join(DEFAULT_CASES)}")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        default=DEFAULT_TOKENS,
+        help=f"activations each dictionary trains on, rounded down to whole batches of {BATCH} "
+        f"(default {DEFAULT_TOKENS})",
+    )
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        choices=CASES,
+        default=list(DEFAULT_CASES),
+        help=f"default: {' '.join(DEFAULT_CASES)}",
+    )
     parser.add_argument("--sae-types", nargs="+", choices=SAE_TYPES, default=list(SAE_TYPES))
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in every case")
-    parser.add_argument("--json", help="the result file (default benchmarks/results/end_to_end.json)")
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count(), help="torch threads in every case"
+    )
+    parser.add_argument(
+        "--json", help="the result file (default benchmarks/results/end_to_end.json)"
+    )
     parser.add_argument("--python", default=str(BENCH_PYTHON), help="the interpreter of the cases")
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds before a case is given up")
+    parser.add_argument(
+        "--timeout", type=float, default=3600, help="seconds before a case is given up"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--sae-type", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -200,20 +252,45 @@ def planned_runs(args) -> list[tuple[str, str]]:
 def call_worker(args, python: Path, workdir: str, worker: str, sae_type: str) -> dict:
     """Run one case in a fresh process; its record, or {"error": why} when it produced none."""
     out = Path(workdir) / f"{worker}_{sae_type}.json"
-    command = [str(python), str(Path(__file__).resolve()), "--worker", worker, "--sae-type", sae_type,
-               "--tokens", str(args.tokens), "--threads", str(args.threads), "--workdir", workdir]
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    command = [
+        str(python),
+        str(Path(__file__).resolve()),
+        "--worker",
+        worker,
+        "--sae-type",
+        sae_type,
+        "--tokens",
+        str(args.tokens),
+        "--threads",
+        str(args.threads),
+        "--workdir",
+        workdir,
+    ]
+    env = {
+        **os.environ,
+        "WANDB_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONWARNINGS": "ignore",
+    }
     record = {"case": worker, "sae_type": sae_type}
     start = time.perf_counter()
     try:
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
+        done = subprocess.run(
+            command, env=env, capture_output=True, text=True, timeout=args.timeout
+        )
     except subprocess.TimeoutExpired:
         return {**record, "error": f"gave up after --timeout {args.timeout:.0f} s"}
-    record["wall_s"] = time.perf_counter() - start  # the whole process: imports, model loading, profile
+    record["wall_s"] = (
+        time.perf_counter() - start
+    )  # the whole process: imports, model loading, profile
     if done.returncode != 0 or not out.exists():
         lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-        return {**record, "error": lines[-1] if lines else f"exit status {done.returncode}, no output"}
+        return {
+            **record,
+            "error": lines[-1] if lines else f"exit status {done.returncode}, no output",
+        }
     return {**json.loads(out.read_text()), **record}
 
 
@@ -221,7 +298,11 @@ def markdown_report(records: list[dict], args) -> str:
     """The table of every case, then the notes (errors, the cache write, the settings)."""
     prepared = records[0]
     runs = records[1:]
-    baseline = {r["sae_type"]: r["tokens_per_s"] for r in runs if r["case"] == "ours_live" and "error" not in r}
+    baseline = {
+        r["sae_type"]: r["tokens_per_s"]
+        for r in runs
+        if r["case"] == "ours_live" and "error" not in r
+    }
     if "batchtopk" in baseline:  # sparsify's TopK is compared with our BatchTopK, its closest
         baseline["topk"] = baseline["batchtopk"]
     lines = [
@@ -241,7 +322,9 @@ def markdown_report(records: list[dict], args) -> str:
             notes.append(f"{label} ({r['sae_type']}): not run: {r['error']}")
             continue
         ratio = baseline.get(r["sae_type"])
-        ratio = f"{r['tokens_per_s'] / ratio:.2f}x" if ratio and r["case"] != "ours_cache_write" else ""
+        ratio = (
+            f"{r['tokens_per_s'] / ratio:.2f}x" if ratio and r["case"] != "ours_cache_write" else ""
+        )
         fwd = r.get("forward_s")
         rest = "" if fwd is None else f"{r['seconds'] - fwd:.1f}"
         fvu = "" if r.get("fvu_first") is None else f"{r['fvu_first']:.3f} -> {r['fvu_last']:.3f}"
@@ -249,17 +332,23 @@ def markdown_report(records: list[dict], args) -> str:
         start = "?" if r.get("start_rss_mb") is None else f"{r['start_rss_mb'] / 1024:.2f}"
         peak = f"{start} -> {r['peak_rss_mb'] / 1024:.2f}"
         peak += " (process)" if r.get("peak_kind") == "process" else ""
-        lines.append(f"| {label} | {r['sae_desc']} | {r['tokens']:,} | {r['seconds']:.1f} | "
-                     f"{r['tokens_per_s']:,.0f} | {ratio} | {'' if fwd is None else f'{fwd:.1f}'} | {rest} | "
-                     f"{peak} | {fvu} | {l0} |")
+        lines.append(
+            f"| {label} | {r['sae_desc']} | {r['tokens']:,} | {r['seconds']:.1f} | "
+            f"{r['tokens_per_s']:,.0f} | {ratio} | {'' if fwd is None else f'{fwd:.1f}'} | {rest} | "
+            f"{peak} | {fvu} | {l0} |"
+        )
         if r.get("same_rows") is False:
-            notes.append(f"{label} ({r['sae_type']}): WARNING its token rows differ from the peers'.")
+            notes.append(
+                f"{label} ({r['sae_type']}): WARNING its token rows differ from the peers'."
+            )
         notes.extend(f"{label} ({r['sae_type']}): {note}" for note in r.get("notes", []))
     notes.extend(cache_totals(runs))
     versions = ", ".join(f"{k} {v}" for k, v in prepared.get("versions", {}).items())
     notes.append(f"Versions: {versions}.")
     wall = sum(r.get("wall_s", 0) for r in records)
-    notes.append(f"The benchmark's processes took {wall / 60:.1f} min in all (model loading included).")
+    notes.append(
+        f"The benchmark's processes took {wall / 60:.1f} min in all (model loading included)."
+    )
     return "\n".join(lines + [""] + [f"- {note}" for note in notes])
 
 
@@ -274,9 +363,11 @@ def cache_totals(runs: list[dict]) -> list[str]:
         total = write["seconds"] + r["seconds"]
         live = done.get(("ours_live", sae_type))
         versus = f"; ours live: {live['seconds']:.1f} s" if live else ""
-        notes.append(f"cache written once ({write['seconds']:.1f} s) + one {r['sae_desc']} trained from it "
-                     f"({r['seconds']:.1f} s) = {total:.1f} s, {r['tokens'] / total:,.0f} tokens/s{versus}; "
-                     f"each further dictionary of a sweep costs only its {r['seconds']:.1f} s.")
+        notes.append(
+            f"cache written once ({write['seconds']:.1f} s) + one {r['sae_desc']} trained from it "
+            f"({r['seconds']:.1f} s) = {total:.1f} s, {r['tokens'] / total:,.0f} tokens/s{versus}; "
+            f"each further dictionary of a sweep costs only its {r['seconds']:.1f} s."
+        )
     return notes
 
 
@@ -399,17 +490,26 @@ class Recorder:
             return {"fvu_first": None, "fvu_last": None, "l0_last": None, "steps_seen": 0}
         last = slice(-min(5, len(self.fvu)), None)
         every = max(1, len(self.fvu) // 16)
-        return {"fvu_first": float(self.fvu[0]), "fvu_last": float(sum(self.fvu[last]) / len(self.fvu[last])),
-                "l0_last": float(sum(self.l0[last]) / len(self.l0[last])), "steps_seen": len(self.fvu),
-                "fvu_trace": [round(float(f), 4) for f in self.fvu[::every]]}
+        return {
+            "fvu_first": float(self.fvu[0]),
+            "fvu_last": float(sum(self.fvu[last]) / len(self.fvu[last])),
+            "l0_last": float(sum(self.l0[last]) / len(self.l0[last])),
+            "steps_seen": len(self.fvu),
+            "fvu_trace": [round(float(f), 4) for f in self.fvu[::every]],
+        }
 
 
 def merged_summary(recorders: list[Recorder]) -> dict:
     """Means over several dictionaries' summaries (the multi-layer cases)."""
     parts = [r.summary() for r in recorders]
-    merged = {key: sum(p[key] for p in parts) / len(parts) for key in ("fvu_first", "fvu_last", "l0_last")}
-    return {**merged, "steps_seen": min(p["steps_seen"] for p in parts),
-            "fvu_trace": [p["fvu_trace"] for p in parts]}
+    merged = {
+        key: sum(p[key] for p in parts) / len(parts) for key in ("fvu_first", "fvu_last", "l0_last")
+    }
+    return {
+        **merged,
+        "steps_seen": min(p["steps_seen"] for p in parts),
+        "fvu_trace": [p["fvu_trace"] for p in parts],
+    }
 
 
 def timed(run) -> tuple[float, PeakMemory]:
@@ -423,9 +523,16 @@ def timed(run) -> tuple[float, PeakMemory]:
 
 def result(plan: Plan, seconds: float, memory: PeakMemory, summary: dict, **extra) -> dict:
     tokens = extra.pop("tokens", plan.tokens)
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "peak_rss_mb": memory.peak_mb(), "start_rss_mb": memory.start_mb, "peak_kind": memory.kind,
-            **summary, **extra}
+    return {
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "peak_rss_mb": memory.peak_mb(),
+        "start_rss_mb": memory.start_mb,
+        "peak_kind": memory.kind,
+        **summary,
+        **extra,
+    }
 
 
 def hooked_forward_seconds(model, rows, hook_names: list[str], stop_at_layer: int) -> float:
@@ -437,8 +544,12 @@ def hooked_forward_seconds(model, rows, hook_names: list[str], stop_at_layer: in
     start = time.perf_counter()
     with torch.no_grad():
         for chunk in sample.split(MODEL_BATCH):
-            model.run_with_cache(chunk, names_filter=hook_names, stop_at_layer=stop_at_layer,
-                                 return_cache_object=False)
+            model.run_with_cache(
+                chunk,
+                names_filter=hook_names,
+                stop_at_layer=stop_at_layer,
+                return_cache_object=False,
+            )
     return (time.perf_counter() - start) / len(sample)
 
 
@@ -477,8 +588,12 @@ def warm_up_hooked(model, rows, hook_names: list[str], stop_at_layer: int) -> No
     import torch
 
     with torch.no_grad():
-        model.run_with_cache(rows[:MODEL_BATCH], names_filter=hook_names, stop_at_layer=stop_at_layer,
-                             return_cache_object=False)
+        model.run_with_cache(
+            rows[:MODEL_BATCH],
+            names_filter=hook_names,
+            stop_at_layer=stop_at_layer,
+            return_cache_object=False,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,18 +611,28 @@ def prepare(plan: Plan, _sae_type: str) -> dict:
 
     tokenizer = smollm2_tokenizer()
     texts = list(training_documents()["text"])
-    docs = [torch.as_tensor(ids, dtype=torch.long)
-            for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
+    docs = [
+        torch.as_tensor(ids, dtype=torch.long)
+        for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    ]
     rows, n_have, carry = [], 0, torch.empty(0, dtype=torch.long)
     while n_have < plan.n_rows:
-        new_rows, carry = pack_documents(docs, SEQ_LEN, tokenizer.bos_token_id, tokenizer.eos_token_id, carry)
+        new_rows, carry = pack_documents(
+            docs, SEQ_LEN, tokenizer.bos_token_id, tokenizer.eos_token_id, carry
+        )
         rows.append(new_rows)
         n_have += len(new_rows)
     rows = torch.cat(rows)[: plan.n_rows]
     datasets.Dataset.from_dict({"input_ids": rows.tolist()}).save_to_disk(str(plan.rows_path))
-    return {"case": "prepare", "n_rows": plan.n_rows, "n_steps": plan.n_steps, "tokens": plan.tokens,
-            "bos_token_id": tokenizer.bos_token_id, "corpus_tokens": int(sum(len(d) for d in docs)),
-            "versions": versions()}
+    return {
+        "case": "prepare",
+        "n_rows": plan.n_rows,
+        "n_steps": plan.n_steps,
+        "tokens": plan.tokens,
+        "bos_token_id": tokenizer.bos_token_id,
+        "corpus_tokens": int(sum(len(d) for d in docs)),
+        "versions": versions(),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,13 +645,33 @@ def our_cfg(plan: Plan, sae_type: str, layer: int = LAYER, **extra) -> dict:
     from matryoshka_sae.config import get_default_cfg, post_init_cfg
 
     cfg = get_default_cfg()
-    cfg.update(model_name="smollm2-135m", layer=layer, site="resid_pre", sae_type=sae_type,
-               dict_size=DICT_SIZE, top_k=TOP_K, batch_size=BATCH, lr=LR, lr_warmup_steps=0, lr_decay_frac=0.0,
-               num_tokens=plan.tokens, seq_len=SEQ_LEN, model_batch_size=MODEL_BATCH,
-               num_batches_in_buffer=BUFFER_BATCHES, exclude_bos=True, bos_token_id=1, n_eval_rows=8,
-               dataset_path=training_documents(), eval_dataset_path=python_docs_dataset(split="test"),
-               device="cpu", wandb_mode="disabled", perf_log_freq=10**9, checkpoint_freq=10**9,
-               checkpoint_dir=str(plan.workdir / "checkpoints" / f"{sae_type}_{layer}"), **extra)
+    cfg.update(
+        model_name="smollm2-135m",
+        layer=layer,
+        site="resid_pre",
+        sae_type=sae_type,
+        dict_size=DICT_SIZE,
+        top_k=TOP_K,
+        batch_size=BATCH,
+        lr=LR,
+        lr_warmup_steps=0,
+        lr_decay_frac=0.0,
+        num_tokens=plan.tokens,
+        seq_len=SEQ_LEN,
+        model_batch_size=MODEL_BATCH,
+        num_batches_in_buffer=BUFFER_BATCHES,
+        exclude_bos=True,
+        bos_token_id=1,
+        n_eval_rows=8,
+        dataset_path=training_documents(),
+        eval_dataset_path=python_docs_dataset(split="test"),
+        device="cpu",
+        wandb_mode="disabled",
+        perf_log_freq=10**9,
+        checkpoint_freq=10**9,
+        checkpoint_dir=str(plan.workdir / "checkpoints" / f"{sae_type}_{layer}"),
+        **extra,
+    )
     return post_init_cfg(cfg)
 
 
@@ -537,7 +682,9 @@ def recorded_sae(cfg: dict):
     torch_seed(0)
     sae = create_sae(cfg)
     recorder = Recorder()
-    sae.register_forward_hook(lambda module, inputs, out: recorder.add(inputs[0], out["sae_out"], out["l0_norm"]))
+    sae.register_forward_hook(
+        lambda module, inputs, out: recorder.add(inputs[0], out["sae_out"], out["l0_norm"])
+    )
     return sae, recorder
 
 
@@ -567,8 +714,17 @@ def ours_live(plan: Plan, sae_type: str) -> dict:
     passes = CountedPasses(model)
     seconds, memory = timed(lambda: train_sae(sae, ActivationsStore(model, cfg), None, cfg))
     forward_s = passes.stop() * hooked_forward_seconds(model, rows, [cfg["hook_point"]], LAYER + 1)
-    return result(plan, seconds, memory, recorder.summary(), forward_s=forward_s, rows_processed=passes.rows,
-                  same_rows=passes.read_rows(rows), load_s=load_s, sae_desc=our_desc(sae_type))
+    return result(
+        plan,
+        seconds,
+        memory,
+        recorder.summary(),
+        forward_s=forward_s,
+        rows_processed=passes.rows,
+        same_rows=passes.read_rows(rows),
+        load_s=load_s,
+        sae_desc=our_desc(sae_type),
+    )
 
 
 def our_desc(sae_type: str) -> str:
@@ -584,11 +740,24 @@ def ours_cache_write(plan: Plan, _sae_type: str) -> dict:
     warm_up_hooked(model, rows, [cfg["hook_point"]], LAYER + 1)
     passes = CountedPasses(model)
     state = {}
-    seconds, memory = timed(lambda: state.update(manifest=write_activation_cache(model, cfg, plan.cache_path)))
+    seconds, memory = timed(
+        lambda: state.update(manifest=write_activation_cache(model, cfg, plan.cache_path))
+    )
     forward_s = passes.stop() * hooked_forward_seconds(model, rows, [cfg["hook_point"]], LAYER + 1)
     size_mb = sum(f.stat().st_size for f in plan.cache_path.iterdir()) / 2**20
-    return result(plan, seconds, memory, {}, tokens=state["manifest"]["num_tokens"], forward_s=forward_s,
-                  rows_processed=passes.rows, same_rows=passes.read_rows(rows), load_s=load_s, sae_desc="(no SAE)", notes=[f"cache on disk: {size_mb:,.0f} MB (float32)"])
+    return result(
+        plan,
+        seconds,
+        memory,
+        {},
+        tokens=state["manifest"]["num_tokens"],
+        forward_s=forward_s,
+        rows_processed=passes.rows,
+        same_rows=passes.read_rows(rows),
+        load_s=load_s,
+        sae_desc="(no SAE)",
+        notes=[f"cache on disk: {size_mb:,.0f} MB (float32)"],
+    )
 
 
 def ours_cache(plan: Plan, sae_type: str) -> dict:
@@ -598,7 +767,9 @@ def ours_cache(plan: Plan, sae_type: str) -> dict:
     cfg = our_cfg(plan, sae_type, activation_cache=str(plan.cache_path))
     sae, recorder = recorded_sae(cfg)
     seconds, memory = timed(lambda: train_sae(sae, CachedActivationsStore(cfg), None, cfg))
-    return result(plan, seconds, memory, recorder.summary(), forward_s=0.0, sae_desc=our_desc(sae_type))
+    return result(
+        plan, seconds, memory, recorder.summary(), forward_s=0.0, sae_desc=our_desc(sae_type)
+    )
 
 
 def ours_layers(plan: Plan, sae_type: str) -> dict:
@@ -612,11 +783,21 @@ def ours_layers(plan: Plan, sae_type: str) -> dict:
     rows = load_rows(plan)[:]["input_ids"]
     warm_up_hooked(model, rows, hooks, max(LAYERS) + 1)
     passes = CountedPasses(model)
-    seconds, memory = timed(lambda: train_sae_group(list(saes), MultiHookActivationsStore(model, cfgs), None, cfgs))
+    seconds, memory = timed(
+        lambda: train_sae_group(list(saes), MultiHookActivationsStore(model, cfgs), None, cfgs)
+    )
     forward_s = passes.stop() * hooked_forward_seconds(model, rows, hooks, max(LAYERS) + 1)
-    return result(plan, seconds, memory, merged_summary(list(recorders)), forward_s=forward_s,
-                  rows_processed=passes.rows, same_rows=passes.read_rows(rows), load_s=load_s,
-                  sae_desc=f"3 x {our_desc(sae_type)}")
+    return result(
+        plan,
+        seconds,
+        memory,
+        merged_summary(list(recorders)),
+        forward_s=forward_s,
+        rows_processed=passes.rows,
+        same_rows=passes.read_rows(rows),
+        load_s=load_s,
+        sae_desc=f"3 x {our_desc(sae_type)}",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -637,23 +818,50 @@ def saelens(plan: Plan, sae_type: str) -> dict:
     defaults = get_default_cfg()
     model, load_s = load_our_model()
     hook = f"blocks.{LAYER}.hook_resid_pre"
-    common = dict(d_in=model.cfg.d_model, d_sae=DICT_SIZE, k=TOP_K, dtype="float32", device="cpu",
-                  aux_loss_coefficient=defaults["aux_penalty"])
+    common = dict(
+        d_in=model.cfg.d_model,
+        d_sae=DICT_SIZE,
+        k=TOP_K,
+        dtype="float32",
+        device="cpu",
+        aux_loss_coefficient=defaults["aux_penalty"],
+    )
     if sae_type == "matryoshka":
         groups = [DICT_SIZE // 16 * share for share in (1, 2, 4, 9)]
-        sae_cfg = MatryoshkaBatchTopKTrainingSAEConfig(matryoshka_widths=list(accumulate(groups)), **common)
+        sae_cfg = MatryoshkaBatchTopKTrainingSAEConfig(
+            matryoshka_widths=list(accumulate(groups)), **common
+        )
     else:
         sae_cfg = BatchTopKTrainingSAEConfig(**common)
     bos = 1
     runner_cfg = LanguageModelSAERunnerConfig(
-        sae=sae_cfg, model_name="smollm2-135m", hook_name=hook, dataset_path="python-docs rows",
-        is_dataset_tokenized=True, streaming=False, context_size=SEQ_LEN, prepend_bos=False,
-        exclude_special_tokens=[bos], training_tokens=plan.tokens, train_batch_size_tokens=BATCH,
-        store_batch_size_prompts=MODEL_BATCH, n_batches_in_buffer=BUFFER // SEQ_LEN, lr=LR,
-        lr_scheduler_name="constant", lr_warm_up_steps=0, adam_beta1=defaults["beta1"],
-        adam_beta2=defaults["beta2"], dead_feature_window=defaults["n_batches_to_dead"], device="cpu",
-        dtype="float32", seed=defaults["seed"], logger=LoggingConfig(log_to_wandb=False),
-        n_checkpoints=0, checkpoint_path=None, output_path=None, verbose=False,
+        sae=sae_cfg,
+        model_name="smollm2-135m",
+        hook_name=hook,
+        dataset_path="python-docs rows",
+        is_dataset_tokenized=True,
+        streaming=False,
+        context_size=SEQ_LEN,
+        prepend_bos=False,
+        exclude_special_tokens=[bos],
+        training_tokens=plan.tokens,
+        train_batch_size_tokens=BATCH,
+        store_batch_size_prompts=MODEL_BATCH,
+        n_batches_in_buffer=BUFFER // SEQ_LEN,
+        lr=LR,
+        lr_scheduler_name="constant",
+        lr_warm_up_steps=0,
+        adam_beta1=defaults["beta1"],
+        adam_beta2=defaults["beta2"],
+        dead_feature_window=defaults["n_batches_to_dead"],
+        device="cpu",
+        dtype="float32",
+        seed=defaults["seed"],
+        logger=LoggingConfig(log_to_wandb=False),
+        n_checkpoints=0,
+        checkpoint_path=None,
+        output_path=None,
+        verbose=False,
     )
     recorder = Recorder()
     original_step = SAETrainer.step
@@ -667,14 +875,25 @@ def saelens(plan: Plan, sae_type: str) -> dict:
     dataset = load_rows(plan)
     rows = dataset[:]["input_ids"]
     torch_seed(0)
-    runner = LanguageModelSAETrainingRunner(runner_cfg, override_dataset=dataset, override_model=model)
+    runner = LanguageModelSAETrainingRunner(
+        runner_cfg, override_dataset=dataset, override_model=model
+    )
     warm_up_hooked(model, rows, [hook], LAYER + 1)
     passes = CountedPasses(model)
     seconds, memory = timed(runner.run)
     forward_s = passes.stop() * hooked_forward_seconds(model, rows, [hook], LAYER + 1)
     desc = "Matryoshka BatchTopK" if sae_type == "matryoshka" else "BatchTopK"
-    return result(plan, seconds, memory, recorder.summary(), forward_s=forward_s, rows_processed=passes.rows,
-                  same_rows=passes.read_rows(rows), load_s=load_s, sae_desc=desc)
+    return result(
+        plan,
+        seconds,
+        memory,
+        recorder.summary(),
+        forward_s=forward_s,
+        rows_processed=passes.rows,
+        same_rows=passes.read_rows(rows),
+        load_s=load_s,
+        sae_desc=desc,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -699,11 +918,19 @@ def sparsify_run(plan: Plan, layers: tuple[int, ...]) -> dict:
     dataset = load_rows(plan).select(range(n_steps * rows_per_step))
     rows = dataset[:]["input_ids"]
     train_cfg = TrainConfig(
-        SaeConfig(num_latents=DICT_SIZE, k=TOP_K), batch_size=rows_per_step,
-        hookpoints=[f"layers.{layer - 1}" for layer in layers], optimizer="adam", lr=LR, lr_warmup_steps=0,
-        auxk_alpha=defaults["aux_penalty"], dead_feature_threshold=defaults["n_batches_to_dead"] * BATCH,
-        exclude_tokens=[tokenizer.bos_token_id], log_to_wandb=False, save_every=10**9,
-        save_dir=str(plan.workdir / "sparsify"), run_name="bench",
+        SaeConfig(num_latents=DICT_SIZE, k=TOP_K),
+        batch_size=rows_per_step,
+        hookpoints=[f"layers.{layer - 1}" for layer in layers],
+        optimizer="adam",
+        lr=LR,
+        lr_warmup_steps=0,
+        auxk_alpha=defaults["aux_penalty"],
+        dead_feature_threshold=defaults["n_batches_to_dead"] * BATCH,
+        exclude_tokens=[tokenizer.bos_token_id],
+        log_to_wandb=False,
+        save_every=10**9,
+        save_dir=str(plan.workdir / "sparsify"),
+        run_name="bench",
     )
     torch_seed(0)
     trainer = Trainer(train_cfg, dataset, hf_model)
@@ -713,8 +940,10 @@ def sparsify_run(plan: Plan, layers: tuple[int, ...]) -> dict:
         recorders.append(recorder)
         sae.register_forward_hook(
             lambda module, args, kwargs, out, recorder=recorder: recorder.add(
-                kwargs["y"], out.sae_out, (out.latent_acts != 0).sum(-1).float().mean()),
-            with_kwargs=True)
+                kwargs["y"], out.sae_out, (out.latent_acts != 0).sum(-1).float().mean()
+            ),
+            with_kwargs=True,
+        )
     assert all(isinstance(sae, SparseCoder) for sae in trainer.saes.values())
     with torch.no_grad():
         hf_model(rows[:MODEL_BATCH])  # warm-up
@@ -726,11 +955,21 @@ def sparsify_run(plan: Plan, layers: tuple[int, ...]) -> dict:
         for chunk in sample.split(MODEL_BATCH):
             hf_model(chunk)
     forward_s = len(rows) * (time.perf_counter() - start) / len(sample)
-    return result(plan, seconds, memory, merged_summary(recorders), tokens=tokens, forward_s=forward_s,
-                  rows_processed=len(rows), load_s=load_s,
-                  sae_desc=("TopK" if len(layers) == 1 else f"{len(layers)} x TopK") + " (no BatchTopK)",
-                  notes=["sparsify has no BatchTopK or Matryoshka SAE: TopK; its trainer runs the whole "
-                         "model (30 blocks and the logits) on every batch."])
+    return result(
+        plan,
+        seconds,
+        memory,
+        merged_summary(recorders),
+        tokens=tokens,
+        forward_s=forward_s,
+        rows_processed=len(rows),
+        load_s=load_s,
+        sae_desc=("TopK" if len(layers) == 1 else f"{len(layers)} x TopK") + " (no BatchTopK)",
+        notes=[
+            "sparsify has no BatchTopK or Matryoshka SAE: TopK; its trainer runs the whole "
+            "model (30 blocks and the logits) on every batch."
+        ],
+    )
 
 
 def sparsify(plan: Plan, _sae_type: str) -> dict:
@@ -741,9 +980,16 @@ def sparsify_layers(plan: Plan, _sae_type: str) -> dict:
     return sparsify_run(plan, LAYERS)
 
 
-WORKERS = {"prepare": prepare, "ours_live": ours_live, "ours_cache_write": ours_cache_write,
-           "ours_cache": ours_cache, "ours_layers": ours_layers, "saelens": saelens, "sparsify": sparsify,
-           "sparsify_layers": sparsify_layers}
+WORKERS = {
+    "prepare": prepare,
+    "ours_live": ours_live,
+    "ours_cache_write": ours_cache_write,
+    "ours_cache": ours_cache,
+    "ours_layers": ours_layers,
+    "saelens": saelens,
+    "sparsify": sparsify,
+    "sparsify_layers": sparsify_layers,
+}
 
 
 if __name__ == "__main__":

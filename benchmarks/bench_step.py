@@ -63,8 +63,13 @@ OURS = {  # impl -> (cfg sae_type, class name in sae.py)
     "ours_matryoshka": ("matryoshka", "GlobalBatchTopKMatryoshkaSAE"),
     "ours_transcoder": ("matryoshka_transcoder", "MatryoshkaTranscoder"),
 }
-PEER_NAMES = ("saelens_batchtopk", "saelens_matryoshka", "dictlearn_batchtopk",
-              "dictlearn_matryoshka", "sparsify_topk")
+PEER_NAMES = (
+    "saelens_batchtopk",
+    "saelens_matryoshka",
+    "dictlearn_batchtopk",
+    "dictlearn_matryoshka",
+    "sparsify_topk",
+)
 ALL_IMPLS = tuple(OURS) + PEER_NAMES
 BASELINE = "sparsify_topk"
 FULL_SIZES = ("512x8192", "768x12288")
@@ -75,7 +80,9 @@ def parse_size(size: str) -> tuple[int, int]:
     try:
         d_in, dict_size = (int(part) for part in size.lower().split("x"))
     except ValueError:
-        raise ValueError(f"--sizes entries look like 512x8192 (d_in x dict_size), got {size!r}.")
+        raise ValueError(
+            f"--sizes entries look like 512x8192 (d_in x dict_size), got {size!r}."
+        ) from None
     if dict_size % 16:
         raise ValueError(f"dict_size {dict_size} must be a multiple of 16 (groups 1:2:4:9 / 16).")
     return d_in, dict_size
@@ -121,20 +128,44 @@ def synthetic_batches(d_in: int, batch_size: int, n_batches: int, seed: int, wit
 # ---------------------------------------------------------------------------------------------
 
 
-def our_cfg(sae_type: str, d_in: int, dict_size: int, k: int, batch_size: int, device: str = "cpu",
-            dtype: str = "float32") -> dict:
+def our_cfg(
+    sae_type: str,
+    d_in: int,
+    dict_size: int,
+    k: int,
+    batch_size: int,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> dict:
     from matryoshka_sae.config import get_default_cfg, post_init_cfg
 
     cfg = get_default_cfg()
-    cfg.update(model_name="synthetic", act_size=d_in, dict_size=dict_size, group_sizes=None,
-               top_k=k, batch_size=batch_size, sae_type=sae_type, device=device, dtype=dtype)
+    cfg.update(
+        model_name="synthetic",
+        act_size=d_in,
+        dict_size=dict_size,
+        group_sizes=None,
+        top_k=k,
+        batch_size=batch_size,
+        sae_type=sae_type,
+        device=device,
+        dtype=dtype,
+    )
     if sae_type == "matryoshka_transcoder":
         cfg.update(source_site="resid_mid", source_layer=0, target_site="mlp_out", target_layer=0)
     return post_init_cfg(cfg)
 
 
-def our_step(impl: str, d_in: int, dict_size: int, k: int, batch_size: int, first_batch,
-             device: str = "cpu", dtype: str = "float32"):
+def our_step(
+    impl: str,
+    d_in: int,
+    dict_size: int,
+    k: int,
+    batch_size: int,
+    first_batch,
+    device: str = "cpu",
+    dtype: str = "float32",
+):
     """step(x, y) for one of our classes: training.py's `training_step` with its `make_optimizer`,
     after the first-batch initialisation a training run does; the step's loss.item() waits for the
     device, so a step's time includes the GPU's work."""
@@ -162,9 +193,17 @@ def make_spec(d_in: int, dict_size: int, k: int, batch_size: int):
     from peers import Spec
 
     cfg = our_cfg("matryoshka", d_in, dict_size, k, batch_size)
-    return Spec(d_in=d_in, dict_size=dict_size, k=k, batch_size=batch_size, lr=cfg["lr"],
-                betas=(cfg["beta1"], cfg["beta2"]), aux_coeff=cfg["aux_penalty"],
-                dead_after_batches=cfg["n_batches_to_dead"], group_sizes=list(cfg["group_sizes"]))
+    return Spec(
+        d_in=d_in,
+        dict_size=dict_size,
+        k=k,
+        batch_size=batch_size,
+        lr=cfg["lr"],
+        betas=(cfg["beta1"], cfg["beta2"]),
+        aux_coeff=cfg["aux_penalty"],
+        dead_after_batches=cfg["n_batches_to_dead"],
+        group_sizes=list(cfg["group_sizes"]),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,13 +218,24 @@ def run_worker(args) -> None:
     torch.manual_seed(args.seed)
     d_in, dict_size = parse_size(args.size)
     transcoder = args.worker == "ours_transcoder"
-    batches = synthetic_batches(d_in, args.batch_size, args.warmup + args.steps, args.seed,
-                                with_target=transcoder)
+    batches = synthetic_batches(
+        d_in, args.batch_size, args.warmup + args.steps, args.seed, with_target=transcoder
+    )
     checksum = float(sum(x.double().sum() for x, _ in batches))
     if args.worker in OURS:
-        batches = [(x.to(args.device), None if y is None else y.to(args.device)) for x, y in batches]
-        step, _ = our_step(args.worker, d_in, dict_size, args.k, args.batch_size, batches[0], args.device,
-                           args.dtype)
+        batches = [
+            (x.to(args.device), None if y is None else y.to(args.device)) for x, y in batches
+        ]
+        step, _ = our_step(
+            args.worker,
+            d_in,
+            dict_size,
+            args.k,
+            args.batch_size,
+            batches[0],
+            args.device,
+            args.dtype,
+        )
     else:
         from peers import PEERS
 
@@ -199,8 +249,15 @@ def run_worker(args) -> None:
     times = harness.step_times(one_step, args.steps, args.warmup, args.device)
     from peers import versions
 
-    harness.emit({"times": times, "losses": losses, "checksum": checksum, "versions": versions(),
-                  "threads": torch.get_num_threads()})
+    harness.emit(
+        {
+            "times": times,
+            "losses": losses,
+            "checksum": checksum,
+            "versions": versions(),
+            "threads": torch.get_num_threads(),
+        }
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,10 +276,33 @@ def worker_env(malloc_tunables: bool, threads: int) -> dict[str, str]:
 def run_one(args, impl: str, size: str) -> dict:
     """Run one worker subprocess; returns its RESULT dict or {"error": ...}."""
     return harness.run_isolated(
-        [Path(__file__).resolve(), "--worker", impl, "--size", size, "--batch-size", args.batch_size, "--k", args.k,
-         "--steps", args.steps, "--warmup", args.warmup, "--threads", args.threads, "--seed", args.seed,
-         "--device", args.device, "--dtype", args.dtype],
-        python=args.python, env=worker_env(args.malloc_tunables, args.threads), timeout=args.timeout)
+        [
+            Path(__file__).resolve(),
+            "--worker",
+            impl,
+            "--size",
+            size,
+            "--batch-size",
+            args.batch_size,
+            "--k",
+            args.k,
+            "--steps",
+            args.steps,
+            "--warmup",
+            args.warmup,
+            "--threads",
+            args.threads,
+            "--seed",
+            args.seed,
+            "--device",
+            args.device,
+            "--dtype",
+            args.dtype,
+        ],
+        python=args.python,
+        env=worker_env(args.malloc_tunables, args.threads),
+        timeout=args.timeout,
+    )
 
 
 def print_table(sizes, impls, rates, results) -> None:
@@ -260,12 +340,16 @@ def measure_size(args, size: str, impls) -> tuple[dict[str, float], dict[str, di
             checksums.add(round(result["checksum"], 3))
             median = statistics.median(result["times"])
             rate = args.batch_size / median
-            print(f"  {size} {impl:22s} {rate:9.0f} tok/s  (median {median * 1e3:.0f} ms)", flush=True)
+            print(
+                f"  {size} {impl:22s} {rate:9.0f} tok/s  (median {median * 1e3:.0f} ms)", flush=True
+            )
             if rate > rates.get(impl, 0.0):
                 rates[impl], results[impl] = rate, result
     if len(checksums) > 1:
-        print(f"WARNING: {size}: the workers saw different data (checksums {checksums})",
-              file=sys.stderr)
+        print(
+            f"WARNING: {size}: the workers saw different data (checksums {checksums})",
+            file=sys.stderr,
+        )
     return rates, results
 
 
@@ -280,19 +364,26 @@ def run_driver(args) -> None:
         raise SystemExit(f"Unknown --impls {unknown}; choose from {', '.join(ALL_IMPLS)}.")
     peers = [impl for impl in impls if impl not in OURS]
     if peers and not peers_can_run:
-        raise SystemExit(f"--impls {peers}: the peers run on the CPU in float32 only; leave them out "
-                         f"with --device {args.device} / --dtype {args.dtype}.")
+        raise SystemExit(
+            f"--impls {peers}: the peers run on the CPU in float32 only; leave them out "
+            f"with --device {args.device} / --dtype {args.dtype}."
+        )
     start = time.perf_counter()
     at_start = harness.environment(threads=args.threads)
-    print(f"python {args.python}; batch {args.batch_size} tokens, k={args.k}, {args.device}, {args.dtype}, "
-          f"{args.threads} threads, {args.warmup} warm-up + median of {args.steps} steps, "
-          f"best of {args.rounds} round(s); "
-          f"GLIBC_TUNABLES={MALLOC_TUNABLES if args.malloc_tunables else '(unset)'}", flush=True)
+    print(
+        f"python {args.python}; batch {args.batch_size} tokens, k={args.k}, {args.device}, {args.dtype}, "
+        f"{args.threads} threads, {args.warmup} warm-up + median of {args.steps} steps, "
+        f"best of {args.rounds} round(s); "
+        f"GLIBC_TUNABLES={MALLOC_TUNABLES if args.malloc_tunables else '(unset)'}",
+        flush=True,
+    )
     rates: dict[str, dict[str, float]] = {}
     results: dict[str, dict[str, dict]] = {}
     for size in sizes:
         rates[size], results[size] = measure_size(args, size, impls)
-    found = [r["versions"] for by_impl in results.values() for r in by_impl.values() if "versions" in r]
+    found = [
+        r["versions"] for by_impl in results.values() for r in by_impl.values() if "versions" in r
+    ]
     if found:
         print("\nversions: " + ", ".join(f"{name} {v}" for name, v in found[0].items()))
     print()
@@ -311,48 +402,99 @@ def save_results(args, sizes, impls, rates, results, versions: dict, at_start: d
     rows = []
     for size in sizes:
         for impl in impls:
-            rate, base, result = rates[size].get(impl), rates[size].get(BASELINE), results[size].get(impl, {})
+            rate, base, result = (
+                rates[size].get(impl),
+                rates[size].get(BASELINE),
+                results[size].get(impl, {}),
+            )
             if not rate:
                 continue
-            rows.append({"size": size, "implementation": impl, "tokens_per_s": round(rate),
-                         "vs_sparsify_topk": round(rate / base, 2) if base else None,
-                         "median_step_ms": round(statistics.median(result["times"]) * 1e3, 1),
-                         "loss_first": round(result["losses"][0], 4), "loss_last": round(result["losses"][-1], 4)})
-    settings = {"batch_size": args.batch_size, "k": args.k, "device": args.device, "dtype": args.dtype,
-                "torch_threads": args.threads, "warmup_steps": args.warmup, "timed_steps": args.steps,
-                "rounds": args.rounds, "GLIBC_TUNABLES": MALLOC_TUNABLES if args.malloc_tunables else None,
-                "worker_packages": versions}
-    harness.save(result_name(args), "One training step on synthetic activations (tokens/s)", rows, settings,
-                  notes="Median of the timed steps of each implementation, each in its own process on the "
-                        "same activations; the best of the rounds counts. Ratios within one run compare "
-                        "implementations under the same load.",
-                  environment_at_start=at_start, path=args.json)
+            rows.append(
+                {
+                    "size": size,
+                    "implementation": impl,
+                    "tokens_per_s": round(rate),
+                    "vs_sparsify_topk": round(rate / base, 2) if base else None,
+                    "median_step_ms": round(statistics.median(result["times"]) * 1e3, 1),
+                    "loss_first": round(result["losses"][0], 4),
+                    "loss_last": round(result["losses"][-1], 4),
+                }
+            )
+    settings = {
+        "batch_size": args.batch_size,
+        "k": args.k,
+        "device": args.device,
+        "dtype": args.dtype,
+        "torch_threads": args.threads,
+        "warmup_steps": args.warmup,
+        "timed_steps": args.steps,
+        "rounds": args.rounds,
+        "GLIBC_TUNABLES": MALLOC_TUNABLES if args.malloc_tunables else None,
+        "worker_packages": versions,
+    }
+    harness.save(
+        result_name(args),
+        "One training step on synthetic activations (tokens/s)",
+        rows,
+        settings,
+        notes="Median of the timed steps of each implementation, each in its own process on the "
+        "same activations; the best of the rounds counts. Ratios within one run compare "
+        "implementations under the same load.",
+        environment_at_start=at_start,
+        path=args.json,
+    )
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--impls", type=lambda s: [i for i in s.split(",") if i],
-                        help=f"comma-separated subset of: {', '.join(ALL_IMPLS)}")
-    parser.add_argument("--sizes", type=lambda s: [i for i in s.split(",") if i],
-                        help="comma-separated d_in x dict_size, default 512x8192,768x12288")
+    parser.add_argument(
+        "--impls",
+        type=lambda s: [i for i in s.split(",") if i],
+        help=f"comma-separated subset of: {', '.join(ALL_IMPLS)}",
+    )
+    parser.add_argument(
+        "--sizes",
+        type=lambda s: [i for i in s.split(",") if i],
+        help="comma-separated d_in x dict_size, default 512x8192,768x12288",
+    )
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="run every implementation this many times, interleaved; the fastest counts")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every implementation this many times, interleaved; the fastest counts",
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (>= 2)")
     parser.add_argument("--batch-size", type=int, default=4096, help="tokens per step")
     parser.add_argument("--k", type=int, default=32, help="active latents per token")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="our implementations' device, e.g. cuda (peers: cpu only)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="our encoder matmul's dtype (cfg['dtype']; parameters stay float32)")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"smoke test: sizes {','.join(QUICK_SIZES)}, batch 512, 2 steps")
+    parser.add_argument(
+        "--device", default="cpu", help="our implementations' device, e.g. cuda (peers: cpu only)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="our encoder matmul's dtype (cfg['dtype']; parameters stay float32)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke test: sizes {','.join(QUICK_SIZES)}, batch 512, 2 steps",
+    )
     parser.add_argument("--json", help="the result file (default benchmarks/results/step.json)")
-    parser.add_argument("--no-malloc-tunables", dest="malloc_tunables", action="store_false",
-                        help="run the workers without GLIBC_TUNABLES")
-    parser.add_argument("--python", default=str(BENCH_PYTHON if BENCH_PYTHON.exists() else sys.executable),
-                        help="interpreter for the workers (default .bench-venv/bin/python)")
+    parser.add_argument(
+        "--no-malloc-tunables",
+        dest="malloc_tunables",
+        action="store_false",
+        help="run the workers without GLIBC_TUNABLES",
+    )
+    parser.add_argument(
+        "--python",
+        default=str(BENCH_PYTHON if BENCH_PYTHON.exists() else sys.executable),
+        help="interpreter for the workers (default .bench-venv/bin/python)",
+    )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per worker")
     parser.add_argument("--worker", choices=ALL_IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)

@@ -25,7 +25,6 @@ import math
 import time
 
 import harness
-
 import torch  # noqa: E402
 
 TINY = "tiny"
@@ -56,16 +55,28 @@ def store_cfg(model, cfg_model_name: str, args, hook_point: str, dataset) -> dic
     from matryoshka_sae.config import get_default_cfg, post_init_cfg
 
     cfg = get_default_cfg()
-    cfg.update(model_name=cfg_model_name, site=args.site, layer=args.layer, hook_point=hook_point,
-               seq_len=args.seq_len, model_batch_size=args.model_batch_size,
-               num_batches_in_buffer=args.num_batches_in_buffer, batch_size=args.batch_size,
-               dataset_path=dataset, device="cpu", exclude_bos=False, n_eval_rows=args.eval_rows)
+    cfg.update(
+        model_name=cfg_model_name,
+        site=args.site,
+        layer=args.layer,
+        hook_point=hook_point,
+        seq_len=args.seq_len,
+        model_batch_size=args.model_batch_size,
+        num_batches_in_buffer=args.num_batches_in_buffer,
+        batch_size=args.batch_size,
+        dataset_path=dataset,
+        device="cpu",
+        exclude_bos=False,
+        n_eval_rows=args.eval_rows,
+    )
     if cfg_model_name == "synthetic":
         cfg.update(act_size=model.cfg.d_model, n_layers=model.cfg.n_layers)
     return post_init_cfg(cfg)
 
 
-def time_bare(model, tokens: torch.Tensor, hook_point: str, layer: int, model_batch_size: int) -> float:
+def time_bare(
+    model, tokens: torch.Tensor, hook_point: str, layer: int, model_batch_size: int
+) -> float:
     """Seconds to run the model up to `layer` on all rows of `tokens`, caching one hook."""
     start = time.perf_counter()
     with torch.no_grad():
@@ -98,8 +109,10 @@ def time_store_window(store, counter: TokenCounter, n_batches: int) -> tuple[flo
     for _ in range(n_batches):
         batch = store.next_batch()
         if batch.shape != (store.cfg["batch_size"], store.cfg["act_size"]):
-            raise RuntimeError(f"next_batch() gave {tuple(batch.shape)}, expected "
-                               f"{(store.cfg['batch_size'], store.cfg['act_size'])}.")
+            raise RuntimeError(
+                f"next_batch() gave {tuple(batch.shape)}, expected "
+                f"{(store.cfg['batch_size'], store.cfg['act_size'])}."
+            )
     return time.perf_counter() - start, counter.tokens
 
 
@@ -115,8 +128,10 @@ def make_store(model, cfg_model_name: str, args, hook_point: str, tokens: torch.
     dataset = datasets.Dataset.from_dict({"tokens": tokens.tolist()})
     start = time.perf_counter()
     store = ActivationsStore(model, store_cfg(model, cfg_model_name, args, hook_point, dataset))
-    print(f"store's first buffer fill ({args.num_batches_in_buffer * args.batch_size} "
-          f"activations): {time.perf_counter() - start:.1f} s")
+    print(
+        f"store's first buffer fill ({args.num_batches_in_buffer * args.batch_size} "
+        f"activations): {time.perf_counter() - start:.1f} s"
+    )
     return store
 
 
@@ -127,8 +142,10 @@ def run(args) -> None:
     at_start = harness.environment(threads=args.threads)
     start = time.perf_counter()
     model, cfg_model_name = load(args.model)
-    print(f"model {args.model} loaded in {time.perf_counter() - start:.1f} s "
-          f"(d_model {model.cfg.d_model}, {model.cfg.n_layers} layers); {args.threads} threads")
+    print(
+        f"model {args.model} loaded in {time.perf_counter() - start:.1f} s "
+        f"(d_model {model.cfg.d_model}, {model.cfg.n_layers} layers); {args.threads} threads"
+    )
     hook_point = get_hook_name(args.site, args.layer)
     n_acts = args.batches * args.batch_size
     n_rows = math.ceil(n_acts / args.seq_len)
@@ -137,9 +154,11 @@ def run(args) -> None:
     buffer_rows = math.ceil(args.num_batches_in_buffer * args.batch_size / args.seq_len)
     n_token_rows = args.eval_rows + 2 * buffer_rows + args.repeats * n_rows + args.model_batch_size
     tokens = token_rows(n_token_rows, args.seq_len, model.cfg.d_vocab, args.seed)
-    print(f"hook {hook_point}, seq_len {args.seq_len}, model_batch_size {args.model_batch_size}, "
-          f"batch {args.batch_size}, buffer {args.num_batches_in_buffer} batches, "
-          f"{args.batches} batches timed ({n_acts} activations)")
+    print(
+        f"hook {hook_point}, seq_len {args.seq_len}, model_batch_size {args.model_batch_size}, "
+        f"batch {args.batch_size}, buffer {args.num_batches_in_buffer} batches, "
+        f"{args.batches} batches timed ({n_acts} activations)"
+    )
 
     time_bare(model, tokens[: args.model_batch_size], hook_point, args.layer, args.model_batch_size)
     bare_rows = tokens[args.eval_rows : args.eval_rows + n_rows]
@@ -148,7 +167,9 @@ def run(args) -> None:
     # Alternate the two so that a change of load on the machine hits both alike.
     bare_times, store_windows = [], []
     for _ in range(args.repeats):
-        bare_times.append(time_bare(model, bare_rows, hook_point, args.layer, args.model_batch_size))
+        bare_times.append(
+            time_bare(model, bare_rows, hook_point, args.layer, args.model_batch_size)
+        )
         if store is not None:
             store_windows.append(time_store_window(store, counter, args.batches))
     counter.remove()
@@ -162,15 +183,32 @@ def run(args) -> None:
     # Compare with the bare model on as many tokens as the store ran the model on while timed.
     overhead = store_time / (tokens_run / bare_rate)
     print(f"overhead: store time / bare time for the {tokens_run} tokens it ran = {overhead:.2f}")
-    rows = [{"model": args.model, "hook": hook_point, "bare_model_activations_per_s": round(bare_rate),
-             "store_activations_per_s": round(n_acts / store_time), "store_overhead": round(overhead, 2)}]
-    settings = {"seq_len": args.seq_len, "model_batch_size": args.model_batch_size, "batch_size": args.batch_size,
-                "num_batches_in_buffer": args.num_batches_in_buffer, "batches_timed": args.batches,
-                "repeats": args.repeats}
-    harness.save(f"store_{args.model}", f"ActivationsStore against the bare model ({args.model})", rows, settings,
-                 environment_at_start=at_start,
-                 notes="store_overhead: the store's time over the bare model's for the tokens the store ran the "
-                       "model on while timed (1.0: no overhead).")
+    rows = [
+        {
+            "model": args.model,
+            "hook": hook_point,
+            "bare_model_activations_per_s": round(bare_rate),
+            "store_activations_per_s": round(n_acts / store_time),
+            "store_overhead": round(overhead, 2),
+        }
+    ]
+    settings = {
+        "seq_len": args.seq_len,
+        "model_batch_size": args.model_batch_size,
+        "batch_size": args.batch_size,
+        "num_batches_in_buffer": args.num_batches_in_buffer,
+        "batches_timed": args.batches,
+        "repeats": args.repeats,
+    }
+    harness.save(
+        f"store_{args.model}",
+        f"ActivationsStore against the bare model ({args.model})",
+        rows,
+        settings,
+        environment_at_start=at_start,
+        notes="store_overhead: the store's time over the bare model's for the tokens the store ran the "
+        "model on while timed (1.0: no overhead).",
+    )
 
 
 def parse_args(argv=None):
@@ -184,13 +222,21 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--batches", type=int, help="next_batch() calls timed")
     parser.add_argument("--eval-rows", type=int, default=32, help="rows the store holds out")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="timed repetitions of each side; the fastest counts (noisy machines)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed repetitions of each side; the fastest counts (noisy machines)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    defaults = dict(zip(("layer", "seq_len", "model_batch_size", "num_batches_in_buffer", "batches"),
-                        DEFAULTS[args.model]))
+    defaults = dict(
+        zip(
+            ("layer", "seq_len", "model_batch_size", "num_batches_in_buffer", "batches"),
+            DEFAULTS[args.model],
+        )
+    )
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -34,13 +34,23 @@ def worker(args) -> None:
     from matryoshka_sae.transcoder_set import default_set_cfg, transcoder_set_cfgs
 
     torch.manual_seed(0)
-    base = post_init_cfg(default_set_cfg(model_name="smollm2-135m", device="cpu", dict_size=args.dict_size,
-                                         top_k=args.top_k, batch_size=args.batch_size, wandb_mode="disabled"))
+    base = post_init_cfg(
+        default_set_cfg(
+            model_name="smollm2-135m",
+            device="cpu",
+            dict_size=args.dict_size,
+            top_k=args.top_k,
+            batch_size=args.batch_size,
+            wandb_mode="disabled",
+        )
+    )
     cfgs = transcoder_set_cfgs(base, range(args.layers), "/tmp/unused-set", kind=args.kind)
     transcoders = [create_sae(cfg) for cfg in cfgs]
     optimizers = [make_optimizer(t, cfg) for t, cfg in zip(transcoders, cfgs)]
     d = cfgs[0]["act_size"]
-    batches = [(torch.randn(args.batch_size, d), torch.randn(args.batch_size, d)) for _ in transcoders]
+    batches = [
+        (torch.randn(args.batch_size, d), torch.randn(args.batch_size, d)) for _ in transcoders
+    ]
     for t, (source, target) in zip(transcoders, batches):
         t.initialize_from_batch(source, target)
 
@@ -50,11 +60,19 @@ def worker(args) -> None:
 
     times = step_times(step, args.steps, args.warmup)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    emit({"layers": args.layers, "seconds_per_step": sorted(times)[len(times) // 2], "peak_rss_mb": round(peak_mb)})
+    emit(
+        {
+            "layers": args.layers,
+            "seconds_per_step": sorted(times)[len(times) // 2],
+            "peak_rss_mb": round(peak_mb),
+        }
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--worker", action="store_true")
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--dict-size", type=int, default=4608)
@@ -69,24 +87,56 @@ def main() -> None:
         worker(args)
         return
     started = environment(args.threads)
-    common = ["--dict-size", args.dict_size, "--top-k", args.top_k, "--batch-size", args.batch_size,
-              "--kind", args.kind, "--steps", args.steps, "--warmup", args.warmup]
+    common = [
+        "--dict-size",
+        args.dict_size,
+        "--top-k",
+        args.top_k,
+        "--batch-size",
+        args.batch_size,
+        "--kind",
+        args.kind,
+        "--steps",
+        args.steps,
+        "--warmup",
+        args.warmup,
+    ]
     one = run_isolated([__file__, "--worker", "--layers", 1, *common], env=worker_env(args.threads))
-    whole = run_isolated([__file__, "--worker", "--layers", args.layers, *common], env=worker_env(args.threads))
+    whole = run_isolated(
+        [__file__, "--worker", "--layers", args.layers, *common], env=worker_env(args.threads)
+    )
     for result in (one, whole):
         if "error" in result:
             sys.exit(f"bench_transcoder_set.py: a case failed: {result['error']}")
     ratio = whole["seconds_per_step"] / (args.layers * one["seconds_per_step"])
-    rows = [{"case": "one layer", **one}, {"case": f"the set ({args.layers} layers)", **whole},
-            {"case": "set / (layers x one)", "layers": args.layers, "seconds_per_step": round(ratio, 3),
-             "peak_rss_mb": None}]
+    rows = [
+        {"case": "one layer", **one},
+        {"case": f"the set ({args.layers} layers)", **whole},
+        {
+            "case": "set / (layers x one)",
+            "layers": args.layers,
+            "seconds_per_step": round(ratio, 3),
+            "peak_rss_mb": None,
+        },
+    ]
     print(rows)
-    save("transcoder_set_cost", "A transcoder set's SAE steps against one layer's (SmolLM2-135M sizes)", rows,
-         {"d_model": 576, "dict_size": args.dict_size, "top_k": args.top_k, "batch_size": args.batch_size,
-          "kind": args.kind, "threads": args.threads, "steps": args.steps},
-         environment_at_start=started,
-         notes="Median step time over the steps, each case in its own process on synthetic activations; "
-               "the last row is the set's step time over layers x one layer's (1.0: no overhead).")
+    save(
+        "transcoder_set_cost",
+        "A transcoder set's SAE steps against one layer's (SmolLM2-135M sizes)",
+        rows,
+        {
+            "d_model": 576,
+            "dict_size": args.dict_size,
+            "top_k": args.top_k,
+            "batch_size": args.batch_size,
+            "kind": args.kind,
+            "threads": args.threads,
+            "steps": args.steps,
+        },
+        environment_at_start=started,
+        notes="Median step time over the steps, each case in its own process on synthetic activations; "
+        "the last row is the set's step time over layers x one layer's (1.0: no overhead).",
+    )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ BUDGETS = (20480, 81920, 327680, 1310720)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("phase", choices=["train"])
     parser.add_argument("--what", choices=["set", "clt"], required=True)
     parser.add_argument("--out", default="runs/budget_curve")
@@ -43,10 +45,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_settings(args, num_tokens: int) -> dict:
-    return dict(model_name="smollm2-135m", dataset_path="python-docs:train", device="cpu", model_dtype="float32",
-                dict_size=args.dict_size, top_k=args.top_k, batch_size=args.batch_size, num_tokens=num_tokens,
-                lr=args.lr, seed=args.seed, seq_len=128, model_batch_size=16, num_batches_in_buffer=8,
-                n_eval_rows=16, wandb_mode="disabled", log_freq=10, checkpoint_freq=10**6, perf_log_freq=10**9)
+    return dict(
+        model_name="smollm2-135m",
+        dataset_path="python-docs:train",
+        device="cpu",
+        model_dtype="float32",
+        dict_size=args.dict_size,
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+        num_tokens=num_tokens,
+        lr=args.lr,
+        seed=args.seed,
+        seq_len=128,
+        model_batch_size=16,
+        num_batches_in_buffer=8,
+        n_eval_rows=16,
+        wandb_mode="disabled",
+        log_freq=10,
+        checkpoint_freq=10**6,
+        perf_log_freq=10**9,
+    )
 
 
 def set_cfgs(args, num_tokens: int, folder: Path, bos: int) -> list[dict]:
@@ -58,14 +76,18 @@ def set_cfgs(args, num_tokens: int, folder: Path, bos: int) -> list[dict]:
 
 
 def clt_cfgs(args, num_tokens: int, folder: Path, bos: int) -> list[dict]:
-    from matryoshka_sae.config import post_init_cfg
     from matryoshka_sae.cli.train_clt import CLT_DEFAULTS
-    from matryoshka_sae.config import get_default_cfg
+    from matryoshka_sae.config import get_default_cfg, post_init_cfg
 
     cfg = get_default_cfg()
     cfg.update(CLT_DEFAULTS)
-    cfg.update(run_settings(args, num_tokens), group_sizes=None, bos_token_id=bos, checkpoint_dir=str(folder),
-               name="clt")
+    cfg.update(
+        run_settings(args, num_tokens),
+        group_sizes=None,
+        bos_token_id=bos,
+        checkpoint_dir=str(folder),
+        name="clt",
+    )
     return [post_init_cfg(cfg)]
 
 
@@ -75,9 +97,20 @@ def held_out_tokens(model, n_rows: int):
     from matryoshka_sae.config import get_default_cfg, post_init_cfg
 
     cfg = get_default_cfg()
-    cfg.update(model_name="smollm2-135m", dataset_path="python-docs:test", device="cpu", layer=0,
-               site="resid_pre", seq_len=128, model_batch_size=4, batch_size=64, num_batches_in_buffer=1,
-               n_eval_rows=n_rows, exclude_bos=True, bos_token_id=model.tokenizer.bos_token_id)
+    cfg.update(
+        model_name="smollm2-135m",
+        dataset_path="python-docs:test",
+        device="cpu",
+        layer=0,
+        site="resid_pre",
+        seq_len=128,
+        model_batch_size=4,
+        batch_size=64,
+        num_batches_in_buffer=1,
+        n_eval_rows=n_rows,
+        exclude_bos=True,
+        bos_token_id=model.tokenizer.bos_token_id,
+    )
     return ActivationsStore(model, post_init_cfg(cfg)).get_eval_tokens(n_rows)
 
 
@@ -119,28 +152,52 @@ def train(args) -> None:
         if budget in done:
             continue
         cfgs = make_cfgs(args, budget, run_folder, bos)
-        resume = [str(Path(cfg["checkpoint_dir"]) / cfg["name"]) for cfg in cfgs] if run_folder.exists() else None
+        resume = (
+            [str(Path(cfg["checkpoint_dir"]) / cfg["name"]) for cfg in cfgs]
+            if run_folder.exists()
+            else None
+        )
         if resume is None and args.what == "set":
             write_manifest(run_folder, cfgs, "matryoshka")
         start = time.perf_counter()
         store = open_activation_store(model, cfgs)
         torch.manual_seed(args.seed)
-        trained = train_sae_group([create_sae(cfg) for cfg in cfgs], store, None, cfgs, resume_from=resume)
+        trained = train_sae_group(
+            [create_sae(cfg) for cfg in cfgs], store, None, cfgs, resume_from=resume
+        )
         seconds_before += time.perf_counter() - start
         evaluate_start = time.perf_counter()
         metrics = evaluate(args.what, trained, cfgs, model, tokens)
         snapshot(run_folder, out / f"tokens_{budget}")
-        row = {"tokens": budget, "train_seconds": round(seconds_before, 1),
-               "evaluate_seconds": round(time.perf_counter() - evaluate_start, 1),
-               "dead_latents": sum(int(t.dead_latents().sum()) for t in trained),
-               "epochs_completed": getattr(store, "epochs_completed", None),
-               **{key: metrics[key] for key in ("loss_recovered", "kl_divergence", "ce_loss_clean",
-                                                 "ce_loss_spliced", "fvu_mean", "fvu_max", "fvu_per_layer",
-                                                 "l0_total", "l0_per_layer")}}
+        row = {
+            "tokens": budget,
+            "train_seconds": round(seconds_before, 1),
+            "evaluate_seconds": round(time.perf_counter() - evaluate_start, 1),
+            "dead_latents": sum(int(t.dead_latents().sum()) for t in trained),
+            "epochs_completed": getattr(store, "epochs_completed", None),
+            **{
+                key: metrics[key]
+                for key in (
+                    "loss_recovered",
+                    "kl_divergence",
+                    "ce_loss_clean",
+                    "ce_loss_spliced",
+                    "fvu_mean",
+                    "fvu_max",
+                    "fvu_per_layer",
+                    "l0_total",
+                    "l0_per_layer",
+                )
+            },
+        }
         curve["rows"].append(row)
-        curve["settings"] = {**run_settings(args, budget), "what": args.what, "layers": 30,
-                             "held_out": f"python-docs:test, first {args.n_eval_rows} rows of 128 tokens",
-                             "eval_tokens": int(tokens.numel())}
+        curve["settings"] = {
+            **run_settings(args, budget),
+            "what": args.what,
+            "layers": 30,
+            "held_out": f"python-docs:test, first {args.n_eval_rows} rows of 128 tokens",
+            "eval_tokens": int(tokens.numel()),
+        }
         curve["environment_at_start"] = started
         curve_file.write_text(json.dumps(curve, indent=2) + "\n")
         print(json.dumps({k: v for k, v in row.items() if not k.endswith("per_layer")}), flush=True)

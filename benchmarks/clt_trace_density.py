@@ -28,10 +28,12 @@ def main() -> None:
     import torch
 
     from matryoshka_sae.circuit_tracer_format import load_in_circuit_tracer, read_config
-    from matryoshka_sae.model_loading import load_model
     from matryoshka_sae.cli.trace_circuit import DEFAULT_PROMPTS, prompt_tokens
+    from matryoshka_sae.model_loading import load_model
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("exported", help="a CLT folder written by train_clt.py export")
     args = parser.parse_args()
     started = environment()
@@ -50,19 +52,36 @@ def main() -> None:
             at_zero = counts(clt, sources)
             clt.activation_function.threshold.data.copy_(thresholds)
             positions = len(tokens) - 1
-            rows.append({"prompt": prompt, "positions": positions,
-                         "latents_per_position": clt.n_layers * clt.d_transcoder,
-                         "active_trained": trained[0], "decoder_vectors_trained": trained[1],
-                         "active_thresholds_0": at_zero[0], "decoder_vectors_thresholds_0": at_zero[1],
-                         "share_active_thresholds_0": round(at_zero[0] / (positions * clt.n_layers * clt.d_transcoder), 3),
-                         "decoder_vectors_ratio": round(at_zero[1] / trained[1], 1)})
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "positions": positions,
+                    "latents_per_position": clt.n_layers * clt.d_transcoder,
+                    "active_trained": trained[0],
+                    "decoder_vectors_trained": trained[1],
+                    "active_thresholds_0": at_zero[0],
+                    "decoder_vectors_thresholds_0": at_zero[1],
+                    "share_active_thresholds_0": round(
+                        at_zero[0] / (positions * clt.n_layers * clt.d_transcoder), 3
+                    ),
+                    "decoder_vectors_ratio": round(at_zero[1] / trained[1], 1),
+                }
+            )
             print(rows[-1], flush=True)
-    save("clt_trace_density", "What circuit-tracer carries for a CLT: trained thresholds against thresholds at 0",
-         rows, {"exported": str(args.exported), "layers": clt.n_layers, "latents_per_layer": clt.d_transcoder},
-         environment_at_start=started,
-         notes="Counts from circuit-tracer's own encode_sparse on the prompts' activations (position 0 left out). "
-               "Each backward pass of attribute contracts the gradient with every decoder vector, so a prompt's "
-               "attribution cost grows with decoder_vectors.")
+    save(
+        "clt_trace_density",
+        "What circuit-tracer carries for a CLT: trained thresholds against thresholds at 0",
+        rows,
+        {
+            "exported": str(args.exported),
+            "layers": clt.n_layers,
+            "latents_per_layer": clt.d_transcoder,
+        },
+        environment_at_start=started,
+        notes="Counts from circuit-tracer's own encode_sparse on the prompts' activations (position 0 left out). "
+        "Each backward pass of attribute contracts the gradient with every decoder vector, so a prompt's "
+        "attribution cost grows with decoder_vectors.",
+    )
 
 
 if __name__ == "__main__":

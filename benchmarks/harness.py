@@ -34,7 +34,9 @@ from typing import Any, Callable, Sequence
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
-BENCH_PYTHON = ROOT / ".bench-venv" / "bin" / "python"  # the peers' environment (setup_bench_env.sh)
+BENCH_PYTHON = (
+    ROOT / ".bench-venv" / "bin" / "python"
+)  # the peers' environment (setup_bench_env.sh)
 RESULT_PREFIX = "RESULT "
 
 for _path in (str(BENCH_DIR), str(ROOT)):  # scripts run from any folder import the flat modules
@@ -42,8 +44,15 @@ for _path in (str(BENCH_DIR), str(ROOT)):  # scripts run from any folder import 
         sys.path.insert(0, _path)
 
 # Versions recorded in the stamp (those installed in the measuring interpreter).
-PACKAGES = ("torch", "transformer-lens", "transformers", "datasets", "sae-lens", "dictionary-learning",
-            "eai-sparsify")
+PACKAGES = (
+    "torch",
+    "transformer-lens",
+    "transformers",
+    "datasets",
+    "sae-lens",
+    "dictionary-learning",
+    "eai-sparsify",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,7 +77,9 @@ def timed(fn: Callable[[], Any], device: str = "cpu") -> float:
     return time.perf_counter() - start
 
 
-def step_times(fn: Callable[[int], Any], steps: int, warmup: int, device: str = "cpu") -> list[float]:
+def step_times(
+    fn: Callable[[int], Any], steps: int, warmup: int, device: str = "cpu"
+) -> list[float]:
     """`timed` fn(i) for i in 0..warmup + steps - 1; the times of the last `steps` calls."""
     times = [timed(lambda: fn(i), device) for i in range(warmup + steps)]
     return times[warmup:]
@@ -82,8 +93,13 @@ def step_times(fn: Callable[[int], Any], steps: int, warmup: int, device: str = 
 def worker_env(threads: int | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a measuring subprocess: offline, quiet, and `threads` BLAS/OpenMP threads."""
     env = dict(os.environ)
-    env.update(WANDB_MODE="disabled", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+    env.update(
+        WANDB_MODE="disabled",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONWARNINGS="ignore",
+    )
     if threads is not None:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             env[var] = str(threads)
@@ -96,19 +112,29 @@ def emit(result: dict) -> None:
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
-def run_isolated(args: Sequence[str], python: str | Path = sys.executable, env: dict[str, str] | None = None,
-                 timeout: float = 1800) -> dict:
+def run_isolated(
+    args: Sequence[str],
+    python: str | Path = sys.executable,
+    env: dict[str, str] | None = None,
+    timeout: float = 1800,
+) -> dict:
     """Run ``python *args`` in a fresh process (its own imports, allocator and threads, nothing
     shared with the cases before it) from the repository root; returns the dict of its last
     ``RESULT`` line, or ``{"error": "..."}`` with the end of its output."""
     try:
-        proc = subprocess.run([str(python), *map(str, args)], cwd=ROOT, env=env or worker_env(),
-                              capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [str(python), *map(str, args)],
+            cwd=ROOT,
+            env=env or worker_env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:g} s"}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
+            return json.loads(line[len(RESULT_PREFIX) :])
     tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
     return {"error": f"exit {proc.returncode}:\n{tail}"}
 
@@ -190,9 +216,17 @@ def result_path(name: str) -> Path:
     return RESULTS_DIR / f"{name}.json"
 
 
-def save(name: str, title: str, rows: list[dict], settings: dict, argv: Sequence[str] | None = None,
-         columns: Sequence[str] | None = None, notes: str = "", environment_at_start: dict | None = None,
-         path: str | Path | None = None) -> Path:
+def save(
+    name: str,
+    title: str,
+    rows: list[dict],
+    settings: dict,
+    argv: Sequence[str] | None = None,
+    columns: Sequence[str] | None = None,
+    notes: str = "",
+    environment_at_start: dict | None = None,
+    path: str | Path | None = None,
+) -> Path:
     """Write the benchmark's result file (default benchmarks/results/<name>.json) and return its path.
 
     `rows`: one dict per measured case, `columns` the keys shown in docs/results.md (default: the
@@ -210,9 +244,14 @@ def save(name: str, title: str, rows: list[dict], settings: dict, argv: Sequence
         pass
     args = list(sys.argv[1:] if argv is None else argv)
     record = {
-        "benchmark": name, "title": title, "command": " ".join(["python", str(script), *args]),
-        "environment": stamp, "settings": settings,
-        "columns": list(columns or (rows[0].keys() if rows else [])), "rows": rows, "notes": notes,
+        "benchmark": name,
+        "title": title,
+        "command": " ".join(["python", str(script), *args]),
+        "environment": stamp,
+        "settings": settings,
+        "columns": list(columns or (rows[0].keys() if rows else [])),
+        "rows": rows,
+        "notes": notes,
     }
     path = Path(path) if path is not None else result_path(name)
     path.parent.mkdir(parents=True, exist_ok=True)

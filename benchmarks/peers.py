@@ -81,20 +81,33 @@ def saelens_step(spec: Spec, matryoshka: bool) -> StepFn:
     from sae_lens.config import SAETrainerConfig
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
     from sae_lens.saes.matryoshka_batchtopk_sae import (
-        MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig,
+        MatryoshkaBatchTopKTrainingSAE,
+        MatryoshkaBatchTopKTrainingSAEConfig,
     )
 
-    common = dict(d_in=spec.d_in, d_sae=spec.dict_size, k=spec.k, dtype="float32", device="cpu",
-                  aux_loss_coefficient=spec.aux_coeff)
+    common = dict(
+        d_in=spec.d_in,
+        d_sae=spec.dict_size,
+        k=spec.k,
+        dtype="float32",
+        device="cpu",
+        aux_loss_coefficient=spec.aux_coeff,
+    )
     if matryoshka:
         widths = list(accumulate(spec.group_sizes))
         sae = MatryoshkaBatchTopKTrainingSAE(
-            MatryoshkaBatchTopKTrainingSAEConfig(matryoshka_widths=widths, **common))
+            MatryoshkaBatchTopKTrainingSAEConfig(matryoshka_widths=widths, **common)
+        )
     else:
         sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common))
     trainer_cfg = SAETrainerConfig(
-        total_training_samples=NEVER, train_batch_size_samples=spec.batch_size, lr=spec.lr,
-        lr_end=spec.lr, adam_beta1=spec.betas[0], adam_beta2=spec.betas[1], device="cpu",
+        total_training_samples=NEVER,
+        train_batch_size_samples=spec.batch_size,
+        lr=spec.lr,
+        lr_end=spec.lr,
+        adam_beta1=spec.betas[0],
+        adam_beta2=spec.betas[1],
+        device="cpu",
         dead_feature_window=spec.dead_after_batches,
     )
     trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=iter(()))
@@ -117,8 +130,18 @@ def dictlearn_step(spec: Spec, matryoshka: bool) -> StepFn:
     from dictionary_learning.trainers.batch_top_k import BatchTopKTrainer
     from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKTrainer
 
-    common = dict(steps=NEVER, activation_dim=spec.d_in, dict_size=spec.dict_size, k=spec.k,
-                  layer=0, lm_name="synthetic", lr=spec.lr, warmup_steps=0, seed=0, device="cpu")
+    common = dict(
+        steps=NEVER,
+        activation_dim=spec.d_in,
+        dict_size=spec.dict_size,
+        k=spec.k,
+        layer=0,
+        lm_name="synthetic",
+        lr=spec.lr,
+        warmup_steps=0,
+        seed=0,
+        device="cpu",
+    )
     if matryoshka:
         trainer = MatryoshkaBatchTopKTrainer(group_fractions=spec.group_fractions, **common)
         assert trainer.group_sizes == spec.group_sizes, (trainer.group_sizes, spec.group_sizes)
@@ -146,8 +169,12 @@ def sparsify_step(spec: Spec) -> StepFn:
     from transformers import get_linear_schedule_with_warmup
 
     torch.manual_seed(0)
-    sae = SparseCoder(spec.d_in, SparseCoderConfig(num_latents=spec.dict_size, k=spec.k),
-                      device="cpu", dtype=torch.float32)
+    sae = SparseCoder(
+        spec.d_in,
+        SparseCoderConfig(num_latents=spec.dict_size, k=spec.k),
+        device="cpu",
+        dtype=torch.float32,
+    )
     # sparsify's "adam" optimizer is torch.optim.Adam with default betas when bitsandbytes is absent.
     optimizer = torch.optim.Adam([dict(params=sae.parameters(), lr=spec.lr)])
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, NEVER)

@@ -45,7 +45,9 @@ def _cell(value) -> str:
 
 def table(columns: list[str], rows: list[dict]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row.get(column)) for column in columns) + " |" for row in rows]
+    lines += [
+        "| " + " | ".join(_cell(row.get(column)) for column in columns) + " |" for row in rows
+    ]
     return "\n".join(lines)
 
 
@@ -64,21 +66,37 @@ def stamp_line(environment: dict) -> str:
         start = environment.get("load_average_at_start")
         load_text = f"load average (1/5/15 min) {' / '.join(f'{x:g}' for x in load)} at the end"
         if start:
-            load_text = (f"load average (1/5/15 min) {' / '.join(f'{x:g}' for x in start)} at the start, "
-                         f"{' / '.join(f'{x:g}' for x in load)} at the end")
+            load_text = (
+                f"load average (1/5/15 min) {' / '.join(f'{x:g}' for x in start)} at the start, "
+                f"{' / '.join(f'{x:g}' for x in load)} at the end"
+            )
         machine += f"; {load_text}"
-    packages = ", ".join(f"{name} {version}" for name, version in environment.get("packages", {}).items())
-    return (f"Measured {environment.get('when', 'at an unknown time')} at commit {commit} on {machine}. "
-            f"Python {environment.get('python', '?')}; {packages}.")
+    packages = ", ".join(
+        f"{name} {version}" for name, version in environment.get("packages", {}).items()
+    )
+    return (
+        f"Measured {environment.get('when', 'at an unknown time')} at commit {commit} on {machine}. "
+        f"Python {environment.get('python', '?')}; {packages}."
+    )
 
 
 def section(record: dict, source: Path) -> str:
-    parts = [f"## {record['title']}", "",
-             f"From `benchmarks/results/{source.name}`, written by `{record['command']}`.", "",
-             stamp_line(record["environment"]), ""]
+    parts = [
+        f"## {record['title']}",
+        "",
+        f"From `benchmarks/results/{source.name}`, written by `{record['command']}`.",
+        "",
+        stamp_line(record["environment"]),
+        "",
+    ]
     settings = record.get("settings") or {}
     if settings:
-        parts += ["Settings: " + "; ".join(f"{key} {_cell(value)}" for key, value in settings.items()) + ".", ""]
+        parts += [
+            "Settings: "
+            + "; ".join(f"{key} {_cell(value)}" for key, value in settings.items())
+            + ".",
+            "",
+        ]
     if record.get("notes"):
         parts += [record["notes"], ""]
     parts += [table(record["columns"], record["rows"]) if record["rows"] else "(no rows)", ""]
@@ -91,10 +109,18 @@ def load_records(folder: Path) -> list[tuple[Path, dict]]:
         try:
             record = json.loads(path.read_text())
         except json.JSONDecodeError as error:
-            raise SystemExit(f"{path} is not valid JSON ({error}); measure again or remove it.") from None
-        missing = [key for key in ("title", "command", "environment", "columns", "rows") if key not in record]
+            raise SystemExit(
+                f"{path} is not valid JSON ({error}); measure again or remove it."
+            ) from None
+        missing = [
+            key
+            for key in ("title", "command", "environment", "columns", "rows")
+            if key not in record
+        ]
         if missing:
-            raise SystemExit(f"{path} lacks {missing}: it was not written by benchmarks/harness.py's save().")
+            raise SystemExit(
+                f"{path} lacks {missing}: it was not written by benchmarks/harness.py's save()."
+            )
         records.append((path, record))
     return records
 
@@ -108,15 +134,21 @@ def render(folder: Path = harness.RESULTS_DIR) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--results", type=Path, default=harness.RESULTS_DIR, help="folder of result files")
+    parser.add_argument(
+        "--results", type=Path, default=harness.RESULTS_DIR, help="folder of result files"
+    )
     parser.add_argument("--output", type=Path, default=OUTPUT)
-    parser.add_argument("--check", action="store_true", help="only check that the output is up to date")
+    parser.add_argument(
+        "--check", action="store_true", help="only check that the output is up to date"
+    )
     args = parser.parse_args(argv)
     text = render(args.results)
     if args.check:
         current = args.output.read_text() if args.output.exists() else ""
         if current != text:
-            sys.exit(f"{args.output} is not what {args.results} gives; run python benchmarks/render_results.py.")
+            sys.exit(
+                f"{args.output} is not what {args.results} gives; run python benchmarks/render_results.py."
+            )
         return
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)

@@ -18,7 +18,6 @@ import sys
 import tempfile
 
 import harness
-
 import torch  # noqa: E402
 
 from matryoshka_sae.activation_store import ActivationsStore  # noqa: E402
@@ -31,10 +30,24 @@ from matryoshka_sae.training import train_sae  # noqa: E402
 
 def run_cfg(checkpoint_dir: str) -> dict:
     cfg = get_default_cfg()
-    cfg.update(model_name="smollm2-135m", layer=4, site="resid_pre", dataset_path="python-docs",
-               sae_type="matryoshka", batch_size=512, num_tokens=512 * 40, checkpoint_freq=10,
-               seq_len=128, model_batch_size=8, num_batches_in_buffer=8, device="cpu",
-               checkpoint_dir=checkpoint_dir, wandb_mode="disabled", perf_log_freq=10**6, n_eval_rows=8)
+    cfg.update(
+        model_name="smollm2-135m",
+        layer=4,
+        site="resid_pre",
+        dataset_path="python-docs",
+        sae_type="matryoshka",
+        batch_size=512,
+        num_tokens=512 * 40,
+        checkpoint_freq=10,
+        seq_len=128,
+        model_batch_size=8,
+        num_batches_in_buffer=8,
+        device="cpu",
+        checkpoint_dir=checkpoint_dir,
+        wandb_mode="disabled",
+        perf_log_freq=10**6,
+        n_eval_rows=8,
+    )
     return post_init_cfg(cfg)
 
 
@@ -66,17 +79,42 @@ def main() -> None:
         cfg = run_cfg(f"{tmp}/killed")
         folder = checkpoint_folder(cfg)
         step = load_sae(folder) and json.loads((folder / "metrics.json").read_text())["step"]
-        print(f"child exit status {child.returncode} (SIGKILL: {-signal.SIGKILL}); checkpoint at step {step}")
+        print(
+            f"child exit status {child.returncode} (SIGKILL: {-signal.SIGKILL}); checkpoint at step {step}"
+        )
         resumed = train(model, cfg, resume_from=folder)
-        worst = max((a - b).abs().max().item() for a, b in
-                    zip(reference.state_dict().values(), resumed.state_dict().values()))
-        same = all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(),
-                                                      resumed.state_dict().values()))
+        worst = max(
+            (a - b).abs().max().item()
+            for a, b in zip(reference.state_dict().values(), resumed.state_dict().values())
+        )
+        same = all(
+            torch.equal(a, b)
+            for a, b in zip(reference.state_dict().values(), resumed.state_dict().values())
+        )
         print(f"resumed vs uninterrupted: bit-identical {same}, largest difference {worst:.3g}")
-    rows = [{"killed_at_step": 23, "resumed_from_step": step, "bit_identical": same, "largest_difference": worst}]
-    harness.save("resume_exactness", "Resume after SIGKILL on the real path (SmolLM2-135M)", rows,
-                 {"model": "smollm2-135m", "layer": 4, "sae_type": "matryoshka", "steps": 40, "batch_size": 512,
-                  "checkpoint_freq": 10}, argv=[], environment_at_start=at_start)
+    rows = [
+        {
+            "killed_at_step": 23,
+            "resumed_from_step": step,
+            "bit_identical": same,
+            "largest_difference": worst,
+        }
+    ]
+    harness.save(
+        "resume_exactness",
+        "Resume after SIGKILL on the real path (SmolLM2-135M)",
+        rows,
+        {
+            "model": "smollm2-135m",
+            "layer": 4,
+            "sae_type": "matryoshka",
+            "steps": 40,
+            "batch_size": 512,
+            "checkpoint_freq": 10,
+        },
+        argv=[],
+        environment_at_start=at_start,
+    )
 
 
 if __name__ == "__main__":

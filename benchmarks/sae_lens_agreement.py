@@ -17,7 +17,6 @@ import tempfile
 from pathlib import Path
 
 import harness
-
 import torch  # noqa: E402
 from sae_lens import SAE  # noqa: E402
 
@@ -46,25 +45,47 @@ def compare(checkpoint: str, rows: int) -> None:
     if not isinstance(ours, MatryoshkaTranscoder):
         y = x
     with tempfile.TemporaryDirectory() as folder:
-        theirs = SAE.load_from_disk(export_sae_lens(ours, Path(folder) / "exported"), device="cpu").eval()
+        theirs = SAE.load_from_disk(
+            export_sae_lens(ours, Path(folder) / "exported"), device="cpu"
+        ).eval()
         with torch.no_grad():
             ours_z, theirs_z = ours.encode(x), theirs.encode(x)
             ours_y, theirs_y = ours.reconstruct(x), theirs(x)
-    print(f"{checkpoint}: {type(ours).__name__} -> SAELens {type(theirs).__name__}, {len(x):,} held-out tokens")
+    print(
+        f"{checkpoint}: {type(ours).__name__} -> SAELens {type(theirs).__name__}, {len(x):,} held-out tokens"
+    )
     for name, z, y_hat in (("ours", ours_z, ours_y), ("SAELens", theirs_z, theirs_y)):
-        print(f"  {name:8s} FVU {compute_fvu(y, y_hat).item():.6f}   L0 {(z > 0).float().sum(dim=1).mean().item():.2f}")
+        print(
+            f"  {name:8s} FVU {compute_fvu(y, y_hat).item():.6f}   L0 {(z > 0).float().sum(dim=1).mean().item():.2f}"
+        )
     differing = ((ours_z > 0) != (theirs_z > 0)).any(dim=1).sum().item()
     relative = ((ours_y - theirs_y).norm(dim=1) / y.norm(dim=1).clamp(min=1e-12)).max().item()
-    print(f"  tokens whose active latents differ: {differing}; largest relative output difference {relative:.2e}")
-    row = {"checkpoint": Path(checkpoint).name, "class": type(ours).__name__, "sae_lens_class": type(theirs).__name__,
-           "tokens": len(x), "fvu_ours": compute_fvu(y, ours_y).item(), "fvu_sae_lens": compute_fvu(y, theirs_y).item(),
-           "tokens_with_different_latents": differing, "largest_relative_output_difference": relative}
-    harness.save(f"sae_lens_agreement_{type(ours).__name__}", "Our checkpoints against their SAELens export",
-                 [row], {"held_out_rows": rows}, environment_at_start=at_start)
+    print(
+        f"  tokens whose active latents differ: {differing}; largest relative output difference {relative:.2e}"
+    )
+    row = {
+        "checkpoint": Path(checkpoint).name,
+        "class": type(ours).__name__,
+        "sae_lens_class": type(theirs).__name__,
+        "tokens": len(x),
+        "fvu_ours": compute_fvu(y, ours_y).item(),
+        "fvu_sae_lens": compute_fvu(y, theirs_y).item(),
+        "tokens_with_different_latents": differing,
+        "largest_relative_output_difference": relative,
+    }
+    harness.save(
+        f"sae_lens_agreement_{type(ours).__name__}",
+        "Our checkpoints against their SAELens export",
+        [row],
+        {"held_out_rows": rows},
+        environment_at_start=at_start,
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("checkpoint", help="a checkpoint folder (checkpoint_dir/name)")
     parser.add_argument("--rows", type=int, default=32, help="held-out rows of seq_len tokens")
     args = parser.parse_args()

@@ -34,12 +34,11 @@ import tempfile
 import time
 
 import harness
-
 import torch  # noqa: E402
 
-from matryoshka_sae.cli import train_gemma_example  # noqa: E402
 from matryoshka_sae.activation_store import ActivationsStore  # noqa: E402
 from matryoshka_sae.checkpoint import checkpoint_folder, load_metrics  # noqa: E402
+from matryoshka_sae.cli import train_gemma_example  # noqa: E402
 from matryoshka_sae.config import post_init_cfg  # noqa: E402
 from matryoshka_sae.evaluation import evaluate_ce_loss, reconstruction_report  # noqa: E402
 from matryoshka_sae.model_loading import load_model  # noqa: E402
@@ -47,11 +46,30 @@ from matryoshka_sae.sae import GlobalBatchTopKMatryoshkaSAE, MatryoshkaTranscode
 from matryoshka_sae.training import train_sae, train_sae_group  # noqa: E402
 from matryoshka_sae.transcoder_activation_store import TranscoderActivationsStore  # noqa: E402
 
-SMOLLM2_SETTINGS = ["--model", "smollm2-135m", "--dataset", "python-docs", "--layer", "8",
-                  "--dict-size", "4608", "--batch-size", "1024",
-                  "--device", "cpu", "--model-dtype", "float32",
-                  "--model-batch-size", "16", "--wandb-mode", "disabled",
-                  "--perf-log-freq", "1000000000", "--checkpoint-freq", "1000000000"]
+SMOLLM2_SETTINGS = [
+    "--model",
+    "smollm2-135m",
+    "--dataset",
+    "python-docs",
+    "--layer",
+    "8",
+    "--dict-size",
+    "4608",
+    "--batch-size",
+    "1024",
+    "--device",
+    "cpu",
+    "--model-dtype",
+    "float32",
+    "--model-batch-size",
+    "16",
+    "--wandb-mode",
+    "disabled",
+    "--perf-log-freq",
+    "1000000000",
+    "--checkpoint-freq",
+    "1000000000",
+]
 
 
 def old_initialisation(sae) -> None:
@@ -64,18 +82,22 @@ def old_initialisation(sae) -> None:
 
 def random_encoder_only(sae) -> None:
     """Independent encoder columns, but the source not centred and a random decoder."""
+
     def initialize(source, target):
         sae.initialize_b_dec(target)
         sae.initialize_skip_path(source)
+
     sae.initialize_from_batch = initialize
 
 
 def centring_only(sae) -> None:
     """Centred source, random decoder (no `initialize_decoder_from_batch`)."""
+
     def initialize(source, target):
         sae.initialize_b_dec(target)
         sae.source_mean.copy_(sae.normalize_source(source)[0].mean(dim=0))
         sae.initialize_skip_path(source)
+
     sae.initialize_from_batch = initialize
 
 
@@ -106,8 +128,18 @@ ABLATIONS = {
 def base_cfgs(args: argparse.Namespace, checkpoint_dir: str) -> tuple[dict, dict]:
     """(transcoder cfg, SAE-on-target cfg) from train_gemma_example.py's parser."""
     parser = train_gemma_example.build_parser()
-    common = SMOLLM2_SETTINGS + ["--num-tokens", str(args.num_tokens), "--checkpoint-dir", checkpoint_dir,
-                               "--seed", str(args.seed), "--top-k", str(args.top_k), "--lr", str(args.lr)]
+    common = SMOLLM2_SETTINGS + [
+        "--num-tokens",
+        str(args.num_tokens),
+        "--checkpoint-dir",
+        checkpoint_dir,
+        "--seed",
+        str(args.seed),
+        "--top-k",
+        str(args.top_k),
+        "--lr",
+        str(args.lr),
+    ]
     transcoder = train_gemma_example.transcoder_cfg(parser.parse_args(["transcoder", *common]))
     sae = train_gemma_example.sae_cfg(parser.parse_args(["sae", *common, "--site", "mlp_out"]))
     for cfg in (transcoder, sae):
@@ -132,12 +164,17 @@ def held_out_batches(store, n_batches: int) -> list[torch.Tensor]:
 
 def measure(sae, cfg: dict, model, store, held_out: list[torch.Tensor], with_ce: bool) -> dict:
     report = reconstruction_report(sae, held_out[0], held_out[-1] if len(held_out) > 1 else None)
-    row = {"train_dead": load_metrics(checkpoint_folder(cfg))["num_dead_features"],
-           "heldout_dead": report["dead_fraction"] * sae.dict_size,
-           "fvu": report["fvu"], "l0": report["l0_norm"], "ce_recovered": float("nan")}
+    row = {
+        "train_dead": load_metrics(checkpoint_folder(cfg))["num_dead_features"],
+        "heldout_dead": report["dead_fraction"] * sae.dict_size,
+        "fvu": report["fvu"],
+        "l0": report["l0_norm"],
+        "ce_recovered": float("nan"),
+    }
     if with_ce:
-        row["ce_recovered"] = evaluate_ce_loss(sae, model, store.get_eval_tokens(cfg["n_eval_rows"]), cfg)[
-            "loss_recovered"]
+        row["ce_recovered"] = evaluate_ce_loss(
+            sae, model, store.get_eval_tokens(cfg["n_eval_rows"]), cfg
+        )["loss_recovered"]
     return row
 
 
@@ -153,35 +190,53 @@ def run_transcoders(model, base: dict, variants: dict, args) -> dict[str, dict]:
     store = TranscoderActivationsStore(model, base)
     train_sae_group(saes, store, None, cfgs)
     held_out = held_out_batches(store, args.heldout_batches)
-    return {label: measure(sae, cfg, model, store, held_out, not args.no_ce and label in MAIN_VARIANTS)
-            for label, sae, cfg in zip(variants, saes, cfgs)}
+    return {
+        label: measure(sae, cfg, model, store, held_out, not args.no_ce and label in MAIN_VARIANTS)
+        for label, sae, cfg in zip(variants, saes, cfgs)
+    }
 
 
 def run_sae(model, base: dict, args) -> dict:
     cfg = variant_cfg(base, "SAE on mlp_out", {})
     store = ActivationsStore(model, cfg)
     sae = train_sae(GlobalBatchTopKMatryoshkaSAE(cfg), store, None, cfg)
-    return measure(sae, cfg, model, store, held_out_batches(store, args.heldout_batches), not args.no_ce)
+    return measure(
+        sae, cfg, model, store, held_out_batches(store, args.heldout_batches), not args.no_ce
+    )
 
 
 def print_table(rows: dict[str, dict], dict_size: int, heldout_tokens: int) -> None:
-    print(f"\n{'':<20} {'dead (train)':>13} {'dead (held-out)':>16} {'FVU':>6} {'L0':>6} {'CE rec.':>8}")
+    print(
+        f"\n{'':<20} {'dead (train)':>13} {'dead (held-out)':>16} {'FVU':>6} {'L0':>6} {'CE rec.':>8}"
+    )
     for label, r in rows.items():
-        print(f"{label:<20} {r['train_dead']:>6.0f} {r['train_dead'] / dict_size:>5.1%} "
-              f"{r['heldout_dead']:>8.0f} {r['heldout_dead'] / dict_size:>6.1%} {r['fvu']:>6.3f} "
-              f"{r['l0']:>6.1f} {r['ce_recovered']:>8.1%}")
+        print(
+            f"{label:<20} {r['train_dead']:>6.0f} {r['train_dead'] / dict_size:>5.1%} "
+            f"{r['heldout_dead']:>8.0f} {r['heldout_dead'] / dict_size:>6.1%} {r['fvu']:>6.3f} "
+            f"{r['l0']:>6.1f} {r['ce_recovered']:>8.1%}"
+        )
     print(f"(dictionary {dict_size}; held-out dead: never fired on {heldout_tokens} unseen tokens)")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--num-tokens", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=49)
-    parser.add_argument("--top-k", type=int, default=32, help="BatchTopK k (the Gemma example's: 64)")
-    parser.add_argument("--lr", type=float, default=2e-3, help="learning rate (the Gemma example's: 3e-4)")
+    parser.add_argument(
+        "--top-k", type=int, default=32, help="BatchTopK k (the Gemma example's: 64)"
+    )
+    parser.add_argument(
+        "--lr", type=float, default=2e-3, help="learning rate (the Gemma example's: 3e-4)"
+    )
     parser.add_argument("--heldout-batches", type=int, default=16)
-    parser.add_argument("--exclude-bos", action="store_true", help="leave BOS positions out (the demo does)")
-    parser.add_argument("--ablations", action="store_true", help="add the one-choice transcoder variants")
+    parser.add_argument(
+        "--exclude-bos", action="store_true", help="leave BOS positions out (the demo does)"
+    )
+    parser.add_argument(
+        "--ablations", action="store_true", help="add the one-choice transcoder variants"
+    )
     parser.add_argument("--only", nargs="+", help="train only these transcoder variants (labels)")
     parser.add_argument("--no-sae", action="store_true", help="skip the SAE on mlp_out")
     parser.add_argument("--no-ce", action="store_true", help="skip the CE-loss evaluation")
@@ -198,19 +253,45 @@ def main() -> None:
         rows = run_transcoders(model, transcoder_base, variants, args)
         if not args.no_sae:
             rows["SAE on mlp_out"] = run_sae(model, sae_base, args)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {time.perf_counter() - started:.0f} s; "
-          f"{args.num_tokens} tokens, batch 1024, k {args.top_k}, lr {args.lr:g}, seed {args.seed}, "
-          f"exclude_bos {args.exclude_bos}")
-    print_table(rows, transcoder_base["dict_size"], args.heldout_batches * transcoder_base["batch_size"])
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {time.perf_counter() - started:.0f} s; "
+        f"{args.num_tokens} tokens, batch 1024, k {args.top_k}, lr {args.lr:g}, seed {args.seed}, "
+        f"exclude_bos {args.exclude_bos}"
+    )
+    print_table(
+        rows, transcoder_base["dict_size"], args.heldout_batches * transcoder_base["batch_size"]
+    )
     dict_size = transcoder_base["dict_size"]
-    table = [{"variant": label, "dead_train_share": round(r["train_dead"] / dict_size, 4),
-              "dead_held_out_share": round(r["heldout_dead"] / dict_size, 4), "fvu": round(r["fvu"], 4),
-              "l0": round(r["l0"], 1), "ce_recovered": r["ce_recovered"]} for label, r in rows.items()]
-    settings = {"model": "smollm2-135m", "layer": 8, "num_tokens": args.num_tokens, "batch_size": 1024,
-                "top_k": args.top_k, "lr": args.lr, "seed": args.seed, "exclude_bos": args.exclude_bos,
-                "dict_size": dict_size, "held_out_tokens": args.heldout_batches * transcoder_base["batch_size"]}
-    harness.save("transcoder_dead_latents", "Transcoder initialisations: dead latents, FVU, CE recovered",
-                 table, settings, environment_at_start=at_start)
+    table = [
+        {
+            "variant": label,
+            "dead_train_share": round(r["train_dead"] / dict_size, 4),
+            "dead_held_out_share": round(r["heldout_dead"] / dict_size, 4),
+            "fvu": round(r["fvu"], 4),
+            "l0": round(r["l0"], 1),
+            "ce_recovered": r["ce_recovered"],
+        }
+        for label, r in rows.items()
+    ]
+    settings = {
+        "model": "smollm2-135m",
+        "layer": 8,
+        "num_tokens": args.num_tokens,
+        "batch_size": 1024,
+        "top_k": args.top_k,
+        "lr": args.lr,
+        "seed": args.seed,
+        "exclude_bos": args.exclude_bos,
+        "dict_size": dict_size,
+        "held_out_tokens": args.heldout_batches * transcoder_base["batch_size"],
+    }
+    harness.save(
+        "transcoder_dead_latents",
+        "Transcoder initialisations: dead latents, FVU, CE recovered",
+        table,
+        settings,
+        environment_at_start=at_start,
+    )
 
 
 if __name__ == "__main__":

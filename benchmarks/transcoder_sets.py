@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import harness  # noqa: F401  (first: import paths)
@@ -38,9 +37,13 @@ VARIANTS = {  # name: (kind, skip, source site)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("phase", choices=["train", "evaluate", "trace"])
-    parser.add_argument("--out", default="runs/transcoder_sets", help="folder holding one set per variant")
+    parser.add_argument(
+        "--out", default="runs/transcoder_sets", help="folder holding one set per variant"
+    )
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--num-tokens", type=float, default=61440)
     parser.add_argument("--dict-size", type=int, default=1152)
@@ -49,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--n-eval-rows", type=int, default=16)
     parser.add_argument("--max-feature-nodes", type=int, default=256)
-    parser.add_argument("--prompts", type=int, default=3, help="trace: how many of trace_circuit.py's prompts")
+    parser.add_argument(
+        "--prompts", type=int, default=3, help="trace: how many of trace_circuit.py's prompts"
+    )
     return parser
 
 
@@ -58,12 +63,30 @@ def variant_cfgs(args, name: str) -> list[dict]:
     from matryoshka_sae.transcoder_set import default_set_cfg, transcoder_set_cfgs
 
     kind, skip, site = VARIANTS[name]
-    base = post_init_cfg(default_set_cfg(
-        model_name="smollm2-135m", dataset_path="python-docs", device="cpu", model_dtype="float32",
-        dict_size=args.dict_size, top_k=args.top_k, batch_size=args.batch_size, num_tokens=int(args.num_tokens),
-        lr=args.lr, seq_len=128, model_batch_size=16, num_batches_in_buffer=8, n_eval_rows=args.n_eval_rows,
-        wandb_mode="disabled", log_freq=5, checkpoint_freq=10_000, seed=0))
-    return transcoder_set_cfgs(base, range(30), Path(args.out) / name, kind=kind, skip=skip, source_site=site)
+    base = post_init_cfg(
+        default_set_cfg(
+            model_name="smollm2-135m",
+            dataset_path="python-docs",
+            device="cpu",
+            model_dtype="float32",
+            dict_size=args.dict_size,
+            top_k=args.top_k,
+            batch_size=args.batch_size,
+            num_tokens=int(args.num_tokens),
+            lr=args.lr,
+            seq_len=128,
+            model_batch_size=16,
+            num_batches_in_buffer=8,
+            n_eval_rows=args.n_eval_rows,
+            wandb_mode="disabled",
+            log_freq=5,
+            checkpoint_freq=10_000,
+            seed=0,
+        )
+    )
+    return transcoder_set_cfgs(
+        base, range(30), Path(args.out) / name, kind=kind, skip=skip, source_site=site
+    )
 
 
 def train(args) -> None:
@@ -88,7 +111,7 @@ def train(args) -> None:
     trained = train_sae_group([create_sae(cfg) for cfg in every], store, None, every)
     sets, start = {}, 0
     for name, cfgs in groups.items():
-        sets[name] = (trained[start:start + len(cfgs)], cfgs)
+        sets[name] = (trained[start : start + len(cfgs)], cfgs)
         start += len(cfgs)
     evaluate_and_save(args, model, sets, store.get_eval_tokens(args.n_eval_rows), started)
 
@@ -108,7 +131,10 @@ def evaluate(args) -> None:
     for name in args.variants:
         folders = layer_folders(Path(args.out) / name)
         transcoders = load_transcoder_set(Path(args.out) / name)
-        sets[name] = ([transcoders[layer] for layer in folders], [load_cfg(folder) for folder in folders.values()])
+        sets[name] = (
+            [transcoders[layer] for layer in folders],
+            [load_cfg(folder) for folder in folders.values()],
+        )
     # The held-out rows are the data's first rows; a store that reads layer 0 alone gives them cheaply.
     first = {**sets[args.variants[0]][1][0], "batch_size": 64, "num_batches_in_buffer": 1}
     tokens = TranscoderActivationsStore(model, first).get_eval_tokens(args.n_eval_rows)
@@ -124,26 +150,52 @@ def evaluate_and_save(args, model, sets: dict, tokens, started: dict) -> None:
     rows = []
     for name, (transcoders, cfgs) in sets.items():
         metrics = evaluate_set(transcoders, cfgs, model, tokens)
-        metrics["dead_latents_mean"] = sum(int(t.dead_latents().sum()) for t in transcoders) / len(transcoders)
+        metrics["dead_latents_mean"] = sum(int(t.dead_latents().sum()) for t in transcoders) / len(
+            transcoders
+        )
         (Path(args.out) / name / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         kind, skip, site = VARIANTS[name]
         steps = load_metrics(Path(args.out) / name / cfgs[0]["name"]).get("step")
-        rows.append({"set": name, "kind": kind, "skip": skip, "source": site, "steps": steps,
-                     "fvu_mean": metrics["fvu_mean"], "fvu_max": metrics["fvu_max"],
-                     "loss_recovered": metrics["loss_recovered"], "kl_divergence": metrics["kl_divergence"],
-                     "ce_loss_clean": metrics["ce_loss_clean"], "ce_loss_spliced": metrics["ce_loss_spliced"],
-                     "dead_latents_mean": metrics["dead_latents_mean"]})
+        rows.append(
+            {
+                "set": name,
+                "kind": kind,
+                "skip": skip,
+                "source": site,
+                "steps": steps,
+                "fvu_mean": metrics["fvu_mean"],
+                "fvu_max": metrics["fvu_max"],
+                "loss_recovered": metrics["loss_recovered"],
+                "kl_divergence": metrics["kl_divergence"],
+                "ce_loss_clean": metrics["ce_loss_clean"],
+                "ce_loss_spliced": metrics["ce_loss_spliced"],
+                "dead_latents_mean": metrics["dead_latents_mean"],
+            }
+        )
         print(json.dumps(rows[-1]))
     cfg = next(iter(sets.values()))[1][0]
-    settings = {"model": "smollm2-135m", "layers": len(next(iter(sets.values()))[1]), "dict_size": cfg["dict_size"],
-                "top_k": cfg["top_k"], "batch_size": cfg["batch_size"], "planned_tokens": cfg["num_tokens"],
-                "lr": cfg["lr"], "data": "python-docs (built-in corpus)", "eval_tokens": int(tokens.numel()),
-                "dictionaries_trained_together": sum(len(c) for _, c in sets.values())}
-    save("transcoder_sets", "Transcoder sets on SmolLM2-135M, every MLP replaced at once", rows, settings,
-         environment_at_start=started,
-         notes="Every set trained in the same run on the same batches (steps: the steps each set had, of "
-               "planned_tokens / batch_size); evaluation on held-out rows of the built-in corpus with all "
-               "MLP outputs replaced by the set's predictions at once.")
+    settings = {
+        "model": "smollm2-135m",
+        "layers": len(next(iter(sets.values()))[1]),
+        "dict_size": cfg["dict_size"],
+        "top_k": cfg["top_k"],
+        "batch_size": cfg["batch_size"],
+        "planned_tokens": cfg["num_tokens"],
+        "lr": cfg["lr"],
+        "data": "python-docs (built-in corpus)",
+        "eval_tokens": int(tokens.numel()),
+        "dictionaries_trained_together": sum(len(c) for _, c in sets.values()),
+    }
+    save(
+        "transcoder_sets",
+        "Transcoder sets on SmolLM2-135M, every MLP replaced at once",
+        rows,
+        settings,
+        environment_at_start=started,
+        notes="Every set trained in the same run on the same batches (steps: the steps each set had, of "
+        "planned_tokens / batch_size); evaluation on held-out rows of the built-in corpus with all "
+        "MLP outputs replaced by the set's predictions at once.",
+    )
 
 
 def trace(args) -> None:
@@ -154,40 +206,66 @@ def trace(args) -> None:
 
     ct_python = ROOT / ".ct-venv" / "bin" / "python"
     started = environment()
-    prompts = DEFAULT_PROMPTS[:args.prompts]
+    prompts = DEFAULT_PROMPTS[: args.prompts]
     running = {}
     for name in args.variants:
         set_folder, exported = Path(args.out) / name, Path(args.out) / f"{name}-circuit-tracer"
         if not exported.exists():
             export_circuit_tracer(set_folder, exported)
-        command = [str(ct_python), str(ROOT / "trace_circuit.py"), str(exported), "--from", str(set_folder),
-                   "--out", str(Path(args.out) / f"{name}-traces"), "--max-feature-nodes",
-                   str(args.max_feature_nodes)]
+        command = [
+            str(ct_python),
+            str(ROOT / "trace_circuit.py"),
+            str(exported),
+            "--from",
+            str(set_folder),
+            "--out",
+            str(Path(args.out) / f"{name}-traces"),
+            "--max-feature-nodes",
+            str(args.max_feature_nodes),
+        ]
         for prompt in prompts:
             command += ["--prompt", prompt]
         log = open(Path(args.out) / f"{name}-trace.log", "w")
-        running[name] = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                         env=worker_env(threads=1))
+        running[name] = subprocess.Popen(
+            command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=worker_env(threads=1)
+        )
     rows = []
     for name, process in running.items():
         if process.wait() != 0:
-            raise SystemExit(f"transcoder_sets.py: tracing {name} failed; see {Path(args.out) / f'{name}-trace.log'}")
+            raise SystemExit(
+                f"transcoder_sets.py: tracing {name} failed; see {Path(args.out) / f'{name}-trace.log'}"
+            )
         result = json.loads((Path(args.out) / f"{name}-traces" / "trace_results.json").read_text())
-        rows.append({"set": name, "replacement_score": result["mean_replacement_score"],
-                     "completeness_score": result["mean_completeness_score"],
-                     "error_influence_share": result["mean_error_influence_share"],
-                     "ce_loss_clean": result["ce_loss_clean"], "ce_loss_replaced": result["ce_loss_replaced"],
-                     "kl_divergence": result["kl_divergence"],
-                     "largest_layer_relative_error": max(result["layer_relative_errors"].values()),
-                     "seconds_per_graph": sum(g["seconds"] for g in result["graphs"]) / len(result["graphs"])})
+        rows.append(
+            {
+                "set": name,
+                "replacement_score": result["mean_replacement_score"],
+                "completeness_score": result["mean_completeness_score"],
+                "error_influence_share": result["mean_error_influence_share"],
+                "ce_loss_clean": result["ce_loss_clean"],
+                "ce_loss_replaced": result["ce_loss_replaced"],
+                "kl_divergence": result["kl_divergence"],
+                "largest_layer_relative_error": max(result["layer_relative_errors"].values()),
+                "seconds_per_graph": sum(g["seconds"] for g in result["graphs"])
+                / len(result["graphs"]),
+            }
+        )
         print(json.dumps(rows[-1]))
-    save("transcoder_sets_tracing", "Transcoder sets traced with circuit-tracer 0.5.0 (SmolLM2-135M)", rows,
-         {"prompts": prompts, "max_feature_nodes": args.max_feature_nodes, "circuit_tracer": "0.5.0 in .ct-venv"},
-         environment_at_start=started,
-         notes="Scores are circuit-tracer's compute_graph_scores on each prompt's graph, averaged over the "
-               "prompts; CE and KL with every MLP replaced by circuit-tracer's own transcoders (the exported "
-               "files) on the prompts' tokens; the largest relative error between its transcoders' outputs and "
-               "ours, layer by layer, on the prompts' activations.")
+    save(
+        "transcoder_sets_tracing",
+        "Transcoder sets traced with circuit-tracer 0.5.0 (SmolLM2-135M)",
+        rows,
+        {
+            "prompts": prompts,
+            "max_feature_nodes": args.max_feature_nodes,
+            "circuit_tracer": "0.5.0 in .ct-venv",
+        },
+        environment_at_start=started,
+        notes="Scores are circuit-tracer's compute_graph_scores on each prompt's graph, averaged over the "
+        "prompts; CE and KL with every MLP replaced by circuit-tracer's own transcoders (the exported "
+        "files) on the prompts' tokens; the largest relative error between its transcoders' outputs and "
+        "ours, layer by layer, on the prompts' activations.",
+    )
 
 
 def main() -> None:

@@ -53,13 +53,16 @@ FRACTION_COS = 0.1
 FULL_COS = 0.025
 PROJECTION_SHARE = 0.4
 MAX_ABSORBERS = 3
-CAVEAT = ("SAEBench does not recommend this metric below 1B-parameter models or 16k latents; "
-          "compare dictionaries trained alike, not with published tables.")
+CAVEAT = (
+    "SAEBench does not recommend this metric below 1B-parameter models or 16k latents; "
+    "compare dictionaries trained alike, not with published tables."
+)
 
 
 @dataclass
 class LetterData:
     """Words, their first letters (0..25), the model's activations on them [N, d] and the split."""
+
     hook_name: str
     words: list[str]
     labels: torch.Tensor
@@ -84,16 +87,20 @@ def alphabetic_tokens(tokenizer) -> list[tuple[int, str]]:
     return tokens
 
 
-def letter_prompts(tokenizer, words: list[tuple[int, str]], examples: list[tuple[int, str]],
-                   seed: int = 0) -> tuple[torch.Tensor, int]:
+def letter_prompts(
+    tokenizer, words: list[tuple[int, str]], examples: list[tuple[int, str]], seed: int = 0
+) -> tuple[torch.Tensor, int]:
     """Token ids [N, L] of the prompts of `words` (see the module docstring) and the word's position."""
     rng = random.Random(seed)
     suffix = tokenizer.encode(PROMPT_SUFFIX, add_special_tokens=False)
     newline = tokenizer.encode("\n", add_special_tokens=False)
-    answers = {letter: tokenizer.encode(" " + letter.upper(), add_special_tokens=False) for letter in LETTERS}
+    answers = {
+        letter: tokenizer.encode(" " + letter.upper(), add_special_tokens=False)
+        for letter in LETTERS
+    }
     start = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     rows = []
-    for token_id, text in words:
+    for token_id, _text in words:
         shown = rng.sample([e for e in examples if e[0] != token_id], ICL_EXAMPLES)
         ids = list(start)
         for example_id, example in shown:
@@ -101,13 +108,16 @@ def letter_prompts(tokenizer, words: list[tuple[int, str]], examples: list[tuple
         rows.append(ids + [token_id, *suffix])
     lengths = {len(row) for row in rows}
     if len(lengths) != 1:
-        raise ValueError("The letter prompts differ in length: a letter's answer is not one token for this tokenizer.")
+        raise ValueError(
+            "The letter prompts differ in length: a letter's answer is not one token for this tokenizer."
+        )
     return torch.tensor(rows), -1 - len(suffix)
 
 
 @torch.no_grad()
-def collect_letter_data(model, hook_name: str, n_words: int = 1500, seed: int = 0,
-                        batch_size: int = 32) -> LetterData:
+def collect_letter_data(
+    model, hook_name: str, n_words: int = 1500, seed: int = 0, batch_size: int = 32
+) -> LetterData:
     """The model's activations at `hook_name` on `n_words` random alphabetic tokens (one pass)."""
     vocabulary = alphabetic_tokens(model.tokenizer)
     rng = random.Random(seed)
@@ -115,17 +125,29 @@ def collect_letter_data(model, hook_name: str, n_words: int = 1500, seed: int = 
     prompts, position = letter_prompts(model.tokenizer, words, vocabulary, seed)
     acts = []
     for i, chunk in enumerate(prompts.split(batch_size)):
-        _, cache = model.run_with_cache(chunk.to(model.cfg.device), names_filter=[hook_name],
-                                        stop_at_layer=_stop_layer(hook_name))
+        _, cache = model.run_with_cache(
+            chunk.to(model.cfg.device),
+            names_filter=[hook_name],
+            stop_at_layer=_stop_layer(hook_name),
+        )
         acts.append(cache[hook_name][:, position].float().cpu())
-        print(f"\rabsorption: model activations {min((i + 1) * batch_size, len(prompts))}/{len(prompts)} words",
-              end="", flush=True)
+        print(
+            f"\rabsorption: model activations {min((i + 1) * batch_size, len(prompts))}/{len(prompts)} words",
+            end="",
+            flush=True,
+        )
     print()
     labels = torch.tensor([LETTERS.index(text.strip()[0].lower()) for _, text in words])
     order = torch.randperm(len(words), generator=torch.Generator().manual_seed(seed))
     n_train = int(TRAIN_FRACTION * len(words))
-    return LetterData(hook_name, [text for _, text in words], labels, torch.cat(acts),
-                      order[:n_train], order[n_train:])
+    return LetterData(
+        hook_name,
+        [text for _, text in words],
+        labels,
+        torch.cat(acts),
+        order[:n_train],
+        order[n_train:],
+    )
 
 
 def _stop_layer(hook_name: str) -> int | None:
@@ -140,9 +162,18 @@ def _stop_layer(hook_name: str) -> int | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def train_multi_probe(x: torch.Tensor, labels: torch.Tensor, n_classes: int = len(LETTERS), l1: float = 0.0,
-                      epochs: int = 50, batch_size: int = 64, lr: float = 1e-2, end_lr: float = 1e-5,
-                      weight_decay: float = 1e-6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def train_multi_probe(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    n_classes: int = len(LETTERS),
+    l1: float = 0.0,
+    epochs: int = 50,
+    batch_size: int = 64,
+    lr: float = 1e-2,
+    end_lr: float = 1e-5,
+    weight_decay: float = 1e-6,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One-vs-rest logistic probes for `n_classes` classes on x [N, d]: (weights [C, d], biases [C]).
 
     Loss: BCE with each class's positives weighted by negatives / positives, plus
@@ -158,7 +189,9 @@ def train_multi_probe(x: torch.Tensor, labels: torch.Tensor, n_classes: int = le
     torch.nn.init.zeros_(probe.bias)
     optimizer = torch.optim.Adam(probe.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * -(-len(x) // batch_size)
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=(end_lr / lr) ** (1 / steps))
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(
+        optimizer, gamma=(end_lr / lr) ** (1 / steps)
+    )
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
     with torch.enable_grad():
         for _ in range(epochs):
@@ -180,16 +213,25 @@ def f1_score(predicted: torch.Tensor, actual: torch.Tensor) -> float:
     return 2 * tp / denominator if denominator else 0.0
 
 
-def k_sparse_main_latents(codes_train: torch.Tensor, labels_train: torch.Tensor, codes_test: torch.Tensor,
-                          labels_test: torch.Tensor, n_classes: int = len(LETTERS), max_k: int = MAX_K,
-                          f1_jump: float = F1_JUMP, seed: int = 0) -> tuple[list[list[int]], list[list[float]]]:
+def k_sparse_main_latents(
+    codes_train: torch.Tensor,
+    labels_train: torch.Tensor,
+    codes_test: torch.Tensor,
+    labels_test: torch.Tensor,
+    n_classes: int = len(LETTERS),
+    max_k: int = MAX_K,
+    f1_jump: float = F1_JUMP,
+    seed: int = 0,
+) -> tuple[list[list[int]], list[list[float]]]:
     """Per class: its main latents (feature splitting rule, module docstring) and F1_k for k = 1..max_k."""
     from sklearn.linear_model import LogisticRegression
 
     # SAEBench's batch of 4096 over its whole vocabulary gives a few hundred steps in 50 epochs; a
     # smaller word sample gets as many through smaller batches.
     batch_size = min(4096, max(64, len(codes_train) // 8))
-    weights, _ = train_multi_probe(codes_train, labels_train, n_classes, l1=0.01, batch_size=batch_size, seed=seed)
+    weights, _ = train_multi_probe(
+        codes_train, labels_train, n_classes, l1=0.01, batch_size=batch_size, seed=seed
+    )
     main, f1s = [], []
     for c in range(n_classes):
         chosen = weights[c].topk(max_k).indices
@@ -210,7 +252,9 @@ def k_sparse_main_latents(codes_train: torch.Tensor, labels_train: torch.Tensor,
     return main, f1s
 
 
-def split_latents(f1_by_k: list[float], feats_by_k: list[list[int]], f1_jump: float = F1_JUMP) -> list[int]:
+def split_latents(
+    f1_by_k: list[float], feats_by_k: list[list[int]], f1_jump: float = F1_JUMP
+) -> list[int]:
     """The latents of the last k reached while F1_k exceeds the best F1 so far by more than f1_jump."""
     best, chosen = -float("inf"), []
     for f1, feats in zip(f1_by_k, feats_by_k):
@@ -226,7 +270,9 @@ def split_latents(f1_by_k: list[float], feats_by_k: list[list[int]], f1_jump: fl
 
 
 @torch.no_grad()
-def latent_projections(sae, acts: torch.Tensor, direction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def latent_projections(
+    sae, acts: torch.Tensor, direction: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(c [N, S], cos [S]): each latent's contribution to the reconstruction of acts [N, d] projected
     on the unit vector of `direction`, in the model's units, and cos(W_dec,i, direction)."""
     unit = direction.float() / direction.float().norm()
@@ -234,11 +280,18 @@ def latent_projections(sae, acts: torch.Tensor, direction: torch.Tensor) -> tupl
     _, stats = sae.normalize_source(acts.reshape(-1, acts.shape[-1]))
     scale = 1.0 if stats is None else stats[2]  # back from normalised units, [N, 1]
     decoder = sae.W_dec.float()
-    return codes * (decoder @ unit) * scale, torch.nn.functional.cosine_similarity(decoder, unit[None], dim=-1)
+    return codes * (decoder @ unit) * scale, torch.nn.functional.cosine_similarity(
+        decoder, unit[None], dim=-1
+    )
 
 
-def absorption_scores(codes: torch.Tensor, contributions: torch.Tensor, cos: torch.Tensor,
-                      projection: torch.Tensor, main: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def absorption_scores(
+    codes: torch.Tensor,
+    contributions: torch.Tensor,
+    cos: torch.Tensor,
+    projection: torch.Tensor,
+    main: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Absorption fraction [N] and full absorption [N] (bool) of N words, from their latents z [N, S],
     each latent's contribution c [N, S] (`latent_projections`), its decoder's cos with the probe [S],
     the activations' probe projection a [N] and the main latents (definitions: module docstring)."""
@@ -251,13 +304,20 @@ def absorption_scores(codes: torch.Tensor, contributions: torch.Tensor, cos: tor
     credited = torch.minimum(absorbed, projection - m)
     fraction = (credited / (credited + m)).nan_to_num(0.0).clamp(0, 1)
     fraction = torch.where(m <= 0, torch.ones_like(fraction), fraction)
-    no_absorption = (m >= projection) | (projection <= 0) | (absorbed < PROJECTION_SHARE * projection)
+    no_absorption = (
+        (m >= projection) | (projection <= 0) | (absorbed < PROJECTION_SHARE * projection)
+    )
     fraction = torch.where(no_absorption, torch.zeros_like(fraction), fraction)
 
     top = contributions.argmax(-1)
     main_silent = (codes[:, is_main] <= 0).all(-1)
     top_share = contributions.gather(1, top[:, None])[:, 0]
-    full = main_silent & (projection > 0) & (cos[top] >= FULL_COS) & (top_share >= PROJECTION_SHARE * projection)
+    full = (
+        main_silent
+        & (projection > 0)
+        & (cos[top] >= FULL_COS)
+        & (top_share >= PROJECTION_SHARE * projection)
+    )
     return fraction, full
 
 
@@ -268,36 +328,72 @@ def first_letter_absorption(sae, data: LetterData, seed: int = 0) -> dict:
     was_training = sae.training
     sae.eval()
     try:
-        probe_w, probe_b = train_multi_probe(data.acts[data.train], data.labels[data.train], seed=seed)
+        probe_w, probe_b = train_multi_probe(
+            data.acts[data.train], data.labels[data.train], seed=seed
+        )
         test_acts, test_labels = data.acts[data.test], data.labels[data.test]
         probe_scores = test_acts @ probe_w.T + probe_b
         codes_train, codes_test = sae.encode(data.acts[data.train]), sae.encode(test_acts)
-        main, sparse_f1 = k_sparse_main_latents(codes_train, data.labels[data.train], codes_test, test_labels,
-                                                seed=seed)
+        main, sparse_f1 = k_sparse_main_latents(
+            codes_train, data.labels[data.train], codes_test, test_labels, seed=seed
+        )
         letters = {}
         for c, letter in enumerate(LETTERS):
-            letters[letter] = _letter_result(sae, c, test_acts, test_labels, codes_test, probe_scores[:, c],
-                                             probe_w[c], main[c], sparse_f1[c])
+            letters[letter] = _letter_result(
+                sae,
+                c,
+                test_acts,
+                test_labels,
+                codes_test,
+                probe_scores[:, c],
+                probe_w[c],
+                main[c],
+                sparse_f1[c],
+            )
     finally:
         sae.train(was_training)
-    scored = [r for r in letters.values() if r["probe_f1"] > MIN_PROBE_F1 and r["probe_true_positives"]]
-    mean = (lambda key: float(np.mean([r[key] for r in scored]))) if scored else (lambda key: float("nan"))
-    return {"mean_absorption_fraction_score": mean("mean_absorption_fraction"),
-            "mean_full_absorption_score": mean("full_absorption_rate"),
-            "mean_num_main_latents": mean("num_main_latents"),
-            "letters_scored": len(scored), "words": len(data.words), "test_words": len(data.test),
-            "caveat": CAVEAT, "letters": letters}
+    scored = [
+        r for r in letters.values() if r["probe_f1"] > MIN_PROBE_F1 and r["probe_true_positives"]
+    ]
+    mean = (
+        (lambda key: float(np.mean([r[key] for r in scored])))
+        if scored
+        else (lambda key: float("nan"))
+    )
+    return {
+        "mean_absorption_fraction_score": mean("mean_absorption_fraction"),
+        "mean_full_absorption_score": mean("full_absorption_rate"),
+        "mean_num_main_latents": mean("num_main_latents"),
+        "letters_scored": len(scored),
+        "words": len(data.words),
+        "test_words": len(data.test),
+        "caveat": CAVEAT,
+        "letters": letters,
+    }
 
 
-def _letter_result(sae, c, test_acts, test_labels, codes_test, scores, probe_weight, main, sparse_f1) -> dict:
+def _letter_result(
+    sae, c, test_acts, test_labels, codes_test, scores, probe_weight, main, sparse_f1
+) -> dict:
     truth = test_labels == c
     detected = truth & (scores > 0)
-    result = {"probe_f1": f1_score(scores > 0, truth), "sparse_f1_by_k": sparse_f1, "main_latents": main,
-              "num_main_latents": len(main), "probe_true_positives": int(detected.sum())}
+    result = {
+        "probe_f1": f1_score(scores > 0, truth),
+        "sparse_f1_by_k": sparse_f1,
+        "main_latents": main,
+        "num_main_latents": len(main),
+        "probe_true_positives": int(detected.sum()),
+    }
     if not detected.any():
         return {**result, "mean_absorption_fraction": 0.0, "full_absorption_rate": 0.0}
     acts = test_acts[detected]
     unit = probe_weight / probe_weight.norm()
     contributions, cos = latent_projections(sae, acts, probe_weight)
-    fraction, full = absorption_scores(codes_test[detected], contributions, cos, acts.float() @ unit, main)
-    return {**result, "mean_absorption_fraction": fraction.mean().item(), "full_absorption_rate": full.float().mean().item()}
+    fraction, full = absorption_scores(
+        codes_test[detected], contributions, cos, acts.float() @ unit, main
+    )
+    return {
+        **result,
+        "mean_absorption_fraction": fraction.mean().item(),
+        "full_absorption_rate": full.float().mean().item(),
+    }

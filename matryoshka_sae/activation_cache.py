@@ -56,7 +56,12 @@ CACHE_TOOL = "cache_activations"  # the cache folder's marker (checkpoint.mark_f
 SHARD_MB = 256  # default shard size on disk
 MAX_CHUNK = 4096  # consecutive activations kept together by the epoch order
 OPEN_SHARDS = 64  # shard files kept memory-mapped at once
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,9 +83,15 @@ class _CacheSource(ActivationsStore):
         """No lanes or buffers: the cache reads `unshuffled_activations`."""
 
 
-def write_activation_cache(model, cfg: dict, folder: str | Path, hook_names: list[str] | None = None,
-                           num_tokens: int | None = None, shard_mb: float = SHARD_MB,
-                           overwrite: bool = False) -> dict[str, Any]:
+def write_activation_cache(
+    model,
+    cfg: dict,
+    folder: str | Path,
+    hook_names: list[str] | None = None,
+    num_tokens: int | None = None,
+    shard_mb: float = SHARD_MB,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Run `model` once over cfg's training data and write the activations at `hook_names`
     (default: those of the dictionary `cfg` describes) for `num_tokens` positions (default
     cfg["num_tokens"]) to `folder`, in shards of about `shard_mb` MB. Returns the manifest.
@@ -90,8 +101,10 @@ def write_activation_cache(model, cfg: dict, folder: str | Path, hook_names: lis
     data as given (cfg["dataset_path"]).
     """
     if distributed.launched_by_torchrun():
-        raise ValueError("An activation cache is written by one process: run cache_activations.py without "
-                         "torchrun, then train from the cache (--activations DIR) under torchrun.")
+        raise ValueError(
+            "An activation cache is written by one process: run cache_activations.py without "
+            "torchrun, then train from the cache (--activations DIR) under torchrun."
+        )
     folder = prepare_cache_folder(Path(folder), overwrite)
     hook_names = hook_names or dictionary_hooks(cfg)
     num_tokens = int(num_tokens or cfg["num_tokens"])
@@ -112,21 +125,38 @@ def write_activation_cache(model, cfg: dict, folder: str | Path, hook_names: lis
         done = n_written + n_pending == num_tokens
         while n_pending >= shard_size or (done and n_pending):
             count = min(shard_size, n_pending)
-            pending, n_pending = _write_shard(folder, len(shards), hook_names, pending, count), n_pending - count
+            pending, n_pending = (
+                _write_shard(folder, len(shards), hook_names, pending, count),
+                n_pending - count,
+            )
             shards.append({"file": _shard_name(len(shards)), "count": count})
             n_written += count
         if done:
             break
     progress.close()
-    eval_tokens = source.get_eval_tokens().cpu() if cfg["n_eval_rows"] else torch.empty(0, cfg["seq_len"])
-    atomic_write(folder / EVAL_TOKENS_FILE, lambda path: save_file({TOKENS: eval_tokens.long()}, str(path)))
+    eval_tokens = (
+        source.get_eval_tokens().cpu() if cfg["n_eval_rows"] else torch.empty(0, cfg["seq_len"])
+    )
+    atomic_write(
+        folder / EVAL_TOKENS_FILE, lambda path: save_file({TOKENS: eval_tokens.long()}, str(path))
+    )
     manifest = {
-        "format": CACHE_FORMAT, "id": uuid.uuid4().hex, "model_name": cfg["model_name"],
-        "hooks": {name: cfg["act_size"] for name in hook_names}, "dtype": str(dtype).removeprefix("torch."),
-        "dataset": str(cfg["dataset_path"]), "seq_len": cfg["seq_len"], "exclude_bos": bool(source.exclude_bos),
-        "bos_token_id": source.bos, "n_eval_rows": len(eval_tokens), "num_tokens": n_written, "shards": shards,
+        "format": CACHE_FORMAT,
+        "id": uuid.uuid4().hex,
+        "model_name": cfg["model_name"],
+        "hooks": {name: cfg["act_size"] for name in hook_names},
+        "dtype": str(dtype).removeprefix("torch."),
+        "dataset": str(cfg["dataset_path"]),
+        "seq_len": cfg["seq_len"],
+        "exclude_bos": bool(source.exclude_bos),
+        "bos_token_id": source.bos,
+        "n_eval_rows": len(eval_tokens),
+        "num_tokens": n_written,
+        "shards": shards,
     }
-    atomic_write(folder / MANIFEST_FILE, lambda path: path.write_text(json.dumps(manifest, indent=1)))
+    atomic_write(
+        folder / MANIFEST_FILE, lambda path: path.write_text(json.dumps(manifest, indent=1))
+    )
     return manifest
 
 
@@ -138,12 +168,18 @@ def prepare_cache_folder(folder: Path, overwrite: bool) -> Path:
     if folder.exists() and any(folder.iterdir()):
         names = [entry.name for entry in folder.iterdir()]
         foreign = sorted(name for name in names if not _cache_file(name))
-        if foreign or not ({MANIFEST_FILE, MARKER_FILE} & set(names) or list(folder.glob("shard_*.safetensors"))):
-            raise ValueError(f"{folder} is not empty and holds no activation cache (it holds "
-                             f"{', '.join(foreign[:5])}); write the cache to a new or empty folder.")
+        if foreign or not (
+            {MANIFEST_FILE, MARKER_FILE} & set(names) or list(folder.glob("shard_*.safetensors"))
+        ):
+            raise ValueError(
+                f"{folder} is not empty and holds no activation cache (it holds "
+                f"{', '.join(foreign[:5])}); write the cache to a new or empty folder."
+            )
         if MANIFEST_FILE in names and not overwrite:
-            raise ValueError(f"{folder} holds a complete activation cache; replace it with --overwrite "
-                             f"(overwrite=True) or write to another folder.")
+            raise ValueError(
+                f"{folder} holds a complete activation cache; replace it with --overwrite "
+                f"(overwrite=True) or write to another folder."
+            )
         (folder / MANIFEST_FILE).unlink(missing_ok=True)  # from here on the old cache is incomplete
         for old in [*folder.glob("shard_*.safetensors"), folder / EVAL_TOKENS_FILE]:
             old.unlink(missing_ok=True)
@@ -155,20 +191,31 @@ def prepare_cache_folder(folder: Path, overwrite: bool) -> Path:
 
 def _cache_file(name: str) -> bool:
     """A name the cache writes (or its temporary files)."""
-    return (name in (MANIFEST_FILE, EVAL_TOKENS_FILE, MARKER_FILE) or (name.startswith("shard_") and name.endswith(
-        ".safetensors")) or (name.startswith(".") and ".tmp-" in name))
+    return (
+        name in (MANIFEST_FILE, EVAL_TOKENS_FILE, MARKER_FILE)
+        or (name.startswith("shard_") and name.endswith(".safetensors"))
+        or (name.startswith(".") and ".tmp-" in name)
+    )
 
 
 def _shard_name(index: int) -> str:
     return f"shard_{index:05d}.safetensors"
 
 
-def _write_shard(folder: Path, index: int, hook_names: list[str],
-                 pending: list[tuple[torch.Tensor, list[torch.Tensor]]], count: int) -> list:
+def _write_shard(
+    folder: Path,
+    index: int,
+    hook_names: list[str],
+    pending: list[tuple[torch.Tensor, list[torch.Tensor]]],
+    count: int,
+) -> list:
     """Write the first `count` pending positions as shard `index`; returns what is left pending."""
     tokens = torch.cat([t for t, _ in pending])
     acts = [torch.cat([a[i] for _, a in pending]) for i in range(len(hook_names))]
-    tensors = {TOKENS: tokens[:count].contiguous(), **{name: a[:count].contiguous() for name, a in zip(hook_names, acts)}}
+    tensors = {
+        TOKENS: tokens[:count].contiguous(),
+        **{name: a[:count].contiguous() for name, a in zip(hook_names, acts)},
+    }
     atomic_write(folder / _shard_name(index), lambda path: save_file(tensors, str(path)))
     return [(tokens[count:], [a[count:] for a in acts])] if count < len(tokens) else []
 
@@ -186,17 +233,23 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     path = folder / MANIFEST_FILE
     if not path.exists():
         if list(folder.glob("shard_*.safetensors")):
-            raise ValueError(f"{folder} is an incomplete activation cache (no {MANIFEST_FILE}: writing it was "
-                             f"interrupted or is still running); write it again.")
-        raise ValueError(f"{folder} is not an activation cache (no {MANIFEST_FILE}); write one with "
-                         f"cache_activations.py.")
+            raise ValueError(
+                f"{folder} is an incomplete activation cache (no {MANIFEST_FILE}: writing it was "
+                f"interrupted or is still running); write it again."
+            )
+        raise ValueError(
+            f"{folder} is not an activation cache (no {MANIFEST_FILE}); write one with "
+            f"cache_activations.py."
+        )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not valid JSON ({error}); write the cache again.") from None
     if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
-        raise ValueError(f"{path}: not a manifest of this version's caches (format "
-                         f"{manifest.get('format') if isinstance(manifest, dict) else None!r}); write it again.")
+        raise ValueError(
+            f"{path}: not a manifest of this version's caches (format "
+            f"{manifest.get('format') if isinstance(manifest, dict) else None!r}); write it again."
+        )
     return manifest
 
 
@@ -204,7 +257,9 @@ def check_cache_matches(manifest: dict[str, Any], cfg: dict, folder: Path) -> No
     """The cache must hold the activations the cfg's dictionary reads, as the cfg's model gives them."""
     problems = []
     if canonical_model_name(manifest["model_name"]) != canonical_model_name(cfg["model_name"]) or (
-            canonical_model_name(cfg["model_name"]) is None and manifest["model_name"] != cfg["model_name"]):
+        canonical_model_name(cfg["model_name"]) is None
+        and manifest["model_name"] != cfg["model_name"]
+    ):
         problems.append(f"model {manifest['model_name']!r}, not {cfg['model_name']!r}")
     missing = [name for name in dictionary_hooks(cfg) if name not in manifest["hooks"]]
     if missing:
@@ -212,17 +267,25 @@ def check_cache_matches(manifest: dict[str, Any], cfg: dict, folder: Path) -> No
     for key in ("seq_len", "exclude_bos"):
         if cfg.get(key) is not None and manifest[key] != cfg[key]:
             problems.append(f"{key} {manifest[key]!r}, not {cfg[key]!r}")
-    widths = {name: manifest["hooks"][name] for name in dictionary_hooks(cfg) if name in manifest["hooks"]}
+    widths = {
+        name: manifest["hooks"][name] for name in dictionary_hooks(cfg) if name in manifest["hooks"]
+    }
     wanted = cfg.get("act_size")
     if wanted is not None and any(width != wanted for width in widths.values()):
-        problems.append(f"activations of width {sorted(set(widths.values()))}, not act_size {wanted}")
+        problems.append(
+            f"activations of width {sorted(set(widths.values()))}, not act_size {wanted}"
+        )
     if cfg.get("n_eval_rows") and manifest["n_eval_rows"] < cfg["n_eval_rows"]:
-        problems.append(f"{manifest['n_eval_rows']} held-out rows, not n_eval_rows {cfg['n_eval_rows']} "
-                        f"(train with --n-eval-rows {manifest['n_eval_rows']} or fewer)")
+        problems.append(
+            f"{manifest['n_eval_rows']} held-out rows, not n_eval_rows {cfg['n_eval_rows']} "
+            f"(train with --n-eval-rows {manifest['n_eval_rows']} or fewer)"
+        )
     if problems:
-        raise ValueError(f"The activation cache {folder} holds {'; '.join(problems)}. Train with the cache's "
-                         f"settings (--model, --layer/--site, --seq-len as when it was written) or write a "
-                         f"cache for these.")
+        raise ValueError(
+            f"The activation cache {folder} holds {'; '.join(problems)}. Train with the cache's "
+            f"settings (--model, --layer/--site, --seq-len as when it was written) or write a "
+            f"cache for these."
+        )
 
 
 class CachedActivationsStore:
@@ -249,7 +312,9 @@ class CachedActivationsStore:
         if self.n_activations == 0:
             raise ValueError(f"The activation cache {self.folder} holds no activations.")
         self.global_batch = cfg["batch_size"]
-        self.batch_size = distributed.local_batch_size(self.global_batch)  # this rank's rows of a batch
+        self.batch_size = distributed.local_batch_size(
+            self.global_batch
+        )  # this rank's rows of a batch
         self.buffer_size = cfg["num_batches_in_buffer"] * self.global_batch
         self.chunk = max(1, min(MAX_CHUNK, self.buffer_size // 16))
         self._batches_served = 0
@@ -263,17 +328,25 @@ class CachedActivationsStore:
         path = self.folder / shard["file"]
         try:
             with safe_open(path, framework="pt") as handle:
-                shapes = {name: handle.get_slice(name).get_shape() for name in (*self.hook_names, TOKENS)}
+                shapes = {
+                    name: handle.get_slice(name).get_shape() for name in (*self.hook_names, TOKENS)
+                }
         except (SafetensorError, OSError) as error:
-            raise ValueError(f"The activation cache shard {path} cannot be read ({error}): it is missing, "
-                             f"truncated or damaged; write the cache again.") from None
+            raise ValueError(
+                f"The activation cache shard {path} cannot be read ({error}): it is missing, "
+                f"truncated or damaged; write the cache again."
+            ) from None
         if any(shape[0] != shard["count"] for shape in shapes.values()):
-            raise ValueError(f"The activation cache shard {path} holds {shapes} positions, the manifest says "
-                             f"{shard['count']}; write the cache again.")
+            raise ValueError(
+                f"The activation cache shard {path} holds {shapes} positions, the manifest says "
+                f"{shard['count']}; write the cache again."
+            )
         for name in self.hook_names:
             if len(shapes[name]) != 2 or shapes[name][1] != self.manifest["hooks"][name]:
-                raise ValueError(f"The activation cache shard {path}: tensor {name!r} has shape {shapes[name]}, "
-                                 f"but {MANIFEST_FILE} gives width {self.manifest['hooks'][name]}; write the cache again.")
+                raise ValueError(
+                    f"The activation cache shard {path}: tensor {name!r} has shape {shapes[name]}, "
+                    f"but {MANIFEST_FILE} gives width {self.manifest['hooks'][name]}; write the cache again."
+                )
         return _tensor_layout(path, self.hook_names)
 
     # -- public ---------------------------------------------------------------------------------
@@ -289,7 +362,9 @@ class CachedActivationsStore:
 
     def get_eval_tokens(self, n_rows: int | None = None) -> torch.Tensor:
         """The first `n_rows` held-out rows of the cached data, ``[n_rows, seq_len]`` long."""
-        return first_held_out_rows(self._eval_tokens, n_rows, "write the cache with more n_eval_rows")
+        return first_held_out_rows(
+            self._eval_tokens, n_rows, "write the cache with more n_eval_rows"
+        )
 
     @property
     def epochs_completed(self) -> int:
@@ -304,15 +379,22 @@ class CachedActivationsStore:
         saved, current = state.get("settings", {}), self._stream_settings()
         changed = [key for key in current if saved.get(key) != current[key]]
         if changed:
-            raise ValueError("The saved data position was made with other settings: "
-                             + ", ".join(f"{key} {saved.get(key)!r} -> {current[key]!r}" for key in changed)
-                             + ". Resume with the run's own settings and cache, or start afresh.")
+            raise ValueError(
+                "The saved data position was made with other settings: "
+                + ", ".join(f"{key} {saved.get(key)!r} -> {current[key]!r}" for key in changed)
+                + ". Resume with the run's own settings and cache, or start afresh."
+            )
         self._batches_served = state["batches_served"]
         self._block_index = None
 
     def _stream_settings(self) -> dict[str, Any]:
-        return {"cache": self.manifest["id"], "hooks": self.hook_names, "batch_size": self.global_batch,
-                "num_batches_in_buffer": self.cfg["num_batches_in_buffer"], "seed": self.cfg["seed"]}
+        return {
+            "cache": self.manifest["id"],
+            "hooks": self.hook_names,
+            "batch_size": self.global_batch,
+            "num_batches_in_buffer": self.cfg["num_batches_in_buffer"],
+            "seed": self.cfg["seed"],
+        }
 
     # -- the shuffled stream ----------------------------------------------------------------------
 
@@ -322,11 +404,14 @@ class CachedActivationsStore:
             n_chunks = -(-self.n_activations // self.chunk)
             generator = torch.Generator().manual_seed(_seed(self.cfg["seed"], "epoch", epoch))
             order = torch.randperm(n_chunks, generator=generator)
-            lengths = (torch.clamp(self.n_activations - order * self.chunk, max=self.chunk))
+            lengths = torch.clamp(self.n_activations - order * self.chunk, max=self.chunk)
             self._epoch_orders = {epoch: (order, lengths.cumsum(0))}  # keep one epoch's
             if epoch > 0 and distributed.is_main_process():
-                warnings.warn(f"The activation cache {self.folder} is exhausted; starting epoch {epoch + 1} "
-                              f"in a new order.", stacklevel=4)
+                warnings.warn(
+                    f"The activation cache {self.folder} is exhausted; starting epoch {epoch + 1} "
+                    f"in a new order.",
+                    stacklevel=4,
+                )
         return self._epoch_orders[epoch]
 
     def _pieces(self, start: int, length: int) -> Iterator[tuple[int, int]]:
@@ -347,31 +432,49 @@ class CachedActivationsStore:
         """Shard `shard`'s activations at hook `name` as bytes ``[count, width x itemsize]``, mapped
         from the file (the OPEN_SHARDS most recently used stay mapped)."""
         offset, dtype, width = self._layouts[shard][name]
-        return np.memmap(self.folder / self.manifest["shards"][shard]["file"], dtype=np.uint8, mode="r",
-                         offset=offset, shape=(self.manifest["shards"][shard]["count"], width * dtype.itemsize))
+        return np.memmap(
+            self.folder / self.manifest["shards"][shard]["file"],
+            dtype=np.uint8,
+            mode="r",
+            offset=offset,
+            shape=(self.manifest["shards"][shard]["count"], width * dtype.itemsize),
+        )
 
     def _read(self, index: torch.Tensor) -> list[torch.Tensor]:
         """Per hook, the cached activations at the sorted cache indices `index` [n] (model dtype,
         CPU): only those rows are read from the files."""
         shards = torch.searchsorted(self._shard_ends, index, right=True)
         parts: list[list[torch.Tensor]] = [[] for _ in self.hook_names]
-        for shard, rows in zip(*(part.tolist() for part in torch.unique_consecutive(shards, return_counts=True))):
+        for shard, rows in zip(
+            *(part.tolist() for part in torch.unique_consecutive(shards, return_counts=True))
+        ):
             local = index[:rows] - (int(self._shard_ends[shard - 1]) if shard else 0)
             index = index[rows:]
             for part, name in zip(parts, self.hook_names):
                 dtype = self._layouts[shard][name][1]
-                part.append(torch.from_numpy(self._mapped_rows(shard, name)[local.numpy()]).view(dtype))
+                part.append(
+                    torch.from_numpy(self._mapped_rows(shard, name)[local.numpy()]).view(dtype)
+                )
         return [torch.cat(part) if len(part) > 1 else part[0] for part in parts]
 
     def _load_block(self, block: int) -> None:
         """This rank's rows of the block's batches, in the order served. The block is buffer_size
         consecutive positions of the epoch-ordered stream, shuffled by the block's generator; batch j
         is shuffled positions [j B, (j + 1) B), of which rank r serves [r b, (r + 1) b), b = B / W."""
-        index = torch.cat([torch.arange(a, b) for a, b in self._pieces(block * self.buffer_size, self.buffer_size)])
-        generator = torch.Generator(device=self.device).manual_seed(_seed(self.cfg["seed"], "block", block))
+        index = torch.cat(
+            [
+                torch.arange(a, b)
+                for a, b in self._pieces(block * self.buffer_size, self.buffer_size)
+            ]
+        )
+        generator = torch.Generator(device=self.device).manual_seed(
+            _seed(self.cfg["seed"], "block", block)
+        )
         order = torch.randperm(self.buffer_size, generator=generator, device=self.device).cpu()
         first = distributed.rank() * self.batch_size
-        mine = index[order.view(-1, self.global_batch)[:, first:first + self.batch_size].flatten()]
+        mine = index[
+            order.view(-1, self.global_batch)[:, first : first + self.batch_size].flatten()
+        ]
         sorted_index, served_at = mine.sort()  # read the files in order, then put the rows in place
         served_at = served_at.to(self.device)
         self._block = []
@@ -394,9 +497,15 @@ def _tensor_layout(path: Path, names: list[str]) -> dict[str, tuple[int, torch.d
     for name in names:
         dtype = SAFETENSORS_DTYPES.get(header[name]["dtype"])
         if dtype is None:
-            raise ValueError(f"The activation cache shard {path} stores {name} as {header[name]['dtype']}; "
-                             f"write the cache again from a float16, bfloat16 or float32 model.")
-        layout[name] = (8 + header_length + header[name]["data_offsets"][0], dtype, header[name]["shape"][1])
+            raise ValueError(
+                f"The activation cache shard {path} stores {name} as {header[name]['dtype']}; "
+                f"write the cache again from a float16, bfloat16 or float32 model."
+            )
+        layout[name] = (
+            8 + header_length + header[name]["data_offsets"][0],
+            dtype,
+            header[name]["shape"][1],
+        )
     return layout
 
 
@@ -415,4 +524,3 @@ def activation_store_for(model, cfg: dict):
 
         return TranscoderActivationsStore(model, cfg)
     return ActivationsStore(model, cfg)
-

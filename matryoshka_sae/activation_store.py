@@ -33,9 +33,9 @@ from typing import Any
 
 import datasets
 import torch
-from tqdm import tqdm
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 from datasets.exceptions import DatasetGenerationError
+from tqdm import tqdm
 
 from matryoshka_sae import distributed
 
@@ -67,7 +67,9 @@ def load_text_dataset(dataset_path: Any) -> Dataset | IterableDataset:
         from matryoshka_sae.builtin_corpus import python_docs_dataset
 
         return python_docs_dataset()
-    if isinstance(dataset_path, str) and dataset_path.startswith(BUILTIN_CORPUS + ":"):  # python-docs:train
+    if isinstance(dataset_path, str) and dataset_path.startswith(
+        BUILTIN_CORPUS + ":"
+    ):  # python-docs:train
         from matryoshka_sae.builtin_corpus import python_docs_dataset
 
         return python_docs_dataset(split=dataset_path.split(":", 1)[1])
@@ -86,15 +88,19 @@ def load_text_dataset(dataset_path: Any) -> Dataset | IterableDataset:
         try:
             return datasets.load_dataset(builder, data_files=str(path), split="train", **options)
         except DatasetGenerationError as error:
-            raise ValueError(f"cfg['dataset_path'] = {str(path)!r} cannot be read as {builder} data: "
-                             f"{error.__cause__ or error}") from None
+            raise ValueError(
+                f"cfg['dataset_path'] = {str(path)!r} cannot be read as {builder} data: "
+                f"{error.__cause__ or error}"
+            ) from None
     return datasets.load_dataset(str(dataset_path), split="train", streaming=True)
 
 
 def check_local_data_file(path: Path, builder: str) -> None:
     """Clear errors for a data file that is empty or, for text and JSON, not UTF-8 text."""
     if path.stat().st_size == 0:
-        raise ValueError(f"cfg['dataset_path'] = {str(path)!r} is an empty file; give a file with documents.")
+        raise ValueError(
+            f"cfg['dataset_path'] = {str(path)!r} is an empty file; give a file with documents."
+        )
     if builder in ("text", "json"):
         with open(path, "rb") as f:
             head = f.read(1 << 16)
@@ -102,17 +108,23 @@ def check_local_data_file(path: Path, builder: str) -> None:
             head.decode("utf-8")
         except UnicodeDecodeError as error:
             if error.start < len(head) - 3:  # not a character cut at the end of the sample
-                raise ValueError(f"cfg['dataset_path'] = {str(path)!r} is not UTF-8 text (byte {error.start}); "
-                                 f"give documents as UTF-8 text (.txt, .jsonl) or a .parquet file.") from None
+                raise ValueError(
+                    f"cfg['dataset_path'] = {str(path)!r} is not UTF-8 text (byte {error.start}); "
+                    f"give documents as UTF-8 text (.txt, .jsonl) or a .parquet file."
+                ) from None
         if b"\x00" in head:
-            raise ValueError(f"cfg['dataset_path'] = {str(path)!r} is a binary file, not text; give "
-                             f"documents as UTF-8 text (.txt, .jsonl) or a .parquet file.")
+            raise ValueError(
+                f"cfg['dataset_path'] = {str(path)!r} is a binary file, not text; give "
+                f"documents as UTF-8 text (.txt, .jsonl) or a .parquet file."
+            )
 
 
 def _train_split(splits: DatasetDict | IterableDatasetDict) -> Dataset | IterableDataset:
     if "train" not in splits:
-        raise ValueError(f"The dataset has splits {list(splits)} but no 'train' split; pass the "
-                         f"split to use as cfg['dataset_path'], e.g. dataset_dict['{next(iter(splits))}'].")
+        raise ValueError(
+            f"The dataset has splits {list(splits)} but no 'train' split; pass the "
+            f"split to use as cfg['dataset_path'], e.g. dataset_dict['{next(iter(splits))}']."
+        )
     return splits["train"]
 
 
@@ -180,8 +192,10 @@ def excluded_bos_token(model, cfg: dict) -> int | None:
         return None
     bos, _ = document_markers(model, cfg)
     if bos is None:
-        raise ValueError("cfg['exclude_bos'] is True but no BOS token is known: set "
-                         "cfg['bos_token_id'] to the BOS id, or cfg['exclude_bos'] = False.")
+        raise ValueError(
+            "cfg['exclude_bos'] is True but no BOS token is known: set "
+            "cfg['bos_token_id'] to the BOS id, or cfg['exclude_bos'] = False."
+        )
     return bos
 
 
@@ -204,8 +218,10 @@ def first_held_out_rows(eval_tokens: torch.Tensor, n_rows: int | None, fix: str)
     held_out = len(eval_tokens)
     n_rows = held_out if n_rows is None else n_rows
     if not 0 < n_rows <= held_out:
-        raise ValueError(f"get_eval_tokens({n_rows}): {held_out} rows are held out; ask for "
-                         f"1..{held_out} or {fix}.")
+        raise ValueError(
+            f"get_eval_tokens({n_rows}): {held_out} rows are held out; ask for "
+            f"1..{held_out} or {fix}."
+        )
     return eval_tokens[:n_rows]
 
 
@@ -271,18 +287,29 @@ class RowStream:
 
     def _end_epoch(self) -> None:
         if self._tokens_in_epoch == 0:
-            raise ValueError(f"No training data: the dataset holds no tokens beyond the {self._first_doc} "
-                             f"documents held out for evaluation; lower cfg['n_eval_rows'] or use more data.")
+            raise ValueError(
+                f"No training data: the dataset holds no tokens beyond the {self._first_doc} "
+                f"documents held out for evaluation; lower cfg['n_eval_rows'] or use more data."
+            )
         self.epoch += 1
         self._docs_read = self._tokens_in_epoch = 0
         self._documents = None
-        warnings.warn(f"The dataset {self._dataset_name} is exhausted; starting epoch {self.epoch + 1} "
-                      f"over the same documents.", stacklevel=4)
+        warnings.warn(
+            f"The dataset {self._dataset_name} is exhausted; starting epoch {self.epoch + 1} "
+            f"over the same documents.",
+            stacklevel=4,
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """The stream's position (copies; storable with ``torch.save(..., weights_only=True)``)."""
-        return {"epoch": self.epoch, "docs_read": self._docs_read, "tokens_in_epoch": self._tokens_in_epoch,
-                "rows_taken": self.rows_taken, "carry": self._carry.clone(), "pending": self._pending.clone()}
+        return {
+            "epoch": self.epoch,
+            "docs_read": self._docs_read,
+            "tokens_in_epoch": self._tokens_in_epoch,
+            "rows_taken": self.rows_taken,
+            "carry": self._carry.clone(),
+            "pending": self._pending.clone(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a position given by `state_dict`."""
@@ -316,8 +343,17 @@ class Lane:
     `load_state_dict` recomputes that one block (the same chunks, so bit-identical activations).
     """
 
-    def __init__(self, rows: RowStream, activations_of, chunk_rows: int, batch_size: int, n_batches: int,
-                 generator: torch.Generator, widths: list[int], device: torch.device):
+    def __init__(
+        self,
+        rows: RowStream,
+        activations_of,
+        chunk_rows: int,
+        batch_size: int,
+        n_batches: int,
+        generator: torch.Generator,
+        widths: list[int],
+        device: torch.device,
+    ):
         self.rows = rows
         self._activations_of = activations_of  # token rows -> per hook [kept positions, width]
         self._chunk_rows = chunk_rows
@@ -336,7 +372,9 @@ class Lane:
         """The next batch of every hook ``[batch_size, width]``, rows paired across hooks."""
         if self._pointer + self.batch_size > self.block_size:
             self.fill_block()
-        batches = [buffer[self._pointer : self._pointer + self.batch_size] for buffer in self._buffers]
+        batches = [
+            buffer[self._pointer : self._pointer + self.batch_size] for buffer in self._buffers
+        ]
         self._pointer += self.batch_size
         return batches
 
@@ -351,8 +389,15 @@ class Lane:
         self._block_start["generator"] = self._generator.get_state()
         columns = [[spill] for spill in self._spill]
         n_have = len(self._spill[0])
-        bar = tqdm(total=self.block_size, initial=n_have, desc="Filling the activation buffer", unit="tok",
-                   unit_scale=True, leave=False, disable=not progress or not distributed.is_main_process())
+        bar = tqdm(
+            total=self.block_size,
+            initial=n_have,
+            desc="Filling the activation buffer",
+            unit="tok",
+            unit_scale=True,
+            leave=False,
+            disable=not progress or not distributed.is_main_process(),
+        )
         while n_have < self.block_size:
             rows_before = self.rows.state_dict()
             fresh = self._activations_of(self.rows.take(self._chunk_rows))
@@ -363,9 +408,9 @@ class Lane:
             bar.update(min(len(fresh[0]), self.block_size - bar.n))
         bar.close()
         blocks = [torch.cat(column) for column in columns]
-        self._spill = [block[self.block_size:].clone() for block in blocks]  # frees the block
+        self._spill = [block[self.block_size :].clone() for block in blocks]  # frees the block
         order = torch.randperm(self.block_size, generator=self._generator, device=self._device)
-        self._buffers = [block[:self.block_size][order] for block in blocks]
+        self._buffers = [block[: self.block_size][order] for block in blocks]
         self._pointer = 0
 
     def skip_rows(self, n_rows: int) -> None:
@@ -382,7 +427,7 @@ class Lane:
         self.rows.load_state_dict(state["rows"])
         rows_before = self.rows.state_dict()
         chunk = self._activations_of(self.rows.take(self._chunk_rows))
-        self._spill = [acts[state["skip"]:] for acts in chunk]
+        self._spill = [acts[state["skip"] :] for acts in chunk]
         self._last_chunk = (rows_before, len(chunk[0]))
         self._generator.set_state(state["generator"])
         self.fill_block()
@@ -441,8 +486,10 @@ class ActivationsStore:
         self.hook_names = [name for name, _ in self.hooks]
         self.stop_at_layer = self._check_hooks()
         if self.seq_len > model.cfg.n_ctx:
-            raise ValueError(f"cfg['seq_len'] = {self.seq_len} exceeds the model's context of "
-                             f"{model.cfg.n_ctx} tokens; lower cfg['seq_len'].")
+            raise ValueError(
+                f"cfg['seq_len'] = {self.seq_len} exceeds the model's context of "
+                f"{model.cfg.n_ctx} tokens; lower cfg['seq_len']."
+            )
 
         self.dataset = load_text_dataset(cfg["dataset_path"])
         self.column = find_data_column(self.dataset)
@@ -459,16 +506,22 @@ class ActivationsStore:
         if cfg.get("eval_dataset_path") is not None:
             eval_dataset = load_text_dataset(cfg["eval_dataset_path"])
             if find_data_column(eval_dataset) != self.column:
-                raise ValueError(f"cfg['eval_dataset_path'] holds a '{find_data_column(eval_dataset)}' "
-                                 f"column but the training data a '{self.column}' column; give both "
-                                 f"the same kind of data.")
+                raise ValueError(
+                    f"cfg['eval_dataset_path'] holds a '{find_data_column(eval_dataset)}' "
+                    f"column but the training data a '{self.column}' column; give both "
+                    f"the same kind of data."
+                )
         eval_tokens, n_eval_docs = self._hold_out_rows(eval_dataset, cfg["n_eval_rows"])
         self._eval_tokens = eval_tokens
         self._n_eval_docs = n_eval_docs if eval_dataset is self.dataset else 0
 
-        self.batch_size = distributed.local_batch_size(cfg["batch_size"])  # this rank's rows of a batch
+        self.batch_size = distributed.local_batch_size(
+            cfg["batch_size"]
+        )  # this rank's rows of a batch
         self.n_lanes = 0
-        self._lanes: dict[int, tuple[Lane, slice]] = {}  # this rank's lanes: lane, its rows of a lane batch
+        self._lanes: dict[
+            int, tuple[Lane, slice]
+        ] = {}  # this rank's lanes: lane, its rows of a lane batch
         self._set_lanes(cfg.get("data_lanes") or distributed.world_size())
         for lane, _ in self._lanes.values():
             lane.fill_block(progress=True)  # early, so that bad settings or data fail here
@@ -505,28 +558,45 @@ class ActivationsStore:
         batch (each with the slice of its lane batch that this rank serves)."""
         global_batch = self.cfg["batch_size"]
         if global_batch % n_lanes:
-            raise ValueError(f"cfg['batch_size'] = {global_batch} does not divide among {n_lanes} data lanes "
-                             f"(cfg['data_lanes']); set --data-lanes to a divisor of the batch size.")
+            raise ValueError(
+                f"cfg['batch_size'] = {global_batch} does not divide among {n_lanes} data lanes "
+                f"(cfg['data_lanes']); set --data-lanes to a divisor of the batch size."
+            )
         lane_batch, first = global_batch // n_lanes, distributed.rank() * self.batch_size
         widths = [self.cfg[size_key] for _, size_key in self.hooks]
         self.n_lanes, self._lanes = n_lanes, {}
         for index in range(first // lane_batch, (first + self.batch_size - 1) // lane_batch + 1):
             start = max(first, index * lane_batch) - index * lane_batch
             stop = min(first + self.batch_size, (index + 1) * lane_batch) - index * lane_batch
-            generator = torch.Generator(device=self.device).manual_seed(lane_seed(self.cfg["seed"], index))
-            lane = Lane(self._new_row_stream(index, n_lanes), self.activations_of, self.cfg["model_batch_size"],
-                        lane_batch, self.cfg["num_batches_in_buffer"], generator, widths, self.device)
+            generator = torch.Generator(device=self.device).manual_seed(
+                lane_seed(self.cfg["seed"], index)
+            )
+            lane = Lane(
+                self._new_row_stream(index, n_lanes),
+                self.activations_of,
+                self.cfg["model_batch_size"],
+                lane_batch,
+                self.cfg["num_batches_in_buffer"],
+                generator,
+                widths,
+                self.device,
+            )
             self._lanes[index] = (lane, slice(start, stop))
         if n_lanes % distributed.world_size() and distributed.is_main_process():
-            warnings.warn(f"The data stream has {n_lanes} lane(s) (cfg['data_lanes']) for {distributed.world_size()} "
-                          f"ranks: ranks that serve rows of one lane each run the model on all of it. The batches "
-                          f"are exact but the model's work is not divided; start runs with --data-lanes a "
-                          f"multiple of every number of ranks they may run on.", stacklevel=3)
+            warnings.warn(
+                f"The data stream has {n_lanes} lane(s) (cfg['data_lanes']) for {distributed.world_size()} "
+                f"ranks: ranks that serve rows of one lane each run the model on all of it. The batches "
+                f"are exact but the model's work is not divided; start runs with --data-lanes a "
+                f"multiple of every number of ranks they may run on.",
+                stacklevel=3,
+            )
 
     def _next_batches(self) -> list[torch.Tensor]:
         """This rank's rows of the next global batch, per hook (rows paired across hooks): its slices
         of its lanes' batches, in lane order."""
-        parts = [[batch[rows] for batch in lane.next_batches()] for lane, rows in self._lanes.values()]
+        parts = [
+            [batch[rows] for batch in lane.next_batches()] for lane, rows in self._lanes.values()
+        ]
         return parts[0] if len(parts) == 1 else [torch.cat(column) for column in zip(*parts)]
 
     # -- position: exact resume ------------------------------------------------------------------
@@ -540,8 +610,15 @@ class ActivationsStore:
         """
         lanes = {index: lane.state_dict() for index, (lane, _) in self._lanes.items()}
         if distributed.is_active():
-            lanes = {index: state for part in distributed.gather_objects(lanes) for index, state in part.items()}
-        return {"lanes": [lanes[index] for index in range(self.n_lanes)], "settings": self._stream_settings()}
+            lanes = {
+                index: state
+                for part in distributed.gather_objects(lanes)
+                for index, state in part.items()
+            }
+        return {
+            "lanes": [lanes[index] for index in range(self.n_lanes)],
+            "settings": self._stream_settings(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where the store that gave `state` (its `state_dict`, from any number of
@@ -552,9 +629,11 @@ class ActivationsStore:
             current["data_lanes"] = saved["data_lanes"]
         changed = [key for key in current if saved.get(key) != current[key]]
         if changed:
-            raise ValueError("The saved data position was made with other settings: "
-                             + ", ".join(f"{key} {saved.get(key)!r} -> {current[key]!r}" for key in changed)
-                             + ". Resume with the run's own settings (its config.json), or start afresh.")
+            raise ValueError(
+                "The saved data position was made with other settings: "
+                + ", ".join(f"{key} {saved.get(key)!r} -> {current[key]!r}" for key in changed)
+                + ". Resume with the run's own settings (its config.json), or start afresh."
+            )
         if saved["data_lanes"] != self.n_lanes:
             self._set_lanes(saved["data_lanes"])
         for index, (lane, _) in self._lanes.items():
@@ -562,9 +641,20 @@ class ActivationsStore:
 
     def _stream_settings(self) -> dict[str, Any]:
         """What the stream of batches depends on besides the data position."""
-        keys = ("batch_size", "num_batches_in_buffer", "model_batch_size", "seq_len", "seed", "exclude_bos")
-        return {"hooks": list(self.hook_names), "dataset": _describe(self.cfg["dataset_path"]),
-                **{key: self.cfg.get(key) for key in keys}, "data_lanes": self.n_lanes}
+        keys = (
+            "batch_size",
+            "num_batches_in_buffer",
+            "model_batch_size",
+            "seq_len",
+            "seed",
+            "exclude_bos",
+        )
+        return {
+            "hooks": list(self.hook_names),
+            "dataset": _describe(self.cfg["dataset_path"]),
+            **{key: self.cfg.get(key) for key in keys},
+            "data_lanes": self.n_lanes,
+        }
 
     def get_eval_tokens(self, n_rows: int | None = None) -> torch.Tensor:
         """The first `n_rows` held-out rows (default: all), ``[n_rows, seq_len]`` long, on cfg["device"].
@@ -583,8 +673,10 @@ class ActivationsStore:
         """Check the hooks exist (enabling hook_mlp_in); return the layer to stop the model at."""
         for name in self.hook_names:
             if name not in self.model.hook_dict:
-                raise ValueError(f"The model has no hook {name!r}; check cfg['site'] and cfg['layer'] "
-                                 f"(the model has {self.model.cfg.n_layers} layers).")
+                raise ValueError(
+                    f"The model has no hook {name!r}; check cfg['site'] and cfg['layer'] "
+                    f"(the model has {self.model.cfg.n_layers} layers)."
+                )
             if name.endswith("hook_mlp_in"):
                 self.model.set_use_hook_mlp_in(True)
         blocks = [block_index(name) for name in self.hook_names]
@@ -596,11 +688,17 @@ class ActivationsStore:
         """Lane `lane` of `n_lanes`'s training rows from the start (by default the whole stream): every
         epoch skips the documents held out for evaluation."""
         share = (lane, n_lanes)
-        return RowStream(lambda skip_docs: self._read_documents(self.dataset, skip_docs, DOCS_PER_READ, share),
-                         self._rows_of, self._n_eval_docs, self.seq_len, _describe(self.cfg["dataset_path"]))
+        return RowStream(
+            lambda skip_docs: self._read_documents(self.dataset, skip_docs, DOCS_PER_READ, share),
+            self._rows_of,
+            self._n_eval_docs,
+            self.seq_len,
+            _describe(self.cfg["dataset_path"]),
+        )
 
-    def _read_documents(self, dataset, skip_docs: int, docs_per_read: int, share: tuple[int, int] = (0, 1)
-                        ) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    def _read_documents(
+        self, dataset, skip_docs: int, docs_per_read: int, share: tuple[int, int] = (0, 1)
+    ) -> Iterator[tuple[int, list[torch.Tensor]]]:
         """One pass over `dataset` after `skip_docs` documents: (documents read, their 1-D token ids).
 
         share = (lane, lanes): each read takes docs_per_read x lanes documents and keeps those at
@@ -614,10 +712,14 @@ class ActivationsStore:
             n_read = len(batch[self.column])
             docs = [doc for doc in batch[self.column][lane::lanes] if doc is not None]
             if self.column == TEXT_COLUMN and docs:
-                docs = self.model.tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]
+                docs = self.model.tokenizer(docs, add_special_tokens=False, verbose=False)[
+                    "input_ids"
+                ]
             yield n_read, [torch.as_tensor(doc, dtype=torch.long) for doc in docs]
 
-    def _rows_of(self, docs: list[torch.Tensor], carry: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rows_of(
+        self, docs: list[torch.Tensor], carry: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows from documents: pre-tokenised rows of exactly seq_len as they are, the rest packed."""
         ready = []
         if self.column != TEXT_COLUMN:
@@ -639,9 +741,13 @@ class ActivationsStore:
                 if n_have >= n_rows:
                     break
             else:
-                raise ValueError(f"The dataset has fewer than cfg['n_eval_rows'] = {n_rows} rows of "
-                                 f"{self.seq_len} tokens; lower cfg['n_eval_rows'] or use more data.")
-        held_out = torch.cat(rows)[:n_rows] if rows else torch.empty(0, self.seq_len, dtype=torch.long)
+                raise ValueError(
+                    f"The dataset has fewer than cfg['n_eval_rows'] = {n_rows} rows of "
+                    f"{self.seq_len} tokens; lower cfg['n_eval_rows'] or use more data."
+                )
+        held_out = (
+            torch.cat(rows)[:n_rows] if rows else torch.empty(0, self.seq_len, dtype=torch.long)
+        )
         return held_out.to(self.device), n_docs
 
     # -- activations and the buffer -------------------------------------------------------------
@@ -656,7 +762,9 @@ class ActivationsStore:
         tokens = tokens.to(self.model.cfg.device)
         with torch.no_grad():
             _, cache = self.model.run_with_cache(
-                tokens, names_filter=self.hook_names, stop_at_layer=self.stop_at_layer,
+                tokens,
+                names_filter=self.hook_names,
+                stop_at_layer=self.stop_at_layer,
                 return_cache_object=False,
             )
         keep = tokens != self.bos if self.exclude_bos else None
@@ -671,8 +779,10 @@ class ActivationsStore:
                 )
             acts = acts[keep] if keep is not None else acts.flatten(0, 1)
             if not torch.isfinite(acts).all():
-                raise ValueError(f"Activations at hook {name} contain NaN or inf; check the model's "
-                                 f"weights and cfg['model_dtype'] (float16 can overflow).")
+                raise ValueError(
+                    f"Activations at hook {name} contain NaN or inf; check the model's "
+                    f"weights and cfg['model_dtype'] (float16 can overflow)."
+                )
             out.append(acts)
         return (tokens[keep] if keep is not None else tokens.flatten()), out
 

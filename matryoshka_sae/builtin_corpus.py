@@ -28,8 +28,18 @@ import datasets
 # GUI and demo code, the removed 2to3 tool, bundled wheels, and installed third-party packages.
 SKIPPED_DIRS = frozenset(
     {
-        "test", "tests", "idle_test", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip",
-        "site-packages", "dist-packages", "pydoc_data", "__pycache__",
+        "test",
+        "tests",
+        "idle_test",
+        "idlelib",
+        "tkinter",
+        "turtledemo",
+        "lib2to3",
+        "ensurepip",
+        "site-packages",
+        "dist-packages",
+        "pydoc_data",
+        "__pycache__",
     }
 )
 SPLITS = ("all", "train", "test")

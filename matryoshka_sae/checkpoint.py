@@ -56,7 +56,10 @@ WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "config.json"
 TRAINING_STATE_FILE = "training_state.pt"
 # The files of the save before, kept so that an interrupted save (or one of a group) can be undone.
-PREVIOUS = {TRAINING_STATE_FILE: "training_state.previous.pt", WEIGHTS_FILE: "sae.previous.safetensors"}
+PREVIOUS = {
+    TRAINING_STATE_FILE: "training_state.previous.pt",
+    WEIGHTS_FILE: "sae.previous.safetensors",
+}
 METRICS_FILE = "metrics.json"
 HISTORY_FILE = "history.jsonl"
 MARKER_FILE = ".written-by"
@@ -64,8 +67,20 @@ LOCK_FILE = "run.lock"
 PROBE_FILE = ".write-probe"
 TRAINING_TOOL = "training"
 # Everything training (and the demo's report, and inspect_sae.py by default) writes into a run folder.
-RUN_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, TRAINING_STATE_FILE, METRICS_FILE, HISTORY_FILE, LOCK_FILE,
-                       *PREVIOUS.values(), "prefix_fvu.png", "firing_density.png", "feature_browser"})
+RUN_FILES = frozenset(
+    {
+        CONFIG_FILE,
+        WEIGHTS_FILE,
+        TRAINING_STATE_FILE,
+        METRICS_FILE,
+        HISTORY_FILE,
+        LOCK_FILE,
+        *PREVIOUS.values(),
+        "prefix_fvu.png",
+        "firing_density.png",
+        "feature_browser",
+    }
+)
 # Errors of the disk rather than of the program: full, read-only, not permitted, over quota.
 DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
 
@@ -115,9 +130,12 @@ def atomic_write(path: Path, write: Callable[[Path], None], previous: Path | Non
         _fsync_folder(path.parent)
     except OSError as error:
         if error.errno in DISK_ERRNOS and not isinstance(error, CheckpointWriteError):
-            raise CheckpointWriteError(error.errno, f"cannot write {path}: {os.strerror(error.errno)}; "
-                                       f"the file it replaces is intact. Free space or choose a writable "
-                                       f"folder, then resume") from error
+            raise CheckpointWriteError(
+                error.errno,
+                f"cannot write {path}: {os.strerror(error.errno)}; "
+                f"the file it replaces is intact. Free space or choose a writable "
+                f"folder, then resume",
+            ) from error
         raise
     finally:
         tmp.unlink(missing_ok=True)
@@ -160,12 +178,14 @@ def set_rng_states(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     pos, has_gauss, gauss = state["numpy_rest"]
-    np.random.set_state({
-        "bit_generator": "MT19937",
-        "state": {"key": state["numpy_key"].numpy().astype(np.uint32), "pos": pos},
-        "has_gauss": has_gauss,
-        "gauss": gauss,
-    })
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": state["numpy_key"].numpy().astype(np.uint32), "pos": pos},
+            "has_gauss": has_gauss,
+            "gauss": gauss,
+        }
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -191,7 +211,9 @@ def save_checkpoint(
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(folder / CONFIG_FILE, _write_text(cfg_to_json(cfg)))
     if metrics is not None:
-        atomic_write(folder / METRICS_FILE, _write_text(json.dumps(metrics, indent=2, sort_keys=True)))
+        atomic_write(
+            folder / METRICS_FILE, _write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        )
     if history is not None:
         lines = "".join(json.dumps(row) + "\n" for row in history)
         atomic_write(folder / HISTORY_FILE, _write_text(lines))
@@ -202,12 +224,18 @@ def save_checkpoint(
             "rng": rng_states(),
             "extra": extra or {},
         }
-        atomic_write(folder / TRAINING_STATE_FILE, lambda path: torch.save(state, path),
-                      previous=folder / PREVIOUS[TRAINING_STATE_FILE])
+        atomic_write(
+            folder / TRAINING_STATE_FILE,
+            lambda path: torch.save(state, path),
+            previous=folder / PREVIOUS[TRAINING_STATE_FILE],
+        )
     tensors = {name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()}
     metadata = {"step": str(step)}
-    atomic_write(folder / WEIGHTS_FILE, lambda path: save_file(tensors, str(path), metadata=metadata),
-                  previous=folder / PREVIOUS[WEIGHTS_FILE] if step is not None else None)
+    atomic_write(
+        folder / WEIGHTS_FILE,
+        lambda path: save_file(tensors, str(path), metadata=metadata),
+        previous=folder / PREVIOUS[WEIGHTS_FILE] if step is not None else None,
+    )
     return folder
 
 
@@ -227,8 +255,9 @@ def _is_temporary(name: str) -> bool:
     return name.startswith(".") and (".tmp-" in name or name == PROBE_FILE)
 
 
-def check_replaceable(folder: str | Path, tool: str, own_entries: Collection[str],
-                      inputs: Sequence[str | Path] = ()) -> None:
+def check_replaceable(
+    folder: str | Path, tool: str, own_entries: Collection[str], inputs: Sequence[str | Path] = ()
+) -> None:
     """Refuse (ValueError) to replace `folder` unless `tool` wrote it and nothing else is in it.
 
     Refused: `folder` is one of `inputs` or contains one of them (or the current folder); it is a
@@ -240,13 +269,21 @@ def check_replaceable(folder: str | Path, tool: str, own_entries: Collection[str
     for given in [*inputs, Path.cwd()]:
         inside = Path(given).resolve()
         if inside == where or where in inside.parents:
-            what = "the current folder" if given == Path.cwd() and given not in inputs else f"the input {given}"
+            what = (
+                "the current folder"
+                if given == Path.cwd() and given not in inputs
+                else f"the input {given}"
+            )
             relation = "is" if inside == where else "contains"
-            raise ValueError(f"refusing to replace {folder}: it {relation} {what}; choose a new output folder.")
+            raise ValueError(
+                f"refusing to replace {folder}: it {relation} {what}; choose a new output folder."
+            )
     if not folder.exists():
         return
     if not folder.is_dir():
-        raise ValueError(f"refusing to replace {folder}: it is a file, not a folder; choose a new output folder.")
+        raise ValueError(
+            f"refusing to replace {folder}: it is a file, not a folder; choose a new output folder."
+        )
     entries = sorted(entry.name for entry in folder.iterdir() if not _is_temporary(entry.name))
     if not entries:
         return
@@ -254,20 +291,26 @@ def check_replaceable(folder: str | Path, tool: str, own_entries: Collection[str
     writer = marker.read_text(errors="replace").strip() if marker.is_file() else None
     if writer != tool:
         by = "no marker file " + MARKER_FILE if writer is None else f"its marker says {writer!r}"
-        raise ValueError(f"refusing to replace {folder}: {tool} did not write it ({by}); choose a new folder "
-                         f"or move it away yourself.")
+        raise ValueError(
+            f"refusing to replace {folder}: {tool} did not write it ({by}); choose a new folder "
+            f"or move it away yourself."
+        )
     foreign = [name for name in entries if name not in own_entries and name != MARKER_FILE]
     if foreign:
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-        raise ValueError(f"refusing to replace {folder}: it holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} "
-                         f"{tool} did not write ({shown}); choose a new folder or move them away yourself.")
+        raise ValueError(
+            f"refusing to replace {folder}: it holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} "
+            f"{tool} did not write ({shown}); choose a new folder or move them away yourself."
+        )
 
 
 def _has_entries(folder: Path) -> bool:
     return any(not _is_temporary(entry.name) for entry in folder.iterdir())
 
 
-def claim_run_folder(cfg: dict, resume_from: str | Path | None = None, overwrite: bool = False) -> Path:
+def claim_run_folder(
+    cfg: dict, resume_from: str | Path | None = None, overwrite: bool = False
+) -> Path:
     """Make ``checkpoint_dir / name`` this process's run folder, before any expensive work.
 
     New run (`resume_from` is not this folder): a folder that holds anything is never written into. A derived name
@@ -297,10 +340,14 @@ def _new_run_folder(cfg: dict, overwrite: bool) -> Path:
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ValueError(f"checkpoint_dir {str(parent)!r} cannot be created ({error.strerror or error}); "
-                         f"choose a writable --checkpoint-dir.") from None
+        raise ValueError(
+            f"checkpoint_dir {str(parent)!r} cannot be created ({error.strerror or error}); "
+            f"choose a writable --checkpoint-dir."
+        ) from None
     if not parent.is_dir():
-        raise ValueError(f"checkpoint_dir {str(parent)!r} is a file, not a folder; choose another --checkpoint-dir.")
+        raise ValueError(
+            f"checkpoint_dir {str(parent)!r} is a file, not a folder; choose another --checkpoint-dir."
+        )
     derived_name = cfg.get("derived", {}).get("name") == cfg["name"]
     base, counter = cfg["name"], 1
     while True:
@@ -311,11 +358,15 @@ def _new_run_folder(cfg: dict, overwrite: bool) -> Path:
         except FileExistsError:
             pass
         except OSError as error:
-            raise ValueError(f"cannot create the run folder {folder} ({error.strerror or error}); choose a "
-                             f"writable --checkpoint-dir.") from None
+            raise ValueError(
+                f"cannot create the run folder {folder} ({error.strerror or error}); choose a "
+                f"writable --checkpoint-dir."
+            ) from None
         if not folder.is_dir():
             raise ValueError(f"{folder} is a file; choose another run name or --checkpoint-dir.")
-        if _lock_holder(folder) is None and not _has_entries(folder):  # (a dead process's lock is removed)
+        if _lock_holder(folder) is None and not _has_entries(
+            folder
+        ):  # (a dead process's lock is removed)
             return folder
         if overwrite or not derived_name:
             _check_not_locked(folder)
@@ -324,8 +375,10 @@ def _new_run_folder(cfg: dict, overwrite: bool) -> Path:
             _remove_run_files(folder)
             return folder
         if not derived_name:
-            raise ValueError(f"{folder} already holds a run; continue it with --resume {folder}, replace it "
-                             f"with --overwrite, or give the new run another name or --checkpoint-dir.")
+            raise ValueError(
+                f"{folder} already holds a run; continue it with --resume {folder}, replace it "
+                f"with --overwrite, or give the new run another name or --checkpoint-dir."
+            )
         counter += 1
         cfg["name"] = f"{base}-{counter}"
 
@@ -350,7 +403,9 @@ def probe_folder(folder: Path, option: str = "--checkpoint-dir") -> None:
             f.flush()
             os.fsync(f.fileno())
     except OSError as error:
-        raise ValueError(f"cannot write to {folder} ({error.strerror or error}); choose a writable {option}.") from None
+        raise ValueError(
+            f"cannot write to {folder} ({error.strerror or error}); choose a writable {option}."
+        ) from None
     finally:
         probe.unlink(missing_ok=True)
 
@@ -366,9 +421,15 @@ def dictionary_parameters(cfg: dict) -> int:
     skip matrix); enough for memory and disk estimates."""
     source = cfg.get("source_act_size") or cfg["act_size"]
     target = cfg.get("target_act_size") or cfg["act_size"]
-    if cfg.get("sae_type") == "matryoshka_clt":  # L encoders; decoders S x (L - j) x target for j < L
+    if (
+        cfg.get("sae_type") == "matryoshka_clt"
+    ):  # L encoders; decoders S x (L - j) x target for j < L
         n = len(cfg["clt_layers"])
-        return n * cfg["dict_size"] * (source + 1) + cfg["dict_size"] * target * n * (n + 1) // 2 + n * (source + target)
+        return (
+            n * cfg["dict_size"] * (source + 1)
+            + cfg["dict_size"] * target * n * (n + 1) // 2
+            + n * (source + target)
+        )
     count = cfg["dict_size"] * (source + target + 1) + source + target
     if cfg.get("transcoder_skip"):
         count += source * target
@@ -378,8 +439,10 @@ def dictionary_parameters(cfg: dict) -> int:
 def check_free_space(folder: Path, needed: int) -> None:
     free = shutil.disk_usage(folder).free
     if free < needed:
-        raise ValueError(f"the checkpoint folder {folder} has {free / 2**20:,.0f} MiB free, but the run's checkpoints "
-                         f"need about {needed / 2**20:,.0f} MiB; free space or choose another --checkpoint-dir.")
+        raise ValueError(
+            f"the checkpoint folder {folder} has {free / 2**20:,.0f} MiB free, but the run's checkpoints "
+            f"need about {needed / 2**20:,.0f} MiB; free space or choose another --checkpoint-dir."
+        )
 
 
 _HELD_LOCKS: set[Path] = set()
@@ -418,8 +481,10 @@ def _process_alive(pid) -> bool:
 def _check_not_locked(folder: Path) -> None:
     holder = _lock_holder(folder)
     if holder is not None and _lock_path(folder) not in _HELD_LOCKS:
-        raise ValueError(f"{folder} is in use by another run (process {holder['pid']} on {holder['host']}); wait "
-                         f"for it to end or choose another folder. If no run uses it, delete {folder / LOCK_FILE}.")
+        raise ValueError(
+            f"{folder} is in use by another run (process {holder['pid']} on {holder['host']}); wait "
+            f"for it to end or choose another folder. If no run uses it, delete {folder / LOCK_FILE}."
+        )
 
 
 def acquire_run_lock(folder: str | Path) -> None:
@@ -436,8 +501,10 @@ def acquire_run_lock(folder: str | Path) -> None:
             _check_not_locked(folder)  # raises unless the holder was dead (its lock is gone now)
             continue
         except OSError as error:
-            raise ValueError(f"cannot write to the checkpoint folder {folder} ({error.strerror or error}); choose "
-                             f"a writable --checkpoint-dir.") from None
+            raise ValueError(
+                f"cannot write to the checkpoint folder {folder} ({error.strerror or error}); choose "
+                f"a writable --checkpoint-dir."
+            ) from None
         with os.fdopen(fd, "w") as f:
             json.dump({"pid": os.getpid(), "host": socket.gethostname()}, f)
         _HELD_LOCKS.add(path)
@@ -467,19 +534,25 @@ def check_checkpoint_folder(folder: str | Path) -> None:
     """A clear error when `folder` is not a checkpoint folder (config.json and sae.safetensors)."""
     folder = Path(folder)
     if folder.is_file():
-        raise ValueError(f"{str(folder)!r} is a file, not a checkpoint folder; give the folder training wrote "
-                         f"(checkpoint_dir/name, holding {CONFIG_FILE} and {WEIGHTS_FILE}).")
+        raise ValueError(
+            f"{str(folder)!r} is a file, not a checkpoint folder; give the folder training wrote "
+            f"(checkpoint_dir/name, holding {CONFIG_FILE} and {WEIGHTS_FILE})."
+        )
     if not folder.is_dir():
         raise ValueError(f"{str(folder)!r} is not a checkpoint folder: no such folder.")
     missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (folder / name).is_file()]
     if missing:
-        raise ValueError(f"{str(folder)!r} is not a checkpoint folder: it has no {' and no '.join(missing)}. "
-                         f"Give a folder written by training or save_checkpoint (checkpoint_dir/name).")
+        raise ValueError(
+            f"{str(folder)!r} is not a checkpoint folder: it has no {' and no '.join(missing)}. "
+            f"Give a folder written by training or save_checkpoint (checkpoint_dir/name)."
+        )
 
 
 def _damaged_weights(folder: Path, error: Exception) -> ValueError:
-    return ValueError(f"{folder / WEIGHTS_FILE} cannot be read ({error}): the file is truncated or damaged. "
-                      f"Use an intact copy of the checkpoint.")
+    return ValueError(
+        f"{folder / WEIGHTS_FILE} cannot be read ({error}): the file is truncated or damaged. "
+        f"Use an intact copy of the checkpoint."
+    )
 
 
 def _read_weights(folder: Path, device: str) -> dict[str, torch.Tensor]:
@@ -497,13 +570,17 @@ def load_cfg(folder: str | Path) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text (a damaged or binary file); use an intact copy of the "
-                         f"checkpoint.") from None
+        raise ValueError(
+            f"{path} is not UTF-8 text (a damaged or binary file); use an intact copy of the "
+            f"checkpoint."
+        ) from None
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); "
-                         f"fix the edit or use an intact copy.") from None
+        raise ValueError(
+            f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); "
+            f"fix the edit or use an intact copy."
+        ) from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path} holds a JSON {type(raw).__name__}, not an object of settings.")
     cfg = cfg_from_json(text)
@@ -522,12 +599,17 @@ def check_weights_match(sae: torch.nn.Module, shapes: dict[str, Any], path: Path
     unexpected = sorted(set(shapes) - set(expected))
     if missing or unexpected:
         parts = ([f"lacks {', '.join(missing)}"] if missing else []) + (
-            [f"has unexpected {', '.join(unexpected)}"] if unexpected else [])
-        raise ValueError(f"{path} does not match its config.json ({sae.cfg['sae_type']}): it {' and '.join(parts)}.")
+            [f"has unexpected {', '.join(unexpected)}"] if unexpected else []
+        )
+        raise ValueError(
+            f"{path} does not match its config.json ({sae.cfg['sae_type']}): it {' and '.join(parts)}."
+        )
     for name, tensor in expected.items():
         if tuple(shapes[name]) != tuple(tensor.shape):
-            raise ValueError(f"{path}: tensor {name!r} has shape {tuple(shapes[name])}, but its config.json "
-                             f"(act_size, dict_size) needs {tuple(tensor.shape)}.")
+            raise ValueError(
+                f"{path}: tensor {name!r} has shape {tuple(shapes[name])}, but its config.json "
+                f"(act_size, dict_size) needs {tuple(tensor.shape)}."
+            )
 
 
 def load_history(folder: str | Path) -> list[dict[str, float]]:
@@ -550,7 +632,9 @@ def load_sae(folder: str | Path, device: str | torch.device | None = None) -> to
     `device` overrides the cfg's device (e.g. load a GPU-trained SAE on "cpu"); without it, an
     SAE saved on CUDA loads on the CPU of a machine that has no GPU.
     """
-    from matryoshka_sae.sae import create_sae  # imported here: sae.py imports nothing from this module
+    from matryoshka_sae.sae import (
+        create_sae,
+    )  # imported here: sae.py imports nothing from this module
 
     folder = Path(folder)
     check_checkpoint_folder(folder)
@@ -563,7 +647,9 @@ def load_sae(folder: str | Path, device: str | torch.device | None = None) -> to
     weights = _read_weights(folder, str(cfg["device"]))
     check_weights_match(sae, {name: t.shape for name, t in weights.items()}, folder / WEIGHTS_FILE)
     sae.load_state_dict(weights)
-    return sae.eval()  # eval mode: a forward pass changes no running statistic (JumpReLU's threshold)
+    return (
+        sae.eval()
+    )  # eval mode: a forward pass changes no running statistic (JumpReLU's threshold)
 
 
 def _weights_shapes(path: Path) -> dict[str, list[int]]:
@@ -587,15 +673,28 @@ def _weights_file_step(path: Path) -> int | None:
 def saved_steps(folder: str | Path) -> dict[int, tuple[Path, Path]]:
     """The complete training saves in `folder`: step -> (weights file, training state file)."""
     folder = Path(folder)
-    weights = {_weights_file_step(folder / name): folder / name
-               for name in (WEIGHTS_FILE, PREVIOUS[WEIGHTS_FILE]) if (folder / name).exists()}
-    states = {torch.load(folder / name, map_location="cpu", weights_only=True, mmap=True)["step"]: folder / name
-              for name in (TRAINING_STATE_FILE, PREVIOUS[TRAINING_STATE_FILE]) if (folder / name).exists()}
-    return {step: (weights[step], states[step]) for step in weights.keys() & states.keys() if step is not None}
+    weights = {
+        _weights_file_step(folder / name): folder / name
+        for name in (WEIGHTS_FILE, PREVIOUS[WEIGHTS_FILE])
+        if (folder / name).exists()
+    }
+    states = {
+        torch.load(folder / name, map_location="cpu", weights_only=True, mmap=True)["step"]: folder
+        / name
+        for name in (TRAINING_STATE_FILE, PREVIOUS[TRAINING_STATE_FILE])
+        if (folder / name).exists()
+    }
+    return {
+        step: (weights[step], states[step])
+        for step in weights.keys() & states.keys()
+        if step is not None
+    }
 
 
 def restore_checkpoint(
-    folder: str | Path, sae: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+    folder: str | Path,
+    sae: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
     step: int | None = None,
 ) -> dict[str, Any]:
     """Load a checkpoint's weights, buffers, optimizer state and RNG states into a live run.
@@ -606,21 +705,29 @@ def restore_checkpoint(
     """
     folder = Path(folder)
     check_checkpoint_folder(folder)
-    if not any((folder / name).exists() for name in (TRAINING_STATE_FILE, PREVIOUS[TRAINING_STATE_FILE])):
-        raise ValueError(f"{folder} has no {TRAINING_STATE_FILE}: it holds weights only and cannot be "
-                         f"resumed from. Load it with load_sae(folder) instead.")
+    if not any(
+        (folder / name).exists() for name in (TRAINING_STATE_FILE, PREVIOUS[TRAINING_STATE_FILE])
+    ):
+        raise ValueError(
+            f"{folder} has no {TRAINING_STATE_FILE}: it holds weights only and cannot be "
+            f"resumed from. Load it with load_sae(folder) instead."
+        )
     saved_cfg = load_cfg(folder)
     for key in ("sae_type", "act_size", "dict_size", "group_sizes"):
         if key in saved_cfg and saved_cfg[key] != sae.cfg.get(key):
-            raise ValueError(f"Cannot resume from {folder}: it was trained with {key}={saved_cfg[key]!r}, "
-                             f"this SAE has {key}={sae.cfg.get(key)!r}. Use the checkpoint's config.json.")
+            raise ValueError(
+                f"Cannot resume from {folder}: it was trained with {key}={saved_cfg[key]!r}, "
+                f"this SAE has {key}={sae.cfg.get(key)!r}. Use the checkpoint's config.json."
+            )
     check_weights_match(sae, _weights_shapes(folder / WEIGHTS_FILE), folder / WEIGHTS_FILE)
     saves = saved_steps(folder)
     step = max(saves, default=None) if step is None else step
     if step not in saves:
-        raise ValueError(f"{folder} is inconsistent: no step has both its weights and its training state "
-                         f"(complete saves: {sorted(saves)}; wanted {step}). Resume from an older copy or "
-                         f"start afresh.")
+        raise ValueError(
+            f"{folder} is inconsistent: no step has both its weights and its training state "
+            f"(complete saves: {sorted(saves)}; wanted {step}). Resume from an older copy or "
+            f"start afresh."
+        )
     weights_path, state_path = saves[step]
     for path, name in ((weights_path, WEIGHTS_FILE), (state_path, TRAINING_STATE_FILE)):
         if path.name != name:  # an interrupted save: its older files become current again
@@ -630,7 +737,9 @@ def restore_checkpoint(
     sae.load_state_dict(_read_weights(folder, str(device)))
     if optimizer is not None:
         if state["optimizer"] is None:
-            raise ValueError(f"{folder} was saved without optimizer state; it cannot be resumed from.")
+            raise ValueError(
+                f"{folder} was saved without optimizer state; it cannot be resumed from."
+            )
         optimizer.load_state_dict(state["optimizer"])
     set_rng_states(state["rng"])
     return {"step": state["step"], "extra": state["extra"]}

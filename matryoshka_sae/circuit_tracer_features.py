@@ -56,7 +56,12 @@ FEATURES_FOLDER = "features"
 VIEWER_MANIFEST = "viewer_features.json"
 HISTOGRAM_BINS = 40
 N_QUANTILE_VALUES = 100
-RANDOM_SECTIONS = [(0.75, 1.0), (0.5, 0.75), (0.25, 0.5), (0.0, 0.25)]  # quarters of the activations
+RANDOM_SECTIONS = [
+    (0.75, 1.0),
+    (0.5, 0.75),
+    (0.25, 0.5),
+    (0.0, 0.25),
+]  # quarters of the activations
 LATENTS_PER_STEP = 1024  # features whose histograms are derived at once: [1024, 41, 80] floats
 
 
@@ -73,8 +78,10 @@ def viewer_scan(name: str) -> str:
 def check_viewer_name(name: str) -> None:
     """The name is a path segment of the viewer's URLs: letters, digits, '.', '_', '-'."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise ValueError(f"Viewer feature set name {name!r}: use letters, digits, '.', '_' and '-' only "
-                         f"(it becomes part of the viewer's URLs).")
+        raise ValueError(
+            f"Viewer feature set name {name!r}: use letters, digits, '.', '_' and '-' only "
+            f"(it becomes part of the viewer's URLs)."
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,7 +89,9 @@ def check_viewer_name(name: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _log_bins(stats: FeatureStatistics, latents: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _log_bins(
+    stats: FeatureStatistics, latents: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """counts [n, B] of the latents' firing activations per log bin, and each bin's ends (low,
     high) [n, B], cut at the latent's largest activation (so the top bin ends there)."""
     counts = torch.zeros(len(latents), N_HISTOGRAM_BINS, dtype=torch.float64)
@@ -90,7 +99,7 @@ def _log_bins(stats: FeatureStatistics, latents: list[int]) -> tuple[torch.Tenso
     for row, i in enumerate(latents):
         histogram = stats.latent(i)["histogram"]
         first, values = histogram["first_bin"], histogram["counts"]
-        counts[row, first:first + len(values)] = torch.tensor(values, dtype=torch.float64)
+        counts[row, first : first + len(values)] = torch.tensor(values, dtype=torch.float64)
     edges = torch.tensor(HISTOGRAM_EDGES, dtype=torch.float64)
     low = torch.minimum(edges[:-1], maxima[:, None])
     high = torch.minimum(edges[1:], maxima[:, None])
@@ -106,8 +115,9 @@ def _fraction_below(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> t
     return torch.where(high > low, inside, (x >= high).double())
 
 
-def viewer_histograms(stats: FeatureStatistics, latents: list[int], bins: int = HISTOGRAM_BINS
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def viewer_histograms(
+    stats: FeatureStatistics, latents: list[int], bins: int = HISTOGRAM_BINS
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For the given latents: counts [n, bins] of their firing activations in equal bins over
     [0, max activation], and their 1st..100th percentiles [n, 100] (module docstring). Rows of
     latents that never fired are zero."""
@@ -119,7 +129,9 @@ def viewer_histograms(stats: FeatureStatistics, latents: list[int], bins: int = 
     histogram = below.diff(dim=1).clamp(min=0)
 
     total = counts.sum(1, keepdim=True)
-    targets = total * torch.arange(1, N_QUANTILE_VALUES + 1, dtype=torch.float64) / N_QUANTILE_VALUES
+    targets = (
+        total * torch.arange(1, N_QUANTILE_VALUES + 1, dtype=torch.float64) / N_QUANTILE_VALUES
+    )
     cumulative = counts.cumsum(1)
     bin_ = torch.searchsorted(cumulative, targets - 1e-9 * total).clamp(max=N_HISTOGRAM_BINS - 1)
     before = cumulative.gather(1, bin_) - counts.gather(1, bin_)
@@ -140,12 +152,14 @@ def _examples(stats: FeatureStatistics, contexts: list[dict], seen: set) -> list
     examples = []
     for context in contexts:
         key = tuple(context["tokens"])
-        examples.append({
-            "tokens_acts_list": [float(a) for a in context["activations"]],
-            "train_token_ind": context["center"],
-            "is_repeated_datapoint": key in seen,
-            "tokens": [stats.token_text(t) for t in context["tokens"]],
-        })
+        examples.append(
+            {
+                "tokens_acts_list": [float(a) for a in context["activations"]],
+                "train_token_ind": context["center"],
+                "is_repeated_datapoint": key in seen,
+                "tokens": [stats.token_text(t) for t in context["tokens"]],
+            }
+        )
         seen.add(key)
     return examples
 
@@ -154,13 +168,25 @@ def example_sections(stats: FeatureStatistics, i: int) -> list[dict]:
     """The viewer's examples_quantiles of latent i: its top contexts, then its random firings
     grouped by the quarter of its activations they fall in (`RANDOM_SECTIONS`), empty ones left out."""
     latent, seen = stats.latent(i), set()
-    sections = [{"quantile_name": "Top activations", "examples": _examples(stats, latent["top_contexts"], seen)}]
+    sections = [
+        {
+            "quantile_name": "Top activations",
+            "examples": _examples(stats, latent["top_contexts"], seen),
+        }
+    ]
     for low, high in RANDOM_SECTIONS:
-        contexts = [c for c in latent["random_contexts"]
-                    if low <= c["quantile"] < high or (high == 1.0 and c["quantile"] == 1.0)]
+        contexts = [
+            c
+            for c in latent["random_contexts"]
+            if low <= c["quantile"] < high or (high == 1.0 and c["quantile"] == 1.0)
+        ]
         if contexts:
-            sections.append({"quantile_name": f"Random firings, percentile {round(100 * low)}-{round(100 * high)}",
-                             "examples": _examples(stats, contexts, seen)})
+            sections.append(
+                {
+                    "quantile_name": f"Random firings, percentile {round(100 * low)}-{round(100 * high)}",
+                    "examples": _examples(stats, contexts, seen),
+                }
+            )
     return sections if latent["top_contexts"] else []
 
 
@@ -169,8 +195,13 @@ def _rounded(values: torch.Tensor) -> list[float]:
     return [float(f"{v:.4g}") for v in values.tolist()]
 
 
-def viewer_feature(stats: FeatureStatistics, i: int, transcoder_id: str, histogram: torch.Tensor,
-                   quantile_values: torch.Tensor) -> dict:
+def viewer_feature(
+    stats: FeatureStatistics,
+    i: int,
+    transcoder_id: str,
+    histogram: torch.Tensor,
+    quantile_values: torch.Tensor,
+) -> dict:
     """Latent i's file (circuit-tracer's `frontend.feature_models.Model`); `histogram` [bins] and
     `quantile_values` [100] from `viewer_histograms`."""
     latent = stats.latent(i)
@@ -194,8 +225,12 @@ def viewer_feature(stats: FeatureStatistics, i: int, transcoder_id: str, histogr
 # ---------------------------------------------------------------------------------------------
 
 
-def write_viewer_features(stats_by_layer: dict[int, FeatureStatistics], data_dir: str | Path, name: str,
-                          features: Iterable[tuple[int, int]] | None = None) -> str:
+def write_viewer_features(
+    stats_by_layer: dict[int, FeatureStatistics],
+    data_dir: str | Path,
+    name: str,
+    features: Iterable[tuple[int, int]] | None = None,
+) -> str:
     """Write the viewer's file of every feature of every layer (or only the (layer, index) pairs of
     `features`) under ``data_dir/features/<name>/`` and return the scan (module docstring).
 
@@ -212,17 +247,23 @@ def write_viewer_features(stats_by_layer: dict[int, FeatureStatistics], data_dir
         latents = [i for i in range(n_latents) if wanted is None or (layer, i) in wanted]
         transcoder_id = f"{name}/layer_{layer}"
         for start in range(0, len(latents), LATENTS_PER_STEP):
-            step = latents[start:start + LATENTS_PER_STEP]
+            step = latents[start : start + LATENTS_PER_STEP]
             histograms, quantiles = viewer_histograms(stats, step)
             for i, histogram, values in zip(step, histograms, quantiles):
                 feature = viewer_feature(stats, i, transcoder_id, histogram, values)
                 text = json.dumps(feature, separators=(",", ":"), ensure_ascii=False)
                 (folder / f"{cantor_pairing(layer, i)}.json").write_text(text, encoding="utf-8")
-        written[str(layer)] = {"n_latents": n_latents, "n_written": len(latents),
-                               "source": stats.data.get("source", {})}
+        written[str(layer)] = {
+            "n_latents": n_latents,
+            "n_written": len(latents),
+            "source": stats.data.get("source", {}),
+        }
         print(f"Viewer features: layer {layer}, {len(latents)} files")
     scan = viewer_scan(name)
-    manifest = {"scan": scan, "file_name": "cantor(layer, index).json, cantor(l, i) = (l + i)(l + i + 1)/2 + i",
-                "layers": written}
+    manifest = {
+        "scan": scan,
+        "file_name": "cantor(layer, index).json, cantor(l, i) = (l + i)(l + i + 1)/2 + i",
+        "layers": written,
+    }
     (folder / VIEWER_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return scan

@@ -56,9 +56,11 @@ def block_relative_hook(hook_name: str, layer: int) -> str:
     relative to each block)."""
     prefix = f"blocks.{layer}."
     if not hook_name.startswith(prefix):
-        raise NotRepresentable(f"hook {hook_name!r} is not inside block {layer}; circuit-tracer reads and "
-                               f"writes a hook of each transcoder's own block.")
-    return hook_name[len(prefix):]
+        raise NotRepresentable(
+            f"hook {hook_name!r} is not inside block {layer}; circuit-tracer reads and "
+            f"writes a hook of each transcoder's own block."
+        )
+    return hook_name[len(prefix) :]
 
 
 def hub_model_name(model_name: str) -> str:
@@ -72,12 +74,16 @@ def circuit_tracer_layer(transcoder: MatryoshkaTranscoder) -> dict[str, torch.Te
     """One layer's tensors in circuit-tracer's names and layout (see the module docstring)."""
     cfg = transcoder.cfg
     if cfg["input_unit_norm"]:
-        raise NotRepresentable(f"{cfg['name']}: input_unit_norm standardises each token, which circuit-tracer "
-                               f"cannot compute (it is not linear); train the set with input_unit_norm False "
-                               f"(the set's default).")
+        raise NotRepresentable(
+            f"{cfg['name']}: input_unit_norm standardises each token, which circuit-tracer "
+            f"cannot compute (it is not linear); train the set with input_unit_norm False "
+            f"(the set's default)."
+        )
     if transcoder.d_in != transcoder.d_out:
-        raise NotRepresentable(f"{cfg['name']}: source width {transcoder.d_in} != target width {transcoder.d_out}; "
-                               f"circuit-tracer's transcoders read and write the model's width.")
+        raise NotRepresentable(
+            f"{cfg['name']}: source width {transcoder.d_in} != target width {transcoder.d_out}; "
+            f"circuit-tracer's transcoders read and write the model's width."
+        )
     _, weights, _ = sae_lens_form(transcoder)
     tensors = {
         "W_enc": weights["W_enc"].t().contiguous(),  # F.linear's [out, in]
@@ -92,22 +98,34 @@ def circuit_tracer_layer(transcoder: MatryoshkaTranscoder) -> dict[str, torch.Te
     return tensors
 
 
-def circuit_tracer_config(transcoders: dict[int, MatryoshkaTranscoder], scan: str | None = None) -> dict:
+def circuit_tracer_config(
+    transcoders: dict[int, MatryoshkaTranscoder], scan: str | None = None
+) -> dict:
     """config.yaml's fields for a set {layer: transcoder} covering layers 0..L-1."""
     layers = sorted(transcoders)
     if layers != list(range(len(layers))):
         missing = sorted(set(range(max(layers) + 1)) - set(layers))
-        raise NotRepresentable(f"circuit-tracer replaces the MLP of every layer 0..L-1, but the set lacks layers "
-                               f"{missing or list(range(min(layers)))}; train it with --layers all.")
+        raise NotRepresentable(
+            f"circuit-tracer replaces the MLP of every layer 0..L-1, but the set lacks layers "
+            f"{missing or list(range(min(layers)))}; train it with --layers all."
+        )
     first = transcoders[0].cfg
-    input_hooks = {block_relative_hook(t.cfg["source_hook_point"], layer) for layer, t in transcoders.items()}
-    output_hooks = {block_relative_hook(t.cfg["target_hook_point"], layer) for layer, t in transcoders.items()}
+    input_hooks = {
+        block_relative_hook(t.cfg["source_hook_point"], layer) for layer, t in transcoders.items()
+    }
+    output_hooks = {
+        block_relative_hook(t.cfg["target_hook_point"], layer) for layer, t in transcoders.items()
+    }
     if len(input_hooks) > 1 or len(output_hooks) > 1:
-        raise NotRepresentable(f"circuit-tracer reads one hook and writes one hook in every block; the set's "
-                               f"transcoders read {sorted(input_hooks)} and write {sorted(output_hooks)}.")
+        raise NotRepresentable(
+            f"circuit-tracer reads one hook and writes one hook in every block; the set's "
+            f"transcoders read {sorted(input_hooks)} and write {sorted(output_hooks)}."
+        )
     widths = {t.dict_size for t in transcoders.values()}
     if len(widths) > 1:
-        raise NotRepresentable(f"circuit-tracer needs one width for every layer; the set has {sorted(widths)}.")
+        raise NotRepresentable(
+            f"circuit-tracer needs one width for every layer; the set has {sorted(widths)}."
+        )
     return {
         "model_kind": "transcoder_set",
         "model_name": hub_model_name(first["model_name"]),
@@ -125,8 +143,9 @@ def viewer_scan(set_folder: str | Path) -> str:
     return f"./data/features/{Path(set_folder).resolve().name}"
 
 
-def export_circuit_tracer(set_folder: str | Path, out_dir: str | Path, scan: str | None = None,
-                          overwrite: bool = False) -> Path:
+def export_circuit_tracer(
+    set_folder: str | Path, out_dir: str | Path, scan: str | None = None, overwrite: bool = False
+) -> Path:
     """Write the transcoder set in `set_folder` to `out_dir` in circuit-tracer's format; returns
     out_dir. Everything is checked before anything is written, and the folder appears complete or
     not at all; `overwrite` replaces only a folder an export wrote (sae_lens_format.write_export_folder)."""
@@ -145,15 +164,21 @@ def read_config(folder: str | Path) -> dict:
     folder = Path(folder)
     path = folder / CONFIG_YAML
     if not path.is_file():
-        raise FileNotFoundError(f"{folder} has no {CONFIG_YAML}; export a set there with export_sae.py "
-                                f"--format circuit-tracer.")
+        raise FileNotFoundError(
+            f"{folder} has no {CONFIG_YAML}; export a set there with export_sae.py "
+            f"--format circuit-tracer."
+        )
     config = yaml.safe_load(path.read_text())
-    if "transcoders" in config:  # a transcoder set; a cross-layer transcoder's files have fixed names
+    if (
+        "transcoders" in config
+    ):  # a transcoder set; a cross-layer transcoder's files have fixed names
         config["transcoders"] = [str((folder / name).resolve()) for name in config["transcoders"]]
     return config
 
 
-def load_in_circuit_tracer(folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+def load_in_circuit_tracer(
+    folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32
+):
     """circuit-tracer's own TranscoderSet, or CrossLayerTranscoder, for an exported folder (needs the
     circuit_tracer package)."""
     from circuit_tracer.utils.hf_utils import load_transcoders
@@ -161,8 +186,9 @@ def load_in_circuit_tracer(folder: str | Path, device: str = "cpu", dtype: torch
     config = read_config(folder)
     if config["model_kind"] == "cross_layer_transcoder":
         return load_clt_in_circuit_tracer(folder, device, dtype)
-    return load_transcoders(config, device=torch.device(device), dtype=dtype,
-                            lazy_encoder=False, lazy_decoder=False)
+    return load_transcoders(
+        config, device=torch.device(device), dtype=dtype, lazy_encoder=False, lazy_decoder=False
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,21 +225,31 @@ def circuit_tracer_clt_tensors(clt) -> dict[str, dict[str, torch.Tensor]]:
     layers = list(cfg["clt_layers"])
     n_model_layers = cfg.get("n_layers") or len(layers)
     if layers != list(range(n_model_layers)):
-        raise NotRepresentable(f"{cfg['name']}: circuit-tracer's CLT reads and writes every layer 0..{n_model_layers - 1} "
-                               f"of the model, but this one covers {layers}; train it with clt_layers None (all).")
+        raise NotRepresentable(
+            f"{cfg['name']}: circuit-tracer's CLT reads and writes every layer 0..{n_model_layers - 1} "
+            f"of the model, but this one covers {layers}; train it with clt_layers None (all)."
+        )
     if getattr(clt, "W_skip", None) is not None or cfg.get("transcoder_skip"):
-        raise NotRepresentable(f"{cfg['name']}: circuit-tracer's CLT format stores no skip connection; train the CLT "
-                               f"without one.")
+        raise NotRepresentable(
+            f"{cfg['name']}: circuit-tracer's CLT format stores no skip connection; train the CLT "
+            f"without one."
+        )
     if cfg["input_unit_norm"]:
-        raise NotRepresentable(f"{cfg['name']}: input_unit_norm standardises each token, which circuit-tracer cannot "
-                               f"compute; train with input_unit_norm False.")
+        raise NotRepresentable(
+            f"{cfg['name']}: input_unit_norm standardises each token, which circuit-tracer cannot "
+            f"compute; train with input_unit_norm False."
+        )
     if clt.d_in != clt.d_out:
-        raise NotRepresentable(f"{cfg['name']}: source width {clt.d_in} != target width {clt.d_out}; circuit-tracer's "
-                               f"CLT reads and writes the model's width.")
+        raise NotRepresentable(
+            f"{cfg['name']}: source width {clt.d_in} != target width {clt.d_out}; circuit-tracer's "
+            f"CLT reads and writes the model's width."
+        )
     thresholds = clt.inference_thresholds()  # [L, S]
     if (thresholds < 0).any():
-        raise NotRepresentable(f"{cfg['name']}: no inference threshold has been learned yet (threshold < 0); train the "
-                               f"CLT before exporting it.")
+        raise NotRepresentable(
+            f"{cfg['name']}: no inference threshold has been learned yet (threshold < 0); train the "
+            f"CLT before exporting it."
+        )
     S, files = clt.layer_size, {}
     with torch.no_grad():
         for i in range(clt.n_layers):
@@ -226,7 +262,9 @@ def circuit_tracer_clt_tensors(clt) -> dict[str, dict[str, torch.Tensor]]:
                 f"b_dec_{i}": (clt.b_dec[i] * clt.target_scale[i]).contiguous(),
                 f"threshold_{i}": thresholds[i].clamp(min=0).contiguous(),
             }
-            files[dec_name] = {f"W_dec_{i}": (clt.W_dec[i] * clt.target_scale[i:, None]).contiguous()}
+            files[dec_name] = {
+                f"W_dec_{i}": (clt.W_dec[i] * clt.target_scale[i:, None]).contiguous()
+            }
     return files
 
 
@@ -242,8 +280,9 @@ def circuit_tracer_clt_config(clt, scan: str | None = None) -> dict:
     }
 
 
-def export_circuit_tracer_clt(checkpoint: str | Path, out_dir: str | Path, scan: str | None = None,
-                              overwrite: bool = False) -> Path:
+def export_circuit_tracer_clt(
+    checkpoint: str | Path, out_dir: str | Path, scan: str | None = None, overwrite: bool = False
+) -> Path:
     """Write the cross-layer transcoder saved in `checkpoint` to `out_dir` in circuit-tracer's CLT
     format; returns out_dir. Checked before anything is written; the folder appears complete or not
     at all."""
@@ -251,8 +290,10 @@ def export_circuit_tracer_clt(checkpoint: str | Path, out_dir: str | Path, scan:
 
     clt = load_sae(checkpoint, device="cpu")
     if clt.cfg["sae_type"] != "matryoshka_clt":
-        raise NotRepresentable(f"{checkpoint} holds a {clt.cfg['sae_type']!r} dictionary, not a cross-layer "
-                               f"transcoder; export a transcoder set with export_circuit_tracer.")
+        raise NotRepresentable(
+            f"{checkpoint} holds a {clt.cfg['sae_type']!r} dictionary, not a cross-layer "
+            f"transcoder; export a transcoder set with export_circuit_tracer."
+        )
     config = circuit_tracer_clt_config(clt, scan)
     tensors = circuit_tracer_clt_tensors(clt)
     files = {CONFIG_YAML: lambda path: path.write_text(yaml.safe_dump(config, sort_keys=False))}
@@ -261,12 +302,21 @@ def export_circuit_tracer_clt(checkpoint: str | Path, out_dir: str | Path, scan:
     return write_export_folder(Path(out_dir), files, overwrite, inputs=[checkpoint])
 
 
-def load_clt_in_circuit_tracer(folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+def load_clt_in_circuit_tracer(
+    folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32
+):
     """circuit-tracer's own CrossLayerTranscoder for an exported folder (needs the circuit_tracer package)."""
     from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
 
     folder = Path(folder)
     config = yaml.safe_load((folder / CONFIG_YAML).read_text())
-    return load_clt(str(folder), feature_input_hook=config["feature_input_hook"],
-                    feature_output_hook=config["feature_output_hook"], scan=config["scan"],
-                    device=torch.device(device), dtype=dtype, lazy_decoder=False, lazy_encoder=False)
+    return load_clt(
+        str(folder),
+        feature_input_hook=config["feature_input_hook"],
+        feature_output_hook=config["feature_output_hook"],
+        scan=config["scan"],
+        device=torch.device(device),
+        dtype=dtype,
+        lazy_decoder=False,
+        lazy_encoder=False,
+    )

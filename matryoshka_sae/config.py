@@ -59,7 +59,15 @@ HOOK_SITES: dict[str, str] = {
     "ln2_normalized": "blocks.{layer}.ln2.hook_normalized",
 }
 
-SAE_TYPES = ("batchtopk", "topk", "vanilla", "jumprelu", "matryoshka", "matryoshka_transcoder", "matryoshka_clt")
+SAE_TYPES = (
+    "batchtopk",
+    "topk",
+    "vanilla",
+    "jumprelu",
+    "matryoshka",
+    "matryoshka_transcoder",
+    "matryoshka_clt",
+)
 SAE_TYPE_ALIASES = {
     "batch_topk": "batchtopk",
     "global-matryoshka-topk": "matryoshka",
@@ -249,8 +257,16 @@ def default_settings() -> dict[str, Any]:
 
 
 # Keys that `post_init_cfg` adds to a cfg besides the settings of `default_settings()`.
-DERIVED_KEYS = ("n_layers", "hook_point", "source_hook_point", "target_hook_point", "source_act_size",
-                "target_act_size", "name", "derived")
+DERIVED_KEYS = (
+    "n_layers",
+    "hook_point",
+    "source_hook_point",
+    "target_hook_point",
+    "source_act_size",
+    "target_act_size",
+    "name",
+    "derived",
+)
 
 # Keys of earlier versions found in saved config.json files: renamed (old -> new) or retired (-> None).
 RETIRED_KEYS: dict[str, str | None] = {}
@@ -283,32 +299,97 @@ FORMAT_UPGRADES: dict[int, dict[str, Any]] = {
 # What other libraries (SAELens, sparsify, dictionary_learning) call our settings: suggested when a
 # cfg holds one of these names, which string similarity alone would not find.
 OTHER_NAMES = {
-    "learning_rate": "lr", "k": "top_k", "topk": "top_k", "d_sae": "dict_size", "num_latents": "dict_size",
-    "expansion_factor": "dict_size", "d_in": "act_size", "activation_dim": "act_size",
-    "hook_name": "hook_point", "context_size": "seq_len", "ctx_len": "seq_len",
-    "training_tokens": "num_tokens", "train_batch_size_tokens": "batch_size",
-    "store_batch_size_prompts": "model_batch_size", "l1_coefficient": "l1_coeff",
-    "dead_feature_window": "n_batches_to_dead", "normalize_activations": "input_unit_norm",
-    "auxk_alpha": "aux_penalty", "lr_warm_up_steps": "lr_warmup_steps", "warmup_steps": "lr_warmup_steps",
-    "dataset": "dataset_path", "model": "model_name", "hook_layer": "layer", "architecture": "sae_type",
+    "learning_rate": "lr",
+    "k": "top_k",
+    "topk": "top_k",
+    "d_sae": "dict_size",
+    "num_latents": "dict_size",
+    "expansion_factor": "dict_size",
+    "d_in": "act_size",
+    "activation_dim": "act_size",
+    "hook_name": "hook_point",
+    "context_size": "seq_len",
+    "ctx_len": "seq_len",
+    "training_tokens": "num_tokens",
+    "train_batch_size_tokens": "batch_size",
+    "store_batch_size_prompts": "model_batch_size",
+    "l1_coefficient": "l1_coeff",
+    "dead_feature_window": "n_batches_to_dead",
+    "normalize_activations": "input_unit_norm",
+    "auxk_alpha": "aux_penalty",
+    "lr_warm_up_steps": "lr_warmup_steps",
+    "warmup_steps": "lr_warmup_steps",
+    "dataset": "dataset_path",
+    "model": "model_name",
+    "hook_layer": "layer",
+    "architecture": "sae_type",
 }
 
 # Expected types of the settings (a value of None means "derive it" or "not used" where allowed).
-INT_SETTINGS = ("seed", "layer", "act_size", "dict_size", "top_k", "top_k_aux", "n_batches_to_dead",
-                "batch_size", "lr_warmup_steps", "num_tokens", "seq_len", "model_batch_size",
-                "num_batches_in_buffer", "n_eval_rows", "log_freq", "perf_log_freq", "checkpoint_freq",
-                "source_layer", "target_layer", "bos_token_id", "l1_warmup_steps", "l0_warmup_steps",
-                "data_lanes")
-NUMBER_SETTINGS = ("aux_penalty", "l1_coeff", "l0_coeff", "bandwidth", "jumprelu_threshold_init",
-                   "target_l0", "jumprelu_tanh_scale", "pre_act_coeff", "jumprelu_relative_bandwidth",
-                   "jumprelu_threshold_lr_scale", "relu_bias_init",
-                   "threshold_ema_rate", "lr", "beta1", "beta2", "max_grad_norm", "lr_decay_frac",
-                   "distributed_timeout_s")
-BOOL_SETTINGS = ("input_unit_norm", "exclude_bos", "transcoder_skip", "distributed_debug",
-                 "distribute_dictionaries",
-                 "l1_coeff_relative")
-STR_SETTINGS = ("sae_type", "model_name", "site", "wandb_project", "source_site", "target_site",
-                "jumprelu_objective", "transcoder_selection", "clt_sparsity")
+INT_SETTINGS = (
+    "seed",
+    "layer",
+    "act_size",
+    "dict_size",
+    "top_k",
+    "top_k_aux",
+    "n_batches_to_dead",
+    "batch_size",
+    "lr_warmup_steps",
+    "num_tokens",
+    "seq_len",
+    "model_batch_size",
+    "num_batches_in_buffer",
+    "n_eval_rows",
+    "log_freq",
+    "perf_log_freq",
+    "checkpoint_freq",
+    "source_layer",
+    "target_layer",
+    "bos_token_id",
+    "l1_warmup_steps",
+    "l0_warmup_steps",
+    "data_lanes",
+)
+NUMBER_SETTINGS = (
+    "aux_penalty",
+    "l1_coeff",
+    "l0_coeff",
+    "bandwidth",
+    "jumprelu_threshold_init",
+    "target_l0",
+    "jumprelu_tanh_scale",
+    "pre_act_coeff",
+    "jumprelu_relative_bandwidth",
+    "jumprelu_threshold_lr_scale",
+    "relu_bias_init",
+    "threshold_ema_rate",
+    "lr",
+    "beta1",
+    "beta2",
+    "max_grad_norm",
+    "lr_decay_frac",
+    "distributed_timeout_s",
+)
+BOOL_SETTINGS = (
+    "input_unit_norm",
+    "exclude_bos",
+    "transcoder_skip",
+    "distributed_debug",
+    "distribute_dictionaries",
+    "l1_coeff_relative",
+)
+STR_SETTINGS = (
+    "sae_type",
+    "model_name",
+    "site",
+    "wandb_project",
+    "source_site",
+    "target_site",
+    "jumprelu_objective",
+    "transcoder_selection",
+    "clt_sparsity",
+)
 
 
 def known_keys() -> set[str]:
@@ -322,10 +403,17 @@ def _check_known_keys(cfg: dict) -> None:
     for key in cfg:
         if key in known:
             continue
-        close = [OTHER_NAMES[key]] if key in OTHER_NAMES else difflib.get_close_matches(key, known, n=3)
-        hint = (f"did you mean {' or '.join(repr(name) for name in close)}?" if close
-                else "config.default_settings() lists the settings.")
-        raise ValueError(f"cfg[{key!r}] is not a setting; {hint} (Keep notes of your own under cfg['notes'].)")
+        close = (
+            [OTHER_NAMES[key]] if key in OTHER_NAMES else difflib.get_close_matches(key, known, n=3)
+        )
+        hint = (
+            f"did you mean {' or '.join(repr(name) for name in close)}?"
+            if close
+            else "config.default_settings() lists the settings."
+        )
+        raise ValueError(
+            f"cfg[{key!r}] is not a setting; {hint} (Keep notes of your own under cfg['notes'].)"
+        )
 
 
 def _type_name(value: Any) -> str:
@@ -343,7 +431,9 @@ def _check_types(cfg: dict) -> None:
     for key in NUMBER_SETTINGS:
         value = cfg.get(key)
         if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
-            raise ValueError(f"cfg[{key!r}] must be a number (int or float), got {_type_name(value)}.")
+            raise ValueError(
+                f"cfg[{key!r}] must be a number (int or float), got {_type_name(value)}."
+            )
     for key in BOOL_SETTINGS:
         value = cfg.get(key)
         if value is not None and not isinstance(value, bool):
@@ -361,7 +451,9 @@ def _as_dtype(value: Any, setting: str) -> torch.dtype:
         dtype = getattr(torch, value.removeprefix("torch."), None)
         if isinstance(dtype, torch.dtype):
             return dtype
-    raise ValueError(f"cfg[{setting!r}] = {value!r} is not a dtype; use e.g. torch.bfloat16 or 'bfloat16'.")
+    raise ValueError(
+        f"cfg[{setting!r}] = {value!r} is not a dtype; use e.g. torch.bfloat16 or 'bfloat16'."
+    )
 
 
 def _derive(cfg: dict, derived: dict, key: str, value: Any) -> None:
@@ -379,7 +471,9 @@ def split_into_groups(dict_size: int, proportions=MATRYOSHKA_GROUP_PROPORTIONS) 
     sizes = [max(1, dict_size * p // total) for p in proportions[:-1]]
     sizes.append(dict_size - sum(sizes))
     if sizes[-1] < 1:
-        raise ValueError(f"dict_size {dict_size} is too small to split into {len(proportions)} groups.")
+        raise ValueError(
+            f"dict_size {dict_size} is too small to split into {len(proportions)} groups."
+        )
     return sizes
 
 
@@ -419,12 +513,16 @@ def post_init_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
     derived: dict[str, Any] = {}
     cfg["sae_type"] = SAE_TYPE_ALIASES.get(cfg["sae_type"], cfg["sae_type"])
     if cfg["sae_type"] not in SAE_TYPES:
-        raise ValueError(f"Unknown sae_type {cfg['sae_type']!r}; choose one of {', '.join(SAE_TYPES)}.")
+        raise ValueError(
+            f"Unknown sae_type {cfg['sae_type']!r}; choose one of {', '.join(SAE_TYPES)}."
+        )
     previous = cfg.get("derived", {})
 
     facts = _model_facts(cfg)
     if facts is not None:
-        user_act_size = cfg.get("act_size") is not None and previous.get("act_size") != cfg["act_size"]
+        user_act_size = (
+            cfg.get("act_size") is not None and previous.get("act_size") != cfg["act_size"]
+        )
         if user_act_size and cfg["act_size"] != facts["act_size"]:
             raise ValueError(
                 f"act_size mismatch: cfg['act_size'] = {cfg['act_size']} but {cfg['model_name']} has "
@@ -438,17 +536,37 @@ def post_init_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
     _check_positive(cfg, ("act_size",))
 
     _derive(cfg, derived, "dict_size", DICT_EXPANSION * cfg["act_size"])
-    _check_positive(cfg, ("dict_size", "batch_size", "lr", "seq_len", "model_batch_size",
-                          "num_batches_in_buffer", "num_tokens", "n_batches_to_dead", "bandwidth",
-                          "jumprelu_threshold_init", "threshold_ema_rate", "log_freq",
-                          "perf_log_freq", "checkpoint_freq", "max_grad_norm", "n_eval_rows",
-                          "distributed_timeout_s", "data_lanes"))
+    _check_positive(
+        cfg,
+        (
+            "dict_size",
+            "batch_size",
+            "lr",
+            "seq_len",
+            "model_batch_size",
+            "num_batches_in_buffer",
+            "num_tokens",
+            "n_batches_to_dead",
+            "bandwidth",
+            "jumprelu_threshold_init",
+            "threshold_ema_rate",
+            "log_freq",
+            "perf_log_freq",
+            "checkpoint_freq",
+            "max_grad_norm",
+            "n_eval_rows",
+            "distributed_timeout_s",
+            "data_lanes",
+        ),
+    )
     _check_positive(cfg, ("aux_penalty", "lr_warmup_steps", "lr_decay_frac"), allow_zero=True)
     _derive(cfg, derived, "group_sizes", split_into_groups(cfg["dict_size"]))
     _validate_group_sizes(cfg)
     top_k = cfg["top_k"]
     if not isinstance(top_k, int) or not 1 <= top_k <= cfg["dict_size"]:
-        raise ValueError(f"top_k must be an integer in 1..dict_size ({cfg['dict_size']}), got {top_k!r}.")
+        raise ValueError(
+            f"top_k must be an integer in 1..dict_size ({cfg['dict_size']}), got {top_k!r}."
+        )
     _derive(cfg, derived, "top_k_aux", max(1, cfg["act_size"] // 2))
     _check_positive(cfg, ("top_k_aux",))
     _derive_sparsity_settings(cfg, derived)
@@ -456,11 +574,17 @@ def post_init_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
     for key in ("dtype", "model_dtype"):
         cfg[key] = _as_dtype(cfg[key], key)
     _derive(cfg, derived, "device", "cuda" if torch.cuda.is_available() else "cpu")
-    _derive(cfg, derived, "exclude_bos", canonical_model_name(cfg["model_name"]) in
-            ("gemma-2-2b", "gemma-2-9b", "gemma-2-27b"))
+    _derive(
+        cfg,
+        derived,
+        "exclude_bos",
+        canonical_model_name(cfg["model_name"]) in ("gemma-2-2b", "gemma-2-9b", "gemma-2-27b"),
+    )
     _derive(cfg, derived, "wandb_mode", _default_wandb_mode())
     if cfg["wandb_mode"] not in ("online", "offline", "disabled"):
-        raise ValueError(f"wandb_mode must be 'online', 'offline' or 'disabled', got {cfg['wandb_mode']!r}.")
+        raise ValueError(
+            f"wandb_mode must be 'online', 'offline' or 'disabled', got {cfg['wandb_mode']!r}."
+        )
 
     n_layers = cfg.get("n_layers")
     _derive(cfg, derived, "hook_point", get_hook_name(cfg["site"], cfg["layer"]))
@@ -471,11 +595,15 @@ def post_init_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
     elif cfg["sae_type"] == "matryoshka_transcoder" or cfg.get("source_site") is not None:
         _derive_transcoder_hooks(cfg, derived, n_layers)
     if cfg["transcoder_selection"] not in ("batchtopk", "topk"):
-        raise ValueError(f"cfg['transcoder_selection'] = {cfg['transcoder_selection']!r}; choose 'batchtopk' "
-                         f"(the k x batch largest of the batch) or 'topk' (the k largest of each token).")
+        raise ValueError(
+            f"cfg['transcoder_selection'] = {cfg['transcoder_selection']!r}; choose 'batchtopk' "
+            f"(the k x batch largest of the batch) or 'topk' (the k largest of each token)."
+        )
     if cfg.get("transcoder_skip") and cfg["sae_type"] != "matryoshka_transcoder":
-        raise ValueError(f"cfg['transcoder_skip'] is a transcoder's skip connection, but sae_type is "
-                         f"{cfg['sae_type']!r}; set transcoder_skip to False or train a transcoder.")
+        raise ValueError(
+            f"cfg['transcoder_skip'] is a transcoder's skip connection, but sae_type is "
+            f"{cfg['sae_type']!r}; set transcoder_skip to False or train a transcoder."
+        )
 
     _derive(cfg, derived, "name", run_name(cfg))
     cfg["derived"] = derived
@@ -486,34 +614,49 @@ def _derive_sparsity_settings(cfg: dict, derived: dict) -> None:
     """The dense-code SAEs' sparsity settings (see VanillaSAE and JumpReLUSAE for the formulas)."""
     target = cfg["target_l0"]
     if target is not None and not 0 < target < cfg["dict_size"]:
-        raise ValueError(f"cfg['target_l0'] = {target!r} must lie between 0 and dict_size "
-                         f"({cfg['dict_size']}); set the mean number of active latents wanted, e.g. 32.")
+        raise ValueError(
+            f"cfg['target_l0'] = {target!r} must lie between 0 and dict_size "
+            f"({cfg['dict_size']}); set the mean number of active latents wanted, e.g. 32."
+        )
     _derive(cfg, derived, "jumprelu_objective", "quadratic" if target is not None else "step")
     objective = cfg["jumprelu_objective"]
     if objective not in ("step", "tanh", "quadratic"):
-        raise ValueError(f"cfg['jumprelu_objective'] = {objective!r}; choose 'step', 'tanh' or 'quadratic'.")
+        raise ValueError(
+            f"cfg['jumprelu_objective'] = {objective!r}; choose 'step', 'tanh' or 'quadratic'."
+        )
     if objective == "quadratic" and target is None:
-        raise ValueError("cfg['jumprelu_objective'] = 'quadratic' steers to cfg['target_l0'], which is "
-                         "None; set target_l0 (e.g. 32) or choose the 'step' or 'tanh' objective.")
+        raise ValueError(
+            "cfg['jumprelu_objective'] = 'quadratic' steers to cfg['target_l0'], which is "
+            "None; set target_l0 (e.g. 32) or choose the 'step' or 'tanh' objective."
+        )
     warmup = int(cfg["num_tokens"]) // cfg["batch_size"] // 20  # 5% of the run's steps
     _derive(cfg, derived, "l1_coeff", 4 / cfg["act_size"] if cfg["sae_type"] == "vanilla" else 0.0)
     _derive(cfg, derived, "l1_warmup_steps", warmup)  # read by vanilla only
     _derive(cfg, derived, "l0_coeff", 1.0 if objective == "quadratic" else 1e-3)
-    _check_positive(cfg, ("l1_coeff", "l0_coeff", "l1_warmup_steps", "l0_warmup_steps", "pre_act_coeff"),
-                    allow_zero=True)
-    _check_positive(cfg, ("jumprelu_tanh_scale", "jumprelu_relative_bandwidth",
-                          "jumprelu_threshold_lr_scale"))
+    _check_positive(
+        cfg,
+        ("l1_coeff", "l0_coeff", "l1_warmup_steps", "l0_warmup_steps", "pre_act_coeff"),
+        allow_zero=True,
+    )
+    _check_positive(
+        cfg, ("jumprelu_tanh_scale", "jumprelu_relative_bandwidth", "jumprelu_threshold_lr_scale")
+    )
 
 
 def _check_layer(layer: int, n_layers: int | None, setting: str) -> None:
     if n_layers is not None and not 0 <= layer < n_layers:
-        raise ValueError(f"cfg[{setting!r}] = {layer} is outside the model's layers 0..{n_layers - 1}.")
+        raise ValueError(
+            f"cfg[{setting!r}] = {layer} is outside the model's layers 0..{n_layers - 1}."
+        )
 
 
 def _validate_group_sizes(cfg: dict) -> None:
     groups = cfg["group_sizes"]
-    if (not isinstance(groups, (list, tuple)) or not groups
-            or any(not isinstance(g, int) or isinstance(g, bool) or g <= 0 for g in groups)):
+    if (
+        not isinstance(groups, (list, tuple))
+        or not groups
+        or any(not isinstance(g, int) or isinstance(g, bool) or g <= 0 for g in groups)
+    ):
         raise ValueError(f"group_sizes must be a list of positive integers, got {groups!r}.")
     if sum(groups) != cfg["dict_size"]:
         raise ValueError(
@@ -526,10 +669,17 @@ def _derive_transcoder_hooks(cfg: dict, derived: dict, n_layers: int | None) -> 
     """Fill source/target hook points; the target may not precede the source."""
     for end in ("source", "target"):
         if cfg.get(f"{end}_site") is None or cfg.get(f"{end}_layer") is None:
-            raise ValueError(f"A transcoder needs cfg['{end}_site'] and cfg['{end}_layer']; "
-                             f"use create_transcoder_config(cfg, ...).")
+            raise ValueError(
+                f"A transcoder needs cfg['{end}_site'] and cfg['{end}_layer']; "
+                f"use create_transcoder_config(cfg, ...)."
+            )
         _check_layer(cfg[f"{end}_layer"], n_layers, f"{end}_layer")
-        _derive(cfg, derived, f"{end}_hook_point", get_hook_name(cfg[f"{end}_site"], cfg[f"{end}_layer"]))
+        _derive(
+            cfg,
+            derived,
+            f"{end}_hook_point",
+            get_hook_name(cfg[f"{end}_site"], cfg[f"{end}_layer"]),
+        )
         _derive(cfg, derived, f"{end}_act_size", cfg["act_size"])
     if cfg["target_layer"] < cfg["source_layer"]:
         raise ValueError(
@@ -544,42 +694,62 @@ def _derive_clt_settings(cfg: dict, derived: dict, n_layers: int | None) -> None
     for key, site in CLT_DEFAULT_SITES.items():
         _derive(cfg, derived, key, site)
         get_hook_name(cfg[key], 0)  # a known site
-    user_set = cfg["clt_layers"] is not None and cfg.get("derived", {}).get("clt_layers") != cfg["clt_layers"]
+    user_set = (
+        cfg["clt_layers"] is not None
+        and cfg.get("derived", {}).get("clt_layers") != cfg["clt_layers"]
+    )
     if not user_set:
         if n_layers is None:
-            raise ValueError(f"cfg['clt_layers'] is unset and the number of layers of {cfg['model_name']!r} is not "
-                             f"known; set cfg['clt_layers'] to the layers to read and write, e.g. [0, 1, 2].")
+            raise ValueError(
+                f"cfg['clt_layers'] is unset and the number of layers of {cfg['model_name']!r} is not "
+                f"known; set cfg['clt_layers'] to the layers to read and write, e.g. [0, 1, 2]."
+            )
         _derive(cfg, derived, "clt_layers", list(range(n_layers)))
     layers = cfg["clt_layers"]
-    if (not isinstance(layers, (list, tuple)) or not layers
-            or any(not isinstance(x, int) or isinstance(x, bool) or x < 0 for x in layers)
-            or list(layers) != sorted(set(layers))):
-        raise ValueError(f"cfg['clt_layers'] = {layers!r}; give distinct ascending layer numbers, e.g. [0, 1, 2], "
-                         f"or None for every layer of the model.")
+    if (
+        not isinstance(layers, (list, tuple))
+        or not layers
+        or any(not isinstance(x, int) or isinstance(x, bool) or x < 0 for x in layers)
+        or list(layers) != sorted(set(layers))
+    ):
+        raise ValueError(
+            f"cfg['clt_layers'] = {layers!r}; give distinct ascending layer numbers, e.g. [0, 1, 2], "
+            f"or None for every layer of the model."
+        )
     for layer in layers:
         _check_layer(layer, n_layers, "clt_layers")
     cfg["clt_layers"] = list(layers)
     if cfg["clt_sparsity"] not in ("global", "per_layer", "jumprelu"):
-        raise ValueError(f"cfg['clt_sparsity'] = {cfg['clt_sparsity']!r}; choose 'global' (BatchTopK over every "
-                         f"layer's latents), 'per_layer' (BatchTopK within each source layer) or 'jumprelu' "
-                         f"(a learned threshold per latent, steered to target_l0).")
+        raise ValueError(
+            f"cfg['clt_sparsity'] = {cfg['clt_sparsity']!r}; choose 'global' (BatchTopK over every "
+            f"layer's latents), 'per_layer' (BatchTopK within each source layer) or 'jumprelu' "
+            f"(a learned threshold per latent, steered to target_l0)."
+        )
     if cfg["clt_sparsity"] == "jumprelu" and cfg["target_l0"] is None:
-        raise ValueError("cfg['clt_sparsity'] = 'jumprelu' steers the L0 to cfg['target_l0'], which is None; set "
-                         "target_l0 to the active latents wanted a token per source layer (train_clt.py --target-l0).")
+        raise ValueError(
+            "cfg['clt_sparsity'] = 'jumprelu' steers the L0 to cfg['target_l0'], which is None; set "
+            "target_l0 to the active latents wanted a token per source layer (train_clt.py --target-l0)."
+        )
     if cfg["clt_sparsity"] == "jumprelu" and cfg["jumprelu_objective"] != "quadratic":
-        raise ValueError(f"cfg['clt_sparsity'] = 'jumprelu' trains with the quadratic target-L0 objective, but "
-                         f"cfg['jumprelu_objective'] is {cfg['jumprelu_objective']!r}; set it to 'quadratic' (or None).")
+        raise ValueError(
+            f"cfg['clt_sparsity'] = 'jumprelu' trains with the quadratic target-L0 objective, but "
+            f"cfg['jumprelu_objective'] is {cfg['jumprelu_objective']!r}; set it to 'quadratic' (or None)."
+        )
     if cfg["source_site"] == cfg["target_site"]:
-        raise ValueError(f"cfg['source_site'] and cfg['target_site'] are both {cfg['source_site']!r}; a cross-layer "
-                         f"transcoder reads one site and predicts another (e.g. ln2_normalized -> mlp_out).")
+        raise ValueError(
+            f"cfg['source_site'] and cfg['target_site'] are both {cfg['source_site']!r}; a cross-layer "
+            f"transcoder reads one site and predicts another (e.g. ln2_normalized -> mlp_out)."
+        )
     _derive(cfg, derived, "source_act_size", cfg["act_size"])
     _derive(cfg, derived, "target_act_size", cfg["act_size"])
 
 
 def clt_hooks(cfg: dict) -> tuple[list[str], list[str]]:
     """A cross-layer transcoder's source hooks and target hooks, one of each per layer of cfg["clt_layers"]."""
-    return ([get_hook_name(cfg["source_site"], layer) for layer in cfg["clt_layers"]],
-            [get_hook_name(cfg["target_site"], layer) for layer in cfg["clt_layers"]])
+    return (
+        [get_hook_name(cfg["source_site"], layer) for layer in cfg["clt_layers"]],
+        [get_hook_name(cfg["target_site"], layer) for layer in cfg["clt_layers"]],
+    )
 
 
 def _default_wandb_mode() -> str:
@@ -602,15 +772,17 @@ def _check_hook_in_layer(hook_point: str, layer: int) -> None:
     """A hook point given by hand (blocks.N....) must be in block cfg["layer"]."""
     match = re.match(r"blocks\.(\d+)\.", str(hook_point))
     if match and int(match.group(1)) != layer:
-        raise ValueError(f"cfg['hook_point'] = {hook_point!r} is in block {match.group(1)} but cfg['layer'] is "
-                         f"{layer}; give the same layer (--layer {match.group(1)}) or leave hook_point unset.")
+        raise ValueError(
+            f"cfg['hook_point'] = {hook_point!r} is in block {match.group(1)} but cfg['layer'] is "
+            f"{layer}; give the same layer (--layer {match.group(1)}) or leave hook_point unset."
+        )
 
 
 def _short_count(n: int) -> str:
     """1000000 -> '1M', 364544 -> '364544' (exact, so distinct counts stay distinct)."""
     for exponent, suffix in ((9, "G"), (6, "M"), (3, "k")):
-        if n % 10 ** exponent == 0:
-            return f"{n // 10 ** exponent}{suffix}"
+        if n % 10**exponent == 0:
+            return f"{n // 10**exponent}{suffix}"
     return str(n)
 
 
@@ -633,11 +805,14 @@ def run_name(cfg: dict) -> str:
             hook += "-" + cfg["clt_sparsity"].replace("_", "-")
     sparsity = cfg["top_k"]
     steers_l0 = cfg["sae_type"] in ("vanilla", "jumprelu") or (
-        cfg["sae_type"] == "matryoshka_clt" and cfg["clt_sparsity"] == "jumprelu")
+        cfg["sae_type"] == "matryoshka_clt" and cfg["clt_sparsity"] == "jumprelu"
+    )
     if steers_l0 and cfg.get("target_l0") is not None:
         sparsity = f"L0-{cfg['target_l0']:g}"
-    return (f"{model.replace('/', '_')}_{hook}_{cfg['dict_size']}_{cfg['sae_type']}_{sparsity}_{cfg['lr']}"
-            f"_{_short_count(int(cfg['num_tokens']))}tok_seed{cfg['seed']}")
+    return (
+        f"{model.replace('/', '_')}_{hook}_{cfg['dict_size']}_{cfg['sae_type']}_{sparsity}_{cfg['lr']}"
+        f"_{_short_count(int(cfg['num_tokens']))}tok_seed{cfg['seed']}"
+    )
 
 
 def cfg_to_json(cfg: dict[str, Any]) -> str:
@@ -677,9 +852,15 @@ def upgrade_saved_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
     "format_version": it is written again by `cfg_to_json`.
     """
     version = cfg.pop("format_version", 0)
-    if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version <= FORMAT_VERSION:
-        raise ValueError(f"The saved cfg has format_version {version!r}, but this version of the library reads "
-                         f"formats 0..{FORMAT_VERSION}; load it with the newer version that wrote it.")
+    if (
+        not isinstance(version, int)
+        or isinstance(version, bool)
+        or not 0 <= version <= FORMAT_VERSION
+    ):
+        raise ValueError(
+            f"The saved cfg has format_version {version!r}, but this version of the library reads "
+            f"formats 0..{FORMAT_VERSION}; load it with the newer version that wrote it."
+        )
     for old in range(version, FORMAT_VERSION):
         for key, value in FORMAT_UPGRADES[old].items():
             if key not in cfg:
@@ -691,8 +872,11 @@ def upgrade_saved_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
         value = cfg.pop(key)
         if new_key is not None:
             cfg.setdefault(new_key, value)
-        warnings.warn(f"The saved cfg has the setting {key!r}, which this version "
-                      + (f"calls {new_key!r}." if new_key else "no longer has; it is ignored."), stacklevel=3)
+        warnings.warn(
+            f"The saved cfg has the setting {key!r}, which this version "
+            + (f"calls {new_key!r}." if new_key else "no longer has; it is ignored."),
+            stacklevel=3,
+        )
     for key, value in default_settings().items():
         cfg.setdefault(key, value)
     return cfg

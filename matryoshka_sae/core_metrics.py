@@ -54,8 +54,9 @@ def density_statistics(density: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def sparsity_and_variance(sae, x: torch.Tensor, target: torch.Tensor | None = None,
-                          chunk_size: int = 4096) -> dict[str, float]:
+def sparsity_and_variance(
+    sae, x: torch.Tensor, target: torch.Tensor | None = None, chunk_size: int = 4096
+) -> dict[str, float]:
     """l0, l1, both explained variances and the density statistics of `sae` (eval mode) on held-out
     inputs x [N, d_in] (transcoder: and targets [N, d_out]); in chunks of `chunk_size` rows."""
     was_training = sae.training
@@ -73,10 +74,13 @@ def sparsity_and_variance(sae, x: torch.Tensor, target: torch.Tensor | None = No
     finally:
         sae.train(was_training)
     y, y_hat = (x if target is None else target).float(), torch.cat(reconstructions)
-    return {"l0": l0 / len(x), "l1": l1 / len(x),
-            "explained_variance": explained_variance(y, y_hat),
-            "explained_variance_legacy": explained_variance_legacy(y, y_hat),
-            **density_statistics(fired / len(x))}
+    return {
+        "l0": l0 / len(x),
+        "l1": l1 / len(x),
+        "explained_variance": explained_variance(y, y_hat),
+        "explained_variance_legacy": explained_variance_legacy(y, y_hat),
+        **density_statistics(fired / len(x)),
+    }
 
 
 def downstream_scores(ce: dict[str, float]) -> dict[str, float]:
@@ -92,8 +96,9 @@ def downstream_scores(ce: dict[str, float]) -> dict[str, float]:
     }
 
 
-def core_metrics(sae, model, cfg: dict, x: torch.Tensor, tokens: torch.Tensor,
-                 target: torch.Tensor | None = None) -> dict[str, float]:
+def core_metrics(
+    sae, model, cfg: dict, x: torch.Tensor, tokens: torch.Tensor, target: torch.Tensor | None = None
+) -> dict[str, float]:
     """All of the above: the activation metrics on x (and target) and the spliced-model scores on
     token rows `tokens` [rows, seq] (BOS positions kept as they are when cfg["exclude_bos"])."""
     from matryoshka_sae.evaluation import evaluate_ce_loss

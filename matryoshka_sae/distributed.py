@@ -86,8 +86,10 @@ def init_from_env(cfg: dict) -> dict:
         return cfg
     world = int(os.environ["WORLD_SIZE"])
     if cfg["batch_size"] % world:
-        raise ValueError(f"cfg['batch_size'] = {cfg['batch_size']} (the global batch) does not divide among "
-                         f"{world} ranks; set it (--batch-size) to a multiple of {world}.")
+        raise ValueError(
+            f"cfg['batch_size'] = {cfg['batch_size']} (the global batch) does not divide among "
+            f"{world} ranks; set it (--batch-size) to a multiple of {world}."
+        )
     device = str(cfg["device"])
     if device.startswith("cuda"):
         local_rank = int(os.environ["LOCAL_RANK"])
@@ -128,8 +130,10 @@ def local_batch_size(batch_size: int) -> int:
     """This rank's share B / W of the global batch of `batch_size` rows."""
     world = world_size()
     if batch_size % world:
-        raise ValueError(f"cfg['batch_size'] = {batch_size} (the global batch) does not divide among "
-                         f"{world} ranks; set it to a multiple of {world}.")
+        raise ValueError(
+            f"cfg['batch_size'] = {batch_size} (the global batch) does not divide among "
+            f"{world} ranks; set it to a multiple of {world}."
+        )
     return batch_size // world
 
 
@@ -267,8 +271,10 @@ def check_same_on_every_rank(module: torch.nn.Module, what: str) -> None:
     low, high = min_over_ranks(checksums, group), -min_over_ranks(-checksums, group)
     differ = [name for name, lo, hi in zip(names, low.tolist(), high.tolist()) if lo != hi]
     if differ:
-        raise RuntimeError(f"{what}: {', '.join(differ)} differ between ranks (rank {rank()}); "
-                           f"the ranks no longer train the same weights.")
+        raise RuntimeError(
+            f"{what}: {', '.join(differ)} differ between ranks (rank {rank()}); "
+            f"the ranks no longer train the same weights."
+        )
 
 
 # ---------------------------------------------------------------------------------------------

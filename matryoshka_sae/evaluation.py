@@ -23,8 +23,8 @@ import torch
 from tqdm import tqdm
 
 from matryoshka_sae.activation_store import excluded_bos_token
-from matryoshka_sae.preemption import stop_requested
 from matryoshka_sae.config import clt_hooks, compute_fvu
+from matryoshka_sae.preemption import stop_requested
 
 DENSE_FRACTION = 0.1
 
@@ -43,7 +43,9 @@ def bos_mask(tokens: torch.Tensor, model, cfg: dict) -> torch.Tensor:
     return tokens == excluded_bos_token(model, {**cfg, "exclude_bos": True})
 
 
-def _patch_hooks(cfg: dict, replace: Callable, keep: torch.Tensor | None) -> list[tuple[str, Callable]]:
+def _patch_hooks(
+    cfg: dict, replace: Callable, keep: torch.Tensor | None
+) -> list[tuple[str, Callable]]:
     """Forward hooks that overwrite the (target) activation with ``replace(source_act, target_act)``.
 
     For an SAE source and target are the same hook. Positions where `keep` ([rows, seq]) is True
@@ -58,8 +60,10 @@ def _patch_hooks(cfg: dict, replace: Callable, keep: torch.Tensor | None) -> lis
     def patch(act, hook):
         source = act if source_hook == target_hook else captured.pop("source", None)
         if source is None:
-            raise ValueError(f"{source_hook} did not run before {target_hook}; a transcoder's source "
-                             f"hook must precede its target hook.")
+            raise ValueError(
+                f"{source_hook} did not run before {target_hook}; a transcoder's source "
+                f"hook must precede its target hook."
+            )
         new = replace(source, act).reshape(act.shape).to(act.dtype)
         if keep is not None:
             new = torch.where(keep[..., None], act, new)
@@ -75,7 +79,9 @@ def is_cross_layer(cfg: dict) -> bool:
     return cfg["sae_type"] == "matryoshka_clt"
 
 
-def _splice_hooks(sae, cfg: dict, keep: torch.Tensor | None, zero: bool = False) -> list[tuple[str, Callable]]:
+def _splice_hooks(
+    sae, cfg: dict, keep: torch.Tensor | None, zero: bool = False
+) -> list[tuple[str, Callable]]:
     """The forward hooks that replace what `sae` replaces (its target, or every target of a
     cross-layer transcoder) by its prediction, or by zeros if `zero`; `keep` as `_patch_hooks`."""
     if is_cross_layer(cfg):
@@ -84,7 +90,9 @@ def _splice_hooks(sae, cfg: dict, keep: torch.Tensor | None, zero: bool = False)
     return _patch_hooks(cfg, replace, keep)
 
 
-def _cross_layer_hooks(clt, cfg: dict, keep: torch.Tensor | None, zero: bool) -> list[tuple[str, Callable]]:
+def _cross_layer_hooks(
+    clt, cfg: dict, keep: torch.Tensor | None, zero: bool
+) -> list[tuple[str, Callable]]:
     """A cross-layer transcoder spliced into a forward pass: at each source hook j its latents read
     the (already replaced) activation and write their contributions to the targets j..L-1
     (`layer_contributions`); at target hook m the sum over j <= m plus b_dec_m replaces the output."""
@@ -92,13 +100,18 @@ def _cross_layer_hooks(clt, cfg: dict, keep: torch.Tensor | None, zero: bool) ->
     written: dict[int, torch.Tensor] = {}
 
     def read(act, hook, j):
-        written[j] = clt.layer_contributions(j, act).view(*act.shape[:-1], clt.n_layers - j, clt.d_out)
+        written[j] = clt.layer_contributions(j, act).view(
+            *act.shape[:-1], clt.n_layers - j, clt.d_out
+        )
 
     def write(act, hook, m):
         if zero:
             new = torch.zeros_like(act)
         else:
-            new = sum(written[j][..., m - j, :] for j in range(m + 1)) + clt.b_dec[m] * clt.target_scale[m]
+            new = (
+                sum(written[j][..., m - j, :] for j in range(m + 1))
+                + clt.b_dec[m] * clt.target_scale[m]
+            )
             if m == clt.n_layers - 1:
                 written.clear()
         new = new.to(act.dtype)
@@ -109,7 +122,9 @@ def _cross_layer_hooks(clt, cfg: dict, keep: torch.Tensor | None, zero: bool) ->
 
 
 @torch.no_grad()
-def evaluate_ce_loss(sae, model, tokens: torch.Tensor, cfg: dict, kl: bool = False) -> dict[str, float]:
+def evaluate_ce_loss(
+    sae, model, tokens: torch.Tensor, cfg: dict, kl: bool = False
+) -> dict[str, float]:
     """Next-token CE loss of `model` on `tokens` ([rows, seq]) with the dictionary spliced in.
 
     Four runs of the model, each the mean loss per token:
@@ -141,20 +156,28 @@ def evaluate_ce_loss(sae, model, tokens: torch.Tensor, cfg: dict, kl: bool = Fal
             try:
                 losses = _chunk_losses(sae, model, chunk, cfg, keep, kl)
             except _Stopped as stop:  # inside training, told to stop: the figures would be partial
-                print(f"CE evaluation stopped by {stop} after {i} of {len(chunks)} batches; its figures are left "
-                      f"out.", file=sys.stderr)
+                print(
+                    f"CE evaluation stopped by {stop} after {i} of {len(chunks)} batches; its figures are left "
+                    f"out.",
+                    file=sys.stderr,
+                )
                 return {}
             for name, loss in losses.items():
                 totals[name] = totals.get(name, 0.0) + loss * len(chunk) / len(tokens)
     finally:
         bar.close()
         sae.train(was_training)
-    result = {name if name.startswith("kl_div") else f"ce_loss_{name}": value for name, value in totals.items()}
+    result = {
+        name if name.startswith("kl_div") else f"ce_loss_{name}": value
+        for name, value in totals.items()
+    }
     result["ce_degradation"] = totals["spliced"] - totals["clean"]
     ablation_gap = totals["zero_ablation"] - totals["clean"]
     result["loss_recovered"] = (totals["zero_ablation"] - totals["spliced"]) / ablation_gap
     if kl:
-        result["kl_div_score"] = (totals["kl_div_zero_ablation"] - totals["kl_div_spliced"]) / totals["kl_div_zero_ablation"]
+        result["kl_div_score"] = (
+            totals["kl_div_zero_ablation"] - totals["kl_div_spliced"]
+        ) / totals["kl_div_zero_ablation"]
     return result
 
 
@@ -167,8 +190,11 @@ def _chunk_losses(sae, model, tokens, cfg, keep, kl=False) -> dict[str, float]:
         positions = target if keep is None else target[~keep]
         return positions.reshape(-1, target.shape[-1]).mean(0).expand_as(target)
 
-    replacements = {"spliced": _reconstruction_of(sae), "zero_ablation": lambda s, t: torch.zeros_like(t),
-                    "mean_ablation": mean_ablated}
+    replacements = {
+        "spliced": _reconstruction_of(sae),
+        "zero_ablation": lambda s, t: torch.zeros_like(t),
+        "mean_ablation": mean_ablated,
+    }
     if kl:  # the logits themselves, for the KL divergences; the losses from the same logits
         clean_logits = model(tokens)
         losses = {"clean": _next_token_loss(clean_logits, tokens)}
@@ -211,23 +237,42 @@ def evaluate_replacement(saes, cfgs, model, tokens: torch.Tensor) -> dict[str, f
     totals = {"clean": 0.0, "spliced": 0.0, "zero_ablation": 0.0, "kl_divergence": 0.0}
     chunks = tokens.split(cfg["model_batch_size"])
     with in_eval_mode(saes):
-        for chunk in tqdm(chunks, desc="Replacement evaluation", unit="batch", leave=False, disable=len(chunks) < 2):
+        for chunk in tqdm(
+            chunks,
+            desc="Replacement evaluation",
+            unit="batch",
+            leave=False,
+            disable=len(chunks) < 2,
+        ):
             chunk = chunk.to(model.cfg.device)
             keep = bos_mask(chunk, model, cfg) if cfg["exclude_bos"] else None
-            spliced = [hook for sae, sae_cfg in zip(saes, cfgs) for hook in _splice_hooks(sae, sae_cfg, keep)]
-            zeroed = [hook for sae, sae_cfg in zip(saes, cfgs) for hook in _splice_hooks(sae, sae_cfg, keep, zero=True)]
+            spliced = [
+                hook
+                for sae, sae_cfg in zip(saes, cfgs)
+                for hook in _splice_hooks(sae, sae_cfg, keep)
+            ]
+            zeroed = [
+                hook
+                for sae, sae_cfg in zip(saes, cfgs)
+                for hook in _splice_hooks(sae, sae_cfg, keep, zero=True)
+            ]
             clean_logits = model(chunk)
             spliced_logits = model.run_with_hooks(chunk, fwd_hooks=spliced)
-            losses = {"clean": _next_token_loss(clean_logits, chunk),
-                      "spliced": _next_token_loss(spliced_logits, chunk),
-                      "zero_ablation": model.run_with_hooks(chunk, return_type="loss", fwd_hooks=zeroed).float(),
-                      "kl_divergence": _mean_kl(clean_logits[:, :-1], spliced_logits[:, :-1])}
+            losses = {
+                "clean": _next_token_loss(clean_logits, chunk),
+                "spliced": _next_token_loss(spliced_logits, chunk),
+                "zero_ablation": model.run_with_hooks(
+                    chunk, return_type="loss", fwd_hooks=zeroed
+                ).float(),
+                "kl_divergence": _mean_kl(clean_logits[:, :-1], spliced_logits[:, :-1]),
+            }
             for name, value in losses.items():
                 totals[name] += value.item() * len(chunk) / len(tokens)
     result = {f"ce_loss_{name}": totals[name] for name in ("clean", "spliced", "zero_ablation")}
     result["ce_degradation"] = totals["spliced"] - totals["clean"]
-    result["loss_recovered"] = ((totals["zero_ablation"] - totals["spliced"])
-                                / (totals["zero_ablation"] - totals["clean"]))
+    result["loss_recovered"] = (totals["zero_ablation"] - totals["spliced"]) / (
+        totals["zero_ablation"] - totals["clean"]
+    )
     result["kl_divergence"] = totals["kl_divergence"]
     return result
 
@@ -251,7 +296,9 @@ def _reconstruction_of(sae) -> Callable:
 
 def _next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Mean CE of predicting tokens[:, 1:] from logits[:, :-1] (what return_type="loss" gives)."""
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten()
+    )
 
 
 def _mean_kl(clean_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
@@ -271,7 +318,9 @@ def layer_statistics(saes, cfgs, model, tokens: torch.Tensor) -> list[dict[str, 
     active = torch.zeros(len(saes))
     chunks = tokens.split(cfgs[0]["model_batch_size"])
     with in_eval_mode(saes):
-        for chunk in tqdm(chunks, desc="Per-layer FVU", unit="batch", leave=False, disable=len(chunks) < 2):
+        for chunk in tqdm(
+            chunks, desc="Per-layer FVU", unit="batch", leave=False, disable=len(chunks) < 2
+        ):
             chunk = chunk.to(model.cfg.device)
             _, cache = model.run_with_cache(chunk, names_filter=names)
             keep = _kept_positions(chunk, model, cfgs[0])
@@ -280,8 +329,13 @@ def layer_statistics(saes, cfgs, model, tokens: torch.Tensor) -> list[dict[str, 
                 source, target = cache[source_hook][keep], cache[target_hook][keep]
                 pairs[i].append((target.float(), sae.reconstruct(source)))
                 active[i] += (sae.encode(source) > 0).sum().cpu()
-    return [{"fvu": compute_fvu(torch.cat([t for t, _ in p]), torch.cat([r for _, r in p])).item(),
-             "l0": n.item() / sum(len(t) for t, _ in p)} for p, n in zip(pairs, active)]
+    return [
+        {
+            "fvu": compute_fvu(torch.cat([t for t, _ in p]), torch.cat([r for _, r in p])).item(),
+            "l0": n.item() / sum(len(t) for t, _ in p),
+        }
+        for p, n in zip(pairs, active)
+    ]
 
 
 @torch.no_grad()
@@ -320,7 +374,11 @@ def evaluate_clt(clt, model, tokens: torch.Tensor) -> dict:
 
 def _kept_positions(chunk: torch.Tensor, model, cfg: dict) -> torch.Tensor:
     """[rows, seq] bool: the positions a dictionary is measured on (all but BOS when cfg["exclude_bos"])."""
-    return ~bos_mask(chunk, model, cfg) if cfg["exclude_bos"] else torch.ones_like(chunk, dtype=torch.bool)
+    return (
+        ~bos_mask(chunk, model, cfg)
+        if cfg["exclude_bos"]
+        else torch.ones_like(chunk, dtype=torch.bool)
+    )
 
 
 def _source_and_target(cfg: dict) -> tuple[str, str]:
@@ -336,8 +394,9 @@ def _source_and_target(cfg: dict) -> tuple[str, str]:
 
 
 @torch.no_grad()
-def reconstruction_report(sae, x: torch.Tensor, target: torch.Tensor | None = None,
-                          chunk_size: int = 4096) -> dict:
+def reconstruction_report(
+    sae, x: torch.Tensor, target: torch.Tensor | None = None, chunk_size: int = 4096
+) -> dict:
     """Metrics of `sae` (in eval mode) on held-out inputs x [N, d_in] (transcoder: and targets).
 
     Returns fvu, fvu_per_prefix (a list; one entry for non-Matryoshka SAEs), l0_norm,
@@ -369,7 +428,9 @@ def reconstruction_report(sae, x: torch.Tensor, target: torch.Tensor | None = No
     }
 
 
-def format_report(report: dict, ce: dict | None = None, group_sizes: list[int] | None = None) -> str:
+def format_report(
+    report: dict, ce: dict | None = None, group_sizes: list[int] | None = None
+) -> str:
     """A plain-text table of `reconstruction_report` (and `evaluate_ce_loss`) results."""
     lines = ["Held-out evaluation", "-------------------"]
     fvus = report["fvu_per_prefix"]
@@ -408,13 +469,20 @@ def plot_prefix_fvu(history: list[dict], path: str | Path) -> Path:
     """FVU of each Matryoshka prefix (or of the SAE) over training steps, as a PNG."""
     plt = _pyplot()
     steps = [row["step"] for row in history]
-    keys = sorted((k for k in history[0] if k.startswith("fvu_prefix_")), key=lambda k: int(k.rsplit("_", 1)[1]))
+    keys = sorted(
+        (k for k in history[0] if k.startswith("fvu_prefix_")),
+        key=lambda k: int(k.rsplit("_", 1)[1]),
+    )
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key in keys or ["fvu"]:
         label = f"prefix {key.rsplit('_', 1)[1]}" if keys else "FVU"
         ax.plot(steps, [row[key] for row in history], label=label)
-    ax.set(xlabel="training step", ylabel="FVU (training batch)", yscale="log",
-           title="Reconstruction of each nested prefix")
+    ax.set(
+        xlabel="training step",
+        ylabel="FVU (training batch)",
+        yscale="log",
+        title="Reconstruction of each nested prefix",
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -431,8 +499,11 @@ def plot_firing_density(density: torch.Tensor, path: str | Path) -> Path:
     ax.hist(alive.log10().numpy(), bins=50)
     ax.axvline(torch.log10(torch.tensor(DENSE_FRACTION)).item(), color="gray", linestyle="--")
     dead = int((density == 0).sum())
-    ax.set(xlabel="log10(fraction of held-out tokens on which the latent fires)", ylabel="latents",
-           title=f"Latent firing density ({dead} of {len(density)} latents never fired)")
+    ax.set(
+        xlabel="log10(fraction of held-out tokens on which the latent fires)",
+        ylabel="latents",
+        title=f"Latent firing density ({dead} of {len(density)} latents never fired)",
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

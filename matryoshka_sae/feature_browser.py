@@ -33,7 +33,9 @@ STATISTICS_FILE = "feature_statistics.json"
 SET_INDEX_FILE = "index.html"
 
 
-def write_feature_browser(stats: FeatureStatistics, folder: str | Path, navigation: dict | None = None) -> Path:
+def write_feature_browser(
+    stats: FeatureStatistics, folder: str | Path, navigation: dict | None = None
+) -> Path:
     """Write the page and the statistics' JSON into `folder`; returns the page's path.
 
     `navigation` (a set's layer pages, see `write_set_browser`): {"index": href of the set's
@@ -61,8 +63,10 @@ def write_set_browser(stats_by_layer: dict[int, FeatureStatistics], folder: str 
         navigation = {"index": f"../{SET_INDEX_FILE}", "current": f"layer {layer}", "pages": pages}
         write_feature_browser(stats_by_layer[layer], folder / layer_page_folder(layer), navigation)
     index = folder / SET_INDEX_FILE
-    index.write_text(render_set_index([set_row(layer, stats_by_layer[layer]) for layer in layers]),
-                     encoding="utf-8")
+    index.write_text(
+        render_set_index([set_row(layer, stats_by_layer[layer]) for layer in layers]),
+        encoding="utf-8",
+    )
     return index
 
 
@@ -70,10 +74,15 @@ def set_row(layer: int, stats: FeatureStatistics) -> dict:
     """What the set's index says about one layer's dictionary."""
     latents = stats.data["latents"]
     densities = sorted(latent["density"] for latent in latents)
-    return {"layer": layer, "href": f"{layer_page_folder(layer)}/{PAGE_FILE}", "source": stats.data["source"],
-            "n_latents": len(latents), "never_fired": sum(latent["fire_count"] == 0 for latent in latents),
-            "median_density": densities[len(densities) // 2] if densities else 0,
-            "n_tokens": stats.data["n_tokens"]}
+    return {
+        "layer": layer,
+        "href": f"{layer_page_folder(layer)}/{PAGE_FILE}",
+        "source": stats.data["source"],
+        "n_latents": len(latents),
+        "never_fired": sum(latent["fire_count"] == 0 for latent in latents),
+        "median_density": densities[len(densities) // 2] if densities else 0,
+        "n_tokens": stats.data["n_tokens"],
+    }
 
 
 def inline_json(data: dict) -> str:

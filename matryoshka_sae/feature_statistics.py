@@ -43,8 +43,10 @@ import torch
 from tqdm import tqdm
 
 HISTOGRAM_LOW_DECADE, HISTOGRAM_HIGH_DECADE, HISTOGRAM_BINS_PER_DECADE = -4, 4, 10
-HISTOGRAM_EDGES = [10 ** (HISTOGRAM_LOW_DECADE + i / HISTOGRAM_BINS_PER_DECADE)
-                   for i in range((HISTOGRAM_HIGH_DECADE - HISTOGRAM_LOW_DECADE) * HISTOGRAM_BINS_PER_DECADE + 1)]
+HISTOGRAM_EDGES = [
+    10 ** (HISTOGRAM_LOW_DECADE + i / HISTOGRAM_BINS_PER_DECADE)
+    for i in range((HISTOGRAM_HIGH_DECADE - HISTOGRAM_LOW_DECADE) * HISTOGRAM_BINS_PER_DECADE + 1)
+]
 N_HISTOGRAM_BINS = len(HISTOGRAM_EDGES) - 1  # values outside [1e-4, 1e4) fall into the end bins
 
 MIN_PARENT_PROBABILITY = 0.6  # P(parent fires | child fires) at least this ...
@@ -76,8 +78,14 @@ class RunningTopN:
         self.positions = torch.full((n_latents, n), -1, dtype=torch.long, device=device)
         self.windows = torch.zeros(n_latents, n, window, device=device)
 
-    def update(self, latents: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-               positions: torch.Tensor, window_of) -> None:
+    def update(
+        self,
+        latents: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+        window_of,
+    ) -> None:
         """Merge entries (flat [E] tensors); `window_of(entry_indices)` gives their [E', W] windows,
         asked only for the entries that enter the merge.
 
@@ -90,13 +98,17 @@ class RunningTopN:
         order = by_key[latents[by_key].argsort(stable=True)]  # grouped by latent, keys descending
         touched, per_latent = latents[order].unique_consecutive(return_counts=True)
         row = torch.arange(len(touched), device=keys.device).repeat_interleave(per_latent)
-        rank = torch.arange(len(order), device=keys.device) - (per_latent.cumsum(0) - per_latent)[row]
+        rank = (
+            torch.arange(len(order), device=keys.device) - (per_latent.cumsum(0) - per_latent)[row]
+        )
         kept = rank < n
         entries, row, slot = order[kept], row[kept], rank[kept]
 
         def merged(table: torch.Tensor, new_values: torch.Tensor, empty: float) -> torch.Tensor:
             """The touched rows of `table` followed by the chunk's entries: [touched, 2n, ...]."""
-            chunk = torch.full((len(touched), *table.shape[1:]), empty, dtype=table.dtype, device=table.device)
+            chunk = torch.full(
+                (len(touched), *table.shape[1:]), empty, dtype=table.dtype, device=table.device
+            )
             return torch.cat([table[touched], chunk.index_put_((row, slot), new_values)], dim=1)
 
         def best_of(table: torch.Tensor, new_values: torch.Tensor, empty: float) -> torch.Tensor:
@@ -133,21 +145,37 @@ class FeatureStatisticsCollector:
     else for the whole dictionary (P = S); `hierarchy=False` keeps none.
     """
 
-    def __init__(self, dict_size: int, group: torch.Tensor, device, top_n: int = 20, n_random: int = 5,
-                 context: int = 8, seed: int = 0, hierarchy: bool = True):
+    def __init__(
+        self,
+        dict_size: int,
+        group: torch.Tensor,
+        device,
+        top_n: int = 20,
+        n_random: int = 5,
+        context: int = 8,
+        seed: int = 0,
+        hierarchy: bool = True,
+    ):
         self.dict_size, self.context, self.device = dict_size, context, torch.device(device)
         self.group = group.to(self.device)
         self.matryoshka = bool(self.group.max() > 0)
-        self.n_parents = int((self.group < self.group.max()).sum()) if self.matryoshka else dict_size
+        self.n_parents = (
+            int((self.group < self.group.max()).sum()) if self.matryoshka else dict_size
+        )
         window = 2 * context + 1
         self.fire_counts = torch.zeros(dict_size, dtype=torch.long, device=self.device)
         self.activation_sums = torch.zeros(dict_size, dtype=torch.float64, device=self.device)
         self.max_activations = torch.zeros(dict_size, device=self.device)
-        self.histogram = torch.zeros(dict_size, N_HISTOGRAM_BINS, dtype=torch.long, device=self.device)
+        self.histogram = torch.zeros(
+            dict_size, N_HISTOGRAM_BINS, dtype=torch.long, device=self.device
+        )
         self.top = RunningTopN(dict_size, top_n, window, self.device)
         self.random = RunningTopN(dict_size, n_random, window, self.device)
-        self.co_fires = (torch.zeros(self.n_parents, dict_size, dtype=torch.int32, device=self.device)
-                         if hierarchy else None)
+        self.co_fires = (
+            torch.zeros(self.n_parents, dict_size, dtype=torch.int32, device=self.device)
+            if hierarchy
+            else None
+        )
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.rows: list[torch.Tensor] = []  # token ids of every row seen, on the CPU
         self.n_tokens = 0
@@ -161,7 +189,9 @@ class FeatureStatisticsCollector:
         """One chunk: token rows [r, L], keep [r, L] (the positions that have activations: not BOS)
         and the code feature_acts [K, S] of those K kept positions, in row-major order."""
         seq_len = tokens.shape[1]
-        kept_positions = keep.flatten().nonzero().squeeze(1).to(self.device)  # [K] position in chunk
+        kept_positions = (
+            keep.flatten().nonzero().squeeze(1).to(self.device)
+        )  # [K] position in chunk
         kept_index_of = torch.full((keep.numel(),), -1, dtype=torch.long, device=self.device)
         kept_index_of[kept_positions] = torch.arange(len(kept_positions), device=self.device)
         global_offset = self.n_rows * seq_len
@@ -175,7 +205,9 @@ class FeatureStatisticsCollector:
             """z of each entry's latent on the entry's window [E', 2 context + 1]; 0 off the row or at BOS."""
             position = kept_positions[token_index[entries]]
             row, column = position // seq_len, position % seq_len
-            columns = column[:, None] + torch.arange(-self.context, self.context + 1, device=self.device)
+            columns = column[:, None] + torch.arange(
+                -self.context, self.context + 1, device=self.device
+            )
             inside = (columns >= 0) & (columns < seq_len)
             index = kept_index_of[row[:, None] * seq_len + columns.clamp(0, seq_len - 1)]
             acts = feature_acts[index.clamp(min=0), latents[entries][:, None]]
@@ -195,9 +227,13 @@ class FeatureStatisticsCollector:
         self.max_activations.scatter_reduce_(0, latents, values, reduce="amax")
         bins = ((values.log10() - HISTOGRAM_LOW_DECADE) * HISTOGRAM_BINS_PER_DECADE).floor()
         bins = bins.clamp(0, N_HISTOGRAM_BINS - 1).long()
-        self.histogram.view(-1).index_add_(0, latents * N_HISTOGRAM_BINS + bins, torch.ones_like(bins))
+        self.histogram.view(-1).index_add_(
+            0, latents * N_HISTOGRAM_BINS + bins, torch.ones_like(bins)
+        )
 
-    def _add_co_firings(self, token_index: torch.Tensor, latents: torch.Tensor, n_tokens: int) -> None:
+    def _add_co_firings(
+        self, token_index: torch.Tensor, latents: torch.Tensor, n_tokens: int
+    ) -> None:
         """C[p, c] += 1 for every token where p (< n_parents) and a later latent c both fire.
 
         "Later": of a later group (Matryoshka), else of a higher index (each unordered pair once;
@@ -213,15 +249,21 @@ class FeatureStatisticsCollector:
         if self.matryoshka:  # partners start after the token's firings in groups <= the parent's
             n_groups = int(self.group.max()) + 1
             group = self.group[latents]
-            per_group = torch.bincount(token_index * n_groups + group, minlength=n_tokens * n_groups)
+            per_group = torch.bincount(
+                token_index * n_groups + group, minlength=n_tokens * n_groups
+            )
             up_to_group = per_group.view(n_tokens, n_groups).cumsum(1)
             start = token_end[token] - per_token[token] + up_to_group[token, group[parents]]
         else:
             start = parents + 1
         repeats = token_end[token] - start
         first = parents.repeat_interleave(repeats)
-        pair_start = repeats.cumsum(0) - repeats  # pairs of parent firing j: pair_start[j] + 0, 1, ...
-        second = torch.arange(len(first), device=self.device) + (start - pair_start).repeat_interleave(repeats)
+        pair_start = (
+            repeats.cumsum(0) - repeats
+        )  # pairs of parent firing j: pair_start[j] + 0, 1, ...
+        second = torch.arange(len(first), device=self.device) + (
+            start - pair_start
+        ).repeat_interleave(repeats)
         flat = latents[first] * self.dict_size + latents[second]
         self.co_fires.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
 
@@ -231,9 +273,16 @@ class FeatureStatisticsCollector:
 # ---------------------------------------------------------------------------------------------
 
 
-def hierarchy_links(co_fires: torch.Tensor, fire_counts: torch.Tensor, group: torch.Tensor, n_tokens: int,
-                    min_probability: float = MIN_PARENT_PROBABILITY, min_lift: float = MIN_LIFT,
-                    min_child_firings: int = MIN_CHILD_FIRINGS, rows_per_step: int = 1024) -> list[tuple]:
+def hierarchy_links(
+    co_fires: torch.Tensor,
+    fire_counts: torch.Tensor,
+    group: torch.Tensor,
+    n_tokens: int,
+    min_probability: float = MIN_PARENT_PROBABILITY,
+    min_lift: float = MIN_LIFT,
+    min_child_firings: int = MIN_CHILD_FIRINGS,
+    rows_per_step: int = 1024,
+) -> list[tuple]:
     """Parent/child pairs from the co-firing counts C [P, S] of `FeatureStatisticsCollector`
     (rows: the candidate parents 0..P-1; without groups, C [S, S] holds each pair once, above the
     diagonal, and C + C^T is used).
@@ -250,9 +299,9 @@ def hierarchy_links(co_fires: torch.Tensor, fire_counts: torch.Tensor, group: to
     matryoshka = bool(group.max() > 0)
     links = []
     for start in range(0, co_fires.shape[0], rows_per_step):
-        block = co_fires[start:start + rows_per_step].double()  # [rows, S]
+        block = co_fires[start : start + rows_per_step].double()  # [rows, S]
         if not matryoshka:
-            block += co_fires[:, start:start + rows_per_step].t()
+            block += co_fires[:, start : start + rows_per_step].t()
         parent = torch.arange(start, start + len(block), device=co_fires.device)
         p_given_child = block / counts.clamp(min=1)
         parent_density = counts[parent][:, None] / max(n_tokens, 1)
@@ -262,10 +311,14 @@ def hierarchy_links(co_fires: torch.Tensor, fire_counts: torch.Tensor, group: to
             ok &= group[parent][:, None] < group
         else:
             more = counts[parent][:, None] > counts
-            tie = (counts[parent][:, None] == counts) & (parent[:, None] < torch.arange(len(counts), device=counts.device))
+            tie = (counts[parent][:, None] == counts) & (
+                parent[:, None] < torch.arange(len(counts), device=counts.device)
+            )
             ok &= more | tie
         rows, children = ok.nonzero(as_tuple=True)
-        links += list(zip((rows + start).tolist(), children.tolist(), block[rows, children].long().tolist()))
+        links += list(
+            zip((rows + start).tolist(), children.tolist(), block[rows, children].long().tolist())
+        )
     return links
 
 
@@ -321,9 +374,17 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def collect_feature_statistics(sae, store, n_rows: int | None = None, top_n: int = 20, n_random: int = 5,
-                               context: int = 8, hierarchy: bool = True, seed: int = 0,
-                               source: dict | None = None) -> "FeatureStatistics":
+def collect_feature_statistics(
+    sae,
+    store,
+    n_rows: int | None = None,
+    top_n: int = 20,
+    n_random: int = 5,
+    context: int = 8,
+    hierarchy: bool = True,
+    seed: int = 0,
+    source: dict | None = None,
+) -> "FeatureStatistics":
     """One pass over the store's held-out rows (the first `n_rows`, default all), `sae` in eval mode.
 
     The rows go through `store.activations_of` (the training data path) in chunks of
@@ -331,8 +392,17 @@ def collect_feature_statistics(sae, store, n_rows: int | None = None, top_n: int
     model's forward passes took and what the statistics cost on top (encode and accumulate, and the
     once-per-dictionary logit effects and finishing, apart).
     """
-    return collect_several_feature_statistics([sae], store, n_rows, top_n, n_random, context, hierarchy, seed,
-                                              [source or describe_source(store.cfg)])[0]
+    return collect_several_feature_statistics(
+        [sae],
+        store,
+        n_rows,
+        top_n,
+        n_random,
+        context,
+        hierarchy,
+        seed,
+        [source or describe_source(store.cfg)],
+    )[0]
 
 
 def source_hook_index(sae, store) -> int:
@@ -342,15 +412,25 @@ def source_hook_index(sae, store) -> int:
 
     hook = dictionary_hooks(sae.cfg)[0]
     if hook not in store.hook_names:
-        raise ValueError(f"The store reads {store.hook_names} but the dictionary encodes {hook}; build the "
-                         f"store from the dictionaries' cfgs (MultiHookActivationsStore(model, cfgs)).")
+        raise ValueError(
+            f"The store reads {store.hook_names} but the dictionary encodes {hook}; build the "
+            f"store from the dictionaries' cfgs (MultiHookActivationsStore(model, cfgs))."
+        )
     return store.hook_names.index(hook)
 
 
 @torch.no_grad()
-def collect_several_feature_statistics(saes, store, n_rows: int | None = None, top_n: int = 20,
-                                       n_random: int = 5, context: int = 8, hierarchy: bool = True,
-                                       seed: int = 0, sources: list | None = None) -> list["FeatureStatistics"]:
+def collect_several_feature_statistics(
+    saes,
+    store,
+    n_rows: int | None = None,
+    top_n: int = 20,
+    n_random: int = 5,
+    context: int = 8,
+    hierarchy: bool = True,
+    seed: int = 0,
+    sources: list | None = None,
+) -> list["FeatureStatistics"]:
     """`collect_feature_statistics` for several dictionaries in one pass of the model: each chunk of
     held-out rows runs the model once (`store.activations_of`, e.g. a `MultiHookActivationsStore`
     over the dictionaries' cfgs) and every dictionary encodes its own hook's activations
@@ -360,21 +440,40 @@ def collect_several_feature_statistics(saes, store, n_rows: int | None = None, t
     """
     model, cfg = store.model, store.cfg
     inputs = [source_hook_index(sae, store) for sae in saes]
-    collectors = [FeatureStatisticsCollector(sae.dict_size, latent_groups(sae), sae.W_dec.device, top_n,
-                                             n_random, context, seed, hierarchy) for sae in saes]
+    collectors = [
+        FeatureStatisticsCollector(
+            sae.dict_size,
+            latent_groups(sae),
+            sae.W_dec.device,
+            top_n,
+            n_random,
+            context,
+            seed,
+            hierarchy,
+        )
+        for sae in saes
+    ]
     was_training = [sae.training for sae in saes]
-    timings = [{"forward_seconds": 0.0, "statistics_seconds": 0.0, "dictionaries_in_pass": len(saes)}
-               for _ in saes]
+    timings = [
+        {"forward_seconds": 0.0, "statistics_seconds": 0.0, "dictionaries_in_pass": len(saes)}
+        for _ in saes
+    ]
     for sae in saes:
         sae.eval()
     try:
         chunks = store.get_eval_tokens(n_rows).split(cfg["model_batch_size"])
-        for chunk in tqdm(chunks, desc="Feature statistics", unit="chunk", leave=False, disable=None):
+        for chunk in tqdm(
+            chunks, desc="Feature statistics", unit="chunk", leave=False, disable=None
+        ):
             started = time.perf_counter()
             acts = store.activations_of(chunk)
             _sync(store.device)
             forwarded = time.perf_counter()
-            keep = chunk != store.bos if store.exclude_bos else torch.ones_like(chunk, dtype=torch.bool)
+            keep = (
+                chunk != store.bos
+                if store.exclude_bos
+                else torch.ones_like(chunk, dtype=torch.bool)
+            )
             for sae, index, collector, timing in zip(saes, inputs, collectors, timings):
                 started_dictionary = time.perf_counter()
                 collector.add(chunk, keep, sae.encode(acts[index]))
@@ -395,13 +494,17 @@ def collect_several_feature_statistics(saes, store, n_rows: int | None = None, t
         started = time.perf_counter()
         stats = _finish(collector, sae, model, effect, source)
         timing["finishing_seconds"] = time.perf_counter() - started
-        timing["statistics_overhead"] = timing["statistics_seconds"] / max(timing["forward_seconds"], 1e-9)
+        timing["statistics_overhead"] = timing["statistics_seconds"] / max(
+            timing["forward_seconds"], 1e-9
+        )
         stats.data["timing"] = timing
         results.append(stats)
     return results
 
 
-def collect_set_statistics(set_folder, cfg_of=None, model=None, **options) -> dict[int, "FeatureStatistics"]:
+def collect_set_statistics(
+    set_folder, cfg_of=None, model=None, **options
+) -> dict[int, "FeatureStatistics"]:
     """{layer: statistics} of every transcoder of a set (transcoder_set.py's folder), in one pass
     of the model: a `MultiHookActivationsStore` over the layers' cfgs feeds
     `collect_several_feature_statistics`. `cfg_of(cfg)` adjusts each layer's saved cfg (the data
@@ -416,63 +519,92 @@ def collect_set_statistics(set_folder, cfg_of=None, model=None, **options) -> di
     folders = layer_folders(set_folder)
     cfgs = [load_cfg(folder) for folder in folders.values()]
     cfgs = [cfg_of(cfg) if cfg_of is not None else cfg for cfg in cfgs]
-    cfgs = [{**cfg, "num_batches_in_buffer": 1} for cfg in cfgs]  # the training buffer is not read here
+    cfgs = [
+        {**cfg, "num_batches_in_buffer": 1} for cfg in cfgs
+    ]  # the training buffer is not read here
     saes = [load_sae(folder, device=cfg["device"]) for folder, cfg in zip(folders.values(), cfgs)]
     if model is None:
         from matryoshka_sae.model_loading import load_model
 
         model = load_model(cfgs[0]["model_name"], cfgs[0]["device"], cfgs[0]["model_dtype"])
     store = MultiHookActivationsStore(model, cfgs)
-    sources = [{**describe_source(cfg), "checkpoint": str(folder), "layer": layer}
-               for (layer, folder), cfg in zip(folders.items(), cfgs)]
+    sources = [
+        {**describe_source(cfg), "checkpoint": str(folder), "layer": layer}
+        for (layer, folder), cfg in zip(folders.items(), cfgs)
+    ]
     stats = collect_several_feature_statistics(saes, store, sources=sources, **options)
     return dict(zip(folders, stats))
 
 
 def describe_source(cfg: dict) -> dict:
     """What the page and the JSON say about the dictionary."""
-    keys = ["model_name", "sae_type", "dict_size", "group_sizes", "top_k", "hook_point",
-            "source_hook_point", "target_hook_point", "name"]
+    keys = [
+        "model_name",
+        "sae_type",
+        "dict_size",
+        "group_sizes",
+        "top_k",
+        "hook_point",
+        "source_hook_point",
+        "target_hook_point",
+        "name",
+    ]
     return {key: cfg.get(key) for key in keys if cfg.get(key) is not None}
 
 
-def _finish(collector: FeatureStatisticsCollector, sae, model, effects, source: dict) -> "FeatureStatistics":
+def _finish(
+    collector: FeatureStatisticsCollector, sae, model, effects, source: dict
+) -> "FeatureStatistics":
     """Turn the accumulators into the JSON-ready statistics (see `FeatureStatistics`)."""
     c = collector
     rows = torch.cat(c.rows) if c.rows else torch.zeros(0, 1, dtype=torch.long)
     counts = c.fire_counts.cpu()
     group = c.group.cpu()
-    links = (hierarchy_links(c.co_fires, counts, group, c.n_tokens) if c.co_fires is not None else [])
+    links = hierarchy_links(c.co_fires, counts, group, c.n_tokens) if c.co_fires is not None else []
     decoder = torch.nn.functional.normalize(sae.W_dec.detach().float(), dim=1)
-    cosines = ((decoder[[p for p, _, _ in links]] * decoder[[ch for _, ch, _ in links]]).sum(1).tolist()
-               if links else [])
+    cosines = (
+        (decoder[[p for p, _, _ in links]] * decoder[[ch for _, ch, _ in links]]).sum(1).tolist()
+        if links
+        else []
+    )
 
     n_fired, sums = counts.tolist(), c.activation_sums.cpu().tolist()
     maxima, histograms = c.max_activations.cpu().tolist(), c.histogram.cpu().tolist()
-    latents = [{
-        "index": i,
-        "group": int(group[i]),
-        "fire_count": n_fired[i],
-        "density": n_fired[i] / max(c.n_tokens, 1),
-        "mean_activation": sums[i] / max(n_fired[i], 1),
-        "max_activation": maxima[i],
-        "histogram": _trimmed(histograms[i]),
-        "parents": [], "children": [],
-    } for i in range(c.dict_size)]
+    latents = [
+        {
+            "index": i,
+            "group": int(group[i]),
+            "fire_count": n_fired[i],
+            "density": n_fired[i] / max(c.n_tokens, 1),
+            "mean_activation": sums[i] / max(n_fired[i], 1),
+            "max_activation": maxima[i],
+            "histogram": _trimmed(histograms[i]),
+            "parents": [],
+            "children": [],
+        }
+        for i in range(c.dict_size)
+    ]
     top = _contexts(c.top, rows, c.context)
     random = _contexts(c.random, rows, c.context)
     for i, latent in enumerate(latents):
         latent["top_contexts"] = top[i]
         seen = {context["token_index"] for context in top[i]}
-        latent["random_contexts"] = sorted((_with_quantile(ctx, histograms[i]) for ctx in random[i]
-                                            if ctx["token_index"] not in seen),
-                                           key=lambda ctx: -ctx["activation"])
+        latent["random_contexts"] = sorted(
+            (
+                _with_quantile(ctx, histograms[i])
+                for ctx in random[i]
+                if ctx["token_index"] not in seen
+            ),
+            key=lambda ctx: -ctx["activation"],
+        )
     for (parent, child, co_fires), cosine in zip(links, cosines):
-        link = {"co_fires": co_fires,
-                "p_parent_given_child": co_fires / int(counts[child]),
-                "p_child_given_parent": co_fires / int(counts[parent]),
-                "co_firing_rate": co_fires / max(c.n_tokens, 1),
-                "decoder_cosine": round(cosine, 4)}
+        link = {
+            "co_fires": co_fires,
+            "p_parent_given_child": co_fires / int(counts[child]),
+            "p_child_given_parent": co_fires / int(counts[parent]),
+            "co_firing_rate": co_fires / max(c.n_tokens, 1),
+            "decoder_cosine": round(cosine, 4),
+        }
         latents[parent]["children"].append({"latent": child, **link})
         latents[child]["parents"].append({"latent": parent, **link})
     for latent in latents:
@@ -484,8 +616,12 @@ def _finish(collector: FeatureStatisticsCollector, sae, model, effects, source: 
     if effects is not None:
         up_ids, up_values, down_ids, down_values = effects
         for i, latent in enumerate(latents):
-            latent["logits_up"] = [[int(t), round(float(v), 4)] for t, v in zip(up_ids[i], up_values[i])]
-            latent["logits_down"] = [[int(t), round(float(v), 4)] for t, v in zip(down_ids[i], down_values[i])]
+            latent["logits_up"] = [
+                [int(t), round(float(v), 4)] for t, v in zip(up_ids[i], up_values[i])
+            ]
+            latent["logits_down"] = [
+                [int(t), round(float(v), 4)] for t, v in zip(down_ids[i], down_values[i])
+            ]
         token_ids |= set(up_ids.unique().tolist()) | set(down_ids.unique().tolist())
 
     group_ends = torch.bincount(group, minlength=int(group.max()) + 1).cumsum(0).tolist()
@@ -495,12 +631,21 @@ def _finish(collector: FeatureStatisticsCollector, sae, model, effects, source: 
         "n_tokens": c.n_tokens,
         "n_rows": len(rows),
         "group_ends": group_ends,
-        "hierarchy": ("matryoshka" if c.matryoshka else "whole dictionary") if c.co_fires is not None else None,
-        "settings": {"top_n": c.top.n, "n_random": c.random.n, "context": c.context,
-                     "min_parent_probability": MIN_PARENT_PROBABILITY, "min_lift": MIN_LIFT,
-                     "min_child_firings": MIN_CHILD_FIRINGS, "histogram_edges": HISTOGRAM_EDGES,
-                     "logit_effects": "W_dec[i] with the final norm's gain folded in, @ W_U (direct path)"
-                                      if effects is not None else None},
+        "hierarchy": ("matryoshka" if c.matryoshka else "whole dictionary")
+        if c.co_fires is not None
+        else None,
+        "settings": {
+            "top_n": c.top.n,
+            "n_random": c.random.n,
+            "context": c.context,
+            "min_parent_probability": MIN_PARENT_PROBABILITY,
+            "min_lift": MIN_LIFT,
+            "min_child_firings": MIN_CHILD_FIRINGS,
+            "histogram_edges": HISTOGRAM_EDGES,
+            "logit_effects": "W_dec[i] with the final norm's gain folded in, @ W_U (direct path)"
+            if effects is not None
+            else None,
+        },
         "vocabulary": token_strings(model, sorted(token_ids)),
         "latents": latents,
     }
@@ -512,14 +657,22 @@ def _trimmed(counts: list[int]) -> dict:
     nonzero = [b for b, n in enumerate(counts) if n]
     if not nonzero:
         return {"first_bin": 0, "counts": []}
-    return {"first_bin": nonzero[0], "counts": counts[nonzero[0]:nonzero[-1] + 1]}
+    return {"first_bin": nonzero[0], "counts": counts[nonzero[0] : nonzero[-1] + 1]}
 
 
 def _with_quantile(context: dict, histogram: list[int]) -> dict:
     """Add the fraction of the latent's firings below the context's activation (to half its
     histogram bin: the bins are all that is kept of the other firings)."""
-    bin_ = min(max(math.floor((math.log10(context["activation"]) - HISTOGRAM_LOW_DECADE)
-                              * HISTOGRAM_BINS_PER_DECADE), 0), N_HISTOGRAM_BINS - 1)
+    bin_ = min(
+        max(
+            math.floor(
+                (math.log10(context["activation"]) - HISTOGRAM_LOW_DECADE)
+                * HISTOGRAM_BINS_PER_DECADE
+            ),
+            0,
+        ),
+        N_HISTOGRAM_BINS - 1,
+    )
     below = sum(histogram[:bin_]) + 0.5 * histogram[bin_]
     return {**context, "quantile": round(below / max(sum(histogram), 1), 3)}
 
@@ -528,8 +681,12 @@ def _significant(values: torch.Tensor, digits: int = 4) -> list:
     """values rounded to `digits` significant digits, as (nested) Python lists of short floats."""
     v = values.detach().cpu().double()
     exponent = digits - 1 - v.abs().clamp(min=1e-30).log10().floor()
-    scale = torch.pow(10.0, exponent.abs())  # exact powers of ten: n / 10^e prints as a short decimal
-    return torch.where(exponent >= 0, (v * scale).round() / scale, (v / scale).round() * scale).tolist()
+    scale = torch.pow(
+        10.0, exponent.abs()
+    )  # exact powers of ten: n / 10^e prints as a short decimal
+    return torch.where(
+        exponent >= 0, (v * scale).round() / scale, (v / scale).round() * scale
+    ).tolist()
 
 
 def _contexts(table: RunningTopN, rows: torch.Tensor, context: int) -> list[list[dict]]:
@@ -552,13 +709,20 @@ def _contexts(table: RunningTopN, rows: torch.Tensor, context: int) -> list[list
                 continue
             row, column = divmod(positions[i][slot], seq_len)
             first, last = max(column - context, 0), min(column + context, seq_len - 1)
-            contexts.append({
-                "activation": values[i][slot],
-                "token_index": positions[i][slot],
-                "tokens": rows[row, first:last + 1].tolist(),
-                "activations": [a or 0 for a in windows[i][slot][first - column + context:last - column + context + 1]],
-                "center": column - first,
-            })
+            contexts.append(
+                {
+                    "activation": values[i][slot],
+                    "token_index": positions[i][slot],
+                    "tokens": rows[row, first : last + 1].tolist(),
+                    "activations": [
+                        a or 0
+                        for a in windows[i][slot][
+                            first - column + context : last - column + context + 1
+                        ]
+                    ],
+                    "center": column - first,
+                }
+            )
         out.append(contexts)
     return out
 
@@ -599,8 +763,10 @@ class FeatureStatistics:
     def load(cls, path: str | Path) -> "FeatureStatistics":
         data = json.loads(Path(path).read_text())
         if data.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a feature-statistics file of format {FORMAT!r} "
-                             f"(found {data.get('format')!r}); collect it again with inspect_sae.py.")
+            raise ValueError(
+                f"{path} is not a feature-statistics file of format {FORMAT!r} "
+                f"(found {data.get('format')!r}); collect it again with inspect_sae.py."
+            )
         return cls(data)
 
     # -- per latent -----------------------------------------------------------------------------
@@ -614,7 +780,9 @@ class FeatureStatistics:
     def _readable(self, context: dict) -> dict:
         tokens = [self.token_text(t) for t in context["tokens"]]
         center = context["center"]
-        text = "".join(tokens[:center]) + "[[" + tokens[center] + "]]" + "".join(tokens[center + 1:])
+        text = (
+            "".join(tokens[:center]) + "[[" + tokens[center] + "]]" + "".join(tokens[center + 1 :])
+        )
         return {**context, "tokens": tokens, "text": text}
 
     def top_contexts(self, i: int) -> list[dict]:
@@ -626,8 +794,10 @@ class FeatureStatistics:
 
     def logit_effects(self, i: int) -> dict[str, list[tuple[str, float]]]:
         latent = self.latent(i)
-        return {direction: [(self.token_text(t), v) for t, v in latent.get(f"logits_{direction}", [])]
-                for direction in ("up", "down")}
+        return {
+            direction: [(self.token_text(t), v) for t, v in latent.get(f"logits_{direction}", [])]
+            for direction in ("up", "down")
+        }
 
     def parents(self, i: int) -> list[dict]:
         return self.latent(i)["parents"]
@@ -638,10 +808,12 @@ class FeatureStatistics:
     def describe_timing(self) -> str:
         """One line: tokens read, the model's forward time and what the statistics cost on top of it."""
         t = self.data["timing"]
-        return (f"Feature statistics over {self.data['n_tokens']:,} tokens: model forward "
-                f"{t['forward_seconds']:.1f} s, statistics {t['statistics_seconds']:.1f} s "
-                f"(+{100 * t['statistics_overhead']:.0f}% of the forward), logit effects "
-                f"{t['logit_effects_seconds']:.1f} s, finishing {t['finishing_seconds']:.1f} s.")
+        return (
+            f"Feature statistics over {self.data['n_tokens']:,} tokens: model forward "
+            f"{t['forward_seconds']:.1f} s, statistics {t['statistics_seconds']:.1f} s "
+            f"(+{100 * t['statistics_overhead']:.0f}% of the forward), logit effects "
+            f"{t['logit_effects_seconds']:.1f} s, finishing {t['finishing_seconds']:.1f} s."
+        )
 
     def table(self):
         """One row per latent (index, group, fire_count, density, mean/max activation) as a pandas DataFrame."""

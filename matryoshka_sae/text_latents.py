@@ -45,15 +45,19 @@ class TextLatents:
     def top(self, k: int = 5) -> list[tuple[str, list[tuple[int, float]]]]:
         """Every token with its `k` largest (latent index, value) pairs, zeros left out."""
         values, indices = self.latents.topk(min(k, self.latents.shape[-1]), dim=-1)
-        return [(string, [(int(i), float(v)) for i, v in zip(row_i, row_v) if v > 0])
-                for string, row_i, row_v in zip(self.strings, indices, values)]
+        return [
+            (string, [(int(i), float(v)) for i, v in zip(row_i, row_v) if v > 0])
+            for string, row_i, row_v in zip(self.strings, indices, values)
+        ]
 
 
 def tokenize_like_training(model, cfg: dict, text: str) -> torch.Tensor:
     """[seq] token ids of `text` as one training document: the run's BOS first, when it has one."""
     if model.tokenizer is None:
-        raise ValueError("The model has no tokenizer; give text_latents the token ids ([seq] tensor) instead "
-                         "of a string.")
+        raise ValueError(
+            "The model has no tokenizer; give text_latents the token ids ([seq] tensor) instead "
+            "of a string."
+        )
     ids = model.to_tokens(text, prepend_bos=False)[0].cpu()
     bos, _ = document_markers(model, cfg)
     if bos is not None and (len(ids) == 0 or ids[0].item() != bos):
@@ -70,18 +74,36 @@ def text_latents(model, sae, text: str | torch.Tensor) -> TextLatents:
     """
     cfg = sae.cfg
     if cfg["sae_type"] == "matryoshka_clt":
-        raise ValueError("text_latents reads one hook; a cross-layer transcoder reads one a layer: call "
-                         "sae.encode on the activations of its source hooks instead.")
-    hook = cfg["source_hook_point"] if cfg["sae_type"] == "matryoshka_transcoder" else cfg["hook_point"]
-    tokens = tokenize_like_training(model, cfg, text) if isinstance(text, str) else torch.as_tensor(text).long()
+        raise ValueError(
+            "text_latents reads one hook; a cross-layer transcoder reads one a layer: call "
+            "sae.encode on the activations of its source hooks instead."
+        )
+    hook = (
+        cfg["source_hook_point"]
+        if cfg["sae_type"] == "matryoshka_transcoder"
+        else cfg["hook_point"]
+    )
+    tokens = (
+        tokenize_like_training(model, cfg, text)
+        if isinstance(text, str)
+        else torch.as_tensor(text).long()
+    )
     if tokens.dim() != 1 or len(tokens) == 0:
-        raise ValueError(f"text_latents takes one text: a string or [seq] token ids, got shape {tuple(tokens.shape)}.")
+        raise ValueError(
+            f"text_latents takes one text: a string or [seq] token ids, got shape {tuple(tokens.shape)}."
+        )
     if len(tokens) > model.cfg.n_ctx:
-        raise ValueError(f"the text has {len(tokens)} tokens, more than the model's context of {model.cfg.n_ctx}; "
-                         f"split it.")
+        raise ValueError(
+            f"the text has {len(tokens)} tokens, more than the model's context of {model.cfg.n_ctx}; "
+            f"split it."
+        )
     block = block_index(hook)
-    _, cache = model.run_with_cache(tokens[None].to(model.cfg.device), names_filter=[hook],
-                                    stop_at_layer=None if block is None else block + 1, return_cache_object=False)
+    _, cache = model.run_with_cache(
+        tokens[None].to(model.cfg.device),
+        names_filter=[hook],
+        stop_at_layer=None if block is None else block + 1,
+        return_cache_object=False,
+    )
     acts = cache[hook][0].float()
     excluded = excluded_bos_token(model, cfg)
     kept = tokens != excluded if excluded is not None else torch.ones(len(tokens), dtype=torch.bool)
@@ -94,6 +116,9 @@ def text_latents(model, sae, text: str | torch.Tensor) -> TextLatents:
         sae.train(was_training)
     latents = torch.zeros(len(tokens), encoded.shape[-1])
     latents[kept] = encoded
-    strings = ([model.tokenizer.decode([int(t)]) for t in tokens] if model.tokenizer is not None
-               else [str(int(t)) for t in tokens])
+    strings = (
+        [model.tokenizer.decode([int(t)]) for t in tokens]
+        if model.tokenizer is not None
+        else [str(int(t)) for t in tokens]
+    )
     return TextLatents(tokens=tokens, strings=strings, latents=latents, kept=kept)

@@ -57,7 +57,12 @@ from tqdm import tqdm
 from matryoshka_sae import distributed
 from matryoshka_sae.activation_store import dictionary_hooks
 from matryoshka_sae.checkpoint import (
-    checkpoint_folder, claim_run_folder, load_history, release_run_lock, restore_checkpoint, save_checkpoint,
+    checkpoint_folder,
+    claim_run_folder,
+    load_history,
+    release_run_lock,
+    restore_checkpoint,
+    save_checkpoint,
     saved_steps,
 )
 from matryoshka_sae.config import cfg_to_json
@@ -107,8 +112,13 @@ def make_optimizer(sae, cfg: dict) -> torch.optim.Adam:
     return torch.optim.Adam(sae.param_groups(), lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]))
 
 
-def training_step(sae, optimizer: torch.optim.Optimizer, inputs: Sequence[torch.Tensor], lr: float,
-                  max_grad_norm: float) -> dict[str, torch.Tensor]:
+def training_step(
+    sae,
+    optimizer: torch.optim.Optimizer,
+    inputs: Sequence[torch.Tensor],
+    lr: float,
+    max_grad_norm: float,
+) -> dict[str, torch.Tensor]:
     """One optimisation step of `sae` on one batch; returns the forward's output dict.
 
     `inputs`: the dictionary's arguments, (x [B, d_in],) for an SAE, (source, target) for a
@@ -148,15 +158,19 @@ def format_postfix(metrics: dict[str, float], target_l0: float | None = None) ->
     layers = ""  # a cross-layer transcoder's FVU is the mean over its layers: their range too
     if "fvu_layer_max" in metrics:
         layers = f" (layers {metrics['fvu_layer_min']:.3f}..{metrics['fvu_layer_max']:.3f})"
-    return (f"Loss: {metrics['loss']:.4f}, L0: {metrics['l0_norm']:.1f}{target}, "
-            f"L2: {metrics['l2_loss']:.4f}, FVU: {metrics['fvu']:.4f}{layers}")
+    return (
+        f"Loss: {metrics['loss']:.4f}, L0: {metrics['l0_norm']:.1f}{target}, "
+        f"L2: {metrics['l2_loss']:.4f}, FVU: {metrics['fvu']:.4f}{layers}"
+    )
 
 
 def l0_target(cfg: dict) -> float | None:
     """The L0 the progress bar reads l0_norm against: cfg["target_l0"]; a jumprelu cross-layer
     transcoder's counts per source layer and its l0_norm sums the layers, so target_l0 x L."""
     if cfg["sae_type"] == "matryoshka_clt":
-        return cfg["target_l0"] * len(cfg["clt_layers"]) if cfg["clt_sparsity"] == "jumprelu" else None
+        return (
+            cfg["target_l0"] * len(cfg["clt_layers"]) if cfg["clt_sparsity"] == "jumprelu" else None
+        )
     return cfg.get("target_l0")
 
 
@@ -202,14 +216,18 @@ def _tensors(inputs) -> list[torch.Tensor]:
 
 
 def _make_trainee(sae, cfg: dict) -> _Trainee:
-    return _Trainee(sae=sae, cfg=cfg, optimizer=make_optimizer(sae, cfg), folder=checkpoint_folder(cfg))
+    return _Trainee(
+        sae=sae, cfg=cfg, optimizer=make_optimizer(sae, cfg), folder=checkpoint_folder(cfg)
+    )
 
 
 def _training_step(trainee: _Trainee, inputs: tuple[torch.Tensor, ...], lr: float) -> None:
     output = training_step(trainee.sae, trainee.optimizer, inputs, lr, trainee.cfg["max_grad_norm"])
     if trainee.scalar_keys is None:
         trainee.scalar_keys = [k for k, v in output.items() if _is_logged(k, v)]
-    trainee.pending.append(torch.cat([output[k].detach().float().reshape(-1) for k in trainee.scalar_keys]))
+    trainee.pending.append(
+        torch.cat([output[k].detach().float().reshape(-1) for k in trainee.scalar_keys])
+    )
     trainee.pending_lrs.append(lr)
 
 
@@ -239,29 +257,36 @@ def _flush(trainees: list[_Trainee], nonfinite_inputs: torch.Tensor, next_step: 
     if n_pending == 0:
         return
     first = next_step - n_pending
-    parts = [nonfinite_inputs.float().reshape(1)] + [torch.stack(t.pending).flatten() for t in trainees]
+    parts = [nonfinite_inputs.float().reshape(1)] + [
+        torch.stack(t.pending).flatten() for t in trainees
+    ]
     host = _mean_over_ranks(torch.cat(parts), trainees[0].cfg).cpu()
     nonfinite_inputs.zero_()
     last_good = [f"{t.folder} (step {t.saved_step})" for t in trainees if t.saved_step is not None]
-    where_good = (f" The last good checkpoint: {', '.join(last_good)}." if last_good
-                  else " No checkpoint was written yet.")
+    where_good = (
+        f" The last good checkpoint: {', '.join(last_good)}."
+        if last_good
+        else " No checkpoint was written yet."
+    )
     if host[0] > 0:
         raise NonFiniteError(
             f"Non-finite activations (NaN/inf) in {int(host[0])} batch(es) among steps {first}.."
             f"{next_step - 1}; training stopped and the weights since are not to be trusted. Check the "
-            f"model dtype (try model_dtype float32) and the data.{where_good}")
+            f"model dtype (try model_dtype float32) and the data.{where_good}"
+        )
     offset = 1
     for t in trainees:
         names = _scalar_names(t)
         n_keys = len(names)
-        rows = host[offset:offset + n_pending * n_keys].view(n_pending, n_keys).tolist()
+        rows = host[offset : offset + n_pending * n_keys].view(n_pending, n_keys).tolist()
         offset += n_pending * n_keys
         for i, (row, lr) in enumerate(zip(rows, t.pending_lrs)):
             values = dict(zip(names, row), lr=lr)
             if not math.isfinite(values["loss"]):
                 raise NonFiniteError(
                     f"{t.cfg['name']}: the loss became {values['loss']} at step {first + i}. Lower "
-                    f"cfg['lr'] or cfg['max_grad_norm'].{where_good}")
+                    f"cfg['lr'] or cfg['max_grad_norm'].{where_good}"
+                )
             t.run.log(values, step=first + i)
             t.history.append({"step": first + i, **values})
         t.metrics.update(values)
@@ -297,18 +322,34 @@ def _data_position(activation_store) -> dict:
 
 def _save(trainee: _Trainee, steps_done: int, data_position: dict) -> None:
     if not _weights_are_finite(trainee.sae):
-        raise NonFiniteError(f"{trainee.cfg['name']}: weights are NaN/inf after step {steps_done - 1}; "
-                             f"the checkpoint in {trainee.folder} was left as it was.")
+        raise NonFiniteError(
+            f"{trainee.cfg['name']}: weights are NaN/inf after step {steps_done - 1}; "
+            f"the checkpoint in {trainee.folder} was left as it was."
+        )
     if _writes_here(trainee.cfg):  # the weights are the same on every rank: rank 0 writes them
-        save_checkpoint(trainee.folder, trainee.sae, trainee.cfg, trainee.optimizer, step=steps_done,
-                        extra=data_position, metrics={**trainee.metrics, "step": steps_done},
-                        history=trainee.history)
+        save_checkpoint(
+            trainee.folder,
+            trainee.sae,
+            trainee.cfg,
+            trainee.optimizer,
+            step=steps_done,
+            extra=data_position,
+            metrics={**trainee.metrics, "step": steps_done},
+            history=trainee.history,
+        )
     trainee.saved_step = steps_done
 
 
 # Settings that describe the activation stream, which dictionaries trained together share (all but
 # the hooks when the store serves several hooks from one pass).
-SHARED_STREAM_KEYS = ("batch_size", "num_tokens", "model_name", "act_size", "seq_len", "exclude_bos")
+SHARED_STREAM_KEYS = (
+    "batch_size",
+    "num_tokens",
+    "model_name",
+    "act_size",
+    "seq_len",
+    "exclude_bos",
+)
 HOOK_KEYS = ("hook_point", "source_hook_point", "target_hook_point")
 
 
@@ -316,38 +357,55 @@ def _check_group(cfgs: Sequence[dict], several_hooks: bool = False) -> int:
     """Check that the runs can share one activation stream; returns the number of steps."""
     for key in SHARED_STREAM_KEYS + (() if several_hooks else HOOK_KEYS):
         if len({str(cfg.get(key)) for cfg in cfgs}) > 1:
-            raise ValueError(f"Dictionaries trained together share one activation stream, so cfg[{key!r}] "
-                             f"must be equal in every cfg; got {[cfg[key] for cfg in cfgs]}.")
+            raise ValueError(
+                f"Dictionaries trained together share one activation stream, so cfg[{key!r}] "
+                f"must be equal in every cfg; got {[cfg[key] for cfg in cfgs]}."
+            )
     folders = [checkpoint_folder(cfg) for cfg in cfgs]
     if len(set(folders)) < len(folders):
-        raise ValueError(f"Two runs share a checkpoint folder ({folders}); give each cfg its own 'name'.")
+        raise ValueError(
+            f"Two runs share a checkpoint folder ({folders}); give each cfg its own 'name'."
+        )
     if distributed.launched_by_torchrun() and not distributed.is_active():
-        raise RuntimeError("torchrun started this process as one of several ranks, but they form no process "
-                           "group: call distributed.init_from_env(cfg) first, before creating the model "
-                           "and the activation store.")
+        raise RuntimeError(
+            "torchrun started this process as one of several ranks, but they form no process "
+            "group: call distributed.init_from_env(cfg) first, before creating the model "
+            "and the activation store."
+        )
     distributed.local_batch_size(cfgs[0]["batch_size"])  # the global batch divides among the ranks
     total_steps = int(cfgs[0]["num_tokens"]) // cfgs[0]["batch_size"]
     if total_steps < 1:
-        raise ValueError(f"num_tokens ({cfgs[0]['num_tokens']}) is less than one batch "
-                         f"(batch_size {cfgs[0]['batch_size']}); raise num_tokens.")
+        raise ValueError(
+            f"num_tokens ({cfgs[0]['num_tokens']}) is less than one batch "
+            f"(batch_size {cfgs[0]['batch_size']}); raise num_tokens."
+        )
     return total_steps
 
 
-def _resume_or_start(trainees: list[_Trainee], activation_store, resume_from) -> tuple[int, Iterator]:
+def _resume_or_start(
+    trainees: list[_Trainee], activation_store, resume_from
+) -> tuple[int, Iterator]:
     """Restore the checkpoints (resume) or set b_dec from the first batch (fresh start).
 
     Returns the number of steps already done and the stream of batches to train on.
     """
     if resume_from is not None:
         step = _common_step(resume_from)
-        restored = [restore_checkpoint(folder, t.sae, t.optimizer, step) for folder, t in zip(resume_from, trainees)]
+        restored = [
+            restore_checkpoint(folder, t.sae, t.optimizer, step)
+            for folder, t in zip(resume_from, trainees)
+        ]
         steps = [state["step"] for state in restored]
         for folder, t in zip(resume_from, trainees):
             t.history = [row for row in load_history(folder) if row["step"] < steps[0]]
-        _continue_data(activation_store, restored[0]["extra"], steps[0] * trainees[0].cfg["batch_size"])
+        _continue_data(
+            activation_store, restored[0]["extra"], steps[0] * trainees[0].cfg["batch_size"]
+        )
         return steps[0], _batches(activation_store)
     first = _as_inputs(activation_store.next_batch())
-    whole_first = _gather_inputs(first, distributed.batch_group())  # under torchrun, every rank's rows
+    whole_first = _gather_inputs(
+        first, distributed.batch_group()
+    )  # under torchrun, every rank's rows
     for t in trainees:  # b_dec etc. from the whole batch (a transcoder reads (source, target))
         t.sae.initialize_from_batch(*_inputs_for(t.cfg, whole_first))
     return 0, _batches(activation_store, first)
@@ -361,8 +419,10 @@ def _common_step(folders: Sequence[str | Path]) -> int | None:
     saves = [set(saved_steps(folder)) for folder in folders]
     common = set.intersection(*saves)
     if not common:
-        raise ValueError(f"The checkpoints to resume from have no step in common (saved steps "
-                         f"{[sorted(steps) for steps in saves]}); they were not trained together.")
+        raise ValueError(
+            f"The checkpoints to resume from have no step in common (saved steps "
+            f"{[sorted(steps) for steps in saves]}); they were not trained together."
+        )
     return max(common)
 
 
@@ -377,8 +437,11 @@ def _continue_data(activation_store, extra: dict, n_tokens_served: int) -> None:
     if saved is not None and hasattr(activation_store, "load_state_dict"):
         activation_store.load_state_dict(saved)
     elif hasattr(activation_store, "skip_tokens"):
-        warnings.warn("The checkpoint holds no data position (an older checkpoint): the data continues "
-                      "approximately where the run stopped.", stacklevel=4)
+        warnings.warn(
+            "The checkpoint holds no data position (an older checkpoint): the data continues "
+            "approximately where the run stopped.",
+            stacklevel=4,
+        )
         activation_store.skip_tokens(n_tokens_served)
 
 
@@ -389,28 +452,43 @@ def _batches(activation_store, first: tuple[torch.Tensor, ...] | None = None) ->
         yield _check_local_batch(_as_inputs(activation_store.next_batch()), activation_store)
 
 
-def _check_local_batch(inputs: tuple[torch.Tensor, ...], activation_store) -> tuple[torch.Tensor, ...]:
+def _check_local_batch(
+    inputs: tuple[torch.Tensor, ...], activation_store
+) -> tuple[torch.Tensor, ...]:
     """Under torchrun each rank's store must serve its B / W rows of the global batch of B."""
     batch_size = getattr(activation_store, "cfg", {}).get("batch_size")
     if distributed.is_active() and batch_size is not None:
         expected = distributed.local_batch_size(batch_size)
         served = _tensors(inputs)[0].shape[0]
         if served != expected:
-            raise ValueError(f"Rank {distributed.rank()}'s activation store served {served} rows; "
-                             f"under torchrun each of the {distributed.world_size()} ranks serves "
-                             f"cfg['batch_size'] / {distributed.world_size()} = {expected} rows of the "
-                             f"global batch.")
+            raise ValueError(
+                f"Rank {distributed.rank()}'s activation store served {served} rows; "
+                f"under torchrun each of the {distributed.world_size()} ranks serves "
+                f"cfg['batch_size'] / {distributed.world_size()} = {expected} rows of the "
+                f"global batch."
+            )
     return inputs
 
 
-def _train(saes: Sequence, activation_store, model, cfgs: Sequence[dict],
-           resume_from: Sequence[str | Path] | None) -> list:
+def _train(
+    saes: Sequence,
+    activation_store,
+    model,
+    cfgs: Sequence[dict],
+    resume_from: Sequence[str | Path] | None,
+) -> list:
     if len(saes) != len(cfgs):
-        raise ValueError(f"Got {len(saes)} dictionaries but {len(cfgs)} cfgs; pass one cfg per dictionary.")
-    total_steps = _check_group(cfgs, several_hooks=getattr(activation_store, "serves_several_hooks", False))
+        raise ValueError(
+            f"Got {len(saes)} dictionaries but {len(cfgs)} cfgs; pass one cfg per dictionary."
+        )
+    total_steps = _check_group(
+        cfgs, several_hooks=getattr(activation_store, "serves_several_hooks", False)
+    )
     if model is not None and any(cfg["sae_type"] == "matryoshka_clt" for cfg in cfgs):
-        raise ValueError("The loop's CE evaluation splices one hook, but a cross-layer transcoder replaces every "
-                         "layer's MLP: train it with model=None (python train_clt.py train evaluates it at the end).")
+        raise ValueError(
+            "The loop's CE evaluation splices one hook, but a cross-layer transcoder replaces every "
+            "layer's MLP: train it with model=None (python train_clt.py train evaluates it at the end)."
+        )
     everyone = [_make_trainee(sae, cfg) for sae, cfg in zip(saes, cfgs)]
     trainees = _share_of(everyone, cfgs[0])
     if resume_from is not None:
@@ -418,7 +496,9 @@ def _train(saes: Sequence, activation_store, model, cfgs: Sequence[dict],
     for i, t in enumerate(trainees):
         t.sae.train()
         if _writes_here(t.cfg):  # a folder of its own, locked (see checkpoint.claim_run_folder)
-            t.folder = claim_run_folder(t.cfg, resume_from=None if resume_from is None else resume_from[i])
+            t.folder = claim_run_folder(
+                t.cfg, resume_from=None if resume_from is None else resume_from[i]
+            )
     try:
         start, batches = _resume_or_start(trainees, activation_store, resume_from)
     except BaseException:  # e.g. a checkpoint that cannot be resumed: its folder is free again
@@ -428,19 +508,31 @@ def _train(saes: Sequence, activation_store, model, cfgs: Sequence[dict],
     eval_tokens = None
     if model is not None:
         if not hasattr(activation_store, "get_eval_tokens"):
-            raise ValueError("The CE-loss evaluation needs held-out tokens from "
-                             "activation_store.get_eval_tokens(n_rows); give the store that method, or "
-                             "pass model=None to train without the evaluation.")
+            raise ValueError(
+                "The CE-loss evaluation needs held-out tokens from "
+                "activation_store.get_eval_tokens(n_rows); give the store that method, or "
+                "pass model=None to train without the evaluation."
+            )
         eval_tokens = activation_store.get_eval_tokens(cfgs[0]["n_eval_rows"])
 
     for t in trainees:
         mode = t.cfg["wandb_mode"] if _writes_here(t.cfg) else "disabled"  # rank 0 logs
-        t.run = wandb.init(project=t.cfg["wandb_project"], name=t.cfg["name"], mode=mode,
-                           config=json.loads(cfg_to_json(t.cfg)), reinit="create_new",
-                           settings=wandb.Settings(quiet=True))
+        t.run = wandb.init(
+            project=t.cfg["wandb_project"],
+            name=t.cfg["name"],
+            mode=mode,
+            config=json.loads(cfg_to_json(t.cfg)),
+            reinit="create_new",
+            settings=wandb.Settings(quiet=True),
+        )
     nonfinite_inputs = torch.zeros((), dtype=torch.long, device=cfgs[0]["device"])
-    progress = tqdm(range(start, total_steps), desc="Training", initial=start, total=total_steps,
-                    disable=not distributed.is_main_process())
+    progress = tqdm(
+        range(start, total_steps),
+        desc="Training",
+        initial=start,
+        total=total_steps,
+        disable=not distributed.is_main_process(),
+    )
     try:
         with StopSignals() as stop:
             for step, inputs in zip(progress, batches):
@@ -449,11 +541,22 @@ def _train(saes: Sequence, activation_store, model, cfgs: Sequence[dict],
                 with _whole_batches_here(cfgs[0]):
                     inputs = _whole_batch(cfgs[0], inputs)
                     for t in trainees:
-                        _training_step(t, _inputs_for(t.cfg, inputs), lr_at_step(step, total_steps, t.cfg))
+                        _training_step(
+                            t, _inputs_for(t.cfg, inputs), lr_at_step(step, total_steps, t.cfg)
+                        )
                 signal_name = _stop_signal(stop, step + 1, cfgs[0])
                 stopping = signal_name is not None and step + 1 < total_steps
-                _after_step(step + 1, total_steps, trainees, nonfinite_inputs, progress, model, eval_tokens,
-                            activation_store, stopping)
+                _after_step(
+                    step + 1,
+                    total_steps,
+                    trainees,
+                    nonfinite_inputs,
+                    progress,
+                    model,
+                    eval_tokens,
+                    activation_store,
+                    stopping,
+                )
                 if stopping:
                     raise TrainingInterrupted(signal_name, step + 1, [t.folder for t in trainees])
     finally:
@@ -484,10 +587,12 @@ def _share_of(items: list, cfg: dict) -> list:
     if not _dictionaries_spread(cfg):
         return items
     if len(items) < distributed.world_size():
-        raise ValueError(f"distribute_dictionaries places whole dictionaries on ranks, but the group has "
-                         f"{len(items)} dictionaries for {distributed.world_size()} ranks; use at most "
-                         f"{len(items)} ranks or set cfg['distribute_dictionaries'] = False.")
-    return items[distributed.rank()::distributed.world_size()]
+        raise ValueError(
+            f"distribute_dictionaries places whole dictionaries on ranks, but the group has "
+            f"{len(items)} dictionaries for {distributed.world_size()} ranks; use at most "
+            f"{len(items)} ranks or set cfg['distribute_dictionaries'] = False."
+        )
+    return items[distributed.rank() :: distributed.world_size()]
 
 
 def _whole_batches_here(cfg: dict):
@@ -497,7 +602,9 @@ def _whole_batches_here(cfg: dict):
 
 def _whole_batch(cfg: dict, inputs):
     """Every rank's rows of the batch, in rank order, when dictionaries are spread over ranks."""
-    return _gather_inputs(inputs, distributed.world_group()) if _dictionaries_spread(cfg) else inputs
+    return (
+        _gather_inputs(inputs, distributed.world_group()) if _dictionaries_spread(cfg) else inputs
+    )
 
 
 def _gather_inputs(inputs, group):
@@ -518,13 +625,24 @@ def _stop_signal(stop: StopSignals, done: int, cfg: dict) -> str | None:
     checkpoint after the same step: every log_freq steps they agree to stop if any rank got one."""
     if not distributed.is_active():
         return stop.signal_name
-    if done % cfg["log_freq"] or not distributed.any_rank(stop.signal_name is not None, cfg["device"]):
+    if done % cfg["log_freq"] or not distributed.any_rank(
+        stop.signal_name is not None, cfg["device"]
+    ):
         return None
     return stop.signal_name or "SIGTERM"
 
 
-def _after_step(done: int, total_steps: int, trainees: list[_Trainee], nonfinite_inputs: torch.Tensor,
-                progress: tqdm, model, eval_tokens, activation_store, stopping: bool) -> None:
+def _after_step(
+    done: int,
+    total_steps: int,
+    trainees: list[_Trainee],
+    nonfinite_inputs: torch.Tensor,
+    progress: tqdm,
+    model,
+    eval_tokens,
+    activation_store,
+    stopping: bool,
+) -> None:
     """Logging, CE evaluation and checkpoints due after `done` completed steps (`stopping`: a stop
     signal arrived, so a checkpoint is due now)."""
     cfg = trainees[0].cfg
@@ -535,11 +653,17 @@ def _after_step(done: int, total_steps: int, trainees: list[_Trainee], nonfinite
     if checkpoint_due or ce_due or done % cfg["log_freq"] == 0:
         _flush(trainees, nonfinite_inputs, next_step=done)
         labels = [f"#{i} " if len(trainees) > 1 else "" for i in range(len(trainees))]
-        progress.set_postfix_str(" | ".join(label + format_postfix(t.metrics, l0_target(t.cfg))
-                                            for label, t in zip(labels, trainees)))
+        progress.set_postfix_str(
+            " | ".join(
+                label + format_postfix(t.metrics, l0_target(t.cfg))
+                for label, t in zip(labels, trainees)
+            )
+        )
         if cfg["distributed_debug"] and not _dictionaries_spread(cfg):
             for t in trainees:
-                distributed.check_same_on_every_rank(t.sae, f"{t.cfg['name']} after step {done - 1}")
+                distributed.check_same_on_every_rank(
+                    t.sae, f"{t.cfg['name']} after step {done - 1}"
+                )
     if ce_due and _writes_here(cfg):  # on rank 0's copy of the held-out rows
         for t in trainees:
             ce = evaluate_ce_loss(t.sae, model, eval_tokens, t.cfg)
@@ -568,11 +692,14 @@ def train_sae(sae, activation_store, model, cfg: dict, resume_from: str | Path |
     SIGTERM/SIGINT: a checkpoint after the current step, then `preemption.TrainingInterrupted`.
     Returns the trained SAE; its final metrics are in ``checkpoint_folder(cfg) / "metrics.json"``.
     """
-    return _train([sae], activation_store, model, [cfg],
-                  None if resume_from is None else [resume_from])[0]
+    return _train(
+        [sae], activation_store, model, [cfg], None if resume_from is None else [resume_from]
+    )[0]
 
 
-def train_transcoder(transcoder, activation_store, model, cfg: dict, resume_from: str | Path | None = None):
+def train_transcoder(
+    transcoder, activation_store, model, cfg: dict, resume_from: str | Path | None = None
+):
     """`train_sae` for a transcoder: the store yields (source, target) pairs and the CE evaluation
     splices the predicted target into cfg["target_hook_point"]."""
     return train_sae(transcoder, activation_store, model, cfg, resume_from)
@@ -587,18 +714,23 @@ def open_activation_store(model, cfgs: Sequence[dict]):
     from matryoshka_sae.activation_cache import activation_store_for
     from matryoshka_sae.activation_store import MultiHookActivationsStore
 
-    cross_layer = any(cfg["sae_type"] == "matryoshka_clt" for cfg in cfgs)  # reads a source and target per layer
+    cross_layer = any(
+        cfg["sae_type"] == "matryoshka_clt" for cfg in cfgs
+    )  # reads a source and target per layer
     if len({tuple(dictionary_hooks(cfg)) for cfg in cfgs}) > 1 or cross_layer:
         if cfgs[0].get("activation_cache"):
-            raise ValueError("cfg['activation_cache'] (--activations) holds one hook's activations, but these "
-                             "dictionaries read several hooks; train each layer from its cache in its own run "
-                             "(--layer L --activations DIR).")
+            raise ValueError(
+                "cfg['activation_cache'] (--activations) holds one hook's activations, but these "
+                "dictionaries read several hooks; train each layer from its cache in its own run "
+                "(--layer L --activations DIR)."
+            )
         return MultiHookActivationsStore(model, list(cfgs))
     return activation_store_for(model, cfgs[0])
 
 
-def train_from_cfgs(cfgs: Sequence[dict], resume_from: Sequence[str | Path] | None = None,
-                    model=None) -> list:
+def train_from_cfgs(
+    cfgs: Sequence[dict], resume_from: Sequence[str | Path] | None = None, model=None
+) -> list:
     """The whole assembly, model -> store -> dictionaries -> training, for one cfg per dictionary:
 
         model = model_loading.load_model(cfgs[0]["model_name"], device, model_dtype)  # unless given
@@ -617,16 +749,28 @@ def train_from_cfgs(cfgs: Sequence[dict], resume_from: Sequence[str | Path] | No
     if model is None:
         model = model_loading.load_model(base["model_name"], base["device"], base["model_dtype"])
     store = open_activation_store(model, cfgs)
-    return train_sae_group([create_sae(cfg) for cfg in cfgs], store, model, cfgs, resume_from=resume_from)
+    return train_sae_group(
+        [create_sae(cfg) for cfg in cfgs], store, model, cfgs, resume_from=resume_from
+    )
 
 
-def train_sae_group(saes: Sequence, activation_store, model, cfgs: Sequence[dict],
-                    resume_from: Sequence[str | Path] | None = None) -> list:
+def train_sae_group(
+    saes: Sequence,
+    activation_store,
+    model,
+    cfgs: Sequence[dict],
+    resume_from: Sequence[str | Path] | None = None,
+) -> list:
     """Train several dictionaries on one activation stream: each batch goes to every one of them.
 
     The cfgs must agree on batch_size and num_tokens and have distinct names (checkpoint folders);
     log_freq, perf_log_freq and checkpoint_freq are those of cfgs[0]. `resume_from`: one checkpoint
     folder per dictionary, all from the same step. Returns the list of trained dictionaries.
     """
-    return _train(list(saes), activation_store, model, list(cfgs),
-                  None if resume_from is None else list(resume_from))
+    return _train(
+        list(saes),
+        activation_store,
+        model,
+        list(cfgs),
+        None if resume_from is None else list(resume_from),
+    )

@@ -45,10 +45,14 @@ class TranscoderActivationsStore(ActivationsStore):
 
     def _hooks(self) -> list[tuple[str, str]]:
         if self.cfg.get("source_hook_point") is None or self.cfg.get("target_hook_point") is None:
-            raise ValueError("cfg has no source/target hook points; build it with create_transcoder_config("
-                             "cfg, source_layer, target_layer, source_site, target_site).")
-        return [(self.cfg["source_hook_point"], "source_act_size"),
-                (self.cfg["target_hook_point"], "target_act_size")]
+            raise ValueError(
+                "cfg has no source/target hook points; build it with create_transcoder_config("
+                "cfg, source_layer, target_layer, source_site, target_site)."
+            )
+        return [
+            (self.cfg["source_hook_point"], "source_act_size"),
+            (self.cfg["target_hook_point"], "target_act_size"),
+        ]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next ``(source, target)`` float32 batches; row i of each comes from the same token."""

@@ -67,36 +67,58 @@ def parse_layers(text: str, n_layers: int) -> list[int]:
             first, _, last = part.partition("-")
             span = range(int(first), int(last or first) + 1)
         except ValueError:
-            raise ValueError(f"--layers {text!r}: write 'all', a list such as 0,3,5 or a range such as "
-                             f"0-11.") from None
+            raise ValueError(
+                f"--layers {text!r}: write 'all', a list such as 0,3,5 or a range such as 0-11."
+            ) from None
         layers.update(span)
     outside = sorted(layer for layer in layers if not 0 <= layer < n_layers)
     if not layers or outside:
-        raise ValueError(f"--layers {text!r}: the model has layers 0..{n_layers - 1}; "
-                         f"{outside or 'none given'} cannot be trained.")
+        raise ValueError(
+            f"--layers {text!r}: the model has layers 0..{n_layers - 1}; "
+            f"{outside or 'none given'} cannot be trained."
+        )
     return sorted(layers)
 
 
-def transcoder_set_cfgs(cfg: dict, layers: Sequence[int], set_folder: str | Path, kind: str = "matryoshka",
-                        skip: bool = False, source_site: str = DEFAULT_SOURCE_SITE,
-                        target_site: str = "mlp_out") -> list[dict]:
+def transcoder_set_cfgs(
+    cfg: dict,
+    layers: Sequence[int],
+    set_folder: str | Path,
+    kind: str = "matryoshka",
+    skip: bool = False,
+    source_site: str = DEFAULT_SOURCE_SITE,
+    target_site: str = "mlp_out",
+) -> list[dict]:
     """One transcoder cfg per layer, from the run settings in `cfg` (sizes, k, lr, data, ...).
 
     Layer i's transcoder reads (source_site, i) and predicts (target_site, i); its checkpoint
     folder is ``set_folder / layer_{i}``. Every cfg shares the data and step settings, so that one
     store feeds them all.
     """
-    from matryoshka_sae.transcoder_activation_store import create_transcoder_config  # (loads the data stack)
+    from matryoshka_sae.transcoder_activation_store import (
+        create_transcoder_config,
+    )  # (loads the data stack)
 
     if kind not in TRANSCODER_KINDS:
-        raise ValueError(f"Unknown transcoder kind {kind!r}; choose one of {', '.join(TRANSCODER_KINDS)}.")
+        raise ValueError(
+            f"Unknown transcoder kind {kind!r}; choose one of {', '.join(TRANSCODER_KINDS)}."
+        )
     selection, one_group = TRANSCODER_KINDS[kind]
-    base = {**cfg, "transcoder_selection": selection, "transcoder_skip": skip, "checkpoint_dir": str(set_folder)}
+    base = {
+        **cfg,
+        "transcoder_selection": selection,
+        "transcoder_skip": skip,
+        "checkpoint_dir": str(set_folder),
+    }
     cfgs = []
     for layer in layers:
-        layer_cfg = create_transcoder_config(dict(base, name=layer_folder_name(layer)), source_layer=layer,
-                                             target_layer=layer, source_site=source_site,
-                                             target_site=target_site)
+        layer_cfg = create_transcoder_config(
+            dict(base, name=layer_folder_name(layer)),
+            source_layer=layer,
+            target_layer=layer,
+            source_site=source_site,
+            target_site=target_site,
+        )
         if one_group:  # the whole dictionary is the only prefix
             layer_cfg = post_init_cfg({**layer_cfg, "group_sizes": [layer_cfg["dict_size"]]})
         cfgs.append(layer_cfg)
@@ -157,24 +179,32 @@ def print_set_metrics(set_folder: str | Path) -> None:
         print(f"{set_folder}: trained (no evaluation)")
         return
     m = json.loads(path.read_text())
-    print(f"{set_folder}: every MLP replaced: loss recovered {m['loss_recovered']:.4g}, KL {m['kl_divergence']:.4g}, "
-          f"CE {m['ce_loss_clean']:.4g} -> {m['ce_loss_spliced']:.4g}; per-layer FVU mean {m['fvu_mean']:.4g}, "
-          f"max {m['fvu_max']:.4g}")
+    print(
+        f"{set_folder}: every MLP replaced: loss recovered {m['loss_recovered']:.4g}, KL {m['kl_divergence']:.4g}, "
+        f"CE {m['ce_loss_clean']:.4g} -> {m['ce_loss_spliced']:.4g}; per-layer FVU mean {m['fvu_mean']:.4g}, "
+        f"max {m['fvu_max']:.4g}"
+    )
 
 
 def read_manifest(set_folder: str | Path) -> dict:
     """The set's manifest; a clear error when `set_folder` is not a transcoder set."""
     path = Path(set_folder) / SET_MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{set_folder} is not a transcoder set: it has no {SET_MANIFEST} "
-                                f"(train one with train_gemma_example.py transcoder --layers ...).")
+        raise FileNotFoundError(
+            f"{set_folder} is not a transcoder set: it has no {SET_MANIFEST} "
+            f"(train one with train_gemma_example.py transcoder --layers ...)."
+        )
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON ({error}); restore it from the run.") from None
-    missing = [key for key in ("layers", "folders", "source_site", "target_site") if key not in data]
+    missing = [
+        key for key in ("layers", "folders", "source_site", "target_site") if key not in data
+    ]
     if missing:
-        raise ValueError(f"{path} lacks {', '.join(missing)}; it was not written by transcoder_set.py.")
+        raise ValueError(
+            f"{path} lacks {', '.join(missing)}; it was not written by transcoder_set.py."
+        )
     return data
 
 
@@ -187,13 +217,20 @@ def layer_folders(set_folder: str | Path) -> dict[int, Path]:
     return dict(sorted(folders.items()))
 
 
-def load_transcoder_set(set_folder: str | Path, device: str | torch.device | None = None) -> dict[int, torch.nn.Module]:
+def load_transcoder_set(
+    set_folder: str | Path, device: str | torch.device | None = None
+) -> dict[int, torch.nn.Module]:
     """{layer: transcoder} of a set, each in eval mode (`checkpoint.load_sae`)."""
     return {layer: load_sae(folder, device) for layer, folder in layer_folders(set_folder).items()}
 
 
-def train_transcoder_set(model, cfgs: Sequence[dict], kind: str = "matryoshka",
-                         resume: bool = False, evaluate: bool = True) -> list:
+def train_transcoder_set(
+    model,
+    cfgs: Sequence[dict],
+    kind: str = "matryoshka",
+    resume: bool = False,
+    evaluate: bool = True,
+) -> list:
     """Train one transcoder per cfg (`transcoder_set_cfgs`) in one pass of `model` per chunk.
 
     The store is `training.open_activation_store`'s: a `MultiHookActivationsStore` over every

@@ -20,9 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
+
 from matryoshka_sae.circuit_tracer_format import load_in_circuit_tracer  # noqa: E402
 from matryoshka_sae.transcoder_set import load_transcoder_set  # noqa: E402
-from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
 
 
 def load_model(model_file: str):
@@ -30,7 +31,9 @@ def load_model(model_file: str):
     model = HookedTransformer(HookedTransformerConfig(**saved["config"]))
     # Buffers (attention masks) are built by each TransformerLens version its own way; parameters must all load.
     parameters = {name for name, _ in model.named_parameters()}
-    missing, _ = model.load_state_dict({k: v for k, v in saved["weights"].items() if k in parameters}, strict=False)
+    missing, _ = model.load_state_dict(
+        {k: v for k, v in saved["weights"].items() if k in parameters}, strict=False
+    )
     assert not [name for name in missing if name in parameters], missing
     model.eval()
     return model, saved["tokens"]
@@ -41,7 +44,12 @@ def compare(model, tokens, exported, set_folder) -> dict:
     theirs = load_in_circuit_tracer(exported)
     ours = load_transcoder_set(set_folder)
     hook_in, hook_out = theirs.feature_input_hook, theirs.feature_output_hook
-    result = {"layers": {}, "input_hook": hook_in, "output_hook": hook_out, "skip": theirs.skip_connection}
+    result = {
+        "layers": {},
+        "input_hook": hook_in,
+        "output_hook": hook_out,
+        "skip": theirs.skip_connection,
+    }
     _, cache = model.run_with_cache(tokens)
     for layer, transcoder in ours.items():
         x = cache[f"blocks.{layer}.{hook_in}"][:, 1:].reshape(-1, model.cfg.d_model)
@@ -62,7 +70,9 @@ def word_tokenizer(vocab_size: int):
     inner = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
     inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     folder = tempfile.mkdtemp()  # TransformerLens reloads a tokenizer by its name_or_path
-    PreTrainedTokenizerFast(tokenizer_object=inner, bos_token="t1", unk_token="t0").save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=inner, bos_token="t1", unk_token="t0").save_pretrained(
+        folder
+    )
     return PreTrainedTokenizerFast.from_pretrained(folder)
 
 
@@ -78,8 +88,12 @@ def attribution(model, tokens, exported) -> dict:
         gap = (replacement(tokens[:1]) - model(tokens[:1])).abs().max().item()
     graph = attribute(tokens[0], replacement, max_feature_nodes=64, batch_size=32)
     replacement_score, completeness_score = compute_graph_scores(graph)
-    return {"logits_difference": gap, "replacement_score": replacement_score,
-            "completeness_score": completeness_score, "n_active_features": len(graph.active_features)}
+    return {
+        "logits_difference": gap,
+        "replacement_score": replacement_score,
+        "completeness_score": completeness_score,
+        "n_active_features": len(graph.active_features),
+    }
 
 
 def main() -> None:
@@ -88,7 +102,9 @@ def main() -> None:
     attribute = "--attribute" in args
     folders = [arg for arg in args if arg != "--attribute"]
     pairs = list(zip(folders[::2], folders[1::2]))
-    result = {"sets": [compare(model, tokens, exported, set_folder) for exported, set_folder in pairs]}
+    result = {
+        "sets": [compare(model, tokens, exported, set_folder) for exported, set_folder in pairs]
+    }
     if attribute:
         result["attribution"] = attribution(model, tokens, pairs[0][0])
     print(json.dumps(result))

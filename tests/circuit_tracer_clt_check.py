@@ -19,9 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
+
 from matryoshka_sae.checkpoint import load_sae  # noqa: E402
 from matryoshka_sae.circuit_tracer_format import load_clt_in_circuit_tracer  # noqa: E402
-from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
 
 
 class TokenIds:
@@ -39,7 +40,9 @@ def load_model(model_file: str):
     saved = torch.load(model_file, weights_only=False)
     model = HookedTransformer(HookedTransformerConfig(**saved["config"]))
     parameters = {name for name, _ in model.named_parameters()}  # buffers are each version's own
-    model.load_state_dict({k: v for k, v in saved["weights"].items() if k in parameters}, strict=False)
+    model.load_state_dict(
+        {k: v for k, v in saved["weights"].items() if k in parameters}, strict=False
+    )
     return model.eval(), saved["tokens"]
 
 
@@ -51,15 +54,25 @@ def main() -> None:
     hook_in, hook_out = theirs.feature_input_hook, theirs.feature_output_hook
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens)
-        sources = torch.stack([cache[f"blocks.{i}.{hook_in}"][:, 1:].reshape(-1, model.cfg.d_model)
-                               for i in range(model.cfg.n_layers)])  # [L, N, d], BOS left out
+        sources = torch.stack(
+            [
+                cache[f"blocks.{i}.{hook_in}"][:, 1:].reshape(-1, model.cfg.d_model)
+                for i in range(model.cfg.n_layers)
+            ]
+        )  # [L, N, d], BOS left out
         ours_out = ours.reconstruct(sources.transpose(0, 1)).transpose(0, 1)  # [L, N, d]
         theirs_out = theirs(sources)
-        ours_active = ours.encode(sources.transpose(0, 1)).view(-1, theirs.n_layers, theirs.d_transcoder) > 0
+        ours_active = (
+            ours.encode(sources.transpose(0, 1)).view(-1, theirs.n_layers, theirs.d_transcoder) > 0
+        )
         theirs_active = theirs.encode(sources).transpose(0, 1) > 0
     result = {
-        "input_hook": hook_in, "output_hook": hook_out, "n_layers": theirs.n_layers,
-        "relative_error": [((o - t).norm() / o.norm()).item() for o, t in zip(ours_out, theirs_out)],
+        "input_hook": hook_in,
+        "output_hook": hook_out,
+        "n_layers": theirs.n_layers,
+        "relative_error": [
+            ((o - t).norm() / o.norm()).item() for o, t in zip(ours_out, theirs_out)
+        ],
         "same_latents": torch.equal(ours_active, theirs_active),
         "active_latents": int(theirs_active.sum()),
     }
@@ -67,7 +80,12 @@ def main() -> None:
         from circuit_tracer.graph import compute_graph_scores
 
         from matryoshka_sae.cli.trace_circuit import (
-            attribute_timed, compare_clt, decoder_vectors, mean_path_length, replacement_model, spliced_ce_and_kl,
+            attribute_timed,
+            compare_clt,
+            decoder_vectors,
+            mean_path_length,
+            replacement_model,
+            spliced_ce_and_kl,
         )
 
         rows = list(tokens)
@@ -76,8 +94,12 @@ def main() -> None:
         replacement = replacement_model(model, theirs)
         replacement.tokenizer = TokenIds()
         with torch.no_grad():
-            result["logits_difference"] = (replacement(tokens[:1]) - model(tokens[:1])).abs().max().item()
-        graph, result["phase_seconds"] = attribute_timed(tokens[0], replacement, max_feature_nodes=64, batch_size=32)
+            result["logits_difference"] = (
+                (replacement(tokens[:1]) - model(tokens[:1])).abs().max().item()
+            )
+        graph, result["phase_seconds"] = attribute_timed(
+            tokens[0], replacement, max_feature_nodes=64, batch_size=32
+        )
         result["replacement_score"], result["completeness_score"] = compute_graph_scores(graph)
         result["n_active_features"] = len(graph.active_features)
         result["decoder_vectors"] = decoder_vectors(graph, theirs.n_layers, cross_layer=True)

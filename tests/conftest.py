@@ -28,20 +28,43 @@ TINY_D_MODEL = 64
 def tiny_gpt2_config() -> HookedTransformerConfig:
     """A GPT-2-like block stack: LayerNorm, learned positions, GELU MLP."""
     return HookedTransformerConfig(
-        n_layers=2, d_model=TINY_D_MODEL, n_ctx=128, d_head=16, n_heads=4, d_mlp=256,
-        d_vocab=TINY_VOCAB, act_fn="gelu", normalization_type="LN", seed=0,
+        n_layers=2,
+        d_model=TINY_D_MODEL,
+        n_ctx=128,
+        d_head=16,
+        n_heads=4,
+        d_mlp=256,
+        d_vocab=TINY_VOCAB,
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=0,
     )
 
 
 def tiny_gemma2_config() -> HookedTransformerConfig:
     """A Gemma-2-like block stack: RMS norms before and after, rotary, gated MLP, soft caps."""
     return HookedTransformerConfig(
-        n_layers=2, d_model=TINY_D_MODEL, n_ctx=128, d_head=16, n_heads=4, d_mlp=256,
-        d_vocab=TINY_VOCAB, act_fn="gelu_pytorch_tanh", normalization_type="RMS",
-        positional_embedding_type="rotary", use_normalization_before_and_after=True,
-        n_key_value_heads=2, original_architecture="Gemma2ForCausalLM", gated_mlp=True,
-        final_rms=True, rotary_dim=16, window_size=64, attn_types=["global", "local"],
-        attn_scores_soft_cap=50.0, output_logits_soft_cap=30.0, seed=0,
+        n_layers=2,
+        d_model=TINY_D_MODEL,
+        n_ctx=128,
+        d_head=16,
+        n_heads=4,
+        d_mlp=256,
+        d_vocab=TINY_VOCAB,
+        act_fn="gelu_pytorch_tanh",
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        use_normalization_before_and_after=True,
+        n_key_value_heads=2,
+        original_architecture="Gemma2ForCausalLM",
+        gated_mlp=True,
+        final_rms=True,
+        rotary_dim=16,
+        window_size=64,
+        attn_types=["global", "local"],
+        attn_scores_soft_cap=50.0,
+        output_logits_soft_cap=30.0,
+        seed=0,
     )
 
 
@@ -75,8 +98,7 @@ def token_rows() -> torch.Tensor:
 @pytest.fixture
 def tiny_models(monkeypatch, tiny_gpt2, tiny_gemma2):
     """Model names 'tiny-gpt2' and 'tiny-gemma2' that the scripts load as the tiny models."""
-    from matryoshka_sae import config
-    from matryoshka_sae import model_loading
+    from matryoshka_sae import config, model_loading
 
     models = {"tiny-gpt2": tiny_gpt2, "tiny-gemma2": tiny_gemma2}
     for name in models:
@@ -88,7 +110,6 @@ def tiny_models(monkeypatch, tiny_gpt2, tiny_gemma2):
 def wandb_runs(monkeypatch):
     """Every wandb run started during the test, recorded (helpers.RecordingRun)."""
     import wandb
-
     from helpers import RecordingRun
 
     runs, real_init = [], wandb.init

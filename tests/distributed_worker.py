@@ -34,10 +34,14 @@ def selection_cases() -> dict[str, dict]:
     coarse = torch.randint(-4, 6, (32, 256), generator=generator).float() / 4  # many ties at t
     peaked = torch.randn(32, 256, generator=generator)
     peaked[5] += 4.0  # one row holds most of the top values: the candidates must widen
-    split_ties = torch.rand(32, 256, generator=generator) * 0.5  # rank 0: 100 ties at 1, rank 1: 300
+    split_ties = (
+        torch.rand(32, 256, generator=generator) * 0.5
+    )  # rank 0: 100 ties at 1, rank 1: 300
     split_ties.view(-1)[torch.randperm(16 * 256, generator=generator)[:100]] = 1.0
     split_ties.view(-1)[16 * 256 + torch.randperm(16 * 256, generator=generator)[:350]] = 1.0
-    split_ties[20, :50] = 2.0  # 50 above t; the 206 ties kept are rank 0's 100 and rank 1's first 106
+    split_ties[20, :50] = (
+        2.0  # 50 above t; the 206 ties kept are rank 0's 100 and rank 1's first 106
+    )
     few_positive = -torch.rand(32, 256, generator=generator)
     few_positive[0, :3] = torch.tensor([0.5, 0.25, 0.25])
     return {
@@ -58,7 +62,9 @@ def selection_cases() -> dict[str, dict]:
 def train_cfg(sae_type: str, checkpoint_dir: str, **overrides) -> dict:
     from helpers import planted_cfg  # the planted-dictionary settings of the training tests
 
-    settings = dict(batch_size=GLOBAL_BATCH, num_tokens=GLOBAL_BATCH * N_STEPS, log_freq=4, checkpoint_freq=8)
+    settings = dict(
+        batch_size=GLOBAL_BATCH, num_tokens=GLOBAL_BATCH * N_STEPS, log_freq=4, checkpoint_freq=8
+    )
     return planted_cfg(sae_type, Path(checkpoint_dir), **{**settings, **overrides})
 
 
@@ -68,7 +74,9 @@ class ShardStore:
     def __init__(self, store, rank: int, world: int):
         self.store, self.rank, self.world = store, rank, world
 
-    def __getattr__(self, name):  # the wrapped store's state_dict, skip_tokens, cfg... where it has them
+    def __getattr__(
+        self, name
+    ):  # the wrapped store's state_dict, skip_tokens, cfg... where it has them
         if name == "store":
             raise AttributeError(name)
         return getattr(self.store, name)
@@ -128,8 +136,9 @@ TRAINED = {
 
 def _train(name: str, out: Path) -> dict:
     """Train scenario `name` of TRAINED (with the weight check of debug mode on)."""
-    from matryoshka_sae import training
     from helpers import PlantedStore
+
+    from matryoshka_sae import training
     from matryoshka_sae.sae import create_sae
 
     sae_type, overrides = TRAINED[name]
@@ -138,8 +147,11 @@ def _train(name: str, out: Path) -> dict:
     sae = create_sae(cfg)
     selections = record_selections(sae)
     paired = sae_type == "matryoshka_transcoder"
-    store = ShardStore(PlantedStore(seed=1, paired=paired, batch_size=GLOBAL_BATCH),
-                       distributed.rank(), distributed.world_size())
+    store = ShardStore(
+        PlantedStore(seed=1, paired=paired, batch_size=GLOBAL_BATCH),
+        distributed.rank(),
+        distributed.world_size(),
+    )
     saved_steps = []
     save_checkpoint = training.save_checkpoint
 
@@ -160,18 +172,23 @@ SPREAD_GROUP = [("batchtopk", {}), ("matryoshka", {}), ("topk", {})]
 
 def spread_group_cfgs(checkpoint_dir: Path) -> list[dict]:
     """Three dictionaries trained together, each by one rank (distribute_dictionaries)."""
-    return [train_cfg(sae_type, str(checkpoint_dir), distribute_dictionaries=True, **overrides)
-            for sae_type, overrides in SPREAD_GROUP]
+    return [
+        train_cfg(sae_type, str(checkpoint_dir), distribute_dictionaries=True, **overrides)
+        for sae_type, overrides in SPREAD_GROUP
+    ]
 
 
 def scenario_spread_group(out: Path) -> dict:
     """train_sae_group with the dictionaries spread over the ranks: rank r trains dictionaries r, r + 2."""
-    from matryoshka_sae import training
     from helpers import PlantedStore
+
+    from matryoshka_sae import training
     from matryoshka_sae.sae import create_sae
 
     cfgs = spread_group_cfgs(out / "spread_group")
-    store = ShardStore(PlantedStore(seed=1, batch_size=GLOBAL_BATCH), distributed.rank(), distributed.world_size())
+    store = ShardStore(
+        PlantedStore(seed=1, batch_size=GLOBAL_BATCH), distributed.rank(), distributed.world_size()
+    )
     written = []
     save_checkpoint = training.save_checkpoint
 
@@ -184,13 +201,19 @@ def scenario_spread_group(out: Path) -> dict:
         saes = training.train_sae_group([create_sae(cfg) for cfg in cfgs], store, None, cfgs)
     finally:
         training.save_checkpoint = save_checkpoint
-    return {"states": [sae.state_dict() for sae in saes], "written": written, "names": [c["name"] for c in cfgs]}
+    return {
+        "states": [sae.state_dict() for sae in saes],
+        "written": written,
+        "names": [c["name"] for c in cfgs],
+    }
 
 
 def scenario_uneven_batch(out: Path) -> dict:
     """A global batch that does not divide among the ranks: every rank raises the same error."""
     try:
-        distributed.init_from_env(train_cfg("batchtopk", str(out / "uneven"), batch_size=GLOBAL_BATCH + 1))
+        distributed.init_from_env(
+            train_cfg("batchtopk", str(out / "uneven"), batch_size=GLOBAL_BATCH + 1)
+        )
     except ValueError as error:
         return {"error": str(error)}
     return {"error": None}
@@ -216,13 +239,21 @@ class FailingStore(ShardStore):
 def _train_until_failure(out: Path, name: str, how: str) -> dict:
     """Train with rank 1 failing at step 5; report the error each rank saw."""
     from helpers import PlantedStore
+
     from matryoshka_sae.sae import create_sae
     from matryoshka_sae.training import train_sae
 
-    cfg = train_cfg("batchtopk", str(out / name), log_freq=2, checkpoint_freq=4, distributed_timeout_s=30)
+    cfg = train_cfg(
+        "batchtopk", str(out / name), log_freq=2, checkpoint_freq=4, distributed_timeout_s=30
+    )
     distributed.init_from_env(cfg)
-    store = FailingStore(PlantedStore(seed=1, batch_size=GLOBAL_BATCH), distributed.rank(),
-                         distributed.world_size(), fail_at=5, how=how)
+    store = FailingStore(
+        PlantedStore(seed=1, batch_size=GLOBAL_BATCH),
+        distributed.rank(),
+        distributed.world_size(),
+        fail_at=5,
+        how=how,
+    )
     try:
         train_sae(create_sae(cfg), store, None, cfg)
     except Exception as error:  # noqa: BLE001  (the test reads which error each rank saw)
@@ -284,14 +315,19 @@ class StoppingStore(ShardStore):
 
 def train_until_crash(checkpoint_dir: Path) -> Path:
     """Train on this process's ranks until the data fails at step 8; the checkpoint of step 8's folder."""
-    from matryoshka_sae.checkpoint import checkpoint_folder
     from helpers import PlantedStore
+
+    from matryoshka_sae.checkpoint import checkpoint_folder
     from matryoshka_sae.sae import create_sae
     from matryoshka_sae.training import train_sae
 
     cfg = train_cfg(RESUMED_TYPE, str(checkpoint_dir))
-    store = StoppingStore(PlantedStore(seed=1, batch_size=GLOBAL_BATCH), distributed.rank(),
-                          distributed.world_size(), stop_at=STEPS_BEFORE_CRASH)
+    store = StoppingStore(
+        PlantedStore(seed=1, batch_size=GLOBAL_BATCH),
+        distributed.rank(),
+        distributed.world_size(),
+        stop_at=STEPS_BEFORE_CRASH,
+    )
     try:
         train_sae(create_sae(cfg), store, None, cfg)
     except StoreStopped:
@@ -302,12 +338,16 @@ def train_until_crash(checkpoint_dir: Path) -> Path:
 def resume_after_crash(checkpoint_dir: Path, folder: Path) -> dict:
     """Resume from `folder` on this process's ranks, the data continuing at global batch 8."""
     from helpers import PlantedStore
+
     from matryoshka_sae.sae import create_sae
     from matryoshka_sae.training import train_sae
 
     cfg = train_cfg(RESUMED_TYPE, str(checkpoint_dir))
-    store = ShardStore(PlantedStore(seed=1, start=STEPS_BEFORE_CRASH, batch_size=GLOBAL_BATCH),
-                       distributed.rank(), distributed.world_size())
+    store = ShardStore(
+        PlantedStore(seed=1, start=STEPS_BEFORE_CRASH, batch_size=GLOBAL_BATCH),
+        distributed.rank(),
+        distributed.world_size(),
+    )
     sae = create_sae(cfg)
     train_sae(sae, store, None, cfg, resume_from=folder)
     return sae.state_dict()
@@ -338,7 +378,9 @@ def make_datasets(out: Path) -> None:
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(2, 1000, (64, 32), generator=generator)
     tokens[:, 0] = 1
-    DatasetDict({"train": Dataset.from_dict({"tokens": tokens.tolist()})}).save_to_disk(str(out / "tokens"))
+    DatasetDict({"train": Dataset.from_dict({"tokens": tokens.tolist()})}).save_to_disk(
+        str(out / "tokens")
+    )
     docs = torch.randint(100, 1000, (N_ID_DOCS, ID_SEQ_LEN), generator=generator)
     docs[:, 1] = 2 + torch.arange(N_ID_DOCS)
     Dataset.from_dict({"tokens": docs.tolist()}).save_to_disk(str(out / "id_docs"))
@@ -346,9 +388,9 @@ def make_datasets(out: Path) -> None:
 
 def _tiny_models():
     """Model names tiny-gpt2 and tiny-gemma2 that load_model resolves to the test models."""
-    from matryoshka_sae import config
-    from matryoshka_sae import model_loading
     from conftest import build_tiny_model
+
+    from matryoshka_sae import config, model_loading
 
     models = {"tiny-gpt2": build_tiny_model("gpt2"), "tiny-gemma2": build_tiny_model("gemma2")}
     for name in models:
@@ -364,9 +406,18 @@ def scenario_store_shares(out: Path) -> dict:
 
     model = _tiny_models()["tiny-gpt2"]
     cfg = get_default_cfg()
-    cfg.update(model_name="tiny-gpt2", layer=0, dataset_path=str(out / "id_docs"), seq_len=ID_SEQ_LEN,
-               n_eval_rows=N_HELD_OUT, batch_size=32, num_batches_in_buffer=2, model_batch_size=2,
-               device="cpu", wandb_mode="disabled")
+    cfg.update(
+        model_name="tiny-gpt2",
+        layer=0,
+        dataset_path=str(out / "id_docs"),
+        seq_len=ID_SEQ_LEN,
+        n_eval_rows=N_HELD_OUT,
+        batch_size=32,
+        num_batches_in_buffer=2,
+        model_batch_size=2,
+        device="cpu",
+        wandb_mode="disabled",
+    )
     seen = []
     activations_of = ActivationsStore.activations_of
 
@@ -389,20 +440,39 @@ def store_run_cfg(out: Path, name: str, **overrides) -> dict:
     from matryoshka_sae.config import get_default_cfg, post_init_cfg
 
     cfg = get_default_cfg()
-    cfg.update(model_name="synthetic", act_size=64, layer=1, dataset_path=str(out / "tokens"), seq_len=32,
-               n_eval_rows=4, batch_size=64, num_tokens=64 * 12, num_batches_in_buffer=4, model_batch_size=2,
-               dict_size=256, top_k=8, sae_type="batchtopk", device="cpu", wandb_mode="disabled",
-               checkpoint_dir=str(out / name), checkpoint_freq=8, log_freq=4, **overrides)
+    cfg.update(
+        model_name="synthetic",
+        act_size=64,
+        layer=1,
+        dataset_path=str(out / "tokens"),
+        seq_len=32,
+        n_eval_rows=4,
+        batch_size=64,
+        num_tokens=64 * 12,
+        num_batches_in_buffer=4,
+        model_batch_size=2,
+        dict_size=256,
+        top_k=8,
+        sae_type="batchtopk",
+        device="cpu",
+        wandb_mode="disabled",
+        checkpoint_dir=str(out / name),
+        checkpoint_freq=8,
+        log_freq=4,
+        **overrides,
+    )
     return post_init_cfg(cfg)
 
 
-def store_run(out: Path, name: str, crash_at: int | None = None, resume_from: Path | None = None,
-              **overrides) -> dict:
+def store_run(
+    out: Path, name: str, crash_at: int | None = None, resume_from: Path | None = None, **overrides
+) -> dict:
     """Train `store_run_cfg` through the real store (ActivationsStore, or the cache's) on this
     process's ranks; `crash_at`: the store fails when asked for that batch (after the checkpoint of
     step 8); `resume_from`: continue that checkpoint. The trained weights ({} after a crash)."""
-    from matryoshka_sae.activation_cache import activation_store_for
     from conftest import build_tiny_model
+
+    from matryoshka_sae.activation_cache import activation_store_for
     from matryoshka_sae.sae import create_sae
     from matryoshka_sae.training import train_sae
 
@@ -426,19 +496,29 @@ def stopped_folder(out: Path, name: str) -> Path:
 
 def write_cache(out: Path) -> None:
     """OUT/cache: the tiny GPT-2's activations over OUT/tokens (written by one process)."""
-    from matryoshka_sae.activation_cache import write_activation_cache
     from conftest import build_tiny_model
 
-    write_activation_cache(build_tiny_model("gpt2"), store_run_cfg(out, "unused"), out / "cache", num_tokens=1500,
-                           shard_mb=0.1)
+    from matryoshka_sae.activation_cache import write_activation_cache
+
+    write_activation_cache(
+        build_tiny_model("gpt2"),
+        store_run_cfg(out, "unused"),
+        out / "cache",
+        num_tokens=1500,
+        shard_mb=0.1,
+    )
 
 
 def scenario_store_resume(out: Path) -> dict:
     """Through the real store on 2 ranks: stopped after step 8 and resumed, against uninterrupted."""
     uninterrupted = store_run(out, "store_uninterrupted")
     store_run(out, "store_resumed", crash_at=STEPS_BEFORE_CRASH)
-    return {"uninterrupted": uninterrupted,
-            "resumed": store_run(out, "store_resumed", resume_from=stopped_folder(out, "store_resumed"))}
+    return {
+        "uninterrupted": uninterrupted,
+        "resumed": store_run(
+            out, "store_resumed", resume_from=stopped_folder(out, "store_resumed")
+        ),
+    }
 
 
 def scenario_across_rank_counts(out: Path) -> dict:
@@ -450,8 +530,12 @@ def scenario_across_rank_counts(out: Path) -> dict:
         store_run(out, f"{store}_two_ranks", crash_at=STEPS_BEFORE_CRASH, **overrides)
         results[store] = {
             "uninterrupted": store_run(out, f"{store}_uninterrupted", **overrides),
-            "one_then_two": store_run(out, f"{store}_one_then_two", **overrides,
-                                      resume_from=stopped_folder(out, f"{store}_one_rank")),
+            "one_then_two": store_run(
+                out,
+                f"{store}_one_then_two",
+                **overrides,
+                resume_from=stopped_folder(out, f"{store}_one_rank"),
+            ),
         }
     return results
 
@@ -460,22 +544,27 @@ def transcoder_store_cfg(out: Path, **overrides) -> dict:
     """`store_run_cfg` made a transcoder's: layer 1's resid_mid -> mlp_out of the tiny GPT-2."""
     from matryoshka_sae.transcoder_activation_store import create_transcoder_config
 
-    return create_transcoder_config(store_run_cfg(out, "unused", **overrides), source_layer=1, target_layer=1)
+    return create_transcoder_config(
+        store_run_cfg(out, "unused", **overrides), source_layer=1, target_layer=1
+    )
 
 
 def scenario_global_batches(out: Path) -> dict:
     """Each rank's first 6 batches (2 blocks) from the live store with 2, 1 and 4 data lanes, from
     the cache, and (source, target) pairs from the transcoder's store (2 lanes)."""
+    from conftest import build_tiny_model
+
     from matryoshka_sae.activation_cache import CachedActivationsStore
     from matryoshka_sae.activation_store import ActivationsStore
-    from conftest import build_tiny_model
     from matryoshka_sae.transcoder_activation_store import TranscoderActivationsStore
 
     model, batches = build_tiny_model("gpt2"), {}
     for lanes in (None, 1, 4):
         store = ActivationsStore(model, store_run_cfg(out, "unused", data_lanes=lanes))
         batches[lanes] = [store.next_batch() for _ in range(6)]
-    store = CachedActivationsStore(store_run_cfg(out, "unused", activation_cache=str(out / "cache")))
+    store = CachedActivationsStore(
+        store_run_cfg(out, "unused", activation_cache=str(out / "cache"))
+    )
     batches["cache"] = [store.next_batch() for _ in range(6)]
     store = TranscoderActivationsStore(model, transcoder_store_cfg(out))
     batches["transcoder"] = [store.next_batch() for _ in range(6)]
@@ -485,11 +574,15 @@ def scenario_global_batches(out: Path) -> dict:
 def several_hooks_store(out: Path, **overrides):
     """The multi-hook store over layers 0 and 1 of the tiny GPT-2 (`store_run_cfg`'s data; overrides
     e.g. data_lanes)."""
-    from matryoshka_sae.activation_store import MultiHookActivationsStore
     from conftest import build_tiny_model
+
+    from matryoshka_sae.activation_store import MultiHookActivationsStore
     from matryoshka_sae.config import post_init_cfg
 
-    cfgs = [post_init_cfg({**store_run_cfg(out, "unused", **overrides), "layer": layer}) for layer in (0, 1)]
+    cfgs = [
+        post_init_cfg({**store_run_cfg(out, "unused", **overrides), "layer": layer})
+        for layer in (0, 1)
+    ]
     return MultiHookActivationsStore(build_tiny_model("gpt2"), cfgs)
 
 
@@ -513,15 +606,42 @@ def scenario_several_hooks(out: Path) -> dict:
     batches += [store.next_batch() for _ in range(SEVERAL_HOOKS_BEFORE_STOP)]
     resumed = several_hooks_store(out)
     resumed.load_state_dict(torch.load(out / "several_hooks_one_process.pt", weights_only=True))
-    return {"batches": batches, "position": position,
-            "resumed": [resumed.next_batch() for _ in range(SEVERAL_HOOKS_BEFORE_STOP)]}
+    return {
+        "batches": batches,
+        "position": position,
+        "resumed": [resumed.next_batch() for _ in range(SEVERAL_HOOKS_BEFORE_STOP)],
+    }
 
 
 def _cli_args(out: Path, name: str) -> list[str]:
-    return ["--layer", "1", "--num-tokens", "512", "--batch-size", "128", "--dict-size", "256", "--top-k", "8",
-            "--dataset", str(out / "tokens"), "--seq-len", "32", "--model-batch-size", "4",
-            "--num-batches-in-buffer", "4", "--checkpoint-dir", str(out / name), "--wandb-mode", "disabled",
-            "--device", "cpu", "--perf-log-freq", "2"]
+    return [
+        "--layer",
+        "1",
+        "--num-tokens",
+        "512",
+        "--batch-size",
+        "128",
+        "--dict-size",
+        "256",
+        "--top-k",
+        "8",
+        "--dataset",
+        str(out / "tokens"),
+        "--seq-len",
+        "32",
+        "--model-batch-size",
+        "4",
+        "--num-batches-in-buffer",
+        "4",
+        "--checkpoint-dir",
+        str(out / name),
+        "--wandb-mode",
+        "disabled",
+        "--device",
+        "cpu",
+        "--perf-log-freq",
+        "2",
+    ]
 
 
 def _run_script(main, argv: list[str]) -> dict:
@@ -539,15 +659,19 @@ def scenario_cli_main(out: Path) -> dict:
     """main.py's group (a BatchTopK SAE beside the Matryoshka SAE) on the tiny GPT-2."""
     from matryoshka_sae.cli import main
 
-    return _run_script(main.main, ["--model", "tiny-gpt2", "--batchtopk-k", "4", *_cli_args(out, "cli_main")])
+    return _run_script(
+        main.main, ["--model", "tiny-gpt2", "--batchtopk-k", "4", *_cli_args(out, "cli_main")]
+    )
 
 
 def scenario_cli_gemma_transcoder(out: Path) -> dict:
     """train_gemma_example.py transcoder on the tiny Gemma-2."""
     from matryoshka_sae.cli import train_gemma_example
 
-    return _run_script(train_gemma_example.main,
-                       ["transcoder", "--model", "tiny-gemma2", *_cli_args(out, "cli_gemma")])
+    return _run_script(
+        train_gemma_example.main,
+        ["transcoder", "--model", "tiny-gemma2", *_cli_args(out, "cli_gemma")],
+    )
 
 
 def main() -> None:

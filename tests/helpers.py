@@ -29,7 +29,9 @@ from matryoshka_sae.training import make_optimizer, train_sae, training_step
 ONE_ACTIVATION_TYPES = tuple(t for t in SAE_TYPES if t != "matryoshka_clt")
 
 # A transcoder of the synthetic model: from resid_mid to mlp_out of layer 0.
-TRANSCODER_HOOKS = dict(source_site="resid_mid", source_layer=0, target_site="mlp_out", target_layer=0)
+TRANSCODER_HOOKS = dict(
+    source_site="resid_mid", source_layer=0, target_site="mlp_out", target_layer=0
+)
 
 # The planted dictionary of PlantedStore: ACT_SIZE-d activations, K_TRUE of N_FEATURES unit
 # directions active per token; batches of BATCH.
@@ -41,8 +43,18 @@ def synthetic_cfg(sae_type: str = "matryoshka", **overrides) -> dict:
     top_k 8, batches of 128, on the CPU, seed 0, wandb off; a transcoder reads resid_mid -> mlp_out
     of layer 0. `overrides` are settings applied before `post_init_cfg` derives the rest."""
     cfg = get_default_cfg()
-    cfg.update(model_name="synthetic", act_size=32, dict_size=256, group_sizes=None, top_k=8, batch_size=128,
-               sae_type=sae_type, device="cpu", seed=0, wandb_mode="disabled")
+    cfg.update(
+        model_name="synthetic",
+        act_size=32,
+        dict_size=256,
+        group_sizes=None,
+        top_k=8,
+        batch_size=128,
+        sae_type=sae_type,
+        device="cpu",
+        seed=0,
+        wandb_mode="disabled",
+    )
     if sae_type == "matryoshka_transcoder":
         cfg.update(TRANSCODER_HOOKS)
     cfg.update(overrides)
@@ -53,8 +65,17 @@ def planted_cfg(sae_type: str, checkpoint_dir: str | Path, n_steps: int = 200, *
     """A training run of `n_steps` steps (or of the num_tokens given) on `PlantedStore`: dict_size 128,
     top_k = K_TRUE, lr 3e-3, logs every 10 steps, no checkpoint before the last, written under
     `checkpoint_dir`."""
-    settings = dict(model_name="planted", act_size=ACT_SIZE, dict_size=128, top_k=K_TRUE, batch_size=BATCH,
-                    lr=3e-3, log_freq=10, checkpoint_freq=10**6, checkpoint_dir=str(checkpoint_dir))
+    settings = dict(
+        model_name="planted",
+        act_size=ACT_SIZE,
+        dict_size=128,
+        top_k=K_TRUE,
+        batch_size=BATCH,
+        lr=3e-3,
+        log_freq=10,
+        checkpoint_freq=10**6,
+        checkpoint_dir=str(checkpoint_dir),
+    )
     settings.update(overrides)
     settings.setdefault("num_tokens", settings["batch_size"] * n_steps)  # unless given
     return synthetic_cfg(sae_type, **settings)
@@ -69,14 +90,26 @@ class PlantedStore:
 
     def __init__(self, seed=0, start=0, paired=False, nan_at=None, batch_size=BATCH):
         generator = torch.Generator().manual_seed(seed)
-        self.source_dict = F.normalize(torch.randn(N_FEATURES, ACT_SIZE, generator=generator), dim=1)
-        self.target_dict = F.normalize(torch.randn(N_FEATURES, ACT_SIZE, generator=generator), dim=1)
+        self.source_dict = F.normalize(
+            torch.randn(N_FEATURES, ACT_SIZE, generator=generator), dim=1
+        )
+        self.target_dict = F.normalize(
+            torch.randn(N_FEATURES, ACT_SIZE, generator=generator), dim=1
+        )
         self.offset = torch.randn(ACT_SIZE, generator=generator)
-        self.seed, self.index, self.paired, self.nan_at, self.batch_size = seed, start, paired, nan_at, batch_size
+        self.seed, self.index, self.paired, self.nan_at, self.batch_size = (
+            seed,
+            start,
+            paired,
+            nan_at,
+            batch_size,
+        )
 
     def next_batch(self):
         generator = torch.Generator().manual_seed(1000 * self.seed + self.index)
-        chosen = torch.rand(self.batch_size, N_FEATURES, generator=generator).topk(K_TRUE, dim=1).indices
+        chosen = (
+            torch.rand(self.batch_size, N_FEATURES, generator=generator).topk(K_TRUE, dim=1).indices
+        )
         values = torch.rand(self.batch_size, K_TRUE, generator=generator) + 0.5
         codes = torch.zeros(self.batch_size, N_FEATURES).scatter_(1, chosen, values)
         source = codes @ self.source_dict + self.offset
@@ -100,8 +133,14 @@ class CrashingStore(PlantedStore):
 
 
 # Settings of the resume tests: checkpoints every 10 of 30 steps, a warm-up and a decay of the lr.
-RESUME_SETTINGS = dict(n_steps=30, log_freq=5, checkpoint_freq=10, lr_warmup_steps=5, lr_decay_frac=0.3,
-                       n_batches_to_dead=2)
+RESUME_SETTINGS = dict(
+    n_steps=30,
+    log_freq=5,
+    checkpoint_freq=10,
+    lr_warmup_steps=5,
+    lr_decay_frac=0.3,
+    n_batches_to_dead=2,
+)
 
 
 def is_transcoder(cfg: dict) -> bool:
@@ -129,7 +168,9 @@ def step_on_batches(sae, cfg: dict, batches) -> list[dict]:
     optimizer = make_optimizer(sae, cfg)
     sae.train()
     sae.initialize_from_batch(*batches[0])
-    return [training_step(sae, optimizer, batch, cfg["lr"], cfg["max_grad_norm"]) for batch in batches]
+    return [
+        training_step(sae, optimizer, batch, cfg["lr"], cfg["max_grad_norm"]) for batch in batches
+    ]
 
 
 class RecordingRun:
@@ -161,9 +202,20 @@ def make_cfg(dataset, **overrides) -> dict:
     `dataset`, batches of 64, a buffer of 4 batches, model batches of 8 rows, 4 held-out rows,
     bos_token_id BOS; `overrides` are applied before `post_init_cfg`."""
     cfg = get_default_cfg()
-    cfg.update(model_name="synthetic", act_size=64, layer=0, site="resid_post", dataset_path=dataset,
-               seq_len=32, batch_size=64, num_batches_in_buffer=4, model_batch_size=8, device="cpu",
-               n_eval_rows=4, bos_token_id=BOS)
+    cfg.update(
+        model_name="synthetic",
+        act_size=64,
+        layer=0,
+        site="resid_post",
+        dataset_path=dataset,
+        seq_len=32,
+        batch_size=64,
+        num_batches_in_buffer=4,
+        model_batch_size=8,
+        device="cpu",
+        n_eval_rows=4,
+        bos_token_id=BOS,
+    )
     cfg.update(overrides)
     return post_init_cfg(cfg)
 
@@ -209,11 +261,39 @@ def run_args(tmp_path, token_rows, checkpoint_dir, n_steps=24):
     model batches of 3 rows, seed 5, on the CPU, wandb off."""
     data = tmp_path / "tokens"
     if not data.exists():
-        DatasetDict({"train": Dataset.from_dict({"tokens": token_rows.tolist()})}).save_to_disk(str(data))
-    return ["--layer", "1", "--num-tokens", str(64 * n_steps), "--batch-size", "64", "--dict-size", "256",
-            "--top-k", "8", "--dataset", str(data), "--seq-len", "32", "--model-batch-size", "3",
-            "--num-batches-in-buffer", "4", "--checkpoint-freq", "5", "--checkpoint-dir", str(checkpoint_dir),
-            "--wandb-mode", "disabled", "--device", "cpu", "--seed", "5"]
+        DatasetDict({"train": Dataset.from_dict({"tokens": token_rows.tolist()})}).save_to_disk(
+            str(data)
+        )
+    return [
+        "--layer",
+        "1",
+        "--num-tokens",
+        str(64 * n_steps),
+        "--batch-size",
+        "64",
+        "--dict-size",
+        "256",
+        "--top-k",
+        "8",
+        "--dataset",
+        str(data),
+        "--seq-len",
+        "32",
+        "--model-batch-size",
+        "3",
+        "--num-batches-in-buffer",
+        "4",
+        "--checkpoint-freq",
+        "5",
+        "--checkpoint-dir",
+        str(checkpoint_dir),
+        "--wandb-mode",
+        "disabled",
+        "--device",
+        "cpu",
+        "--seed",
+        "5",
+    ]
 
 
 def small_run_args(tmp_path, token_rows):
@@ -221,10 +301,35 @@ def small_run_args(tmp_path, token_rows):
     `token_rows` (saved as tmp_path/tokens), checkpoints into tmp_path/checkpoints, on the CPU,
     wandb off."""
     data = tmp_path / "tokens"
-    DatasetDict({"train": Dataset.from_dict({"tokens": token_rows.tolist()})}).save_to_disk(str(data))
-    return ["--layer", "1", "--num-tokens", "512", "--batch-size", "128", "--dict-size", "256", "--top-k", "8",
-            "--dataset", str(data), "--seq-len", "32", "--model-batch-size", "8", "--num-batches-in-buffer", "4",
-            "--checkpoint-dir", str(tmp_path / "checkpoints"), "--wandb-mode", "disabled", "--device", "cpu"]
+    DatasetDict({"train": Dataset.from_dict({"tokens": token_rows.tolist()})}).save_to_disk(
+        str(data)
+    )
+    return [
+        "--layer",
+        "1",
+        "--num-tokens",
+        "512",
+        "--batch-size",
+        "128",
+        "--dict-size",
+        "256",
+        "--top-k",
+        "8",
+        "--dataset",
+        str(data),
+        "--seq-len",
+        "32",
+        "--model-batch-size",
+        "8",
+        "--num-batches-in-buffer",
+        "4",
+        "--checkpoint-dir",
+        str(tmp_path / "checkpoints"),
+        "--wandb-mode",
+        "disabled",
+        "--device",
+        "cpu",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,8 +351,12 @@ class ReconstructStub(torch.nn.Module):
 def eval_cfg(**overrides):
     """The settings `evaluation.evaluate_ce_loss` reads, for a batchtopk SAE spliced in at
     blocks.1.hook_resid_pre of a tiny model: model batches of 16 rows, BOS not excluded."""
-    cfg = {"sae_type": "batchtopk", "hook_point": "blocks.1.hook_resid_pre", "model_batch_size": 16,
-           "exclude_bos": False}
+    cfg = {
+        "sae_type": "batchtopk",
+        "hook_point": "blocks.1.hook_resid_pre",
+        "model_batch_size": 16,
+        "exclude_bos": False,
+    }
     cfg.update(overrides)
     return cfg
 
@@ -276,14 +385,32 @@ def run_cfg(tmp_path, name, transcoder=False, **overrides) -> dict:
     10 steps under tmp_path/name."""
     from matryoshka_sae.transcoder_activation_store import create_transcoder_config
 
-    settings = dict(act_size=64, layer=1, site="resid_pre", dataset_path=documents(), seq_len=32, batch_size=48,
-                    num_batches_in_buffer=4, model_batch_size=3, n_eval_rows=2, bos_token_id=BOS, exclude_bos=True,
-                    dict_size=256, top_k=8, num_tokens=48 * RUN_CFG_STEPS, checkpoint_freq=10, log_freq=5, seed=3,
-                    n_batches_to_dead=2, checkpoint_dir=str(tmp_path / name))
+    settings = dict(
+        act_size=64,
+        layer=1,
+        site="resid_pre",
+        dataset_path=documents(),
+        seq_len=32,
+        batch_size=48,
+        num_batches_in_buffer=4,
+        model_batch_size=3,
+        n_eval_rows=2,
+        bos_token_id=BOS,
+        exclude_bos=True,
+        dict_size=256,
+        top_k=8,
+        num_tokens=48 * RUN_CFG_STEPS,
+        checkpoint_freq=10,
+        log_freq=5,
+        seed=3,
+        n_batches_to_dead=2,
+        checkpoint_dir=str(tmp_path / name),
+    )
     cfg = synthetic_cfg("matryoshka", **{**settings, **overrides})
     if transcoder:
-        cfg = create_transcoder_config(cfg, source_layer=0, target_layer=0, source_site="resid_mid",
-                                       target_site="mlp_out")
+        cfg = create_transcoder_config(
+            cfg, source_layer=0, target_layer=0, source_site="resid_mid", target_site="mlp_out"
+        )
     return cfg
 
 
@@ -313,17 +440,43 @@ def assert_same_weights(a, b):
         assert torch.equal(b.state_dict()[name], tensor), name
 
 
-def set_cfgs(tmp_path, name, layers=(0, 1), kind="matryoshka", skip=False, source_site="ln2_normalized", **overrides):
+def set_cfgs(
+    tmp_path,
+    name,
+    layers=(0, 1),
+    kind="matryoshka",
+    skip=False,
+    source_site="ln2_normalized",
+    **overrides,
+):
     """The cfgs of a transcoder set over the tiny models (width 64) at `layers`, under tmp_path/name:
     12 steps of 48 activations of `documents()` in BOS-led packed rows, dict_size 128, top_k 6,
     checkpoints every 4 steps, seed 5."""
     from matryoshka_sae.transcoder_set import default_set_cfg, transcoder_set_cfgs
 
-    base = default_set_cfg(model_name="synthetic", act_size=64, dataset_path=documents(), seq_len=32,
-                           batch_size=48, num_batches_in_buffer=4, model_batch_size=3, device="cpu",
-                           n_eval_rows=4, bos_token_id=BOS, dict_size=128, top_k=6, num_tokens=48 * SET_CFG_STEPS,
-                           checkpoint_freq=4, log_freq=2, seed=5, wandb_mode="disabled", **overrides)
-    return transcoder_set_cfgs(base, list(layers), tmp_path / name, kind=kind, skip=skip, source_site=source_site)
+    base = default_set_cfg(
+        model_name="synthetic",
+        act_size=64,
+        dataset_path=documents(),
+        seq_len=32,
+        batch_size=48,
+        num_batches_in_buffer=4,
+        model_batch_size=3,
+        device="cpu",
+        n_eval_rows=4,
+        bos_token_id=BOS,
+        dict_size=128,
+        top_k=6,
+        num_tokens=48 * SET_CFG_STEPS,
+        checkpoint_freq=4,
+        log_freq=2,
+        seed=5,
+        wandb_mode="disabled",
+        **overrides,
+    )
+    return transcoder_set_cfgs(
+        base, list(layers), tmp_path / name, kind=kind, skip=skip, source_site=source_site
+    )
 
 
 def train_set(model, cfgs, **kwargs):
@@ -351,26 +504,60 @@ def tiny_cfg(sae_type="matryoshka", **overrides):
     """A dictionary at layer 1 of a tiny model (width 64) reading `token_dataset()`: dict_size 128,
     top_k 8, batches of 256, rows of TINY_SEQ_LEN tokens, 40 held-out rows, BOS excluded, seed 3."""
     cfg = get_default_cfg()
-    cfg.update(model_name="synthetic", act_size=64, layer=1, dict_size=128, top_k=8, batch_size=256,
-               seq_len=TINY_SEQ_LEN, model_batch_size=8, num_batches_in_buffer=2, n_eval_rows=40, bos_token_id=1,
-               exclude_bos=True, dataset_path=token_dataset(), device="cpu", sae_type=sae_type, seed=3)
+    cfg.update(
+        model_name="synthetic",
+        act_size=64,
+        layer=1,
+        dict_size=128,
+        top_k=8,
+        batch_size=256,
+        seq_len=TINY_SEQ_LEN,
+        model_batch_size=8,
+        num_batches_in_buffer=2,
+        n_eval_rows=40,
+        bos_token_id=1,
+        exclude_bos=True,
+        dataset_path=token_dataset(),
+        device="cpu",
+        sae_type=sae_type,
+        seed=3,
+    )
     cfg.update(overrides)
     return post_init_cfg(cfg)
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-needs_chromium = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("REQUIRE_CHROMIUM"),
-                                    reason="Debian's chromium is not installed (.ci/run installs it)")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None and not os.environ.get("REQUIRE_CHROMIUM"),
+    reason="Debian's chromium is not installed (.ci/run installs it)",
+)
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def rendered_dom(page, fragment, tmp_path) -> str:
     """The DOM of file://page#fragment after its scripts ran, as headless Chromium dumps it."""
     assert CHROMIUM is not None, "chromium is not installed: apt-get install -y chromium"
-    result = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}",
-                             "--dump-dom", f"{page.resolve().as_uri()}#{fragment}"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            CHROMIUM,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={tmp_path / 'chromium-profile'}",
+            "--dump-dom",
+            f"{page.resolve().as_uri()}#{fragment}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
 

@@ -19,8 +19,17 @@ PARENT, CHILD = torch.eye(D)[0], torch.eye(D)[1]
 def toy_sae(absorbing: bool):
     """Latent 0: the parent latent; latent 1: the child latent; the others read and write nothing."""
     cfg = get_default_cfg()
-    cfg.update(model_name="synthetic", act_size=D, dict_size=D, group_sizes=None, top_k=4, sae_type="vanilla",
-               input_unit_norm=False, device="cpu", seed=0)
+    cfg.update(
+        model_name="synthetic",
+        act_size=D,
+        dict_size=D,
+        group_sizes=None,
+        top_k=4,
+        sae_type="vanilla",
+        input_unit_norm=False,
+        device="cpu",
+        seed=0,
+    )
     sae = create_sae(post_init_cfg(cfg))
     with torch.no_grad():
         for p in (sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec):
@@ -61,7 +70,9 @@ def test_planted_absorbing_latent_is_counted_and_clean_one_is_not(absorbing):
 
 def test_partial_absorption_fraction():
     """The parent latent carries part of the probe projection, an absorber the rest."""
-    contributions = torch.tensor([[0.25, 0.75, 0.0]])  # main latent 0; latent 1 absorbs; latent 2 silent
+    contributions = torch.tensor(
+        [[0.25, 0.75, 0.0]]
+    )  # main latent 0; latent 1 absorbs; latent 2 silent
     codes = torch.tensor([[0.25, 1.0, 0.0]])
     cos = torch.tensor([1.0, 0.75, 0.0])
     fraction, full = absorption_scores(codes, contributions, cos, torch.tensor([1.0]), main=[0])

@@ -10,23 +10,30 @@ import warnings
 
 import pytest
 import torch
+from conftest import build_tiny_model
 from datasets import Dataset, DatasetDict
+from helpers import BOS, direct_activations, distances, make_cfg, match_rows, without_bos
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
 from matryoshka_sae import activation_store
-from matryoshka_sae.activation_store import (ActivationsStore, document_markers, find_data_column, load_text_dataset,
-                              pack_documents)
-from conftest import build_tiny_model
-from helpers import BOS, direct_activations, distances, make_cfg, match_rows, without_bos
+from matryoshka_sae.activation_store import (
+    ActivationsStore,
+    document_markers,
+    find_data_column,
+    load_text_dataset,
+    pack_documents,
+)
+
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
     """A character-level tokenizer: <unk> 0, <bos> 1, <eos> 2, printable ASCII and newline after."""
     chars = [chr(c) for c in range(32, 127)] + ["\n"]
     vocab = {"<unk>": 0, "<bos>": 1, "<eos>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,7 +76,9 @@ def test_load_text_dataset_local_formats(tmp_path):
 
 def test_hub_names_are_streamed(monkeypatch):
     calls = []
-    monkeypatch.setattr(activation_store.datasets, "load_dataset", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(
+        activation_store.datasets, "load_dataset", lambda *a, **k: calls.append((a, k))
+    )
     load_text_dataset("HuggingFaceFW/fineweb-edu")
     assert calls == [(("HuggingFaceFW/fineweb-edu",), {"split": "train", "streaming": True})]
 
@@ -85,7 +94,10 @@ def test_python_docs_comes_from_builtin_corpus(monkeypatch):
 def test_data_column_detection():
     assert find_data_column(Dataset.from_dict({"text": ["a"], "tokens": [[1]]})) == "tokens"
     assert find_data_column(Dataset.from_dict({"input_ids": [[1]], "text": ["a"]})) == "input_ids"
-    assert find_data_column(Dataset.from_dict({"text": ["a"], "meta": [0]}).to_iterable_dataset()) == "text"
+    assert (
+        find_data_column(Dataset.from_dict({"text": ["a"], "meta": [0]}).to_iterable_dataset())
+        == "text"
+    )
     with pytest.raises(ValueError, match=r"columns \['content', 'url'\]"):
         find_data_column(Dataset.from_dict({"content": ["a"], "url": ["u"]}))
 
@@ -96,8 +108,12 @@ def test_data_column_detection():
 
 
 def test_pack_documents_with_bos():
-    docs = [torch.tensor([5, 6, 7]), torch.tensor([BOS, 8, 9]), torch.tensor([], dtype=torch.long),
-            torch.tensor([10, 11, 12, 13])]
+    docs = [
+        torch.tensor([5, 6, 7]),
+        torch.tensor([BOS, 8, 9]),
+        torch.tensor([], dtype=torch.long),
+        torch.tensor([10, 11, 12, 13]),
+    ]
     rows, carry = pack_documents(docs, 4, bos=BOS, eos=None, carry=torch.tensor([3]))
     # stream: 3 | BOS 5 6 7 | BOS 8 9 (BOS kept, not doubled) | BOS 10 11 12 13; each row starts with BOS
     assert rows.tolist() == [[BOS, BOS, 5, 6], [BOS, BOS, 8, 9], [BOS, 10, 11, 12]]
@@ -108,7 +124,9 @@ def test_pack_documents_without_bos():
     docs = [torch.tensor([5, 6, 7]), torch.tensor([8, 9])]
     rows, carry = pack_documents(docs, 3, bos=None, eos=2, carry=torch.empty(0, dtype=torch.long))
     assert rows.tolist() == [[5, 6, 7], [2, 8, 9]] and carry.tolist() == [2]
-    rows, carry = pack_documents(docs, 2, bos=None, eos=None, carry=torch.empty(0, dtype=torch.long))
+    rows, carry = pack_documents(
+        docs, 2, bos=None, eos=None, carry=torch.empty(0, dtype=torch.long)
+    )
     assert rows.tolist() == [[5, 6], [7, 8]] and carry.tolist() == [9]
 
 
@@ -116,8 +134,12 @@ def test_pack_documents_without_bos():
 def test_pretokenized_rows_of_seq_len_are_kept_and_others_packed(tiny_gpt2):
     docs = [[BOS, *range(10, 41)], list(range(50, 70)), list(range(100, 120))]  # 32, 20, 20 tokens
     training_docs = [list(range(200, 232))] * 4
-    cfg = make_cfg(Dataset.from_dict({"tokens": docs + training_docs}), n_eval_rows=2, batch_size=16,
-                   num_batches_in_buffer=1)
+    cfg = make_cfg(
+        Dataset.from_dict({"tokens": docs + training_docs}),
+        n_eval_rows=2,
+        batch_size=16,
+        num_batches_in_buffer=1,
+    )
     store = ActivationsStore(tiny_gpt2, cfg)
     ready, packed = store.get_eval_tokens().tolist()
     assert ready == docs[0]
@@ -127,12 +149,22 @@ def test_pretokenized_rows_of_seq_len_are_kept_and_others_packed(tiny_gpt2):
 def test_text_is_tokenized_and_packed(tmp_path, tiny_gpt2, monkeypatch):
     tokenizer = char_tokenizer()
     monkeypatch.setattr(tiny_gpt2, "tokenizer", tokenizer)
-    paragraphs = ["The quick brown fox jumps over the lazy dog.", "Pack my box with five dozen jugs."]
+    paragraphs = [
+        "The quick brown fox jumps over the lazy dog.",
+        "Pack my box with five dozen jugs.",
+    ]
     training = ["Sphinx of black quartz, judge my vow."] * 4
     path = tmp_path / "corpus.txt"
     path.write_text("\n\n".join(paragraphs + training))
-    cfg = make_cfg(str(path), seq_len=16, n_eval_rows=4, bos_token_id=None, batch_size=8,
-                   num_batches_in_buffer=1, model_batch_size=1)
+    cfg = make_cfg(
+        str(path),
+        seq_len=16,
+        n_eval_rows=4,
+        bos_token_id=None,
+        batch_size=8,
+        num_batches_in_buffer=1,
+        model_batch_size=1,
+    )
     store = ActivationsStore(tiny_gpt2, cfg)  # BOS comes from the tokenizer
     ids = [tokenizer.encode(p, add_special_tokens=False) for p in paragraphs]
     stream = torch.tensor([BOS, *ids[0], BOS, *ids[1]])
@@ -173,8 +205,14 @@ def test_batches_shape_dtype_device(kind, tiny_gpt2, tiny_gemma2, token_rows):
 def test_store_activations_equal_direct_run_with_cache(tiny_gpt2, token_rows):
     token_rows = without_bos(token_rows)  # rows of seq_len tokens are used as they are
     # 60 training rows of 32 tokens = 1920 activations: one batch that holds the whole buffer.
-    cfg = make_cfg(Dataset.from_dict({"tokens": token_rows.tolist()}), layer=1, site="resid_mid",
-                   batch_size=1920, num_batches_in_buffer=1, model_batch_size=6)
+    cfg = make_cfg(
+        Dataset.from_dict({"tokens": token_rows.tolist()}),
+        layer=1,
+        site="resid_mid",
+        batch_size=1920,
+        num_batches_in_buffer=1,
+        model_batch_size=6,
+    )
     store = ActivationsStore(tiny_gpt2, cfg)
     assert torch.equal(store.get_eval_tokens(), token_rows[:4])
     batch = store.next_batch()
@@ -185,8 +223,12 @@ def test_store_activations_equal_direct_run_with_cache(tiny_gpt2, token_rows):
 
 def test_consecutive_batches_mix_documents(tiny_gpt2, token_rows):
     token_rows = without_bos(token_rows)
-    cfg = make_cfg(Dataset.from_dict({"tokens": token_rows.tolist()}), batch_size=60,
-                   num_batches_in_buffer=32, model_batch_size=60)
+    cfg = make_cfg(
+        Dataset.from_dict({"tokens": token_rows.tolist()}),
+        batch_size=60,
+        num_batches_in_buffer=32,
+        model_batch_size=60,
+    )
     store = ActivationsStore(tiny_gpt2, cfg)
     direct = direct_activations(tiny_gpt2, token_rows[4:], "blocks.0.hook_resid_post", layer=0)
     source_rows = match_rows(store.next_batch(), direct) // 32
@@ -202,9 +244,12 @@ def test_run_with_cache_stops_after_the_hooked_block(tiny_gpt2, token_rows, monk
         return run_with_cache(*args, **kwargs)
 
     monkeypatch.setattr(tiny_gpt2, "run_with_cache", recording_run_with_cache)
-    ActivationsStore(tiny_gpt2, make_cfg(Dataset.from_dict({"tokens": token_rows.tolist()}), layer=0))
-    assert calls and all(c["stop_at_layer"] == 1 and c["names_filter"] == ["blocks.0.hook_resid_post"]
-                         for c in calls)
+    ActivationsStore(
+        tiny_gpt2, make_cfg(Dataset.from_dict({"tokens": token_rows.tolist()}), layer=0)
+    )
+    assert calls and all(
+        c["stop_at_layer"] == 1 and c["names_filter"] == ["blocks.0.hook_resid_post"] for c in calls
+    )
 
 
 def test_exclude_bos_drops_every_bos_position(tiny_gemma2, token_rows):
@@ -212,8 +257,13 @@ def test_exclude_bos_drops_every_bos_position(tiny_gemma2, token_rows):
     tokens[::2, 10] = BOS  # a second document starts mid-row in every other row
     n_bos = int((tokens[4:] == BOS).sum())
     assert n_bos == 60 + 30
-    cfg = make_cfg(Dataset.from_dict({"tokens": tokens.tolist()}), exclude_bos=True,
-                   batch_size=60 * 32 - n_bos, num_batches_in_buffer=1, model_batch_size=60)
+    cfg = make_cfg(
+        Dataset.from_dict({"tokens": tokens.tolist()}),
+        exclude_bos=True,
+        batch_size=60 * 32 - n_bos,
+        num_batches_in_buffer=1,
+        model_batch_size=60,
+    )
     batch = ActivationsStore(tiny_gemma2, cfg).next_batch()
     direct = direct_activations(tiny_gemma2, tokens[4:], "blocks.0.hook_resid_post", layer=0)
     is_bos = (tokens[4:] == BOS).flatten()
@@ -222,15 +272,21 @@ def test_exclude_bos_drops_every_bos_position(tiny_gemma2, token_rows):
 
 
 def test_exclude_bos_needs_a_bos_token(tiny_gpt2, token_rows):
-    cfg = make_cfg(Dataset.from_dict({"tokens": token_rows.tolist()}), exclude_bos=True, bos_token_id=None)
+    cfg = make_cfg(
+        Dataset.from_dict({"tokens": token_rows.tolist()}), exclude_bos=True, bos_token_id=None
+    )
     with pytest.raises(ValueError, match="bos_token_id"):
         ActivationsStore(tiny_gpt2, cfg)
 
 
 def test_new_epoch_warns_and_keeps_eval_rows_out(tiny_gpt2, token_rows):
     token_rows = without_bos(token_rows)
-    cfg = make_cfg(Dataset.from_dict({"tokens": token_rows.tolist()}), batch_size=256,
-                   num_batches_in_buffer=4, model_batch_size=20)
+    cfg = make_cfg(
+        Dataset.from_dict({"tokens": token_rows.tolist()}),
+        batch_size=256,
+        num_batches_in_buffer=4,
+        model_batch_size=20,
+    )
     store = ActivationsStore(tiny_gpt2, cfg)  # 1024 of the 1920 training activations
     with pytest.warns(UserWarning, match="exhausted; starting epoch 2"):
         batches = [store.next_batch() for _ in range(12)]
@@ -285,7 +341,9 @@ def test_nan_activations_name_the_hook(token_rows):
     with torch.no_grad():
         model.W_E[5] = float("nan")
     with pytest.raises(ValueError, match=r"blocks\.0\.hook_resid_post contain NaN"):
-        ActivationsStore(model, make_cfg(Dataset.from_dict({"tokens": token_rows.clamp(max=5).tolist()})))
+        ActivationsStore(
+            model, make_cfg(Dataset.from_dict({"tokens": token_rows.clamp(max=5).tolist()}))
+        )
 
 
 def test_unknown_hook_and_long_rows_are_errors(tiny_gpt2, token_rows):
@@ -301,22 +359,37 @@ def test_unknown_hook_and_long_rows_are_errors(tiny_gpt2, token_rows):
 def test_eval_rows_from_a_separate_dataset(tiny_gpt2, token_rows):
     token_rows = without_bos(token_rows)
     train, test = token_rows[:40], token_rows[40:]
-    cfg = make_cfg(Dataset.from_dict({"tokens": train.tolist()}), layer=1, site="resid_mid",
-                   eval_dataset_path=Dataset.from_dict({"tokens": test.tolist()}),
-                   batch_size=40 * 32, num_batches_in_buffer=1, model_batch_size=8)
+    cfg = make_cfg(
+        Dataset.from_dict({"tokens": train.tolist()}),
+        layer=1,
+        site="resid_mid",
+        eval_dataset_path=Dataset.from_dict({"tokens": test.tolist()}),
+        batch_size=40 * 32,
+        num_batches_in_buffer=1,
+        model_batch_size=8,
+    )
     store = ActivationsStore(tiny_gpt2, cfg)
     assert torch.equal(store.get_eval_tokens(), test[:4])
     direct = direct_activations(tiny_gpt2, train, "blocks.1.hook_resid_mid", layer=1)
     match_rows(store.next_batch(), direct)  # every training row is used: none held out from it
     with pytest.raises(ValueError, match="same kind of data"):
-        ActivationsStore(tiny_gpt2, make_cfg(Dataset.from_dict({"tokens": train.tolist()}),
-                                             eval_dataset_path=Dataset.from_dict({"text": ["a b"]})))
+        ActivationsStore(
+            tiny_gpt2,
+            make_cfg(
+                Dataset.from_dict({"tokens": train.tolist()}),
+                eval_dataset_path=Dataset.from_dict({"text": ["a b"]}),
+            ),
+        )
 
 
 def test_skip_tokens_continues_after_the_rows_already_served(tiny_gpt2, token_rows):
     token_rows = without_bos(token_rows)
-    cfg = make_cfg(Dataset.from_dict({"tokens": token_rows.tolist()}), batch_size=64,
-                   num_batches_in_buffer=2, model_batch_size=4)
+    cfg = make_cfg(
+        Dataset.from_dict({"tokens": token_rows.tolist()}),
+        batch_size=64,
+        num_batches_in_buffer=2,
+        model_batch_size=4,
+    )
     store = ActivationsStore(tiny_gpt2, cfg)
     store.skip_tokens(20 * 32)  # 20 rows' worth of activations were served before the "crash"
     direct = direct_activations(tiny_gpt2, token_rows[4:], "blocks.0.hook_resid_post", layer=0)

@@ -19,14 +19,19 @@ import render_results  # noqa: E402
 # peers.py assembles the other libraries' steps from their own trainer code (their optimizers and
 # backward passes); every other file must step our dictionaries through training.py.
 PEER_CODE = {"peers.py"}
-SCRIPTS = sorted(path for path in BENCHMARKS.glob("*.py") if path.name not in PEER_CODE | {"harness.py"})
+SCRIPTS = sorted(
+    path for path in BENCHMARKS.glob("*.py") if path.name not in PEER_CODE | {"harness.py"}
+)
 
 
 def calls_and_attributes(path: Path) -> tuple[set[str], set[str]]:
     tree = ast.parse(path.read_text())
     attributes = {ast.unparse(node) for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
-    calls = {node.func.attr for node in ast.walk(tree)
-             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)}
+    calls = {
+        node.func.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+    }
     return calls, attributes
 
 
@@ -35,14 +40,24 @@ def test_benchmarks_step_through_the_library(path):
     """No optimizer, backward pass or decoder-norm step of a benchmark's own: training.py's
     make_optimizer and training_step (or its loops) are what gets timed."""
     calls, attributes = calls_and_attributes(path)
-    own = sorted({a for a in attributes if a.startswith("torch.optim")}
-                 | calls & {"backward", "clip_grad_norm_", "remove_parallel_decoder_grad", "normalize_decoder"})
-    assert not own, f"{path.name} builds its own training step ({own}); use training.make_optimizer/training_step"
+    own = sorted(
+        {a for a in attributes if a.startswith("torch.optim")}
+        | calls
+        & {"backward", "clip_grad_norm_", "remove_parallel_decoder_grad", "normalize_decoder"}
+    )
+    assert not own, (
+        f"{path.name} builds its own training step ({own}); use training.make_optimizer/training_step"
+    )
 
 
 def test_the_peers_file_steps_no_dictionary_of_ours():
     tree = ast.parse((BENCHMARKS / "peers.py").read_text())
-    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert not imported & {"sae", "training", "sparse_ops"}
 
@@ -52,14 +67,23 @@ def test_benchmarks_use_the_harness(path):
     """Import paths come from harness.py (no sys.path edits of their own), so that every script
     runs from any folder the same way."""
     tree = ast.parse(path.read_text())
-    imports = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imports = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
     assert "harness" in imports, f"{path.name} does not import harness"
-    assert "sys.path" not in {ast.unparse(node) for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    assert "sys.path" not in {
+        ast.unparse(node) for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+    }
 
 
 def test_timing_synchronises_the_device(monkeypatch):
     events = []
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append(("sync", device)))
+    monkeypatch.setattr(
+        torch.cuda, "synchronize", lambda device=None: events.append(("sync", device))
+    )
     seconds = harness.timed(lambda: events.append("work"), "cuda:0")
     assert events == [("sync", "cuda:0"), "work", ("sync", "cuda:0")] and seconds >= 0
     events.clear()
@@ -70,8 +94,10 @@ def test_timing_synchronises_the_device(monkeypatch):
 
 def test_a_case_runs_in_its_own_process(tmp_path):
     worker = tmp_path / "worker.py"
-    worker.write_text(f"import sys; sys.path.insert(0, {str(BENCHMARKS)!r}); import harness, os\n"
-                      "print('noise'); harness.emit({'pid': os.getpid(), 'args': sys.argv[1:]})\n")
+    worker.write_text(
+        f"import sys; sys.path.insert(0, {str(BENCHMARKS)!r}); import harness, os\n"
+        "print('noise'); harness.emit({'pid': os.getpid(), 'args': sys.argv[1:]})\n"
+    )
     result = harness.run_isolated([worker, "a", 3])
     assert result["args"] == ["a", "3"] and result["pid"] != __import__("os").getpid()
     worker.write_text("raise SystemExit('no luck')\n")
@@ -89,12 +115,26 @@ def test_results_render_with_their_stamp(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["benchmarks/bench_x.py", "--size", "8"])
     at_start = harness.environment()
     rows = [{"size": "8x64", "tokens_per_s": 1234.5}, {"size": "16x128", "tokens_per_s": 99.0}]
-    harness.save("x", "A benchmark", rows, {"batch": 16}, environment_at_start=at_start, path=tmp_path / "x.json")
+    harness.save(
+        "x",
+        "A benchmark",
+        rows,
+        {"batch": 16},
+        environment_at_start=at_start,
+        path=tmp_path / "x.json",
+    )
     record = json.loads((tmp_path / "x.json").read_text())
-    assert record["command"].endswith("bench_x.py --size 8") and record["columns"] == ["size", "tokens_per_s"]
+    assert record["command"].endswith("bench_x.py --size 8") and record["columns"] == [
+        "size",
+        "tokens_per_s",
+    ]
     page = render_results.render(tmp_path)
     assert "## A benchmark" in page and "| 8x64 | 1,234 |" in page and "| 16x128 | 99 |" in page
-    assert f"at commit {at_start['commit']}" in page and at_start["cpu"] in page and "load average" in page
+    assert (
+        f"at commit {at_start['commit']}" in page
+        and at_start["cpu"] in page
+        and "load average" in page
+    )
 
 
 def test_docs_results_is_rendered_from_the_result_files():

@@ -7,13 +7,25 @@ import socket
 import numpy as np
 import pytest
 import torch
+from helpers import (
+    ONE_ACTIVATION_TYPES,
+    RESUME_SETTINGS,
+    CrashingStore,
+    PlantedStore,
+    planted_cfg,
+    train_briefly,
+)
 
 from matryoshka_sae import checkpoint
 from matryoshka_sae.checkpoint import (
-    checkpoint_folder, load_metrics, load_sae, restore_checkpoint, rng_states, save_checkpoint,
+    checkpoint_folder,
+    load_metrics,
+    load_sae,
+    restore_checkpoint,
+    rng_states,
+    save_checkpoint,
     set_rng_states,
 )
-from helpers import ONE_ACTIVATION_TYPES, RESUME_SETTINGS, CrashingStore, PlantedStore, planted_cfg, train_briefly
 from matryoshka_sae.sae import create_sae
 from matryoshka_sae.training import make_optimizer, train_sae, train_sae_group
 
@@ -77,7 +89,10 @@ def test_resume_continues_exactly(tmp_path, wandb_runs):
 
 def test_group_resume_continues_exactly(tmp_path):
     def group_cfgs(folder):
-        return [planted_cfg("batchtopk", folder, **RESUME_SETTINGS), planted_cfg("matryoshka", folder, **RESUME_SETTINGS)]
+        return [
+            planted_cfg("batchtopk", folder, **RESUME_SETTINGS),
+            planted_cfg("matryoshka", folder, **RESUME_SETTINGS),
+        ]
 
     cfgs = group_cfgs(tmp_path / "uninterrupted")
     reference = train_sae_group([create_sae(c) for c in cfgs], PlantedStore(), None, cfgs)
@@ -85,8 +100,9 @@ def test_group_resume_continues_exactly(tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):
         train_sae_group([create_sae(c) for c in cfgs], CrashingStore(crash_at=12), None, cfgs)
     folders = [checkpoint_folder(c) for c in cfgs]
-    resumed = train_sae_group([create_sae(c) for c in cfgs], PlantedStore(start=10), None, cfgs,
-                              resume_from=folders)
+    resumed = train_sae_group(
+        [create_sae(c) for c in cfgs], PlantedStore(start=10), None, cfgs, resume_from=folders
+    )
     for ref, res in zip(reference, resumed):
         for name, tensor in ref.state_dict().items():
             assert torch.equal(res.state_dict()[name], tensor), name
@@ -110,7 +126,9 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
         save_checkpoint(folder, sae, cfg, optimizer, step=99)
 
     names = sorted(p.name for p in folder.iterdir())
-    assert names == sorted([*before, "training_state.previous.pt"])  # no temporary files left behind
+    assert names == sorted(
+        [*before, "training_state.previous.pt"]
+    )  # no temporary files left behind
     assert (folder / "sae.safetensors").read_bytes() == before["sae.safetensors"]
     assert not torch.equal(load_sae(folder).W_dec, sae.W_dec)  # the old weights
     # The training state was already replaced: resuming takes the previous one, which matches the weights.
@@ -145,8 +163,13 @@ def test_new_runs_take_the_next_free_folder_and_a_chosen_name_is_refused(tmp_pat
     (tmp_path / f"{base}-2").mkdir()
     checkpoint.acquire_run_lock(tmp_path / f"{base}-2")  # in use: skipped as well
     try:
-        assert checkpoint.claim_run_folder(cfg) == tmp_path / f"{base}-3" and cfg["name"] == f"{base}-3"
-        assert checkpoint.claim_run_folder(cfg) == tmp_path / f"{base}-3"  # claimed already: nothing more
+        assert (
+            checkpoint.claim_run_folder(cfg) == tmp_path / f"{base}-3"
+            and cfg["name"] == f"{base}-3"
+        )
+        assert (
+            checkpoint.claim_run_folder(cfg) == tmp_path / f"{base}-3"
+        )  # claimed already: nothing more
         assert (tmp_path / f"{base}-3" / checkpoint.LOCK_FILE).is_file()
     finally:
         checkpoint.release_run_lock(tmp_path / f"{base}-3")
@@ -170,7 +193,9 @@ def test_atomic_write_on_a_full_disk_keeps_the_old_file(tmp_path):
         tmp.write_text("partial")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(checkpoint.CheckpointWriteError, match="cannot write .*config.json: No space left"):
+    with pytest.raises(
+        checkpoint.CheckpointWriteError, match="cannot write .*config.json: No space left"
+    ):
         checkpoint.atomic_write(path, fill_the_disk)
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["config.json"]
 

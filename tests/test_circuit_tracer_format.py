@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import set_cfgs, train_set
 
 from matryoshka_sae.circuit_tracer_format import export_circuit_tracer
-from helpers import set_cfgs, train_set
 
 ROOT = Path(__file__).resolve().parents[1]
 CT_PYTHON = ROOT / ".ct-venv" / "bin" / "python"
@@ -24,8 +24,10 @@ CT_PYTHON = ROOT / ".ct-venv" / "bin" / "python"
 if not CT_PYTHON.exists():
     if os.environ.get("REQUIRE_CIRCUIT_TRACER") == "1":
         raise RuntimeError(f"{CT_PYTHON} is missing; run: bash setup_circuit_tracer_env.sh")
-    pytest.skip("circuit-tracer's environment .ct-venv is missing (bash setup_circuit_tracer_env.sh)",
-                allow_module_level=True)
+    pytest.skip(
+        "circuit-tracer's environment .ct-venv is missing (bash setup_circuit_tracer_env.sh)",
+        allow_module_level=True,
+    )
 
 
 def save_model(model, tmp_path) -> Path:
@@ -34,27 +36,65 @@ def save_model(model, tmp_path) -> Path:
     tokens = torch.randint(2, 1000, (4, 24), generator=generator)
     tokens[:, 0] = 1
     path = tmp_path / "model.pt"
-    config = {key: value for key, value in model.cfg.to_dict().items()
-              if key in ("n_layers", "d_model", "n_ctx", "d_head", "n_heads", "d_mlp", "d_vocab", "act_fn",
-                         "normalization_type", "positional_embedding_type", "use_normalization_before_and_after",
-                         "n_key_value_heads", "original_architecture", "gated_mlp", "final_rms", "rotary_dim",
-                         "window_size", "attn_types", "attn_scores_soft_cap", "output_logits_soft_cap", "seed")}
+    config = {
+        key: value
+        for key, value in model.cfg.to_dict().items()
+        if key
+        in (
+            "n_layers",
+            "d_model",
+            "n_ctx",
+            "d_head",
+            "n_heads",
+            "d_mlp",
+            "d_vocab",
+            "act_fn",
+            "normalization_type",
+            "positional_embedding_type",
+            "use_normalization_before_and_after",
+            "n_key_value_heads",
+            "original_architecture",
+            "gated_mlp",
+            "final_rms",
+            "rotary_dim",
+            "window_size",
+            "attn_types",
+            "attn_scores_soft_cap",
+            "output_logits_soft_cap",
+            "seed",
+        )
+    }
     torch.save({"config": config, "weights": model.state_dict(), "tokens": tokens}, path)
     return path
 
 
 def check_in_circuit_tracer(model_file, pairs, attribute=False) -> dict:
     """Run tests/circuit_tracer_check.py in .ct-venv on (exported, set) folder pairs."""
-    command = [str(CT_PYTHON), str(ROOT / "tests" / "circuit_tracer_check.py"), str(model_file),
-               *(["--attribute"] if attribute else []), *(str(folder) for pair in pairs for folder in pair)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    command = [
+        str(CT_PYTHON),
+        str(ROOT / "tests" / "circuit_tracer_check.py"),
+        str(model_file),
+        *(["--attribute"] if attribute else []),
+        *(str(folder) for pair in pairs for folder in pair),
+    ]
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-CASES = [("matryoshka", False, "ln2_normalized"), ("matryoshka", True, "resid_mid"),
-         ("batchtopk", False, "resid_mid"), ("batchtopk", True, "ln2_normalized")]
+CASES = [
+    ("matryoshka", False, "ln2_normalized"),
+    ("matryoshka", True, "resid_mid"),
+    ("batchtopk", False, "resid_mid"),
+    ("batchtopk", True, "ln2_normalized"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +105,20 @@ def checked(tiny_gemma2, tmp_path_factory):
     pairs = []
     for kind, skip, site in CASES:
         name = f"{kind}-{skip}-{site}"
-        train_set(tiny_gemma2, set_cfgs(tmp_path, name, kind=kind, skip=skip, source_site=site), evaluate=False)
-        pairs.append((export_circuit_tracer(tmp_path / name, tmp_path / f"{name}-exported"), tmp_path / name))
+        train_set(
+            tiny_gemma2,
+            set_cfgs(tmp_path, name, kind=kind, skip=skip, source_site=site),
+            evaluate=False,
+        )
+        pairs.append(
+            (export_circuit_tracer(tmp_path / name, tmp_path / f"{name}-exported"), tmp_path / name)
+        )
     return check_in_circuit_tracer(save_model(tiny_gemma2, tmp_path), pairs, attribute=True)
 
 
-@pytest.mark.parametrize("case", range(len(CASES)), ids=["-".join(map(str, case)) for case in CASES])
+@pytest.mark.parametrize(
+    "case", range(len(CASES)), ids=["-".join(map(str, case)) for case in CASES]
+)
 def test_circuit_tracer_loads_what_we_export(checked, case):
     kind, skip, site = CASES[case]
     result = checked["sets"][case]

@@ -5,15 +5,23 @@ import argparse
 
 import pytest
 import torch
+from helpers import train_briefly
 
-from matryoshka_sae.cli import options as cli_options
 from matryoshka_sae.checkpoint import checkpoint_folder
+from matryoshka_sae.cli import options as cli_options
 from matryoshka_sae.cli.options import (
-    RUN_OPTIONS, ArgumentParser, add_resume_argument, add_run_arguments, apply_overrides, check_device,
-    check_repeated_options, non_negative_int, positive_int, resumed_cfgs,
+    RUN_OPTIONS,
+    ArgumentParser,
+    add_resume_argument,
+    add_run_arguments,
+    apply_overrides,
+    check_device,
+    check_repeated_options,
+    non_negative_int,
+    positive_int,
+    resumed_cfgs,
 )
 from matryoshka_sae.config import get_default_cfg, known_keys, post_init_cfg
-from helpers import train_briefly
 
 
 def parser_with_run_options(**kwargs) -> ArgumentParser:
@@ -30,7 +38,11 @@ def test_every_run_option_sets_a_setting():
 def test_unset_options_keep_the_scripts_values():
     args = parser_with_run_options().parse_args(["--lr", "1e-3", "--top-k", "16"])
     cfg = apply_overrides(get_default_cfg(), args)
-    assert (cfg["lr"], cfg["top_k"], cfg["batch_size"]) == (1e-3, 16, get_default_cfg()["batch_size"])
+    assert (cfg["lr"], cfg["top_k"], cfg["batch_size"]) == (
+        1e-3,
+        16,
+        get_default_cfg()["batch_size"],
+    )
     assert apply_overrides(get_default_cfg(), None) == get_default_cfg()
 
 
@@ -84,8 +96,12 @@ def test_resume_repeats_the_saved_settings_and_may_change_the_device(tmp_path):
     _, cfg = train_briefly("batchtopk", tmp_path, n_steps=2)
     folder = str(checkpoint_folder(cfg))
     parser = parser_with_run_options()
-    (resumed,) = resumed_cfgs([folder], parser.parse_args(["--resume", folder, "--top-k", str(cfg["top_k"]),
-                                                           "--wandb-mode", "offline"]))
+    (resumed,) = resumed_cfgs(
+        [folder],
+        parser.parse_args(
+            ["--resume", folder, "--top-k", str(cfg["top_k"]), "--wandb-mode", "offline"]
+        ),
+    )
     assert resumed["wandb_mode"] == "offline" and resumed["top_k"] == cfg["top_k"]
     assert resumed["name"] == cfg["name"] and resumed["checkpoint_dir"] == str(tmp_path)
     with pytest.raises(ValueError, match="--lr 0.5 \\(saved: 0.003\\)"):
@@ -101,13 +117,15 @@ def test_a_group_may_repeat_any_of_its_dictionaries_values():
 
 
 def test_the_options_are_shared_by_the_scripts():
-    from matryoshka_sae.cli import main
-    from matryoshka_sae.cli import train_gemma_example
+    from matryoshka_sae.cli import main, train_gemma_example
 
     for parser in (main.build_parser(),):
         options = {action.option_strings[0] for action in parser._actions if action.option_strings}
         assert set(RUN_OPTIONS) <= options
-    assert cli_options.RUN_OPTIONS is RUN_OPTIONS and train_gemma_example.add_run_arguments is add_run_arguments
+    assert (
+        cli_options.RUN_OPTIONS is RUN_OPTIONS
+        and train_gemma_example.add_run_arguments is add_run_arguments
+    )
 
 
 def test_the_memory_check_counts_every_hook_a_cross_layer_transcoder_reads(monkeypatch):
@@ -116,13 +134,24 @@ def test_the_memory_check_counts_every_hook_a_cross_layer_transcoder_reads(monke
     from matryoshka_sae.checkpoint import dictionary_parameters
 
     cfg = get_default_cfg()
-    cfg.update(model_name="smollm2-135m", sae_type="matryoshka_clt", dict_size=64, group_sizes=None, top_k=4,
-               input_unit_norm=False, batch_size=4096, num_batches_in_buffer=9, device="cpu")
+    cfg.update(
+        model_name="smollm2-135m",
+        sae_type="matryoshka_clt",
+        dict_size=64,
+        group_sizes=None,
+        top_k=4,
+        input_unit_norm=False,
+        batch_size=4096,
+        num_batches_in_buffer=9,
+        device="cpu",
+    )
     cfg = post_init_cfg(cfg)
     one_hook = 4 * cfg["act_size"] * cfg["batch_size"] * (cfg["num_batches_in_buffer"] + 1)
     enough_for_one_hook = 16 * dictionary_parameters(cfg) + 2 * one_hook
     monkeypatch.setattr(cli_options, "available_memory", lambda device: enough_for_one_hook)
     with pytest.raises(ValueError, match="GiB available"):
         cli_options.check_memory([cfg])
-    monkeypatch.setattr(cli_options, "available_memory", lambda device: enough_for_one_hook + 60 * one_hook)
+    monkeypatch.setattr(
+        cli_options, "available_memory", lambda device: enough_for_one_hook + 60 * one_hook
+    )
     cli_options.check_memory([cfg])

@@ -2,13 +2,25 @@ import pytest
 import torch
 
 from matryoshka_sae.config import (
-    HOOK_SITES, MODEL_TABLE, cfg_from_json, cfg_to_json, compute_fvu, get_default_cfg,
-    get_hook_name, get_model_config, post_init_cfg,
+    HOOK_SITES,
+    MODEL_TABLE,
+    cfg_from_json,
+    cfg_to_json,
+    compute_fvu,
+    get_default_cfg,
+    get_hook_name,
+    get_model_config,
+    post_init_cfg,
 )
 
 DOCUMENT_TABLE = {
-    "gpt2": (768, 12), "gpt2-medium": (1024, 24), "gpt2-large": (1280, 36), "gpt2-xl": (1600, 48),
-    "gemma-2-2b": (2304, 26), "gemma-2-9b": (3584, 42), "gemma-2-27b": (4608, 46),
+    "gpt2": (768, 12),
+    "gpt2-medium": (1024, 24),
+    "gpt2-large": (1280, 36),
+    "gpt2-xl": (1600, 48),
+    "gemma-2-2b": (2304, 26),
+    "gemma-2-9b": (3584, 42),
+    "gemma-2-27b": (4608, 46),
 }
 
 
@@ -27,9 +39,12 @@ def test_aliases_and_unknown_model():
 
 def test_hook_names_for_every_site():
     expected = {
-        "resid_pre": "blocks.8.hook_resid_pre", "resid_mid": "blocks.8.hook_resid_mid",
-        "attn_out": "blocks.8.hook_attn_out", "mlp_out": "blocks.8.hook_mlp_out",
-        "resid_post": "blocks.8.hook_resid_post", "mlp_in": "blocks.8.hook_mlp_in",
+        "resid_pre": "blocks.8.hook_resid_pre",
+        "resid_mid": "blocks.8.hook_resid_mid",
+        "attn_out": "blocks.8.hook_attn_out",
+        "mlp_out": "blocks.8.hook_mlp_out",
+        "resid_post": "blocks.8.hook_resid_post",
+        "mlp_in": "blocks.8.hook_mlp_in",
         "ln2_normalized": "blocks.8.ln2.hook_normalized",
     }
     assert set(expected) == set(HOOK_SITES)
@@ -62,7 +77,9 @@ def test_default_cfg_is_gpt2_small_with_document_groups():
 
 def test_user_settings_survive_rederivation():
     cfg = get_default_cfg()
-    cfg.update(model_name="gemma-2-2b", dict_size=18432, group_sizes=[2304, 4608, 6912, 4608], top_k=64)
+    cfg.update(
+        model_name="gemma-2-2b", dict_size=18432, group_sizes=[2304, 4608, 6912, 4608], top_k=64
+    )
     cfg = post_init_cfg(cfg)
     assert cfg["dict_size"] == 18432 and cfg["group_sizes"] == [2304, 4608, 6912, 4608]
     cfg["layer"] = 3
@@ -89,24 +106,34 @@ def test_dtype_strings_accepted():
     assert cfg_from_json(cfg_to_json(cfg))["dtype"] is torch.bfloat16
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"act_size": 100}, "act_size mismatch.*Remove cfg\\['act_size'\\]"),
-    ({"group_sizes": [768, 768]}, "sum to 1536, not dict_size 12288"),
-    ({"top_k": 0}, "top_k must be an integer in 1..dict_size"),
-    ({"top_k": 20000}, "top_k must be an integer in 1..dict_size"),
-    ({"layer": 12}, "outside the model's layers 0..11"),
-    ({"site": "resid"}, "Unknown site 'resid'"),
-    ({"sae_type": "gated"}, "Unknown sae_type 'gated'"),
-    ({"lr": 0}, "cfg\\['lr'\\] must be positive"),
-    ({"batch_size": -5}, "cfg\\['batch_size'\\] must be positive"),
-    ({"dict_size": -1}, "cfg\\['dict_size'\\] must be positive"),
-    ({"model_name": "llama-7b", "act_size": None}, "Unknown model_name 'llama-7b'"),
-    ({"dtype": "float99"}, "is not a dtype"),
-    ({"wandb_mode": "sometimes"}, "wandb_mode must be"),
-    ({"sae_type": "matryoshka_transcoder"}, "A transcoder needs cfg\\['source_site'\\]"),
-    ({"source_site": "resid_mid", "source_layer": 5, "target_site": "mlp_out", "target_layer": 4},
-     "target_layer 4 precedes source_layer 5"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"act_size": 100}, "act_size mismatch.*Remove cfg\\['act_size'\\]"),
+        ({"group_sizes": [768, 768]}, "sum to 1536, not dict_size 12288"),
+        ({"top_k": 0}, "top_k must be an integer in 1..dict_size"),
+        ({"top_k": 20000}, "top_k must be an integer in 1..dict_size"),
+        ({"layer": 12}, "outside the model's layers 0..11"),
+        ({"site": "resid"}, "Unknown site 'resid'"),
+        ({"sae_type": "gated"}, "Unknown sae_type 'gated'"),
+        ({"lr": 0}, "cfg\\['lr'\\] must be positive"),
+        ({"batch_size": -5}, "cfg\\['batch_size'\\] must be positive"),
+        ({"dict_size": -1}, "cfg\\['dict_size'\\] must be positive"),
+        ({"model_name": "llama-7b", "act_size": None}, "Unknown model_name 'llama-7b'"),
+        ({"dtype": "float99"}, "is not a dtype"),
+        ({"wandb_mode": "sometimes"}, "wandb_mode must be"),
+        ({"sae_type": "matryoshka_transcoder"}, "A transcoder needs cfg\\['source_site'\\]"),
+        (
+            {
+                "source_site": "resid_mid",
+                "source_layer": 5,
+                "target_site": "mlp_out",
+                "target_layer": 4,
+            },
+            "target_layer 4 precedes source_layer 5",
+        ),
+    ],
+)
 def test_validation_errors_name_the_setting(change, message):
     cfg = get_default_cfg()
     cfg.update(change)
@@ -148,16 +175,21 @@ def test_cfg_json_names_objects_it_cannot_serialise():
     assert cfg_from_json(cfg_to_json(cfg))["dataset_path"] == "<object>"
 
 
-@pytest.mark.parametrize("key,suggestion", [
-    ("learning_rate", "'lr'"),        # another library's name
-    ("topk_aux", "'top_k_aux'"),      # a typo
-    ("batchsize", "'batch_size'"),
-    ("l1_coefficient", "'l1_coeff'"),
-])
+@pytest.mark.parametrize(
+    "key,suggestion",
+    [
+        ("learning_rate", "'lr'"),  # another library's name
+        ("topk_aux", "'top_k_aux'"),  # a typo
+        ("batchsize", "'batch_size'"),
+        ("l1_coefficient", "'l1_coeff'"),
+    ],
+)
 def test_misspelt_setting_is_an_error_with_a_suggestion(key, suggestion):
     cfg = get_default_cfg()
     cfg[key] = 1
-    with pytest.raises(ValueError, match=f"cfg\\['{key}'\\] is not a setting; did you mean {suggestion}"):
+    with pytest.raises(
+        ValueError, match=f"cfg\\['{key}'\\] is not a setting; did you mean {suggestion}"
+    ):
         post_init_cfg(cfg)
 
 
@@ -168,17 +200,20 @@ def test_notes_hold_the_users_bookkeeping():
     assert cfg_from_json(cfg_to_json(cfg))["notes"] == cfg["notes"]
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"lr": "1e-3"}, "cfg\\['lr'\\] must be a number \\(int or float\\), got str '1e-3'"),
-    ({"top_k": 32.0}, "cfg\\['top_k'\\] must be an integer, got float 32.0"),
-    ({"batch_size": True}, "cfg\\['batch_size'\\] must be an integer, got bool"),
-    ({"input_unit_norm": "yes"}, "cfg\\['input_unit_norm'\\] must be True or False"),
-    ({"exclude_bos": 1}, "cfg\\['exclude_bos'\\] must be True or False"),
-    ({"group_sizes": "768,768"}, "group_sizes must be a list of positive integers"),
-    ({"group_sizes": [6144.0, 6144.0]}, "group_sizes must be a list of positive integers"),
-    ({"model_dtype": 16}, "cfg\\['model_dtype'\\] = 16 is not a dtype"),
-    ({"site": 8}, "cfg\\['site'\\] must be a string"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"lr": "1e-3"}, "cfg\\['lr'\\] must be a number \\(int or float\\), got str '1e-3'"),
+        ({"top_k": 32.0}, "cfg\\['top_k'\\] must be an integer, got float 32.0"),
+        ({"batch_size": True}, "cfg\\['batch_size'\\] must be an integer, got bool"),
+        ({"input_unit_norm": "yes"}, "cfg\\['input_unit_norm'\\] must be True or False"),
+        ({"exclude_bos": 1}, "cfg\\['exclude_bos'\\] must be True or False"),
+        ({"group_sizes": "768,768"}, "group_sizes must be a list of positive integers"),
+        ({"group_sizes": [6144.0, 6144.0]}, "group_sizes must be a list of positive integers"),
+        ({"model_dtype": 16}, "cfg\\['model_dtype'\\] = 16 is not a dtype"),
+        ({"site": 8}, "cfg\\['site'\\] must be a string"),
+    ],
+)
 def test_wrong_type_names_the_setting_and_the_type(change, message):
     cfg = get_default_cfg()
     cfg.update(change)
@@ -204,7 +239,9 @@ def test_config_saved_by_an_earlier_version_still_loads(tmp_path):
     from matryoshka_sae.sae import create_sae
 
     cfg = get_default_cfg()
-    cfg.update(act_size=16, model_name="synthetic", dict_size=64, group_sizes=None, top_k=4, device="cpu")
+    cfg.update(
+        act_size=16, model_name="synthetic", dict_size=64, group_sizes=None, top_k=4, device="cpu"
+    )
     cfg = post_init_cfg(cfg)
     sae = create_sae(cfg)
     save_checkpoint(tmp_path, sae, cfg)

@@ -34,10 +34,26 @@ SPARSITY = {"global": {}, "per_layer": {}, "jumprelu": {"target_l0": 2}}
 def clt_cfg(tmp_path=None, **overrides) -> dict:
     """A 3-layer CLT on synthetic activations of width 8: 12 latents a layer in groups 3, 3, 6, k = 2."""
     cfg = get_default_cfg()
-    cfg.update(model_name="synthetic", act_size=D, sae_type="matryoshka_clt", clt_layers=LAYERS, dict_size=12,
-               group_sizes=[3, 3, 6], top_k=2, input_unit_norm=False, device="cpu", batch_size=BATCH,
-               num_tokens=BATCH * N_STEPS, log_freq=2, checkpoint_freq=4, seed=5, n_batches_to_dead=1,
-               top_k_aux=4, wandb_mode="disabled", checkpoint_dir=str(tmp_path or "unused"))
+    cfg.update(
+        model_name="synthetic",
+        act_size=D,
+        sae_type="matryoshka_clt",
+        clt_layers=LAYERS,
+        dict_size=12,
+        group_sizes=[3, 3, 6],
+        top_k=2,
+        input_unit_norm=False,
+        device="cpu",
+        batch_size=BATCH,
+        num_tokens=BATCH * N_STEPS,
+        log_freq=2,
+        checkpoint_freq=4,
+        seed=5,
+        n_batches_to_dead=1,
+        top_k_aux=4,
+        wandb_mode="disabled",
+        checkpoint_dir=str(tmp_path or "unused"),
+    )
     cfg.update(overrides)
     return post_init_cfg(cfg)
 
@@ -53,14 +69,24 @@ class PlantedCLTStore:
         g = torch.Generator().manual_seed(123)
         self.batch_size, self.n = batch_size, n_layers
         self.read = [torch.randn(16, D, generator=g) for _ in range(n_layers)]
-        self.write = [[torch.randn(16, D, generator=g) * (1 + m) for m in range(n_layers)] for _ in range(n_layers)]
+        self.write = [
+            [torch.randn(16, D, generator=g) * (1 + m) for m in range(n_layers)]
+            for _ in range(n_layers)
+        ]
 
     def next_batch(self) -> tuple[torch.Tensor, ...]:
-        codes = [torch.rand(self.batch_size, 16, generator=self.generator) *
-                 (torch.rand(self.batch_size, 16, generator=self.generator) < 0.15) for _ in range(self.n)]
-        sources = [(c @ r) * (1 + j) + 0.01 * torch.randn(self.batch_size, D, generator=self.generator)
-                   for j, (c, r) in enumerate(zip(codes, self.read))]
-        targets = [sum(codes[j] @ self.write[j][m] for j in range(m + 1)) + 0.5 for m in range(self.n)]
+        codes = [
+            torch.rand(self.batch_size, 16, generator=self.generator)
+            * (torch.rand(self.batch_size, 16, generator=self.generator) < 0.15)
+            for _ in range(self.n)
+        ]
+        sources = [
+            (c @ r) * (1 + j) + 0.01 * torch.randn(self.batch_size, D, generator=self.generator)
+            for j, (c, r) in enumerate(zip(codes, self.read))
+        ]
+        targets = [
+            sum(codes[j] @ self.write[j][m] for j in range(m + 1)) + 0.5 for m in range(self.n)
+        ]
         return (*sources, *targets)
 
 
@@ -82,7 +108,9 @@ def trained_clt(cfg: dict, steps: int = 3) -> MatryoshkaCrossLayerTranscoder:
 # ---------------------------------------------------------------------------------------------
 
 
-def dense_reference(params: dict, clt: MatryoshkaCrossLayerTranscoder, batch, dead: torch.Tensor) -> dict:
+def dense_reference(
+    params: dict, clt: MatryoshkaCrossLayerTranscoder, batch, dead: torch.Tensor
+) -> dict:
     """Loss of the class docstring computed densely from `params` (copies of the CLT's parameters):
     BatchTopK by sorting, or JumpReLU as JumpReLUSAE computes it on the dense [B, L S] pre-activations
     (with its straight-through functions and quadratic objective), every (prefix, layer) prediction
@@ -90,8 +118,13 @@ def dense_reference(params: dict, clt: MatryoshkaCrossLayerTranscoder, batch, de
     cfg, n, S = clt.cfg, clt.n_layers, clt.layer_size
     x = torch.stack(batch[:n], dim=1) - clt.source_mean
     y_n = torch.stack(batch[n:], dim=1) / clt.target_scale[:, None]
-    pre = torch.cat([x[:, j] @ params["W_enc"][:, j * S:(j + 1) * S] + params["b_enc"][j * S:(j + 1) * S]
-                     for j in range(n)], dim=1)
+    pre = torch.cat(
+        [
+            x[:, j] @ params["W_enc"][:, j * S : (j + 1) * S] + params["b_enc"][j * S : (j + 1) * S]
+            for j in range(n)
+        ],
+        dim=1,
+    )
     B = pre.shape[0]
     mask = torch.zeros_like(pre, dtype=torch.bool)
     sparsity_loss = torch.zeros(())
@@ -99,7 +132,11 @@ def dense_reference(params: dict, clt: MatryoshkaCrossLayerTranscoder, batch, de
         from matryoshka_sae.sae import _JumpReLU, _Step
 
         theta = params["log_threshold"].exp()
-        eps = cfg["bandwidth"] if cfg["bandwidth"] is not None else cfg["jumprelu_relative_bandwidth"] * theta.detach()
+        eps = (
+            cfg["bandwidth"]
+            if cfg["bandwidth"] is not None
+            else cfg["jumprelu_relative_bandwidth"] * theta.detach()
+        )
         z = _JumpReLU.apply(pre, theta, eps)
         l0 = _Step.apply(pre, theta, eps).sum(dim=1).mean()
         sparsity_loss = cfg["l0_coeff"] * (l0 / (cfg["target_l0"] * n) - 1) ** 2
@@ -107,16 +144,24 @@ def dense_reference(params: dict, clt: MatryoshkaCrossLayerTranscoder, batch, de
         mask.view(-1)[pre.detach().flatten().topk(cfg["top_k"] * n * B).indices] = True
     else:
         for j in range(n):
-            chosen = pre[:, j * S:(j + 1) * S].detach().flatten().topk(cfg["top_k"] * B).indices
+            chosen = pre[:, j * S : (j + 1) * S].detach().flatten().topk(cfg["top_k"] * B).indices
             flat = torch.zeros(B * S, dtype=torch.bool)
             flat[chosen] = True
-            mask[:, j * S:(j + 1) * S] = flat.view(B, S)
+            mask[:, j * S : (j + 1) * S] = flat.view(B, S)
     if cfg["clt_sparsity"] != "jumprelu":
         z = pre * (mask & (pre > 0))
 
     def decode(code, end):  # [B, n, d] from latents [0, end) of every layer, without b_dec
-        return torch.stack([sum(code[:, j * S:j * S + end] @ params[f"W_dec.{j}"][:end, m - j] for j in range(m + 1))
-                            for m in range(n)], dim=1)
+        return torch.stack(
+            [
+                sum(
+                    code[:, j * S : j * S + end] @ params[f"W_dec.{j}"][:end, m - j]
+                    for j in range(m + 1)
+                )
+                for m in range(n)
+            ],
+            dim=1,
+        )
 
     weights = 1 / clt.target_variance
     ends = torch.tensor(cfg["group_sizes"]).cumsum(0).tolist()
@@ -130,19 +175,30 @@ def dense_reference(params: dict, clt: MatryoshkaCrossLayerTranscoder, batch, de
         aux_mask = torch.zeros_like(mask).scatter_(1, top, True) & (pre > 0) & dead
         e_hat = decode(pre * aux_mask, S)
         aux = cfg["aux_penalty"] * ((e_hat - residual).pow(2).mean(dim=(0, 2)) * weights).sum()
-    return {"loss": l2 + aux + sparsity_loss, "l2_loss": l2, "aux_loss": aux, "sparsity_loss": sparsity_loss,
-            "prefixes": prefixes}
+    return {
+        "loss": l2 + aux + sparsity_loss,
+        "l2_loss": l2,
+        "aux_loss": aux,
+        "sparsity_loss": sparsity_loss,
+        "prefixes": prefixes,
+    }
 
 
-@pytest.mark.parametrize("sparsity,settings", [
-    pytest.param("global", {}, id="global"), pytest.param("per_layer", {}, id="per_layer"),
-    pytest.param("jumprelu", {}, id="jumprelu"),
-    pytest.param("jumprelu", {"bandwidth": 0.5}, id="jumprelu-fixed-bandwidth"),  # windows reaching below 0
-])
+@pytest.mark.parametrize(
+    "sparsity,settings",
+    [
+        pytest.param("global", {}, id="global"),
+        pytest.param("per_layer", {}, id="per_layer"),
+        pytest.param("jumprelu", {}, id="jumprelu"),
+        pytest.param(
+            "jumprelu", {"bandwidth": 0.5}, id="jumprelu-fixed-bandwidth"
+        ),  # windows reaching below 0
+    ],
+)
 def test_loss_and_gradients_equal_the_dense_reference(sparsity, settings):
     cfg = clt_cfg(clt_sparsity=sparsity, **SPARSITY[sparsity], **settings)
     clt = trained_clt(cfg)
-    clt.tokens_since_fired[::3] = 10 ** 6  # every third latent dead: AuxK is in the loss
+    clt.tokens_since_fired[::3] = 10**6  # every third latent dead: AuxK is in the loss
     batch = PlantedCLTStore(seed=9).next_batch()
     dead = clt.dead_latents().clone()
     params = {name: p.detach().clone().requires_grad_(True) for name, p in clt.named_parameters()}
@@ -152,10 +208,12 @@ def test_loss_and_gradients_equal_the_dense_reference(sparsity, settings):
     out["loss"].backward()
     assert out["aux_loss"] > 0 and out["l0_norm"] > 0
     keys = ("loss", "l2_loss", "aux_loss")
-    if sparsity == "jumprelu":  # some entries lie in the window below theta, and theta learns from them
+    if (
+        sparsity == "jumprelu"
+    ):  # some entries lie in the window below theta, and theta learns from them
         keys += ("sparsity_loss",)
         with torch.no_grad():
-            x = torch.stack(batch[:len(LAYERS)], dim=1) - clt.source_mean
+            x = torch.stack(batch[: len(LAYERS)], dim=1) - clt.source_mean
             pre = clt.preactivations(x)
             theta = clt.log_threshold.exp()
             eps = cfg["bandwidth"] or cfg["jumprelu_relative_bandwidth"] * theta
@@ -169,16 +227,22 @@ def test_loss_and_gradients_equal_the_dense_reference(sparsity, settings):
         torch.testing.assert_close(p.grad, params[name].grad, rtol=1e-4, atol=1e-6, msg=name)
     # every prefix and every output layer, in the targets' units
     scale = clt.target_scale[:, None]
-    targets = torch.stack(batch[len(LAYERS):], dim=1)
-    torch.testing.assert_close(out["sae_out"], expected["prefixes"][-1].detach() * scale, rtol=1e-5, atol=1e-5)
+    targets = torch.stack(batch[len(LAYERS) :], dim=1)
+    torch.testing.assert_close(
+        out["sae_out"], expected["prefixes"][-1].detach() * scale, rtol=1e-5, atol=1e-5
+    )
     from matryoshka_sae.config import compute_fvu
 
     for j, layer in enumerate(LAYERS):
         fvu = compute_fvu(targets[:, j], expected["prefixes"][-1][:, j].detach() * scale[j])
         torch.testing.assert_close(out[f"fvu_layer_{layer}"], fvu, rtol=1e-4, atol=1e-6)
     for g, prefix in enumerate(expected["prefixes"]):
-        fvus = [compute_fvu(targets[:, j], prefix[:, j].detach() * scale[j]) for j in range(len(LAYERS))]
-        torch.testing.assert_close(out["fvu_per_prefix"][g], torch.stack(fvus).mean(), rtol=1e-4, atol=1e-6)
+        fvus = [
+            compute_fvu(targets[:, j], prefix[:, j].detach() * scale[j]) for j in range(len(LAYERS))
+        ]
+        torch.testing.assert_close(
+            out["fvu_per_prefix"][g], torch.stack(fvus).mean(), rtol=1e-4, atol=1e-6
+        )
 
 
 def test_per_layer_sparsity_keeps_k_per_layer_and_global_k_times_layers():
@@ -205,11 +269,17 @@ def allocations(run) -> list[int]:
     class Allocations(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             result = func(*args, **(kwargs or {}))
-            inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
-                      if isinstance(t, torch.Tensor) and t.layout == torch.strided}
+            inputs = {
+                t.untyped_storage().data_ptr()
+                for t in tree_leaves((args, kwargs))
+                if isinstance(t, torch.Tensor) and t.layout == torch.strided
+            }
             for t in tree_leaves(result):
-                if isinstance(t, torch.Tensor) and t.layout == torch.strided and \
-                        t.untyped_storage().data_ptr() not in inputs:
+                if (
+                    isinstance(t, torch.Tensor)
+                    and t.layout == torch.strided
+                    and t.untyped_storage().data_ptr() not in inputs
+                ):
                     sizes.append(t.numel())
             return result
 
@@ -222,7 +292,9 @@ def test_the_sparse_decode_never_forms_the_dense_decoder_product():
     """No tensor of forward or backward is as large as [B, S, d] of one layer's dense product, let
     alone [B, S, L, d]: the largest are the pre-activations [B, L S] and the predictions [B, G, L, d]."""
     B, S, n, d = 256, 64, 4, 16
-    cfg = clt_cfg(clt_layers=list(range(n)), dict_size=S, group_sizes=[16, 48], act_size=d, batch_size=B)
+    cfg = clt_cfg(
+        clt_layers=list(range(n)), dict_size=S, group_sizes=[16, 48], act_size=d, batch_size=B
+    )
     clt = create_sae(cfg)
     batch = [torch.randn(B, d) for _ in range(2 * n)]
     clt.initialize_from_batch(*batch)
@@ -236,7 +308,9 @@ def test_the_cross_layer_decode_forms_no_partial_per_source_layer():
     [B, G, L - 1, d], source layer 1's partial decode of its later layers: no partial per source layer
     (together (L + 1) / 2 = 2.5 times the output here) and no per-layer copy of the output's gradient."""
     B, S, n, d = 512, 32, 4, 16
-    cfg = clt_cfg(clt_layers=list(range(n)), dict_size=S, group_sizes=[8, 24], act_size=d, batch_size=B)
+    cfg = clt_cfg(
+        clt_layers=list(range(n)), dict_size=S, group_sizes=[8, 24], act_size=d, batch_size=B
+    )
     clt = create_sae(cfg)
     clt.initialize_from_batch(*[torch.randn(B, d) for _ in range(2 * n)])
     from matryoshka_sae.sparse_ops import select_batch_topk
@@ -251,7 +325,9 @@ def test_the_cross_layer_decode_forms_no_partial_per_source_layer():
     assert out[0].shape == (B, 2, n, d) and values.grad.abs().sum() > 0
     partial = B * 2 * (n - 1) * d
     assert [size for size in sizes if size >= partial] == [B * 2 * n * d]
-    assert max(size for size in sizes if size < partial) <= partial // 2  # everything else: well below
+    assert (
+        max(size for size in sizes if size < partial) <= partial // 2
+    )  # everything else: well below
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,9 +339,19 @@ def test_the_cross_layer_decode_forms_no_partial_per_source_layer():
 def test_training_learns_the_planted_cross_layer_map(tmp_path, sparsity):
     from matryoshka_sae.training import train_sae
 
-    cfg = clt_cfg(tmp_path, clt_sparsity=sparsity, dict_size=32, group_sizes=[8, 24], top_k=4,
-                  num_tokens=BATCH * 400, batch_size=BATCH, lr=3e-3, checkpoint_freq=10 ** 6, log_freq=50,
-                  target_l0=4 if sparsity == "jumprelu" else None)
+    cfg = clt_cfg(
+        tmp_path,
+        clt_sparsity=sparsity,
+        dict_size=32,
+        group_sizes=[8, 24],
+        top_k=4,
+        num_tokens=BATCH * 400,
+        batch_size=BATCH,
+        lr=3e-3,
+        checkpoint_freq=10**6,
+        log_freq=50,
+        target_l0=4 if sparsity == "jumprelu" else None,
+    )
     torch.manual_seed(0)
     clt = train_sae(create_sae(cfg), PlantedCLTStore(), None, cfg)
     clt.eval()
@@ -279,19 +365,33 @@ def test_training_learns_the_planted_cross_layer_map(tmp_path, sparsity):
 
 def test_config_derives_every_layer_and_refuses_bad_settings():
     cfg = get_default_cfg()
-    cfg.update(model_name="smollm2-135m", sae_type="clt", dict_size=None, group_sizes=None, input_unit_norm=False)
+    cfg.update(
+        model_name="smollm2-135m",
+        sae_type="clt",
+        dict_size=None,
+        group_sizes=None,
+        input_unit_norm=False,
+    )
     cfg = post_init_cfg(cfg)
     assert cfg["clt_layers"] == list(range(30)) and cfg["source_site"] == "ln2_normalized"
     from matryoshka_sae.activation_store import dictionary_hooks
 
     hooks = dictionary_hooks(cfg)
-    assert hooks[0] == "blocks.0.ln2.hook_normalized" and hooks[30] == "blocks.0.hook_mlp_out" and len(hooks) == 60
+    assert (
+        hooks[0] == "blocks.0.ln2.hook_normalized"
+        and hooks[30] == "blocks.0.hook_mlp_out"
+        and len(hooks) == 60
+    )
     cfg["model_name"] = "gpt2"
     assert post_init_cfg(cfg)["clt_layers"] == list(range(12))  # derived again for the new model
-    for bad, match in (({"clt_layers": [2, 1]}, "ascending"), ({"clt_layers": [0, 40]}, "outside"),
-                       ({"clt_sparsity": "local"}, "per_layer"), ({"transcoder_skip": True}, "skip"),
-                       ({"clt_sparsity": "jumprelu"}, "target_l0.*--target-l0"),
-                       ({"clt_sparsity": "jumprelu", "target_l0": 4, "jumprelu_objective": "tanh"}, "'quadratic'")):
+    for bad, match in (
+        ({"clt_layers": [2, 1]}, "ascending"),
+        ({"clt_layers": [0, 40]}, "outside"),
+        ({"clt_sparsity": "local"}, "per_layer"),
+        ({"transcoder_skip": True}, "skip"),
+        ({"clt_sparsity": "jumprelu"}, "target_l0.*--target-l0"),
+        ({"clt_sparsity": "jumprelu", "target_l0": 4, "jumprelu_objective": "tanh"}, "'quadratic'"),
+    ):
         with pytest.raises(ValueError, match=match):
             post_init_cfg({**get_default_cfg(), "sae_type": "matryoshka_clt", **bad})
     with pytest.raises(ValueError, match="input_unit_norm"):
@@ -301,10 +401,14 @@ def test_config_derives_every_layer_and_refuses_bad_settings():
 def test_jumprelu_thresholds_are_a_parameter_the_batchtopk_modes_lack():
     """A jumprelu CLT's theta [L S] learns in its own optimizer group; checkpoints of the BatchTopK
     modes keep exactly their tensors (threshold, no log_threshold), so older ones load as before."""
-    jumprelu = create_sae(clt_cfg(clt_sparsity="jumprelu", target_l0=2, jumprelu_threshold_lr_scale=7.0))
+    jumprelu = create_sae(
+        clt_cfg(clt_sparsity="jumprelu", target_l0=2, jumprelu_threshold_lr_scale=7.0)
+    )
     assert jumprelu.log_threshold.shape == (3 * 12,) and "threshold" not in jumprelu.state_dict()
     groups = jumprelu.param_groups()
-    assert [g["lr_scale"] for g in groups] == [1.0, 7.0] and groups[1]["params"] == [jumprelu.log_threshold]
+    assert [g["lr_scale"] for g in groups] == [1.0, 7.0] and groups[1]["params"] == [
+        jumprelu.log_threshold
+    ]
     assert sum(len(g["params"]) for g in groups) == len(list(jumprelu.parameters()))
     assert jumprelu.cfg["jumprelu_objective"] == "quadratic" and "jumprelu" in jumprelu.cfg["name"]
     for sparsity in ("global", "per_layer"):
@@ -321,16 +425,20 @@ def test_jumprelu_initialisation_fires_each_latent_at_the_target_rate_and_keeps_
 
     cfg = clt_cfg(clt_sparsity="jumprelu", target_l0=3, batch_size=240)
     clt, batch = create_sae(cfg), PlantedCLTStore(batch_size=240).next_batch()
-    x = torch.stack(batch[:len(LAYERS)], dim=1)
+    x = torch.stack(batch[: len(LAYERS)], dim=1)
     with torch.no_grad():
         pre = copy.deepcopy(clt).preactivations(x - x.mean(dim=0))
-    expected = torch.zeros_like(pre, dtype=torch.bool).scatter_(0, pre.topk(60, dim=0).indices, True)
+    expected = torch.zeros_like(pre, dtype=torch.bool).scatter_(
+        0, pre.topk(60, dim=0).indices, True
+    )
     clt.initialize_from_batch(*batch)
     with torch.no_grad():
         fires = clt.encode(x).view(240, -1) > 0
         out = clt.eval()(*batch)
     assert torch.equal(fires, expected)
-    assert [out[f"l0_layer_{layer}"].item() for layer in LAYERS] == pytest.approx([3.0] * 3, abs=0.02)
+    assert [out[f"l0_layer_{layer}"].item() for layer in LAYERS] == pytest.approx(
+        [3.0] * 3, abs=0.02
+    )
     theta = clt.log_threshold.exp()
     assert theta.min() > theta.median() / 10 and out["fvu"] < 2
 
@@ -340,16 +448,28 @@ def documents_cfg(tmp_path, name, **overrides) -> dict:
     from helpers import run_cfg
 
     base = run_cfg(tmp_path, name)
-    cfg = {**base, "sae_type": "matryoshka_clt", "clt_layers": [0, 1], "dict_size": 64, "group_sizes": [16, 48],
-           "top_k": 4, "input_unit_norm": False, "name": None, **overrides}
-    cfg["derived"] = {k: v for k, v in base["derived"].items() if k not in ("name", "group_sizes", "dict_size")}
+    cfg = {
+        **base,
+        "sae_type": "matryoshka_clt",
+        "clt_layers": [0, 1],
+        "dict_size": 64,
+        "group_sizes": [16, 48],
+        "top_k": 4,
+        "input_unit_norm": False,
+        "name": None,
+        **overrides,
+    }
+    cfg["derived"] = {
+        k: v for k, v in base["derived"].items() if k not in ("name", "group_sizes", "dict_size")
+    }
     return post_init_cfg(cfg)
 
 
 @pytest.mark.parametrize("sparsity", ["global", "jumprelu"])
 def test_crash_and_resume_on_the_multi_hook_store_is_exact(tiny_gemma2, tmp_path, sparsity):
-    from matryoshka_sae.checkpoint import checkpoint_folder
     from helpers import assert_same_weights, crash, failing_at
+
+    from matryoshka_sae.checkpoint import checkpoint_folder
     from matryoshka_sae.training import open_activation_store, train_sae
 
     def train(cfg, store=None, resume_from=None):
@@ -357,10 +477,14 @@ def test_crash_and_resume_on_the_multi_hook_store_is_exact(tiny_gemma2, tmp_path
         store = store or open_activation_store(tiny_gemma2, [cfg])
         return train_sae(create_sae(cfg), store, None, cfg, resume_from=resume_from)
 
-    reference = train(documents_cfg(tmp_path, "reference", clt_sparsity=sparsity, **SPARSITY[sparsity]))
+    reference = train(
+        documents_cfg(tmp_path, "reference", clt_sparsity=sparsity, **SPARSITY[sparsity])
+    )
     cfg = documents_cfg(tmp_path, "interrupted", clt_sparsity=sparsity, **SPARSITY[sparsity])
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(cfg, failing_at(open_activation_store(tiny_gemma2, [cfg]), 26, crash))  # after step 20's save
+        train(
+            cfg, failing_at(open_activation_store(tiny_gemma2, [cfg]), 26, crash)
+        )  # after step 20's save
     resumed = train(cfg, resume_from=checkpoint_folder(cfg))
     assert_same_weights(reference, resumed)
     assert (reference.inference_thresholds() > 0).all()  # trained, with its inference thresholds
@@ -372,11 +496,18 @@ def test_crash_and_resume_on_the_multi_hook_store_is_exact(tiny_gemma2, tmp_path
 
 
 def distributed_cfg(out: Path, sparsity: str) -> dict:
-    return clt_cfg(out / sparsity, clt_sparsity=sparsity, num_tokens=BATCH * 10, checkpoint_freq=5, **SPARSITY[sparsity])
+    return clt_cfg(
+        out / sparsity,
+        clt_sparsity=sparsity,
+        num_tokens=BATCH * 10,
+        checkpoint_freq=5,
+        **SPARSITY[sparsity],
+    )
 
 
 def train_on_this_process(out: Path, sparsity: str):
     from distributed_worker import ShardStore
+
     from matryoshka_sae.training import train_sae
 
     cfg = distributed_cfg(out, sparsity)
@@ -388,11 +519,20 @@ def train_on_this_process(out: Path, sparsity: str):
 
 def test_two_ranks_equal_one_process(tmp_path):
     from state_checks import assert_state_close
+
     from matryoshka_sae.training import train_sae
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
-               str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        __file__,
+        str(tmp_path),
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     for sparsity in SPARSITY:
@@ -401,7 +541,9 @@ def test_two_ranks_equal_one_process(tmp_path):
         single = train_sae(create_sae(cfg), PlantedCLTStore(), None, cfg)
         for rank in range(2):
             state = torch.load(tmp_path / f"{sparsity}.rank{rank}.pt")
-            assert_state_close(state, single.state_dict(), rtol=1e-4, what=f"{sparsity} rank {rank}")
+            assert_state_close(
+                state, single.state_dict(), rtol=1e-4, what=f"{sparsity} rank {rank}"
+            )
 
 
 def _worker_main(out: Path) -> None:
@@ -428,7 +570,9 @@ def needs_circuit_tracer():
     if not CT_PYTHON.exists():
         if os.environ.get("REQUIRE_CIRCUIT_TRACER") == "1":
             pytest.fail(f"{CT_PYTHON} is missing; run: bash setup_circuit_tracer_env.sh")
-        pytest.skip("circuit-tracer's environment .ct-venv is missing (bash setup_circuit_tracer_env.sh)")
+        pytest.skip(
+            "circuit-tracer's environment .ct-venv is missing (bash setup_circuit_tracer_env.sh)"
+        )
 
 
 def save_tiny_model(model, path: Path) -> Path:
@@ -436,10 +580,29 @@ def save_tiny_model(model, path: Path) -> Path:
     generator = torch.Generator().manual_seed(1)
     tokens = torch.randint(2, 1000, (4, 24), generator=generator)
     tokens[:, 0] = 1
-    keys = ("n_layers", "d_model", "n_ctx", "d_head", "n_heads", "d_mlp", "d_vocab", "act_fn", "normalization_type",
-            "positional_embedding_type", "use_normalization_before_and_after", "n_key_value_heads",
-            "original_architecture", "gated_mlp", "final_rms", "rotary_dim", "window_size", "attn_types",
-            "attn_scores_soft_cap", "output_logits_soft_cap", "seed")
+    keys = (
+        "n_layers",
+        "d_model",
+        "n_ctx",
+        "d_head",
+        "n_heads",
+        "d_mlp",
+        "d_vocab",
+        "act_fn",
+        "normalization_type",
+        "positional_embedding_type",
+        "use_normalization_before_and_after",
+        "n_key_value_heads",
+        "original_architecture",
+        "gated_mlp",
+        "final_rms",
+        "rotary_dim",
+        "window_size",
+        "attn_types",
+        "attn_scores_soft_cap",
+        "output_logits_soft_cap",
+        "seed",
+    )
     config = {key: value for key, value in model.cfg.to_dict().items() if key in keys}
     torch.save({"config": config, "weights": model.state_dict(), "tokens": tokens}, path)
     return path
@@ -454,7 +617,9 @@ def test_circuit_tracer_computes_what_we_export(tiny_gemma2, tmp_path, sparsity)
     from matryoshka_sae.training import open_activation_store, train_sae
 
     needs_circuit_tracer()
-    cfg = documents_cfg(tmp_path, "clt", clt_sparsity=sparsity, target_l0=4 if sparsity == "jumprelu" else None)
+    cfg = documents_cfg(
+        tmp_path, "clt", clt_sparsity=sparsity, target_l0=4 if sparsity == "jumprelu" else None
+    )
     torch.manual_seed(0)
     clt = train_sae(create_sae(cfg), open_activation_store(tiny_gemma2, [cfg]), None, cfg)
     exported = export_circuit_tracer_clt(checkpoint_folder(cfg), tmp_path / "exported")
@@ -463,16 +628,35 @@ def test_circuit_tracer_computes_what_we_export(tiny_gemma2, tmp_path, sparsity)
 
         theta = clt.log_threshold.detach().exp().view(2, -1)
         for i in range(2):
-            torch.testing.assert_close(load_file(exported / f"W_enc_{i}.safetensors")[f"threshold_{i}"], theta[i],
-                                       rtol=0, atol=0)
+            torch.testing.assert_close(
+                load_file(exported / f"W_enc_{i}.safetensors")[f"threshold_{i}"],
+                theta[i],
+                rtol=0,
+                atol=0,
+            )
         assert theta.std() > 0
     assert sorted(p.name for p in exported.iterdir() if not p.name.startswith(".")) == [
-        "W_dec_0.safetensors", "W_dec_1.safetensors", "W_enc_0.safetensors", "W_enc_1.safetensors", "config.yaml"]
-    command = [str(CT_PYTHON), str(Path(__file__).parent / "circuit_tracer_clt_check.py"), str(exported),
-               str(checkpoint_folder(cfg)), str(save_tiny_model(tiny_gemma2, tmp_path / "model.pt")),
-               *(["--attribute"] if sparsity == "global" else [])]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        "W_dec_0.safetensors",
+        "W_dec_1.safetensors",
+        "W_enc_0.safetensors",
+        "W_enc_1.safetensors",
+        "config.yaml",
+    ]
+    command = [
+        str(CT_PYTHON),
+        str(Path(__file__).parent / "circuit_tracer_clt_check.py"),
+        str(exported),
+        str(checkpoint_folder(cfg)),
+        str(save_tiny_model(tiny_gemma2, tmp_path / "model.pt")),
+        *(["--attribute"] if sparsity == "global" else []),
+    ]
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["input_hook"] == "ln2.hook_normalized" and result["output_hook"] == "hook_mlp_out"
@@ -491,9 +675,16 @@ def test_circuit_tracer_computes_what_we_export(tiny_gemma2, tmp_path, sparsity)
         assert result["ce_loss_replaced"] == pytest.approx(ours["ce_loss_spliced"], rel=1e-4)
         assert result["ce_loss_clean"] == pytest.approx(ours["ce_loss_clean"], rel=1e-5)
         assert result["kl_divergence"] == pytest.approx(ours["kl_divergence"], rel=1e-3)
-        assert abs(result["ce_loss_replaced"] - result["ce_loss_clean"]) > 1e-3 and result["kl_divergence"] > 1e-4
-        assert result["decoder_vectors"] == sum(2 - layer for layer in result["active_feature_layers"])
-        assert {"precomputation", "forward_pass", "feature_attributions", "attribution"} <= set(result["phase_seconds"])
+        assert (
+            abs(result["ce_loss_replaced"] - result["ce_loss_clean"]) > 1e-3
+            and result["kl_divergence"] > 1e-4
+        )
+        assert result["decoder_vectors"] == sum(
+            2 - layer for layer in result["active_feature_layers"]
+        )
+        assert {"precomputation", "forward_pass", "feature_attributions", "attribution"} <= set(
+            result["phase_seconds"]
+        )
         assert 0 <= result["multi_hop_share"] <= 1 and result["feature_nodes_per_path"] >= 0
 
 
@@ -504,8 +695,11 @@ def test_export_refuses_what_circuit_tracer_cannot_represent(tmp_path):
     with pytest.raises(NotRepresentable, match="no inference threshold"):
         circuit_tracer_clt_tensors(create_sae(clt_cfg()))
     with pytest.raises(NotRepresentable, match=r"every layer 0..11 .*\[1, 2, 3\]"):
-        circuit_tracer_clt_tensors(create_sae(clt_cfg(clt_layers=[1, 2, 3], n_layers=None, model_name="gpt2",
-                                                      act_size=None)))
+        circuit_tracer_clt_tensors(
+            create_sae(
+                clt_cfg(clt_layers=[1, 2, 3], n_layers=None, model_name="gpt2", act_size=None)
+            )
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -513,27 +707,64 @@ def test_export_refuses_what_circuit_tracer_cannot_represent(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_train_clt_script_trains_evaluates_and_exports(tmp_path, token_rows, tiny_models, monkeypatch, capsys):
+def test_train_clt_script_trains_evaluates_and_exports(
+    tmp_path, token_rows, tiny_models, monkeypatch, capsys
+):
     import json
 
     from datasets import Dataset, DatasetDict
 
-    from matryoshka_sae.cli import train_clt
     from matryoshka_sae.checkpoint import load_sae
+    from matryoshka_sae.cli import train_clt
 
-    monkeypatch.setitem(train_clt.CLT_DEFAULTS, "bos_token_id", 1)  # the tiny model has no tokenizer
+    monkeypatch.setitem(
+        train_clt.CLT_DEFAULTS, "bos_token_id", 1
+    )  # the tiny model has no tokenizer
     data = tmp_path / "tokens"
-    DatasetDict({"train": Dataset.from_dict({"tokens": token_rows.tolist()})}).save_to_disk(str(data))
-    train_clt.main(["train", "--model", "tiny-gemma2", "--dict-size", "64", "--top-k", "4", "--num-tokens", "512",
-                    "--batch-size", "128", "--dataset", str(data), "--seq-len", "32", "--model-batch-size", "8",
-                    "--num-batches-in-buffer", "4", "--n-eval-rows", "4", "--checkpoint-dir", str(tmp_path / "runs"),
-                    "--wandb-mode", "disabled", "--device", "cpu", "--sparsity", "per_layer"])
+    DatasetDict({"train": Dataset.from_dict({"tokens": token_rows.tolist()})}).save_to_disk(
+        str(data)
+    )
+    train_clt.main(
+        [
+            "train",
+            "--model",
+            "tiny-gemma2",
+            "--dict-size",
+            "64",
+            "--top-k",
+            "4",
+            "--num-tokens",
+            "512",
+            "--batch-size",
+            "128",
+            "--dataset",
+            str(data),
+            "--seq-len",
+            "32",
+            "--model-batch-size",
+            "8",
+            "--num-batches-in-buffer",
+            "4",
+            "--n-eval-rows",
+            "4",
+            "--checkpoint-dir",
+            str(tmp_path / "runs"),
+            "--wandb-mode",
+            "disabled",
+            "--device",
+            "cpu",
+            "--sparsity",
+            "per_layer",
+        ]
+    )
     (folder,) = (tmp_path / "runs").iterdir()
     assert "every MLP replaced" in capsys.readouterr().out
     metrics = json.loads((folder / train_clt.METRICS_FILE).read_text())
     clt = load_sae(folder)
     assert clt.cfg["clt_layers"] == [0, 1] and clt.cfg["clt_sparsity"] == "per_layer"
-    assert metrics["ce_loss_clean"] < metrics["ce_loss_zero_ablation"] and metrics["kl_divergence"] > 0
+    assert (
+        metrics["ce_loss_clean"] < metrics["ce_loss_zero_ablation"] and metrics["kl_divergence"] > 0
+    )
     assert set(metrics["fvu_per_layer"]) == {"0", "1"} and metrics["l0_total"] > 0
     train_clt.main(["export", str(folder), str(tmp_path / "exported")])
     assert (tmp_path / "exported" / "W_dec_1.safetensors").is_file()
@@ -543,10 +774,16 @@ def test_train_clt_script_takes_jumprelu_with_a_target_l0_per_layer():
     from matryoshka_sae.cli import train_clt
 
     def cfg_of(*options):
-        return train_clt.clt_cfg(train_clt.build_parser().parse_args(["train", "--layers", "0-3", *options]))
+        return train_clt.clt_cfg(
+            train_clt.build_parser().parse_args(["train", "--layers", "0-3", *options])
+        )
 
     cfg = cfg_of("--sparsity", "jumprelu", "--target-l0", "3")
-    assert (cfg["clt_sparsity"], cfg["target_l0"], cfg["jumprelu_objective"]) == ("jumprelu", 3.0, "quadratic")
+    assert (cfg["clt_sparsity"], cfg["target_l0"], cfg["jumprelu_objective"]) == (
+        "jumprelu",
+        3.0,
+        "quadratic",
+    )
     assert "-jumprelu_" in cfg["name"] and "_L0-3_" in cfg["name"]
     from matryoshka_sae.training import format_postfix, l0_target
 
@@ -559,14 +796,20 @@ def test_train_clt_script_takes_jumprelu_with_a_target_l0_per_layer():
 @pytest.mark.parametrize("sparsity", ["per_layer", "jumprelu"])
 def test_layer_contributions_add_up_to_the_reconstruction(sparsity):
     clt = trained_clt(clt_cfg(clt_sparsity=sparsity, **SPARSITY[sparsity]), steps=3).eval()
-    sources = torch.stack(PlantedCLTStore(seed=4).next_batch()[:len(LAYERS)], dim=1)
+    sources = torch.stack(PlantedCLTStore(seed=4).next_batch()[: len(LAYERS)], dim=1)
     with torch.no_grad():
-        total = sum(torch.nn.functional.pad(clt.layer_contributions(j, sources[:, j]), (0, 0, j, 0))
-                    for j in range(len(LAYERS)))
-        torch.testing.assert_close(total + clt.b_dec * clt.target_scale[:, None], clt.reconstruct(sources))
+        total = sum(
+            torch.nn.functional.pad(clt.layer_contributions(j, sources[:, j]), (0, 0, j, 0))
+            for j in range(len(LAYERS))
+        )
+        torch.testing.assert_close(
+            total + clt.b_dec * clt.target_scale[:, None], clt.reconstruct(sources)
+        )
 
 
-def test_evaluation_splices_every_layer_as_the_full_reconstruction_would(tiny_gemma2, tmp_path, token_rows):
+def test_evaluation_splices_every_layer_as_the_full_reconstruction_would(
+    tiny_gemma2, tmp_path, token_rows
+):
     """matryoshka_sae.evaluation.evaluate_clt replaces layer m's MLP output by what `reconstruct` predicts from the
     sources of the replaced pass (layer m's prediction reads only sources j <= m, so the later
     sources of a stack filled in as the pass goes do not matter): an independent reference."""
@@ -599,7 +842,13 @@ def test_evaluation_splices_every_layer_as_the_full_reconstruction_would(tiny_ge
     metrics = evaluate_clt(clt, tiny_gemma2, tokens)
     assert metrics["ce_loss_spliced"] == pytest.approx(expected_ce, rel=1e-5)
     assert metrics["ce_loss_clean"] == pytest.approx(
-        F.cross_entropy(clean[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).item(), rel=1e-5)
-    assert metrics["ce_loss_spliced"] != pytest.approx(metrics["ce_loss_clean"])  # the splice did something
-    assert set(metrics["fvu_per_layer"]) == {"0", "1"} and 0 < metrics["fvu_mean"] <= metrics["fvu_max"]
+        F.cross_entropy(clean[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).item(), rel=1e-5
+    )
+    assert metrics["ce_loss_spliced"] != pytest.approx(
+        metrics["ce_loss_clean"]
+    )  # the splice did something
+    assert (
+        set(metrics["fvu_per_layer"]) == {"0", "1"}
+        and 0 < metrics["fvu_mean"] <= metrics["fvu_max"]
+    )
     assert metrics["l0_total"] == pytest.approx(sum(metrics["l0_per_layer"].values()))

@@ -18,19 +18,30 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from helpers import ONE_ACTIVATION_TYPES, step_on_batches, synthetic_cfg  # noqa: E402
-from matryoshka_sae.sae import create_sae  # noqa: E402
-from matryoshka_sae.sparse_ops import select_batch_topk  # noqa: E402
 from state_checks import assert_state_close  # noqa: E402
 
+from matryoshka_sae.sae import create_sae  # noqa: E402
+from matryoshka_sae.sparse_ops import select_batch_topk  # noqa: E402
+
 DEVICE = os.environ.get("TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
-pytestmark = pytest.mark.skipif(DEVICE is None, reason="needs a CUDA GPU (or TEST_DEVICE=cpu to check the test)")
+pytestmark = pytest.mark.skipif(
+    DEVICE is None, reason="needs a CUDA GPU (or TEST_DEVICE=cpu to check the test)"
+)
 
 D, S, K, B, STEPS, N_PLANTED = 64, 1024, 8, 512, 8, 256
 
 
 def cfg_for(sae_type: str, device: str, **overrides) -> dict:
-    return synthetic_cfg(sae_type, act_size=D, dict_size=S, top_k=K, batch_size=B, lr=1e-3, device=device,
-                         **overrides)
+    return synthetic_cfg(
+        sae_type,
+        act_size=D,
+        dict_size=S,
+        top_k=K,
+        batch_size=B,
+        lr=1e-3,
+        device=device,
+        **overrides,
+    )
 
 
 def planted_batches(paired: bool) -> list[tuple[torch.Tensor, ...]]:
@@ -42,7 +53,9 @@ def planted_batches(paired: bool) -> list[tuple[torch.Tensor, ...]]:
     batches = []
     for _ in range(STEPS):
         chosen = torch.rand(B, N_PLANTED, generator=generator).topk(4, dim=1).indices
-        codes = torch.zeros(B, N_PLANTED).scatter_(1, chosen, torch.rand(B, 4, generator=generator) + 0.5)
+        codes = torch.zeros(B, N_PLANTED).scatter_(
+            1, chosen, torch.rand(B, 4, generator=generator) + 0.5
+        )
         source = codes @ source_dict + offset
         batches.append((source, codes @ target_dict) if paired else (source,))
     return batches
@@ -56,7 +69,10 @@ def train(sae_type: str, device: str, **overrides) -> tuple[dict, list[torch.Ten
     cfg = cfg_for(sae_type, device, **overrides)
     sae = create_sae(cfg)
     sae.load_state_dict(initial)
-    batches = [tuple(t.to(device) for t in batch) for batch in planted_batches(sae_type == "matryoshka_transcoder")]
+    batches = [
+        tuple(t.to(device) for t in batch)
+        for batch in planted_batches(sae_type == "matryoshka_transcoder")
+    ]
     outputs = step_on_batches(sae, cfg, batches)
     active = [(output["feature_acts"] > 0).cpu() for output in outputs]
     losses = [output["loss"].item() for output in outputs]
@@ -71,7 +87,9 @@ def test_training_steps_on_the_device_match_the_cpu(sae_type):
     on_device, device_active, _ = train(sae_type, DEVICE)
     assert_state_close(on_device, on_cpu, 1e-3, sae_type)
     for step, (expected, found) in enumerate(zip(cpu_active, device_active)):
-        assert (expected != found).float().mean() < 1e-3, f"{sae_type}: active latents of step {step}"
+        assert (expected != found).float().mean() < 1e-3, (
+            f"{sae_type}: active latents of step {step}"
+        )
 
 
 def test_batch_topk_selects_on_the_device_what_it_selects_on_the_cpu():
@@ -83,7 +101,9 @@ def test_batch_topk_selects_on_the_device_what_it_selects_on_the_cpu():
     for k, lower_bound in ((32, None), (32, 1.5), (64, None)):
         on_cpu = select_batch_topk(pre, k, lower_bound)
         on_device = select_batch_topk(pre.to(DEVICE), k, lower_bound)
-        pairs = [sorted(zip(code.rows.tolist(), code.latents.tolist())) for code in (on_cpu, on_device)]
+        pairs = [
+            sorted(zip(code.rows.tolist(), code.latents.tolist())) for code in (on_cpu, on_device)
+        ]
         assert pairs[0] == pairs[1], f"k {k}, lower bound {lower_bound}"
 
 
@@ -94,4 +114,7 @@ def test_bf16_matmuls_on_the_device_train_as_float32_does(sae_type):
     state, _, bf16_losses = train(sae_type, DEVICE, dtype="bfloat16")
     _, _, fp32_losses = train(sae_type, DEVICE)
     assert all(tensor.dtype != torch.bfloat16 for tensor in state.values())
-    assert all(abs(a - b) <= 0.05 * abs(b) for a, b in zip(bf16_losses, fp32_losses)), (bf16_losses, fp32_losses)
+    assert all(abs(a - b) <= 0.05 * abs(b) for a, b in zip(bf16_losses, fp32_losses)), (
+        bf16_losses,
+        fp32_losses,
+    )

@@ -10,21 +10,36 @@ import sys
 import warnings
 from pathlib import Path
 
+import distributed_worker as worker
 import pytest
 import torch
-
-import distributed_worker as worker
-from matryoshka_sae.checkpoint import load_metrics, load_sae
 from helpers import PlantedStore
+from state_checks import assert_state_close
+
+from matryoshka_sae.checkpoint import load_metrics, load_sae
 from matryoshka_sae.sae import create_sae
 from matryoshka_sae.sparse_ops import select_batch_topk
-from state_checks import assert_state_close
 from matryoshka_sae.training import train_sae, train_sae_group
 
 # rank_raises breaks the process group, so it runs last.
-SCENARIOS = ["select", *worker.TRAINED, "crash_on_two_ranks", "resume_on_two_ranks", "store_shares", "store_resume",
-             "across_rank_counts", "global_batches", "several_hooks", "spread_group", "cli_main", "cli_gemma_transcoder",
-             "uneven_batch", "diverged", "rank_nan", "rank_raises"]
+SCENARIOS = [
+    "select",
+    *worker.TRAINED,
+    "crash_on_two_ranks",
+    "resume_on_two_ranks",
+    "store_shares",
+    "store_resume",
+    "across_rank_counts",
+    "global_batches",
+    "several_hooks",
+    "spread_group",
+    "cli_main",
+    "cli_gemma_transcoder",
+    "uneven_batch",
+    "diverged",
+    "rank_nan",
+    "rank_raises",
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +51,30 @@ def ranks(tmp_path_factory) -> dict:
     worker.save_several_hooks_position(out)  # for several_hooks
     worker.write_cache(out)  # for across_rank_counts and global_batches, with:
     worker.store_run(out, "live_one_rank", crash_at=worker.STEPS_BEFORE_CRASH)
-    worker.store_run(out, "cache_one_rank", crash_at=worker.STEPS_BEFORE_CRASH, activation_cache=str(out / "cache"))
+    worker.store_run(
+        out,
+        "cache_one_rank",
+        crash_at=worker.STEPS_BEFORE_CRASH,
+        activation_cache=str(out / "cache"),
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(Path(worker.__file__)), str(out), *SCENARIOS]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(Path(worker.__file__)),
+        str(out),
+        *SCENARIOS,
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
         pytest.fail(f"torchrun failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    results = {name: [torch.load(out / f"{name}.rank{r}.pt") for r in range(2)] for name in SCENARIOS}
+    results = {
+        name: [torch.load(out / f"{name}.rank{r}.pt") for r in range(2)] for name in SCENARIOS
+    }
     results["out"] = out
     return results
 
@@ -53,7 +84,9 @@ def _single_process_run(sae_type: str, checkpoint_dir: Path, **overrides):
     cfg = worker.train_cfg(sae_type, str(checkpoint_dir), **overrides)
     sae = create_sae(cfg)
     selections = worker.record_selections(sae)
-    store = PlantedStore(seed=1, paired=sae_type == "matryoshka_transcoder", batch_size=worker.GLOBAL_BATCH)
+    store = PlantedStore(
+        seed=1, paired=sae_type == "matryoshka_transcoder", batch_size=worker.GLOBAL_BATCH
+    )
     train_sae(sae, store, None, cfg)
     return sae, selections
 
@@ -81,16 +114,26 @@ def test_training_on_two_ranks_equals_one_process(ranks, scenario, tmp_path):
     for key in sae.state_dict():
         assert torch.equal(rank0["state"][key], rank1["state"][key]), f"{key} differs between ranks"
     assert_state_close(rank0["state"], sae.state_dict(), 1e-5, scenario)
-    assert len(rank0["selections"]) == len(selections) == (worker.N_STEPS if hasattr(sae, "select") else 0)
-    for step, (expected, part0, part1) in enumerate(zip(selections, rank0["selections"], rank1["selections"])):
-        assert torch.equal(torch.cat([part0, part1], dim=1), expected), f"{scenario}: selection of step {step}"
+    assert (
+        len(rank0["selections"])
+        == len(selections)
+        == (worker.N_STEPS if hasattr(sae, "select") else 0)
+    )
+    for step, (expected, part0, part1) in enumerate(
+        zip(selections, rank0["selections"], rank1["selections"])
+    ):
+        assert torch.equal(torch.cat([part0, part1], dim=1), expected), (
+            f"{scenario}: selection of step {step}"
+        )
 
 
 def test_resume_with_another_number_of_ranks_continues_exactly(ranks, tmp_path):
     """Stopped at step 8 on 2 ranks and resumed on 1 process, or the reverse: the weights after step
     12 are those of an uninterrupted single-process run."""
     uninterrupted, _ = _single_process_run(worker.RESUMED_TYPE, tmp_path / "uninterrupted")
-    two_then_one = worker.resume_after_crash(tmp_path / "resumed", Path(ranks["crash_on_two_ranks"][0]["folder"]))
+    two_then_one = worker.resume_after_crash(
+        tmp_path / "resumed", Path(ranks["crash_on_two_ranks"][0]["folder"])
+    )
     one_then_two = ranks["resume_on_two_ranks"]
     for key, expected in uninterrupted.state_dict().items():
         assert torch.equal(one_then_two[0]["state"][key], one_then_two[1]["state"][key]), key
@@ -119,16 +162,28 @@ def test_resume_on_another_number_of_ranks_through_the_real_stores_is_exact(rank
     overrides = {"activation_cache": str(out / "cache")} if store == "cache" else {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        two_then_one = worker.store_run(out, f"{store}_two_then_one", **overrides,
-                                        resume_from=worker.stopped_folder(out, f"{store}_two_ranks"))
+        two_then_one = worker.store_run(
+            out,
+            f"{store}_two_then_one",
+            **overrides,
+            resume_from=worker.stopped_folder(out, f"{store}_two_ranks"),
+        )
     assert not [w for w in caught if "approximately" in str(w.message)]
-    as_two_ranks = worker.store_run(out, f"{store}_one_process_two_lanes", **overrides,
-                                    **({} if store == "cache" else {"data_lanes": 2}))
+    as_two_ranks = worker.store_run(
+        out,
+        f"{store}_one_process_two_lanes",
+        **overrides,
+        **({} if store == "cache" else {"data_lanes": 2}),
+    )
     one_process = worker.store_run(out, f"{store}_one_process", **overrides)
     two_ranks = [result[store] for result in ranks["across_rank_counts"]]
     for rank in range(2):
-        assert_state_close(two_ranks[rank]["uninterrupted"], as_two_ranks, 1e-5, f"{store}: 2 ranks vs 1 process")
-        assert_state_close(two_ranks[rank]["one_then_two"], one_process, 1e-5, f"{store}: 1 process, then 2 ranks")
+        assert_state_close(
+            two_ranks[rank]["uninterrupted"], as_two_ranks, 1e-5, f"{store}: 2 ranks vs 1 process"
+        )
+        assert_state_close(
+            two_ranks[rank]["one_then_two"], one_process, 1e-5, f"{store}: 1 process, then 2 ranks"
+        )
     assert_state_close(two_then_one, as_two_ranks, 1e-5, f"{store}: 2 ranks, then 1 process")
 
 
@@ -138,15 +193,20 @@ def test_two_ranks_serve_disjoint_halves_of_the_one_process_global_batch(ranks, 
     bit-identical, across blocks: the ranks' rows are disjoint and together the global batch. The
     live store with 2 lanes (the 2 ranks' default), 1 lane (each rank computes it all and serves its
     half), 4 lanes (two a rank); the cache (each rank reads its rows)."""
+    from conftest import build_tiny_model
+
     from matryoshka_sae.activation_cache import CachedActivationsStore
     from matryoshka_sae.activation_store import ActivationsStore
-    from conftest import build_tiny_model
 
     out = ranks["out"]
     if lanes == "cache":
-        store = CachedActivationsStore(worker.store_run_cfg(out, "unused", activation_cache=str(out / "cache")))
+        store = CachedActivationsStore(
+            worker.store_run_cfg(out, "unused", activation_cache=str(out / "cache"))
+        )
     else:
-        store = ActivationsStore(build_tiny_model("gpt2"), worker.store_run_cfg(out, "unused", data_lanes=lanes or 2))
+        store = ActivationsStore(
+            build_tiny_model("gpt2"), worker.store_run_cfg(out, "unused", data_lanes=lanes or 2)
+        )
     for step in range(6):
         expected = store.next_batch()
         rank0, rank1 = (ranks["global_batches"][r][lanes][step] for r in range(2))
@@ -158,9 +218,12 @@ def test_two_ranks_serve_halves_of_the_transcoder_stores_global_pairs(ranks):
     """The transcoder's store inherits the lanes: each rank's (source, target) rows are its half of
     the pairs one process serves with the same 2 lanes, still paired token by token."""
     from conftest import build_tiny_model
+
     from matryoshka_sae.transcoder_activation_store import TranscoderActivationsStore
 
-    store = TranscoderActivationsStore(build_tiny_model("gpt2"), worker.transcoder_store_cfg(ranks["out"], data_lanes=2))
+    store = TranscoderActivationsStore(
+        build_tiny_model("gpt2"), worker.transcoder_store_cfg(ranks["out"], data_lanes=2)
+    )
     for step in range(6):
         source, target = store.next_batch()
         halves = [ranks["global_batches"][r]["transcoder"][step] for r in range(2)]
@@ -187,33 +250,51 @@ def test_the_several_hooks_store_serves_halves_and_resumes_on_another_number_of_
         assert list(expected) == ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"]
         joined = _joined([results[r]["batches"][step] for r in range(2)])
         for name, batch in expected.items():
-            assert torch.equal(joined[name], batch), f"{name}, batch {step} after resuming on 1 process"
+            assert torch.equal(joined[name], batch), (
+                f"{name}, batch {step} after resuming on 1 process"
+            )
     two_lanes = worker.several_hooks_store(out, data_lanes=2)
     for step in range(stop):
-        expected, joined = two_lanes.next_batch(), _joined([results[r]["batches"][step] for r in range(2)])
-        assert all(torch.equal(joined[name], batch) for name, batch in expected.items()), f"batch {step}"
+        expected, joined = (
+            two_lanes.next_batch(),
+            _joined([results[r]["batches"][step] for r in range(2)]),
+        )
+        assert all(torch.equal(joined[name], batch) for name, batch in expected.items()), (
+            f"batch {step}"
+        )
     uninterrupted = worker.several_hooks_store(out)
     batches = [uninterrupted.next_batch() for _ in range(2 * stop)][stop:]
     for step, expected in enumerate(batches):
         joined = _joined([results[r]["resumed"][step] for r in range(2)])
         for name, batch in expected.items():
-            assert torch.equal(joined[name], batch), f"{name}, batch {step} after resuming on 2 ranks"
+            assert torch.equal(joined[name], batch), (
+                f"{name}, batch {step} after resuming on 2 ranks"
+            )
 
 
 def test_a_batch_that_does_not_divide_among_the_lanes_is_refused(ranks):
-    from matryoshka_sae.activation_store import ActivationsStore
     from conftest import build_tiny_model
 
-    with pytest.raises(ValueError, match="batch_size'] = 64 does not divide among 5 data lanes.*--data-lanes"):
-        ActivationsStore(build_tiny_model("gpt2"), worker.store_run_cfg(ranks["out"], "unused", data_lanes=5))
+    from matryoshka_sae.activation_store import ActivationsStore
+
+    with pytest.raises(
+        ValueError, match="batch_size'] = 64 does not divide among 5 data lanes.*--data-lanes"
+    ):
+        ActivationsStore(
+            build_tiny_model("gpt2"), worker.store_run_cfg(ranks["out"], "unused", data_lanes=5)
+        )
 
 
 def test_dictionaries_spread_over_ranks_train_as_one_process(ranks, tmp_path):
     """distribute_dictionaries: rank r trains dictionaries r, r + 2, ... on the whole batch, writes
     their checkpoints, and every rank returns every trained dictionary, bit-identical to one process."""
     cfgs = worker.spread_group_cfgs(tmp_path)
-    saes = train_sae_group([create_sae(cfg) for cfg in cfgs], PlantedStore(seed=1, batch_size=worker.GLOBAL_BATCH),
-                           None, cfgs)
+    saes = train_sae_group(
+        [create_sae(cfg) for cfg in cfgs],
+        PlantedStore(seed=1, batch_size=worker.GLOBAL_BATCH),
+        None,
+        cfgs,
+    )
     names = ranks["spread_group"][0]["names"]
     assert ranks["spread_group"][0]["written"] == [names[0], names[2]] * 2  # steps 8 and 12
     assert ranks["spread_group"][1]["written"] == [names[1]] * 2
@@ -234,13 +315,17 @@ def test_each_rank_reads_its_own_documents(ranks):
     serves batches of batch_size / 2 rows; both hold out the same rows."""
     documents = [ranks["store_shares"][r]["documents"] for r in range(2)]
     for rank, seen in enumerate(documents):
-        assert seen == list(range(worker.N_HELD_OUT + rank, worker.N_HELD_OUT + rank + 2 * len(seen), 2))
+        assert seen == list(
+            range(worker.N_HELD_OUT + rank, worker.N_HELD_OUT + rank + 2 * len(seen), 2)
+        )
         assert ranks["store_shares"][rank]["shapes"] == [(16, 64)] * 6
         assert ranks["store_shares"][rank]["eval"].tolist() == list(range(worker.N_HELD_OUT))
     assert not set(documents[0]) & set(documents[1])
 
 
-@pytest.mark.parametrize("scenario, folder", [("cli_main", "cli_main"), ("cli_gemma_transcoder", "cli_gemma")])
+@pytest.mark.parametrize(
+    "scenario, folder", [("cli_main", "cli_main"), ("cli_gemma_transcoder", "cli_gemma")]
+)
 def test_the_scripts_train_under_torchrun(ranks, scenario, folder):
     assert ranks[scenario] == [{"done": True}, {"done": True}]
     runs = sorted((ranks["out"] / folder).iterdir())
@@ -263,7 +348,9 @@ def test_the_weight_check_finds_a_rank_that_diverged(ranks):
 
 def test_nan_on_one_rank_stops_every_rank_with_the_same_error(ranks):
     for result in ranks["rank_nan"]:
-        assert result["error"].startswith("NonFiniteError: Non-finite activations (NaN/inf) in 1 batch(es)")
+        assert result["error"].startswith(
+            "NonFiniteError: Non-finite activations (NaN/inf) in 1 batch(es)"
+        )
         assert "(step 4)" in result["error"]  # the checkpoint before the NaN, written by rank 0
 
 

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY_D_MODEL, tiny_gemma2_config, tiny_gpt2_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,8 +35,14 @@ README_LIMIT_BYTES = 8 * 1024
 
 TINY_LAYERS = 9  # the documents use layers up to 8
 # Caps on the run's sizes: a training run becomes 3 steps of 256 activations.
-TINY_SIZES = {"batch_size": 256, "num_tokens": 3 * 256, "seq_len": 32, "model_batch_size": 8,
-              "n_eval_rows": 4, "num_batches_in_buffer": 2}
+TINY_SIZES = {
+    "batch_size": 256,
+    "num_tokens": 3 * 256,
+    "seq_len": 32,
+    "model_batch_size": 8,
+    "n_eval_rows": 4,
+    "num_batches_in_buffer": 2,
+}
 TINY_DICT_SIZE = 1024  # unless the document sets group sizes, which must add up to dict_size
 
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)
@@ -61,7 +66,7 @@ def python_blocks(text: str) -> list[tuple[int, str, bool]]:
         if match.group(1) != "python":
             continue
         line = text.count("\n", 0, match.start()) + 2
-        runs = NO_RUN.search(text[:match.start()].rstrip() + "\n") is None
+        runs = NO_RUN.search(text[: match.start()].rstrip() + "\n") is None
         blocks.append((line, match.group(2), runs))
     return blocks
 
@@ -77,7 +82,9 @@ def byte_tokenizer(folder: Path):
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>").save_pretrained(folder)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>"
+    ).save_pretrained(folder)
     return AutoTokenizer.from_pretrained(folder)
 
 
@@ -89,9 +96,18 @@ def tokenizer():
 
 def project_modules() -> list:
     """The loaded modules of this repository (the package, the root's entry points, tests and benchmarks)."""
-    folders = {REPO, REPO / "matryoshka_sae", REPO / "matryoshka_sae" / "cli", REPO / "tests", REPO / "benchmarks"}
-    return [m for m in list(sys.modules.values())
-            if getattr(m, "__file__", None) and Path(m.__file__).resolve().parent in folders]
+    folders = {
+        REPO,
+        REPO / "matryoshka_sae",
+        REPO / "matryoshka_sae" / "cli",
+        REPO / "tests",
+        REPO / "benchmarks",
+    }
+    return [
+        m
+        for m in list(sys.modules.values())
+        if getattr(m, "__file__", None) and Path(m.__file__).resolve().parent in folders
+    ]
 
 
 def replace_everywhere(monkeypatch, name: str, original, replacement) -> None:
@@ -104,25 +120,32 @@ def replace_everywhere(monkeypatch, name: str, original, replacement) -> None:
 @pytest.fixture
 def small_world(monkeypatch, tmp_path, tokenizer):
     """Tiny stand-ins for the models, the corpus and the sizes; see the module docstring."""
-    from matryoshka_sae import activation_cache  # noqa: F401  (imported so that their names get patched too)
-    from matryoshka_sae import activation_store
-    from matryoshka_sae import builtin_corpus
-    from matryoshka_sae import checkpoint  # noqa: F401
-    from matryoshka_sae import config
-    from matryoshka_sae.cli import demo  # noqa: F401
-    from matryoshka_sae import evaluation  # noqa: F401
-    from matryoshka_sae import feature_statistics  # noqa: F401
-    from matryoshka_sae import model_loading
-    from matryoshka_sae import training  # noqa: F401
-    from matryoshka_sae import transcoder_activation_store  # noqa: F401
     from transformer_lens import HookedTransformer
+
+    from matryoshka_sae import (
+        activation_cache,  # noqa: F401  (imported so that their names get patched too)
+        activation_store,
+        builtin_corpus,
+        checkpoint,  # noqa: F401
+        config,
+        evaluation,  # noqa: F401
+        feature_statistics,  # noqa: F401
+        model_loading,
+        training,  # noqa: F401
+        transcoder_activation_store,  # noqa: F401
+    )
+    from matryoshka_sae.cli import demo  # noqa: F401
 
     names = set(config.MODEL_TABLE) | set(model_loading.HUB_MODEL_NAMES.values())
     for name in config.MODEL_TABLE:
-        monkeypatch.setitem(config.MODEL_TABLE, name, {"act_size": TINY_D_MODEL, "n_layers": TINY_LAYERS})
+        monkeypatch.setitem(
+            config.MODEL_TABLE, name, {"act_size": TINY_D_MODEL, "n_layers": TINY_LAYERS}
+        )
 
     def tiny_model(name, device="cpu", dtype=torch.float32, **kwargs):
-        assert str(name) in names or config.canonical_model_name(str(name)), f"unknown model {name!r}"
+        assert str(name) in names or config.canonical_model_name(str(name)), (
+            f"unknown model {name!r}"
+        )
         base = tiny_gemma2_config() if "gemma" in str(name) else tiny_gpt2_config()
         base.n_layers = TINY_LAYERS
         base.attn_types = ["global", "local"] * 5 if "gemma" in str(name) else None
@@ -134,14 +157,21 @@ def small_world(monkeypatch, tmp_path, tokenizer):
         monkeypatch.setattr(HookedTransformer, loader, staticmethod(tiny_model))
 
     corpus = builtin_corpus.python_docs_dataset
-    replace_everywhere(monkeypatch, "python_docs_dataset", corpus,
-                       lambda *args, **kwargs: corpus(*args, **{**kwargs, "topics_only": True}))
+    replace_everywhere(
+        monkeypatch,
+        "python_docs_dataset",
+        corpus,
+        lambda *args, **kwargs: corpus(*args, **{**kwargs, "topics_only": True}),
+    )
     load_text_dataset = activation_store.load_text_dataset
 
     def offline_dataset(dataset_path):
         """A hub dataset name reads the built-in corpus instead."""
-        is_hub_name = isinstance(dataset_path, str) and dataset_path != activation_store.BUILTIN_CORPUS \
+        is_hub_name = (
+            isinstance(dataset_path, str)
+            and dataset_path != activation_store.BUILTIN_CORPUS
             and not Path(dataset_path).exists()
+        )
         return load_text_dataset(activation_store.BUILTIN_CORPUS if is_hub_name else dataset_path)
 
     replace_everywhere(monkeypatch, "load_text_dataset", load_text_dataset, offline_dataset)
@@ -153,7 +183,11 @@ def small_world(monkeypatch, tmp_path, tokenizer):
             if isinstance(cfg.get(key), (int, float)) and cfg[key] > cap:
                 cfg[key] = cap
         groups_derived = cfg.get("derived", {}).get("group_sizes", None) == cfg.get("group_sizes")
-        if groups_derived and isinstance(cfg.get("dict_size"), int) and cfg["dict_size"] > TINY_DICT_SIZE:
+        if (
+            groups_derived
+            and isinstance(cfg.get("dict_size"), int)
+            and cfg["dict_size"] > TINY_DICT_SIZE
+        ):
             cfg["dict_size"] = TINY_DICT_SIZE
         cfg["wandb_mode"] = "disabled"
         return post_init_cfg(cfg)
@@ -177,7 +211,10 @@ def test_python_blocks_run(path, small_world):
 def test_python_blocks_are_found():
     """The extraction sees the blocks and the no-run marks (the README's quick start runs)."""
     text = "a\n<!-- no-run: needs the hub -->\n```python\nx = 1\n```\n\n```python\ny = 2\n```\n```bash\nls\n```\n"
-    assert [(code, runs) for _, code, runs in python_blocks(text)] == [("x = 1\n", False), ("y = 2\n", True)]
+    assert [(code, runs) for _, code, runs in python_blocks(text)] == [
+        ("x = 1\n", False),
+        ("y = 2\n", True),
+    ]
     readme = python_blocks((REPO / "README.md").read_text())
     assert any(runs and "train_sae(" in code for _, code, runs in readme)
 
@@ -218,15 +255,21 @@ def test_relative_links_resolve(path):
         destination = (path.parent / file_part).resolve() if file_part else path
         if not destination.exists():
             broken.append(f"{target} (no such file)")
-        elif anchor and destination.suffix == ".md" and anchor not in heading_anchors(destination.read_text()):
+        elif (
+            anchor
+            and destination.suffix == ".md"
+            and anchor not in heading_anchors(destination.read_text())
+        ):
             broken.append(f"{target} (no heading with that anchor)")
     assert not broken, f"{relative(path)}: broken links: {broken}"
 
 
 def test_link_checker_sees_broken_links(tmp_path):
     page = tmp_path / "page.md"
-    page.write_text("# A title\n[ok](#a-title) [web](https://example.org) [bad](missing.md) ![img](x.png)\n"
-                    "```\n[in code](nowhere.md)\n```\n")
+    page.write_text(
+        "# A title\n[ok](#a-title) [web](https://example.org) [bad](missing.md) ![img](x.png)\n"
+        "```\n[in code](nowhere.md)\n```\n"
+    )
     assert relative_links(page) == ["#a-title", "missing.md", "x.png"]
     assert heading_anchors(page.read_text()) == {"a-title"}
 
@@ -238,17 +281,24 @@ def test_link_checker_sees_broken_links(tmp_path):
 
 def test_readme_is_short():
     size = len((REPO / "README.md").read_bytes())
-    assert size < README_LIMIT_BYTES, f"README.md is {size} bytes; keep it under {README_LIMIT_BYTES} (move detail to docs/)"
+    assert size < README_LIMIT_BYTES, (
+        f"README.md is {size} bytes; keep it under {README_LIMIT_BYTES} (move detail to docs/)"
+    )
 
 
 def repository_files() -> list[Path]:
     """The files git tracks (outside a git checkout: every file but hidden folders and environments)."""
     try:
-        listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+        listed = subprocess.run(
+            ["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True
+        ).stdout
         return [REPO / name for name in listed.decode().split("\0") if name]
     except (OSError, subprocess.CalledProcessError):
-        return [p for p in REPO.rglob("*") if p.is_file()
-                and not any(part.startswith(".") for part in p.relative_to(REPO).parts)]
+        return [
+            p
+            for p in REPO.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(REPO).parts)
+        ]
 
 
 def test_no_file_mentions_an_issue_number():
@@ -267,8 +317,12 @@ def test_no_file_mentions_an_issue_number():
 
 def test_issue_pattern():
     number = "12"  # kept apart from the words, so that this file does not match itself
-    assert ISSUE_NUMBER.search("as in Issue #" + number) and ISSUE_NUMBER.search("issues " + number + " and 4")
-    assert not ISSUE_NUMBER.search("reissue " + number) and not ISSUE_NUMBER.search("the issue is " + number)
+    assert ISSUE_NUMBER.search("as in Issue #" + number) and ISSUE_NUMBER.search(
+        "issues " + number + " and 4"
+    )
+    assert not ISSUE_NUMBER.search("reissue " + number) and not ISSUE_NUMBER.search(
+        "the issue is " + number
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,12 +355,22 @@ def test_no_test_module_imports_another():
     for path in sorted((REPO / "tests").glob("*.py")):
         for line, module in imported_test_modules(path.read_text()):
             found.append(f"{relative(path)}:{line}: imports {module}")
-    assert not found, ("move what test modules share into tests/helpers.py (fixtures: conftest.py):\n"
-                       + "\n".join(found))
+    assert not found, (
+        "move what test modules share into tests/helpers.py (fixtures: conftest.py):\n"
+        + "\n".join(found)
+    )
 
 
 def test_imported_test_modules_finds_every_form():
-    source = ("import os\nimport test_a\nfrom test_b import x\nfrom tests.test_c import y\nfrom tests import test_d, helpers\n"
-              "from helpers import test_e\nimport tests.test_f as f\ndef g():\n    from test_h import z\n")
-    assert [module for _, module in imported_test_modules(source)] == ["test_a", "test_b", "test_c", "test_d",
-                                                                        "test_f", "test_h"]
+    source = (
+        "import os\nimport test_a\nfrom test_b import x\nfrom tests.test_c import y\nfrom tests import test_d, helpers\n"
+        "from helpers import test_e\nimport tests.test_f as f\ndef g():\n    from test_h import z\n"
+    )
+    assert [module for _, module in imported_test_modules(source)] == [
+        "test_a",
+        "test_b",
+        "test_c",
+        "test_d",
+        "test_f",
+        "test_h",
+    ]

@@ -6,10 +6,17 @@ import warnings
 
 import pytest
 import torch
+from helpers import CrashingStore, PlantedStore, planted_cfg, synthetic_cfg, train_planted
 
 from matryoshka_sae.checkpoint import checkpoint_folder, load_cfg, load_sae, save_checkpoint
-from matryoshka_sae.config import FORMAT_UPGRADES, FORMAT_VERSION, cfg_from_json, cfg_to_json, default_settings, post_init_cfg
-from helpers import CrashingStore, PlantedStore, planted_cfg, synthetic_cfg, train_planted
+from matryoshka_sae.config import (
+    FORMAT_UPGRADES,
+    FORMAT_VERSION,
+    cfg_from_json,
+    cfg_to_json,
+    default_settings,
+    post_init_cfg,
+)
 from matryoshka_sae.sae import create_sae
 
 
@@ -29,8 +36,12 @@ def rewrite_as_format_0(folder) -> None:
 
 def format_0_behaviour(cfg: dict) -> dict:
     """`cfg` with the settings of format 0, the cfg a run of that version trained with."""
-    table = {key: value(cfg) if callable(value) else value for key, value in FORMAT_UPGRADES[0].items()}
-    return post_init_cfg({**cfg, **{key: value for key, value in table.items() if key in default_settings()}})
+    table = {
+        key: value(cfg) if callable(value) else value for key, value in FORMAT_UPGRADES[0].items()
+    }
+    return post_init_cfg(
+        {**cfg, **{key: value for key, value in table.items() if key in default_settings()}}
+    )
 
 
 def test_config_json_records_the_format_version_and_round_trips():
@@ -78,13 +89,23 @@ def test_a_format_0_checkpoint_builds_that_versions_model(sae_type, tmp_path):
     """Format 0's JumpReLU: one parameter group (thresholds at the common lr), the step objective
     l0_coeff x L0 without warm-up; its ReLU SAE: b_enc 0 after the first batch, lambda = l1_coeff
     in absolute units."""
-    cfg = format_0_behaviour(synthetic_cfg(sae_type, act_size=64, dict_size=512, bandwidth=0.001,
-                                           jumprelu_threshold_init=0.001, l1_coeff=1e-3, l0_coeff=1e-3))
+    cfg = format_0_behaviour(
+        synthetic_cfg(
+            sae_type,
+            act_size=64,
+            dict_size=512,
+            bandwidth=0.001,
+            jumprelu_threshold_init=0.001,
+            l1_coeff=1e-3,
+            l0_coeff=1e-3,
+        )
+    )
     save_checkpoint(tmp_path, create_sae(cfg), cfg)
     rewrite_as_format_0(tmp_path)
     sae = load_sae(tmp_path)
     assert set(sae.state_dict()) == {"W_enc", "b_enc", "W_dec", "b_dec", "tokens_since_fired"} | (
-        {"log_threshold"} if sae_type == "jumprelu" else set())
+        {"log_threshold"} if sae_type == "jumprelu" else set()
+    )
     assert len(sae.param_groups()) == 1
     x = torch.randn(256, 64) * 2 + 1
     sae.train()
@@ -116,7 +137,9 @@ def test_a_format_0_checkpoint_resumes_as_its_version_trains(sae_type, tmp_path)
 
     resumed_cfg = load_cfg(folder)
     assert resumed_cfg == cfg  # the file of format 0 gives back the settings the run trained with
-    resumed = train_planted(post_init_cfg(resumed_cfg), store=PlantedStore(start=10), resume_from=folder)
+    resumed = train_planted(
+        post_init_cfg(resumed_cfg), store=PlantedStore(start=10), resume_from=folder
+    )
     for name, tensor in reference.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], tensor), name
     assert json.loads((folder / "config.json").read_text())["format_version"] == FORMAT_VERSION

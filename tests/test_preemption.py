@@ -11,19 +11,24 @@ import time
 from pathlib import Path
 
 import pytest
-
-from matryoshka_sae.cli import main
-from matryoshka_sae.cli import train_gemma_example
-from matryoshka_sae.checkpoint import checkpoint_folder, load_metrics, load_sae
 from helpers import run_args
+
+from matryoshka_sae.checkpoint import checkpoint_folder, load_metrics, load_sae
+from matryoshka_sae.cli import main, train_gemma_example
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SCRIPT = REPO / "tests" / "tiny_script.py"
 
 
 def run_tiny(*args, env=None, timeout=120):
-    return subprocess.run([sys.executable, str(TINY_SCRIPT), *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, str(TINY_SCRIPT), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def assert_same_weights(folder_a, folder_b):
@@ -32,17 +37,30 @@ def assert_same_weights(folder_a, folder_b):
         assert b[name].equal(tensor), name
 
 
-@pytest.mark.parametrize("script, options, kill", [
-    # Killed while saving the second dictionary's step-10 checkpoint: the first is a save ahead.
-    (["main.py"], ["--model", "tiny-gpt2", "--batchtopk-k", "4"], {"TINY_KILL_IN_SAVE": "4"}),
-    (["train_gemma_example.py", "transcoder"], ["--model", "tiny-gemma2"], {"TINY_KILL_AT_BATCH": "13"}),
-], ids=["main-killed-while-saving", "transcoder-killed-between-saves"])
-def test_sigkill_then_resume_from_the_command_line_is_exact(script, options, kill, tmp_path, token_rows,
-                                                            tiny_models):  # noqa: F811
+@pytest.mark.parametrize(
+    "script, options, kill",
+    [
+        # Killed while saving the second dictionary's step-10 checkpoint: the first is a save ahead.
+        (["main.py"], ["--model", "tiny-gpt2", "--batchtopk-k", "4"], {"TINY_KILL_IN_SAVE": "4"}),
+        (
+            ["train_gemma_example.py", "transcoder"],
+            ["--model", "tiny-gemma2"],
+            {"TINY_KILL_AT_BATCH": "13"},
+        ),
+    ],
+    ids=["main-killed-while-saving", "transcoder-killed-between-saves"],
+)
+def test_sigkill_then_resume_from_the_command_line_is_exact(
+    script, options, kill, tmp_path, token_rows, tiny_models
+):  # noqa: F811
     module = main if script[0] == "main.py" else train_gemma_example
-    module.main([*script[1:], *options, *run_args(tmp_path, token_rows, tmp_path / "reference")])  # uninterrupted
+    module.main(
+        [*script[1:], *options, *run_args(tmp_path, token_rows, tmp_path / "reference")]
+    )  # uninterrupted
 
-    killed = run_tiny(*script, *options, *run_args(tmp_path, token_rows, tmp_path / "killed"), env=kill)
+    killed = run_tiny(
+        *script, *options, *run_args(tmp_path, token_rows, tmp_path / "killed"), env=kill
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     folders = sorted(p for p in (tmp_path / "killed").iterdir())
     assert folders and all((folder / "sae.safetensors").exists() for folder in folders)
@@ -55,10 +73,21 @@ def test_sigkill_then_resume_from_the_command_line_is_exact(script, options, kil
 
 
 def test_sigterm_writes_a_checkpoint_and_prints_the_resume_command(tmp_path, token_rows):
-    args = ["main.py", "--model", "tiny-gpt2", "--batchtopk-k", "4",
-            *run_args(tmp_path, token_rows, tmp_path / "run", n_steps=10**6)]
-    child = subprocess.Popen([sys.executable, str(TINY_SCRIPT), *args], cwd=REPO, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    args = [
+        "main.py",
+        "--model",
+        "tiny-gpt2",
+        "--batchtopk-k",
+        "4",
+        *run_args(tmp_path, token_rows, tmp_path / "run", n_steps=10**6),
+    ]
+    child = subprocess.Popen(
+        [sys.executable, str(TINY_SCRIPT), *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not list((tmp_path / "run").glob("*/sae.safetensors")):  # training is under way
@@ -70,11 +99,15 @@ def test_sigterm_writes_a_checkpoint_and_prints_the_resume_command(tmp_path, tok
         child.kill()
     assert child.returncode == 128 + signal.SIGTERM, stderr
     last = stderr.strip().splitlines()[-2:]
-    stopped = re.search(r"training stopped by SIGTERM after step (\d+); checkpoint written to", last[0])
+    stopped = re.search(
+        r"training stopped by SIGTERM after step (\d+); checkpoint written to", last[0]
+    )
     assert stopped, stderr
     folders = sorted((tmp_path / "run").iterdir())
     assert last[1] == "Resume with: python main.py --resume " + " ".join(map(str, folders))
     for folder in folders:  # the checkpoint is of the step where it stopped, complete and loadable
         assert load_metrics(folder)["step"] == int(stopped.group(1))
         assert (folder / "training_state.pt").exists() and load_sae(folder) is not None
-        assert checkpoint_folder({"checkpoint_dir": str(folder.parent), "name": folder.name}) == folder
+        assert (
+            checkpoint_folder({"checkpoint_dir": str(folder.parent), "name": folder.name}) == folder
+        )

@@ -6,11 +6,11 @@ import warnings
 
 import pytest
 import torch
+from helpers import RUN_CFG_STEPS, assert_same_weights, crash, failing_at, run_cfg
 
 from matryoshka_sae.activation_store import ActivationsStore
 from matryoshka_sae.checkpoint import checkpoint_folder
 from matryoshka_sae.config import post_init_cfg
-from helpers import RUN_CFG_STEPS, assert_same_weights, crash, failing_at, run_cfg
 from matryoshka_sae.preemption import TrainingInterrupted
 from matryoshka_sae.sae import create_sae
 from matryoshka_sae.training import train_sae, train_sae_group, train_transcoder
@@ -25,14 +25,20 @@ def quiet_epochs():
 
 
 def make_store(model, cfg):
-    kind = TranscoderActivationsStore if cfg["sae_type"] == "matryoshka_transcoder" else ActivationsStore
+    kind = (
+        TranscoderActivationsStore
+        if cfg["sae_type"] == "matryoshka_transcoder"
+        else ActivationsStore
+    )
     return kind(model, cfg)
 
 
 def train(model, cfg, store=None, resume_from=None):
     train_fn = train_transcoder if cfg["sae_type"] == "matryoshka_transcoder" else train_sae
     torch.manual_seed(0)
-    return train_fn(create_sae(cfg), store or make_store(model, cfg), None, cfg, resume_from=resume_from)
+    return train_fn(
+        create_sae(cfg), store or make_store(model, cfg), None, cfg, resume_from=resume_from
+    )
 
 
 @pytest.mark.parametrize("transcoder", [False, True], ids=["sae", "transcoder"])
@@ -40,7 +46,9 @@ def test_crash_and_resume_gives_the_uninterrupted_weights(tiny_gemma2, tmp_path,
     reference = train(tiny_gemma2, run_cfg(tmp_path, "reference", transcoder))
     cfg = run_cfg(tmp_path, "interrupted", transcoder)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(tiny_gemma2, cfg, failing_at(make_store(tiny_gemma2, cfg), 26, crash))  # after step 20's save
+        train(
+            tiny_gemma2, cfg, failing_at(make_store(tiny_gemma2, cfg), 26, crash)
+        )  # after step 20's save
     resumed = train(tiny_gemma2, cfg, resume_from=checkpoint_folder(cfg))
     assert_same_weights(reference, resumed)
 
@@ -60,13 +68,20 @@ def test_sigterm_checkpoints_mid_block_and_resumes_exactly(tiny_gpt2, tmp_path):
 def test_group_resume_is_exact(tiny_gpt2, tmp_path):
     def group(name):
         base = run_cfg(tmp_path, name)
-        return [post_init_cfg({**base, "sae_type": sae_type, "name": sae_type})
-                for sae_type in ("batchtopk", "matryoshka")]
+        return [
+            post_init_cfg({**base, "sae_type": sae_type, "name": sae_type})
+            for sae_type in ("batchtopk", "matryoshka")
+        ]
 
     def train_group(cfgs, store=None, resume_from=None):
         torch.manual_seed(0)
-        return train_sae_group([create_sae(cfg) for cfg in cfgs], store or ActivationsStore(tiny_gpt2, cfgs[0]),
-                               None, cfgs, resume_from=resume_from)
+        return train_sae_group(
+            [create_sae(cfg) for cfg in cfgs],
+            store or ActivationsStore(tiny_gpt2, cfgs[0]),
+            None,
+            cfgs,
+            resume_from=resume_from,
+        )
 
     reference = train_group(group("reference"))
     cfgs = group("interrupted")
@@ -93,6 +108,8 @@ def test_store_state_round_trip_continues_the_stream(tiny_gpt2, tmp_path):
 
 def test_resuming_with_changed_settings_is_refused(tiny_gpt2, tmp_path):
     state = ActivationsStore(tiny_gpt2, run_cfg(tmp_path, "a")).state_dict()
-    other = ActivationsStore(tiny_gpt2, run_cfg(tmp_path, "a", batch_size=32, num_tokens=32 * RUN_CFG_STEPS))
+    other = ActivationsStore(
+        tiny_gpt2, run_cfg(tmp_path, "a", batch_size=32, num_tokens=32 * RUN_CFG_STEPS)
+    )
     with pytest.raises(ValueError, match="batch_size 48 -> 32.*own settings"):
         other.load_state_dict(state)

@@ -3,12 +3,18 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import ONE_ACTIVATION_TYPES, step_on_batches, synthetic_cfg
 
 from matryoshka_sae.config import compute_fvu
-from helpers import ONE_ACTIVATION_TYPES, step_on_batches, synthetic_cfg
 from matryoshka_sae.sae import (
-    BatchTopKSAE, GlobalBatchTopKMatryoshkaSAE, JumpReLUSAE, MatryoshkaTranscoder,
-    TopKSAE, _JumpReLU, _Step, create_sae,
+    BatchTopKSAE,
+    GlobalBatchTopKMatryoshkaSAE,
+    JumpReLUSAE,
+    MatryoshkaTranscoder,
+    TopKSAE,
+    _JumpReLU,
+    _Step,
+    create_sae,
 )
 from matryoshka_sae.training import make_optimizer, training_step
 
@@ -75,18 +81,22 @@ def test_fast_path_matches_dense_reference(sae_type, with_dead):
         sae.b_dec.normal_(0, 0.1)
         sae.b_enc.normal_(0, 0.1)
         sae.W_dec.add_(0.1 * torch.randn_like(sae.W_dec))
-    run(sae, batch(0))  # a first batch sets BatchTopK's threshold, whose hint speeds the next selection
+    run(
+        sae, batch(0)
+    )  # a first batch sets BatchTopK's threshold, whose hint speeds the next selection
     sae.zero_grad()
     sae.tokens_since_fired.zero_()
     if with_dead:
-        sae.tokens_since_fired[::3] = 10 ** 9
+        sae.tokens_since_fired[::3] = 10**9
     x = batch(1)
     y = 0.5 * x.roll(1, dims=1) + 1
     if isinstance(sae, MatryoshkaTranscoder):
         sae.initialize_b_dec(y)
     reference = copy.deepcopy(sae)
     out = run(sae, x, y)
-    ref_loss, ref_l2, ref_aux = dense_reference_loss(reference, x, y if isinstance(sae, MatryoshkaTranscoder) else None)
+    ref_loss, ref_l2, ref_aux = dense_reference_loss(
+        reference, x, y if isinstance(sae, MatryoshkaTranscoder) else None
+    )
     assert (out["aux_loss"] > 0) == with_dead
     torch.testing.assert_close(out["l2_loss"], ref_l2, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(out["aux_loss"], ref_aux, rtol=1e-5, atol=1e-7)
@@ -142,7 +152,9 @@ def test_every_matryoshka_prefix_contributes_gradient(sae_type):
     sae = create_sae(synthetic_cfg(sae_type))
     x = batch(4)
     x_n, stats = sae.normalize_source(x)
-    y_n = sae.to_units(0.5 * x + 1 if sae_type.endswith("transcoder") else x, sae.target_stats(stats))
+    y_n = sae.to_units(
+        0.5 * x + 1 if sae_type.endswith("transcoder") else x, sae.target_stats(stats)
+    )
     ends = sae.group_ends.tolist()
     starts = [0] + ends[:-1]
     for g, end in enumerate(ends):
@@ -151,7 +163,7 @@ def test_every_matryoshka_prefix_contributes_gradient(sae_type):
         (prefixes[:, g] - y_n).pow(2).mean().backward()
         row_grad = sae.W_dec.grad.norm(dim=1)
         assert row_grad[:end].sum() > 0 and row_grad[end:].sum() == 0
-        assert row_grad[starts[g]:end].sum() > 0  # the group's own latents learn from its prefix
+        assert row_grad[starts[g] : end].sum() > 0  # the group's own latents learn from its prefix
     out = run(sae, x)
     assert {"fvu_min", "fvu_max", "fvu_mean"} <= set(out)
     assert out["fvu_min"] <= out["fvu_mean"] <= out["fvu_max"]
@@ -194,7 +206,9 @@ def test_outputs_are_in_original_units(sae_type):
     if sae_type == "matryoshka_transcoder":
         return  # the transcoder's output units are the target's, fixed by target_scale
     with torch.no_grad():
-        torch.testing.assert_close(sae.reconstruct(7 * x), 7 * sae.reconstruct(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            sae.reconstruct(7 * x), 7 * sae.reconstruct(x), rtol=1e-4, atol=1e-4
+        )
         torch.testing.assert_close(sae(x)["sae_out"], sae.reconstruct(x), rtol=1e-5, atol=1e-5)
 
 
@@ -203,7 +217,16 @@ def test_required_output_keys_and_encode_is_stateless(sae_type):
     sae = create_sae(synthetic_cfg(sae_type))
     x = batch(7)
     out = run(sae, x)
-    for key in ("loss", "l2_loss", "l1_loss", "l1_norm", "l0_norm", "aux_loss", "fvu", "num_dead_features"):
+    for key in (
+        "loss",
+        "l2_loss",
+        "l1_loss",
+        "l1_norm",
+        "l0_norm",
+        "aux_loss",
+        "fvu",
+        "num_dead_features",
+    ):
         assert out[key].dim() == 0, key
     assert out["sae_out"].shape == (B, D) and out["feature_acts"].shape == (B, S)
     state = {k: v.clone() for k, v in sae.state_dict().items()}
@@ -219,7 +242,9 @@ def test_dead_latents_are_counted_by_tokens():
     x = batch(8)
     sae(x)
     fired = sae(x)["feature_acts"].gt(0).any(0)
-    assert torch.equal(sae.tokens_since_fired[fired], torch.zeros(int(fired.sum()), dtype=torch.long))
+    assert torch.equal(
+        sae.tokens_since_fired[fired], torch.zeros(int(fired.sum()), dtype=torch.long)
+    )
     assert torch.all(sae.tokens_since_fired[~fired] == 2 * B)
     assert sae(x)["num_dead_features"].item() == int((~fired).sum())
     sae.eval()
@@ -290,11 +315,17 @@ def planted_data(n, d=D, n_features=64, k_true=4, seed=0):
 
 @pytest.mark.parametrize("sae_type", ONE_ACTIVATION_TYPES)
 def test_loss_falls_on_a_planted_sparse_dictionary(sae_type):
-    cfg = synthetic_cfg(sae_type, lr=3e-3, l1_coeff=3e-4 if sae_type == "vanilla" else None,
-                   l0_coeff=3e-4, bandwidth=0.05, jumprelu_threshold_init=0.05)
+    cfg = synthetic_cfg(
+        sae_type,
+        lr=3e-3,
+        l1_coeff=3e-4 if sae_type == "vanilla" else None,
+        l0_coeff=3e-4,
+        bandwidth=0.05,
+        jumprelu_threshold_init=0.05,
+    )
     sae = create_sae(cfg)
     data, _ = planted_data(200 * B)
-    mix = torch.randn(D, D) / D ** 0.5  # the transcoder learns a fixed linear map of the source
+    mix = torch.randn(D, D) / D**0.5  # the transcoder learns a fixed linear map of the source
     batches = [inputs(sae, x, x @ mix) for x in data.split(B)]
     fvus = [out["fvu"].item() for out in step_on_batches(sae, cfg, batches)]
     assert sum(fvus[-10:]) / 10 < 0.5 * sum(fvus[:10]) / 10
@@ -334,7 +365,9 @@ def test_reconstruct_prefixes_agree_with_the_outputs(sae_type):
         torch.testing.assert_close(prefixes[:, -1], sae.reconstruct(x))
         target = y if sae_type.endswith("transcoder") else x
         for g in range(4):
-            assert out["fvu_per_prefix"][g].item() == pytest.approx(compute_fvu(target, prefixes[:, g]).item(), rel=1e-4)
+            assert out["fvu_per_prefix"][g].item() == pytest.approx(
+                compute_fvu(target, prefixes[:, g]).item(), rel=1e-4
+            )
         # Prefix 0 decodes only the first group's latents.
         z = sae.encode(x)
         m = sae.cfg["group_sizes"][0]
@@ -351,7 +384,13 @@ def test_forward_accepts_batch_and_position_dims_and_ignores_autocast(sae_type):
     with torch.no_grad():
         flat = run(sae, x.reshape(B, D))
         out = run(sae, x)
-        assert out["sae_out"].shape == (8, B // 8, D) and out["feature_acts"].shape == (8, B // 8, S)
+        assert out["sae_out"].shape == (8, B // 8, D) and out["feature_acts"].shape == (
+            8,
+            B // 8,
+            S,
+        )
         torch.testing.assert_close(out["sae_out"].reshape(B, D), flat["sae_out"])
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # cfg["dtype"], not autocast, sets the encoder's
+    with torch.autocast(
+        "cpu", dtype=torch.bfloat16
+    ):  # cfg["dtype"], not autocast, sets the encoder's
         run(sae, x)["loss"]

@@ -10,29 +10,52 @@ import os
 import pytest
 import torch
 from datasets import Dataset
-from safetensors.torch import load_file, save_file
+from helpers import ONE_ACTIVATION_TYPES, PlantedStore, train_briefly
 from sae_lens import SAE
 from sae_lens.saes import (
-    BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, JumpReLUSAE as SAELensJumpReLU, JumpReLUSAEConfig,
-    MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig, StandardSAE, StandardSAEConfig,
-    TopKSAE as SAELensTopK, TopKSAEConfig, TrainingSAE,
+    BatchTopKTrainingSAE,
+    BatchTopKTrainingSAEConfig,
+    JumpReLUSAEConfig,
+    MatryoshkaBatchTopKTrainingSAE,
+    MatryoshkaBatchTopKTrainingSAEConfig,
+    StandardSAE,
+    StandardSAEConfig,
+    TopKSAEConfig,
+    TrainingSAE,
+)
+from sae_lens.saes import (
+    JumpReLUSAE as SAELensJumpReLU,
+)
+from sae_lens.saes import (
+    TopKSAE as SAELensTopK,
 )
 from sae_lens.saes.sae import TrainStepInput
+from safetensors.torch import load_file, save_file
 
-from matryoshka_sae.cli import export_sae
 from matryoshka_sae import sae_lens_format
 from matryoshka_sae.activation_store import ActivationsStore
 from matryoshka_sae.checkpoint import WEIGHTS_FILE, save_checkpoint
+from matryoshka_sae.cli import export_sae
 from matryoshka_sae.config import compute_fvu, get_default_cfg, post_init_cfg
 from matryoshka_sae.evaluation import evaluate_ce_loss, reconstruction_report
-from helpers import ONE_ACTIVATION_TYPES, PlantedStore, train_briefly
-from matryoshka_sae.sae import BatchTopKSAE, GlobalBatchTopKMatryoshkaSAE, JumpReLUSAE, MatryoshkaTranscoder, create_sae
+from matryoshka_sae.sae import (
+    BatchTopKSAE,
+    GlobalBatchTopKMatryoshkaSAE,
+    JumpReLUSAE,
+    MatryoshkaTranscoder,
+    create_sae,
+)
 from matryoshka_sae.sae_lens_format import NotRepresentable, export_sae_lens, load_sae_lens
 from matryoshka_sae.training import train_sae
 
-SAE_LENS_CLASS = {"vanilla": "StandardSAE", "topk": "TopKSAE", "jumprelu": "JumpReLUSAE",
-                  "batchtopk": "JumpReLUSAE", "matryoshka": "JumpReLUSAE",
-                  "matryoshka_transcoder": "JumpReLUTranscoder"}
+SAE_LENS_CLASS = {
+    "vanilla": "StandardSAE",
+    "topk": "TopKSAE",
+    "jumprelu": "JumpReLUSAE",
+    "batchtopk": "JumpReLUSAE",
+    "matryoshka": "JumpReLUSAE",
+    "matryoshka_transcoder": "JumpReLUTranscoder",
+}
 
 
 def held_out(sae, seed=7):
@@ -79,11 +102,15 @@ def test_export_computes_what_ours_computes_in_sae_lens(sae_type, input_unit_nor
         assert_same_code(z, sl.encode(x))
         reconstruction = sae.reconstruct(x)
         assert_close_rel(reconstruction, sl(x))
-        assert_close_rel(reconstruction, sl.decode(sl.encode(x)))  # decode restores the encoded tokens' units
+        assert_close_rel(
+            reconstruction, sl.decode(sl.encode(x))
+        )  # decode restores the encoded tokens' units
         if not input_unit_norm and not isinstance(sae, MatryoshkaTranscoder):
             assert_close_rel(sae.decode(z), sl.decode(z))
     if isinstance(sae, MatryoshkaTranscoder):  # the prediction of the target, judged by its FVU
-        assert compute_fvu(batch[1], sl(x)).item() == pytest.approx(compute_fvu(batch[1], reconstruction).item(), rel=1e-5)
+        assert compute_fvu(batch[1], sl(x)).item() == pytest.approx(
+            compute_fvu(batch[1], reconstruction).item(), rel=1e-5
+        )
 
 
 @pytest.mark.parametrize("sae_type", ONE_ACTIVATION_TYPES)
@@ -91,7 +118,9 @@ def test_export_then_import_is_bit_exact(sae_type, tmp_path):
     sae, cfg = train_briefly(sae_type, tmp_path, n_steps=20)
     back = load_sae_lens(export_sae_lens(sae, tmp_path / "exported"))
     assert_same_sae(sae, back)
-    assert {k: v for k, v in back.cfg.items() if k != "derived"} == {k: v for k, v in cfg.items() if k != "derived"}
+    assert {k: v for k, v in back.cfg.items() if k != "derived"} == {
+        k: v for k, v in cfg.items() if k != "derived"
+    }
     sae.eval(), back.eval()
     batch = held_out(sae)
     with torch.no_grad():
@@ -119,8 +148,13 @@ def test_metadata_and_matryoshka_group_ends(tmp_path):
 
 @pytest.mark.parametrize("input_unit_norm", [False, True])
 def test_skip_transcoder_exports_as_sae_lens_skip_transcoder(tmp_path, input_unit_norm):
-    sae, _ = train_briefly("matryoshka_transcoder", tmp_path, n_steps=20, transcoder_skip=True,
-                           input_unit_norm=input_unit_norm)
+    sae, _ = train_briefly(
+        "matryoshka_transcoder",
+        tmp_path,
+        n_steps=20,
+        transcoder_skip=True,
+        input_unit_norm=input_unit_norm,
+    )
     assert sae.W_skip.abs().sum() > 0
     scale = sae.skip_scale.item()  # the skip path's raw-source scale folds into W_skip exactly
     assert scale == 2.0 ** round(math.log2(scale)) and (scale != 1.0) == input_unit_norm
@@ -156,8 +190,18 @@ def test_transcoder_with_an_older_scale_exports_with_a_warning(tmp_path):
 
 
 def test_normalisation_is_sae_lens_layer_norm_exactly():
-    cfg = post_init_cfg({**get_default_cfg(), "model_name": "x", "act_size": 48, "dict_size": 96,
-                         "device": "cpu", "input_unit_norm": True, "sae_type": "topk", "top_k": 4})
+    cfg = post_init_cfg(
+        {
+            **get_default_cfg(),
+            "model_name": "x",
+            "act_size": 48,
+            "dict_size": 96,
+            "device": "cpu",
+            "input_unit_norm": True,
+            "sae_type": "topk",
+            "top_k": 4,
+        }
+    )
     ours = create_sae(cfg)
     theirs = StandardSAE(StandardSAEConfig(d_in=48, d_sae=96, normalize_activations="layer_norm"))
     x = torch.randn(256, 48, generator=torch.Generator().manual_seed(0)) * 30 + 5
@@ -167,14 +211,34 @@ def test_normalisation_is_sae_lens_layer_norm_exactly():
     assert torch.equal(ours.restore_target(y_n, stats), theirs.run_time_activation_norm_fn_out(y_n))
 
 
-def test_bos_excluded_metadata_and_equal_outputs_on_model_activations(tiny_gpt2, token_rows, tmp_path):
+def test_bos_excluded_metadata_and_equal_outputs_on_model_activations(
+    tiny_gpt2, token_rows, tmp_path
+):
     """Trained through the real store on a tiny model with BOS positions left out."""
     cfg = get_default_cfg()
-    cfg.update(model_name="tiny-gpt2", act_size=64, dict_size=256, layer=1, site="resid_pre", top_k=8,
-               dataset_path=Dataset.from_dict({"tokens": token_rows.tolist()}), seq_len=32, batch_size=128,
-               num_batches_in_buffer=4, model_batch_size=8, device="cpu", n_eval_rows=8, bos_token_id=1,
-               exclude_bos=True, num_tokens=128 * 10, checkpoint_dir=str(tmp_path), sae_type="matryoshka",
-               wandb_mode="disabled", perf_log_freq=10 ** 6, checkpoint_freq=10 ** 6)
+    cfg.update(
+        model_name="tiny-gpt2",
+        act_size=64,
+        dict_size=256,
+        layer=1,
+        site="resid_pre",
+        top_k=8,
+        dataset_path=Dataset.from_dict({"tokens": token_rows.tolist()}),
+        seq_len=32,
+        batch_size=128,
+        num_batches_in_buffer=4,
+        model_batch_size=8,
+        device="cpu",
+        n_eval_rows=8,
+        bos_token_id=1,
+        exclude_bos=True,
+        num_tokens=128 * 10,
+        checkpoint_dir=str(tmp_path),
+        sae_type="matryoshka",
+        wandb_mode="disabled",
+        perf_log_freq=10**6,
+        checkpoint_freq=10**6,
+    )
     cfg = post_init_cfg(cfg)
     store = ActivationsStore(tiny_gpt2, cfg)
     sae = train_sae(create_sae(cfg), store, tiny_gpt2, cfg)
@@ -194,10 +258,15 @@ def test_bos_excluded_metadata_and_equal_outputs_on_model_activations(tiny_gpt2,
     for sidecar in ("native_config.json", "native_extras.safetensors"):  # as if trained elsewhere
         (folder / sidecar).unlink()
     imported = load_sae_lens(folder)
-    assert isinstance(imported, GlobalBatchTopKMatryoshkaSAE) and imported.cfg["group_sizes"] == cfg["group_sizes"]
+    assert (
+        isinstance(imported, GlobalBatchTopKMatryoshkaSAE)
+        and imported.cfg["group_sizes"] == cfg["group_sizes"]
+    )
     assert imported.cfg["exclude_bos"] and imported.cfg["bos_token_id"] == 1
     assert imported.cfg["hook_point"] == cfg["hook_point"] and imported.cfg["seq_len"] == 32
-    assert evaluate_ce_loss(imported, tiny_gpt2, tokens, imported.cfg) == evaluate_ce_loss(sae, tiny_gpt2, tokens, cfg)
+    assert evaluate_ce_loss(imported, tiny_gpt2, tokens, imported.cfg) == evaluate_ce_loss(
+        sae, tiny_gpt2, tokens, cfg
+    )
 
 
 def test_cli_exports_a_checkpoint(tmp_path, capsys):
@@ -226,8 +295,15 @@ def sae_lens_train(sl: TrainingSAE, steps=30) -> TrainingSAE:
     store = PlantedStore(seed=2)
     for step in range(steps):
         x = store.next_batch()
-        output = sl.training_forward_pass(TrainStepInput(
-            sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=step, is_logging_step=False))
+        output = sl.training_forward_pass(
+            TrainStepInput(
+                sae_in=x,
+                coefficients={},
+                dead_neuron_mask=None,
+                n_training_steps=step,
+                is_logging_step=False,
+            )
+        )
         optimizer.zero_grad()
         output.loss.backward()
         optimizer.step()
@@ -250,9 +326,14 @@ def compare_with_sae_lens(ours, folder) -> None:
 @pytest.mark.parametrize("normalize", ["none", "layer_norm"])
 def test_sae_lens_batchtopk_imports_as_our_batchtopk(normalize, tmp_path):
     torch.manual_seed(0)
-    sl = sae_lens_train(BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(
-        d_in=D_IN, d_sae=D_SAE, k=4, normalize_activations=normalize)))
-    sl.save_inference_model(tmp_path / "inference")  # SAELens's own form: JumpReLU, folded decoder norms
+    sl = sae_lens_train(
+        BatchTopKTrainingSAE(
+            BatchTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4, normalize_activations=normalize)
+        )
+    )
+    sl.save_inference_model(
+        tmp_path / "inference"
+    )  # SAELens's own form: JumpReLU, folded decoder norms
     ours = load_sae_lens(tmp_path / "inference")
     assert isinstance(ours, BatchTopKSAE) and not isinstance(ours, GlobalBatchTopKMatryoshkaSAE)
     assert ours.cfg["top_k"] == 4 and ours.cfg["input_unit_norm"] == (normalize == "layer_norm")
@@ -262,11 +343,20 @@ def test_sae_lens_batchtopk_imports_as_our_batchtopk(normalize, tmp_path):
 
 def test_sae_lens_matryoshka_imports_with_its_groups(tmp_path):
     torch.manual_seed(0)
-    sl = sae_lens_train(MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
-        d_in=D_IN, d_sae=D_SAE, k=4, matryoshka_widths=[16, 48, D_SAE])))
+    sl = sae_lens_train(
+        MatryoshkaBatchTopKTrainingSAE(
+            MatryoshkaBatchTopKTrainingSAEConfig(
+                d_in=D_IN, d_sae=D_SAE, k=4, matryoshka_widths=[16, 48, D_SAE]
+            )
+        )
+    )
     sl.save_inference_model(tmp_path / "inference")
     ours = load_sae_lens(tmp_path / "inference")
-    assert isinstance(ours, GlobalBatchTopKMatryoshkaSAE) and ours.group_ends.tolist() == [16, 48, D_SAE]
+    assert isinstance(ours, GlobalBatchTopKMatryoshkaSAE) and ours.group_ends.tolist() == [
+        16,
+        48,
+        D_SAE,
+    ]
     compare_with_sae_lens(ours, tmp_path / "inference")
     x = PlantedStore(seed=9).next_batch()
     assert len(reconstruction_report(ours, x)["fvu_per_prefix"]) == 3
@@ -275,8 +365,13 @@ def test_sae_lens_matryoshka_imports_with_its_groups(tmp_path):
 def test_sae_lens_training_form_batchtopk_imports(tmp_path):
     """save_model (the training form: architecture 'batchtopk', a float64 topk_threshold)."""
     torch.manual_seed(0)
-    sl = sae_lens_train(BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(
-        d_in=D_IN, d_sae=D_SAE, k=4, rescale_acts_by_decoder_norm=False)))
+    sl = sae_lens_train(
+        BatchTopKTrainingSAE(
+            BatchTopKTrainingSAEConfig(
+                d_in=D_IN, d_sae=D_SAE, k=4, rescale_acts_by_decoder_norm=False
+            )
+        )
+    )
     sl.save_model(tmp_path / "training")
     sl.save_inference_model(tmp_path / "inference")
     ours = load_sae_lens(tmp_path / "training")
@@ -294,7 +389,11 @@ def test_sae_lens_training_form_with_decoder_norm_rescaling_is_refused(tmp_path)
 @pytest.mark.parametrize("architecture", ["standard", "topk"])
 def test_sae_lens_standard_and_topk_import(architecture, tmp_path):
     torch.manual_seed(0)
-    config = StandardSAEConfig(d_in=D_IN, d_sae=D_SAE) if architecture == "standard" else TopKSAEConfig(d_in=D_IN, d_sae=D_SAE, k=6)
+    config = (
+        StandardSAEConfig(d_in=D_IN, d_sae=D_SAE)
+        if architecture == "standard"
+        else TopKSAEConfig(d_in=D_IN, d_sae=D_SAE, k=6)
+    )
     sl = (StandardSAE if architecture == "standard" else SAELensTopK)(config)
     with torch.no_grad():
         sl.b_enc.normal_(0, 0.1), sl.b_dec.normal_()
@@ -317,7 +416,9 @@ def test_sae_lens_jumprelu_imports_exactly_when_thresholds_are_representable(tmp
     threshold = (torch.rand(D_SAE, generator=torch.Generator().manual_seed(0)) * 0.5).log().exp()
     sae_lens_jumprelu(threshold, tmp_path / "saved")
     ours = load_sae_lens(tmp_path / "saved")
-    assert isinstance(ours, JumpReLUSAE) and torch.equal(ours.log_threshold.detach().exp(), threshold)
+    assert isinstance(ours, JumpReLUSAE) and torch.equal(
+        ours.log_threshold.detach().exp(), threshold
+    )
     compare_with_sae_lens(ours, tmp_path / "saved")
 
 
@@ -365,7 +466,9 @@ def test_mismatched_shapes(exported):
 
 def test_unsupported_normalisation(exported):
     cfg = json.loads((exported / "cfg.json").read_text())
-    (exported / "cfg.json").write_text(json.dumps({**cfg, "normalize_activations": "constant_norm_rescale"}))
+    (exported / "cfg.json").write_text(
+        json.dumps({**cfg, "normalize_activations": "constant_norm_rescale"})
+    )
     with pytest.raises(NotRepresentable, match="normalize_activations='constant_norm_rescale'"):
         load_sae_lens(exported)
 
@@ -390,17 +493,23 @@ def test_checkpoint_mid_write_is_refused(checkpoint, tmp_path):
 
 def test_checkpoint_without_weights_yet(checkpoint, tmp_path):
     (checkpoint / WEIGHTS_FILE).unlink()
-    assert_refused_without_output(checkpoint, tmp_path / "out", FileNotFoundError, "first save has not finished")
+    assert_refused_without_output(
+        checkpoint, tmp_path / "out", FileNotFoundError, "first save has not finished"
+    )
 
 
 def test_checkpoint_with_truncated_weights(checkpoint, tmp_path):
     data = (checkpoint / WEIGHTS_FILE).read_bytes()
     (checkpoint / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
-    assert_refused_without_output(checkpoint, tmp_path / "out", ValueError, "not a complete safetensors")
+    assert_refused_without_output(
+        checkpoint, tmp_path / "out", ValueError, "not a complete safetensors"
+    )
 
 
 def test_not_a_checkpoint(tmp_path):
-    assert_refused_without_output(tmp_path / "nothing", tmp_path / "out", FileNotFoundError, "no config.json")
+    assert_refused_without_output(
+        tmp_path / "nothing", tmp_path / "out", FileNotFoundError, "no config.json"
+    )
 
 
 def test_unlearned_threshold_is_refused(tmp_path):
@@ -408,7 +517,9 @@ def test_unlearned_threshold_is_refused(tmp_path):
     assert_refused_without_output(create_sae(cfg), tmp_path / "out", NotRepresentable, "threshold")
 
 
-def test_failure_while_writing_leaves_nothing_and_keeps_the_old_folder(exported, monkeypatch, tmp_path):
+def test_failure_while_writing_leaves_nothing_and_keeps_the_old_folder(
+    exported, monkeypatch, tmp_path
+):
     sae, _ = train_briefly("vanilla", tmp_path / "other", n_steps=5)
 
     def failing_save(*args, **kwargs):
@@ -427,15 +538,25 @@ def test_failure_while_writing_leaves_nothing_and_keeps_the_old_folder(exported,
 def test_sae_lens_skip_transcoder_imports_and_computes_the_same(normalize, tmp_path):
     """A JumpReLUSkipTranscoder built in SAELens (one threshold, as our transcoders have)."""
     from sae_lens import JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig
+
     torch.manual_seed(0)
-    sl = JumpReLUSkipTranscoder(JumpReLUSkipTranscoderConfig(d_in=D_IN, d_sae=D_SAE, d_out=D_IN + 8,
-                                                            normalize_activations=normalize, apply_b_dec_to_input=False))
+    sl = JumpReLUSkipTranscoder(
+        JumpReLUSkipTranscoderConfig(
+            d_in=D_IN,
+            d_sae=D_SAE,
+            d_out=D_IN + 8,
+            normalize_activations=normalize,
+            apply_b_dec_to_input=False,
+        )
+    )
     with torch.no_grad():
         sl.b_enc.normal_(0, 0.1), sl.b_dec.normal_(), sl.W_skip.normal_(0, 0.2)
         sl.threshold.fill_(0.25)
     sl.save_model(tmp_path / "sl")
     sl_cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
-    sl_cfg["metadata"].update(hook_name="blocks.3.hook_resid_mid", hook_name_out="blocks.3.hook_mlp_out")
+    sl_cfg["metadata"].update(
+        hook_name="blocks.3.hook_resid_mid", hook_name_out="blocks.3.hook_mlp_out"
+    )
     (tmp_path / "sl" / "cfg.json").write_text(json.dumps(sl_cfg))
     ours = load_sae_lens(tmp_path / "sl").eval()
     assert isinstance(ours, MatryoshkaTranscoder) and ours.W_skip.shape == (D_IN, D_IN + 8)

@@ -6,8 +6,14 @@ import torch
 
 from matryoshka_sae import sparse_ops
 from matryoshka_sae.sparse_ops import (
-    SparseCode, bag_offsets, gather_preactivations, select_above_threshold, select_batch_topk, select_topk,
-    sparse_decode, sparse_decode_groups,
+    SparseCode,
+    bag_offsets,
+    gather_preactivations,
+    select_above_threshold,
+    select_batch_topk,
+    select_topk,
+    sparse_decode,
+    sparse_decode_groups,
 )
 
 
@@ -36,7 +42,9 @@ def test_a_code_is_sorted_by_row_then_latent_and_indexed_by_latent():
     assert torch.equal(by_latent, by_latent.sort().values)
     assert torch.equal(code.latent_offsets, bag_offsets(by_latent, code.dict_size))
     dense = code.to_dense()
-    assert torch.equal(dense != 0, dense_mask(code)) and torch.equal(dense[dense != 0], pre[dense != 0])
+    assert torch.equal(dense != 0, dense_mask(code)) and torch.equal(
+        dense[dense != 0], pre[dense != 0]
+    )
     assert code.l0().item() == pytest.approx(len(code.rows) / code.batch_size)
     assert torch.equal(code.fired(), dense_mask(code).any(dim=0))
 
@@ -45,7 +53,9 @@ def test_a_code_is_sorted_by_row_then_latent_and_indexed_by_latent():
 def test_topk_keeps_the_k_largest_positive_values_of_each_row(k):
     pre = random_pre()
     code = select_topk(pre, k)
-    kept = torch.zeros_like(pre, dtype=torch.bool).scatter_(1, pre.topk(min(k, 40), dim=1).indices, True)
+    kept = torch.zeros_like(pre, dtype=torch.bool).scatter_(
+        1, pre.topk(min(k, 40), dim=1).indices, True
+    )
     assert torch.equal(dense_mask(code), kept & (pre > 0))
 
 
@@ -141,12 +151,17 @@ def dense_cross_layer_decode(codes, values, weights, group_ends, n_out):
     """Reference of sparse_decode_cross_layer: each layer's dense code, masked to each group, times all
     its decoder rows, into output layers j..n_out - 1."""
     code = codes[0][0]
-    in_group = torch.nn.functional.one_hot(torch.bucketize(torch.arange(code.dict_size), group_ends, right=True))
+    in_group = torch.nn.functional.one_hot(
+        torch.bucketize(torch.arange(code.dict_size), group_ends, right=True)
+    )
     out = 0
     for (code, j), v, W in zip(codes, values, weights):
-        dense = torch.zeros(code.batch_size, code.dict_size, dtype=v.dtype).index_put((code.rows, code.latents), v)
-        out = out + torch.nn.functional.pad(torch.einsum("bs,sg,smd->bgmd", dense, in_group.to(v.dtype), W),
-                                            (0, 0, j, 0))
+        dense = torch.zeros(code.batch_size, code.dict_size, dtype=v.dtype).index_put(
+            (code.rows, code.latents), v
+        )
+        out = out + torch.nn.functional.pad(
+            torch.einsum("bs,sg,smd->bgmd", dense, in_group.to(v.dtype), W), (0, 0, j, 0)
+        )
     return out
 
 
@@ -166,8 +181,10 @@ def test_cross_layer_decode_has_the_dense_values_and_gradients():
         codes.append((code, j))
         values.append(pre[code.rows, code.latents].requires_grad_(True))
     assert [len(v) for v in values] == [8, 0, 8]
-    weights = [torch.randn(S, L - j, d, generator=generator, dtype=torch.float64, requires_grad=True)
-               for j in range(L)]
+    weights = [
+        torch.randn(S, L - j, d, generator=generator, dtype=torch.float64, requires_grad=True)
+        for j in range(L)
+    ]
 
     def decode(*tensors):
         with_values = [(code.with_values(v), j) for (code, j), v in zip(codes, tensors[:L])]

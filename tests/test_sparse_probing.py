@@ -37,8 +37,18 @@ def reading_sae():
     """A ReLU dictionary whose latent i reads input dimension i (i < D) and whose other latents read
     random directions: latent 0 equals the first dimension where it is positive."""
     cfg = get_default_cfg()
-    cfg.update(model_name="synthetic", act_size=D, dict_size=4 * D, group_sizes=None, sae_type="vanilla",
-               input_unit_norm=False, device="cpu", seed=0, layer=0, site="resid_post")
+    cfg.update(
+        model_name="synthetic",
+        act_size=D,
+        dict_size=4 * D,
+        group_sizes=None,
+        sae_type="vanilla",
+        input_unit_norm=False,
+        device="cpu",
+        seed=0,
+        layer=0,
+        site="resid_post",
+    )
     sae = create_sae(post_init_cfg(cfg))
     with torch.no_grad():
         sae.W_enc[:, :D] = torch.eye(D)
@@ -51,12 +61,16 @@ def reading_sae():
 @pytest.mark.parametrize("planted", [True, False])
 def test_k1_probe_finds_the_planted_latent_and_random_latents_stay_at_chance(tmp_path, planted):
     write_model_activations(tmp_path, planted)
-    result = sparse_probing.probe_dictionary(reading_sae(), MODEL, HOOK, [DATASET], tmp_path, ks=(1,))
+    result = sparse_probing.probe_dictionary(
+        reading_sae(), MODEL, HOOK, [DATASET], tmp_path, ks=(1,)
+    )
     accuracy = result["datasets"][DATASET]["1"]["test_acc"]
     assert result["mean_test_acc"]["1"] == accuracy
     if planted:
         assert accuracy == 1.0
-        baseline = sparse_probing.probe_baseline(MODEL, HOOK, [DATASET], tmp_path)  # probes on the activations
+        baseline = sparse_probing.probe_baseline(
+            MODEL, HOOK, [DATASET], tmp_path
+        )  # probes on the activations
         assert baseline["mean_test_acc"] > 0.99
     else:
         assert abs(accuracy - 0.5) < 0.08
@@ -65,4 +79,6 @@ def test_k1_probe_finds_the_planted_latent_and_random_latents_stay_at_chance(tmp
 def test_unknown_dataset_is_a_one_line_error():
     with pytest.raises(ValueError, match="no dataset 9_nope"):
         sparse_probing.check_datasets(["9_nope", DATASET])
-    assert sparse_probing.check_datasets(list(sparse_probing.DEFAULT_DATASETS)) == list(sparse_probing.DEFAULT_DATASETS)
+    assert sparse_probing.check_datasets(list(sparse_probing.DEFAULT_DATASETS)) == list(
+        sparse_probing.DEFAULT_DATASETS
+    )

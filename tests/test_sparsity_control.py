@@ -8,10 +8,10 @@ through the real training loop (`train_sae`: param groups, data-driven initialis
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import planted_cfg
 
 from matryoshka_sae.checkpoint import checkpoint_folder, load_metrics
 from matryoshka_sae.config import post_init_cfg
-from helpers import planted_cfg
 from matryoshka_sae.sae import JumpReLUSAE, VanillaSAE, create_sae
 from matryoshka_sae.training import format_postfix, train_sae
 
@@ -41,8 +41,15 @@ class PlantedDictionary:
 
 def sparsity_cfg(sae_type, tmp_path, n_steps=STEPS, **settings):
     """helpers.planted_cfg at this module's sizes, with the default lr and top_k."""
-    defaults = dict(act_size=D_IN, dict_size=DICT, batch_size=BATCH, top_k=32, lr=3e-4, log_freq=250,
-                    checkpoint_freq=10**9)
+    defaults = dict(
+        act_size=D_IN,
+        dict_size=DICT,
+        batch_size=BATCH,
+        top_k=32,
+        lr=3e-4,
+        log_freq=250,
+        checkpoint_freq=10**9,
+    )
     return planted_cfg(sae_type, tmp_path, n_steps, **{**defaults, **settings})
 
 
@@ -104,16 +111,23 @@ def smoothed_objective(objective, cfg, pre, theta, eps):
     if objective == "quadratic":
         return cfg["l0_coeff"] * (fires.sum(dim=-1).mean() / cfg["target_l0"] - 1) ** 2
     smooth_l0 = (torch.tanh(cfg["jumprelu_tanh_scale"] * pre) * fires).sum(dim=-1).mean()
-    return cfg["l0_coeff"] * smooth_l0 + cfg["pre_act_coeff"] * F.relu(theta - pre).sum(dim=-1).mean()
+    return (
+        cfg["l0_coeff"] * smooth_l0 + cfg["pre_act_coeff"] * F.relu(theta - pre).sum(dim=-1).mean()
+    )
 
 
 @pytest.mark.parametrize("objective", ["step", "tanh", "quadratic"])
 def test_threshold_gradient_matches_the_smoothed_objective(objective, tmp_path):
     """The straight-through gradient of each objective is the derivative of that objective with the
     step smoothed over the kernel (central finite differences), for thresholds in the data's range."""
-    cfg = sparsity_cfg("jumprelu", tmp_path, jumprelu_objective=objective, l0_warmup_steps=0,
-                      target_l0=2.0 if objective == "quadratic" else None,
-                      pre_act_coeff=0.05)  # large enough for the pre-activation term to show
+    cfg = sparsity_cfg(
+        "jumprelu",
+        tmp_path,
+        jumprelu_objective=objective,
+        l0_warmup_steps=0,
+        target_l0=2.0 if objective == "quadratic" else None,
+        pre_act_coeff=0.05,
+    )  # large enough for the pre-activation term to show
     sae = JumpReLUSAE(cfg)
     eps = 0.02
     generator = torch.Generator().manual_seed(0)
@@ -124,8 +138,10 @@ def test_threshold_gradient_matches_the_smoothed_objective(objective, tmp_path):
     for i in range(3):
         h = torch.zeros(3, dtype=torch.float64)
         h[i] = 1e-4
-        fd = (smoothed_objective(objective, cfg, pre, theta + h, eps)
-              - smoothed_objective(objective, cfg, pre, theta - h, eps)) / 2e-4
+        fd = (
+            smoothed_objective(objective, cfg, pre, theta + h, eps)
+            - smoothed_objective(objective, cfg, pre, theta - h, eps)
+        ) / 2e-4
         assert theta_var.grad[i].item() == pytest.approx(fd.item(), rel=0.02), (objective, i)
 
 
@@ -139,7 +155,9 @@ def test_first_batch_fires_at_the_intended_rate(sae_type, target, tmp_path):
     sae.initialize_b_dec(x)
     acts = sae.encode(x)
     expected = target or 16
-    assert (acts > 0).sum(dim=0).float().mean().item() == pytest.approx(expected * BATCH / DICT, rel=0.05)
+    assert (acts > 0).sum(dim=0).float().mean().item() == pytest.approx(
+        expected * BATCH / DICT, rel=0.05
+    )
     assert (acts > 0).float().sum(dim=-1).mean().item() == pytest.approx(expected, rel=0.05)
 
 
@@ -176,7 +194,9 @@ def test_sparsity_warmup_ramps_and_resumes(tmp_path):
     sae = create_sae(cfg)
     x = PlantedDictionary().batch(0)
     out = sae(x)
-    assert out["l1_loss"].item() == pytest.approx(cfg["l1_coeff"] * out["l1_norm"].item() / 10, rel=1e-5)
+    assert out["l1_loss"].item() == pytest.approx(
+        cfg["l1_coeff"] * out["l1_norm"].item() / 10, rel=1e-5
+    )
     for _ in range(11):
         sae(x)
     out = sae(x)
@@ -199,7 +219,9 @@ def test_l1_coefficient_is_relative_to_the_centred_inputs_scale(tmp_path):
         out = sae(x)
         x_n, _ = sae.normalize_source(x)
         sigma = (x_n - sae.b_dec).pow(2).mean().sqrt().item()
-        assert out["l1_loss"].item() == pytest.approx(4 / D_IN * sigma * out["l1_norm"].item(), rel=1e-4)
+        assert out["l1_loss"].item() == pytest.approx(
+            4 / D_IN * sigma * out["l1_norm"].item(), rel=1e-4
+        )
         assert sigma < (1.01 if offset == 0 else 0.5)
 
 
@@ -210,11 +232,15 @@ def test_adaptive_l1_moves_towards_the_target(tmp_path):
         sae = VanillaSAE(sparsity_cfg("vanilla", tmp_path, target_l0=target, relu_bias_init=0.0))
         before = sae.adaptive_l1_coeff.clone()
         out = sae(x)
-        assert out["l1_loss"].item() == pytest.approx(before.item() * out["l1_norm"].item(), rel=1e-5)
+        assert out["l1_loss"].item() == pytest.approx(
+            before.item() * out["l1_norm"].item(), rel=1e-5
+        )
         ratio = (sae.adaptive_l1_coeff / before).item()
         error = min(1.0, max(-1.0, out["l0_norm"].item() / target - 1))
         assert error * direction > 0
-        assert ratio == pytest.approx(torch.exp(torch.tensor(VanillaSAE.L1_ADAPT_RATE * error)).item())
+        assert ratio == pytest.approx(
+            torch.exp(torch.tensor(VanillaSAE.L1_ADAPT_RATE * error)).item()
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,12 +250,18 @@ def test_adaptive_l1_moves_towards_the_target(tmp_path):
 
 def test_settings_are_derived_and_checked(tmp_path):
     cfg = sparsity_cfg("jumprelu", tmp_path)
-    assert cfg["jumprelu_objective"] == "step" and cfg["l0_coeff"] == 1e-3 and cfg["l0_warmup_steps"] == 0
+    assert (
+        cfg["jumprelu_objective"] == "step"
+        and cfg["l0_coeff"] == 1e-3
+        and cfg["l0_warmup_steps"] == 0
+    )
     cfg["target_l0"] = 32
     cfg = post_init_cfg(cfg)  # the derived objective and coefficient follow the new target
     assert cfg["jumprelu_objective"] == "quadratic" and cfg["l0_coeff"] == 1.0
     assert sparsity_cfg("vanilla", tmp_path, n_steps=400)["l1_warmup_steps"] == 20  # 5% of the run
-    assert sparsity_cfg("vanilla", tmp_path, l1_warmup_steps=0)["l1_warmup_steps"] == 0  # switched off
+    assert (
+        sparsity_cfg("vanilla", tmp_path, l1_warmup_steps=0)["l1_warmup_steps"] == 0
+    )  # switched off
     with pytest.raises(ValueError, match="target_l0"):
         sparsity_cfg("jumprelu", tmp_path, jumprelu_objective="quadratic")
     with pytest.raises(ValueError, match="target_l0"):
@@ -249,6 +281,10 @@ def test_main_trains_one_dictionary_of_the_chosen_class():
 
     args = main.build_parser().parse_args(["--sae-type", "jumprelu", "--target-l0", "32"])
     (cfg,) = main.build_cfgs(args)
-    assert (cfg["sae_type"], cfg["target_l0"], cfg["jumprelu_objective"]) == ("jumprelu", 32, "quadratic")
+    assert (cfg["sae_type"], cfg["target_l0"], cfg["jumprelu_objective"]) == (
+        "jumprelu",
+        32,
+        "quadratic",
+    )
     assert "jumprelu_L0-32" in cfg["name"]
     assert len(main.build_cfgs(main.build_parser().parse_args([]))) == 4  # the default group

@@ -29,7 +29,9 @@ def test_a_chain_of_features_is_one_path_through_each():
 def test_paths_are_weighted_by_their_share_of_absolute_edge_weight():
     # logit 4 reads the token directly (weight 1), feature 0 (weight -1) and feature 1 (weight 2);
     # feature 1 reads feature 0 (3) and the error node 2 (1); feature 0 reads the token 3.
-    adjacency = graph({(4, 3): 1.0, (4, 0): -1.0, (4, 1): 2.0, (1, 0): 3.0, (1, 2): 1.0, (0, 3): 1.0}, 5)
+    adjacency = graph(
+        {(4, 3): 1.0, (4, 0): -1.0, (4, 1): 2.0, (1, 0): 3.0, (1, 2): 1.0, (0, 3): 1.0}, 5
+    )
     start = torch.tensor([0, 0, 0, 0, 1.0])
     lengths = walk_lengths(adjacency, 2, start)
     # walks: direct 1/4 (0 features); via f0 1/4 (1); via f1: 2/4 x (3/4 -> f0 -> token: 2, 1/4 -> error: 1)

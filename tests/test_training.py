@@ -8,13 +8,20 @@ import re
 import pytest
 import torch
 from datasets import Dataset, DatasetDict
+from helpers import BATCH, PlantedStore, ReconstructStub, eval_cfg, planted_cfg
 
 from matryoshka_sae.activation_store import ActivationsStore
 from matryoshka_sae.checkpoint import checkpoint_folder, load_history, load_metrics, load_sae
 from matryoshka_sae.evaluation import evaluate_ce_loss
-from helpers import BATCH, PlantedStore, ReconstructStub, eval_cfg, planted_cfg
 from matryoshka_sae.sae import create_sae
-from matryoshka_sae.training import NonFiniteError, format_postfix, lr_at_step, train_sae, train_sae_group, train_transcoder
+from matryoshka_sae.training import (
+    NonFiniteError,
+    format_postfix,
+    lr_at_step,
+    train_sae,
+    train_sae_group,
+    train_transcoder,
+)
 
 
 def mean_of(run, key, steps):
@@ -27,21 +34,26 @@ def mean_of(run, key, steps):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sae_type", ["topk", "batchtopk", "matryoshka", "matryoshka_transcoder",
-                                      "vanilla", "jumprelu"])
+@pytest.mark.parametrize(
+    "sae_type", ["topk", "batchtopk", "matryoshka", "matryoshka_transcoder", "vanilla", "jumprelu"]
+)
 def test_loss_falls_on_planted_dictionary(sae_type, tmp_path, wandb_runs):
     # The default L1 coefficient (4 sigma / act_size, VanillaSAE) buys sparsity with shrinkage,
     # FVU ~0.5 at act_size 32: its sparsity is tested in test_sparsity_control.py; here a lighter one.
     cfg = planted_cfg(sae_type, tmp_path, **({"l1_coeff": 1e-2} if sae_type == "vanilla" else {}))
     train = train_transcoder if sae_type == "matryoshka_transcoder" else train_sae
-    sae = train(create_sae(cfg), PlantedStore(paired=sae_type == "matryoshka_transcoder"), None, cfg)
+    sae = train(
+        create_sae(cfg), PlantedStore(paired=sae_type == "matryoshka_transcoder"), None, cfg
+    )
     (run,) = wandb_runs
     assert [step for step, _ in run.history("loss")] == list(range(200))
     for key, factor in (("loss", 0.8), ("fvu", 0.6)):
         first, last = mean_of(run, key, range(20)), mean_of(run, key, range(180, 200))
         assert last < factor * first, (key, first, last)
     final = load_metrics(checkpoint_folder(cfg))
-    assert final["step"] == 200 and final["fvu"] < (0.8 if sae_type == "matryoshka_transcoder" else 0.2)
+    assert final["step"] == 200 and final["fvu"] < (
+        0.8 if sae_type == "matryoshka_transcoder" else 0.2
+    )
     assert sae.training  # left in training mode
 
 
@@ -50,8 +62,15 @@ def test_group_equals_separate_runs(tmp_path, wandb_runs):
     cfgs = [planted_cfg("batchtopk", tmp_path, n_steps=40, top_k=k) for k in (2, 4)]
     cfgs.append(planted_cfg("matryoshka", tmp_path, n_steps=40))
     group = train_sae_group([create_sae(cfg) for cfg in cfgs], PlantedStore(), None, cfgs)
-    alone = [train_sae(create_sae(cfg), PlantedStore(), None, {**cfg, "checkpoint_dir": str(tmp_path / "alone")})
-             for cfg in cfgs]
+    alone = [
+        train_sae(
+            create_sae(cfg),
+            PlantedStore(),
+            None,
+            {**cfg, "checkpoint_dir": str(tmp_path / "alone")},
+        )
+        for cfg in cfgs
+    ]
     assert len(group) == 3 and len({run.init_kwargs["name"] for run in wandb_runs}) == 3
     for trained_together, trained_alone in zip(group, alone):
         for name, tensor in trained_together.state_dict().items():
@@ -97,16 +116,35 @@ def test_wandb_gets_every_scalar_each_step(tmp_path, wandb_runs):
     kwargs = run.init_kwargs
     assert kwargs["mode"] == "disabled" and kwargs["project"] == cfg["wandb_project"]
     assert kwargs["name"] == cfg["name"] and json.dumps(kwargs["config"])  # JSON-safe
-    expected = {"loss", "l2_loss", "l1_loss", "l1_norm", "l0_norm", "aux_loss", "fvu", "num_dead_features",
-                "fvu_min", "fvu_max", "fvu_mean", "min_l2_loss", "max_l2_loss", "lr",
-                "fvu_prefix_0", "fvu_prefix_1", "fvu_prefix_2", "fvu_prefix_3"}
+    expected = {
+        "loss",
+        "l2_loss",
+        "l1_loss",
+        "l1_norm",
+        "l0_norm",
+        "aux_loss",
+        "fvu",
+        "num_dead_features",
+        "fvu_min",
+        "fvu_max",
+        "fvu_mean",
+        "min_l2_loss",
+        "max_l2_loss",
+        "lr",
+        "fvu_prefix_0",
+        "fvu_prefix_1",
+        "fvu_prefix_2",
+        "fvu_prefix_3",
+    }
     assert [step for step, _ in run.logged] == list(range(23))  # flushed at 10, 20 and the end
     for step, data in run.logged:
         assert set(data) == expected
         assert all(isinstance(v, float) and math.isfinite(v) for v in data.values())
         assert data["fvu_min"] <= data["fvu_mean"] <= data["fvu_max"]
         prefix_fvus = [data[f"fvu_prefix_{g}"] for g in range(4)]
-        assert min(prefix_fvus) == pytest.approx(data["fvu_min"]) and prefix_fvus[-1] == pytest.approx(data["fvu"])
+        assert min(prefix_fvus) == pytest.approx(data["fvu_min"]) and prefix_fvus[
+            -1
+        ] == pytest.approx(data["fvu"])
         assert data["lr"] == pytest.approx(lr_at_step(step, 23, cfg))
     history = load_history(checkpoint_folder(cfg))
     assert [row["step"] for row in history] == list(range(23))
@@ -185,8 +223,11 @@ def test_exact_transcoder_recovers_all_loss(tiny_gpt2, token_rows):
     """A "transcoder" that computes the MLP exactly: splicing it into mlp_out changes nothing."""
     block = tiny_gpt2.blocks[0]
     exact = ReconstructStub(lambda x: block.mlp(block.ln2(x[None]))[0])
-    cfg = eval_cfg(sae_type="matryoshka_transcoder", source_hook_point="blocks.0.hook_resid_mid",
-                   target_hook_point="blocks.0.hook_mlp_out")
+    cfg = eval_cfg(
+        sae_type="matryoshka_transcoder",
+        source_hook_point="blocks.0.hook_resid_mid",
+        target_hook_point="blocks.0.hook_mlp_out",
+    )
     result = evaluate_ce_loss(exact, tiny_gpt2, token_rows, cfg)
     assert result["ce_degradation"] == pytest.approx(0.0, abs=1e-5)
     assert result["loss_recovered"] == pytest.approx(1.0, abs=1e-4)
@@ -206,11 +247,27 @@ def test_evaluation_leaves_training_state_alone(tiny_gpt2, token_rows, tmp_path)
 def test_training_on_a_model_logs_ce_loss(tiny_gpt2, token_rows, tmp_path, wandb_runs):
     """The real activation store and a tiny model: CE evaluation every perf_log_freq steps."""
     data = tmp_path / "tokens"
-    DatasetDict({"train": Dataset.from_dict({"tokens": token_rows.tolist()})}).save_to_disk(str(data))
-    cfg = planted_cfg("matryoshka", tmp_path, n_steps=20, act_size=64, dict_size=256, batch_size=128,
-                  layer=1, site="resid_pre", dataset_path=str(data), seq_len=32, model_batch_size=8,
-                  num_batches_in_buffer=4, perf_log_freq=10, exclude_bos=True, bos_token_id=1,
-                  n_eval_rows=8)
+    DatasetDict({"train": Dataset.from_dict({"tokens": token_rows.tolist()})}).save_to_disk(
+        str(data)
+    )
+    cfg = planted_cfg(
+        "matryoshka",
+        tmp_path,
+        n_steps=20,
+        act_size=64,
+        dict_size=256,
+        batch_size=128,
+        layer=1,
+        site="resid_pre",
+        dataset_path=str(data),
+        seq_len=32,
+        model_batch_size=8,
+        num_batches_in_buffer=4,
+        perf_log_freq=10,
+        exclude_bos=True,
+        bos_token_id=1,
+        n_eval_rows=8,
+    )
     store = ActivationsStore(tiny_gpt2, cfg)
     train_sae(create_sae(cfg), store, tiny_gpt2, cfg)
     (run,) = wandb_runs

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from matryoshka_sae.cli import train_gemma_example
-from matryoshka_sae.checkpoint import checkpoint_folder, load_metrics, load_sae, save_checkpoint
-from matryoshka_sae.config import get_default_cfg, post_init_cfg
 from helpers import RESUME_SETTINGS, CrashingStore, PlantedStore, planted_cfg, synthetic_cfg
+
+from matryoshka_sae.checkpoint import checkpoint_folder, load_metrics, load_sae, save_checkpoint
+from matryoshka_sae.cli import train_gemma_example
+from matryoshka_sae.config import get_default_cfg, post_init_cfg
 from matryoshka_sae.sae import MatryoshkaTranscoder, create_sae
 from matryoshka_sae.training import train_transcoder
 
@@ -26,7 +26,7 @@ def transcoder_cfg(**overrides):
 def pair(seed=0, n=B):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(n, D, generator=generator) * 2 + torch.linspace(-3, 3, D)
-    mix = torch.randn(D, D, generator=generator) / D ** 0.5
+    mix = torch.randn(D, D, generator=generator) / D**0.5
     return x, torch.relu(x @ mix) * 3 + 1
 
 
@@ -36,11 +36,13 @@ def pair(seed=0, n=B):
 
 
 def test_transcoder_encoder_is_not_the_decoders_transpose():
-    transcoder = MatryoshkaTranscoder(transcoder_cfg())  # d_in == d_out: the SAE rule would tie them
+    transcoder = MatryoshkaTranscoder(
+        transcoder_cfg()
+    )  # d_in == d_out: the SAE rule would tie them
     W_enc, W_dec = transcoder.W_enc.detach(), transcoder.W_dec.detach()
     torch.testing.assert_close(W_enc.norm(dim=0), torch.ones(S))
     cosines = (W_enc * W_dec.t()).sum(dim=0)  # latent i: encoder column . decoder row
-    assert cosines.abs().max() < 0.8 and cosines.abs().mean() < 3 / D ** 0.5  # independent draws
+    assert cosines.abs().max() < 0.8 and cosines.abs().mean() < 3 / D**0.5  # independent draws
     sae_cfg = post_init_cfg({**transcoder_cfg(), "sae_type": "matryoshka"})
     sae = create_sae(sae_cfg)
     assert torch.equal(sae.W_enc, sae.W_dec.t())  # an SAE keeps the tied start
@@ -56,8 +58,12 @@ class PlantedPairs:
 
     def __init__(self, seed=0, start=0, batch_size=128):
         generator = torch.Generator().manual_seed(1234)
-        self.source_dict = F.normalize(torch.randn(self.N_TRUE, self.D_PLANTED, generator=generator), dim=1)
-        self.target_dict = F.normalize(torch.randn(self.N_TRUE, self.D_PLANTED, generator=generator), dim=1)
+        self.source_dict = F.normalize(
+            torch.randn(self.N_TRUE, self.D_PLANTED, generator=generator), dim=1
+        )
+        self.target_dict = F.normalize(
+            torch.randn(self.N_TRUE, self.D_PLANTED, generator=generator), dim=1
+        )
         self.massive = torch.zeros(self.D_PLANTED)
         self.massive[:2] = 10.0
         self.seed, self.index, self.batch_size = seed, start, batch_size
@@ -65,7 +71,11 @@ class PlantedPairs:
     def next_batch(self):
         generator = torch.Generator().manual_seed(1000 * self.seed + self.index)
         self.index += 1
-        chosen = torch.rand(self.batch_size, self.N_TRUE, generator=generator).topk(self.K_TRUE, dim=1).indices
+        chosen = (
+            torch.rand(self.batch_size, self.N_TRUE, generator=generator)
+            .topk(self.K_TRUE, dim=1)
+            .indices
+        )
         values = torch.rand(self.batch_size, self.K_TRUE, generator=generator) + 0.5
         codes = torch.zeros(self.batch_size, self.N_TRUE).scatter_(1, chosen, values)
         return codes @ self.source_dict + self.massive, codes @ self.target_dict + self.massive / 4
@@ -74,15 +84,25 @@ class PlantedPairs:
 def planted_dead_fraction(tmp_path, old_initialisation: bool) -> float:
     """Train on PlantedPairs for 300 steps (the real loop); the fraction of latents that never fire
     on 4096 unseen tokens."""
-    cfg = planted_cfg("matryoshka_transcoder", tmp_path, n_steps=300, act_size=PlantedPairs.D_PLANTED,
-                      dict_size=PlantedPairs.N_TRUE, top_k=PlantedPairs.K_TRUE)
+    cfg = planted_cfg(
+        "matryoshka_transcoder",
+        tmp_path,
+        n_steps=300,
+        act_size=PlantedPairs.D_PLANTED,
+        dict_size=PlantedPairs.N_TRUE,
+        top_k=PlantedPairs.K_TRUE,
+    )
     transcoder = MatryoshkaTranscoder(cfg)
-    if old_initialisation:  # the plain SAE-style one: tied encoder, uncentred source, random decoder
+    if (
+        old_initialisation
+    ):  # the plain SAE-style one: tied encoder, uncentred source, random decoder
         with torch.no_grad():
             transcoder.W_enc.copy_(transcoder.W_dec.t())
-        transcoder.initialize_from_batch = lambda source, target: transcoder.initialize_b_dec(target)
+        transcoder.initialize_from_batch = lambda source, target: transcoder.initialize_b_dec(
+            target
+        )
     train_transcoder(transcoder, PlantedPairs(), None, transcoder.cfg)
-    source, _ = PlantedPairs(start=10 ** 6, batch_size=4096).next_batch()
+    source, _ = PlantedPairs(start=10**6, batch_size=4096).next_batch()
     transcoder.eval()
     fired = (transcoder.encode(source) > 0).any(dim=0)
     return 1 - fired.float().mean().item()
@@ -99,7 +119,9 @@ def test_initialize_from_batch_centres_the_source_and_aims_the_decoder():
     source, target = PlantedPairs(batch_size=512).next_batch()
     transcoder.initialize_from_batch(source, target)
     x_c = transcoder.center(transcoder.normalize_source(source)[0])
-    torch.testing.assert_close(x_c.mean(dim=0), torch.zeros(PlantedPairs.D_PLANTED), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        x_c.mean(dim=0), torch.zeros(PlantedPairs.D_PLANTED), atol=1e-5, rtol=0
+    )
     torch.testing.assert_close(transcoder.W_dec.norm(dim=1), torch.ones(S))
     # Each latent that fires writes, on average, towards the targets of the tokens it fires on.
     acts = transcoder.encode(source)
@@ -160,9 +182,16 @@ def dense_transcoder_loss(transcoder, x, y):
     acts = F.relu(pre)
     cut = acts.detach().flatten().topk(K * x.shape[0]).values[-1]
     z = acts * ((acts >= cut) & (acts > 0))
-    skip = ((x - transcoder.skip_shift) / transcoder.skip_scale) @ transcoder.W_skip  # the raw source
-    prefixes = torch.stack([z[:, :m] @ transcoder.W_dec[:m] + transcoder.b_dec + skip
-                            for m in transcoder.group_ends.tolist()], dim=1)
+    skip = (
+        (x - transcoder.skip_shift) / transcoder.skip_scale
+    ) @ transcoder.W_skip  # the raw source
+    prefixes = torch.stack(
+        [
+            z[:, :m] @ transcoder.W_dec[:m] + transcoder.b_dec + skip
+            for m in transcoder.group_ends.tolist()
+        ],
+        dim=1,
+    )
     l2 = (prefixes - y_n[:, None]).pow(2).mean(dim=(0, 2)).mean()
     dead = transcoder.dead_latents()
     dead_acts = F.relu(pre[:, dead])
@@ -182,35 +211,46 @@ def test_skip_gradient_and_prefixes_match_dense_reference():
         transcoder.skip_shift.normal_(0, 0.5)
         transcoder.skip_scale.fill_(4.0)
         transcoder.b_enc.normal_(0, 0.1)
-        transcoder.tokens_since_fired[::3] = 10 ** 9  # some dead latents, so AuxK is on
+        transcoder.tokens_since_fired[::3] = 10**9  # some dead latents, so AuxK is on
     reference = copy.deepcopy(transcoder)
     out = transcoder(x, y)
     ref_loss, ref_prefixes = dense_transcoder_loss(reference, x, y)
     assert out["aux_loss"] > 0
     torch.testing.assert_close(out["loss"], ref_loss, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(out["sae_out"], ref_prefixes[:, -1], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(transcoder.reconstruct_prefixes(x), ref_prefixes.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        transcoder.reconstruct_prefixes(x), ref_prefixes.detach(), rtol=1e-5, atol=1e-5
+    )
     out["loss"].backward()
     transcoder.remove_parallel_decoder_grad()  # touches W_dec only
     ref_loss.backward()
     reference.remove_parallel_decoder_grad()
     assert transcoder.W_skip.grad.abs().sum() > 0
     for name, param in transcoder.named_parameters():
-        torch.testing.assert_close(param.grad, dict(reference.named_parameters())[name].grad,
-                                   rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(
+            param.grad,
+            dict(reference.named_parameters())[name].grad,
+            rtol=1e-4,
+            atol=1e-6,
+            msg=name,
+        )
 
 
 def test_skip_path_reads_the_raw_source_centred_and_scaled_by_a_power_of_two():
     x, y = pair(4)
     x = x * 40 + 7  # far from unit scale
     for input_unit_norm in (True, False):
-        transcoder = MatryoshkaTranscoder(transcoder_cfg(transcoder_skip=True, input_unit_norm=input_unit_norm))
+        transcoder = MatryoshkaTranscoder(
+            transcoder_cfg(transcoder_skip=True, input_unit_norm=input_unit_norm)
+        )
         transcoder.initialize_from_batch(x, y)
         torch.testing.assert_close(transcoder.skip_shift, x.mean(dim=0))
         x_s = (x - transcoder.skip_shift) / transcoder.skip_scale
         scale = transcoder.skip_scale.item()
         if input_unit_norm:  # unit RMS to within a factor sqrt(2), and a power of two
-            assert 2 ** -0.5 <= x_s.pow(2).mean().sqrt() <= 2 ** 0.5 and math.log2(scale) == round(math.log2(scale))
+            assert 2**-0.5 <= x_s.pow(2).mean().sqrt() <= 2**0.5 and math.log2(scale) == round(
+                math.log2(scale)
+            )
         else:  # the skip path reads x_c, what the encoder reads
             assert scale == 1.0
             torch.testing.assert_close(x_s, transcoder.center(transcoder.normalize_source(x)[0]))
@@ -221,7 +261,9 @@ def test_skip_transcoder_files_from_before_the_raw_skip_path():
     input_unit_norm; with it the file cannot be computed here and says so."""
     x, y = pair(5)
     for input_unit_norm in (False, True):
-        transcoder = MatryoshkaTranscoder(transcoder_cfg(transcoder_skip=True, input_unit_norm=input_unit_norm))
+        transcoder = MatryoshkaTranscoder(
+            transcoder_cfg(transcoder_skip=True, input_unit_norm=input_unit_norm)
+        )
         transcoder.initialize_from_batch(x, y)
         with torch.no_grad():
             transcoder.W_skip.normal_(0, 0.2)
@@ -237,7 +279,9 @@ def test_skip_transcoder_files_from_before_the_raw_skip_path():
 
 def test_skip_starts_as_the_plain_transcoder_and_stays_off_the_decoder_constraint():
     x, y = pair(2)
-    plain, skip = (MatryoshkaTranscoder(transcoder_cfg(transcoder_skip=flag)) for flag in (False, True))
+    plain, skip = (
+        MatryoshkaTranscoder(transcoder_cfg(transcoder_skip=flag)) for flag in (False, True)
+    )
     assert plain.W_skip is None and torch.equal(skip.W_skip, torch.zeros(D, D))
     for transcoder in (plain, skip):
         transcoder.initialize_b_dec(y)
@@ -252,14 +296,18 @@ def test_skip_setting_belongs_to_transcoders_and_the_cli():
     with pytest.raises(ValueError, match="transcoder_skip"):
         post_init_cfg({**get_default_cfg(), "transcoder_skip": True})
     parser = train_gemma_example.build_parser()
-    assert train_gemma_example.transcoder_cfg(parser.parse_args(["transcoder", "--skip"]))["transcoder_skip"]
+    assert train_gemma_example.transcoder_cfg(parser.parse_args(["transcoder", "--skip"]))[
+        "transcoder_skip"
+    ]
     cfg = train_gemma_example.transcoder_cfg(parser.parse_args(["transcoder"]))
     assert not cfg["transcoder_skip"] and not cfg["name"].endswith("skip")
 
 
 def test_skip_transcoder_saves_loads_and_resumes_W_skip(tmp_path, wandb_runs):
     def cfg_in(folder):
-        return planted_cfg("matryoshka_transcoder", tmp_path / folder, transcoder_skip=True, **RESUME_SETTINGS)
+        return planted_cfg(
+            "matryoshka_transcoder", tmp_path / folder, transcoder_skip=True, **RESUME_SETTINGS
+        )
 
     cfg = cfg_in("uninterrupted")
     reference = train_transcoder(create_sae(cfg), PlantedStore(paired=True), None, cfg)
@@ -272,7 +320,8 @@ def test_skip_transcoder_saves_loads_and_resumes_W_skip(tmp_path, wandb_runs):
         train_transcoder(create_sae(cfg), CrashingStore(crash_at=25, paired=True), None, cfg)
     folder = checkpoint_folder(cfg)
     assert load_metrics(folder)["step"] == 20
-    resumed = train_transcoder(create_sae(cfg), PlantedStore(start=20, paired=True), None, cfg,
-                               resume_from=folder)
+    resumed = train_transcoder(
+        create_sae(cfg), PlantedStore(start=20, paired=True), None, cfg, resume_from=folder
+    )
     for name, tensor in reference.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], tensor), name

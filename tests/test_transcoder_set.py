@@ -7,20 +7,29 @@ import signal
 
 import pytest
 import torch
+from helpers import assert_same_weights, set_cfgs, train_set
+from safetensors.torch import load_file
 
-from matryoshka_sae.cli import train_gemma_example
 from matryoshka_sae.activation_store import MultiHookActivationsStore
 from matryoshka_sae.circuit_tracer_format import (
-    THRESHOLD, circuit_tracer_layer, export_circuit_tracer, read_config,
+    THRESHOLD,
+    circuit_tracer_layer,
+    export_circuit_tracer,
+    read_config,
 )
-from helpers import assert_same_weights, set_cfgs, train_set
+from matryoshka_sae.cli import train_gemma_example
 from matryoshka_sae.preemption import TrainingInterrupted
 from matryoshka_sae.sae import create_sae
 from matryoshka_sae.sae_lens_format import NotRepresentable
-from safetensors.torch import load_file
 from matryoshka_sae.training import train_transcoder
 from matryoshka_sae.transcoder_activation_store import TranscoderActivationsStore
-from matryoshka_sae.transcoder_set import SET_MANIFEST, layer_folders, load_transcoder_set, parse_layers, read_manifest
+from matryoshka_sae.transcoder_set import (
+    SET_MANIFEST,
+    layer_folders,
+    load_transcoder_set,
+    parse_layers,
+    read_manifest,
+)
 
 
 def test_set_trains_each_layer_as_a_run_of_its_own(tiny_gemma2, tmp_path):
@@ -30,8 +39,12 @@ def test_set_trains_each_layer_as_a_run_of_its_own(tiny_gemma2, tmp_path):
     for cfg, together in zip(cfgs, trained):
         alone_cfg = {**cfg, "checkpoint_dir": str(tmp_path / "alone")}
         torch.manual_seed(0)
-        alone = train_transcoder(create_sae(alone_cfg), TranscoderActivationsStore(tiny_gemma2, alone_cfg), None,
-                                 alone_cfg)
+        alone = train_transcoder(
+            create_sae(alone_cfg),
+            TranscoderActivationsStore(tiny_gemma2, alone_cfg),
+            None,
+            alone_cfg,
+        )
         assert_same_weights(alone, together)
 
 
@@ -39,14 +52,24 @@ def test_set_trains_each_layer_as_a_run_of_its_own(tiny_gemma2, tmp_path):
 def test_kinds_set_the_selection_and_the_groups(tmp_path, kind, groups):
     cfgs = set_cfgs(tmp_path, kind, kind=kind)
     assert all(len(cfg["group_sizes"]) == groups and sum(cfg["group_sizes"]) == 128 for cfg in cfgs)
-    assert {cfg["transcoder_selection"] for cfg in cfgs} == {"topk" if kind == "topk" else "batchtopk"}
-    assert [cfg["source_hook_point"] for cfg in cfgs] == ["blocks.0.ln2.hook_normalized", "blocks.1.ln2.hook_normalized"]
-    assert [cfg["target_hook_point"] for cfg in cfgs] == ["blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"]
+    assert {cfg["transcoder_selection"] for cfg in cfgs} == {
+        "topk" if kind == "topk" else "batchtopk"
+    }
+    assert [cfg["source_hook_point"] for cfg in cfgs] == [
+        "blocks.0.ln2.hook_normalized",
+        "blocks.1.ln2.hook_normalized",
+    ]
+    assert [cfg["target_hook_point"] for cfg in cfgs] == [
+        "blocks.0.hook_mlp_out",
+        "blocks.1.hook_mlp_out",
+    ]
     assert not any(cfg["input_unit_norm"] for cfg in cfgs)  # exportable by default
 
 
 def test_topk_transcoder_keeps_k_latents_per_token(tiny_gemma2, tmp_path):
-    transcoder = train_set(tiny_gemma2, set_cfgs(tmp_path, "topk", layers=(0,), kind="topk"), evaluate=False)[0]
+    transcoder = train_set(
+        tiny_gemma2, set_cfgs(tmp_path, "topk", layers=(0,), kind="topk"), evaluate=False
+    )[0]
     transcoder.eval()
     codes = transcoder.encode(torch.randn(20, 64))
     assert ((codes > 0).sum(-1) <= 6).all() and ((codes > 0).sum(-1) >= 5).float().mean() > 0.5
@@ -92,7 +115,10 @@ def test_export_computes_what_the_set_computes(tiny_gemma2, tmp_path, kind, skip
     train_set(tiny_gemma2, set_cfgs(tmp_path, "set", kind=kind, skip=skip), evaluate=False)
     out = export_circuit_tracer(tmp_path / "set", tmp_path / "exported")
     config = read_config(out)
-    assert config["model_kind"] == "transcoder_set" and config["feature_input_hook"] == "ln2.hook_normalized"
+    assert (
+        config["model_kind"] == "transcoder_set"
+        and config["feature_input_hook"] == "ln2.hook_normalized"
+    )
     assert config["feature_output_hook"] == "hook_mlp_out" and len(config["transcoders"]) == 2
     x = torch.randn(300, 64) * 2 + 0.5
     for layer, ours in load_transcoder_set(tmp_path / "set").items():
@@ -110,10 +136,14 @@ def test_export_refuses_what_circuit_tracer_cannot_compute(tiny_gemma2, tmp_path
     train_set(tiny_gemma2, set_cfgs(tmp_path, "partial", layers=(1,)), evaluate=False)
     with pytest.raises(NotRepresentable, match=r"lacks layers \[0\].*--layers all"):
         export_circuit_tracer(tmp_path / "partial", tmp_path / "out")
-    normed = train_set(tiny_gemma2, set_cfgs(tmp_path, "normed", layers=(0,), input_unit_norm=True), evaluate=False)[0]
+    normed = train_set(
+        tiny_gemma2, set_cfgs(tmp_path, "normed", layers=(0,), input_unit_norm=True), evaluate=False
+    )[0]
     with pytest.raises(NotRepresentable, match="input_unit_norm False"):
         circuit_tracer_layer(normed)
-    topk = train_set(tiny_gemma2, set_cfgs(tmp_path, "topk", layers=(0,), kind="topk"), evaluate=False)[0]
+    topk = train_set(
+        tiny_gemma2, set_cfgs(tmp_path, "topk", layers=(0,), kind="topk"), evaluate=False
+    )[0]
     with pytest.raises(NotRepresentable, match="transcoder_selection 'batchtopk'"):
         circuit_tracer_layer(topk)
     assert not (tmp_path / "out").exists()  # nothing written on refusal
@@ -142,4 +172,7 @@ def test_manifest_names_every_layer_folder(tmp_path):
 
     write_manifest(tmp_path / "set", cfgs, "matryoshka")
     data = json.loads((tmp_path / "set" / SET_MANIFEST).read_text())
-    assert data["folders"] == {"0": "layer_0", "1": "layer_1"} and data["source_site"] == "ln2_normalized"
+    assert (
+        data["folders"] == {"0": "layer_0", "1": "layer_1"}
+        and data["source_site"] == "ln2_normalized"
+    )

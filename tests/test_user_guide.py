@@ -8,11 +8,11 @@ count, batch size, data); every other line is the guide's.
 
 import pytest
 import torch
+from conftest import TINY_D_MODEL, tiny_gemma2_config, tiny_gpt2_config
 from datasets import Dataset
 from transformer_lens import HookedTransformer
 
 from matryoshka_sae import config
-from conftest import TINY_D_MODEL, tiny_gemma2_config, tiny_gpt2_config
 
 TINY_LAYERS = 9
 
@@ -21,7 +21,9 @@ TINY_LAYERS = 9
 def hub(monkeypatch, tmp_path):
     """Stand-ins for the hub: tiny 9-block models, and the table's sizes to match them."""
     for name in ("gpt2", "gemma-2-2b"):
-        monkeypatch.setitem(config.MODEL_TABLE, name, {"act_size": TINY_D_MODEL, "n_layers": TINY_LAYERS})
+        monkeypatch.setitem(
+            config.MODEL_TABLE, name, {"act_size": TINY_D_MODEL, "n_layers": TINY_LAYERS}
+        )
 
     def from_pretrained_no_processing(name, **kwargs):
         base = tiny_gemma2_config() if "gemma" in name else tiny_gpt2_config()
@@ -31,12 +33,22 @@ def hub(monkeypatch, tmp_path):
         torch.manual_seed(0)
         return HookedTransformer(base)
 
-    monkeypatch.setattr(HookedTransformer, "from_pretrained_no_processing", staticmethod(from_pretrained_no_processing))
+    monkeypatch.setattr(
+        HookedTransformer,
+        "from_pretrained_no_processing",
+        staticmethod(from_pretrained_no_processing),
+    )
     monkeypatch.chdir(tmp_path)  # checkpoints and wandb files
     tokens = torch.randint(2, 1000, (300, 64), generator=torch.Generator().manual_seed(0))
     tokens[:, 0] = 1
-    return {"dataset_path": Dataset.from_dict({"tokens": tokens.tolist()}), "seq_len": 64,
-            "bos_token_id": 1, "n_eval_rows": 4, "num_batches_in_buffer": 2, "perf_log_freq": 2}
+    return {
+        "dataset_path": Dataset.from_dict({"tokens": tokens.tolist()}),
+        "seq_len": 64,
+        "bos_token_id": 1,
+        "n_eval_rows": 4,
+        "num_batches_in_buffer": 2,
+        "perf_log_freq": 2,
+    }
 
 
 def test_quick_example_gemma_2_2b(hub):
@@ -61,9 +73,11 @@ def test_quick_example_gemma_2_2b(hub):
     cfg = post_init_cfg(cfg)
 
     # Load model
-    model = HookedTransformer.from_pretrained_no_processing(
-        "gemma-2-2b"
-    ).to(cfg["model_dtype"]).to(cfg["device"])
+    model = (
+        HookedTransformer.from_pretrained_no_processing("gemma-2-2b")
+        .to(cfg["model_dtype"])
+        .to(cfg["device"])
+    )
 
     # Train
     activation_store = ActivationsStore(model, cfg)
@@ -88,7 +102,9 @@ def test_example_1_gpt2_with_fvu_monitoring(hub, capsys):
     cfg.update(hub, batch_size=256)  # test: local tokens
     cfg = post_init_cfg(cfg)
 
-    model = HookedTransformer.from_pretrained_no_processing("gpt2-small")  # test: .to("cuda") needs a GPU
+    model = HookedTransformer.from_pretrained_no_processing(
+        "gpt2-small"
+    )  # test: .to("cuda") needs a GPU
     activation_store = ActivationsStore(model, cfg)
     sae = GlobalBatchTopKMatryoshkaSAE(cfg)
 
@@ -97,9 +113,11 @@ def test_example_1_gpt2_with_fvu_monitoring(hub, capsys):
         batch = activation_store.next_batch()
         output = sae(batch)
 
-        print(f"Step {i}: FVU={output['fvu']:.4f}, "
-              f"FVU_min={output['fvu_min']:.4f}, "
-              f"FVU_max={output['fvu_max']:.4f}")
+        print(
+            f"Step {i}: FVU={output['fvu']:.4f}, "
+            f"FVU_min={output['fvu_min']:.4f}, "
+            f"FVU_max={output['fvu_max']:.4f}"
+        )
 
     assert capsys.readouterr().out.count("FVU_min=") == num_batches
 
@@ -108,7 +126,10 @@ def test_example_2_gemma_transcoder(hub):
     from matryoshka_sae.config import get_default_cfg
     from matryoshka_sae.sae import MatryoshkaTranscoder
     from matryoshka_sae.training import train_transcoder
-    from matryoshka_sae.transcoder_activation_store import TranscoderActivationsStore, create_transcoder_config
+    from matryoshka_sae.transcoder_activation_store import (
+        TranscoderActivationsStore,
+        create_transcoder_config,
+    )
 
     cfg = get_default_cfg()
     cfg["model_name"] = "gemma-2-2b"
@@ -119,14 +140,12 @@ def test_example_2_gemma_transcoder(hub):
 
     # Configure for MLP transformation
     cfg = create_transcoder_config(
-        cfg,
-        source_layer=8,
-        target_layer=8,
-        source_site="resid_mid",
-        target_site="mlp_out"
+        cfg, source_layer=8, target_layer=8, source_site="resid_mid", target_site="mlp_out"
     )
 
-    model = HookedTransformer.from_pretrained_no_processing("gemma-2-2b")  # test: .to("cuda") needs a GPU
+    model = HookedTransformer.from_pretrained_no_processing(
+        "gemma-2-2b"
+    )  # test: .to("cuda") needs a GPU
     activation_store = TranscoderActivationsStore(model, cfg)
     transcoder = MatryoshkaTranscoder(cfg)
 

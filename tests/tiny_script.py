@@ -19,10 +19,13 @@ TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
 import conftest  # noqa: E402  (offline settings, one torch thread, the tiny models)
-from matryoshka_sae import activation_store  # noqa: E402
-from matryoshka_sae import checkpoint  # noqa: E402
-from matryoshka_sae import config  # noqa: E402
-from matryoshka_sae import model_loading  # noqa: E402
+
+from matryoshka_sae import (  # noqa: E402
+    activation_store,  # noqa: E402
+    checkpoint,  # noqa: E402
+    config,  # noqa: E402
+    model_loading,  # noqa: E402
+)
 
 TINY_MODELS = {"tiny-gpt2": "gpt2", "tiny-gemma2": "gemma2"}
 
@@ -59,7 +62,9 @@ def kill_in_save(n: int) -> None:
 def main() -> None:
     for name in TINY_MODELS:
         config.MODEL_TABLE[name] = {"act_size": conftest.TINY_D_MODEL, "n_layers": 2}
-    model_loading.load_model = lambda name, device="cpu", dtype=None: conftest.build_tiny_model(TINY_MODELS[name])
+    model_loading.load_model = lambda name, device="cpu", dtype=None: conftest.build_tiny_model(
+        TINY_MODELS[name]
+    )
     if "TINY_KILL_AT_BATCH" in os.environ:
         kill_at_batch(int(os.environ["TINY_KILL_AT_BATCH"]))
     if "TINY_KILL_IN_SAVE" in os.environ:

@@ -20,19 +20,32 @@ import time
 from pathlib import Path
 
 from matryoshka_sae.cli.options import (
-    ArgumentParser, add_debug_argument, add_run_arguments, apply_overrides, check_dataset_available, check_device,
+    ArgumentParser,
+    add_debug_argument,
+    add_run_arguments,
+    apply_overrides,
+    check_dataset_available,
+    check_device,
     run_reporting_errors,
 )
 from matryoshka_sae.config import get_default_cfg, get_hook_name, post_init_cfg
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="folder to write the cache to (new, empty, or a cache)")
+    parser = ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", required=True, help="folder to write the cache to (new, empty, or a cache)"
+    )
     parser.add_argument("--sites", nargs="+", help="hook sites to cache (default: --site)")
     parser.add_argument("--layers", type=int, nargs="+", help="layers to cache (default: --layer)")
-    parser.add_argument("--shard-mb", type=float, default=256, help="size of each shard file (default 256)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a complete cache in --out")
+    parser.add_argument(
+        "--shard-mb", type=float, default=256, help="size of each shard file (default 256)"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a complete cache in --out"
+    )
     add_run_arguments(parser)
     add_debug_argument(parser)
     return parser
@@ -43,25 +56,36 @@ def cache(args: argparse.Namespace) -> None:
     from matryoshka_sae.model_loading import check_model_available, load_model
 
     cfg = post_init_cfg(apply_overrides(get_default_cfg(), args))
-    hooks = [get_hook_name(site, layer, cfg["model_name"])
-             for layer in (args.layers or [cfg["layer"]]) for site in (args.sites or [cfg["site"]])]
+    hooks = [
+        get_hook_name(site, layer, cfg["model_name"])
+        for layer in (args.layers or [cfg["layer"]])
+        for site in (args.sites or [cfg["site"]])
+    ]
     if not 0 < args.shard_mb < float("inf"):
         raise ValueError(f"--shard-mb {args.shard_mb}: give a positive size in MB, e.g. 256.")
     check_device(cfg)
     check_model_available(cfg["model_name"])
     check_dataset_available(cfg["dataset_path"])
-    prepare_cache_folder(Path(args.out), args.overwrite)  # checked and probed before the model loads
+    prepare_cache_folder(
+        Path(args.out), args.overwrite
+    )  # checked and probed before the model loads
     model = load_model(cfg["model_name"], cfg["device"], cfg["model_dtype"])
     start = time.perf_counter()
-    manifest = write_activation_cache(model, cfg, args.out, hooks, shard_mb=args.shard_mb, overwrite=True)
+    manifest = write_activation_cache(
+        model, cfg, args.out, hooks, shard_mb=args.shard_mb, overwrite=True
+    )
     seconds = time.perf_counter() - start
-    print(f"{args.out}: {manifest['num_tokens']} activations of {', '.join(hooks)} ({manifest['dtype']}) in "
-          f"{len(manifest['shards'])} shard(s), {seconds:.1f} s ({manifest['num_tokens'] / seconds:,.0f} tokens/s)")
+    print(
+        f"{args.out}: {manifest['num_tokens']} activations of {', '.join(hooks)} ({manifest['dtype']}) in "
+        f"{len(manifest['shards'])} shard(s), {seconds:.1f} s ({manifest['num_tokens'] / seconds:,.0f} tokens/s)"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    run_reporting_errors(lambda: cache(args), resume_command="python cache_activations.py", debug=args.debug)
+    run_reporting_errors(
+        lambda: cache(args), resume_command="python cache_activations.py", debug=args.debug
+    )
 
 
 if __name__ == "__main__":

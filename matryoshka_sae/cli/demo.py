@@ -45,8 +45,8 @@ DEMO_SETTINGS = {
     "exclude_bos": True,
     "n_eval_rows": 96,  # 12,288 held-out tokens from the 5% of documents never trained on
     "log_freq": 5,
-    "perf_log_freq": 10 ** 9,  # the CE evaluation runs once, at the end
-    "checkpoint_freq": 10 ** 9,
+    "perf_log_freq": 10**9,  # the CE evaluation runs once, at the end
+    "checkpoint_freq": 10**9,
     "dataset_path": "python-docs",
     "device": "cpu",
 }
@@ -68,7 +68,12 @@ def run_demo(args=None) -> dict:
     """Train the demo SAE and report on it; returns the report's numbers."""
     from matryoshka_sae.activation_store import ActivationsStore
     from matryoshka_sae.checkpoint import checkpoint_folder, load_history, load_metrics
-    from matryoshka_sae.evaluation import format_report, plot_firing_density, plot_prefix_fvu, reconstruction_report
+    from matryoshka_sae.evaluation import (
+        format_report,
+        plot_firing_density,
+        plot_prefix_fvu,
+        reconstruction_report,
+    )
     from matryoshka_sae.model_loading import load_model
     from matryoshka_sae.sae import create_sae
     from matryoshka_sae.training import train_sae
@@ -77,42 +82,63 @@ def run_demo(args=None) -> dict:
     resume_from = getattr(args, "resume", None)
     if resume_from:
         if len(resume_from) != 1:
-            raise ValueError(f"--demo --resume takes the demo's one checkpoint folder; got {len(resume_from)}.")
+            raise ValueError(
+                f"--demo --resume takes the demo's one checkpoint folder; got {len(resume_from)}."
+            )
         cfg = resumed_cfgs(resume_from, args)[0]
     else:
         cfg = post_init_cfg(demo_cfg(args))
-    check_before_loading([cfg], resume_from=resume_from, overwrite=getattr(args, "overwrite", False))
+    check_before_loading(
+        [cfg], resume_from=resume_from, overwrite=getattr(args, "overwrite", False)
+    )
     model = load_model(cfg["model_name"], cfg["device"], cfg["model_dtype"])
     if model.tokenizer is not None and cfg.get("bos_token_id") is None:
         cfg["bos_token_id"] = model.tokenizer.bos_token_id
     store = ActivationsStore(model, cfg)
-    print(f"Set-up took {time.perf_counter() - started:.0f} s. {'Continuing' if resume_from else 'Training'} "
-          f"{cfg['name']}")
+    print(
+        f"Set-up took {time.perf_counter() - started:.0f} s. {'Continuing' if resume_from else 'Training'} "
+        f"{cfg['name']}"
+    )
 
     training_started = time.perf_counter()
-    sae = train_sae(create_sae(cfg), store, model, cfg, resume_from=resume_from[0] if resume_from else None)
+    sae = train_sae(
+        create_sae(cfg), store, model, cfg, resume_from=resume_from[0] if resume_from else None
+    )
     training_time = time.perf_counter() - training_started
 
     folder = checkpoint_folder(cfg)
     ce = load_metrics(folder)  # training ends with the CE evaluation on the held-out tokens
     held_out = store.activations_of(store.get_eval_tokens())[0]
     report = reconstruction_report(sae, held_out)
-    plots = [plot_prefix_fvu(load_history(folder), folder / "prefix_fvu.png"),
-             plot_firing_density(report["firing_density"], folder / "firing_density.png")]
+    plots = [
+        plot_prefix_fvu(load_history(folder), folder / "prefix_fvu.png"),
+        plot_firing_density(report["firing_density"], folder / "firing_density.png"),
+    ]
     print()
-    print(format_report(report, ce if "ce_loss_clean" in ce else None, cfg["group_sizes"]))  # (a stop skips it)
-    print(f"\nTrained on {cfg['num_tokens']:,} tokens in {training_time / 60:.1f} min "
-          f"({cfg['num_tokens'] / training_time:,.0f} tokens/s, model included); "
-          f"held-out: {len(held_out):,} tokens.")
+    print(
+        format_report(report, ce if "ce_loss_clean" in ce else None, cfg["group_sizes"])
+    )  # (a stop skips it)
+    print(
+        f"\nTrained on {cfg['num_tokens']:,} tokens in {training_time / 60:.1f} min "
+        f"({cfg['num_tokens'] / training_time:,.0f} tokens/s, model included); "
+        f"held-out: {len(held_out):,} tokens."
+    )
     print(f"Checkpoint: {folder}\nPlots: {', '.join(str(p) for p in plots)}")
-    print(f"Export it for SAELens (SAE.load_from_disk): python export_sae.py {folder} {folder}-sae-lens")
+    print(
+        f"Export it for SAELens (SAE.load_from_disk): python export_sae.py {folder} {folder}-sae-lens"
+    )
     browser, stats = build_demo_browser(sae, store, cfg, folder)
     print(stats.describe_timing())
     print(f"Feature browser (open it in a web browser; works offline): {browser}")
     # The held-out report's fvu and l0_norm, not the last training batch's (also in metrics.json).
-    return {**ce, **{k: v for k, v in report.items() if k != "firing_density"},
-            "training_seconds": training_time, "folder": str(folder), "feature_browser": str(browser),
-            "feature_statistics_timing": stats.data["timing"]}
+    return {
+        **ce,
+        **{k: v for k, v in report.items() if k != "firing_density"},
+        "training_seconds": training_time,
+        "folder": str(folder),
+        "feature_browser": str(browser),
+        "feature_statistics_timing": stats.data["timing"],
+    }
 
 
 def build_demo_browser(sae, store, cfg: dict, folder):
@@ -120,5 +146,7 @@ def build_demo_browser(sae, store, cfg: dict, folder):
     from matryoshka_sae.feature_browser import write_feature_browser
     from matryoshka_sae.feature_statistics import collect_feature_statistics, describe_source
 
-    stats = collect_feature_statistics(sae, store, source={**describe_source(cfg), "checkpoint": str(folder)})
+    stats = collect_feature_statistics(
+        sae, store, source={**describe_source(cfg), "checkpoint": str(folder)}
+    )
     return write_feature_browser(stats, folder / "feature_browser"), stats

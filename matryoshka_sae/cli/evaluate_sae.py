@@ -45,25 +45,58 @@ TABLE_ROWS = [  # (label, key path in the result, format)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoints", nargs="+", type=Path, help="checkpoint folders (config.json, sae.safetensors)")
-    parser.add_argument("--out", type=Path, help="folder for <name>.json per dictionary and table.md "
-                                                 "(default: evaluation.json in each checkpoint folder)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "checkpoints",
+        nargs="+",
+        type=Path,
+        help="checkpoint folders (config.json, sae.safetensors)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="folder for <name>.json per dictionary and table.md "
+        "(default: evaluation.json in each checkpoint folder)",
+    )
     parser.add_argument("--prefix", default="", help="prefix of the file names in --out")
-    parser.add_argument("--num-tokens", dest="inspect_tokens", metavar="N", type=RUN_OPTIONS["--num-tokens"][1]["type"],
-                        help="held-out tokens for the core metrics (default: the run's n_eval_rows x seq_len)")
-    parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 5, 16], help="k of the k-sparse probes")
-    parser.add_argument("--probe-datasets", nargs="+", metavar="NAME", help="sae-probes datasets (default: eight, "
-                        "see sparse_probing.DEFAULT_DATASETS)")
-    parser.add_argument("--all-datasets", action="store_true", help="every sae-probes dataset (113)")
-    parser.add_argument("--probe-cache", type=Path, default=Path(".cache") / "sae_probes",
-                        help="the model's activations on the probing datasets and the baseline's results")
-    parser.add_argument("--absorption-words", type=int, default=1500, help="vocabulary words for absorption")
+    parser.add_argument(
+        "--num-tokens",
+        dest="inspect_tokens",
+        metavar="N",
+        type=RUN_OPTIONS["--num-tokens"][1]["type"],
+        help="held-out tokens for the core metrics (default: the run's n_eval_rows x seq_len)",
+    )
+    parser.add_argument(
+        "--ks", type=int, nargs="+", default=[1, 2, 5, 16], help="k of the k-sparse probes"
+    )
+    parser.add_argument(
+        "--probe-datasets",
+        nargs="+",
+        metavar="NAME",
+        help="sae-probes datasets (default: eight, see sparse_probing.DEFAULT_DATASETS)",
+    )
+    parser.add_argument(
+        "--all-datasets", action="store_true", help="every sae-probes dataset (113)"
+    )
+    parser.add_argument(
+        "--probe-cache",
+        type=Path,
+        default=Path(".cache") / "sae_probes",
+        help="the model's activations on the probing datasets and the baseline's results",
+    )
+    parser.add_argument(
+        "--absorption-words", type=int, default=1500, help="vocabulary words for absorption"
+    )
     parser.add_argument("--no-probing", action="store_true", help="skip sparse probing")
     parser.add_argument("--no-absorption", action="store_true", help="skip absorption")
     parser.add_argument("--device", help="cpu, cuda, ... (default: the run's, cpu without a GPU)")
-    parser.add_argument("--dataset", dest="dataset_path", help="text for the core metrics (default: the run's "
-                                                               "held-out rows)")
+    parser.add_argument(
+        "--dataset",
+        dest="dataset_path",
+        help="text for the core metrics (default: the run's held-out rows)",
+    )
     return parser
 
 
@@ -74,25 +107,33 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> lis
 
     for folder in args.checkpoints:
         if not (folder / "config.json").is_file():
-            parser.error(f"{folder} is not a checkpoint folder (it has no config.json); give the folder training "
-                         f"wrote, e.g. checkpoints/<run name>.")
+            parser.error(
+                f"{folder} is not a checkpoint folder (it has no config.json); give the folder training "
+                f"wrote, e.g. checkpoints/<run name>."
+            )
     cfgs = [load_cfg(folder) for folder in args.checkpoints]
     models = {canonical_model_name(cfg["model_name"]) or cfg["model_name"] for cfg in cfgs}
     if len(models) > 1:
-        parser.error(f"the checkpoints are of different models ({', '.join(sorted(models))}); evaluate each "
-                     f"model's dictionaries in their own run.")
+        parser.error(
+            f"the checkpoints are of different models ({', '.join(sorted(models))}); evaluate each "
+            f"model's dictionaries in their own run."
+        )
     if any(k < 1 for k in args.ks):
         parser.error(f"--ks must be positive, got {args.ks}.")
     if args.probe_datasets and args.all_datasets:
         parser.error("give --probe-datasets or --all-datasets, not both.")
     if args.absorption_words < 50:
-        parser.error(f"--absorption-words {args.absorption_words} is too few for 26 letter probes; give 500 or more.")
+        parser.error(
+            f"--absorption-words {args.absorption_words} is too few for 26 letter probes; give 500 or more."
+        )
     if not args.no_probing:
         try:
             import sae_probes  # noqa: F401
         except ImportError:
-            parser.error("sparse probing needs sae-probes: pip install -r requirements-eval.txt && pip install "
-                         "--no-deps sae-probes==0.4.2 (or pass --no-probing).")
+            parser.error(
+                "sparse probing needs sae-probes: pip install -r requirements-eval.txt && pip install "
+                "--no-deps sae-probes==0.4.2 (or pass --no-probing)."
+            )
         try:
             args.datasets = _datasets(args)
         except ValueError as error:
@@ -105,7 +146,9 @@ def _datasets(args) -> list[str]:
 
     if args.all_datasets:
         return sparse_probing.all_datasets()
-    return sparse_probing.check_datasets(args.probe_datasets or list(sparse_probing.DEFAULT_DATASETS))
+    return sparse_probing.check_datasets(
+        args.probe_datasets or list(sparse_probing.DEFAULT_DATASETS)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,7 +177,9 @@ def held_out_core_metrics(sae, model, cfg: dict) -> dict:
     tokens = store.get_eval_tokens()
     parts = [store.activations_of(chunk) for chunk in tokens.split(cfg["model_batch_size"])]
     acts = [torch.cat(hook) for hook in zip(*parts)]
-    metrics = core_metrics(sae, model, cfg, acts[0], tokens, acts[1] if is_transcoder(cfg) else None)
+    metrics = core_metrics(
+        sae, model, cfg, acts[0], tokens, acts[1] if is_transcoder(cfg) else None
+    )
     return {**metrics, "tokens": len(acts[0])}
 
 
@@ -150,10 +195,19 @@ class SharedData:
         from matryoshka_sae import sparse_probing
 
         if hook not in self.baselines:
-            print(f"sparse probing: the model's activations at {hook} on {len(self.args.datasets)} datasets")
-            sparse_probing.prepare_activations(self.model, self.model_key, hook, self.args.datasets, self.args.probe_cache)
-            self.baselines[hook] = sparse_probing.probe_baseline(self.model_key, hook, self.args.datasets,
-                                                                 self.args.probe_cache, device=_device(self.model))
+            print(
+                f"sparse probing: the model's activations at {hook} on {len(self.args.datasets)} datasets"
+            )
+            sparse_probing.prepare_activations(
+                self.model, self.model_key, hook, self.args.datasets, self.args.probe_cache
+            )
+            self.baselines[hook] = sparse_probing.probe_baseline(
+                self.model_key,
+                hook,
+                self.args.datasets,
+                self.args.probe_cache,
+                device=_device(self.model),
+            )
         return self.baselines[hook]
 
     def letter_data(self, hook: str):
@@ -176,9 +230,17 @@ def evaluate_one(folder: Path, cfg: dict, shared: SharedData) -> dict:
 
     args = shared.args
     sae = load_sae(folder, device=cfg["device"])
-    result = {"checkpoint": str(folder), "name": cfg["name"], "sae_type": cfg["sae_type"], "dict_size": cfg["dict_size"],
-              "top_k": cfg["top_k"], "target_l0": cfg.get("target_l0"), "hook": probe_hook(cfg),
-              "num_tokens_trained": cfg["num_tokens"], "seconds": {}}
+    result = {
+        "checkpoint": str(folder),
+        "name": cfg["name"],
+        "sae_type": cfg["sae_type"],
+        "dict_size": cfg["dict_size"],
+        "top_k": cfg["top_k"],
+        "target_l0": cfg.get("target_l0"),
+        "hook": probe_hook(cfg),
+        "num_tokens_trained": cfg["num_tokens"],
+        "seconds": {},
+    }
     started = time.perf_counter()
     print(f"{folder}: core metrics")
     result["core"] = held_out_core_metrics(sae, shared.model, cfg)
@@ -188,19 +250,32 @@ def evaluate_one(folder: Path, cfg: dict, shared: SharedData) -> dict:
         hook = probe_hook(cfg)
         baseline = shared.baseline(hook)
         print(f"{folder}: sparse probing")
-        result["sparse_probing"] = {**sparse_probing.probe_dictionary(sae, shared.model_key, hook, args.datasets,
-                                                                      args.probe_cache, tuple(args.ks),
-                                                                      device=cfg["device"]),
-                                    "baseline": baseline, "package": "sae-probes " + _version("sae-probes")}
+        result["sparse_probing"] = {
+            **sparse_probing.probe_dictionary(
+                sae,
+                shared.model_key,
+                hook,
+                args.datasets,
+                args.probe_cache,
+                tuple(args.ks),
+                device=cfg["device"],
+            ),
+            "baseline": baseline,
+            "package": "sae-probes " + _version("sae-probes"),
+        }
         result["seconds"]["sparse_probing"] = time.perf_counter() - started
     if not args.no_absorption:
         started = time.perf_counter()
         if is_transcoder(cfg):
-            result["absorption"] = {"skipped": "a transcoder's decoder writes to the target hook, not the space "
-                                               "of the source activations the probe reads"}
+            result["absorption"] = {
+                "skipped": "a transcoder's decoder writes to the target hook, not the space "
+                "of the source activations the probe reads"
+            }
         else:
             print(f"{folder}: absorption")
-            result["absorption"] = first_letter_absorption(sae, shared.letter_data(cfg["hook_point"]))
+            result["absorption"] = first_letter_absorption(
+                sae, shared.letter_data(cfg["hook_point"])
+            )
         result["seconds"]["absorption"] = time.perf_counter() - started
     return result
 
@@ -228,7 +303,10 @@ def environment_stamp() -> dict:
         import platform
 
         names = ("torch", "transformer-lens", "sae-probes", "scikit-learn", "numpy")
-        return {"python": platform.python_version(), "packages": {name: _version(name) for name in names}}
+        return {
+            "python": platform.python_version(),
+            "packages": {name: _version(name) for name in names},
+        }
     stamp = harness.environment()
     stamp["packages"].update(harness.package_versions(("sae-probes", "scikit-learn", "numpy")))
     return stamp
@@ -255,26 +333,43 @@ def _get(result: dict, path: tuple[str, ...]):
 
 def table_rows(results: list[dict]) -> list[tuple[str, list[str]]]:
     """(metric, one formatted cell per dictionary) for every metric some dictionary has."""
-    return [(label, [_cell(v, fmt) for v in values]) for label, values, fmt in _rows(results)
-            if any(v is not None for v in values)]
+    return [
+        (label, [_cell(v, fmt) for v in values])
+        for label, values, fmt in _rows(results)
+        if any(v is not None for v in values)
+    ]
 
 
 def _row_values(results: list[dict]) -> list[tuple[str, list]]:
-    return [(label, values) for label, values, _ in _rows(results) if any(v is not None for v in values)]
+    return [
+        (label, values) for label, values, _ in _rows(results) if any(v is not None for v in values)
+    ]
 
 
 def _rows(results: list[dict]) -> list[tuple[str, list, str]]:
     rows = [(label, [_get(r, path) for r in results], fmt) for label, path, fmt in TABLE_ROWS]
     ks = next((r["sparse_probing"]["ks"] for r in results if "sparse_probing" in r), [])
     for k in ks:
-        rows.append((f"sparse probing accuracy, k={k}", [_get(r, ("sparse_probing", "mean_test_acc", str(k)))
-                                                         for r in results], "{:.3f}"))
+        rows.append(
+            (
+                f"sparse probing accuracy, k={k}",
+                [_get(r, ("sparse_probing", "mean_test_acc", str(k))) for r in results],
+                "{:.3f}",
+            )
+        )
     if ks:
-        rows.append(("probe on the activations (baseline)",
-                     [_get(r, ("sparse_probing", "baseline", "mean_test_acc")) for r in results], "{:.3f}"))
-    for label, key, fmt in (("absorption fraction*", "mean_absorption_fraction_score", "{:.3f}"),
-                            ("full absorption rate*", "mean_full_absorption_score", "{:.3f}"),
-                            ("letters scored*", "letters_scored", "{}")):
+        rows.append(
+            (
+                "probe on the activations (baseline)",
+                [_get(r, ("sparse_probing", "baseline", "mean_test_acc")) for r in results],
+                "{:.3f}",
+            )
+        )
+    for label, key, fmt in (
+        ("absorption fraction*", "mean_absorption_fraction_score", "{:.3f}"),
+        ("full absorption rate*", "mean_full_absorption_score", "{:.3f}"),
+        ("letters scored*", "letters_scored", "{}"),
+    ):
         rows.append((label, [_get(r, ("absorption", key)) for r in results], fmt))
     return rows
 
@@ -286,7 +381,9 @@ def summary_rows(results: list[dict]) -> tuple[list[str], list[dict]]:
     for label, values in _row_values(results):
         columns.append(label)
         for row, value in zip(rows, values):
-            row[label] = None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+            row[label] = (
+                None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+            )
     return columns, rows
 
 
@@ -299,7 +396,10 @@ def _cell(value, fmt: str) -> str:
 def format_table(results: list[dict]) -> str:
     """A Markdown table: one row per metric, one column per dictionary."""
     header = ["metric", *labels_of(results)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * len(results)) + "|"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * len(results)) + "|",
+    ]
     lines += ["| " + " | ".join([label, *cells]) + " |" for label, cells in table_rows(results)]
     if any("absorption" in r and "caveat" in r["absorption"] for r in results):
         from matryoshka_sae.absorption import CAVEAT
@@ -312,7 +412,11 @@ def write_results(results: list[dict], args: argparse.Namespace) -> list[Path]:
     stamp = environment_stamp()
     paths = []
     for result, label in zip(results, labels_of(results)):
-        path = (args.out / f"{args.prefix}{label}.json") if args.out else Path(result["checkpoint"]) / "evaluation.json"
+        path = (
+            (args.out / f"{args.prefix}{label}.json")
+            if args.out
+            else Path(result["checkpoint"]) / "evaluation.json"
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({**result, "environment": stamp}, indent=1))
         paths.append(path)
@@ -324,18 +428,21 @@ def write_results(results: list[dict], args: argparse.Namespace) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    from matryoshka_sae.config import canonical_model_name
     from matryoshka_sae.cli.inspect_sae import inspection_cfg
+    from matryoshka_sae.config import canonical_model_name
     from matryoshka_sae.model_loading import load_model
 
     parser = build_parser()
     args = parser.parse_args(argv)
     saved = check_args(parser, args)
-    overrides = argparse.Namespace(dataset_path=args.dataset_path, inspect_tokens=args.inspect_tokens,
-                                   device=args.device)
+    overrides = argparse.Namespace(
+        dataset_path=args.dataset_path, inspect_tokens=args.inspect_tokens, device=args.device
+    )
     cfgs = [inspection_cfg(cfg, overrides) for cfg in saved]
     model = load_model(cfgs[0]["model_name"], cfgs[0]["device"], cfgs[0]["model_dtype"])
-    model_key = (canonical_model_name(cfgs[0]["model_name"]) or cfgs[0]["model_name"]).replace("/", "_")
+    model_key = (canonical_model_name(cfgs[0]["model_name"]) or cfgs[0]["model_name"]).replace(
+        "/", "_"
+    )
     shared = SharedData(model, model_key, args)  # model_key names sae-probes' activation files
     results = [evaluate_one(folder, cfg, shared) for folder, cfg in zip(args.checkpoints, cfgs)]
     print()

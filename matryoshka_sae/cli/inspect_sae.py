@@ -20,25 +20,53 @@ import math
 from pathlib import Path
 
 from matryoshka_sae.cli.options import (
-    RUN_OPTIONS, ArgumentParser, add_debug_argument, add_run_arguments, apply_overrides, check_dataset_available,
-    check_device, non_negative_int, positive_int, run_reporting_errors,
+    RUN_OPTIONS,
+    ArgumentParser,
+    add_debug_argument,
+    add_run_arguments,
+    apply_overrides,
+    check_dataset_available,
+    check_device,
+    non_negative_int,
+    positive_int,
+    run_reporting_errors,
 )
 
 INSPECT_RUN_OPTIONS = ("--dataset", "--device", "--model-dtype", "--model-batch-size")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=Path, help="a checkpoint folder (config.json, sae.safetensors)")
-    parser.add_argument("--num-tokens", dest="inspect_tokens", metavar="N", type=RUN_OPTIONS["--num-tokens"][1]["type"],
-                        help="held-out tokens to read (default: the run's n_eval_rows x seq_len)")
-    parser.add_argument("--out", type=Path, help="output folder (default: CHECKPOINT/feature_browser)")
+    parser = ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "checkpoint", type=Path, help="a checkpoint folder (config.json, sae.safetensors)"
+    )
+    parser.add_argument(
+        "--num-tokens",
+        dest="inspect_tokens",
+        metavar="N",
+        type=RUN_OPTIONS["--num-tokens"][1]["type"],
+        help="held-out tokens to read (default: the run's n_eval_rows x seq_len)",
+    )
+    parser.add_argument(
+        "--out", type=Path, help="output folder (default: CHECKPOINT/feature_browser)"
+    )
     parser.add_argument("--top-n", type=positive_int, default=20, help="top contexts per latent")
-    parser.add_argument("--context", type=non_negative_int, default=8,
-                        help="tokens shown on each side of a context's token")
-    parser.add_argument("--no-hierarchy", action="store_true",
-                        help="skip the co-firing counts (they need n_parents x dict_size int32 counters)")
-    add_run_arguments(parser, exclude=tuple(option for option in RUN_OPTIONS if option not in INSPECT_RUN_OPTIONS))
+    parser.add_argument(
+        "--context",
+        type=non_negative_int,
+        default=8,
+        help="tokens shown on each side of a context's token",
+    )
+    parser.add_argument(
+        "--no-hierarchy",
+        action="store_true",
+        help="skip the co-firing counts (they need n_parents x dict_size int32 counters)",
+    )
+    add_run_arguments(
+        parser, exclude=tuple(option for option in RUN_OPTIONS if option not in INSPECT_RUN_OPTIONS)
+    )
     add_debug_argument(parser)
     return parser
 
@@ -57,13 +85,21 @@ def inspection_cfg(cfg: dict, args: argparse.Namespace) -> dict:
 
     given = getattr(args, "dataset_path", None)
     cfg = apply_overrides(dict(cfg), args)
-    if given is None and not _is_named(cfg.get("eval_dataset_path")) and not _is_named(cfg["dataset_path"]):
-        print("The checkpoint was trained on an in-memory dataset: reading the built-in corpus's held-out "
-              "documents (as the demo does); pass --dataset to choose other text.")
+    if (
+        given is None
+        and not _is_named(cfg.get("eval_dataset_path"))
+        and not _is_named(cfg["dataset_path"])
+    ):
+        print(
+            "The checkpoint was trained on an in-memory dataset: reading the built-in corpus's held-out "
+            "documents (as the demo does); pass --dataset to choose other text."
+        )
         given = BUILTIN_CORPUS
     if given == BUILTIN_CORPUS:
         cfg["dataset_path"] = python_docs_dataset(split="train")
-        cfg["eval_dataset_path"] = python_docs_dataset(split="test")  # the documents the demo holds out
+        cfg["eval_dataset_path"] = python_docs_dataset(
+            split="test"
+        )  # the documents the demo holds out
     elif given is not None:
         cfg["dataset_path"] = cfg["eval_dataset_path"] = given  # held-out rows from its start
     elif not _is_named(cfg.get("eval_dataset_path")):
@@ -71,8 +107,10 @@ def inspection_cfg(cfg: dict, args: argparse.Namespace) -> dict:
     if args.inspect_tokens is not None:
         n_rows = math.ceil(args.inspect_tokens / cfg["seq_len"])
         if n_rows > cfg["n_eval_rows"] and given is None and cfg["eval_dataset_path"] is None:
-            print(f"Note: the run held out {cfg['n_eval_rows']} rows; the other {n_rows - cfg['n_eval_rows']} "
-                  f"may have been trained on.")
+            print(
+                f"Note: the run held out {cfg['n_eval_rows']} rows; the other {n_rows - cfg['n_eval_rows']} "
+                f"may have been trained on."
+            )
         cfg["n_eval_rows"] = n_rows
     if str(cfg["device"]).startswith("cuda") and not torch.cuda.is_available():
         cfg["device"] = "cpu"  # a GPU-trained run inspected on a machine without one
@@ -88,21 +126,31 @@ def check_output_folder(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder for the page.")
     if out.is_dir():
-        foreign = sorted(entry.name for entry in out.iterdir() if entry.name not in (PAGE_FILE, STATISTICS_FILE))
+        foreign = sorted(
+            entry.name for entry in out.iterdir() if entry.name not in (PAGE_FILE, STATISTICS_FILE)
+        )
         if foreign:
-            raise ValueError(f"--out {out} holds other files ({', '.join(foreign[:5])}); the page would be written "
-                             f"among them. Give a new folder or one holding only an earlier page.")
+            raise ValueError(
+                f"--out {out} holds other files ({', '.join(foreign[:5])}); the page would be written "
+                f"among them. Give a new folder or one holding only an earlier page."
+            )
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ValueError(f"--out {out} cannot be created ({error.strerror or error}); give a writable folder.") from None
+        raise ValueError(
+            f"--out {out} cannot be created ({error.strerror or error}); give a writable folder."
+        ) from None
     probe_folder(out, "--out")
 
 
 def main(argv: list[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
     pages = []
-    run_reporting_errors(lambda: pages.append(inspect(args)), resume_command="python inspect_sae.py", debug=args.debug)
+    run_reporting_errors(
+        lambda: pages.append(inspect(args)),
+        resume_command="python inspect_sae.py",
+        debug=args.debug,
+    )
     return pages[0]
 
 
@@ -117,8 +165,10 @@ def inspect(args: argparse.Namespace) -> Path:
     from matryoshka_sae.transcoder_set import is_transcoder_set
 
     if is_transcoder_set(args.checkpoint):
-        raise ValueError(f"{args.checkpoint} is a transcoder set; build its pages (and circuit-tracer's feature "
-                         f"files) with python inspect_transcoder_set.py {args.checkpoint}")
+        raise ValueError(
+            f"{args.checkpoint} is a transcoder set; build its pages (and circuit-tracer's feature "
+            f"files) with python inspect_transcoder_set.py {args.checkpoint}"
+        )
     check_checkpoint_folder(args.checkpoint)
     cfg = inspection_cfg(load_cfg(args.checkpoint), args)
     check_device(cfg)
@@ -130,11 +180,20 @@ def inspect(args: argparse.Namespace) -> Path:
     out = args.out or args.checkpoint / "feature_browser"
     check_output_folder(out)
     model = load_model(cfg["model_name"], cfg["device"], cfg["model_dtype"])
-    store_class = TranscoderActivationsStore if cfg["sae_type"] == "matryoshka_transcoder" else ActivationsStore
+    store_class = (
+        TranscoderActivationsStore
+        if cfg["sae_type"] == "matryoshka_transcoder"
+        else ActivationsStore
+    )
     store = store_class(model, cfg)
-    stats = collect_feature_statistics(sae, store, top_n=args.top_n, context=args.context,
-                                       hierarchy=not args.no_hierarchy,
-                                       source={**describe_source(cfg), "checkpoint": str(args.checkpoint)})
+    stats = collect_feature_statistics(
+        sae,
+        store,
+        top_n=args.top_n,
+        context=args.context,
+        hierarchy=not args.no_hierarchy,
+        source={**describe_source(cfg), "checkpoint": str(args.checkpoint)},
+    )
     print(stats.describe_timing())
     page = write_feature_browser(stats, out)
     print(f"Feature browser: {page}")

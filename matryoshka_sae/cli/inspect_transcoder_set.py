@@ -38,10 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
             action.help = "a transcoder set's folder (transcoder_set.json and one folder per layer)"
         if action.dest == "out":
             action.help = "output folder (default: SET/feature_browser)"
-    parser.add_argument("--viewer-features", type=Path, metavar="DATA_DIR",
-                        help="also write circuit-tracer's per-feature files under DATA_DIR/features/NAME")
-    parser.add_argument("--viewer-name", metavar="NAME",
-                        help="the name of the features under DATA_DIR/features (default: the set folder's name)")
+    parser.add_argument(
+        "--viewer-features",
+        type=Path,
+        metavar="DATA_DIR",
+        help="also write circuit-tracer's per-feature files under DATA_DIR/features/NAME",
+    )
+    parser.add_argument(
+        "--viewer-name",
+        metavar="NAME",
+        help="the name of the features under DATA_DIR/features (default: the set folder's name)",
+    )
     return parser
 
 
@@ -52,11 +59,17 @@ def check_set_output_folder(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder for the pages.")
     if out.is_dir():
-        foreign = sorted(entry.name for entry in out.iterdir()
-                         if entry.name != SET_INDEX_FILE and not (entry.is_dir() and entry.name.startswith("layer_")))
+        foreign = sorted(
+            entry.name
+            for entry in out.iterdir()
+            if entry.name != SET_INDEX_FILE
+            and not (entry.is_dir() and entry.name.startswith("layer_"))
+        )
         if foreign:
-            raise ValueError(f"--out {out} holds other files ({', '.join(foreign[:5])}); give a new folder or one "
-                             f"holding only an earlier set browser.")
+            raise ValueError(
+                f"--out {out} holds other files ({', '.join(foreign[:5])}); give a new folder or one "
+                f"holding only an earlier set browser."
+            )
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -81,17 +94,20 @@ def main(argv: list[str] | None = None) -> Path:
 
     args = build_parser().parse_args(argv)
     pages = []
-    run_reporting_errors(lambda: pages.append(inspect_set(args)), resume_command="python inspect_transcoder_set.py",
-                         debug=args.debug)
+    run_reporting_errors(
+        lambda: pages.append(inspect_set(args)),
+        resume_command="python inspect_transcoder_set.py",
+        debug=args.debug,
+    )
     return pages[0]
 
 
 def inspect_set(args: argparse.Namespace) -> Path:
     """Check everything, then collect every layer's statistics in one pass and write the pages
     (and the viewer's files); returns the index page's path."""
+    from matryoshka_sae.checkpoint import load_cfg
     from matryoshka_sae.circuit_tracer_features import check_viewer_name, write_viewer_features
     from matryoshka_sae.cli.options import check_dataset_available, check_device
-    from matryoshka_sae.checkpoint import load_cfg
     from matryoshka_sae.feature_browser import write_set_browser
     from matryoshka_sae.feature_statistics import collect_set_statistics
     from matryoshka_sae.model_loading import check_model_available
@@ -112,18 +128,29 @@ def inspect_set(args: argparse.Namespace) -> Path:
             check_dataset_available(cfg[key], key)
 
     print(f"Transcoder set {args.checkpoint}: layers {', '.join(map(str, folders))}")
-    stats_by_layer = collect_set_statistics(args.checkpoint, cfg_of, top_n=args.top_n, context=args.context,
-                                            hierarchy=not args.no_hierarchy)
+    stats_by_layer = collect_set_statistics(
+        args.checkpoint,
+        cfg_of,
+        top_n=args.top_n,
+        context=args.context,
+        hierarchy=not args.no_hierarchy,
+    )
     first = next(iter(stats_by_layer.values())).data
-    statistics = sum(stats.data["timing"]["statistics_seconds"] for stats in stats_by_layer.values())
-    print(f"Feature statistics of {len(folders)} layers over {first['n_tokens']:,} tokens: one model pass "
-          f"{first['timing']['forward_seconds']:.1f} s, statistics {statistics:.1f} s.")
+    statistics = sum(
+        stats.data["timing"]["statistics_seconds"] for stats in stats_by_layer.values()
+    )
+    print(
+        f"Feature statistics of {len(folders)} layers over {first['n_tokens']:,} tokens: one model pass "
+        f"{first['timing']['forward_seconds']:.1f} s, statistics {statistics:.1f} s."
+    )
     index = write_set_browser(stats_by_layer, out)
     print(f"Feature browser: {index}")
     if args.viewer_features is not None:
         scan = write_viewer_features(stats_by_layer, args.viewer_features, name)
-        print(f"Viewer features: {args.viewer_features / 'features' / name} (scan {scan!r}: "
-              f"create_graph_files(graph, slug, {str(args.viewer_features)!r}, scan={scan!r}))")
+        print(
+            f"Viewer features: {args.viewer_features / 'features' / name} (scan {scan!r}: "
+            f"create_graph_files(graph, slug, {str(args.viewer_features)!r}, scan={scan!r}))"
+        )
     return index
 
 

@@ -28,8 +28,15 @@ import copy
 
 from matryoshka_sae import distributed
 from matryoshka_sae.cli.options import (
-    ArgumentParser, add_resume_argument, add_run_arguments, apply_overrides, check_before_loading, check_device,
-    print_final_metrics, resumed_cfgs, run_reporting_errors,
+    ArgumentParser,
+    add_resume_argument,
+    add_run_arguments,
+    apply_overrides,
+    check_before_loading,
+    check_device,
+    print_final_metrics,
+    resumed_cfgs,
+    run_reporting_errors,
 )
 from matryoshka_sae.config import get_default_cfg, post_init_cfg
 
@@ -37,16 +44,32 @@ BATCHTOPK_KS = [16, 32, 64]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--demo", action="store_true",
-                        help="train one Matryoshka SAE on SmolLM2-135M and Python's documentation, "
-                             "offline on a CPU, and print a report (see demo.py)")
-    parser.add_argument("--batchtopk-k", type=int, nargs="+", default=BATCHTOPK_KS,
-                        help=f"top_k of each BatchTopK SAE (default {BATCHTOPK_KS}); --top-k sets the "
-                             f"Matryoshka SAE's")
-    parser.add_argument("--layers", type=int, nargs="+",
-                        help="train the dictionaries at each of these layers, all from one model pass")
-    parser.add_argument("--sites", nargs="+", help="... and at each of these sites (default: --site)")
+    parser = ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="train one Matryoshka SAE on SmolLM2-135M and Python's documentation, "
+        "offline on a CPU, and print a report (see demo.py)",
+    )
+    parser.add_argument(
+        "--batchtopk-k",
+        type=int,
+        nargs="+",
+        default=BATCHTOPK_KS,
+        help=f"top_k of each BatchTopK SAE (default {BATCHTOPK_KS}); --top-k sets the "
+        f"Matryoshka SAE's",
+    )
+    parser.add_argument(
+        "--layers",
+        type=int,
+        nargs="+",
+        help="train the dictionaries at each of these layers, all from one model pass",
+    )
+    parser.add_argument(
+        "--sites", nargs="+", help="... and at each of these sites (default: --site)"
+    )
     add_run_arguments(parser)
     add_resume_argument(parser)
     return parser
@@ -71,22 +94,43 @@ def build_cfgs(args: argparse.Namespace | None = None) -> list[dict]:
         variants = [{}]
     else:
         ks = BATCHTOPK_KS if args is None else args.batchtopk_k
-        variants = [{"sae_type": "batchtopk", "top_k": k} for k in ks] + [{"sae_type": "matryoshka"}]
-    hooks = [{"layer": layer, "site": site} for layer in (layers or [base["layer"]]) for site in (sites or [base["site"]])]
-    return [post_init_cfg({**copy.deepcopy(base), **hook, **variant}) for hook in hooks for variant in variants]
+        variants = [{"sae_type": "batchtopk", "top_k": k} for k in ks] + [
+            {"sae_type": "matryoshka"}
+        ]
+    hooks = [
+        {"layer": layer, "site": site}
+        for layer in (layers or [base["layer"]])
+        for site in (sites or [base["site"]])
+    ]
+    return [
+        post_init_cfg({**copy.deepcopy(base), **hook, **variant})
+        for hook in hooks
+        for variant in variants
+    ]
 
 
 def _check_repeated_hooks(args: argparse.Namespace, cfgs: list[dict]) -> None:
     """With --resume, --layers/--sites/--batchtopk-k may repeat the original command's values."""
-    saved = {"--layers": {cfg["layer"] for cfg in cfgs}, "--sites": {cfg["site"] for cfg in cfgs},
-             "--batchtopk-k": {cfg["top_k"] for cfg in cfgs if cfg["sae_type"] == "batchtopk"}}
-    given = {"--layers": args.layers, "--sites": args.sites,
-             "--batchtopk-k": None if args.batchtopk_k == BATCHTOPK_KS else args.batchtopk_k}
-    differing = [f"{option} {' '.join(map(str, given[option]))} (saved: {' '.join(map(str, sorted(saved[option])))})"
-                 for option in saved if given[option] and set(given[option]) != saved[option]]
+    saved = {
+        "--layers": {cfg["layer"] for cfg in cfgs},
+        "--sites": {cfg["site"] for cfg in cfgs},
+        "--batchtopk-k": {cfg["top_k"] for cfg in cfgs if cfg["sae_type"] == "batchtopk"},
+    }
+    given = {
+        "--layers": args.layers,
+        "--sites": args.sites,
+        "--batchtopk-k": None if args.batchtopk_k == BATCHTOPK_KS else args.batchtopk_k,
+    }
+    differing = [
+        f"{option} {' '.join(map(str, given[option]))} (saved: {' '.join(map(str, sorted(saved[option])))})"
+        for option in saved
+        if given[option] and set(given[option]) != saved[option]
+    ]
     if differing:
-        raise ValueError(f"--resume continues the runs with their own settings, but {'; '.join(differing)}; drop "
-                         f"those options or give the saved values.")
+        raise ValueError(
+            f"--resume continues the runs with their own settings, but {'; '.join(differing)}; drop "
+            f"those options or give the saved values."
+        )
 
 
 def train_group(cfgs: list[dict], resume_from: list[str] | None = None) -> list:
@@ -101,8 +145,11 @@ def train_group(cfgs: list[dict], resume_from: list[str] | None = None) -> list:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    run_reporting_errors(lambda: run(args), resume_command="python main.py --demo" if args.demo else "python main.py",
-                         debug=args.debug)
+    run_reporting_errors(
+        lambda: run(args),
+        resume_command="python main.py --demo" if args.demo else "python main.py",
+        debug=args.debug,
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -119,7 +166,9 @@ def run(args: argparse.Namespace) -> None:
             distributed.init_from_env(cfg)
         if distributed.is_main_process():
             for cfg in cfgs:
-                print(f"{cfg['sae_type']:>12}  top_k {cfg['top_k']:<4} dict {cfg['dict_size']:<6} -> {cfg['name']}")
+                print(
+                    f"{cfg['sae_type']:>12}  top_k {cfg['top_k']:<4} dict {cfg['dict_size']:<6} -> {cfg['name']}"
+                )
         train_group(cfgs, resume_from=args.resume)
         if distributed.is_main_process():
             for cfg in cfgs:

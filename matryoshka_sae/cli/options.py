@@ -28,9 +28,15 @@ from typing import Callable
 
 import torch
 
-from matryoshka_sae.checkpoint import CheckpointWriteError, check_checkpoint_folder, checkpoint_folder, load_cfg, load_metrics
-from matryoshka_sae.preemption import TrainingInterrupted
+from matryoshka_sae.checkpoint import (
+    CheckpointWriteError,
+    check_checkpoint_folder,
+    checkpoint_folder,
+    load_cfg,
+    load_metrics,
+)
 from matryoshka_sae.config import HOOK_SITES, SAE_TYPES
+from matryoshka_sae.preemption import TrainingInterrupted
 
 DTYPES = ["float32", "bfloat16", "float16"]
 WANDB_MODES = ["online", "offline", "disabled"]
@@ -43,7 +49,7 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see --help)\n")
 
 
-MAX_COUNT = 10 ** 15  # tokens: far beyond any run or dataset; larger is a typo (1e30)
+MAX_COUNT = 10**15  # tokens: far beyond any run or dataset; larger is a typo (1e30)
 
 
 def _count(text: str) -> int:
@@ -55,7 +61,9 @@ def _count(text: str) -> int:
     if not math.isfinite(value) or value != int(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
     if value > MAX_COUNT:
-        raise argparse.ArgumentTypeError(f"{text!r} is more than {MAX_COUNT:.0e} tokens, beyond any dataset")
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is more than {MAX_COUNT:.0e} tokens, beyond any dataset"
+        )
     return int(value)
 
 
@@ -83,50 +91,106 @@ def _int_at_least(text: str, least: int) -> int:
 RUN_OPTIONS: dict[str, tuple[str, dict]] = {
     "--model": ("model_name", {"help": "model name, e.g. gpt2, gemma-2-2b, smollm2-135m"}),
     "--layer": ("layer", {"type": int}),
-    "--hook-point": ("hook_point", {"help": "TransformerLens hook name (default: from --site and --layer, "
-                                            "with which it must agree)"}),
+    "--hook-point": (
+        "hook_point",
+        {
+            "help": "TransformerLens hook name (default: from --site and --layer, "
+            "with which it must agree)"
+        },
+    ),
     "--site": ("site", {"choices": list(HOOK_SITES)}),
     "--num-tokens": ("num_tokens", {"type": _count, "help": "training tokens, e.g. 1e8"}),
     "--dict-size": ("dict_size", {"type": int}),
-    "--group-sizes": ("group_sizes", {"type": int, "nargs": "+", "help": "Matryoshka groups (sum = dict size)"}),
+    "--group-sizes": (
+        "group_sizes",
+        {"type": int, "nargs": "+", "help": "Matryoshka groups (sum = dict size)"},
+    ),
     "--top-k": ("top_k", {"type": int}),
-    "--sae-type": ("sae_type", {"choices": list(SAE_TYPES),
-                                "help": "main.py: train one dictionary of this class"}),
-    "--target-l0": ("target_l0", {"type": float, "help": "mean L0 for jumprelu (quadratic penalty) "
-                                                          "or vanilla (adaptive L1 coefficient)"}),
+    "--sae-type": (
+        "sae_type",
+        {"choices": list(SAE_TYPES), "help": "main.py: train one dictionary of this class"},
+    ),
+    "--target-l0": (
+        "target_l0",
+        {
+            "type": float,
+            "help": "mean L0 for jumprelu (quadratic penalty) or vanilla (adaptive L1 coefficient)",
+        },
+    ),
     "--jumprelu-objective": ("jumprelu_objective", {"choices": ["step", "tanh", "quadratic"]}),
-    "--l1-coeff": ("l1_coeff", {"type": float, "help": "vanilla: L1 coefficient (default 4 / act_size)"}),
+    "--l1-coeff": (
+        "l1_coeff",
+        {"type": float, "help": "vanilla: L1 coefficient (default 4 / act_size)"},
+    ),
     "--l0-coeff": ("l0_coeff", {"type": float, "help": "jumprelu: the objective's coefficient"}),
     "--batch-size": ("batch_size", {"type": int, "help": "activations per training step"}),
     "--lr": ("lr", {"type": float}),
     "--lr-warmup-steps": ("lr_warmup_steps", {"type": int}),
     "--lr-decay-frac": ("lr_decay_frac", {"type": float}),
     "--device": ("device", {"help": "cuda, cuda:1, cpu, ..."}),
-    "--dtype": ("dtype", {"choices": DTYPES, "help": "SAE encoder matmul dtype (weights stay float32)"}),
+    "--dtype": (
+        "dtype",
+        {"choices": DTYPES, "help": "SAE encoder matmul dtype (weights stay float32)"},
+    ),
     "--model-dtype": ("model_dtype", {"choices": DTYPES}),
-    "--dataset": ("dataset_path", {"help": "hub dataset, local file, or python-docs (no download)"}),
+    "--dataset": (
+        "dataset_path",
+        {"help": "hub dataset, local file, or python-docs (no download)"},
+    ),
     "--seq-len": ("seq_len", {"type": int}),
-    "--model-batch-size": ("model_batch_size", {"type": int, "help": "token rows per model forward pass"}),
+    "--model-batch-size": (
+        "model_batch_size",
+        {"type": int, "help": "token rows per model forward pass"},
+    ),
     "--num-batches-in-buffer": ("num_batches_in_buffer", {"type": int}),
-    "--n-eval-rows": ("n_eval_rows", {"type": int, "help": "held-out rows of seq_len tokens for the "
-                                                                   "CE evaluation (kept out of training)"}),
+    "--n-eval-rows": (
+        "n_eval_rows",
+        {
+            "type": int,
+            "help": "held-out rows of seq_len tokens for the CE evaluation (kept out of training)",
+        },
+    ),
     "--seed": ("seed", {"type": int}),
     "--wandb-mode": ("wandb_mode", {"choices": WANDB_MODES}),
     "--wandb-project": ("wandb_project", {}),
     "--log-freq": ("log_freq", {"type": int}),
-    "--perf-log-freq": ("perf_log_freq", {"type": int, "help": "steps between CE-loss evaluations"}),
+    "--perf-log-freq": (
+        "perf_log_freq",
+        {"type": int, "help": "steps between CE-loss evaluations"},
+    ),
     "--checkpoint-freq": ("checkpoint_freq", {"type": int}),
     "--checkpoint-dir": ("checkpoint_dir", {}),
-    "--activations": ("activation_cache", {"metavar": "DIR", "help": "train from this activation cache "
-                                           "(cache_activations.py) instead of running the model"}),
-    "--distribute-dictionaries": ("distribute_dictionaries", {
-        "action": "store_true", "help": "under torchrun: each rank trains whole dictionaries of the group "
-                                        "on every rank's activations (instead of every rank all of them)"}),
-    "--data-lanes": ("data_lanes", {
-        "type": int, "help": "deal the documents to this many lanes (default: the number of ranks); the batches "
-                             "are the same on any number of ranks dividing it"}),
-    "--distributed-debug": ("distributed_debug", {
-        "action": "store_true", "help": "under torchrun: check every log_freq steps that the ranks' weights are equal"}),
+    "--activations": (
+        "activation_cache",
+        {
+            "metavar": "DIR",
+            "help": "train from this activation cache "
+            "(cache_activations.py) instead of running the model",
+        },
+    ),
+    "--distribute-dictionaries": (
+        "distribute_dictionaries",
+        {
+            "action": "store_true",
+            "help": "under torchrun: each rank trains whole dictionaries of the group "
+            "on every rank's activations (instead of every rank all of them)",
+        },
+    ),
+    "--data-lanes": (
+        "data_lanes",
+        {
+            "type": int,
+            "help": "deal the documents to this many lanes (default: the number of ranks); the batches "
+            "are the same on any number of ranks dividing it",
+        },
+    ),
+    "--distributed-debug": (
+        "distributed_debug",
+        {
+            "action": "store_true",
+            "help": "under torchrun: check every log_freq steps that the ranks' weights are equal",
+        },
+    ),
 }
 
 
@@ -146,7 +210,11 @@ def apply_overrides(cfg: dict, args: argparse.Namespace | None) -> dict:
     """
     if args is None:
         return cfg
-    given = {key: getattr(args, key) for key, _ in RUN_OPTIONS.values() if getattr(args, key, None) is not None}
+    given = {
+        key: getattr(args, key)
+        for key, _ in RUN_OPTIONS.values()
+        if getattr(args, key, None) is not None
+    }
     if given.get("model_name", cfg["model_name"]) != cfg["model_name"] and "dict_size" not in given:
         cfg["dict_size"] = None
     if ("dict_size" in given or cfg["dict_size"] is None) and "group_sizes" not in given:
@@ -174,25 +242,38 @@ RESUME_OVERRIDES = ("device", "wandb_mode", "wandb_project")
 
 def add_resume_argument(parser: argparse.ArgumentParser) -> None:
     """--resume FOLDER..., --overwrite and --debug: the options of a script that trains."""
-    parser.add_argument("--resume", nargs="+", metavar="FOLDER",
-                        help="continue the run(s) checkpointed in FOLDER (checkpoint_dir/name; one per "
-                             "dictionary trained together) with their own settings; after a stop "
-                             "signal the script prints this command")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing run folder of the same name (only one that training "
-                             "wrote, holding nothing else); without it a new run never writes into one")
+    parser.add_argument(
+        "--resume",
+        nargs="+",
+        metavar="FOLDER",
+        help="continue the run(s) checkpointed in FOLDER (checkpoint_dir/name; one per "
+        "dictionary trained together) with their own settings; after a stop "
+        "signal the script prints this command",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing run folder of the same name (only one that training "
+        "wrote, holding nothing else); without it a new run never writes into one",
+    )
     add_debug_argument(parser)
 
 
 def add_debug_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--debug", action="store_true", help="on an error, show the whole traceback")
+    parser.add_argument(
+        "--debug", action="store_true", help="on an error, show the whole traceback"
+    )
 
 
 def _same_setting(given, saved) -> bool:
     """A command-line value equals a saved setting (dtypes as strings, numbers as numbers)."""
     if isinstance(saved, torch.dtype):
         saved = str(saved).removeprefix("torch.")
-    if isinstance(given, (int, float)) and isinstance(saved, (int, float)) and not isinstance(saved, bool):
+    if (
+        isinstance(given, (int, float))
+        and isinstance(saved, (int, float))
+        and not isinstance(saved, bool)
+    ):
         return float(given) == float(saved)
     if isinstance(given, list) and isinstance(saved, list):
         return len(given) == len(saved) and all(map(_same_setting, given, saved))
@@ -209,15 +290,23 @@ def check_repeated_options(args: argparse.Namespace, saved_cfgs: list[dict]) -> 
         if given is None or key in RESUME_OVERRIDES or key in ("checkpoint_dir",):
             continue
         values = [cfg.get(key) for cfg in saved_cfgs]
-        if key == "dataset_path":  # a run on the built-in corpus records its split: python-docs:train
+        if (
+            key == "dataset_path"
+        ):  # a run on the built-in corpus records its split: python-docs:train
             values += [str(value).split(":")[0] for value in values]
         if not any(_same_setting(given, value) for value in values):
-            saved = values[0] if len({str(v) for v in values[:len(saved_cfgs)]}) == 1 else values[:len(saved_cfgs)]
+            saved = (
+                values[0]
+                if len({str(v) for v in values[: len(saved_cfgs)]}) == 1
+                else values[: len(saved_cfgs)]
+            )
             differing.append(f"{option} {given} (saved: {saved})")
     if differing:
-        raise ValueError(f"--resume continues a run with its own settings (its config.json), but "
-                         f"{'; '.join(differing)}; drop {'it' if len(differing) == 1 else 'them'} or give the "
-                         f"saved value (only --device and --wandb-* may change).")
+        raise ValueError(
+            f"--resume continues a run with its own settings (its config.json), but "
+            f"{'; '.join(differing)}; drop {'it' if len(differing) == 1 else 'them'} or give the "
+            f"saved value (only --device and --wandb-* may change)."
+        )
 
 
 def resumed_cfgs(folders: list[str], args: argparse.Namespace) -> list[dict]:
@@ -235,9 +324,17 @@ def resumed_cfgs(folders: list[str], args: argparse.Namespace) -> list[dict]:
     check_repeated_options(args, cfgs)
     for folder, cfg in zip(map(Path, folders), cfgs):
         if str(cfg.get("dataset_path", "")).startswith("<"):
-            raise ValueError(f"{folder} was trained on a {cfg['dataset_path']} object, not a dataset path; "
-                             f"resume it from Python: train_sae(..., resume_from={str(folder)!r}).")
-        cfg.update({key: getattr(args, key) for key in RESUME_OVERRIDES if getattr(args, key, None) is not None})
+            raise ValueError(
+                f"{folder} was trained on a {cfg['dataset_path']} object, not a dataset path; "
+                f"resume it from Python: train_sae(..., resume_from={str(folder)!r})."
+            )
+        cfg.update(
+            {
+                key: getattr(args, key)
+                for key in RESUME_OVERRIDES
+                if getattr(args, key, None) is not None
+            }
+        )
     return cfgs
 
 
@@ -246,21 +343,29 @@ def check_device(cfg: dict) -> None:
     try:
         device = torch.device(cfg["device"])
     except (RuntimeError, TypeError):
-        raise ValueError(f"device {cfg['device']!r} is not a device torch knows; use --device cpu, cuda, "
-                         f"cuda:N or mps.") from None
+        raise ValueError(
+            f"device {cfg['device']!r} is not a device torch knows; use --device cpu, cuda, "
+            f"cuda:N or mps."
+        ) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {cfg['device']!r}: this machine has no CUDA GPU that torch can use "
-                             f"(torch.cuda.is_available() is False); use --device cpu.")
+            raise ValueError(
+                f"device {cfg['device']!r}: this machine has no CUDA GPU that torch can use "
+                f"(torch.cuda.is_available() is False); use --device cpu."
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {cfg['device']!r}: this machine has {torch.cuda.device_count()} "
-                             f"CUDA GPU(s), cuda:0..cuda:{torch.cuda.device_count() - 1}.")
+            raise ValueError(
+                f"device {cfg['device']!r}: this machine has {torch.cuda.device_count()} "
+                f"CUDA GPU(s), cuda:0..cuda:{torch.cuda.device_count() - 1}."
+            )
     elif device.type != "cpu":
         try:
             torch.empty(1, device=device)
         except Exception:  # noqa: BLE001 (each backend fails in its own way)
-            raise ValueError(f"device {cfg['device']!r}: this machine or this torch build has no such device; "
-                             f"use --device cpu (or cuda).") from None
+            raise ValueError(
+                f"device {cfg['device']!r}: this machine or this torch build has no such device; "
+                f"use --device cpu (or cuda)."
+            ) from None
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -292,23 +397,28 @@ def check_memory(cfgs: list[dict]) -> None:
     dictionaries = sum(4 * 4 * dictionary_parameters(cfg) for cfg in cfgs)
     base = cfgs[0]
     hooks = {hook for cfg in cfgs for hook in dictionary_hooks(cfg)}
-    buffer = 4 * len(hooks) * base["act_size"] * base["batch_size"] * (base["num_batches_in_buffer"] + 1)
+    buffer = (
+        4 * len(hooks) * base["act_size"] * base["batch_size"] * (base["num_batches_in_buffer"] + 1)
+    )
     needed = dictionaries + buffer
     if needed > free:
-        raise ValueError(f"--dict-size {base['dict_size']}: {len(cfgs)} dictionar{'y' if len(cfgs) == 1 else 'ies'} "
-                         f"with gradients and optimizer state, and the activation buffer, need "
-                         f"{needed / 2**30:,.1f} GiB, but {device} has {free / 2**30:,.1f} GiB available; lower "
-                         f"--dict-size, --batch-size or --num-batches-in-buffer, or train fewer dictionaries.")
+        raise ValueError(
+            f"--dict-size {base['dict_size']}: {len(cfgs)} dictionar{'y' if len(cfgs) == 1 else 'ies'} "
+            f"with gradients and optimizer state, and the activation buffer, need "
+            f"{needed / 2**30:,.1f} GiB, but {device} has {free / 2**30:,.1f} GiB available; lower "
+            f"--dict-size, --batch-size or --num-batches-in-buffer, or train fewer dictionaries."
+        )
 
 
-def check_before_loading(cfgs: list[dict], resume_from: list[str] | None = None, overwrite: bool = False) -> None:
+def check_before_loading(
+    cfgs: list[dict], resume_from: list[str] | None = None, overwrite: bool = False
+) -> None:
     """Everything that can be checked before the model loads: the device, memory, the model and the
     data available (offline too), the activation cache, and each run's folder (claimed: created,
     written to, enough free space, locked; see checkpoint.claim_run_folder)."""
+    from matryoshka_sae import distributed
     from matryoshka_sae.checkpoint import claim_run_folder
     from matryoshka_sae.model_loading import check_model_available
-
-    from matryoshka_sae import distributed
 
     base = cfgs[0]
     check_device(base)
@@ -317,7 +427,9 @@ def check_before_loading(cfgs: list[dict], resume_from: list[str] | None = None,
     if base.get("activation_cache"):
         from matryoshka_sae.activation_cache import check_cache_matches, read_manifest
 
-        check_cache_matches(read_manifest(base["activation_cache"]), base, Path(base["activation_cache"]))
+        check_cache_matches(
+            read_manifest(base["activation_cache"]), base, Path(base["activation_cache"])
+        )
     else:
         for key in ("dataset_path", "eval_dataset_path"):
             if base.get(key) is not None:
@@ -325,15 +437,24 @@ def check_before_loading(cfgs: list[dict], resume_from: list[str] | None = None,
     if distributed.launched_by_torchrun():
         return  # the ranks that write claim their folders when training starts
     for i, cfg in enumerate(cfgs):
-        claim_run_folder(cfg, resume_from=None if resume_from is None else resume_from[i], overwrite=overwrite)
+        claim_run_folder(
+            cfg, resume_from=None if resume_from is None else resume_from[i], overwrite=overwrite
+        )
 
 
 def check_dataset_available(dataset_path, key: str = "dataset_path") -> None:
     """A clear error now, not after the model loaded, for data that cannot be read: a local file
     missing, empty or not text; a hub dataset absent from the local cache while offline."""
-    from matryoshka_sae.activation_store import BUILTIN_CORPUS, LOCAL_FILE_BUILDERS, check_local_data_file
+    from matryoshka_sae.activation_store import (
+        BUILTIN_CORPUS,
+        LOCAL_FILE_BUILDERS,
+        check_local_data_file,
+    )
 
-    if not isinstance(dataset_path, (str, Path)) or str(dataset_path).split(":")[0] == BUILTIN_CORPUS:
+    if (
+        not isinstance(dataset_path, (str, Path))
+        or str(dataset_path).split(":")[0] == BUILTIN_CORPUS
+    ):
         return
     path = Path(dataset_path)
     builder = LOCAL_FILE_BUILDERS.get(path.suffix.lower())
@@ -351,17 +472,30 @@ def check_dataset_available(dataset_path, key: str = "dataset_path") -> None:
         try:
             datasets.load_dataset_builder(str(dataset_path))
         except Exception as error:  # noqa: BLE001 (datasets raises many kinds for "not available")
-            raise ValueError(f"cfg[{key!r}] = {str(dataset_path)!r} is not in the local Hugging Face cache and "
-                             f"the hub is offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE); give a local file or "
-                             f"folder, python-docs, or download it first ({type(error).__name__}).") from None
+            raise ValueError(
+                f"cfg[{key!r}] = {str(dataset_path)!r} is not in the local Hugging Face cache and "
+                f"the hub is offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE); give a local file or "
+                f"folder, python-docs, or download it first ({type(error).__name__})."
+            ) from None
 
 
 # Errors that come from the user's input or machine, not from a bug: reported in one line.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
-               ImportError, CheckpointWriteError, torch.cuda.OutOfMemoryError)
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    ImportError,
+    CheckpointWriteError,
+    torch.cuda.OutOfMemoryError,
+)
 
 
-def run_reporting_errors(work: Callable[[], None], resume_command: str, debug: bool = False) -> None:
+def run_reporting_errors(
+    work: Callable[[], None], resume_command: str, debug: bool = False
+) -> None:
     """Run `work`; a bad setting or input (ValueError, a missing file or package, a disk that is full
     or read-only) exits with one line ``<script>: error: ...`` and status 2, a stop signal with the
     resume command and 128 + its number. `debug` (--debug, or SAE_DEBUG=1 in the environment) adds
@@ -372,12 +506,17 @@ def run_reporting_errors(work: Callable[[], None], resume_command: str, debug: b
         work()
     except TrainingInterrupted as stop:
         folders = " ".join(shlex.quote(str(folder)) for folder in stop.folders)
-        print(f"{script}: {stop}.\nResume with: {resume_command} --resume {folders}", file=sys.stderr)
+        print(
+            f"{script}: {stop}.\nResume with: {resume_command} --resume {folders}", file=sys.stderr
+        )
         raise SystemExit(stop.exit_status) from None
     except KeyboardInterrupt:
         if debug:
             traceback.print_exc()
-        print(f"{script}: interrupted (Ctrl-C); checkpoints written before are intact.", file=sys.stderr)
+        print(
+            f"{script}: interrupted (Ctrl-C); checkpoints written before are intact.",
+            file=sys.stderr,
+        )
         raise SystemExit(130) from None
     except USER_ERRORS as error:
         if debug:

@@ -53,23 +53,50 @@ DEFAULT_PROMPTS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("exported", help="folder written by export_sae.py --format circuit-tracer")
-    parser.add_argument("--from", "--set", dest="ours", metavar="FOLDER", help="the transcoder set folder or "
-                        "the CLT checkpoint it was exported from: checks that circuit-tracer computes what it computes")
-    parser.add_argument("--out", required=True, help="folder for graphs, viewer files and trace_results.json")
-    parser.add_argument("--prompt", action="append", dest="prompts", help="a prompt (repeatable); default: "
-                        "three Python-documentation completions")
+    parser.add_argument(
+        "--from",
+        "--set",
+        dest="ours",
+        metavar="FOLDER",
+        help="the transcoder set folder or "
+        "the CLT checkpoint it was exported from: checks that circuit-tracer computes what it computes",
+    )
+    parser.add_argument(
+        "--out", required=True, help="folder for graphs, viewer files and trace_results.json"
+    )
+    parser.add_argument(
+        "--prompt",
+        action="append",
+        dest="prompts",
+        help="a prompt (repeatable); default: three Python-documentation completions",
+    )
     parser.add_argument("--max-feature-nodes", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=64, help="attribution batch size")
-    parser.add_argument("--scan", help="where the viewer finds feature pages: the scan that "
-                        "inspect_transcoder_set.py SET --viewer-features OUT/graph_files prints "
-                        "('./data/features/<name>'); default: the exported config's scan")
-    parser.add_argument("--tolerance", type=float, default=1e-4,
-                        help="largest relative difference allowed between circuit-tracer's and our outputs")
-    parser.add_argument("--node-threshold", type=float, default=0.8,
-                        help="pruning for the path length: keep the nodes holding this share of the influence")
-    parser.add_argument("--edge-threshold", type=float, default=0.98, help="pruning: the same for edges")
+    parser.add_argument(
+        "--scan",
+        help="where the viewer finds feature pages: the scan that "
+        "inspect_transcoder_set.py SET --viewer-features OUT/graph_files prints "
+        "('./data/features/<name>'); default: the exported config's scan",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        help="largest relative difference allowed between circuit-tracer's and our outputs",
+    )
+    parser.add_argument(
+        "--node-threshold",
+        type=float,
+        default=0.8,
+        help="pruning for the path length: keep the nodes holding this share of the influence",
+    )
+    parser.add_argument(
+        "--edge-threshold", type=float, default=0.98, help="pruning: the same for edges"
+    )
     parser.add_argument("--device", default="cpu")
     return parser
 
@@ -98,7 +125,9 @@ def compare_layers(model, transcoders, set_folder, tokens: list[torch.Tensor]) -
         x = torch.cat([cache[f"blocks.{layer}.{hook_in}"][0, 1:] for cache in caches])
         theirs = transcoders[layer]
         same_latents = torch.equal(transcoder.encode(x) > 0, theirs.encode(x) > 0)
-        errors[str(layer)] = relative_error(transcoder.reconstruct(x), theirs(x)) if same_latents else float("inf")
+        errors[str(layer)] = (
+            relative_error(transcoder.reconstruct(x), theirs(x)) if same_latents else float("inf")
+        )
     return errors
 
 
@@ -125,12 +154,22 @@ def compare_clt(model, clt, checkpoint, tokens: list[torch.Tensor]) -> dict[str,
     ours = load_sae(checkpoint, device=model.cfg.device)
     layers = range(clt.n_layers)
     caches = _prompt_caches(model, clt.feature_input_hook, layers, tokens)
-    x = torch.cat([torch.stack([cache[f"blocks.{j}.{clt.feature_input_hook}"][0, 1:] for j in layers])
-                   for cache in caches], dim=1)  # [L, N, d]
-    same_latents = torch.equal(ours.encode(x.transpose(0, 1)).view(x.shape[1], clt.n_layers, -1) > 0,
-                               clt.encode(x).transpose(0, 1) > 0)
+    x = torch.cat(
+        [
+            torch.stack([cache[f"blocks.{j}.{clt.feature_input_hook}"][0, 1:] for j in layers])
+            for cache in caches
+        ],
+        dim=1,
+    )  # [L, N, d]
+    same_latents = torch.equal(
+        ours.encode(x.transpose(0, 1)).view(x.shape[1], clt.n_layers, -1) > 0,
+        clt.encode(x).transpose(0, 1) > 0,
+    )
     ours_out, theirs_out = ours.reconstruct(x.transpose(0, 1)).transpose(0, 1), clt(x)
-    return {str(m): relative_error(ours_out[m], theirs_out[m]) if same_latents else float("inf") for m in layers}
+    return {
+        str(m): relative_error(ours_out[m], theirs_out[m]) if same_latents else float("inf")
+        for m in layers
+    }
 
 
 def replacement_model(model, transcoders):
@@ -141,14 +180,20 @@ def replacement_model(model, transcoders):
         TransformerLensReplacementModel,
     )
 
-    replacement = TransformerLensReplacementModel.from_config(model.cfg, transcoders, tokenizer=model.tokenizer)
-    places = {name.replace(".old_mlp.", ".").replace("unembed.old_unembed.", "unembed."): name
-              for name in replacement.state_dict()}
+    replacement = TransformerLensReplacementModel.from_config(
+        model.cfg, transcoders, tokenizer=model.tokenizer
+    )
+    places = {
+        name.replace(".old_mlp.", ".").replace("unembed.old_unembed.", "unembed."): name
+        for name in replacement.state_dict()
+    }
     weights = {name: value for name, value in model.state_dict().items() if name in places}
     unplaced = [name for name, _ in model.named_parameters() if name not in places]
     if unplaced:
         raise ValueError(f"circuit-tracer's replacement model has no place for {unplaced[:3]}")
-    replacement.load_state_dict({places[name]: value for name, value in weights.items()}, strict=False)
+    replacement.load_state_dict(
+        {places[name]: value for name, value in weights.items()}, strict=False
+    )
     return replacement
 
 
@@ -159,21 +204,30 @@ def spliced_ce_and_kl(model, transcoders, tokens: list[torch.Tensor]) -> dict[st
     of the replaced pass (position 0 left as it is, as circuit-tracer does), and the mean
     KL(original || replaced) over the predicted positions."""
     hook_in, hook_out = transcoders.feature_input_hook, transcoders.feature_output_hook
-    written: dict[int, torch.Tensor] = {}  # source layer -> its prediction of each output layer it writes
+    written: dict[
+        int, torch.Tensor
+    ] = {}  # source layer -> its prediction of each output layer it writes
     if is_cross_layer(transcoders):
+
         def remember(act, hook, layer):  # [batch, pos, S] x [S, L - j, d] -> [batch, pos, L - j, d]
             features = transcoders.encode_layer(act, layer)
             written[layer] = torch.einsum("bpf,fmd->bpmd", features, transcoders.W_dec[layer])
 
         def predict(act, layer):
-            return sum(written[j][:, :, layer - j] for j in range(layer + 1)) + transcoders.b_dec[layer]
+            return (
+                sum(written[j][:, :, layer - j] for j in range(layer + 1))
+                + transcoders.b_dec[layer]
+            )
+
         n_layers = transcoders.n_layers
     else:
+
         def remember(act, hook, layer):
             written[layer] = act
 
         def predict(act, layer):
             return transcoders[layer](written[layer])
+
         n_layers = len(transcoders)
 
     def replace(act, hook, layer):
@@ -183,8 +237,12 @@ def spliced_ce_and_kl(model, transcoders, tokens: list[torch.Tensor]) -> dict[st
 
     hooks = []
     for layer in range(n_layers):
-        hooks.append((f"blocks.{layer}.{hook_in}", lambda a, hook, layer=layer: remember(a, hook, layer)))
-        hooks.append((f"blocks.{layer}.{hook_out}", lambda a, hook, layer=layer: replace(a, hook, layer)))
+        hooks.append(
+            (f"blocks.{layer}.{hook_in}", lambda a, hook, layer=layer: remember(a, hook, layer))
+        )
+        hooks.append(
+            (f"blocks.{layer}.{hook_out}", lambda a, hook, layer=layer: replace(a, hook, layer))
+        )
     totals = {"ce_loss_clean": 0.0, "ce_loss_replaced": 0.0, "kl_divergence": 0.0}
     n = 0
     for t in tokens:
@@ -205,13 +263,17 @@ def error_influence_share(graph) -> float:
 
     n_tokens, n_features = len(graph.input_tokens), len(graph.selected_features)
     error_end = n_features + n_tokens * graph.cfg.n_layers
-    logit_weights = torch.zeros(graph.adjacency_matrix.shape[0], device=graph.adjacency_matrix.device)
-    logit_weights[-len(graph.logit_targets):] = graph.logit_probabilities
+    logit_weights = torch.zeros(
+        graph.adjacency_matrix.shape[0], device=graph.adjacency_matrix.device
+    )
+    logit_weights[-len(graph.logit_targets) :] = graph.logit_probabilities
     influence = compute_influence(normalize_matrix(graph.adjacency_matrix), logit_weights)
-    return (influence[n_features:error_end].sum() / influence[:error_end + n_tokens].sum()).item()
+    return (influence[n_features:error_end].sum() / influence[: error_end + n_tokens].sum()).item()
 
 
-def mean_path_length(graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> dict[str, float]:
+def mean_path_length(
+    graph, node_threshold: float = 0.8, edge_threshold: float = 0.98
+) -> dict[str, float]:
     """How many feature nodes a path of the pruned graph passes, from the logits back to a token or
     error node: the graph pruned as circuit-tracer's viewer prunes it (`prune_graph`), then
     `walk_lengths` from the logits weighted by their probabilities. Returns `walk_lengths`'s
@@ -251,14 +313,18 @@ def walk_lengths(adjacency: torch.Tensor, n_features: int, start: torch.Tensor) 
     total = ended.sum().clamp(min=1e-12)
     counts = torch.arange(len(ended), dtype=ended.dtype)
     through_features = ended[1:].sum().clamp(min=1e-12)
-    return {"feature_nodes_per_path": ((counts * ended).sum() / total).item(),
-            "multi_hop_share": (ended[2:].sum() / total).item(),
-            "feature_nodes_per_feature_path": ((counts * ended).sum() / through_features).item(),
-            "multi_hop_share_of_feature_paths": (ended[2:].sum() / through_features).item()}
+    return {
+        "feature_nodes_per_path": ((counts * ended).sum() / total).item(),
+        "multi_hop_share": (ended[2:].sum() / total).item(),
+        "feature_nodes_per_feature_path": ((counts * ended).sum() / through_features).item(),
+        "multi_hop_share_of_feature_paths": (ended[2:].sum() / through_features).item(),
+    }
 
 
-PHASE_LINE = re.compile(r"^(Precomputation|Forward pass|Logit attributions|Feature attributions|Attribution) "
-                        r"completed in ([0-9.]+)s")
+PHASE_LINE = re.compile(
+    r"^(Precomputation|Forward pass|Logit attributions|Feature attributions|Attribution) "
+    r"completed in ([0-9.]+)s"
+)
 
 
 def attribute_timed(tokens: torch.Tensor, replacement, **settings):
@@ -269,8 +335,11 @@ def attribute_timed(tokens: torch.Tensor, replacement, **settings):
     captured = io.StringIO()
     with contextlib.redirect_stderr(captured):
         graph = attribute(tokens, replacement, verbose=True, **settings)
-    phases = {match[1].lower().replace(" ", "_"): float(match[2])
-              for match in map(PHASE_LINE.match, captured.getvalue().splitlines()) if match}
+    phases = {
+        match[1].lower().replace(" ", "_"): float(match[2])
+        for match in map(PHASE_LINE.match, captured.getvalue().splitlines())
+        if match
+    }
     return graph, phases
 
 
@@ -286,10 +355,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         import circuit_tracer  # noqa: F401
     except ImportError:
-        print("trace_circuit.py: error: circuit_tracer is not installed here; run it with circuit-tracer's "
-              "environment: bash setup_circuit_tracer_env.sh, then .ct-venv/bin/python trace_circuit.py ...",
-              file=sys.stderr)
-        raise SystemExit(2)
+        print(
+            "trace_circuit.py: error: circuit_tracer is not installed here; run it with circuit-tracer's "
+            "environment: bash setup_circuit_tracer_env.sh, then .ct-venv/bin/python trace_circuit.py ...",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
     from circuit_tracer.graph import compute_graph_scores
     from circuit_tracer.utils.create_graph_files import create_graph_files
 
@@ -312,19 +383,25 @@ def main(argv: list[str] | None = None) -> None:
         errors = compare(model, transcoders, args.ours, tokens)
         worst = max(errors.values())
         results["layer_relative_errors"] = errors
-        print(f"circuit-tracer's transcoders vs ours, {len(errors)} layers: largest relative error {worst:.2e}")
+        print(
+            f"circuit-tracer's transcoders vs ours, {len(errors)} layers: largest relative error {worst:.2e}"
+        )
         if not worst <= args.tolerance:
             bad = [layer for layer, e in errors.items() if not e <= args.tolerance]
-            raise SystemExit(f"trace_circuit.py: error: layers {bad} differ from ours by more than "
-                             f"{args.tolerance:g} (or fire other latents)")
+            raise SystemExit(
+                f"trace_circuit.py: error: layers {bad} differ from ours by more than "
+                f"{args.tolerance:g} (or fire other latents)"
+            )
 
     replacement = replacement_model(model, transcoders)
     logits_gap = (replacement(tokens[0][None]) - model(tokens[0][None])).abs().max().item()
     results["replacement_logits_max_difference"] = logits_gap
     print(f"replacement model vs model, logits: largest difference {logits_gap:.2e}")
     results.update(spliced_ce_and_kl(model, transcoders, tokens))
-    print(f"every MLP replaced: CE {results['ce_loss_clean']:.4f} -> {results['ce_loss_replaced']:.4f}, "
-          f"KL {results['kl_divergence']:.4f}")
+    print(
+        f"every MLP replaced: CE {results['ce_loss_clean']:.4f} -> {results['ce_loss_replaced']:.4f}, "
+        f"KL {results['kl_divergence']:.4f}"
+    )
 
     scan = args.scan or config.get("scan")
     # The viewer's files decode tokens with the tokenizer named in the graph, which circuit-tracer
@@ -334,8 +411,9 @@ def main(argv: list[str] | None = None) -> None:
     results["graphs"] = []
     for i, (prompt, t) in enumerate(zip(prompts, tokens)):
         started = time.perf_counter()
-        graph, phases = attribute_timed(t, replacement, max_feature_nodes=args.max_feature_nodes,
-                                        batch_size=args.batch_size)
+        graph, phases = attribute_timed(
+            t, replacement, max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size
+        )
         seconds = time.perf_counter() - started
         slug = f"prompt-{i}"
         graph.scan = scan
@@ -343,25 +421,48 @@ def main(argv: list[str] | None = None) -> None:
         graph.to_pt(str(out / "graphs" / f"{slug}.pt"))
         create_graph_files(graph, slug=slug, output_path=str(out / "graph_files"), scan=scan)
         replacement_score, completeness_score = compute_graph_scores(graph)
-        row = {"prompt": prompt, "slug": slug, "seconds": seconds, "n_active_features": len(graph.active_features),
-               "n_selected_features": len(graph.selected_features), "replacement_score": replacement_score,
-               "completeness_score": completeness_score, "error_influence_share": error_influence_share(graph),
-               "decoder_vectors": decoder_vectors(graph, graph.cfg.n_layers, cross_layer), "phase_seconds": phases,
-               **mean_path_length(graph, args.node_threshold, args.edge_threshold)}
+        row = {
+            "prompt": prompt,
+            "slug": slug,
+            "seconds": seconds,
+            "n_active_features": len(graph.active_features),
+            "n_selected_features": len(graph.selected_features),
+            "replacement_score": replacement_score,
+            "completeness_score": completeness_score,
+            "error_influence_share": error_influence_share(graph),
+            "decoder_vectors": decoder_vectors(graph, graph.cfg.n_layers, cross_layer),
+            "phase_seconds": phases,
+            **mean_path_length(graph, args.node_threshold, args.edge_threshold),
+        }
         results["graphs"].append(row)
-        print(f"{slug} ({seconds:.0f} s, {row['n_active_features']} active features, {row['decoder_vectors']} decoder "
-              f"vectors, {row['n_selected_features']} feature nodes): replacement {replacement_score:.3f}, "
-              f"completeness {completeness_score:.3f}, error influence share {row['error_influence_share']:.3f}, "
-              f"feature nodes a path {row['feature_nodes_per_path']:.2f}  | {prompt!r}")
-        print("  seconds by phase: " + ", ".join(f"{name} {value:.1f}" for name, value in phases.items()))
-    for key in ("replacement_score", "completeness_score", "error_influence_share", "feature_nodes_per_path",
-                "multi_hop_share", "feature_nodes_per_feature_path", "multi_hop_share_of_feature_paths", "seconds"):
+        print(
+            f"{slug} ({seconds:.0f} s, {row['n_active_features']} active features, {row['decoder_vectors']} decoder "
+            f"vectors, {row['n_selected_features']} feature nodes): replacement {replacement_score:.3f}, "
+            f"completeness {completeness_score:.3f}, error influence share {row['error_influence_share']:.3f}, "
+            f"feature nodes a path {row['feature_nodes_per_path']:.2f}  | {prompt!r}"
+        )
+        print(
+            "  seconds by phase: "
+            + ", ".join(f"{name} {value:.1f}" for name, value in phases.items())
+        )
+    for key in (
+        "replacement_score",
+        "completeness_score",
+        "error_influence_share",
+        "feature_nodes_per_path",
+        "multi_hop_share",
+        "feature_nodes_per_feature_path",
+        "multi_hop_share_of_feature_paths",
+        "seconds",
+    ):
         results[f"mean_{key}"] = sum(row[key] for row in results["graphs"]) / len(results["graphs"])
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     (out / "trace_results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"mean replacement {results['mean_replacement_score']:.3f}, completeness "
-          f"{results['mean_completeness_score']:.3f}, feature nodes a path {results['mean_feature_nodes_per_path']:.2f}, "
-          f"{results['mean_seconds']:.0f} s a prompt, peak memory {results['peak_rss_mb']:.0f} MB; written to {out}")
+    print(
+        f"mean replacement {results['mean_replacement_score']:.3f}, completeness "
+        f"{results['mean_completeness_score']:.3f}, feature nodes a path {results['mean_feature_nodes_per_path']:.2f}, "
+        f"{results['mean_seconds']:.0f} s a prompt, peak memory {results['peak_rss_mb']:.0f} MB; written to {out}"
+    )
 
 
 if __name__ == "__main__":

@@ -31,7 +31,12 @@ from pathlib import Path
 
 from matryoshka_sae import distributed
 from matryoshka_sae.cli.options import (
-    add_debug_argument, add_resume_argument, add_run_arguments, apply_overrides, check_before_loading, resumed_cfgs,
+    add_debug_argument,
+    add_resume_argument,
+    add_run_arguments,
+    apply_overrides,
+    check_before_loading,
+    resumed_cfgs,
     run_reporting_errors,
 )
 from matryoshka_sae.config import HOOK_SITES, get_default_cfg, post_init_cfg
@@ -40,9 +45,23 @@ METRICS_FILE = "clt_metrics.json"
 
 # The script's defaults: SmolLM2 offline, exportable to circuit-tracer (no per-token standardisation,
 # BOS left out as circuit-tracer zeroes position 0), 2 x d_model latents per layer.
-CLT_DEFAULTS = dict(sae_type="matryoshka_clt", model_name="smollm2-135m", dataset_path="python-docs:train", layer=0,
-                    input_unit_norm=False, exclude_bos=True, top_k=16, batch_size=1024, lr=3e-4, num_tokens=int(2e6),
-                    seq_len=128, model_batch_size=8, num_batches_in_buffer=8, checkpoint_freq=500, perf_log_freq=10 ** 9)
+CLT_DEFAULTS = dict(
+    sae_type="matryoshka_clt",
+    model_name="smollm2-135m",
+    dataset_path="python-docs:train",
+    layer=0,
+    input_unit_norm=False,
+    exclude_bos=True,
+    top_k=16,
+    batch_size=1024,
+    lr=3e-4,
+    num_tokens=int(2e6),
+    seq_len=128,
+    model_batch_size=8,
+    num_batches_in_buffer=8,
+    checkpoint_freq=500,
+    perf_log_freq=10**9,
+)
 
 
 def clt_cfg(args: argparse.Namespace | None = None) -> dict:
@@ -51,8 +70,12 @@ def clt_cfg(args: argparse.Namespace | None = None) -> dict:
     cfg.update(CLT_DEFAULTS, dict_size=None, group_sizes=None)
     if args is not None:
         cfg = apply_overrides(cfg, args)
-        cfg.update(clt_sparsity=args.sparsity, source_site=args.source_site, target_site=args.target_site)
-    model = post_init_cfg({**cfg, "dict_size": 64, "group_sizes": None})  # the model's width and depth
+        cfg.update(
+            clt_sparsity=args.sparsity, source_site=args.source_site, target_site=args.target_site
+        )
+    model = post_init_cfg(
+        {**cfg, "dict_size": 64, "group_sizes": None}
+    )  # the model's width and depth
     if cfg["dict_size"] is None:
         cfg.update(dict_size=2 * model["act_size"], group_sizes=None)
     if args is not None and args.layers != "all":
@@ -84,10 +107,16 @@ def train(args: argparse.Namespace) -> None:
     check_before_loading([cfg], resume_from, overwrite=args.overwrite)
     if distributed.is_main_process():
         n = len(cfg["clt_layers"])
-        sparsity = (f"target L0 {cfg['target_l0']:g}" if cfg["clt_sparsity"] == "jumprelu" else f"k {cfg['top_k']}")
-        print(f"Training a cross-layer transcoder over {n} layers ({cfg['source_site']} -> {cfg['target_site']}), "
-              f"{cfg['dict_size']} latents a layer in groups {cfg['group_sizes']}, {sparsity} per layer "
-              f"({cfg['clt_sparsity']}), on {cfg['device']} ({distributed.world_size()} rank(s))")
+        sparsity = (
+            f"target L0 {cfg['target_l0']:g}"
+            if cfg["clt_sparsity"] == "jumprelu"
+            else f"k {cfg['top_k']}"
+        )
+        print(
+            f"Training a cross-layer transcoder over {n} layers ({cfg['source_site']} -> {cfg['target_site']}), "
+            f"{cfg['dict_size']} latents a layer in groups {cfg['group_sizes']}, {sparsity} per layer "
+            f"({cfg['clt_sparsity']}), on {cfg['device']} ({distributed.world_size()} rank(s))"
+        )
     model = load_model(cfg["model_name"], cfg["device"], cfg["model_dtype"])
     if cfg["bos_token_id"] is None and model.tokenizer is not None:
         cfg["bos_token_id"] = model.tokenizer.bos_token_id
@@ -95,7 +124,6 @@ def train(args: argparse.Namespace) -> None:
     clt = train_sae_group([create_sae(cfg)], store, None, [cfg], resume_from=resume_from)[0]
     if distributed.is_main_process():
         from matryoshka_sae.checkpoint import atomic_write, checkpoint_folder
-
         from matryoshka_sae.evaluation import evaluate_clt
 
         metrics = evaluate_clt(clt, model, store.get_eval_tokens(cfg["n_eval_rows"]))
@@ -106,9 +134,11 @@ def train(args: argparse.Namespace) -> None:
 
 
 def print_metrics(folder, metrics: dict) -> None:
-    print(f"{folder}: every MLP replaced: loss recovered {metrics['loss_recovered']:.4g}, KL "
-          f"{metrics['kl_divergence']:.4g}, CE {metrics['ce_loss_clean']:.4g} -> {metrics['ce_loss_spliced']:.4g}; "
-          f"per-layer FVU mean {metrics['fvu_mean']:.4g}, max {metrics['fvu_max']:.4g}; L0 {metrics['l0_total']:.1f}")
+    print(
+        f"{folder}: every MLP replaced: loss recovered {metrics['loss_recovered']:.4g}, KL "
+        f"{metrics['kl_divergence']:.4g}, CE {metrics['ce_loss_clean']:.4g} -> {metrics['ce_loss_spliced']:.4g}; "
+        f"per-layer FVU mean {metrics['fvu_mean']:.4g}, max {metrics['fvu_max']:.4g}; L0 {metrics['l0_total']:.1f}"
+    )
 
 
 def evaluate(args: argparse.Namespace) -> None:
@@ -122,8 +152,10 @@ def evaluate(args: argparse.Namespace) -> None:
     model = load_model(cfg["model_name"], cfg["device"], cfg["model_dtype"])
     if cfg["bos_token_id"] is None and model.tokenizer is not None:
         cfg["bos_token_id"] = model.tokenizer.bos_token_id
-    tokens = ActivationsStore(model, {**cfg, "sae_type": "matryoshka", "hook_point": "blocks.0.hook_resid_pre",
-                                      "layer": 0}).get_eval_tokens(cfg["n_eval_rows"])
+    tokens = ActivationsStore(
+        model,
+        {**cfg, "sae_type": "matryoshka", "hook_point": "blocks.0.hook_resid_pre", "layer": 0},
+    ).get_eval_tokens(cfg["n_eval_rows"])
     metrics = evaluate_clt(clt, model, tokens)
     text = json.dumps(metrics, indent=2) + "\n"
     atomic_write(Path(args.checkpoint) / METRICS_FILE, lambda tmp: tmp.write_text(text))
@@ -134,36 +166,58 @@ def evaluate(args: argparse.Namespace) -> None:
 def export(args: argparse.Namespace) -> None:
     from matryoshka_sae.circuit_tracer_format import export_circuit_tracer_clt
 
-    out = export_circuit_tracer_clt(args.checkpoint, args.out_dir, scan=args.scan, overwrite=args.overwrite)
-    print(f"Wrote {out}: circuit-tracer cross_layer_transcoder. Trace with it in circuit-tracer's environment "
-          f"(bash setup_circuit_tracer_env.sh): .ct-venv/bin/python trace_circuit.py {out} --from {args.checkpoint} "
-          f"--out traces/{Path(out).name}")
+    out = export_circuit_tracer_clt(
+        args.checkpoint, args.out_dir, scan=args.scan, overwrite=args.overwrite
+    )
+    print(
+        f"Wrote {out}: circuit-tracer cross_layer_transcoder. Trace with it in circuit-tracer's environment "
+        f"(bash setup_circuit_tracer_env.sh): .ct-venv/bin/python trace_circuit.py {out} --from {args.checkpoint} "
+        f"--out traces/{Path(out).name}"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     train_parser = commands.add_parser("train", help="train a cross-layer transcoder")
     add_run_arguments(train_parser, exclude=("--site", "--layer", "--hook-point", "--sae-type"))
     add_resume_argument(train_parser)
-    train_parser.add_argument("--sparsity", choices=["global", "per_layer", "jumprelu"], default="global",
-                              help="BatchTopK over every layer's latents (default) or within each source layer, "
-                                   "or jumprelu: a learned threshold per latent, steered to --target-l0 a token "
-                                   "per source layer")
-    train_parser.add_argument("--plain", action="store_true", help="one group: a plain CLT, no Matryoshka prefixes")
-    train_parser.add_argument("--layers", default="all", help="the layers it reads and writes: 'all' (default; "
-                              "what circuit-tracer needs), a range 0-9 or a list 0,1,2")
+    train_parser.add_argument(
+        "--sparsity",
+        choices=["global", "per_layer", "jumprelu"],
+        default="global",
+        help="BatchTopK over every layer's latents (default) or within each source layer, "
+        "or jumprelu: a learned threshold per latent, steered to --target-l0 a token "
+        "per source layer",
+    )
+    train_parser.add_argument(
+        "--plain", action="store_true", help="one group: a plain CLT, no Matryoshka prefixes"
+    )
+    train_parser.add_argument(
+        "--layers",
+        default="all",
+        help="the layers it reads and writes: 'all' (default; "
+        "what circuit-tracer needs), a range 0-9 or a list 0,1,2",
+    )
     train_parser.add_argument("--source-site", default="ln2_normalized", choices=list(HOOK_SITES))
     train_parser.add_argument("--target-site", default="mlp_out", choices=list(HOOK_SITES))
-    evaluate_parser = commands.add_parser("evaluate", help="every MLP replaced at once: CE, KL, per-layer FVU")
+    evaluate_parser = commands.add_parser(
+        "evaluate", help="every MLP replaced at once: CE, KL, per-layer FVU"
+    )
     evaluate_parser.add_argument("checkpoint")
     evaluate_parser.add_argument("--device", default=None)
     add_debug_argument(evaluate_parser)
-    export_parser = commands.add_parser("export", help="write circuit-tracer's cross_layer_transcoder folder")
+    export_parser = commands.add_parser(
+        "export", help="write circuit-tracer's cross_layer_transcoder folder"
+    )
     export_parser.add_argument("checkpoint")
     export_parser.add_argument("out_dir")
     export_parser.add_argument("--scan", help="the viewer's feature location (default <model>-clt)")
-    export_parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    export_parser.add_argument(
+        "--overwrite", action="store_true", help="replace OUT_DIR if it exists"
+    )
     add_debug_argument(export_parser)
     return parser
 
@@ -171,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     work = {"train": train, "evaluate": evaluate, "export": export}[args.command]
-    run_reporting_errors(lambda: work(args), resume_command="python train_clt.py train", debug=args.debug)
+    run_reporting_errors(
+        lambda: work(args), resume_command="python train_clt.py train", debug=args.debug
+    )
 
 
 if __name__ == "__main__":

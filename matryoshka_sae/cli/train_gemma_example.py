@@ -19,42 +19,86 @@ import argparse
 
 import torch
 
-from matryoshka_sae.config import (
-    DICT_EXPANSION, HOOK_SITES, MODEL_TABLE, get_default_cfg, get_model_config, post_init_cfg, split_into_groups,
-)
-from matryoshka_sae.transcoder_set import (
-    DEFAULT_SOURCE_SITE, TRANSCODER_KINDS, default_set_cfg, is_transcoder_set, layer_folders, free_set_folder,
-    parse_layers, print_set_metrics, read_manifest, train_transcoder_set, transcoder_set_cfgs,
-)
 from matryoshka_sae import distributed
 from matryoshka_sae.cli.options import (
-    ArgumentParser, add_resume_argument, add_run_arguments, apply_overrides, check_before_loading, check_device,
-    print_final_metrics, resumed_cfgs, run_reporting_errors,
+    ArgumentParser,
+    add_resume_argument,
+    add_run_arguments,
+    apply_overrides,
+    check_before_loading,
+    print_final_metrics,
+    resumed_cfgs,
+    run_reporting_errors,
+)
+from matryoshka_sae.config import (
+    DICT_EXPANSION,
+    HOOK_SITES,
+    MODEL_TABLE,
+    get_default_cfg,
+    get_model_config,
+    post_init_cfg,
+    split_into_groups,
+)
+from matryoshka_sae.transcoder_set import (
+    DEFAULT_SOURCE_SITE,
+    TRANSCODER_KINDS,
+    default_set_cfg,
+    free_set_folder,
+    is_transcoder_set,
+    layer_folders,
+    parse_layers,
+    print_set_metrics,
+    read_manifest,
+    train_transcoder_set,
+    transcoder_set_cfgs,
 )
 
-COMPARED_MODELS = ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "gemma-2-2b", "gemma-2-9b", "gemma-2-27b"]
+COMPARED_MODELS = [
+    "gpt2",
+    "gpt2-medium",
+    "gpt2-large",
+    "gpt2-xl",
+    "gemma-2-2b",
+    "gemma-2-9b",
+    "gemma-2-27b",
+]
 
 # The guide's Gemma-2-2B settings.
 GEMMA_SAE = {
-    "model_name": "gemma-2-2b", "sae_type": "matryoshka", "layer": 8, "site": "resid_pre",
-    "dict_size": 36864, "group_sizes": [2304, 4608, 9216, 20736], "top_k": 96,
-    "model_batch_size": 4, "model_dtype": torch.bfloat16,
+    "model_name": "gemma-2-2b",
+    "sae_type": "matryoshka",
+    "layer": 8,
+    "site": "resid_pre",
+    "dict_size": 36864,
+    "group_sizes": [2304, 4608, 9216, 20736],
+    "top_k": 96,
+    "model_batch_size": 4,
+    "model_dtype": torch.bfloat16,
 }
 GEMMA_TRANSCODER = {
-    "model_name": "gemma-2-2b", "layer": 8, "dict_size": 18432, "group_sizes": [2304, 4608, 6912, 4608],
-    "top_k": 64, "model_batch_size": 4, "model_dtype": torch.bfloat16,
+    "model_name": "gemma-2-2b",
+    "layer": 8,
+    "dict_size": 18432,
+    "group_sizes": [2304, 4608, 6912, 4608],
+    "top_k": 64,
+    "model_batch_size": 4,
+    "model_dtype": torch.bfloat16,
 }
 
 
 def model_table() -> str:
     """The guide's model table: activation size, layers, 16x dictionary and its 1:2:4:9 groups."""
-    header = f"{'Model':<12} {'Act size':>8} {'Layers':>6} {'Dict (16x)':>10}  Group sizes (1:2:4:9)"
+    header = (
+        f"{'Model':<12} {'Act size':>8} {'Layers':>6} {'Dict (16x)':>10}  Group sizes (1:2:4:9)"
+    )
     lines = [header, "-" * len(header)]
     for name in COMPARED_MODELS:
         facts = MODEL_TABLE[name]
         dict_size = DICT_EXPANSION * facts["act_size"]
-        lines.append(f"{name:<12} {facts['act_size']:>8} {facts['n_layers']:>6} {dict_size:>10}  "
-                     f"{split_into_groups(dict_size)}")
+        lines.append(
+            f"{name:<12} {facts['act_size']:>8} {facts['n_layers']:>6} {dict_size:>10}  "
+            f"{split_into_groups(dict_size)}"
+        )
     return "\n".join(lines)
 
 
@@ -74,7 +118,9 @@ def transcoder_cfg(args: argparse.Namespace | None = None) -> dict:
     cfg = apply_overrides(cfg, args)
     cfg["transcoder_skip"] = getattr(args, "skip", False)
     return create_transcoder_config(
-        cfg, source_layer=cfg["layer"], target_layer=cfg["layer"],
+        cfg,
+        source_layer=cfg["layer"],
+        target_layer=cfg["layer"],
         source_site=getattr(args, "source_site", None) or "resid_mid",
         target_site=getattr(args, "target_site", "mlp_out"),
     )
@@ -105,13 +151,24 @@ def set_cfgs(args: argparse.Namespace) -> list[dict]:
     ``-3``... when taken; created when the run claims its layer folders)."""
     cfg = default_set_cfg(**GEMMA_TRANSCODER)
     cfg = post_init_cfg(apply_overrides(cfg, args))
-    layers = parse_layers(args.layers, cfg["n_layers"] or get_model_config(cfg["model_name"])["n_layers"])
+    layers = parse_layers(
+        args.layers, cfg["n_layers"] or get_model_config(cfg["model_name"])["n_layers"]
+    )
     source_site = args.source_site or DEFAULT_SOURCE_SITE
-    name = (f"{cfg['model_name'].replace('/', '_')}_transcoder-set_{args.kind}{'-skip' if args.skip else ''}_"
-            f"{source_site}_{cfg['dict_size']}_k{cfg['top_k']}")
+    name = (
+        f"{cfg['model_name'].replace('/', '_')}_transcoder-set_{args.kind}{'-skip' if args.skip else ''}_"
+        f"{source_site}_{cfg['dict_size']}_k{cfg['top_k']}"
+    )
     folder = free_set_folder(cfg["checkpoint_dir"], name)
-    return transcoder_set_cfgs(cfg, layers, folder, kind=args.kind, skip=args.skip, source_site=source_site,
-                               target_site=args.target_site)
+    return transcoder_set_cfgs(
+        cfg,
+        layers,
+        folder,
+        kind=args.kind,
+        skip=args.skip,
+        source_site=source_site,
+        target_site=args.target_site,
+    )
 
 
 def train_set(args: argparse.Namespace) -> None:
@@ -121,7 +178,9 @@ def train_set(args: argparse.Namespace) -> None:
     resume_from = None
     if args.resume:
         if len(args.resume) != 1:
-            raise ValueError(f"--resume takes the one folder of a transcoder set; got {len(args.resume)}.")
+            raise ValueError(
+                f"--resume takes the one folder of a transcoder set; got {len(args.resume)}."
+            )
         resume_from = [str(folder) for folder in layer_folders(args.resume[0]).values()]
         cfgs = resumed_cfgs(resume_from, args)
         kind = read_manifest(args.resume[0])["kind"]
@@ -133,10 +192,14 @@ def train_set(args: argparse.Namespace) -> None:
         check_before_loading(cfgs, resume_from, args.overwrite)
         set_folder = cfgs[0]["checkpoint_dir"]
         if distributed.is_main_process():
-            print(f"Training a {kind} transcoder set of {len(cfgs)} layer(s) into {set_folder} on "
-                  f"{cfgs[0]['device']} ({distributed.world_size()} rank(s))")
+            print(
+                f"Training a {kind} transcoder set of {len(cfgs)} layer(s) into {set_folder} on "
+                f"{cfgs[0]['device']} ({distributed.world_size()} rank(s))"
+            )
         model = load_model(cfgs[0]["model_name"], cfgs[0]["device"], cfgs[0]["model_dtype"])
-        for cfg in cfgs:  # rows start with BOS (circuit-tracer zeroes position 0), left out of training
+        for (
+            cfg
+        ) in cfgs:  # rows start with BOS (circuit-tracer zeroes position 0), left out of training
             if cfg["bos_token_id"] is None and model.tokenizer is not None:
                 cfg["bos_token_id"] = model.tokenizer.bos_token_id
         train_transcoder_set(model, cfgs, kind=kind, resume=bool(args.resume))
@@ -147,26 +210,44 @@ def train_set(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("compare", help="print the model table (no download)")
     sae = commands.add_parser("sae", help="train the Gemma-2-2B Matryoshka SAE")
     add_run_arguments(sae, exclude=("--sae-type",))  # the guide's Matryoshka SAE
     add_resume_argument(sae)
-    transcoder = commands.add_parser("transcoder", help="train the Gemma-2-2B Matryoshka transcoder")
+    transcoder = commands.add_parser(
+        "transcoder", help="train the Gemma-2-2B Matryoshka transcoder"
+    )
     add_run_arguments(transcoder, exclude=("--site", "--sae-type"))
     add_resume_argument(transcoder)
-    transcoder.add_argument("--layers", metavar="LAYERS",
-                            help="train a transcoder set, one transcoder per layer from one model pass: 'all' "
-                                 "(what circuit-tracer needs), a list 0,3,5 or a range 0-11; see "
-                                 "docs/transcoder_sets.md")
-    transcoder.add_argument("--kind", choices=list(TRANSCODER_KINDS), default="matryoshka",
-                            help="with --layers: Matryoshka BatchTopK (default), plain BatchTopK or per-token TopK")
-    transcoder.add_argument("--source-site", default=None, choices=list(HOOK_SITES),
-                            help=f"default resid_mid; with --layers {DEFAULT_SOURCE_SITE}")
+    transcoder.add_argument(
+        "--layers",
+        metavar="LAYERS",
+        help="train a transcoder set, one transcoder per layer from one model pass: 'all' "
+        "(what circuit-tracer needs), a list 0,3,5 or a range 0-11; see "
+        "docs/transcoder_sets.md",
+    )
+    transcoder.add_argument(
+        "--kind",
+        choices=list(TRANSCODER_KINDS),
+        default="matryoshka",
+        help="with --layers: Matryoshka BatchTopK (default), plain BatchTopK or per-token TopK",
+    )
+    transcoder.add_argument(
+        "--source-site",
+        default=None,
+        choices=list(HOOK_SITES),
+        help=f"default resid_mid; with --layers {DEFAULT_SOURCE_SITE}",
+    )
     transcoder.add_argument("--target-site", default="mlp_out", choices=list(HOOK_SITES))
-    transcoder.add_argument("--skip", action="store_true",
-                            help="skip transcoder: an affine path x W_skip added to every prediction")
+    transcoder.add_argument(
+        "--skip",
+        action="store_true",
+        help="skip transcoder: an affine path x W_skip added to every prediction",
+    )
     return parser
 
 
@@ -175,13 +256,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "compare":
         print(model_table())
         return
-    run_reporting_errors(lambda: run(args), resume_command=f"python train_gemma_example.py {args.command}",
-                         debug=args.debug)
+    run_reporting_errors(
+        lambda: run(args),
+        resume_command=f"python train_gemma_example.py {args.command}",
+        debug=args.debug,
+    )
 
 
 def run(args: argparse.Namespace) -> None:
     """Train the `sae` or `transcoder` of `args`, or continue it (--resume FOLDER)."""
-    if args.command == "transcoder" and (args.layers or (args.resume and is_transcoder_set(args.resume[0]))):
+    if args.command == "transcoder" and (
+        args.layers or (args.resume and is_transcoder_set(args.resume[0]))
+    ):
         train_set(args)
         return
     if args.resume:
@@ -189,7 +275,10 @@ def run(args: argparse.Namespace) -> None:
             raise ValueError(f"--resume takes one checkpoint folder here; got {len(args.resume)}.")
         train(resumed_cfgs(args.resume, args)[0], resume_from=args.resume[0])
     else:
-        train(sae_cfg(args) if args.command == "sae" else transcoder_cfg(args), overwrite=args.overwrite)
+        train(
+            sae_cfg(args) if args.command == "sae" else transcoder_cfg(args),
+            overwrite=args.overwrite,
+        )
 
 
 if __name__ == "__main__":
