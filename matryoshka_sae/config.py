@@ -1,21 +1,34 @@
 """Training configuration, the model table, hook names and the FVU metric.
 
-A configuration is a plain dict. `get_default_cfg()` gives every setting with its default;
-`post_init_cfg(cfg)` fills in what can be derived from the model and the other settings and
-validates the rest. Derived values are remembered in ``cfg["derived"]``, so a cfg can be edited
-(say, a new ``model_name``) and passed through `post_init_cfg` again: values that were derived are
-derived anew, values the user set are checked against the model.
+A configuration is a plain dict. Its settings are declared once, in the table of settings.py (name,
+default, type, help, flag), whose names this module re-exports. `get_default_cfg()` gives every
+setting with its default; `post_init_cfg(cfg)` fills in what can be derived from the model and the
+other settings and validates the rest. Derived values are remembered in ``cfg["derived"]``, so a
+cfg can be edited (say, a new ``model_name``) and passed through `post_init_cfg` again: values that
+were derived are derived anew, values the user set are checked against the model.
 """
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
 import warnings
 from typing import Any
 
 import torch
+
+from matryoshka_sae.settings import (  # noqa: F401  (the table's names, re-exported)
+    DERIVED_KEYS,
+    HOOK_SITES,
+    OTHER_NAMES,
+    SAE_TYPES,
+    SETTINGS,
+    check_known_keys,
+    check_types,
+    default_settings,
+    format_upgrades,
+    names_of_type,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Models
@@ -46,28 +59,6 @@ MODEL_ALIASES: dict[str, str] = {
     "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m",
 }
 
-# Sites of a transformer block and the TransformerLens hook each one names.
-HOOK_SITES: dict[str, str] = {
-    "resid_pre": "blocks.{layer}.hook_resid_pre",
-    "resid_mid": "blocks.{layer}.hook_resid_mid",
-    "attn_out": "blocks.{layer}.hook_attn_out",
-    "mlp_out": "blocks.{layer}.hook_mlp_out",
-    "resid_post": "blocks.{layer}.hook_resid_post",
-    # Transcoder sources: the MLP's input (needs model.set_use_hook_mlp_in(True)) and the
-    # output of the pre-MLP norm, which is what the MLP actually reads.
-    "mlp_in": "blocks.{layer}.hook_mlp_in",
-    "ln2_normalized": "blocks.{layer}.ln2.hook_normalized",
-}
-
-SAE_TYPES = (
-    "batchtopk",
-    "topk",
-    "vanilla",
-    "jumprelu",
-    "matryoshka",
-    "matryoshka_transcoder",
-    "matryoshka_clt",
-)
 SAE_TYPE_ALIASES = {
     "batch_topk": "batchtopk",
     "global-matryoshka-topk": "matryoshka",
@@ -164,110 +155,6 @@ def get_default_cfg() -> dict[str, Any]:
     return post_init_cfg(default_settings())
 
 
-def default_settings() -> dict[str, Any]:
-    """Every setting with its default before derivation (None: derived by `post_init_cfg`).
-
-    These keys, the derived ones (`DERIVED_KEYS`) and ``"notes"`` are the only keys a cfg may hold.
-    """
-    return {
-        "seed": 49,
-        # SAE
-        "sae_type": "matryoshka",
-        "model_name": "gpt2-small",
-        "site": "resid_pre",
-        "layer": 8,
-        "act_size": None,  # derived from the model
-        "dict_size": None,  # derived: 16 x act_size
-        "group_sizes": None,  # derived: 1:2:4:9 of dict_size (Matryoshka only)
-        "top_k": 32,
-        "top_k_aux": None,  # derived: act_size // 2
-        "aux_penalty": 1 / 32,
-        "n_batches_to_dead": 5,  # a latent is dead after this many batches' worth of tokens unfired
-        # Sparsity of the dense-code SAEs (vanilla ReLU + L1, JumpReLU); the TopK family uses top_k.
-        "target_l0": None,  # mean L0 to steer to (jumprelu: quadratic penalty; vanilla: adaptive l1;
-        # a CLT with clt_sparsity "jumprelu": the quadratic penalty, counted per source layer as top_k is)
-        "l1_coeff": None,  # derived: 4 / act_size for vanilla (see VanillaSAE), 0 for the TopK family
-        "l1_coeff_relative": True,  # vanilla: l1_coeff times the RMS of the centred inputs (VanillaSAE)
-        "l1_warmup_steps": None,  # vanilla: steps ramping l1_coeff up from 0; derived: 5% of the run
-        "relu_bias_init": None,  # vanilla b_enc; None: from the first batch (see *_threshold_init)
-        "jumprelu_objective": None,  # step, tanh or quadratic; derived: quadratic with a target_l0
-        "l0_coeff": None,  # jumprelu objective's coefficient; derived: 1 (quadratic) or 1e-3
-        "l0_warmup_steps": 0,  # jumprelu step/tanh objectives: steps ramping l0_coeff up from 0
-        "jumprelu_tanh_scale": 4.0,  # tanh objective: c in tanh(c z) (Anthropic's, standardised units)
-        "pre_act_coeff": 3e-6,  # tanh objective: weight of the pre-activation loss (Anthropic's)
-        "bandwidth": None,  # jumprelu straight-through window, pre-activation units; None: relative
-        "jumprelu_relative_bandwidth": 0.1,  # window = this x each latent's threshold (bandwidth None)
-        # None: thresholds from the first batch, each latent firing at (target_l0 or top_k) / dict_size
-        "jumprelu_threshold_init": None,
-        "jumprelu_threshold_lr_scale": 10.0,  # log_threshold's lr / lr: thresholds keep up with the encoder
-        "threshold_ema_rate": 0.05,  # BatchTopK eval threshold: EMA of the smallest kept activation;
-        # a batch's smallest kept value is a quantile of k x batch values, so it is steady, and a
-        # fast average keeps up with its drift during training.
-        "input_unit_norm": True,  # standardise each token before encoding; outputs in original units
-        "dtype": torch.float32,  # encoder matmul dtype; parameters are always float32
-        # Optimisation
-        "batch_size": 4096,
-        "lr": 3e-4,
-        "beta1": 0.9,
-        "beta2": 0.99,
-        "max_grad_norm": 100000,
-        "lr_warmup_steps": 0,
-        "lr_decay_frac": 0.0,  # fraction of training, at the end, with linear decay to 0
-        "num_tokens": int(1e9),
-        # Activations
-        "model_dtype": torch.float32,
-        "seq_len": 128,
-        "model_batch_size": 512,
-        "num_batches_in_buffer": 10,
-        # Streamed from the hub. (Skylion007/openwebtext, the original's, is a loading script,
-        # which datasets >= 4 no longer runs.)
-        "dataset_path": "HuggingFaceFW/fineweb-edu",
-        "exclude_bos": None,  # derived: True for Gemma (its BOS activations are outliers)
-        "bos_token_id": None,  # for token data without a tokenizer; else the tokenizer's BOS
-        "n_eval_rows": 32,  # held-out rows of seq_len tokens for the CE-loss evaluation
-        "eval_dataset_path": None,  # where they come from; None: the first documents of dataset_path
-        "activation_cache": None,  # folder written by cache_activations.py to train from; None: run the model
-        "device": None,  # derived: cuda when available, else cpu
-        # Logging and checkpoints
-        "wandb_project": "sparse_autoencoders",
-        "wandb_mode": None,  # online / offline / disabled; derived: offline without an API key
-        "log_freq": 10,
-        "perf_log_freq": 1000,
-        "checkpoint_freq": 10000,
-        "checkpoint_dir": "checkpoints",
-        # torchrun (distributed.py)
-        "distributed_timeout_s": 600,  # a collective that waits longer fails (a rank died or hangs)
-        "distributed_debug": False,  # every log_freq steps, check the weights are equal on every rank
-        "distribute_dictionaries": False,  # a group's dictionary i trains on rank i % ranks alone, on all rows
-        "data_lanes": None,  # documents dealt to this many lanes (ActivationsStore); None: the ranks at the start
-        # Transcoders (set by create_transcoder_config)
-        "source_site": None,
-        "source_layer": None,
-        "target_site": None,
-        "target_layer": None,
-        "transcoder_skip": False,  # skip transcoder: add an affine path x W_skip to every prediction
-        "transcoder_selection": "batchtopk",  # transcoder latents: "batchtopk" (of the batch) or "topk" (per token)
-        # Cross-layer transcoders (sae_type "matryoshka_clt"; dict_size and top_k count per source layer)
-        "clt_layers": None,  # the layers it reads and writes, ascending; None: every layer of the model
-        "clt_sparsity": "global",  # "global": BatchTopK over every layer's latents; "per_layer": k per layer;
-        # "jumprelu": a learned threshold per latent, steered to target_l0 a token per source layer
-        # Free-form bookkeeping of the user's (any JSON-safe value); the library never reads it.
-        "notes": None,
-    }
-
-
-# Keys that `post_init_cfg` adds to a cfg besides the settings of `default_settings()`.
-DERIVED_KEYS = (
-    "n_layers",
-    "hook_point",
-    "source_hook_point",
-    "target_hook_point",
-    "source_act_size",
-    "target_act_size",
-    "name",
-    "derived",
-)
-
 # Keys of earlier versions found in saved config.json files: renamed (old -> new) or retired (-> None).
 RETIRED_KEYS: dict[str, str | None] = {}
 
@@ -278,170 +165,23 @@ FORMAT_VERSION = 1
 # For each older format version, the settings that reproduce the behaviour of the code that wrote it,
 # for the settings such a file may lack (they did not exist yet): `upgrade_saved_cfg` gives them to a
 # file of that version or older before today's defaults fill the rest. A value may be a function of
-# the saved cfg. The defaults that differ are today's choices, measured and explained where the
-# setting is read (sae.py).
+# the saved cfg. Declared in the settings table (`Setting.upgrades`); the defaults that differ are
+# today's choices, measured and explained where the setting is read (sae.py).
 FORMAT_UPGRADES: dict[int, dict[str, Any]] = {
-    0: {
-        "target_l0": None,  # no steering to an L0
-        "l1_coeff_relative": False,  # vanilla: lambda = l1_coeff, not l1_coeff x the inputs' RMS
-        "l1_warmup_steps": 0,  # vanilla: no ramp of lambda
-        "relu_bias_init": 0.0,  # vanilla: b_enc starts at 0, not from the first batch
-        "jumprelu_objective": "step",  # jumprelu: l0_coeff x L0
-        "l0_warmup_steps": 0,  # jumprelu: no ramp
-        "jumprelu_threshold_lr_scale": 1.0,  # jumprelu: log_threshold learns at lr (one parameter group)
-        "transcoder_skip": False,  # transcoders: no skip path
-        # transcoders: both ends have the model's width
-        "source_act_size": lambda cfg: cfg["act_size"] if cfg.get("source_hook_point") else None,
-        "target_act_size": lambda cfg: cfg["act_size"] if cfg.get("target_hook_point") else None,
-    },
+    version: format_upgrades(version) for version in range(FORMAT_VERSION)
 }
 
-# What other libraries (SAELens, sparsify, dictionary_learning) call our settings: suggested when a
-# cfg holds one of these names, which string similarity alone would not find.
-OTHER_NAMES = {
-    "learning_rate": "lr",
-    "k": "top_k",
-    "topk": "top_k",
-    "d_sae": "dict_size",
-    "num_latents": "dict_size",
-    "expansion_factor": "dict_size",
-    "d_in": "act_size",
-    "activation_dim": "act_size",
-    "hook_name": "hook_point",
-    "context_size": "seq_len",
-    "ctx_len": "seq_len",
-    "training_tokens": "num_tokens",
-    "train_batch_size_tokens": "batch_size",
-    "store_batch_size_prompts": "model_batch_size",
-    "l1_coefficient": "l1_coeff",
-    "dead_feature_window": "n_batches_to_dead",
-    "normalize_activations": "input_unit_norm",
-    "auxk_alpha": "aux_penalty",
-    "lr_warm_up_steps": "lr_warmup_steps",
-    "warmup_steps": "lr_warmup_steps",
-    "dataset": "dataset_path",
-    "model": "model_name",
-    "hook_layer": "layer",
-    "architecture": "sae_type",
-}
-
-# Expected types of the settings (a value of None means "derive it" or "not used" where allowed).
-INT_SETTINGS = (
-    "seed",
-    "layer",
-    "act_size",
-    "dict_size",
-    "top_k",
-    "top_k_aux",
-    "n_batches_to_dead",
-    "batch_size",
-    "lr_warmup_steps",
-    "num_tokens",
-    "seq_len",
-    "model_batch_size",
-    "num_batches_in_buffer",
-    "n_eval_rows",
-    "log_freq",
-    "perf_log_freq",
-    "checkpoint_freq",
-    "source_layer",
-    "target_layer",
-    "bos_token_id",
-    "l1_warmup_steps",
-    "l0_warmup_steps",
-    "data_lanes",
-)
-NUMBER_SETTINGS = (
-    "aux_penalty",
-    "l1_coeff",
-    "l0_coeff",
-    "bandwidth",
-    "jumprelu_threshold_init",
-    "target_l0",
-    "jumprelu_tanh_scale",
-    "pre_act_coeff",
-    "jumprelu_relative_bandwidth",
-    "jumprelu_threshold_lr_scale",
-    "relu_bias_init",
-    "threshold_ema_rate",
-    "lr",
-    "beta1",
-    "beta2",
-    "max_grad_norm",
-    "lr_decay_frac",
-    "distributed_timeout_s",
-)
-BOOL_SETTINGS = (
-    "input_unit_norm",
-    "exclude_bos",
-    "transcoder_skip",
-    "distributed_debug",
-    "distribute_dictionaries",
-    "l1_coeff_relative",
-)
-STR_SETTINGS = (
-    "sae_type",
-    "model_name",
-    "site",
-    "wandb_project",
-    "source_site",
-    "target_site",
-    "jumprelu_objective",
-    "transcoder_selection",
-    "clt_sparsity",
-)
+# The settings of each type the table declares (checked by `settings.check_types`).
+INT_SETTINGS = names_of_type("int", "count")
+NUMBER_SETTINGS = names_of_type("number")
+BOOL_SETTINGS = names_of_type("bool")
+STR_SETTINGS = names_of_type("str")
+DTYPE_SETTINGS = names_of_type("dtype")
 
 
 def known_keys() -> set[str]:
     """Every key a cfg may hold: the settings, the derived keys and "notes"."""
-    return set(default_settings()) | set(DERIVED_KEYS)
-
-
-def _check_known_keys(cfg: dict) -> None:
-    """A key that is not a setting is a misspelling: raise with the closest known names."""
-    known = known_keys()
-    for key in cfg:
-        if key in known:
-            continue
-        close = (
-            [OTHER_NAMES[key]] if key in OTHER_NAMES else difflib.get_close_matches(key, known, n=3)
-        )
-        hint = (
-            f"did you mean {' or '.join(repr(name) for name in close)}?"
-            if close
-            else "config.default_settings() lists the settings."
-        )
-        raise ValueError(
-            f"cfg[{key!r}] is not a setting; {hint} (Keep notes of your own under cfg['notes'].)"
-        )
-
-
-def _type_name(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}"
-
-
-def _check_types(cfg: dict) -> None:
-    """Each setting of a known type holds that type (or None); raises naming the setting."""
-    for key in INT_SETTINGS:
-        value = cfg.get(key)
-        if key == "num_tokens" and isinstance(value, float) and value.is_integer():
-            cfg[key] = value = int(value)  # 1e8 is a natural way to write a token count
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-            raise ValueError(f"cfg[{key!r}] must be an integer, got {_type_name(value)}.")
-    for key in NUMBER_SETTINGS:
-        value = cfg.get(key)
-        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
-            raise ValueError(
-                f"cfg[{key!r}] must be a number (int or float), got {_type_name(value)}."
-            )
-    for key in BOOL_SETTINGS:
-        value = cfg.get(key)
-        if value is not None and not isinstance(value, bool):
-            raise ValueError(f"cfg[{key!r}] must be True or False, got {_type_name(value)}.")
-    for key in STR_SETTINGS:
-        value = cfg.get(key)
-        if value is not None and not isinstance(value, str):
-            raise ValueError(f"cfg[{key!r}] must be a string, got {_type_name(value)}.")
+    return set(SETTINGS)
 
 
 def _as_dtype(value: Any, setting: str) -> torch.dtype:
@@ -508,8 +248,8 @@ def post_init_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
     top_k_aux (act_size // 2), hook_point, device, exclude_bos, l1/l0 coefficients, wandb_mode,
     name. Every problem is a ValueError naming the setting and the fix.
     """
-    _check_known_keys(cfg)
-    _check_types(cfg)
+    check_known_keys(cfg)
+    check_types(cfg)
     derived: dict[str, Any] = {}
     cfg["sae_type"] = SAE_TYPE_ALIASES.get(cfg["sae_type"], cfg["sae_type"])
     if cfg["sae_type"] not in SAE_TYPES:
@@ -571,7 +311,7 @@ def post_init_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
     _check_positive(cfg, ("top_k_aux",))
     _derive_sparsity_settings(cfg, derived)
 
-    for key in ("dtype", "model_dtype"):
+    for key in DTYPE_SETTINGS:
         cfg[key] = _as_dtype(cfg[key], key)
     _derive(cfg, derived, "device", "cuda" if torch.cuda.is_available() else "cpu")
     _derive(
@@ -581,7 +321,7 @@ def post_init_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
         canonical_model_name(cfg["model_name"]) in ("gemma-2-2b", "gemma-2-9b", "gemma-2-27b"),
     )
     _derive(cfg, derived, "wandb_mode", _default_wandb_mode())
-    if cfg["wandb_mode"] not in ("online", "offline", "disabled"):
+    if cfg["wandb_mode"] not in SETTINGS["wandb_mode"].choices:
         raise ValueError(
             f"wandb_mode must be 'online', 'offline' or 'disabled', got {cfg['wandb_mode']!r}."
         )
@@ -594,7 +334,7 @@ def post_init_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
         _derive_clt_settings(cfg, derived, n_layers)
     elif cfg["sae_type"] == "matryoshka_transcoder" or cfg.get("source_site") is not None:
         _derive_transcoder_hooks(cfg, derived, n_layers)
-    if cfg["transcoder_selection"] not in ("batchtopk", "topk"):
+    if cfg["transcoder_selection"] not in SETTINGS["transcoder_selection"].choices:
         raise ValueError(
             f"cfg['transcoder_selection'] = {cfg['transcoder_selection']!r}; choose 'batchtopk' "
             f"(the k x batch largest of the batch) or 'topk' (the k largest of each token)."
@@ -620,7 +360,7 @@ def _derive_sparsity_settings(cfg: dict, derived: dict) -> None:
         )
     _derive(cfg, derived, "jumprelu_objective", "quadratic" if target is not None else "step")
     objective = cfg["jumprelu_objective"]
-    if objective not in ("step", "tanh", "quadratic"):
+    if objective not in SETTINGS["jumprelu_objective"].choices:
         raise ValueError(
             f"cfg['jumprelu_objective'] = {objective!r}; choose 'step', 'tanh' or 'quadratic'."
         )
@@ -719,7 +459,7 @@ def _derive_clt_settings(cfg: dict, derived: dict, n_layers: int | None) -> None
     for layer in layers:
         _check_layer(layer, n_layers, "clt_layers")
     cfg["clt_layers"] = list(layers)
-    if cfg["clt_sparsity"] not in ("global", "per_layer", "jumprelu"):
+    if cfg["clt_sparsity"] not in SETTINGS["clt_sparsity"].choices:
         raise ValueError(
             f"cfg['clt_sparsity'] = {cfg['clt_sparsity']!r}; choose 'global' (BatchTopK over every "
             f"layer's latents), 'per_layer' (BatchTopK within each source layer) or 'jumprelu' "
@@ -836,7 +576,7 @@ def cfg_from_json(text: str) -> dict[str, Any]:
     """Inverse of `cfg_to_json`: dtype settings come back as torch dtypes, and a cfg of an older
     format version comes back with the settings of its version (`upgrade_saved_cfg`)."""
     cfg = upgrade_saved_cfg(json.loads(text))
-    for key in ("dtype", "model_dtype"):
+    for key in DTYPE_SETTINGS:
         if key in cfg:
             cfg[key] = _as_dtype(cfg[key], key)
     return cfg

@@ -125,11 +125,15 @@ def transcoder_set_cfgs(
     return cfgs
 
 
+# A set's transcoders override these defaults of the settings table: exportable to circuit-tracer
+# (no per-token standardisation, BOS left out as circuit-tracer zeroes position 0).
+SET_DEFAULTS = {"input_unit_norm": False, "exclude_bos": True}
+
+
 def default_set_cfg(**settings) -> dict:
-    """The defaults of a set's transcoders: `get_default_cfg` with exportable settings (no
-    per-token standardisation, BOS excluded), then `settings`."""
+    """The defaults of a set's transcoders: `get_default_cfg` with `SET_DEFAULTS`, then `settings`."""
     cfg = get_default_cfg()
-    cfg.update(input_unit_norm=False, exclude_bos=True)
+    cfg.update(SET_DEFAULTS)
     cfg.update(settings)
     return cfg
 

@@ -22,6 +22,7 @@ from matryoshka_sae.cli.options import (
     resumed_cfgs,
 )
 from matryoshka_sae.config import get_default_cfg, known_keys, post_init_cfg
+from matryoshka_sae.settings import SETTINGS, default_settings
 
 
 def parser_with_run_options(**kwargs) -> ArgumentParser:
@@ -155,3 +156,95 @@ def test_the_memory_check_counts_every_hook_a_cross_layer_transcoder_reads(monke
         cli_options, "available_memory", lambda device: enough_for_one_hook + 60 * one_hook
     )
     cli_options.check_memory([cfg])
+
+
+SCRIPTS = (
+    "main",
+    "train_gemma_example",
+    "train_clt",
+    "cache_activations",
+    "inspect_sae",
+    "inspect_transcoder_set",
+    "evaluate_sae",
+    "export_sae",
+    "trace_circuit",
+)
+
+# Options of the tools that share a name with a setting but do not set a run's setting: where and
+# on what text a finished run is evaluated, inspected or traced, and what an export records.
+TOOL_OPTIONS = {
+    ("train_clt evaluate", "--device"),
+    ("evaluate_sae", "--device"),
+    ("evaluate_sae", "--dataset"),
+    ("evaluate_sae", "--num-tokens"),
+    ("inspect_sae", "--num-tokens"),
+    ("inspect_transcoder_set", "--num-tokens"),
+    ("export_sae", "--dataset-path"),
+    ("trace_circuit", "--device"),
+    ("trace_circuit", "--batch-size"),
+}
+
+
+def script_options():
+    """(script, argparse action) of every option of every script, subcommands included."""
+    import importlib
+
+    def walk(label, parser):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for command, subparser in action.choices.items():
+                    yield from walk(f"{label} {command}", subparser)
+            elif action.option_strings:
+                yield label, action
+
+    for script in SCRIPTS:
+        module = importlib.import_module(f"matryoshka_sae.cli.{script}")
+        yield from walk(script, module.build_parser())
+
+
+def test_every_flag_that_sets_a_setting_comes_from_the_table():
+    flags = {s.flag: name for name, s in SETTINGS.items() if s.flag}
+    offered = set()
+    for script, action in script_options():
+        flag = action.option_strings[0]
+        name = flags.get(flag) or (action.dest if action.dest in SETTINGS else None)
+        if name is None or (script, flag) in TOOL_OPTIONS:
+            continue
+        setting = SETTINGS[name]
+        assert (action.option_strings, action.dest) == ([setting.flag], name), (script, flag)
+        assert action.help == setting.help, (script, flag)
+        assert action.choices == (None if setting.choices is None else list(setting.choices)) or (
+            setting.type == "dtype"
+        ), (script, flag)
+        offered.add(name)
+    assert offered == set(flags.values())  # and every flag of the table is offered somewhere
+
+
+def test_the_scripts_override_only_settings_of_the_table():
+    from matryoshka_sae.cli import demo, train_clt, train_gemma_example
+    from matryoshka_sae.config import CLT_DEFAULT_SITES
+    from matryoshka_sae.transcoder_set import SET_DEFAULTS
+
+    overrides = {
+        "train_clt.CLT_DEFAULTS": train_clt.CLT_DEFAULTS,
+        "demo.DEMO_SETTINGS": demo.DEMO_SETTINGS,
+        "train_gemma_example.GEMMA_SAE": train_gemma_example.GEMMA_SAE,
+        "train_gemma_example.GEMMA_TRANSCODER": train_gemma_example.GEMMA_TRANSCODER,
+        "transcoder_set.SET_DEFAULTS": SET_DEFAULTS,
+        "config.CLT_DEFAULT_SITES": CLT_DEFAULT_SITES,
+    }
+    for where, table in overrides.items():
+        assert set(table) <= set(default_settings()), f"{where}: {set(table) - set(SETTINGS)}"
+
+
+def test_a_scripts_own_setting_flags_take_its_defaults():
+    from matryoshka_sae.cli import train_clt, train_gemma_example
+
+    args = train_clt.build_parser().parse_args(["train"])
+    assert (args.clt_sparsity, args.source_site, args.target_site) == (
+        "global",
+        "ln2_normalized",
+        "mlp_out",
+    )
+    args = train_gemma_example.build_parser().parse_args(["transcoder", "--skip"])
+    assert (args.source_site, args.target_site, args.transcoder_skip) == (None, "mlp_out", True)

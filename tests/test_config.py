@@ -2,6 +2,8 @@ import pytest
 import torch
 
 from matryoshka_sae.config import (
+    FORMAT_UPGRADES,
+    FORMAT_VERSION,
     HOOK_SITES,
     MODEL_TABLE,
     cfg_from_json,
@@ -10,7 +12,18 @@ from matryoshka_sae.config import (
     get_default_cfg,
     get_hook_name,
     get_model_config,
+    known_keys,
     post_init_cfg,
+)
+from matryoshka_sae.settings import (
+    DERIVED_KEYS,
+    OTHER_NAMES,
+    SAE_TYPES,
+    SETTINGS,
+    TYPES,
+    check_types,
+    default_settings,
+    names_of_type,
 )
 
 DOCUMENT_TABLE = {
@@ -257,3 +270,139 @@ def test_config_saved_by_an_earlier_version_still_loads(tmp_path):
     sae.eval(), loaded.eval()
     assert torch.equal(loaded.reconstruct(x), sae.reconstruct(x))
     post_init_cfg(loaded.cfg)  # a loaded cfg is valid as it stands
+
+
+# ---------------------------------------------------------------------------------------------
+# The settings table (settings.py): every key declared once
+# ---------------------------------------------------------------------------------------------
+
+# Defaults before derivation as they were when the table replaced config.default_settings()'s dict.
+FROZEN_DEFAULTS = {
+    "seed": 49,
+    "sae_type": "matryoshka",
+    "model_name": "gpt2-small",
+    "site": "resid_pre",
+    "layer": 8,
+    "dict_size": None,
+    "top_k": 32,
+    "aux_penalty": 1 / 32,
+    "n_batches_to_dead": 5,
+    "l1_coeff_relative": True,
+    "jumprelu_tanh_scale": 4.0,
+    "pre_act_coeff": 3e-6,
+    "jumprelu_relative_bandwidth": 0.1,
+    "jumprelu_threshold_lr_scale": 10.0,
+    "threshold_ema_rate": 0.05,
+    "input_unit_norm": True,
+    "dtype": torch.float32,
+    "batch_size": 4096,
+    "lr": 3e-4,
+    "beta1": 0.9,
+    "beta2": 0.99,
+    "max_grad_norm": 100000,
+    "num_tokens": 10**9,
+    "model_dtype": torch.float32,
+    "model_batch_size": 512,
+    "num_batches_in_buffer": 10,
+    "dataset_path": "HuggingFaceFW/fineweb-edu",
+    "n_eval_rows": 32,
+    "wandb_project": "sparse_autoencoders",
+    "log_freq": 10,
+    "perf_log_freq": 1000,
+    "checkpoint_freq": 10000,
+    "checkpoint_dir": "checkpoints",
+    "distributed_timeout_s": 600,
+    "transcoder_skip": False,
+    "transcoder_selection": "batchtopk",
+    "clt_sparsity": "global",
+    "notes": None,
+}
+
+
+def test_every_setting_has_a_default_a_type_and_help():
+    for name, setting in SETTINGS.items():
+        assert setting.name == name and setting.type in TYPES, name
+        assert len(setting.help) > 10, f"{name} needs a help text"
+        if setting.default is not None and setting.type in (
+            "int",
+            "count",
+            "number",
+            "bool",
+            "str",
+        ):
+            check_types({name: setting.default})  # the default has the declared type
+        if setting.choices is not None and setting.default is not None:
+            assert setting.default in setting.choices, name
+        assert set(setting.used_by) <= set(SAE_TYPES), name
+        assert all(0 <= version < FORMAT_VERSION for version in setting.upgrades), name
+
+
+def test_the_table_generates_the_pre_refactor_defaults():
+    defaults = default_settings()
+    assert len(defaults) == 67 and set(DERIVED_KEYS) == {
+        "n_layers",
+        "hook_point",
+        "source_hook_point",
+        "target_hook_point",
+        "source_act_size",
+        "target_act_size",
+        "name",
+        "derived",
+    }
+    assert {key: defaults[key] for key in FROZEN_DEFAULTS} == FROZEN_DEFAULTS
+    assert known_keys() == set(defaults) | set(DERIVED_KEYS)
+    cfg = get_default_cfg()
+    assert (cfg["top_k_aux"], cfg["l1_coeff"], cfg["l1_warmup_steps"], cfg["l0_coeff"]) == (
+        384,
+        0.0,
+        12207,
+        1e-3,
+    )
+    assert (cfg["jumprelu_objective"], cfg["exclude_bos"]) == ("step", False)
+
+
+def test_other_names_and_format_upgrades_name_settings():
+    assert set(OTHER_NAMES.values()) <= set(SETTINGS)
+    assert not set(OTHER_NAMES) & set(SETTINGS)
+    assert OTHER_NAMES["learning_rate"] == "lr" and OTHER_NAMES["d_sae"] == "dict_size"
+    assert set(FORMAT_UPGRADES) == set(range(FORMAT_VERSION))
+    assert set(FORMAT_UPGRADES[0]) == {
+        "target_l0",
+        "jumprelu_objective",
+        "l1_coeff_relative",
+        "l1_warmup_steps",
+        "relu_bias_init",
+        "l0_warmup_steps",
+        "jumprelu_threshold_lr_scale",
+        "transcoder_skip",
+        "source_act_size",
+        "target_act_size",
+    }
+
+
+@pytest.mark.parametrize("name", names_of_type("int", "count", "number", "bool", "str"))
+def test_a_value_of_the_wrong_type_is_rejected_for_every_typed_setting(name):
+    cfg = get_default_cfg()
+    cfg[name] = [1]  # no setting's type
+    description = TYPES[SETTINGS[name].type].replace("(", "\\(").replace(")", "\\)")
+    with pytest.raises(ValueError, match=f"cfg\\['{name}'\\] must be {description}, got list"):
+        post_init_cfg(cfg)
+
+
+@pytest.mark.parametrize(
+    "name,extra",
+    [
+        ("sae_type", {}),
+        ("site", {}),
+        ("wandb_mode", {}),
+        ("jumprelu_objective", {}),
+        ("transcoder_selection", {}),
+        ("clt_sparsity", {"sae_type": "matryoshka_clt"}),
+    ],
+)
+def test_a_value_outside_a_settings_choices_is_rejected(name, extra):
+    assert SETTINGS[name].choices
+    cfg = get_default_cfg()
+    cfg.update(extra, **{name: "neither"})
+    with pytest.raises(ValueError, match="neither"):
+        post_init_cfg(cfg)

@@ -1,7 +1,9 @@
 """Command-line options shared by the scripts (main.py, train_gemma_example.py, the tools).
 
-`add_run_arguments(parser)` adds one option per run setting (`RUN_OPTIONS`); `apply_overrides(cfg,
-args)` copies the options given on the command line into a cfg before `post_init_cfg`.
+`add_run_arguments(parser)` adds one option per run setting (`RUN_OPTIONS`, made from the settings
+table of settings.py: flag, type, choices and help), `add_setting_arguments` a script's own setting
+flags; `apply_overrides(cfg, args)` copies the options given on the command line into a cfg before
+`post_init_cfg`.
 `print_final_metrics(cfg)` prints a finished run's folder and main metrics. `ArgumentParser` is
 argparse's with one-line usage errors.
 
@@ -35,11 +37,8 @@ from matryoshka_sae.checkpoint import (
     load_cfg,
     load_metrics,
 )
-from matryoshka_sae.config import HOOK_SITES, SAE_TYPES
 from matryoshka_sae.preemption import TrainingInterrupted
-
-DTYPES = ["float32", "bfloat16", "float16"]
-WANDB_MODES = ["online", "offline", "disabled"]
+from matryoshka_sae.settings import SETTINGS, Setting
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -87,111 +86,34 @@ def _int_at_least(text: str, least: int) -> int:
     return value
 
 
-# Command-line option -> cfg key, for the options that map one to one onto a setting.
-RUN_OPTIONS: dict[str, tuple[str, dict]] = {
-    "--model": ("model_name", {"help": "model name, e.g. gpt2, gemma-2-2b, smollm2-135m"}),
-    "--layer": ("layer", {"type": int}),
-    "--hook-point": (
-        "hook_point",
-        {
-            "help": "TransformerLens hook name (default: from --site and --layer, "
-            "with which it must agree)"
-        },
-    ),
-    "--site": ("site", {"choices": list(HOOK_SITES)}),
-    "--num-tokens": ("num_tokens", {"type": _count, "help": "training tokens, e.g. 1e8"}),
-    "--dict-size": ("dict_size", {"type": int}),
-    "--group-sizes": (
-        "group_sizes",
-        {"type": int, "nargs": "+", "help": "Matryoshka groups (sum = dict size)"},
-    ),
-    "--top-k": ("top_k", {"type": int}),
-    "--sae-type": (
-        "sae_type",
-        {"choices": list(SAE_TYPES), "help": "main.py: train one dictionary of this class"},
-    ),
-    "--target-l0": (
-        "target_l0",
-        {
-            "type": float,
-            "help": "mean L0 for jumprelu (quadratic penalty) or vanilla (adaptive L1 coefficient)",
-        },
-    ),
-    "--jumprelu-objective": ("jumprelu_objective", {"choices": ["step", "tanh", "quadratic"]}),
-    "--l1-coeff": (
-        "l1_coeff",
-        {"type": float, "help": "vanilla: L1 coefficient (default 4 / act_size)"},
-    ),
-    "--l0-coeff": ("l0_coeff", {"type": float, "help": "jumprelu: the objective's coefficient"}),
-    "--batch-size": ("batch_size", {"type": int, "help": "activations per training step"}),
-    "--lr": ("lr", {"type": float}),
-    "--lr-warmup-steps": ("lr_warmup_steps", {"type": int}),
-    "--lr-decay-frac": ("lr_decay_frac", {"type": float}),
-    "--device": ("device", {"help": "cuda, cuda:1, cpu, ..."}),
-    "--dtype": (
-        "dtype",
-        {"choices": DTYPES, "help": "SAE encoder matmul dtype (weights stay float32)"},
-    ),
-    "--model-dtype": ("model_dtype", {"choices": DTYPES}),
-    "--dataset": (
-        "dataset_path",
-        {"help": "hub dataset, local file, or python-docs (no download)"},
-    ),
-    "--seq-len": ("seq_len", {"type": int}),
-    "--model-batch-size": (
-        "model_batch_size",
-        {"type": int, "help": "token rows per model forward pass"},
-    ),
-    "--num-batches-in-buffer": ("num_batches_in_buffer", {"type": int}),
-    "--n-eval-rows": (
-        "n_eval_rows",
-        {
-            "type": int,
-            "help": "held-out rows of seq_len tokens for the CE evaluation (kept out of training)",
-        },
-    ),
-    "--seed": ("seed", {"type": int}),
-    "--wandb-mode": ("wandb_mode", {"choices": WANDB_MODES}),
-    "--wandb-project": ("wandb_project", {}),
-    "--log-freq": ("log_freq", {"type": int}),
-    "--perf-log-freq": (
-        "perf_log_freq",
-        {"type": int, "help": "steps between CE-loss evaluations"},
-    ),
-    "--checkpoint-freq": ("checkpoint_freq", {"type": int}),
-    "--checkpoint-dir": ("checkpoint_dir", {}),
-    "--activations": (
-        "activation_cache",
-        {
-            "metavar": "DIR",
-            "help": "train from this activation cache "
-            "(cache_activations.py) instead of running the model",
-        },
-    ),
-    "--distribute-dictionaries": (
-        "distribute_dictionaries",
-        {
-            "action": "store_true",
-            "help": "under torchrun: each rank trains whole dictionaries of the group "
-            "on every rank's activations (instead of every rank all of them)",
-        },
-    ),
-    "--data-lanes": (
-        "data_lanes",
-        {
-            "type": int,
-            "help": "deal the documents to this many lanes (default: the number of ranks); the batches "
-            "are the same on any number of ranks dividing it",
-        },
-    ),
-    "--distributed-debug": (
-        "distributed_debug",
-        {
-            "action": "store_true",
-            "help": "under torchrun: check every log_freq steps that the ranks' weights are equal",
-        },
-    ),
+# What a setting's type is on the command line (settings.TYPES); a setting's choices come on top.
+DTYPES = ["float32", "bfloat16", "float16"]
+OPTION_KINDS: dict[str, dict] = {
+    "int": {"type": int},
+    "count": {"type": _count},
+    "number": {"type": float},
+    "bool": {"action": "store_true"},
+    "ints": {"type": int, "nargs": "+"},
+    "dtype": {"choices": DTYPES},
 }
+
+
+def option_kwargs(setting: Setting) -> dict:
+    """argparse's keywords for `setting`'s flag: its type, choices, metavar and help."""
+    kwargs = {**OPTION_KINDS.get(setting.type, {}), "help": setting.help}
+    if setting.choices is not None:
+        kwargs["choices"] = list(setting.choices)
+    if setting.metavar is not None:
+        kwargs["metavar"] = setting.metavar
+    return kwargs
+
+
+# Command-line option -> (cfg key, argparse keywords): the run settings every training script
+# offers, from the settings table (the settings with a shared flag).
+RUN_OPTIONS: dict[str, tuple[str, dict]] = {
+    s.flag: (name, option_kwargs(s)) for name, s in SETTINGS.items() if s.flag and s.shared
+}
+WANDB_MODES = list(SETTINGS["wandb_mode"].choices)
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
@@ -200,6 +122,17 @@ def add_run_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] 
     for option, (key, kwargs) in RUN_OPTIONS.items():
         if option not in exclude:
             group.add_argument(option, dest=key, default=None, **kwargs)
+
+
+def add_setting_arguments(
+    parser: argparse.ArgumentParser, names: tuple[str, ...], defaults: dict | None = None
+) -> None:
+    """Add the flags of the settings `names`, which a script offers beyond the run options (e.g.
+    train_clt.py's --sparsity), with the table's defaults overridden by the script's `defaults`."""
+    for name in names:
+        setting = SETTINGS[name]
+        default = (defaults or {}).get(name, setting.default)
+        parser.add_argument(setting.flag, dest=name, default=default, **option_kwargs(setting))
 
 
 def apply_overrides(cfg: dict, args: argparse.Namespace | None) -> dict:

@@ -34,12 +34,13 @@ from matryoshka_sae.cli.options import (
     add_debug_argument,
     add_resume_argument,
     add_run_arguments,
+    add_setting_arguments,
     apply_overrides,
     check_before_loading,
     resumed_cfgs,
     run_reporting_errors,
 )
-from matryoshka_sae.config import HOOK_SITES, get_default_cfg, post_init_cfg
+from matryoshka_sae.config import CLT_DEFAULT_SITES, get_default_cfg, post_init_cfg
 
 METRICS_FILE = "clt_metrics.json"
 
@@ -71,7 +72,9 @@ def clt_cfg(args: argparse.Namespace | None = None) -> dict:
     if args is not None:
         cfg = apply_overrides(cfg, args)
         cfg.update(
-            clt_sparsity=args.sparsity, source_site=args.source_site, target_site=args.target_site
+            clt_sparsity=args.clt_sparsity,
+            source_site=args.source_site,
+            target_site=args.target_site,
         )
     model = post_init_cfg(
         {**cfg, "dict_size": 64, "group_sizes": None}
@@ -184,14 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser = commands.add_parser("train", help="train a cross-layer transcoder")
     add_run_arguments(train_parser, exclude=("--site", "--layer", "--hook-point", "--sae-type"))
     add_resume_argument(train_parser)
-    train_parser.add_argument(
-        "--sparsity",
-        choices=["global", "per_layer", "jumprelu"],
-        default="global",
-        help="BatchTopK over every layer's latents (default) or within each source layer, "
-        "or jumprelu: a learned threshold per latent, steered to --target-l0 a token "
-        "per source layer",
-    )
+    add_setting_arguments(train_parser, ("clt_sparsity",))  # --sparsity
     train_parser.add_argument(
         "--plain", action="store_true", help="one group: a plain CLT, no Matryoshka prefixes"
     )
@@ -201,8 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the layers it reads and writes: 'all' (default; "
         "what circuit-tracer needs), a range 0-9 or a list 0,1,2",
     )
-    train_parser.add_argument("--source-site", default="ln2_normalized", choices=list(HOOK_SITES))
-    train_parser.add_argument("--target-site", default="mlp_out", choices=list(HOOK_SITES))
+    # --source-site and --target-site, by default ln2_normalized -> mlp_out
+    add_setting_arguments(train_parser, ("source_site", "target_site"), CLT_DEFAULT_SITES)
     evaluate_parser = commands.add_parser(
         "evaluate", help="every MLP replaced at once: CE, KL, per-layer FVU"
     )

@@ -24,6 +24,7 @@ from matryoshka_sae.cli.options import (
     ArgumentParser,
     add_resume_argument,
     add_run_arguments,
+    add_setting_arguments,
     apply_overrides,
     check_before_loading,
     print_final_metrics,
@@ -32,7 +33,6 @@ from matryoshka_sae.cli.options import (
 )
 from matryoshka_sae.config import (
     DICT_EXPANSION,
-    HOOK_SITES,
     MODEL_TABLE,
     get_default_cfg,
     get_model_config,
@@ -116,7 +116,7 @@ def transcoder_cfg(args: argparse.Namespace | None = None) -> dict:
     cfg = get_default_cfg()
     cfg.update(GEMMA_TRANSCODER)
     cfg = apply_overrides(cfg, args)
-    cfg["transcoder_skip"] = getattr(args, "skip", False)
+    cfg["transcoder_skip"] = getattr(args, "transcoder_skip", False)
     return create_transcoder_config(
         cfg,
         source_layer=cfg["layer"],
@@ -156,7 +156,7 @@ def set_cfgs(args: argparse.Namespace) -> list[dict]:
     )
     source_site = args.source_site or DEFAULT_SOURCE_SITE
     name = (
-        f"{cfg['model_name'].replace('/', '_')}_transcoder-set_{args.kind}{'-skip' if args.skip else ''}_"
+        f"{cfg['model_name'].replace('/', '_')}_transcoder-set_{args.kind}{'-skip' if args.transcoder_skip else ''}_"
         f"{source_site}_{cfg['dict_size']}_k{cfg['top_k']}"
     )
     folder = free_set_folder(cfg["checkpoint_dir"], name)
@@ -165,7 +165,7 @@ def set_cfgs(args: argparse.Namespace) -> list[dict]:
         layers,
         folder,
         kind=args.kind,
-        skip=args.skip,
+        skip=args.transcoder_skip,
         source_site=source_site,
         target_site=args.target_site,
     )
@@ -236,17 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="matryoshka",
         help="with --layers: Matryoshka BatchTopK (default), plain BatchTopK or per-token TopK",
     )
-    transcoder.add_argument(
-        "--source-site",
-        default=None,
-        choices=list(HOOK_SITES),
-        help=f"default resid_mid; with --layers {DEFAULT_SOURCE_SITE}",
-    )
-    transcoder.add_argument("--target-site", default="mlp_out", choices=list(HOOK_SITES))
-    transcoder.add_argument(
-        "--skip",
-        action="store_true",
-        help="skip transcoder: an affine path x W_skip added to every prediction",
+    # --source-site (unset: resid_mid, with --layers DEFAULT_SOURCE_SITE), --target-site, --skip
+    add_setting_arguments(
+        transcoder, ("source_site", "target_site", "transcoder_skip"), {"target_site": "mlp_out"}
     )
     return parser
 
