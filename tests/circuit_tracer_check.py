@@ -66,13 +66,14 @@ def word_tokenizer(vocab_size: int):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {f"t{i}": i for i in range(vocab_size)}
+    # Id 1 is BOS, named so that no word contains it (a special token splits every word it is in).
+    vocab = {("<bos>" if i == 1 else f"t{i}"): i for i in range(vocab_size)}
     inner = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
     inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     folder = tempfile.mkdtemp()  # TransformerLens reloads a tokenizer by its name_or_path
-    PreTrainedTokenizerFast(tokenizer_object=inner, bos_token="t1", unk_token="t0").save_pretrained(
-        folder
-    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=inner, bos_token="<bos>", unk_token="t0"
+    ).save_pretrained(folder)
     return PreTrainedTokenizerFast.from_pretrained(folder)
 
 

