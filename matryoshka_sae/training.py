@@ -4,20 +4,23 @@ The public pieces, from the smallest:
 
     make_optimizer(sae, cfg)            Adam over sae.param_groups() (JumpReLU's thresholds: own lr scale)
     training_step(sae, optimizer, inputs, lr, max_grad_norm)    one step, see below
+    training_steps(saes, optimizers, inputs, lrs, max_grad_norms)   one step of several
+                                        dictionaries, their Adam updates done together
     lr_at_step(step, total_steps, cfg)  the schedule
     train_sae / train_transcoder / train_sae_group              the loop on an activation store
     open_activation_store(model, cfgs)  the stream a group of dictionaries reads
     train_from_cfgs(cfgs)               model -> store -> dictionaries -> training (the scripts')
 
-Tests and benchmarks step through `make_optimizer` and `training_step` too, so what they check or
-time is what training runs.
+Tests and benchmarks step through `make_optimizer` and `training_step` (`training_steps` for a
+group) too, so what they check or time is what training runs.
 
 `train_sae`, `train_transcoder` and `train_sae_group` share one loop (`_train`): every step draws one
 batch from the activation store and feeds it to every dictionary being trained, so several SAEs
 (BatchTopK SAEs of different sparsity next to one Matryoshka SAE, as in
 https://github.com/bartbussmann/matryoshka_sae) see exactly the same data. Each dictionary has its
 own optimizer (`make_optimizer`), wandb run and checkpoint folder
-``Path(cfg["checkpoint_dir"]) / cfg["name"]``, and takes `training_step` at ``lr_at_step(step)``.
+``Path(cfg["checkpoint_dir"]) / cfg["name"]``; each step is one `training_steps` of all of them,
+each at its ``lr_at_step(step)`` (the same result as a `training_step` of each in turn).
 
 The loop adds no host synchronisation to the step: the scalars of the output dict stay on the device and are read back together every
 ``cfg["log_freq"]`` steps; that read is where non-finite inputs or losses are detected (a
@@ -48,10 +51,11 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import wandb
+from torch.optim.adam import adam as functional_adam
 from tqdm import tqdm
 
 from matryoshka_sae import distributed
@@ -122,28 +126,190 @@ def training_step(
     """One optimisation step of `sae` on one batch; returns the forward's output dict.
 
     `inputs`: the dictionary's arguments, (x [B, d_in],) for an SAE, (source, target) for a
-    transcoder. In order:
-
-        output = sae(*inputs); output["loss"].backward()
-        under torchrun: average the gradients over the ranks (the global batch's gradient)
-        sae.remove_parallel_decoder_grad()      # unit-norm decoder rows can only rotate
-        clip_grad_norm_(max_grad_norm)
-        every group's lr = lr x its "lr_scale"; optimizer.step(); zero_grad
-        sae.normalize_decoder()                 # back onto the unit sphere
-
-    Nothing here reads a value back to the host: the output's scalars stay on the device.
+    transcoder. `training_steps` for a group of one dictionary (the order of the step is there).
     """
-    output = sae(*inputs)
-    output["loss"].backward()
-    distributed.average_gradients(sae.parameters())
-    sae.remove_parallel_decoder_grad()
-    torch.nn.utils.clip_grad_norm_(sae.parameters(), max_grad_norm)
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)  # a restored state saved without scales: 1
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    sae.normalize_decoder()
-    return output
+    outputs = []
+    training_steps(
+        [sae],
+        [optimizer],
+        [inputs],
+        [lr],
+        [max_grad_norm],
+        lambda i, output: outputs.append(output),
+    )
+    return outputs[0]
+
+
+def training_steps(
+    saes: Sequence,
+    optimizers: Sequence[torch.optim.Optimizer],
+    inputs: Sequence[Sequence[torch.Tensor]],
+    lrs: Sequence[float],
+    max_grad_norms: Sequence[float],
+    on_output: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
+) -> None:
+    """One optimisation step of each of several dictionaries, dictionary i on its batch inputs[i]
+    (a transcoder set: layer i's (source, target)). In order:
+
+        for each dictionary:
+            output = sae(*inputs); output["loss"].backward(); on_output(i, output)
+            under torchrun: average the gradients over the ranks (the global batch's gradient)
+            sae.remove_parallel_decoder_grad()      # unit-norm decoder rows can only rotate
+        clip each dictionary's gradient to its max_grad_norm             (`clip_gradients`)
+        every group's lr = lrs[i] x its "lr_scale"; one Adam update of all  (`adam_step`)
+        zero_grad; sae.normalize_decoder()          # back onto the unit sphere
+
+    Dictionaries share no parameter, so this is bit-identical to stepping them one after the
+    other, each with clip_grad_norm_ and optimizer.step(); every dictionary keeps its own optimizer
+    and optimizer state. The price: every dictionary's gradients are held until the update (one
+    copy of the parameters, where one dictionary at a time held one dictionary's).
+
+    `on_output(i, output)` receives dictionary i's output dict after its backward; it is not kept
+    here, so one dictionary's batch tensors live at a time. Nothing here reads a value back to the
+    host from an accelerator: the outputs' scalars stay on the device.
+    """
+    for i, (sae, sae_inputs) in enumerate(zip(saes, inputs)):
+        output = sae(*sae_inputs)
+        output["loss"].backward()
+        if on_output is not None:
+            on_output(i, output)
+        del output
+        distributed.average_gradients(sae.parameters())
+        sae.remove_parallel_decoder_grad()
+    clip_gradients([_gradients(sae) for sae in saes], max_grad_norms)
+    adam_step(optimizers, lrs)
+    for sae, optimizer in zip(saes, optimizers):
+        optimizer.zero_grad(set_to_none=True)
+        sae.normalize_decoder()
+
+
+def _gradients(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.grad for p in module.parameters() if p.grad is not None]
+
+
+@torch.no_grad()
+def clip_gradients(grads: Sequence[list[torch.Tensor]], max_norms: Sequence[float]) -> None:
+    """Clip each dictionary's gradient g_i (a list of tensors) as clip_grad_norm_ does, in place:
+
+        g_i <- g_i x min(1, max_norm_i / (|g_i| + 1e-6)),   |g_i| the 2-norm of all of g_i's entries
+
+    The norms of every tensor of every dictionary come from one foreach call. Bit-identical to
+    ``clip_grad_norm_(parameters_i, max_norm_i)`` per dictionary. On the CPU a factor of exactly 1
+    (the gradient is within its bound) is read and skipped: multiplying by 1 changes no bit, and
+    the read costs no synchronisation there; on an accelerator the multiply stays (no host sync).
+    """
+    every = [g for dictionary in grads for g in dictionary]
+    norms = torch._foreach_norm(every, 2.0) if every else []
+    start = 0
+    for dictionary, max_norm in zip(grads, max_norms):
+        if not dictionary:
+            continue
+        own = norms[start : start + len(dictionary)]
+        start += len(dictionary)
+        total = torch.linalg.vector_norm(torch.stack([n.to(own[0].device) for n in own]), 2.0)
+        factor = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
+        if factor.device.type != "cpu" or factor != 1.0:
+            torch._foreach_mul_(dictionary, factor)
+
+
+# Most entries one call of the functional Adam updates: a foreach Adam (on CUDA) makes temporaries
+# of its tensors' size, so calls over many dictionaries are split into calls of about this many
+# (a dictionary is never split: one call covers at least one dictionary, as optimizer.step() did).
+ADAM_CALL_ENTRIES = 2**27
+
+# The settings of an Adam parameter group that decide its update (all but the parameters).
+_ADAM_SETTINGS = (
+    "lr",
+    "betas",
+    "eps",
+    "weight_decay",
+    "amsgrad",
+    "maximize",
+    "foreach",
+    "capturable",
+    "differentiable",
+    "fused",
+    "decoupled_weight_decay",
+)
+
+
+@torch.no_grad()
+def adam_step(optimizers: Sequence[torch.optim.Optimizer], lrs: Sequence[float]) -> None:
+    """``optimizer.step()`` of every optimizer at once, each group's lr set to lrs[i] x the group's
+    "lr_scale" first (a state restored from a checkpoint saved without scales: 1).
+
+    The groups of all optimizers with equal settings (lr, betas, eps, ...; a transcoder set's 30
+    dictionaries: one such bucket, a second for JumpReLU's thresholds) are updated by one call of
+    torch's functional Adam (``torch.optim.adam.adam``), the function Adam.step calls, with the same
+    choice of implementation (foreach on CUDA, one tensor at a time on the CPU). Each optimizer
+    keeps its own state, created on first use by Adam's own `_init_group` (step, exp_avg,
+    exp_avg_sq per parameter), so its `state_dict`, the checkpoint's, is what optimizer.step()
+    would have made. Per entry the arithmetic is Adam.step's own: the result is bit-identical.
+    An optimizer that is not a torch.optim.Adam takes its own step().
+    """
+    buckets: dict[tuple, list[tuple[torch.optim.Adam, dict]]] = {}
+    for optimizer, lr in zip(optimizers, lrs):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        if type(optimizer) is not torch.optim.Adam:
+            optimizer.step()
+            continue
+        for group in optimizer.param_groups:
+            key = tuple(group.get(name) for name in _ADAM_SETTINGS)
+            buckets.setdefault(key, []).append((optimizer, group))
+    for groups in buckets.values():
+        for call in _calls_of_bounded_size(groups):
+            _functional_adam(call)
+
+
+def _calls_of_bounded_size(groups: list[tuple[torch.optim.Adam, dict]]) -> Iterator[list]:
+    """`groups` in consecutive runs of about ADAM_CALL_ENTRIES parameter entries (at least one
+    group each)."""
+    call, entries = [], 0
+    for optimizer, group in groups:
+        call.append((optimizer, group))
+        entries += sum(p.numel() for p in group["params"])
+        if entries >= ADAM_CALL_ENTRIES:
+            yield call
+            call, entries = [], 0
+    if call:
+        yield call
+
+
+def _functional_adam(groups: list[tuple[torch.optim.Adam, dict]]) -> None:
+    """One call of torch's functional Adam over the parameters (with a gradient) of `groups`, whose
+    settings are equal; the states are the optimizers' own (created as Adam.step creates them)."""
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
+    has_complex = False
+    for optimizer, group in groups:
+        has_complex |= optimizer._init_group(
+            group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
+        )
+    if not params:
+        return
+    group = groups[0][1]
+    beta1, beta2 = group["betas"]
+    functional_adam(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+        steps,
+        amsgrad=group["amsgrad"],
+        has_complex=has_complex,
+        beta1=beta1,
+        beta2=beta2,
+        lr=group["lr"],
+        weight_decay=group["weight_decay"],
+        eps=group["eps"],
+        maximize=group["maximize"],
+        foreach=group["foreach"],
+        capturable=group["capturable"],
+        differentiable=group["differentiable"],
+        fused=group["fused"],
+        decoupled_weight_decay=group.get("decoupled_weight_decay", False),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,8 +387,20 @@ def _make_trainee(sae, cfg: dict) -> _Trainee:
     )
 
 
-def _training_step(trainee: _Trainee, inputs: tuple[torch.Tensor, ...], lr: float) -> None:
-    output = training_step(trainee.sae, trainee.optimizer, inputs, lr, trainee.cfg["max_grad_norm"])
+def _training_steps(trainees: list[_Trainee], inputs, lrs: list[float]) -> None:
+    """`training_steps` of every trainee on its batch of `inputs` at its lr; the logged scalars of
+    each output wait on the device (trainee.pending) for the next `_flush`."""
+    training_steps(
+        [t.sae for t in trainees],
+        [t.optimizer for t in trainees],
+        [_inputs_for(t.cfg, inputs) for t in trainees],
+        lrs,
+        [t.cfg["max_grad_norm"] for t in trainees],
+        lambda i, output: _keep_scalars(trainees[i], output, lrs[i]),
+    )
+
+
+def _keep_scalars(trainee: _Trainee, output: dict[str, torch.Tensor], lr: float) -> None:
     if trainee.scalar_keys is None:
         trainee.scalar_keys = [k for k, v in output.items() if _is_logged(k, v)]
     trainee.pending.append(
@@ -540,10 +718,8 @@ def _train(
                     nonfinite_inputs += ~torch.isfinite(x).all()  # read back at the next log
                 with _whole_batches_here(cfgs[0]):
                     inputs = _whole_batch(cfgs[0], inputs)
-                    for t in trainees:
-                        _training_step(
-                            t, _inputs_for(t.cfg, inputs), lr_at_step(step, total_steps, t.cfg)
-                        )
+                    lrs = [lr_at_step(step, total_steps, t.cfg) for t in trainees]
+                    _training_steps(trainees, inputs, lrs)
                 signal_name = _stop_signal(stop, step + 1, cfgs[0])
                 stopping = signal_name is not None and step + 1 < total_steps
                 _after_step(

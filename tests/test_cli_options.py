@@ -2,6 +2,8 @@
 and what --resume may change."""
 
 import argparse
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -248,3 +250,43 @@ def test_a_scripts_own_setting_flags_take_its_defaults():
     )
     args = train_gemma_example.build_parser().parse_args(["transcoder", "--skip"])
     assert (args.source_site, args.target_site, args.transcoder_skip) == (None, "mlp_out", True)
+
+
+@pytest.mark.parametrize(
+    "argv0, script, expected",
+    [
+        ("main.py", "main.py", "python main.py"),
+        ("main.py", "export_sae.py", "python export_sae.py"),
+        ("../repo/main.py", "main.py", "python ../repo/main.py"),
+        ("../repo/main.py", "export_sae.py", "python ../repo/export_sae.py"),
+        ("/venv/bin/sae-train", "main.py", "sae-train"),
+        ("/venv/bin/sae-train", "export_sae.py", "sae-export"),
+        ("/venv/bin/sae-train-clt", "train_clt.py", "sae-train-clt"),
+    ],
+)
+def test_printed_commands_follow_how_the_user_started(monkeypatch, argv0, script, expected):
+    from matryoshka_sae.cli.options import invocation
+
+    monkeypatch.setattr(sys, "argv", [argv0])
+    assert invocation(script) == expected
+
+
+def test_printed_commands_after_python_dash_m(monkeypatch):
+    from matryoshka_sae.cli import main as cli_main
+    from matryoshka_sae.cli.options import invocation
+
+    monkeypatch.setattr(sys, "argv", [cli_main.__file__])  # what `python -m` puts in argv[0]
+    assert invocation("main.py") == "python -m matryoshka_sae.cli.main"
+
+
+def test_every_console_script_has_its_root_file():
+    import tomllib
+
+    from matryoshka_sae.cli.options import CONSOLE_SCRIPTS
+
+    scripts = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert set(CONSOLE_SCRIPTS.values()) == set(scripts["project"]["scripts"])
+    for root_file, command in CONSOLE_SCRIPTS.items():
+        module = scripts["project"]["scripts"][command].split(":")[0]
+        assert module == f"matryoshka_sae.cli.{Path(root_file).stem}"
+        assert (Path(__file__).resolve().parents[1] / root_file).is_file()

@@ -148,6 +148,15 @@ def test_installed_beside_dask_distributed_it_trains_outside_the_checkout(wheel,
     assert facts["changed"] and facts["loss"] > 0
     assert facts["distributed"] == str(site / "distributed" / "__init__.py")
     assert facts["dask_distributed_has_Client"]
+    refused = subprocess.run(
+        [str(venv / "bin" / "sae-train"), "--num-tokens", "-5"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert refused.returncode == 2 and refused.stderr.startswith("sae-train: error: ")
     for command in ("sae-train", "sae-export"):
         assert (
             subprocess.run(

@@ -72,7 +72,9 @@ def main() -> None:
     script = sys.argv[1]
     sys.argv = sys.argv[1:]
     sys.path.insert(0, str(TESTS.parent))
-    runpy.run_path(str(TESTS.parent / script), run_name="__main__")
+    # The path as a user at the root types it (`python main.py`): runpy puts it in sys.argv[0], from
+    # which the scripts print their follow-up commands.
+    runpy.run_path(os.path.relpath(TESTS.parent / script), run_name="__main__")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from matryoshka_sae.cli.options import (
     apply_overrides,
     check_dataset_available,
     check_device,
+    invocation,
     run_reporting_errors,
 )
 from matryoshka_sae.config import get_default_cfg, get_hook_name, post_init_cfg
@@ -84,7 +85,7 @@ def cache(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     run_reporting_errors(
-        lambda: cache(args), resume_command="python cache_activations.py", debug=args.debug
+        lambda: cache(args), resume_command=invocation("cache_activations.py"), debug=args.debug
     )
 
 

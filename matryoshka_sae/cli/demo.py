@@ -23,7 +23,12 @@ from __future__ import annotations
 import time
 
 from matryoshka_sae.activation_store import BUILTIN_CORPUS
-from matryoshka_sae.cli.options import apply_overrides, check_before_loading, resumed_cfgs
+from matryoshka_sae.cli.options import (
+    apply_overrides,
+    check_before_loading,
+    invocation,
+    resumed_cfgs,
+)
 from matryoshka_sae.config import get_default_cfg, post_init_cfg
 
 DEMO_SETTINGS = {
@@ -125,7 +130,7 @@ def run_demo(args=None) -> dict:
     )
     print(f"Checkpoint: {folder}\nPlots: {', '.join(str(p) for p in plots)}")
     print(
-        f"Export it for SAELens (SAE.load_from_disk): python export_sae.py {folder} {folder}-sae-lens"
+        f"Export it for SAELens (SAE.load_from_disk): {invocation('export_sae.py')} {folder} {folder}-sae-lens"
     )
     browser, stats = build_demo_browser(sae, store, cfg, folder)
     print(stats.describe_timing())

@@ -18,7 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from matryoshka_sae.cli.options import ArgumentParser, add_debug_argument, run_reporting_errors
+from matryoshka_sae.cli.options import (
+    ArgumentParser,
+    add_debug_argument,
+    invocation,
+    run_reporting_errors,
+)
 from matryoshka_sae.sae_lens_format import SAE_LENS_CONFIG, export_sae_lens
 
 
@@ -57,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     run_reporting_errors(
-        lambda: export(args), resume_command="python export_sae.py", debug=args.debug
+        lambda: export(args), resume_command=invocation("export_sae.py"), debug=args.debug
     )
 
 

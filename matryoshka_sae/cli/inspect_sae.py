@@ -27,6 +27,7 @@ from matryoshka_sae.cli.options import (
     apply_overrides,
     check_dataset_available,
     check_device,
+    invocation,
     non_negative_int,
     positive_int,
     run_reporting_errors,
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> Path:
     pages = []
     run_reporting_errors(
         lambda: pages.append(inspect(args)),
-        resume_command="python inspect_sae.py",
+        resume_command=invocation("inspect_sae.py"),
         debug=args.debug,
     )
     return pages[0]

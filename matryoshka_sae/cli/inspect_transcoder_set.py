@@ -28,6 +28,7 @@ import io
 from pathlib import Path
 
 from matryoshka_sae.cli import inspect_sae
+from matryoshka_sae.cli.options import invocation
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> Path:
     pages = []
     run_reporting_errors(
         lambda: pages.append(inspect_set(args)),
-        resume_command="python inspect_transcoder_set.py",
+        resume_command=invocation("inspect_transcoder_set.py"),
         debug=args.debug,
     )
     return pages[0]

@@ -34,6 +34,7 @@ from matryoshka_sae.cli.options import (
     apply_overrides,
     check_before_loading,
     check_device,
+    invocation,
     print_final_metrics,
     resumed_cfgs,
     run_reporting_errors,
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     run_reporting_errors(
         lambda: run(args),
-        resume_command="python main.py --demo" if args.demo else "python main.py",
+        resume_command=invocation("main.py") + (" --demo" if args.demo else ""),
         debug=args.debug,
     )
 

@@ -426,6 +426,38 @@ USER_ERRORS = (
 )
 
 
+# Each script at the repository root and the console script pyproject.toml installs for it.
+CONSOLE_SCRIPTS = {
+    "main.py": "sae-train",
+    "train_gemma_example.py": "sae-train-gemma",
+    "train_clt.py": "sae-train-clt",
+    "cache_activations.py": "sae-cache-activations",
+    "export_sae.py": "sae-export",
+    "inspect_sae.py": "sae-inspect",
+    "inspect_transcoder_set.py": "sae-inspect-set",
+    "evaluate_sae.py": "sae-evaluate",
+    "trace_circuit.py": "sae-trace",
+}
+
+
+def invocation(script: str) -> str:
+    """The command that runs `script` (a root file name, e.g. "main.py") the way this process was
+    started, so that a printed follow-up command (resume, export, trace) can be pasted as it is:
+    ``sae-train`` after ``sae-train``, ``python main.py`` after ``python main.py``, ``python -m
+    matryoshka_sae.cli.main`` after ``python -m ...``. `script` may be another script than the running
+    one (the demo prints the export command): it keeps the running one's style."""
+    started = Path(sys.argv[0] if sys.argv and sys.argv[0] else script)
+    if started.name in CONSOLE_SCRIPTS.values():
+        return CONSOLE_SCRIPTS[script]
+    package_cli = Path(__file__).resolve().parent
+    if started.suffix == ".py" and started.resolve().parent == package_cli:
+        return f"python -m matryoshka_sae.cli.{Path(script).stem}"
+    if started.name == script:
+        return f"python {sys.argv[0]}"
+    folder = started.parent if started.suffix == ".py" else Path()
+    return f"python {folder / script}" if str(folder) not in ("", ".") else f"python {script}"
+
+
 def run_reporting_errors(
     work: Callable[[], None], resume_command: str, debug: bool = False
 ) -> None:
@@ -433,7 +465,8 @@ def run_reporting_errors(
     or read-only) exits with one line ``<script>: error: ...`` and status 2, a stop signal with the
     resume command and 128 + its number. `debug` (--debug, or SAE_DEBUG=1 in the environment) adds
     the traceback; any other exception is a bug and shows its traceback."""
-    script = resume_command.split()[1]  # "python main.py ..." -> main.py
+    words = [word for word in resume_command.split() if word not in ("python", "-m")]
+    script = Path(words[0]).name  # "python main.py ..." -> main.py; "sae-train ..." -> sae-train
     debug = debug or os.environ.get("SAE_DEBUG") == "1"
     try:
         work()

@@ -37,6 +37,7 @@ from matryoshka_sae.cli.options import (
     add_setting_arguments,
     apply_overrides,
     check_before_loading,
+    invocation,
     resumed_cfgs,
     run_reporting_errors,
 )
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     work = {"train": train, "evaluate": evaluate, "export": export}[args.command]
     run_reporting_errors(
-        lambda: work(args), resume_command="python train_clt.py train", debug=args.debug
+        lambda: work(args), resume_command=f"{invocation('train_clt.py')} train", debug=args.debug
     )
 
 

@@ -27,6 +27,7 @@ from matryoshka_sae.cli.options import (
     add_setting_arguments,
     apply_overrides,
     check_before_loading,
+    invocation,
     print_final_metrics,
     resumed_cfgs,
     run_reporting_errors,
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     run_reporting_errors(
         lambda: run(args),
-        resume_command=f"python train_gemma_example.py {args.command}",
+        resume_command=f"{invocation('train_gemma_example.py')} {args.command}",
         debug=args.debug,
     )
 
