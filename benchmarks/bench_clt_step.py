@@ -80,7 +80,7 @@ def worker(args) -> None:
         clt.initialize_from_batch(*sources, *targets)
         if args.case.endswith("dead"):
             with torch.no_grad():
-                n_dead = int(0.3 * clt.dict_size)
+                n_dead = int(0.3 * clt.n_latents)
                 clt.b_enc[:n_dead] -= 100.0
                 clt.tokens_since_fired[:n_dead] = 10**9
         dictionaries, inputs = [clt], [(*sources, *targets)]

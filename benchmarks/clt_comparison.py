@@ -233,7 +233,7 @@ def evaluate(args) -> None:
         else:
             metrics = evaluate_set(saes, cfgs, model, tokens)
         dead = sum(int(sae.dead_latents().sum()) for sae in saes)
-        latents = sum(sae.dict_size for sae in saes)
+        latents = sum(sae.n_latents for sae in saes)
         (out / f"{case}-metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         rows.append(
             {

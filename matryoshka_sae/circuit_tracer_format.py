@@ -273,7 +273,7 @@ def circuit_tracer_clt_tensors(clt) -> dict[str, dict[str, torch.Tensor]]:
             f"{cfg['name']}: no inference threshold has been learned yet (threshold < 0); train the "
             f"CLT before exporting it."
         )
-    S, files = clt.layer_size, {}
+    S, files = clt.latents_per_layer, {}
     with torch.no_grad():
         for i in range(clt.n_layers):
             block = slice(i * S, (i + 1) * S)

@@ -360,7 +360,7 @@ def evaluate_clt(clt, model, tokens: torch.Tensor) -> dict:
             x = torch.stack([cache[name][keep] for name in sources], dim=1)  # [N, L, d_in]
             actual.append(torch.stack([cache[name][keep] for name in targets], dim=1).float())
             predictions.append(clt.reconstruct(x))
-            latents = clt.encode(x).view(-1, clt.n_layers, clt.layer_size)
+            latents = clt.encode(x).view(-1, clt.n_layers, clt.latents_per_layer)
             active += (latents > 0).sum(dim=(0, 2)).float().cpu()
     y, y_hat = torch.cat(actual), torch.cat(predictions)
     fvus = [compute_fvu(y[:, j], y_hat[:, j]).item() for j in range(clt.n_layers)]

@@ -1,4 +1,4 @@
-"""Sparse autoencoders and Matryoshka transcoders.
+"""Sparse autoencoders and Matryoshka transcoders: the dictionaries that read one activation.
 
 Notation: B tokens in a batch, S = dict_size latents, d_in / d_out the widths of the input and of
 what is reconstructed (equal for an SAE; for a transcoder the source and the target activation).
@@ -16,6 +16,10 @@ reconstructs the target from every nested prefix of latents [0, m_g), each with 
     x_hat_g = sum_{i < m_g} z_i W_dec[i] + b_dec,      L_rec = mean_g mean((x_hat_g - y)^2)
 so the first latents must explain as much as they can on their own. A plain SAE is the case G = 1,
 and one code path serves both.
+
+What every dictionary shares (units, dead latents, the decoder's norm, BatchTopK's threshold,
+JumpReLU's pieces) is in dictionary.py; the cross-layer transcoder, which reads one activation a
+layer, in cross_layer_transcoder.py. `SAE_CLASSES` and `create_sae`, at the end, name them all.
 """
 
 from __future__ import annotations
@@ -26,6 +30,22 @@ from torch import nn
 
 from matryoshka_sae import distributed
 from matryoshka_sae.config import compute_fvu
+from matryoshka_sae.cross_layer_transcoder import MatryoshkaCrossLayerTranscoder
+from matryoshka_sae.dictionary import (
+    STD_EPS,
+    Dictionary,
+    _JumpReLU,
+    _Step,
+    affine,
+    firing_thresholds,
+    initial_log_thresholds,
+    jumprelu_bandwidth,
+    log_of_thresholds,
+    log_threshold_param_groups,
+    power_of_two_rms,
+    quadratic_l0_objective,
+    update_inference_threshold,
+)
 from matryoshka_sae.sparse_ops import (
     SparseCode,
     gather_preactivations,
@@ -33,27 +53,25 @@ from matryoshka_sae.sparse_ops import (
     select_batch_topk,
     select_topk,
     sparse_decode,
-    sparse_decode_cross_layer,
     sparse_decode_groups,
 )
 
-STD_EPS = 1e-5
 
+class BaseAutoencoder(Dictionary):
+    """One input and one target: parameters, units and the loss dict.
 
-class BaseAutoencoder(nn.Module):
-    """Parameters, units, decoder-norm step, dead-latent counter and the loss dict.
-
-    Subclasses define `_code_and_prefixes(x_c, y_n, x)`; everything else is shared.
+    W_enc [d_in, S], b_enc [S], W_dec [S, d_out] (rows of unit norm), b_dec [d_out];
+    dict_size = n_latents = S. Subclasses define `_code_and_prefixes(x_c, y_n, x)`; everything
+    else is shared.
     """
 
     # An SAE reads and writes one space, so its encoder starts as the transpose of its decoder.
     ties_encoder_to_decoder = True
 
     def __init__(self, cfg: dict, d_in: int | None = None, d_out: int | None = None):
-        super().__init__()
-        self.cfg = cfg
-        self.d_in = d_in or cfg["act_size"]
-        self.d_out = d_out or cfg["act_size"]
+        super().__init__(
+            cfg, d_in or cfg["act_size"], d_out or cfg["act_size"], n_latents=cfg["dict_size"]
+        )
         self.dict_size = cfg["dict_size"]
         generator = torch.Generator().manual_seed(cfg["seed"])
         W_dec = torch.randn(self.dict_size, self.d_out, generator=generator)
@@ -67,29 +85,12 @@ class BaseAutoencoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(self.dict_size))
         self.W_dec = nn.Parameter(W_dec)
         self.b_dec = nn.Parameter(torch.zeros(self.d_out))
-        # Tokens seen since each latent last fired; dead after n_batches_to_dead batches' worth.
-        self.register_buffer("tokens_since_fired", torch.zeros(self.dict_size, dtype=torch.long))
         self.to(cfg["device"])
 
+    def decoder_weights(self) -> list[torch.Tensor]:
+        return [self.W_dec]
+
     # -- units -------------------------------------------------------------------------------
-
-    def normalize_source(self, x: torch.Tensor):
-        """Standardise each token (if input_unit_norm): returns (x_n, stats) or (x, None).
-
-        The ecosystem's definition (OpenAI's TopK SAEs; SAELens's normalize_activations="layer_norm"),
-        so that an exported dictionary computes exactly the same there:
-            x_n = (x - mean) / (std + eps),   std with Bessel's correction (n - 1),
-        and outputs return as y_n * std + mean, without eps. stats = (mean, std + eps, std): the
-        shift, the divisor into normalised units and the factor back out of them.
-        """
-        x = x.float()
-        if not self.cfg["input_unit_norm"]:
-            return x, None
-        mean = x.mean(dim=-1, keepdim=True)
-        x = x - mean
-        std = x.std(dim=-1, keepdim=True)
-        divisor = std + STD_EPS
-        return x / divisor, (mean, divisor, std)
 
     def target_stats(self, source_stats):
         """(shift, divisor, factor) of the units the target is reconstructed in (see
@@ -114,13 +115,8 @@ class BaseAutoencoder(nn.Module):
         return x_n - self.b_dec
 
     def preactivations(self, x_c: torch.Tensor) -> torch.Tensor:
-        """x_c W_enc + b_enc [B, S] in float32, the matmul in cfg["dtype"] (parameters stay
-        float32). cfg["dtype"] decides, not an enclosing torch.autocast."""
-        dtype = self.cfg["dtype"]
-        with torch.autocast(x_c.device.type, enabled=False):
-            if dtype == torch.float32:
-                return torch.addmm(self.b_enc, x_c.float(), self.W_enc)
-            return torch.addmm(self.b_enc.to(dtype), x_c.to(dtype), self.W_enc.to(dtype)).float()
+        """x_c W_enc + b_enc [B, S] in float32, the matmul in cfg["dtype"] (`affine`)."""
+        return affine(x_c, self.W_enc, self.b_enc, self.cfg["dtype"])
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -225,28 +221,7 @@ class BaseAutoencoder(nn.Module):
             total = (target - target.mean(dim=0)).pow(2).sum()
             return torch.where(total > 0, errors / total, torch.full_like(total, float("nan")))
 
-    # -- training state and the decoder constraint -----------------------------------------------
-
-    def param_groups(self) -> list[dict]:
-        """The optimizer's parameter groups; a group's "lr_scale" multiplies the scheduled lr."""
-        return [{"params": list(self.parameters()), "lr_scale": 1.0}]
-
-    def dead_latents(self) -> torch.Tensor:
-        """[S] bool: latents unfired for n_batches_to_dead x batch_size tokens."""
-        return self.tokens_since_fired >= self.cfg["n_batches_to_dead"] * self.cfg["batch_size"]
-
-    def batch_group(self):
-        """In training under torchrun, the process group whose ranks' batches make up the batch
-        (see distributed.py): batch statistics are reduced over it. None otherwise."""
-        return distributed.batch_group() if self.training else None
-
-    @torch.no_grad()
-    def _update_dead_counters(self, fired: torch.Tensor, n_tokens: int) -> None:
-        group = self.batch_group()
-        if group is not None:  # a latent fired in the batch if it fired on some rank
-            fired = distributed.any_over_ranks(fired, group)
-            n_tokens *= distributed.world_size(group)
-        self.tokens_since_fired.add_(n_tokens).masked_fill_(fired, 0)
+    # -- the data-dependent start --------------------------------------------------------------
 
     @torch.no_grad()
     def initialize_b_dec(self, target: torch.Tensor) -> None:
@@ -260,22 +235,6 @@ class BaseAutoencoder(nn.Module):
         """The data-dependent initialisation a training run does on its first batch (the SAE's
         input, or a transcoder's (source, target)): here b_dec from the last of them."""
         self.initialize_b_dec(inputs[-1])
-
-    @torch.no_grad()
-    def remove_parallel_decoder_grad(self) -> None:
-        """Project out of each decoder row's gradient its component along the row.
-
-        Call after backward, before the optimizer step: a unit-norm row can then only rotate.
-        """
-        if self.W_dec.grad is None:
-            return
-        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
-        self.W_dec.grad.sub_(parallel * self.W_dec)
-
-    @torch.no_grad()
-    def normalize_decoder(self) -> None:
-        """Rescale decoder rows to unit norm; call after the optimizer step."""
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,16 +340,10 @@ class BatchTopKSAE(TopKSAE):
 
     @torch.no_grad()
     def _update_threshold(self, values: torch.Tensor) -> None:
-        group = self.batch_group()
-        if group is not None:  # the smallest kept value of the whole batch (inf where none is kept)
-            local = values.min() if values.numel() else values.new_tensor(float("inf"))
-            values = distributed.min_over_ranks(local, group).reshape(1)
-            values = values[values.isfinite()]
-        if values.numel() == 0:
-            return
-        smallest, rate = values.min(), self.cfg["threshold_ema_rate"]
-        ema = (1 - rate) * self.threshold + rate * smallest
-        self.threshold.copy_(torch.where(self.threshold < 0, smallest, ema))
+        """The threshold's EMA step (`update_inference_threshold`) from the kept values [N]."""
+        smallest = values.min() if values.numel() else values.new_tensor(float("inf"))
+        rate = self.cfg["threshold_ema_rate"]
+        update_inference_threshold(self.threshold, smallest, rate, self.batch_group())
 
 
 class GlobalBatchTopKMatryoshkaSAE(BatchTopKSAE):
@@ -404,13 +357,6 @@ class GlobalBatchTopKMatryoshkaSAE(BatchTopKSAE):
 
     def _group_ends(self) -> torch.Tensor:
         return torch.tensor(self.cfg["group_sizes"], device=self.cfg["device"]).cumsum(0)
-
-
-def power_of_two_rms(x: torch.Tensor) -> torch.Tensor:
-    """The RMS of x's entries rounded to the nearest power of two (log scale), a scalar: a scale
-    that multiplies and divides float weights without rounding any."""
-    rms = x.pow(2).mean().sqrt().clamp(min=STD_EPS)
-    return torch.exp2(torch.round(torch.log2(rms)))
 
 
 class MatryoshkaTranscoder(GlobalBatchTopKMatryoshkaSAE):
@@ -436,11 +382,11 @@ class MatryoshkaTranscoder(GlobalBatchTopKMatryoshkaSAE):
     `reconstruct(x)` includes the skip term.
 
     Initialisation, from the first training batch (`initialize_from_batch`):
-    * The source is centred by its mean, a buffer. A residual stream has a few coordinates ~10x
-      the others after standardisation (2 of 576 in SmolLM2's layer-8 resid_mid); left in, their
-      mean m gives every latent an offset m . W_enc[:, i] that Adam moves by about lr x |m| a
-      step, so a few latents win BatchTopK on every token and the rest stop firing. An SAE is centred by
-      its b_dec; a transcoder's b_dec lives in the target's space, hence a mean of its own.
+    * The source is centred by its mean, a buffer. Left in, a source mean m gives every latent an
+      offset m . W_enc[:, i] that Adam moves by about lr x |m| a step; where a few coordinates of
+      m are large (as in residual streams), a few latents then win BatchTopK on every token and
+      the rest stop firing. An SAE is centred by its b_dec; a transcoder's b_dec lives in the
+      target's space, hence a mean of its own.
     * Encoder columns are independent random unit vectors, not W_dec^T: source and target are
       different spaces, and the tie only makes sense where a latent reads and writes one space.
     * Each decoder row points at the mean target (after b_dec) of the tokens its latent fires on
@@ -580,11 +526,11 @@ class MatryoshkaTranscoder(GlobalBatchTopKMatryoshkaSAE):
         keeps for token b, y_n the target after b_dec; c is clamped to [0, the smallest kept z] so
         that every kept latent stays non-negative. Call after `initialize_decoder_from_batch`.
 
-        Why: aimed decoder rows share the target's main directions, so k unit rows at strengths
-        ~2 add up to several times the target (FVU 3.8 at k = 32 and 12 at k = 64 on SmolLM2's
-        layer 8), which training at lr 3e-4 takes hundreds of steps to undo. One shift for all
-        latents keeps BatchTopK's selection (it ranks pre-activations) and the encoder's scale
-        (a smaller encoder would make Adam's steps relatively larger and kill latents)."""
+        Why: aimed decoder rows share the target's main directions, so the k kept rows, each at
+        the strength of its pre-activation, add up along them to a multiple of the target that
+        grows with k, an overshoot training would first have to undo. One shift for all latents
+        keeps BatchTopK's selection (it ranks pre-activations) and the encoder's scale (a smaller
+        encoder would make Adam's steps relatively larger and kill latents)."""
         code, values, y_n = self._first_code(source, target)
         if values.numel() == 0:
             return
@@ -615,14 +561,6 @@ class MatryoshkaTranscoder(GlobalBatchTopKMatryoshkaSAE):
 # ---------------------------------------------------------------------------------------------
 # Dense codes: ReLU and JumpReLU
 # ---------------------------------------------------------------------------------------------
-
-
-def firing_thresholds(pre: torch.Tensor, rate: float) -> torch.Tensor:
-    """[S]: for each latent (column of pre [B, S]) a value that exactly k = rate x B of its B
-    pre-activations exceed: the midpoint of its k-th and (k+1)-th largest."""
-    k = min(pre.shape[0] - 1, max(1, round(rate * pre.shape[0])))
-    kth, next_one = pre.topk(k + 1, dim=0).values[-2:]
-    return (kth + next_one) / 2
 
 
 class DenseCodeSAE(BaseAutoencoder):
@@ -723,11 +661,9 @@ class VanillaSAE(DenseCodeSAE):
     the L1 term acts as a bias of lambda d / 2 on the latent, and lambda = 4 sigma / d puts it at
     two standard deviations of chance overlap, so a latent fires only where it explains clearly
     more than chance. (Per-token standardised inputs have ||x||^2 = d, so sigma <= 1, and sigma is
-    well below 1 when the inputs share a large mean, as residual streams do. On a planted
-    dictionary with 4 active directions of 256 in 64 dimensions, 2 / d leaves L0 at 8 and 4 / d at
-    4.6.) w_t is the warm-up over cfg["l1_warmup_steps"] steps (Anthropic's "Circuits Updates,
-    April 2024" warms lambda up over the first 5% of training). b_enc starts from data (see
-    `initialize_b_dec`).
+    well below 1 when the inputs share a large mean, as residual streams do.) w_t is the warm-up
+    over cfg["l1_warmup_steps"] steps (Anthropic's "Circuits Updates, April 2024" warms lambda up
+    over the first 5% of training). b_enc starts from data (see `initialize_b_dec`).
 
     With cfg["target_l0"] set, lambda adapts instead (a buffer `adaptive_l1_coeff`, starting at
     l1_coeff): after every training batch lambda <- lambda * exp(r * clip(L0 / target - 1, -1, 1)),
@@ -784,89 +720,6 @@ class VanillaSAE(DenseCodeSAE):
             self.adaptive_l1_coeff.mul_(torch.exp(self.L1_ADAPT_RATE * error))
 
 
-# JumpReLU's pieces, shared by JumpReLUSAE and the cross-layer transcoder's "jumprelu" sparsity: one
-# threshold theta_i = exp(log_threshold_i) a latent, learned through straight-through estimators
-# (_JumpReLU, _Step) over the window `jumprelu_bandwidth`, in a parameter group of its own.
-
-
-def initial_log_thresholds(cfg: dict, size: int) -> torch.Tensor:
-    """log theta [size] before any data: cfg["jumprelu_threshold_init"], or 1 until the first batch."""
-    init = cfg["jumprelu_threshold_init"]
-    return torch.full((size,), 1.0 if init is None else float(init)).log()
-
-
-def log_of_thresholds(theta: torch.Tensor) -> torch.Tensor:
-    """log theta for thresholds found from data, each floored at 1e-3 x their mean size (log theta
-    needs theta > 0; a firing quantile may be <= 0)."""
-    floor = 1e-3 * theta.abs().mean().clamp(min=STD_EPS)
-    return theta.clamp(min=floor).log()
-
-
-def jumprelu_bandwidth(cfg: dict, theta: torch.Tensor) -> torch.Tensor | float:
-    """The straight-through window eps: cfg["bandwidth"], or cfg["jumprelu_relative_bandwidth"] x
-    each threshold (detached)."""
-    if cfg["bandwidth"] is not None:
-        return cfg["bandwidth"]
-    return cfg["jumprelu_relative_bandwidth"] * theta.detach()
-
-
-def quadratic_l0_objective(cfg: dict, l0: torch.Tensor, target: float, group) -> torch.Tensor:
-    """l0_coeff x (L0 / target - 1)^2 for this rank's mean L0 a token `l0` (differentiable, through
-    _Step, in the thresholds). Under torchrun (`group`) the value is the whole batch's L0 and the
-    ranks' averaged gradients are the whole batch's (distributed.global_mean_value)."""
-    l0 = distributed.global_mean_value(l0, group)
-    return cfg["l0_coeff"] * (l0 / target - 1).pow(2)
-
-
-def log_threshold_param_groups(module: nn.Module, lr_scale: float) -> list[dict]:
-    """The optimizer's groups of a module with a `log_threshold` parameter: log_threshold at
-    lr_scale x lr, the rest at lr (one group when lr_scale is 1)."""
-    if lr_scale == 1.0:
-        return [{"params": list(module.parameters()), "lr_scale": 1.0}]
-    rest = [p for name, p in module.named_parameters() if name != "log_threshold"]
-    return [
-        {"params": rest, "lr_scale": 1.0},
-        {"params": [module.log_threshold], "lr_scale": lr_scale},
-    ]
-
-
-class _JumpReLU(torch.autograd.Function):
-    """z = pre * H(pre - theta). d z / d theta uses the straight-through estimate
-    -(theta / eps) K((pre - theta) / eps) with the rectangle kernel K(u) = 1{|u| < 1/2}.
-    eps is a number or a tensor that broadcasts against theta (one width per latent)."""
-
-    @staticmethod
-    def forward(ctx, pre, theta, bandwidth):
-        ctx.save_for_backward(pre, theta)
-        ctx.bandwidth = bandwidth
-        return pre * (pre > theta)
-
-    @staticmethod
-    def backward(ctx, grad):
-        pre, theta = ctx.saved_tensors
-        eps = ctx.bandwidth
-        in_window = ((pre - theta).abs() < eps / 2).to(grad.dtype)
-        grad_theta = (grad * in_window).sum(dim=0) * (-theta / eps)
-        return grad * (pre > theta), grad_theta, None
-
-
-class _Step(torch.autograd.Function):
-    """H(pre - theta), with d/d theta = -(1/eps) K((pre - theta) / eps) and no gradient to pre."""
-
-    @staticmethod
-    def forward(ctx, pre, theta, bandwidth):
-        ctx.save_for_backward(pre, theta)
-        ctx.bandwidth = bandwidth
-        return (pre > theta).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        pre, theta = ctx.saved_tensors
-        eps = ctx.bandwidth
-        in_window = ((pre - theta).abs() < eps / 2).to(grad.dtype)
-        return None, (grad * in_window).sum(dim=0) * (-1.0 / eps), None
-
-
 class JumpReLUSAE(DenseCodeSAE):
     """JumpReLU SAE: z = pre * H(pre - theta), one threshold theta_i = exp(log_threshold_i) a latent.
 
@@ -904,10 +757,10 @@ class JumpReLUSAE(DenseCodeSAE):
     training loop calls it on the first batch) sets each theta_i to the quantile of latent i's
     pre-activations on that batch above which it fires at the rate (target_l0 or top_k) / dict_size,
     so that training starts at the intended L0. Adam moves log theta by about its lr a step, so a
-    threshold travels at most a factor exp(lr x steps) in a run, and the encoder reshapes the
-    pre-activations faster than that at the common lr (3e-4): on a planted dictionary the L0 then
-    falls to half the target and stays there. log_threshold therefore learns at
-    cfg["jumprelu_threshold_lr_scale"] (10) x lr, its own parameter group (`param_groups`).
+    threshold travels at most a factor exp(lr x steps) in a run, while the encoder reshapes the
+    pre-activations faster than that at a common lr, and the L0 then drifts from the target.
+    log_threshold therefore learns at cfg["jumprelu_threshold_lr_scale"] x lr, its own parameter
+    group (`param_groups`).
     """
 
     def __init__(self, cfg: dict):
@@ -972,596 +825,21 @@ class JumpReLUSAE(DenseCodeSAE):
         self.log_threshold.copy_(log_of_thresholds(self.firing_quantiles(target)))
 
 
-SAE_CLASSES: dict[str, type[BaseAutoencoder]] = {
+# ---------------------------------------------------------------------------------------------
+# Every class, by its cfg["sae_type"]
+# ---------------------------------------------------------------------------------------------
+
+SAE_CLASSES: dict[str, type[Dictionary]] = {
     "batchtopk": BatchTopKSAE,
     "topk": TopKSAE,
     "vanilla": VanillaSAE,
     "jumprelu": JumpReLUSAE,
     "matryoshka": GlobalBatchTopKMatryoshkaSAE,
     "matryoshka_transcoder": MatryoshkaTranscoder,
+    "matryoshka_clt": MatryoshkaCrossLayerTranscoder,
 }
 
 
-def create_sae(cfg: dict) -> BaseAutoencoder:
-    """The SAE class that cfg["sae_type"] names, built from cfg."""
+def create_sae(cfg: dict) -> Dictionary:
+    """The dictionary class that cfg["sae_type"] names, built from cfg."""
     return SAE_CLASSES[cfg["sae_type"]](cfg)
-
-
-# ---------------------------------------------------------------------------------------------
-# Cross-layer transcoders
-# ---------------------------------------------------------------------------------------------
-
-
-class MatryoshkaCrossLayerTranscoder(BaseAutoencoder):
-    """A cross-layer transcoder (CLT): latents that read one layer's source and write every later target.
-
-    For the layers j = 0..L-1 of cfg["clt_layers"] (S = cfg["dict_size"] latents each), with x_j the
-    source at layer j (e.g. the MLP's normalised input) and y_m the target (its MLP output):
-        a_j     = sparsify(x_c,j W_enc^j + b_enc^j)                x_c,j = x_j - source_mean_j
-        y_hat_m = sum_{j <= m} a_j W_dec^{j->m} + b_dec^m
-    Layout: latent i of layer j is latent g = j S + i of one dictionary of L S latents, so that
-    W_enc [d_in, L S], b_enc [L S], the dead-latent counter and `feature_acts` [B, L S] are an SAE's;
-    the decoder of layer j is W_dec[j] [S, L - j, d_out] (circuit-tracer's layout), and each latent's
-    whole decoder (all its output layers, flattened) has unit norm.
-
-    Units and loss: each target layer m is divided by a fixed scale (the RMS of the centred target on
-    the first batch, rounded to a power of two, so that an export folds it exactly) and its squared
-    error is divided by its variance v_m in those units (also from the first batch), so that no
-    layer dominates because its MLP output is large:
-        L_rec = mean_g sum_m mean_{b, d}((y_hat_{g,m} - y_m)^2) / v_m
-    over the Matryoshka prefixes g (the first m_g latents of every source layer, cfg["group_sizes"]
-    splitting S; one group: a plain CLT), plus aux_penalty x AuxK (the dead latents' top_k_aux
-    pre-activations of each token decode the detached residual of every layer, weighted alike).
-
-    Sparsity (cfg["clt_sparsity"]), with k = cfg["top_k"] the mean active latents per token and
-    source layer (so k L per token in all):
-        "global"     BatchTopK over all L S latents of the batch: k L B entries, wherever they lie;
-        "per_layer"  BatchTopK within each source layer: k B entries per layer.
-    At inference a threshold replaces the selection (BatchTopK's EMA of the smallest kept value):
-    one for all layers (global), one per layer (per_layer), in the buffer `threshold` [1 or L].
-        "jumprelu"   one learned threshold a latent, theta = exp(log_threshold) [L S] (a parameter;
-                     no `threshold` buffer), z = pre * H(pre - theta), in training and at inference
-                     alike; trained as JumpReLUSAE's quadratic objective (the module's shared JumpReLU
-                     pieces), l0_coeff x (L0 / (T L) - 1)^2 with L0 the active latents a token summed
-                     over the layers and T = cfg["target_l0"] per source layer, as k is; theta learns
-                     through the straight-through estimators over the window eps (cfg["bandwidth"] or
-                     jumprelu_relative_bandwidth x theta), at jumprelu_threshold_lr_scale x lr.
-    `inference_thresholds()` gives every latent's threshold [L, S] in all three modes.
-
-    JumpReLU stays sparse: the code holds the entries with pre > theta - eps / 2, not only those
-    above theta. The entries just below theta (value 0, adding nothing to the decode) are those whose
-    straight-through gradient to theta is not 0: the decode's backward gives each entry's value its
-    gradient, _JumpReLU turns the zero-valued entries' into theta's, and _Step over the same entries
-    gives the L0 term's. Every entry the dense JumpReLUSAE would differentiate is in the code, and
-    none else (a test checks loss and gradients against a dense reference). At inference the code is
-    pre > theta alone. Thresholds start from the first batch: each latent's firing quantile, so that
-    it fires at the rate target_l0 / S (`firing_thresholds`), then the shift and factor of the
-    initialisation applied to theta as to the pre-activations (theta <- alpha (theta - c), the shift
-    bounded by half the smallest theta), so that they keep the first batch's code.
-
-    Memory: the decode never forms [B, S, L, d]: each source layer's active latents are summed
-    with sparse_ops' sparse decode against W_dec[j] viewed as [S, (L - j) d], one row per latent,
-    into the [B, G, L, d] prefix partial sums (cost N (L - j) d for N active entries).
-
-    forward(*activations): the L sources, then the L targets, each [..., d] (the training loop's
-    order, `activation_store.dictionary_hooks`); `compute_outputs(sources, targets)` takes them
-    stacked [..., L, d]. Outputs: the contract's keys with sae_out [..., L, d_out] and
-    feature_acts [..., L S]; fvu is the mean over layers of each layer's FVU, each also as
-    fvu_layer_{layer}, with fvu_layer_min / fvu_layer_max; l0_layer_{layer} the mean active
-    latents of each source layer; with several groups fvu_min / fvu_max / fvu_mean /
-    fvu_per_prefix over the prefixes (each prefix's mean over layers).
-    """
-
-    ties_encoder_to_decoder = False
-
-    def __init__(self, cfg: dict):
-        layers, size = list(cfg["clt_layers"]), cfg["dict_size"]
-        if cfg["input_unit_norm"]:
-            raise ValueError(
-                "A cross-layer transcoder reads its sources without per-token standardisation; set "
-                "cfg['input_unit_norm'] = False (its targets are scaled per layer instead)."
-            )
-        super().__init__(
-            {**cfg, "dict_size": len(layers) * size},
-            d_in=cfg["source_act_size"],
-            d_out=cfg["target_act_size"],
-        )
-        self.cfg = cfg
-        self.layers, self.n_layers, self.layer_size = layers, len(layers), size
-        n, device = self.n_layers, cfg["device"]
-        del self.W_dec, self.b_dec
-        generator = torch.Generator().manual_seed(cfg["seed"] + 1)
-        decoders = [torch.randn(size, n - j, self.d_out, generator=generator) for j in range(n)]
-        self.W_dec = nn.ParameterList(
-            [nn.Parameter(w / w.flatten(1).norm(dim=1)[:, None, None]) for w in decoders]
-        )
-        self.b_dec = nn.Parameter(torch.zeros(n, self.d_out))
-        self.register_buffer("source_mean", torch.zeros(n, self.d_in))
-        self.register_buffer("target_scale", torch.ones(n))
-        self.register_buffer("target_variance", torch.ones(n))
-        if self.jumprelu:  # theta, one a latent (a checkpoint of the BatchTopK modes has none)
-            self.log_threshold = nn.Parameter(initial_log_thresholds(cfg, self.dict_size))
-        else:
-            n_thresholds = n if cfg["clt_sparsity"] == "per_layer" else 1
-            self.register_buffer(
-                "threshold", torch.full((n_thresholds,), -1.0)
-            )  # -1: not learned yet
-        self.register_buffer(
-            "group_ends", torch.tensor(cfg["group_sizes"]).cumsum(0), persistent=False
-        )
-        self.to(device)
-
-    @property
-    def jumprelu(self) -> bool:
-        """Learned per-latent thresholds (clt_sparsity "jumprelu") rather than BatchTopK."""
-        return self.cfg["clt_sparsity"] == "jumprelu"
-
-    # -- units and the encoder ----------------------------------------------------------------
-
-    def center(self, x_n: torch.Tensor) -> torch.Tensor:
-        return x_n - self.source_mean
-
-    def _stack(self, activations, what: str) -> torch.Tensor:
-        if len(activations) != self.n_layers:
-            raise ValueError(
-                f"This cross-layer transcoder reads layers {self.layers}: pass {self.n_layers} {what}, "
-                f"got {len(activations)}."
-            )
-        return torch.stack([x.float() for x in activations], dim=-2)
-
-    def _check_stacked(self, x: torch.Tensor, width: int, what: str) -> torch.Tensor:
-        """x [..., L, width] -> [N, L, width] float32."""
-        if x.dim() < 2 or tuple(x.shape[-2:]) != (self.n_layers, width):
-            raise ValueError(
-                f"{what} must be [..., {self.n_layers}, {width}] (layers {self.layers}); got "
-                f"{tuple(x.shape)}."
-            )
-        return x.reshape(-1, self.n_layers, width).float()
-
-    def preactivations(self, x_c: torch.Tensor) -> torch.Tensor:
-        """pre [B, L S], block j = x_c[:, j] W_enc[:, block j] + b_enc[block j], from x_c [B, L, d_in]
-        (the matmuls in cfg["dtype"], the result float32)."""
-        S, dtype = self.layer_size, self.cfg["dtype"]
-        pre = x_c.new_empty(x_c.shape[0], self.dict_size, dtype=torch.float32)
-        with torch.autocast(x_c.device.type, enabled=False):
-            for j in range(self.n_layers):
-                block = slice(j * S, (j + 1) * S)
-                x, W, b = x_c[:, j], self.W_enc[:, block], self.b_enc[block]
-                if dtype == torch.float32:
-                    pre[:, block] = torch.addmm(b, x, W)
-                else:
-                    pre[:, block] = torch.addmm(b.to(dtype), x.to(dtype), W.to(dtype)).float()
-        return pre
-
-    def select(self, pre: torch.Tensor) -> SparseCode:
-        """The active (token, latent) entries of pre [B, L S]: see the class docstring."""
-        return self._select(pre, self.training, self.batch_group())
-
-    def _select(self, pre: torch.Tensor, of_batch: bool, group) -> SparseCode:
-        """BatchTopK (over the ranks of `group`) if `of_batch` or no threshold is learned yet, else
-        the thresholds; jumprelu: pre > theta."""
-        if self.jumprelu:
-            return select_above_threshold(pre, self.log_threshold.detach().exp())
-        k = self.cfg["top_k"]
-        if self.cfg["clt_sparsity"] == "global":
-            return self._select_block(pre, k * self.n_layers, self.threshold[0], of_batch, group)
-        S, codes = self.layer_size, []
-        for j in range(self.n_layers):
-            codes.append(
-                self._select_block(
-                    pre[:, j * S : (j + 1) * S], k, self.threshold[j], of_batch, group
-                )
-            )
-        rows = torch.cat([code.rows for code in codes])
-        latents = torch.cat([code.latents + j * S for j, code in enumerate(codes)])
-        order = torch.argsort(rows * self.dict_size + latents)
-        return SparseCode.from_indices(rows[order], latents[order], pre.shape[0], self.dict_size)
-
-    @staticmethod
-    def _select_block(
-        pre: torch.Tensor, k: int, threshold: torch.Tensor, of_batch: bool, group
-    ) -> SparseCode:
-        if of_batch or threshold.item() < 0:
-            return select_batch_topk(pre, k, lower_bound=0.8 * threshold, group=group)
-        return select_above_threshold(pre, threshold)
-
-    def sparse_code(self, x_c: torch.Tensor) -> tuple[SparseCode, torch.Tensor]:
-        """The active latents of x_c [B, L, d_in] with values differentiable in x_c, W_enc and b_enc
-        (gathered: O(N d) backward), and the dense pre-activations [B, L S] (no gradient).
-        jumprelu, while the thresholds learn (gradients on): also the entries within eps / 2 below
-        theta, at value 0, and the values differentiable in log_threshold too (class docstring)."""
-        with torch.no_grad():
-            pre = self.preactivations(x_c)
-        learning = self._thresholds_learn()
-        code = self._jumprelu_window(pre) if learning else self.select(pre)
-        # Each entry reads its own layer's source: row b L + j of x_c viewed as [B L, d_in].
-        reading = SparseCode.from_indices(
-            code.rows * self.n_layers + code.latents // self.layer_size,
-            code.latents,
-            x_c.shape[0] * self.n_layers,
-            self.dict_size,
-        )
-        values = gather_preactivations(
-            x_c.reshape(-1, self.d_in),
-            self.W_enc,
-            self.b_enc,
-            pre[code.rows, code.latents],
-            reading,
-        )
-        if (
-            learning
-        ):  # entry-wise [1, N] against thresholds [N]: _JumpReLU's backward sums over dim 0
-            theta, eps = self._entry_thresholds(code)
-            values = _JumpReLU.apply(values[None], theta, eps)[0]
-        return code.with_values(values), pre
-
-    def _thresholds_learn(self) -> bool:
-        return self.jumprelu and torch.is_grad_enabled() and self.log_threshold.requires_grad
-
-    def _jumprelu_window(self, pre: torch.Tensor) -> SparseCode:
-        """The entries of pre [B, L S] above theta - eps / 2: those above theta and those whose
-        straight-through gradient to theta is not 0."""
-        theta = self.log_threshold.detach().exp()
-        rows, latents = (pre > theta - jumprelu_bandwidth(self.cfg, theta) / 2).nonzero(
-            as_tuple=True
-        )
-        return SparseCode.from_indices(rows, latents, pre.shape[0], self.dict_size)
-
-    def _entry_thresholds(self, code: SparseCode):
-        """theta of each entry's latent [N] (differentiable in log_threshold) and the window eps (a
-        number, or [N])."""
-        theta = self.log_threshold.exp()
-        eps = jumprelu_bandwidth(self.cfg, theta)
-        return theta[code.latents], (eps[code.latents] if torch.is_tensor(eps) else eps)
-
-    @torch.no_grad()
-    def inference_thresholds(self) -> torch.Tensor:
-        """[L, S]: at inference latent i of layer j fires where its pre-activation exceeds row j's
-        entry i (and 0): theta (jumprelu), or BatchTopK's threshold of every layer (global) or of
-        each (per_layer), negative while none is learned yet."""
-        if self.jumprelu:
-            return self.log_threshold.exp().view(self.n_layers, self.layer_size)
-        return self.threshold.view(-1, 1).expand(self.n_layers, self.layer_size)
-
-    # -- the decoder ----------------------------------------------------------------------------
-
-    def decode_groups(
-        self, code: SparseCode, group_ends: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Per-group partial decodes [B, G, L, d_out] of a code over the L S latents (values set), in
-        the scaled target units, without b_dec: entry (b, g, m) sums a_{b,j,i} W_dec[j][i, m - j] over
-        the source layers j <= m and the latents i of group g (`group_ends`, default the cfg's)."""
-        group_ends = self.group_ends if group_ends is None else group_ends
-        S = self.layer_size
-        layer_of_entry = code.latents // S
-        codes = []
-        for j in range(self.n_layers):
-            entries = (layer_of_entry == j).nonzero().squeeze(1)  # still sorted by (row, latent)
-            layer_code = SparseCode.from_indices(
-                code.rows[entries], code.latents[entries] - j * S, code.batch_size, S
-            )
-            codes.append((layer_code.with_values(code.values[entries]), j))
-        return sparse_decode_cross_layer(codes, list(self.W_dec), group_ends, self.n_layers)
-
-    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
-        """Predictions [B, L, d_out] in the scaled target units from dense feature_acts [B, L S]
-        (`reconstruct` gives them in the target's own units)."""
-        z = feature_acts.reshape(-1, self.dict_size).float()
-        rows, latents = z.nonzero(as_tuple=True)
-        code = SparseCode.from_indices(rows, latents, z.shape[0], self.dict_size).with_values(
-            z[rows, latents]
-        )
-        return self.decode_groups(code, self.group_ends[-1:]).squeeze(1) + self.b_dec
-
-    def encode(self, sources: torch.Tensor) -> torch.Tensor:
-        """Feature activations [..., L S] of sources [..., L, d_in] (no gradient)."""
-        x = self._check_stacked(sources, self.d_in, "sources")
-        with torch.no_grad():
-            code, _ = self.sparse_code(self.center(self.normalize_source(x)[0]))
-            return code.to_dense().reshape(*sources.shape[:-2], self.dict_size)
-
-    def _prefixes(self, sources: torch.Tensor):
-        x = self._check_stacked(sources, self.d_in, "sources")
-        code, _ = self.sparse_code(self.center(self.normalize_source(x)[0]))
-        return self.decode_groups(code).cumsum(dim=1) + self.b_dec, None
-
-    @torch.no_grad()
-    def layer_contributions(self, j: int, x: torch.Tensor) -> torch.Tensor:
-        """What the latents of source layer j write to the outputs j..L-1, in the targets' units,
-        [N, L - j, d_out], for sources x [..., d_in] of that layer alone, at inference (thresholds):
-        the replacement of a forward pass, where later sources depend on earlier predictions.
-        `reconstruct` is sum_{j <= m} of these plus b_dec_m x target_scale_m."""
-        S, block = self.layer_size, slice(j * self.layer_size, (j + 1) * self.layer_size)
-        threshold = self.inference_thresholds()[j]
-        if (threshold < 0).any():
-            raise ValueError(
-                "This cross-layer transcoder has no inference threshold yet (it was not trained); "
-                "train it first."
-            )
-        x_c = self.normalize_source(x.reshape(-1, self.d_in))[0] - self.source_mean[j]
-        pre = torch.addmm(self.b_enc[block], x_c, self.W_enc[:, block])
-        code = select_above_threshold(pre, threshold)
-        code = code.with_values(pre[code.rows, code.latents])
-        out = sparse_decode(code, self.W_dec[j].view(S, -1)).view(-1, self.n_layers - j, self.d_out)
-        return out * self.target_scale[j:, None]
-
-    def reconstruct(self, sources: torch.Tensor) -> torch.Tensor:
-        """Predictions of every target layer [..., L, d_out] in the targets' units."""
-        prefixes, _ = self._prefixes(sources)
-        return (prefixes[:, -1] * self.target_scale[:, None]).reshape(
-            *sources.shape[:-2], self.n_layers, self.d_out
-        )
-
-    def reconstruct_prefixes(self, sources: torch.Tensor) -> torch.Tensor:
-        """Predictions from each nested prefix [..., G, L, d_out] in the targets' units."""
-        prefixes, _ = self._prefixes(sources)
-        out = prefixes * self.target_scale[:, None]
-        return out.reshape(*sources.shape[:-2], *out.shape[1:])
-
-    # -- the loss ---------------------------------------------------------------------------------
-
-    def forward(self, *activations: torch.Tensor) -> dict[str, torch.Tensor]:
-        n = self.n_layers
-        return self.compute_outputs(
-            self._stack(activations[:n], "sources"), self._stack(activations[n:], "targets")
-        )
-
-    def _weighted_error(self, squared_error: torch.Tensor) -> torch.Tensor:
-        """sum_m mean_{b,d}(e^2) / v_m for each leading group: [..., B, L, d] -> [...] (B at dim -3)."""
-        return (squared_error.mean(dim=(-3, -1)) / self.target_variance).sum(dim=-1)
-
-    def compute_outputs(
-        self, sources: torch.Tensor, targets: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        """Loss and metrics of one batch: sources and targets [..., L, d] (leading dims are tokens)."""
-        leading = sources.shape[:-2]
-        x = self._check_stacked(sources, self.d_in, "sources")
-        y = self._check_stacked(targets, self.d_out, "targets")
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(
-                f"sources have {x.shape[0]} tokens but targets {y.shape[0]}; pass the activations of "
-                f"the same tokens."
-            )
-        x_c = self.center(self.normalize_source(x)[0])
-        scale = self.target_scale[:, None]
-        y_n = y / scale
-        code, pre = self.sparse_code(x_c)
-        prefixes = self.decode_groups(code).cumsum(dim=1) + self.b_dec  # [B, G, L, d]
-        squared_error = (prefixes - y_n.unsqueeze(1)).pow(2)
-        l2_per_prefix = self._weighted_error(squared_error.transpose(0, 1))  # [G]
-        l2_loss = l2_per_prefix.mean()
-        residual = (y_n - prefixes[:, -1]).detach()
-        aux_loss = self.auxk_loss(x_c, pre, residual)
-        active = code.latents[code.values.detach() > 0]  # (jumprelu's window entries have value 0)
-        sparsity_loss = self.sparsity_loss(code, pre) if self.jumprelu else None
-        if self.training:
-            if not self.jumprelu:
-                self._update_threshold(code)
-            fired = torch.zeros(self.dict_size, dtype=torch.bool, device=x.device).index_fill_(
-                0, active, True
-            )
-            self._update_dead_counters(fired, x.shape[0])
-        with torch.no_grad():  # FVU of every (prefix, layer), in the targets' units
-            errors = squared_error.detach().sum(dim=(0, 3)) * scale.squeeze(1).pow(2)  # [G, L]
-            total = (y - y.mean(dim=0)).pow(2).sum(dim=(0, 2))
-            fvus = torch.where(total > 0, errors / total, torch.full_like(errors, float("nan")))
-        l0_per_layer = (
-            torch.bincount(active // self.layer_size, minlength=self.n_layers).float() / x.shape[0]
-        )
-        out = {
-            "loss": l2_loss + aux_loss + (0 if sparsity_loss is None else sparsity_loss),
-            "l2_loss": l2_loss,
-            "l1_loss": torch.zeros((), device=x.device),
-            "l1_norm": (code.values.detach().sum() / x.shape[0]),
-            "l0_norm": torch.tensor(active.numel() / x.shape[0], device=x.device),
-            "aux_loss": aux_loss,
-            "fvu": fvus[-1].mean(),
-            "fvu_layer_min": fvus[-1].min(),
-            "fvu_layer_max": fvus[-1].max(),
-            "fvu_layer_mean": fvus[-1].mean(),
-            "num_dead_features": self.dead_latents().sum(),
-            "sae_out": (prefixes[:, -1].detach() * scale).reshape(
-                *leading, self.n_layers, self.d_out
-            ),
-            "feature_acts": code.to_dense(out=pre).reshape(*leading, self.dict_size),
-        }
-        if sparsity_loss is not None:
-            out["sparsity_loss"] = sparsity_loss
-        for j, layer in enumerate(self.layers):
-            out[f"fvu_layer_{layer}"] = fvus[-1, j]
-            out[f"l0_layer_{layer}"] = l0_per_layer[j]
-        if fvus.shape[0] > 1:
-            per_prefix = fvus.mean(dim=1)
-            out.update(
-                fvu_min=per_prefix.min(),
-                fvu_max=per_prefix.max(),
-                fvu_mean=per_prefix.mean(),
-                min_l2_loss=l2_per_prefix.min().detach(),
-                max_l2_loss=l2_per_prefix.max().detach(),
-                fvu_per_prefix=per_prefix,
-            )
-        return out
-
-    def sparsity_loss(self, code: SparseCode, pre: torch.Tensor) -> torch.Tensor:
-        """jumprelu: JumpReLUSAE's quadratic objective l0_coeff x (L0 / (T L) - 1)^2, L0 the mean
-        active latents a token over all layers (under torchrun, of the whole batch), counted by _Step
-        on the code's entries (pre [B, L S] read before feature_acts reuses it) so that theta gets
-        its straight-through gradient; T = target_l0 per source layer."""
-        theta, eps = self._entry_thresholds(code)
-        fires = _Step.apply(pre[code.rows, code.latents][None], theta, eps)  # [1, N]
-        l0 = fires.sum() / code.batch_size
-        return quadratic_l0_objective(
-            self.cfg, l0, self.cfg["target_l0"] * self.n_layers, self.batch_group()
-        )
-
-    def auxk_loss(
-        self, x_c: torch.Tensor, pre: torch.Tensor, residual: torch.Tensor
-    ) -> torch.Tensor:
-        """aux_penalty x sum_m mean((e_hat_m - e_m)^2) / v_m: e_hat from each token's top_k_aux dead
-        latents (of any layer), decoded without b_dec; e the detached residual [B, L, d]. 0 if none."""
-        dead = self.dead_latents().nonzero().squeeze(1)
-        if dead.numel() == 0 or self.cfg["aux_penalty"] == 0:
-            return torch.zeros((), device=x_c.device)
-        local = select_topk(pre[:, dead], self.cfg["top_k_aux"])
-        code = SparseCode.from_indices(
-            local.rows, dead[local.latents], pre.shape[0], self.dict_size
-        )
-        reading = SparseCode.from_indices(
-            code.rows * self.n_layers + code.latents // self.layer_size,
-            code.latents,
-            x_c.shape[0] * self.n_layers,
-            self.dict_size,
-        )
-        values = gather_preactivations(
-            x_c.reshape(-1, self.d_in),
-            self.W_enc,
-            self.b_enc,
-            pre[code.rows, code.latents],
-            reading,
-        )
-        e_hat = self.decode_groups(code.with_values(values), self.group_ends[-1:]).squeeze(1)
-        return self.cfg["aux_penalty"] * self._weighted_error((e_hat - residual).pow(2))
-
-    @torch.no_grad()
-    def _update_threshold(self, code: SparseCode) -> None:
-        """EMA of the smallest kept value: of all layers (global) or of each layer (per_layer)."""
-        n = self.threshold.numel()
-        block = code.latents // self.layer_size if n > 1 else torch.zeros_like(code.latents)
-        smallest = torch.full((n,), float("inf"), device=code.values.device)
-        smallest.scatter_reduce_(0, block, code.values.detach(), reduce="amin")
-        group = self.batch_group()
-        if group is not None:
-            smallest = distributed.min_over_ranks(smallest, group)
-        rate = self.cfg["threshold_ema_rate"]
-        ema = torch.where(
-            self.threshold < 0, smallest, (1 - rate) * self.threshold + rate * smallest
-        )
-        self.threshold.copy_(torch.where(smallest.isfinite(), ema, self.threshold))
-
-    # -- training state and the decoder constraint -------------------------------------------------
-
-    def param_groups(self) -> list[dict]:
-        """One group; jumprelu: log_threshold in its own at jumprelu_threshold_lr_scale x lr, as JumpReLUSAE."""
-        if self.jumprelu:
-            return log_threshold_param_groups(self, self.cfg["jumprelu_threshold_lr_scale"])
-        return super().param_groups()
-
-    @torch.no_grad()
-    def remove_parallel_decoder_grad(self) -> None:
-        """Per latent, project out of its whole decoder's gradient the component along its decoder."""
-        for W in self.W_dec:
-            if W.grad is None:
-                continue
-            w, g = W.view(W.shape[0], -1), W.grad.view(W.shape[0], -1)
-            g.sub_((g * w).sum(dim=1, keepdim=True) * w)
-
-    @torch.no_grad()
-    def normalize_decoder(self) -> None:
-        """Each latent's whole decoder (every output layer, flattened) back to unit norm."""
-        for W in self.W_dec:
-            W.div_(W.flatten(1).norm(dim=1)[:, None, None])
-
-    @torch.no_grad()
-    def initialize_from_batch(self, *activations: torch.Tensor) -> None:
-        """From a first batch (sources, then targets, as forward): per layer the source mean, the
-        target scale (power-of-two RMS of the centred target), b_dec (the target mean) and the
-        target variance in scaled units; then the decoder aimed at the targets of the tokens each
-        latent fires on and one shift of every pre-activation fitted to the targets' size, as for
-        `MatryoshkaTranscoder` (see its docstring for why), and one factor on the encoder. jumprelu:
-        first the thresholds at each latent's firing quantile (unless jumprelu_threshold_init sets
-        them), last the shift and factor applied to them too, so that the first batch's code is kept."""
-        n = self.n_layers
-        x = self._stack(activations[:n], "sources")
-        y = self._stack(activations[n:], "targets").reshape(-1, n, self.d_out)
-        x = self.normalize_source(x.reshape(-1, n, self.d_in))[0]
-        self.source_mean.copy_(x.mean(dim=0))
-        centred = y - y.mean(dim=0)
-        for j in range(n):
-            self.target_scale[j] = power_of_two_rms(centred[:, j])
-        y_n = y / self.target_scale[:, None]
-        self.b_dec.copy_(y_n.mean(dim=0))
-        self.target_variance.copy_((y_n - self.b_dec).pow(2).mean(dim=(0, 2)).clamp(min=STD_EPS))
-        if self.jumprelu and self.cfg["jumprelu_threshold_init"] is None:
-            rate = self.cfg["target_l0"] / self.layer_size
-            self.log_threshold.copy_(
-                log_of_thresholds(firing_thresholds(self.preactivations(self.center(x)), rate))
-            )
-        code = self._first_code(x)
-        self._aim_decoder(code, y_n - self.b_dec)
-        shift = self._shift_encoder_bias(code, y_n - self.b_dec)
-        alpha = self._scale_encoder(code.with_values(code.values - shift), y_n - self.b_dec)
-        if self.jumprelu:  # pre -> alpha (pre - c): the same on theta keeps which entries exceed it
-            self.log_threshold.copy_(log_of_thresholds(alpha * (self.log_threshold.exp() - shift)))
-
-    def _first_code(self, x_n: torch.Tensor) -> SparseCode:
-        """This batch's selection (this batch alone, on every rank) with its values."""
-        x_c = self.center(x_n)
-        pre = self.preactivations(x_c)
-        code = self._select(pre, of_batch=True, group=None)
-        return code.with_values(pre[code.rows, code.latents])
-
-    def _aim_decoder(self, code: SparseCode, targets: torch.Tensor) -> None:
-        """W_dec[j][i] = normalise(sum over the tokens b latent (j, i) fires on of z (y_b[j:] - b_dec[j:]))
-        for latents that fire; the others keep their random decoder. targets [B, L, d] after b_dec."""
-        S, n = self.layer_size, self.n_layers
-        layer_of_entry = code.latents // S
-        for j in range(n):
-            entries = (layer_of_entry == j).nonzero().squeeze(1)
-            if entries.numel() == 0:
-                continue
-            layer_code = SparseCode.from_indices(
-                code.rows[entries], code.latents[entries] - j * S, code.batch_size, S
-            )
-            order = layer_code.by_latent
-            table = targets[:, j:].reshape(code.batch_size, -1)
-            pull = F.embedding_bag(
-                layer_code.rows[order],
-                table,
-                layer_code.latent_offsets,
-                mode="sum",
-                per_sample_weights=code.values[entries][order],
-            )
-            norms = pull.norm(dim=1, keepdim=True)
-            W = self.W_dec[j].view(S, -1)
-            W.copy_(torch.where(norms > 0, pull / norms.clamp(min=STD_EPS), W))
-
-    def _shift_encoder_bias(self, code: SparseCode, targets: torch.Tensor) -> torch.Tensor | float:
-        """b_enc -= c, the one shift of every kept value that best fits the first predictions to the
-        targets in the training loss: with P the prefix predictions and Q those of the same entries
-        at value 1, c = sum <P - y, Q>_w / sum |Q|^2_w (w = 1 / v_m), clamped to [0, smallest value];
-        jumprelu: to [0, half the smallest theta], as theta moves by c too (`initialize_from_batch`),
-        and a theta at 0 would have no straight-through window left to learn in (the latent with the
-        smallest kept value would keep a floored threshold, firing like a ReLU latent). Returns c."""
-        if code.values.numel() == 0:
-            return 0.0
-        P = self.decode_groups(code).cumsum(dim=1)
-        Q = self.decode_groups(code.with_values(torch.ones_like(code.values))).cumsum(dim=1)
-        weights = 1 / self.target_variance[:, None]
-        numerator = ((P - targets.unsqueeze(1)) * Q * weights).sum()
-        denominator = (Q.pow(2) * weights).sum().clamp(min=STD_EPS)
-        at_most = self.log_threshold.exp().min() / 2 if self.jumprelu else code.values.min()
-        shift = (numerator / denominator).clamp(min=0).minimum(at_most)
-        self.b_enc.sub_(shift)
-        return shift
-
-    def _scale_encoder(self, code: SparseCode, targets: torch.Tensor) -> torch.Tensor | float:
-        """W_enc and b_enc *= alpha = sum <P, y>_w / sum |P|^2_w, clamped to [0.05, 1]: what the shift
-        (bounded by the smallest kept value) leaves of the overshoot. A CLT's later targets receive
-        the latents of every earlier layer, all aimed at the same main directions: on a planted map
-        of 3 layers the shifted first predictions were still ~6x the targets (FVU 8 at the start,
-        1.1 with the factor; alpha 0.17). A uniform factor keeps every BatchTopK selection.
-        Returns alpha (1 without entries)."""
-        if code.values.numel() == 0:
-            return 1.0
-        P = self.decode_groups(code).cumsum(dim=1)
-        weights = 1 / self.target_variance[:, None]
-        alpha = (P * targets.unsqueeze(1) * weights).sum() / (P.pow(2) * weights).sum().clamp(
-            min=STD_EPS
-        )
-        alpha = alpha.clamp(0.05, 1.0)
-        self.W_enc.mul_(alpha)
-        self.b_enc.mul_(alpha)
-        return alpha
-
-
-SAE_CLASSES["matryoshka_clt"] = MatryoshkaCrossLayerTranscoder

@@ -115,7 +115,7 @@ def dense_reference(
     BatchTopK by sorting, or JumpReLU as JumpReLUSAE computes it on the dense [B, L S] pre-activations
     (with its straight-through functions and quadratic objective), every (prefix, layer) prediction
     as a matmul of the masked code."""
-    cfg, n, S = clt.cfg, clt.n_layers, clt.layer_size
+    cfg, n, S = clt.cfg, clt.n_layers, clt.latents_per_layer
     x = torch.stack(batch[:n], dim=1) - clt.source_mean
     y_n = torch.stack(batch[n:], dim=1) / clt.target_scale[:, None]
     pre = torch.cat(
@@ -415,6 +415,30 @@ def test_jumprelu_thresholds_are_a_parameter_the_batchtopk_modes_lack():
         clt = create_sae(clt_cfg(clt_sparsity=sparsity))
         assert "log_threshold" not in clt.state_dict() and "threshold" in clt.state_dict()
         assert [g["lr_scale"] for g in clt.param_groups()] == [1.0]
+
+
+@pytest.mark.parametrize("sparsity", list(SPARSITY))
+def test_sizes_name_what_they_count_and_saved_names_stay(sparsity):
+    """n_layers L, latents_per_layer S = cfg["dict_size"], n_latents = L S, and no dict_size that
+    could disagree with the cfg's. The state dict's names and the parameters' order (by which a
+    saved optimizer state refers to them) are those of the checkpoints written so far."""
+    from matryoshka_sae import sae
+    from matryoshka_sae.dictionary import Dictionary
+
+    clt = create_sae(clt_cfg(clt_sparsity=sparsity, **SPARSITY[sparsity]))
+    assert type(clt) is sae.SAE_CLASSES["matryoshka_clt"] is sae.MatryoshkaCrossLayerTranscoder
+    assert isinstance(clt, Dictionary) and not isinstance(clt, sae.BaseAutoencoder)
+    assert (clt.n_layers, clt.latents_per_layer, clt.n_latents) == (3, 12, 36)
+    assert not hasattr(clt, "dict_size") and clt.tokens_since_fired.shape == (36,)
+    x = torch.randn(5, len(LAYERS), D)
+    assert clt.encode(x).shape == (5, clt.n_latents)
+    jumprelu = ["log_threshold"] if sparsity == "jumprelu" else []
+    parameters = ["W_enc", "b_enc", "b_dec", *jumprelu, "W_dec.0", "W_dec.1", "W_dec.2"]
+    assert [name for name, _ in clt.named_parameters()] == parameters
+    buffers = ["tokens_since_fired", "source_mean", "target_scale", "target_variance"]
+    thresholds = [] if jumprelu else ["threshold"]
+    assert set(clt.state_dict()) == {*parameters, *buffers, *thresholds}
+    assert [tuple(clt.W_dec[j].shape) for j in range(3)] == [(12, 3 - j, D) for j in range(3)]
 
 
 def test_jumprelu_initialisation_fires_each_latent_at_the_target_rate_and_keeps_that_code():

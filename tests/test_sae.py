@@ -394,3 +394,42 @@ def test_forward_accepts_batch_and_position_dims_and_ignores_autocast(sae_type):
         "cpu", dtype=torch.bfloat16
     ):  # cfg["dtype"], not autocast, sets the encoder's
         run(sae, x)["loss"]
+
+
+def test_one_registry_names_every_class_and_the_dictionary_modules_import_one_way():
+    """SAE_CLASSES names a class for every sae_type the cfg accepts, each reachable as sae.<name>.
+    The shared base (dictionary.py) and the cross-layer transcoder's module import only modules
+    below them, never sae.py, which imports both: no two of them import each other."""
+    import ast
+    from pathlib import Path
+
+    from matryoshka_sae import config, sae
+
+    assert set(sae.SAE_CLASSES) == set(config.SAE_TYPES)
+    for cls in sae.SAE_CLASSES.values():
+        assert getattr(sae, cls.__name__) is cls
+
+    def package_imports(module: str) -> set[str]:
+        source = (Path(sae.__file__).parent / f"{module}.py").read_text()
+        found = set()
+        for node in ast.walk(ast.parse(source)):  # at any depth: a lazy import counts too
+            if isinstance(node, ast.ImportFrom) and node.module == "matryoshka_sae":
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                "matryoshka_sae."
+            ):
+                found.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                found |= {
+                    a.name.split(".")[1] for a in node.names if a.name.startswith("matryoshka_sae.")
+                }
+        return found
+
+    assert package_imports("dictionary") <= {"distributed"}
+    assert package_imports("cross_layer_transcoder") <= {
+        "dictionary",
+        "sparse_ops",
+        "config",
+        "distributed",
+    }
+    assert {"dictionary", "cross_layer_transcoder"} <= package_imports("sae")
