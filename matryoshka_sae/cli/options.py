@@ -316,24 +316,31 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
-def check_memory(cfgs: list[dict]) -> None:
-    """The dictionaries, their gradients and Adam's two moments (float32), and the activation
-    buffer (every hook the group reads: a transcoder set or a cross-layer transcoder over L layers
-    reads 2 L), must fit in the device's free memory; a ValueError gives both figures."""
+def training_memory(cfgs: list[dict]) -> dict[str, int]:
+    """Bytes a group of dictionaries needs while training: "dictionaries" (float32 weights, their
+    gradients and Adam's two moments: 16 bytes a parameter) and "buffer" (the activation buffer of
+    every hook the group reads, num_batches_in_buffer + 1 batches of float32 rows: a transcoder set
+    or a cross-layer transcoder over L layers reads 2 L hooks). The model itself is not counted."""
     from matryoshka_sae.activation_store import dictionary_hooks
     from matryoshka_sae.checkpoint import dictionary_parameters
 
+    base = cfgs[0]
+    hooks = {hook for cfg in cfgs for hook in dictionary_hooks(cfg)}
+    rows = base["batch_size"] * (base["num_batches_in_buffer"] + 1)
+    return {
+        "dictionaries": sum(4 * 4 * dictionary_parameters(cfg) for cfg in cfgs),
+        "buffer": 4 * len(hooks) * base["act_size"] * rows,
+    }
+
+
+def check_memory(cfgs: list[dict]) -> None:
+    """`training_memory(cfgs)` must fit in the device's free memory; a ValueError gives both figures."""
     device = torch.device(cfgs[0]["device"])
     free = available_memory(device)
     if free is None:
         return
-    dictionaries = sum(4 * 4 * dictionary_parameters(cfg) for cfg in cfgs)
     base = cfgs[0]
-    hooks = {hook for cfg in cfgs for hook in dictionary_hooks(cfg)}
-    buffer = (
-        4 * len(hooks) * base["act_size"] * base["batch_size"] * (base["num_batches_in_buffer"] + 1)
-    )
-    needed = dictionaries + buffer
+    needed = sum(training_memory(cfgs).values())
     if needed > free:
         raise ValueError(
             f"--dict-size {base['dict_size']}: {len(cfgs)} dictionar{'y' if len(cfgs) == 1 else 'ies'} "
