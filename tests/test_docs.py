@@ -374,3 +374,19 @@ def test_imported_test_modules_finds_every_form():
         "test_f",
         "test_h",
     ]
+
+
+def test_the_layout_table_names_every_module():
+    """docs/design.md's layout table covers every module of the root and the package."""
+    layout = (REPO / "docs" / "design.md").read_text().split("## Layout", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`(?:matryoshka_sae/(?:cli/)?)?([a-z_]+)\.py`", layout))
+    tracked = subprocess.run(
+        ["git", "ls-files", "*.py"], cwd=REPO, capture_output=True, text=True
+    ).stdout
+    modules = {
+        Path(path).stem
+        for path in tracked.split()
+        if "/" not in path
+        or (path.startswith("matryoshka_sae/") and not path.startswith("matryoshka_sae/cli/"))
+    }
+    assert modules - {"__init__"} <= named, sorted(modules - {"__init__"} - named)
