@@ -5,7 +5,7 @@ The public pieces, from the smallest:
     make_optimizer(sae, cfg)            Adam over sae.param_groups() (JumpReLU's thresholds: own lr scale)
     training_step(sae, optimizer, inputs, lr, max_grad_norm)    one step, see below
     training_steps(saes, optimizers, inputs, lrs, max_grad_norms)   one step of several
-                                        dictionaries, their Adam updates done together
+                                        dictionaries, their updates together on an accelerator
     lr_at_step(step, total_steps, cfg)  the schedule
     train_sae / train_transcoder / train_sae_group              the loop on an activation store
     open_activation_store(model, cfgs)  the stream a group of dictionaries reads
@@ -155,19 +155,18 @@ def training_steps(
             output = sae(*inputs); output["loss"].backward(); on_output(i, output)
             under torchrun: average the gradients over the ranks (the global batch's gradient)
             sae.remove_parallel_decoder_grad()      # unit-norm decoder rows can only rotate
-        clip each dictionary's gradient to its max_grad_norm             (`clip_gradients`)
-        every group's lr = lrs[i] x its "lr_scale"; one Adam update of all  (`adam_step`)
-        zero_grad; sae.normalize_decoder()          # back onto the unit sphere
+            once the dictionaries not yet updated hold `update_together_entries` parameter
+            entries, or this is the last dictionary, update them together (`update`)
 
     Dictionaries share no parameter, so this is bit-identical to stepping them one after the
     other, each with clip_grad_norm_ and optimizer.step(); every dictionary keeps its own optimizer
-    and optimizer state. The price: every dictionary's gradients are held until the update (one
-    copy of the parameters, where one dictionary at a time held one dictionary's).
+    and optimizer state. An update together holds its dictionaries' gradients until then.
 
     `on_output(i, output)` receives dictionary i's output dict after its backward; it is not kept
     here, so one dictionary's batch tensors live at a time. Nothing here reads a value back to the
     host from an accelerator: the outputs' scalars stay on the device.
     """
+    waiting: list[int] = []  # backward done, update not yet
     for i, (sae, sae_inputs) in enumerate(zip(saes, inputs)):
         output = sae(*sae_inputs)
         output["loss"].backward()
@@ -176,6 +175,51 @@ def training_steps(
         del output
         distributed.average_gradients(sae.parameters())
         sae.remove_parallel_decoder_grad()
+        waiting.append(i)
+        entries = sum(p.numel() for j in waiting for p in saes[j].parameters())
+        if i == len(saes) - 1 or entries >= update_together_entries(sae):
+            update(
+                [saes[j] for j in waiting],
+                [optimizers[j] for j in waiting],
+                [lrs[j] for j in waiting],
+                [max_grad_norms[j] for j in waiting],
+            )
+            waiting = []
+
+
+# How many parameter entries of dictionaries `training_steps` updates together, on an accelerator:
+# one foreach Adam over many dictionaries launches its kernels once instead of once per dictionary,
+# and its temporaries (and the gradients held) stay within this many entries.
+UPDATE_TOGETHER_ENTRIES = 2**27
+
+# The same on the CPU: 0, each dictionary right after its own backward. There the update is bound
+# by memory traffic, not by launches or Python (foreach ops loop over the tensors; Adam.step takes
+# one tensor at a time), and a dictionary's gradients are still in cache after its backward:
+# updating a SmolLM2 set's 30 dictionaries together was no faster on a 2-core CPU and held every
+# gradient (+0.56 GB peak at 4,608 latents; benchmarks/bench_transcoder_set.py).
+CPU_UPDATE_TOGETHER_ENTRIES = 0
+
+
+def update_together_entries(sae) -> int:
+    """UPDATE_TOGETHER_ENTRIES, or CPU_UPDATE_TOGETHER_ENTRIES for a dictionary on the CPU."""
+    on_cpu = next(sae.parameters()).device.type == "cpu"
+    return CPU_UPDATE_TOGETHER_ENTRIES if on_cpu else UPDATE_TOGETHER_ENTRIES
+
+
+def update(
+    saes: Sequence,
+    optimizers: Sequence[torch.optim.Optimizer],
+    lrs: Sequence[float],
+    max_grad_norms: Sequence[float],
+) -> None:
+    """The update of dictionaries whose gradients are ready, all together. In order:
+
+        clip each dictionary's gradient to its max_grad_norm             (`clip_gradients`)
+        every group's lr = lrs[i] x its "lr_scale"; one Adam update of all  (`adam_step`)
+        zero_grad; sae.normalize_decoder()          # back onto the unit sphere
+
+    For one dictionary this is clip_grad_norm_, optimizer.step(), zero_grad, bit for bit.
+    """
     clip_gradients([_gradients(sae) for sae in saes], max_grad_norms)
     adam_step(optimizers, lrs)
     for sae, optimizer in zip(saes, optimizers):
@@ -211,11 +255,6 @@ def clip_gradients(grads: Sequence[list[torch.Tensor]], max_norms: Sequence[floa
         if factor.device.type != "cpu" or factor != 1.0:
             torch._foreach_mul_(dictionary, factor)
 
-
-# Most entries one call of the functional Adam updates: a foreach Adam (on CUDA) makes temporaries
-# of its tensors' size, so calls over many dictionaries are split into calls of about this many
-# (a dictionary is never split: one call covers at least one dictionary, as optimizer.step() did).
-ADAM_CALL_ENTRIES = 2**27
 
 # The settings of an Adam parameter group that decide its update (all but the parameters).
 _ADAM_SETTINGS = (
@@ -258,22 +297,7 @@ def adam_step(optimizers: Sequence[torch.optim.Optimizer], lrs: Sequence[float])
             key = tuple(group.get(name) for name in _ADAM_SETTINGS)
             buckets.setdefault(key, []).append((optimizer, group))
     for groups in buckets.values():
-        for call in _calls_of_bounded_size(groups):
-            _functional_adam(call)
-
-
-def _calls_of_bounded_size(groups: list[tuple[torch.optim.Adam, dict]]) -> Iterator[list]:
-    """`groups` in consecutive runs of about ADAM_CALL_ENTRIES parameter entries (at least one
-    group each)."""
-    call, entries = [], 0
-    for optimizer, group in groups:
-        call.append((optimizer, group))
-        entries += sum(p.numel() for p in group["params"])
-        if entries >= ADAM_CALL_ENTRIES:
-            yield call
-            call, entries = [], 0
-    if call:
-        yield call
+        _functional_adam(groups)
 
 
 def _functional_adam(groups: list[tuple[torch.optim.Adam, dict]]) -> None:

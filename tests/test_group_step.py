@@ -1,5 +1,7 @@
 """The step of several dictionaries at once (training.training_steps): their gradients clipped and
-their Adam updates made together, each dictionary keeping its own optimizer and state.
+their Adam updates made together (all of them, in batches, or each after its backward, as
+training.CPU_UPDATE_TOGETHER_ENTRIES / UPDATE_TOGETHER_ENTRIES say), each dictionary keeping its own
+optimizer and state.
 
 Exactness: bit-identical. Dictionaries share no parameter, and per entry the update is torch's own
 (clip_grad_norm_'s factor, the functional Adam that Adam.step calls, with the implementation Adam.step
@@ -13,6 +15,7 @@ import pytest
 import torch
 from helpers import RESUME_SETTINGS, CrashingStore, PlantedStore, planted_cfg, set_cfgs
 
+from matryoshka_sae import training
 from matryoshka_sae.checkpoint import checkpoint_folder, load_metrics
 from matryoshka_sae.sae import create_sae
 from matryoshka_sae.training import (
@@ -26,6 +29,35 @@ from matryoshka_sae.training import (
 N_STEPS = 5
 # A bound far above the gradients' norms (as a set's default) and one that clips every step.
 MAX_GRAD_NORMS = (1e5, 1e-3, 1e5)
+
+
+@pytest.fixture(params=["all together", "two then one", "each after its backward"])
+def updates(request, monkeypatch):
+    """How training_steps batches the updates of three dictionaries on the CPU (the default there:
+    each after its backward; on an accelerator, together up to UPDATE_TOGETHER_ENTRIES)."""
+
+    def bound(cfgs: list[dict]) -> int:
+        entries = sum(p.numel() for p in create_sae(cfgs[0]).parameters())
+        return {"all together": 2**62, "two then one": 2 * entries, "each after its backward": 0}[
+            request.param
+        ]
+
+    def apply(cfgs: list[dict]) -> list[list[int]]:
+        """Set the bound; returns the list that will hold the sizes of each step's updates."""
+        monkeypatch.setattr(training, "CPU_UPDATE_TOGETHER_ENTRIES", bound(cfgs))
+        sizes, update = [], training.update
+
+        def counted(saes, *args):
+            sizes.append(len(saes))
+            update(saes, *args)
+
+        monkeypatch.setattr(training, "update", counted)
+        return sizes
+
+    return apply
+
+
+UPDATE_SIZES = {"all together": [3], "two then one": [2, 1], "each after its backward": [1, 1, 1]}
 
 
 def set_dictionaries(tmp_path, kind: str) -> list[dict]:
@@ -113,8 +145,9 @@ def assert_same_training_state(saes_a, optimizers_a, saes_b, optimizers_b) -> No
 
 
 @pytest.mark.parametrize("kind", ["matryoshka", "batchtopk", "jumprelu"])
-def test_group_step_equals_steps_one_by_one(tmp_path, kind):
+def test_group_step_equals_steps_one_by_one(tmp_path, kind, updates, request):
     cfgs = cfgs_of(kind, tmp_path)
+    sizes = updates(cfgs)
     if kind == "jumprelu":
         assert len(make_optimizer(create_sae(cfgs[0]), cfgs[0]).param_groups) == 2
     alone, alone_optimizers = fresh(cfgs)
@@ -124,15 +157,17 @@ def test_group_step_equals_steps_one_by_one(tmp_path, kind):
         step_together(together, together_optimizers, cfgs, step)
         assert_same_training_state(alone, alone_optimizers, together, together_optimizers)
     assert not torch.equal(alone[0].W_dec, fresh(cfgs)[0][0].W_dec)  # the steps moved the weights
+    assert sizes == UPDATE_SIZES[request.node.callspec.params["updates"]] * N_STEPS
 
 
-def test_dictionaries_of_every_kind_in_one_step(tmp_path):
+def test_dictionaries_of_every_kind_in_one_step(tmp_path, monkeypatch):
     """Transcoders of both kinds and JumpReLU SAEs (its thresholds a group of their own) in one
     update: settings that differ (lr, lr scale) go to separate calls, every result unchanged."""
     cfgs = (
         set_dictionaries(tmp_path, "matryoshka")[:1] + set_dictionaries(tmp_path, "batchtopk")[1:2]
     )
     cfgs.append(jumprelu_dictionaries(tmp_path)[2])
+    monkeypatch.setattr(training, "CPU_UPDATE_TOGETHER_ENTRIES", 2**62)  # all in one update
     alone, alone_optimizers = fresh(cfgs)
     together, together_optimizers = fresh(cfgs)
     for step in range(N_STEPS):
@@ -141,10 +176,11 @@ def test_dictionaries_of_every_kind_in_one_step(tmp_path):
     assert_same_training_state(alone, alone_optimizers, together, together_optimizers)
 
 
-def test_optimizer_state_of_steps_one_by_one_continues_exactly(tmp_path):
+def test_optimizer_state_of_steps_one_by_one_continues_exactly(tmp_path, updates):
     """A checkpoint's optimizer state written by the steps one by one (training.py before the
     update was done together) loads into the new step and continues as they would have."""
     cfgs = set_dictionaries(tmp_path, "matryoshka")
+    updates(cfgs)
     alone, alone_optimizers = fresh(cfgs)
     for step in range(2):
         step_one_by_one(alone, alone_optimizers, cfgs, step)
@@ -177,10 +213,11 @@ def test_training_step_is_the_group_step_of_one(tmp_path):
     assert_same_training_state(alone, alone_optimizers, single, single_optimizers)
 
 
-def test_group_resumes_exactly_in_the_middle(tmp_path):
+def test_group_resumes_exactly_in_the_middle(tmp_path, monkeypatch):
     """A group (BatchTopK, Matryoshka, JumpReLU with its own threshold lr) trained by the loop, its
     updates together, crashes after step 20's checkpoint; resumed, it ends with the weights of the
     run that never stopped."""
+    monkeypatch.setattr(training, "CPU_UPDATE_TOGETHER_ENTRIES", 2**62)  # all in one update
 
     def group_cfgs(folder):
         return [
