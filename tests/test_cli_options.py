@@ -290,3 +290,13 @@ def test_every_console_script_has_its_root_file():
         module = scripts["project"]["scripts"][command].split(":")[0]
         assert module == f"matryoshka_sae.cli.{Path(root_file).stem}"
         assert (Path(__file__).resolve().parents[1] / root_file).is_file()
+
+
+def test_printed_commands_from_python(monkeypatch):
+    """Called from Python (a notebook, pytest), a script's follow-up commands read as typed at the root."""
+    from matryoshka_sae.cli.options import invocation
+
+    monkeypatch.setattr(sys, "argv", ["/venv/lib/python3.11/site-packages/pytest/__main__.py"])
+    assert invocation("main.py") == "python main.py"
+    monkeypatch.setattr(sys, "argv", [""])
+    assert invocation("export_sae.py") == "python export_sae.py"

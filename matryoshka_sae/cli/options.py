@@ -460,9 +460,14 @@ def invocation(script: str) -> str:
     if started.suffix == ".py" and started.resolve().parent == package_cli:
         return f"python -m matryoshka_sae.cli.{Path(script).stem}"
     if started.name == script:
-        return f"python {sys.argv[0]}"
-    folder = started.parent if started.suffix == ".py" else Path()
-    return f"python {folder / script}" if str(folder) not in ("", ".") else f"python {script}"
+        return f"python {started}"
+    if started.name in CONSOLE_SCRIPTS:  # another root script, started by its path
+        return (
+            f"python {started.parent / script}"
+            if str(started.parent) != "."
+            else f"python {script}"
+        )
+    return f"python {script}"  # from Python (a notebook, a test): as a user at the root types it
 
 
 def run_reporting_errors(
