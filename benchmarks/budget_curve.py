@@ -3,6 +3,8 @@ at equal latents and L0, measured at token budgets that grow by 4x.
 
     python benchmarks/budget_curve.py train --what set --out runs/budget_curve   # 20k, 82k, 328k, 1.3M tokens
     python benchmarks/budget_curve.py train --what clt --out runs/budget_curve --budgets 20480 81920 327680
+    python benchmarks/budget_curve.py trace --what set --out runs/budget_curve    # every budget, with the nulls
+    python benchmarks/budget_curve.py report --out runs/budget_curve   # results/budget_curve.json, docs/budget_curve.png
 
 One run per dictionary, trained through the library's one loop. The learning rate is constant (no warmup,
 no decay), so the run that reaches budget N is the same run, step for step, as one planned for N tokens:
@@ -31,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("phase", choices=["train"])
-    parser.add_argument("--what", choices=["set", "clt"], required=True)
+    parser.add_argument("phase", choices=["train", "trace", "report"])
+    parser.add_argument("--what", choices=["set", "clt"], default="set")
     parser.add_argument("--out", default="runs/budget_curve")
     parser.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
     parser.add_argument("--dict-size", type=int, default=1152, help="latents a layer")
@@ -41,6 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-eval-rows", type=int, default=32, help="held-out rows of 128 tokens")
+    parser.add_argument("--prompts", type=int, default=5, help="trace: held-out prompts")
+    parser.add_argument(
+        "--max-feature-nodes",
+        type=int,
+        default=256,
+        help="trace: feature nodes a graph keeps (trace_circuit.py's protocol keeps 2048; on 2 CPU "
+        "cores that is about 15 minutes a graph, so the curve's 15 graphs a budget keep fewer)",
+    )
     return parser
 
 
@@ -203,9 +213,227 @@ def train(args) -> None:
         print(json.dumps({k: v for k, v in row.items() if not k.endswith("per_layer")}), flush=True)
 
 
+def held_out_prompts(n: int, words: int = 24) -> list[str]:
+    """The first `words` words of the first `n` documents of the held-out split (never trained on,
+    never used to choose a setting)."""
+    from matryoshka_sae.builtin_corpus import python_docs_dataset
+
+    documents = python_docs_dataset(split="test")["text"]
+    return [" ".join(text.split()[:words]) for text in documents[:n]]
+
+
+def trace(args) -> None:
+    """Every budget of `--what` exported to circuit-tracer's format and traced by trace_circuit.py
+    (circuit-tracer's environment, .ct-venv) under its protocol, beside the two nulls, on
+    `--prompts` held-out prompts: <out>/<what>/traces_<N>/trace_results.json."""
+    import subprocess
+
+    from matryoshka_sae.circuit_tracer_format import (
+        export_circuit_tracer,
+        export_circuit_tracer_clt,
+    )
+
+    out = Path(args.out) / args.what
+    curve = json.loads((out / "curve.json").read_text())
+    prompts = held_out_prompts(args.prompts)
+    for row in curve["rows"]:
+        snapshot_folder = out / f"tokens_{row['tokens']}"
+        traces = out / f"traces_{row['tokens']}"
+        if (traces / "trace_results.json").is_file():
+            continue
+        exported = out / f"exported_{row['tokens']}"
+        source = snapshot_folder if args.what == "set" else snapshot_folder / "clt"
+        if not exported.exists():
+            export = export_circuit_tracer if args.what == "set" else export_circuit_tracer_clt
+            export(source, exported)
+        command = [
+            str(harness.ROOT / ".ct-venv" / "bin" / "python"),
+            str(harness.ROOT / "trace_circuit.py"),
+            str(exported),
+            "--from",
+            str(source),
+            "--out",
+            str(traces),
+            "--max-feature-nodes",
+            str(args.max_feature_nodes),
+        ]
+        for prompt in prompts:
+            command += ["--prompt", prompt]
+        print(f"tracing {args.what} at {row['tokens']:,} tokens ...", flush=True)
+        with open(out / f"trace_{row['tokens']}.log", "w") as log:
+            subprocess.run(
+                command, cwd=harness.ROOT, stdout=log, stderr=subprocess.STDOUT, check=True
+            )
+
+
+def summarise_trace(result: dict) -> dict:
+    """The graph measures of one trace_results.json: the dictionary's and the two nulls' means."""
+    keys = {
+        "replacement_score": "mean_replacement_score",
+        "completeness_score": "mean_completeness_score",
+        "feature_share": "mean_logit_input_feature_share",
+        "error_share": "mean_logit_input_error_share",
+        "token_share": "mean_logit_input_token_share",
+    }
+    summary = {name: result["dictionary"][key] for name, key in keys.items()}
+    for null in ("null_silent", "null_random"):
+        if null in result:
+            summary.update({f"{null}_{name}": result[null][key] for name, key in keys.items()})
+    summary["prompts"] = len(result["dictionary"]["graphs"])
+    return summary
+
+
+# The targets of a set worth tracing, as (measure, gap from the ideal, target gap): the gap shrinks
+# with the budget, and a power law g(t) = a t^b fitted to the last budgets says when it would cross.
+TARGETS = {
+    "fvu_mean": (lambda row: row["fvu_mean"], 0.3),
+    "loss_recovered": (lambda row: 1.0 - row["loss_recovered"], 0.1),
+    "kl_divergence": (lambda row: row["kl_divergence"], 1.0),
+}
+
+
+def crossing_budget(tokens: list[int], gaps: list[float], target: float) -> float | None:
+    """The budget where a power law through the last (up to) three (tokens, gap) points reaches
+    `target`: log g = a + b log t, least squares; None when the gap does not shrink (b >= 0)."""
+    import math
+
+    points = [(math.log(t), math.log(g)) for t, g in zip(tokens, gaps) if g > 0][-3:]
+    if not points:
+        return float(tokens[0])
+    if len(points) < 2:
+        return None
+    mean_x = sum(x for x, _ in points) / len(points)
+    mean_y = sum(y for _, y in points) / len(points)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum(
+        (x - mean_x) ** 2 for x, _ in points
+    )
+    if slope >= 0:
+        return None
+    return round(math.exp(mean_x + (math.log(target) - mean_y) / slope))
+
+
+def graph_measures(out: Path, what: str, tokens: int) -> dict:
+    """The traced measures of one budget (trace_results.json of the `trace` phase), if traced."""
+    path = out / what / f"traces_{tokens}" / "trace_results.json"
+    if not path.is_file():
+        return {}
+    return summarise_trace(json.loads(path.read_text()))
+
+
+def report(args) -> None:
+    """Every budget's row (held-out evaluation and, where traced, the graph measures beside the two
+    nulls) into results/budget_curve.json, the extrapolated budgets at which each measure reaches
+    its target, and the plot docs/budget_curve.png."""
+    out = Path(args.out)
+    rows, crossings, settings = [], {}, {}
+    for what in ("set", "clt"):
+        path = out / what / "curve.json"
+        if not path.is_file():
+            continue
+        curve = json.loads(path.read_text())
+        settings[what] = curve["settings"]
+        for row in curve["rows"]:
+            rows.append(
+                {
+                    "dictionary": what,
+                    "tokens": row["tokens"],
+                    "train_seconds": row["train_seconds"],
+                    "fvu_mean": row["fvu_mean"],
+                    "fvu_max": row["fvu_max"],
+                    "loss_recovered": row["loss_recovered"],
+                    "kl_divergence": row["kl_divergence"],
+                    "l0_total": row["l0_total"],
+                    "dead_latents": row["dead_latents"],
+                    **graph_measures(out, what, row["tokens"]),
+                }
+            )
+        tokens = [row["tokens"] for row in curve["rows"]]
+        crossings[what] = {
+            name: crossing_budget(tokens, [gap(row) for row in curve["rows"]], target)
+            for name, (gap, target) in TARGETS.items()
+        }
+    harness.save(
+        "budget_curve",
+        "Budget curve: Matryoshka set and CLT on SmolLM2-135M, 30 layers",
+        rows,
+        {
+            "runs": settings,
+            "extrapolated_tokens_to_target": crossings,
+            "targets": {"fvu_mean": "<= 0.3", "loss_recovered": ">= 0.9", "kl_divergence": "<= 1"},
+        },
+        notes="Held-out text: python-docs:test (never trained on); every MLP replaced at once. Each "
+        "budget continues one run with a constant learning rate (the same run as one planned "
+        "for that budget). extrapolated_tokens_to_target: a power law through the last three "
+        "budgets' gaps (FVU; 1 - loss recovered; KL), null where the gap does not shrink. "
+        "Graph measures: trace_circuit.py's protocol on held-out prompts, beside the two nulls.",
+    )
+    plot(rows, Path(harness.ROOT) / "docs" / "budget_curve.png")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("fvu_mean", "mean per-layer FVU", 0.3),
+        ("loss_recovered", "CE loss recovered", 0.9),
+        ("kl_divergence", "KL (nats)", 1.0),
+        ("feature_share", "logits' direct inputs", None),
+    ]
+    figure, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    for axis, (key, label, target) in zip(axes, panels):
+        for what, colour in (("set", "tab:blue"), ("clt", "tab:orange")):
+            mine = [row for row in rows if row["dictionary"] == what]
+            if key == "feature_share":
+                traced = [row for row in mine if "feature_share" in row]
+                if traced:
+                    x = [row["tokens"] for row in traced]
+                    axis.plot(
+                        x,
+                        [row["feature_share"] for row in traced],
+                        "o-",
+                        color=colour,
+                        label=f"{what}: features",
+                    )
+                    axis.plot(
+                        x,
+                        [row["error_share"] for row in traced],
+                        "s--",
+                        color=colour,
+                        label=f"{what}: errors past position 0",
+                    )
+                    axis.plot(
+                        x,
+                        [row["null_random_feature_share"] for row in traced],
+                        "x:",
+                        color="grey",
+                        label="random null: features" if what == "set" else None,
+                    )
+                continue
+            if mine:
+                axis.plot(
+                    [row["tokens"] for row in mine],
+                    [row[key] for row in mine],
+                    "o-",
+                    color=colour,
+                    label=what,
+                )
+        if target is not None:
+            axis.axhline(target, color="red", linestyle=":", label=f"target {target:g}")
+        axis.set_xscale("log")
+        axis.set_xlabel("training tokens")
+        axis.set_title(label)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     args = build_parser().parse_args()
-    {"train": train}[args.phase](args)
+    {"train": train, "trace": trace, "report": report}[args.phase](args)
 
 
 if __name__ == "__main__":
