@@ -1,6 +1,6 @@
-"""The step of several dictionaries at once (training.training_steps): their gradients clipped and
+"""The step of several dictionaries at once (step.training_steps): their gradients clipped and
 their Adam updates made together (all of them, in batches, or each after its backward, as
-training.CPU_UPDATE_TOGETHER_ENTRIES / UPDATE_TOGETHER_ENTRIES say), each dictionary keeping its own
+step.CPU_UPDATE_TOGETHER_ENTRIES / UPDATE_TOGETHER_ENTRIES say), each dictionary keeping its own
 optimizer and state.
 
 Exactness: bit-identical. Dictionaries share no parameter, and per entry the update is torch's own
@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import RESUME_SETTINGS, CrashingStore, PlantedStore, planted_cfg, set_cfgs
 
-from matryoshka_sae import training
+from matryoshka_sae import step as the_step
 from matryoshka_sae.checkpoint import checkpoint_folder, load_metrics
 from matryoshka_sae.sae import create_sae
 from matryoshka_sae.training import (
@@ -44,14 +44,14 @@ def updates(request, monkeypatch):
 
     def apply(cfgs: list[dict]) -> list[list[int]]:
         """Set the bound; returns the list that will hold the sizes of each step's updates."""
-        monkeypatch.setattr(training, "CPU_UPDATE_TOGETHER_ENTRIES", bound(cfgs))
-        sizes, update = [], training.update
+        monkeypatch.setattr(the_step, "CPU_UPDATE_TOGETHER_ENTRIES", bound(cfgs))
+        sizes, update = [], the_step.update
 
         def counted(saes, *args):
             sizes.append(len(saes))
             update(saes, *args)
 
-        monkeypatch.setattr(training, "update", counted)
+        monkeypatch.setattr(the_step, "update", counted)
         return sizes
 
     return apply
@@ -167,7 +167,7 @@ def test_dictionaries_of_every_kind_in_one_step(tmp_path, monkeypatch):
         set_dictionaries(tmp_path, "matryoshka")[:1] + set_dictionaries(tmp_path, "batchtopk")[1:2]
     )
     cfgs.append(jumprelu_dictionaries(tmp_path)[2])
-    monkeypatch.setattr(training, "CPU_UPDATE_TOGETHER_ENTRIES", 2**62)  # all in one update
+    monkeypatch.setattr(the_step, "CPU_UPDATE_TOGETHER_ENTRIES", 2**62)  # all in one update
     alone, alone_optimizers = fresh(cfgs)
     together, together_optimizers = fresh(cfgs)
     for step in range(N_STEPS):
@@ -217,7 +217,7 @@ def test_group_resumes_exactly_in_the_middle(tmp_path, monkeypatch):
     """A group (BatchTopK, Matryoshka, JumpReLU with its own threshold lr) trained by the loop, its
     updates together, crashes after step 20's checkpoint; resumed, it ends with the weights of the
     run that never stopped."""
-    monkeypatch.setattr(training, "CPU_UPDATE_TOGETHER_ENTRIES", 2**62)  # all in one update
+    monkeypatch.setattr(the_step, "CPU_UPDATE_TOGETHER_ENTRIES", 2**62)  # all in one update
 
     def group_cfgs(folder):
         return [
