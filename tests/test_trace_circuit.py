@@ -32,6 +32,8 @@ from matryoshka_sae.cli.trace_circuit import (
     comparison_table,
     logit_input_shares,
     missing_layers_error,
+    null_fingerprint,
+    reused_nulls,
     verdict,
     walk_lengths,
 )
@@ -361,3 +363,59 @@ def test_a_clt_and_its_nulls_are_traced_alike(traced):
 def test_trace_refuses_a_set_that_lacks_a_layer_of_the_model(traced):
     assert traced["refusal"].startswith("trace_circuit.py: error: the model has layers 0..1")
     assert "lacks layers [1]" in traced["refusal"] and "--layers all" in traced["refusal"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Nulls taken from an earlier report (--nulls-from)
+# ---------------------------------------------------------------------------------------------
+
+
+def earlier_report(path, fingerprint: dict) -> dict:
+    """A trace_results.json as main writes it, its nulls' blocks marked to be told apart."""
+    report = {
+        "null_fingerprint": fingerprint,
+        "null_silent": {"mean_logit_input_feature_share": 0.0, "mark": "silent"},
+        "null_random": {"mean_logit_input_feature_share": 0.02, "mark": "random"},
+    }
+    path.write_text(json.dumps(report))
+    return report
+
+
+def test_nulls_are_reused_only_from_a_report_traced_under_the_same_nulls(tmp_path):
+    exported = write_random_clt(tmp_path / "clt", n_layers=3, d_model=4, width=8)
+    prompts, seed = ["a b c", "d e"], 0
+    fingerprint = null_fingerprint(exported, prompts, PROTOCOL, seed)
+    report = earlier_report(tmp_path / "earlier.json", fingerprint)
+    assert reused_nulls(tmp_path / "earlier.json", fingerprint) == {
+        "null_silent": report["null_silent"],
+        "null_random": report["null_random"],
+    }
+    # The trained weights and the viewer's scan do not enter: another budget of the same run.
+    config = yaml.safe_load((exported / "config.yaml").read_text())
+    (exported / "config.yaml").write_text(yaml.safe_dump({**config, "scan": "elsewhere"}))
+    retrained = {"W_enc_0": torch.randn(8, 4), "b_enc_0": torch.randn(8)}
+    save_file(
+        {**load_file(str(exported / "W_enc_0.safetensors")), **retrained},
+        str(exported / "W_enc_0.safetensors"),
+    )
+    assert null_fingerprint(exported, prompts, PROTOCOL, seed) == fingerprint
+    wider = write_random_clt(tmp_path / "wider", n_layers=3, d_model=4, width=16)
+    changes = {
+        "prompts": null_fingerprint(exported, prompts[:1], PROTOCOL, seed),
+        "protocol": null_fingerprint(
+            exported, prompts, {**PROTOCOL, "max_feature_nodes": 256}, seed
+        ),
+        "null_seed": null_fingerprint(exported, prompts, PROTOCOL, 1),
+        "tensors": null_fingerprint(wider, prompts, PROTOCOL, seed),
+    }
+    for differing, other in changes.items():
+        with pytest.raises(SystemExit) as refused:
+            reused_nulls(tmp_path / "earlier.json", other)
+        message = str(refused.value.code)
+        assert message.startswith("trace_circuit.py: error: --nulls-from ") and "\n" not in message
+        assert f"another {differing};" in message and "leave --nulls-from out" in message
+    del report["null_fingerprint"]
+    (tmp_path / "old.json").write_text(json.dumps(report))
+    for missing in ("old.json", "absent.json"):
+        with pytest.raises(SystemExit, match="trace the nulls again"):
+            reused_nulls(tmp_path / missing, fingerprint)

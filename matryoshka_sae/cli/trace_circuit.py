@@ -29,6 +29,10 @@ EXPORTED_FOLDER is what ``export_sae.py SET_FOLDER OUT --format circuit-tracer``
 6. unless --no-nulls, does 4 and 5 again for two null dictionaries written beside the exported one
    (circuit_tracer_format.write_null_export, into ``<out>/nulls/``): one that never fires and one
    of random latents firing on 30% of the prompts' tokens, and prints the three side by side.
+   The nulls depend only on the exported folder's layout (config and tensor shapes), the prompts,
+   the protocol and the null seed, so ``--nulls-from EARLIER/trace_results.json`` takes them from
+   an earlier report that matches on all of these (another budget of the same run, say) instead
+   of tracing them again; one that does not match is refused before the model loads.
 
 Everything printed is also in ``<out>/trace_results.json``: the traced dictionary's per-prompt rows
 (``graphs``) and means (``mean_*``) at the top level and under ``dictionary``, the nulls' under
@@ -147,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--null-seed", type=int, default=NULL_SEED, help="seed of the random null's weights"
+    )
+    parser.add_argument(
+        "--nulls-from",
+        metavar="TRACE_RESULTS_JSON",
+        help="take the nulls' figures from an earlier trace_results.json traced under the same "
+        "nulls (same layout, prompts, protocol and seed) instead of tracing them again",
     )
     parser.add_argument(
         "--scan",
@@ -641,6 +651,64 @@ def trace_nulls(model, transcoders, exported, prompts, tokens, settings, out, ar
     return summaries
 
 
+def null_fingerprint(exported, prompts: list[str], settings: dict, null_seed: int) -> dict:
+    """What the nulls of `exported` traced on `prompts` depend on: the exported config (less the
+    viewer's `scan`), every tensor's shape and dtype, the prompts, the protocol's settings, the
+    null seed and the random null's firing rate. Two traces with equal fingerprints trace the same
+    nulls; the trained weights do not enter."""
+    import yaml
+    from safetensors import safe_open
+
+    from matryoshka_sae.circuit_tracer_format import (
+        CONFIG_YAML,
+        RANDOM_FIRE_RATE,
+        tensor_files,
+    )
+
+    exported = Path(exported)
+    config = yaml.safe_load((exported / CONFIG_YAML).read_text())
+    config.pop("scan", None)
+    tensors = {}
+    for name in sorted(tensor_files(exported)):
+        with safe_open(str(exported / name), framework="pt") as handle:
+            tensors[name] = {
+                key: [list(handle.get_slice(key).get_shape()), handle.get_slice(key).get_dtype()]
+                for key in sorted(handle.keys())
+            }
+    return {
+        "config": config,
+        "tensors": tensors,
+        "prompts": list(prompts),
+        "protocol": dict(settings),
+        "null_seed": null_seed,
+        "fire_rate": RANDOM_FIRE_RATE,
+    }
+
+
+def reused_nulls(path: str | Path, fingerprint: dict) -> dict:
+    """The nulls' blocks ({"null_silent": ..., "null_random": ...}) of the earlier report at `path`,
+    which must have been traced under `fingerprint`; otherwise exits with a one-line error."""
+    path = Path(path)
+    fix = "trace the nulls again (leave --nulls-from out)"
+    if not path.is_file():
+        raise SystemExit(f"trace_circuit.py: error: --nulls-from {path}: no such file; {fix}")
+    earlier = json.loads(path.read_text())
+    if "null_fingerprint" not in earlier or "null_random" not in earlier:
+        raise SystemExit(
+            f"trace_circuit.py: error: --nulls-from {path}: that report has no nulls with a "
+            f"fingerprint (traced with --no-nulls, or by an older trace_circuit.py); {fix}"
+        )
+    differs = [
+        key for key in fingerprint if earlier["null_fingerprint"].get(key) != fingerprint[key]
+    ]
+    if differs:
+        raise SystemExit(
+            f"trace_circuit.py: error: --nulls-from {path}: its nulls were traced under another "
+            f"{', '.join(differs)}; {fix}"
+        )
+    return {label: earlier[label] for label in ("null_silent", "null_random")}
+
+
 # ---------------------------------------------------------------------------------------------
 # The report
 # ---------------------------------------------------------------------------------------------
@@ -710,20 +778,26 @@ def main(argv: list[str] | None = None) -> None:
 
     out = Path(args.out)
     config = read_config(args.exported)
-    model = load_model(config["model_name"], args.device, torch.float32)
-    transcoders = load_in_circuit_tracer(args.exported, device=args.device)
-    refusal = missing_layers_error(model.cfg.n_layers, transcoders.n_layers, config["model_kind"])
-    if refusal:
-        raise SystemExit(f"trace_circuit.py: error: {refusal}")
-    (out / "graphs").mkdir(parents=True, exist_ok=True)
     prompts = args.prompts or DEFAULT_PROMPTS
-    tokens = [prompt_tokens(model, p) for p in prompts]
     settings = {
         "max_feature_nodes": args.max_feature_nodes,
         "batch_size": args.batch_size,
         "max_n_logits": args.max_n_logits,
         "desired_logit_prob": args.desired_logit_prob,
     }
+    if args.nulls_from and not args.nulls:
+        raise SystemExit(
+            "trace_circuit.py: error: --nulls-from and --no-nulls contradict each other; drop one"
+        )
+    fingerprint = null_fingerprint(args.exported, prompts, settings, args.null_seed)
+    earlier_nulls = reused_nulls(args.nulls_from, fingerprint) if args.nulls_from else None
+    model = load_model(config["model_name"], args.device, torch.float32)
+    transcoders = load_in_circuit_tracer(args.exported, device=args.device)
+    refusal = missing_layers_error(model.cfg.n_layers, transcoders.n_layers, config["model_kind"])
+    if refusal:
+        raise SystemExit(f"trace_circuit.py: error: {refusal}")
+    (out / "graphs").mkdir(parents=True, exist_ok=True)
+    tokens = [prompt_tokens(model, p) for p in prompts]
     skip = bool(transcoders.skip_connection)
     results: dict = {
         "exported": str(args.exported),
@@ -781,11 +855,16 @@ def main(argv: list[str] | None = None) -> None:
     results.update(dictionary)
     blocks = {"dictionary": dictionary}
     if args.nulls:
-        blocks.update(
-            trace_nulls(
-                model, transcoders, args.exported, prompts, tokens, settings, out, args, scan
+        if earlier_nulls is not None:
+            blocks.update(earlier_nulls)
+            results["nulls_from"] = str(args.nulls_from)
+        else:
+            blocks.update(
+                trace_nulls(
+                    model, transcoders, args.exported, prompts, tokens, settings, out, args, scan
+                )
             )
-        )
+        results["null_fingerprint"] = fingerprint
         results["verdict"] = verdict(blocks)
     results.update(blocks)
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
