@@ -225,7 +225,9 @@ def held_out_prompts(n: int, words: int = 24) -> list[str]:
 def trace(args) -> None:
     """Every budget of `--what` exported to circuit-tracer's format and traced by trace_circuit.py
     (circuit-tracer's environment, .ct-venv) under its protocol, beside the two nulls, on
-    `--prompts` held-out prompts: <out>/<what>/traces_<N>/trace_results.json."""
+    `--prompts` held-out prompts: <out>/<what>/traces_<N>/trace_results.json. The nulls do not
+    depend on the trained weights: the first budget traced traces them, the others take them from
+    its report (trace_circuit.py --nulls-from)."""
     import subprocess
 
     from matryoshka_sae.circuit_tracer_format import (
@@ -236,10 +238,13 @@ def trace(args) -> None:
     out = Path(args.out) / args.what
     curve = json.loads((out / "curve.json").read_text())
     prompts = held_out_prompts(args.prompts)
+    traced_nulls = None  # a budget's report whose nulls the later budgets take (--nulls-from)
     for row in curve["rows"]:
         snapshot_folder = out / f"tokens_{row['tokens']}"
         traces = out / f"traces_{row['tokens']}"
         if (traces / "trace_results.json").is_file():
+            if "null_fingerprint" in json.loads((traces / "trace_results.json").read_text()):
+                traced_nulls = traces / "trace_results.json"
             continue
         exported = out / f"exported_{row['tokens']}"
         source = snapshot_folder if args.what == "set" else snapshot_folder / "clt"
@@ -259,11 +264,15 @@ def trace(args) -> None:
         ]
         for prompt in prompts:
             command += ["--prompt", prompt]
+        if traced_nulls is not None:  # the same nulls at every budget: trace them once
+            command += ["--nulls-from", str(traced_nulls)]
         print(f"tracing {args.what} at {row['tokens']:,} tokens ...", flush=True)
         with open(out / f"trace_{row['tokens']}.log", "w") as log:
             subprocess.run(
                 command, cwd=harness.ROOT, stdout=log, stderr=subprocess.STDOUT, check=True
             )
+        if traced_nulls is None:
+            traced_nulls = traces / "trace_results.json"
 
 
 def summarise_trace(result: dict) -> dict:

@@ -10,6 +10,8 @@ loads (a word-level tokenizer over the tiny vocabulary: id i is the word t<i>, B
   reports their trace_results.json;
 - derives, independently of circuit-tracer's code, the silent null's shares of the logits' direct
   inputs (`silent_null_shares`) and reports them beside those of its saved graph;
+- runs main on SET again with --nulls-from the first run's report: reports whether the nulls'
+  figures are the first run's and whether any null was traced again;
 - runs main on SET with its config.yaml cut to layer 0 only, and reports the error it exits with.
 
 Prints one JSON line.
@@ -134,6 +136,23 @@ def main() -> None:
     for name, folder in (("set", set_folder), ("clt", clt_folder)):
         report, printed = run_main(folder, "--out", str(work / name), "--prompt", prompt)
         result[name] = {"report": report, "printed": printed}
+
+    again, _ = run_main(
+        set_folder,
+        "--out",
+        str(work / "set-again"),
+        "--prompt",
+        prompt,
+        "--nulls-from",
+        str(work / "set" / "trace_results.json"),
+    )
+    result["nulls_reused"] = {
+        "same_nulls": all(
+            again[k] == result["set"]["report"][k] for k in ("null_silent", "null_random")
+        ),
+        "nulls_from": again.get("nulls_from"),
+        "nulls_folder_written": (work / "set-again" / "nulls").exists(),
+    }
 
     from circuit_tracer.graph import Graph
 

@@ -419,3 +419,9 @@ def test_nulls_are_reused_only_from_a_report_traced_under_the_same_nulls(tmp_pat
     for missing in ("old.json", "absent.json"):
         with pytest.raises(SystemExit, match="trace the nulls again"):
             reused_nulls(tmp_path / missing, fingerprint)
+
+
+def test_a_second_trace_takes_the_nulls_from_the_first(traced):
+    reused = traced["nulls_reused"]
+    assert reused["same_nulls"] and reused["nulls_from"].endswith("trace_results.json")
+    assert not reused["nulls_folder_written"]  # nothing traced again
