@@ -64,6 +64,7 @@ from matryoshka_sae.dictionary import (
     quadratic_l0_objective,
     update_inference_threshold,
 )
+from matryoshka_sae.prefix_loss import prefix_squared_errors
 from matryoshka_sae.sparse_ops import (
     SparseCode,
     gather_preactivations,
@@ -395,16 +396,17 @@ class MatryoshkaCrossLayerTranscoder(Dictionary):
         scale = self.target_scale[:, None]
         y_n = y / scale
         code, pre = self.sparse_code(x_c)
-        prefixes = self.decode_groups(code).cumsum(dim=1) + self.b_dec  # [B, G, L, d]
-        squared_error = (prefixes - y_n.unsqueeze(1)).pow(2)
-        l2_per_prefix = self._weighted_error(squared_error.transpose(0, 1))  # [G]
-        residual = (y_n - prefixes[:, -1]).detach()
+        # Every (prefix, output layer)'s squared error [G, L] and the whole CLT's error [B, L, d],
+        # in one pass (prefix_loss.py); the prefixes add b_dec [L, d].
+        sse, error = prefix_squared_errors(self.decode_groups(code), self.b_dec - y_n)
+        l2_per_prefix = (sse / (x.shape[0] * self.d_out) / self.target_variance).sum(dim=-1)
+        residual = -error.detach()
         aux_loss = self.auxk_loss(x_c, pre, residual)
         active = code.latents[code.values.detach() > 0]  # (jumprelu's window entries have value 0)
         sparsity_loss = self.sparsity_loss(code, pre) if self.jumprelu else None
         if self.training:
             self._after_training_batch(code, active, x.shape[0])
-        fvus = self._fvus(squared_error.detach(), y)  # [G, L]
+        fvus = self._fvus(sse.detach(), y)  # [G, L]
         l2_loss = l2_per_prefix.mean()
         out = {
             "loss": l2_loss + aux_loss + (0 if sparsity_loss is None else sparsity_loss),
@@ -418,7 +420,7 @@ class MatryoshkaCrossLayerTranscoder(Dictionary):
             "fvu_layer_max": fvus[-1].max(),
             "fvu_layer_mean": fvus[-1].mean(),
             "num_dead_features": self.dead_latents().sum(),
-            "sae_out": (prefixes[:, -1].detach() * scale).reshape(
+            "sae_out": ((y_n + error.detach()) * scale).reshape(
                 *leading, self.n_layers, self.d_out
             ),
             "feature_acts": code.to_dense(out=pre).reshape(*leading, self.n_latents),
@@ -440,10 +442,11 @@ class MatryoshkaCrossLayerTranscoder(Dictionary):
         self._update_dead_counters(fired.index_fill_(0, active, True), n_tokens)
 
     @torch.no_grad()
-    def _fvus(self, squared_error: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _fvus(self, sse: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """FVU [G, L] of every (prefix, layer) in the targets' units (`compute_fvu` per layer), from
-        the squared errors [B, G, L, d] in scaled units and the targets y [B, L, d]."""
-        errors = squared_error.sum(dim=(0, 3)) * self.target_scale.pow(2)
+        the squared errors summed over tokens and dimensions [G, L] in scaled units and the
+        targets y [B, L, d]."""
+        errors = sse * self.target_scale.pow(2)
         total = (y - y.mean(dim=0)).pow(2).sum(dim=(0, 2))
         return torch.where(total > 0, errors / total, torch.full_like(errors, float("nan")))
 

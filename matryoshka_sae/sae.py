@@ -46,6 +46,7 @@ from matryoshka_sae.dictionary import (
     quadratic_l0_objective,
     update_inference_threshold,
 )
+from matryoshka_sae.prefix_loss import prefix_squared_errors
 from matryoshka_sae.sparse_ops import (
     SparseCode,
     gather_preactivations,
@@ -61,8 +62,9 @@ class BaseAutoencoder(Dictionary):
     """One input and one target: parameters, units and the loss dict.
 
     W_enc [d_in, S], b_enc [S], W_dec [S, d_out] (rows of unit norm), b_dec [d_out];
-    dict_size = n_latents = S. Subclasses define `_code_and_prefixes(x_c, y_n, x)`; everything
-    else is shared.
+    dict_size = n_latents = S. Subclasses define `_code_and_partials(x_c, x)` (the code and each
+    group's decode) and `_code_info(code, x_c, residual)` (the code's losses and statistics);
+    everything else is shared.
     """
 
     # An SAE reads and writes one space, so its encoder starts as the transpose of its decoder.
@@ -148,8 +150,8 @@ class BaseAutoencoder(Dictionary):
         """Prefix reconstructions [N, G, d_out] in normalised units and the target's stats."""
         x = x.reshape(-1, x.shape[-1])
         x_n, stats = self.normalize_source(x)
-        prefixes, _ = self._code_and_prefixes(self.center(x_n), x=x)
-        return prefixes, self.target_stats(stats)
+        partials, dense, _ = self._code_and_partials(self.center(x_n), x)
+        return partials.cumsum(dim=1) + dense, self.target_stats(stats)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.compute_outputs(x, x)
@@ -160,13 +162,24 @@ class BaseAutoencoder(Dictionary):
         """Dense feature activations [B, S] of centred, normalised inputs."""
         raise NotImplementedError
 
-    def _code_and_prefixes(
-        self, x_c: torch.Tensor, y_n: torch.Tensor | None = None, x: torch.Tensor | None = None
-    ):
-        """Prefix reconstructions [B, G, d_out] in normalised units and, when the target y_n is
-        given, a dict of the code's losses and statistics (else None). x [B, d_in] is the input in
-        its own units, which only a skip transcoder's skip path reads."""
+    def _code_and_partials(self, x_c: torch.Tensor, x: torch.Tensor | None = None):
+        """(partials [B, G, d_out]: each group's decode of the code of x_c, no bias, in normalised
+        units; the dense term every prefix adds, b_dec [d_out] (a skip transcoder: [B, 1, d_out]);
+        the code, as `_code_info` reads it). x [B, d_in] is the input in its own units, which only
+        a skip transcoder's skip path reads."""
         raise NotImplementedError
+
+    def _code_info(self, code, x_c: torch.Tensor, residual: torch.Tensor) -> dict:
+        """The code's losses and statistics for the loss dict (sparsity_loss, l1_loss, l1_norm,
+        l0_norm, aux_loss, fired, feature_acts), given residual = y_n - x_hat [B, d_out] (detached);
+        in train mode also updates what the code keeps (thresholds)."""
+        raise NotImplementedError
+
+    def squared_error_scale(self, y_stats) -> torch.Tensor | float | None:
+        """c such that a squared error in the original units is c x the one in normalised units,
+        or None when no such constant exists (per-token standardisation: the way back out has no
+        eps, so errors do not simply scale)."""
+        return 1.0 if y_stats is None else None
 
     def compute_outputs(
         self, source: torch.Tensor, target: torch.Tensor
@@ -178,12 +191,16 @@ class BaseAutoencoder(Dictionary):
         x_n, x_stats = self.normalize_source(source)
         y_stats = self.target_stats(x_stats)
         y_n = self.to_units(target, y_stats)
-        prefixes, info = self._code_and_prefixes(self.center(x_n), y_n, source)
+        x_c = self.center(x_n)
+        partials, dense, code = self._code_and_partials(x_c, source)
+        # Every prefix's squared error [G] and the whole dictionary's error [B, d_out] (normalised
+        # units), in one pass: prefix_loss.py.
+        sse, error = prefix_squared_errors(partials, dense.reshape(-1, self.d_out) - y_n)
+        info = self._code_info(code, x_c, -error.detach())
         target = target.float()
-        squared_error = (prefixes - y_n.unsqueeze(1)).pow(2)  # [B, G, d_out], normalised units
-        l2_per_prefix = squared_error.mean(dim=(0, 2))
+        l2_per_prefix = sse / y_n.numel()
         l2_loss = l2_per_prefix.mean()
-        sae_out = self.restore_target(prefixes[:, -1], y_stats)
+        sae_out = self.restore_target(y_n + error, y_stats)
         if self.training:
             self._update_dead_counters(info["fired"], source.shape[0])
         out = {
@@ -198,8 +215,10 @@ class BaseAutoencoder(Dictionary):
             "sae_out": sae_out.reshape(*leading, self.d_out),
             "feature_acts": info["feature_acts"].reshape(*leading, self.dict_size),
         }
-        if prefixes.shape[1] > 1:
-            fvus = self._prefix_fvus(prefixes.detach(), target, y_stats)
+        if partials.shape[1] > 1:
+            fvus = self._prefix_fvus(
+                sse.detach(), partials.detach(), dense.detach(), target, y_stats
+            )
             out.update(
                 fvu_min=fvus.min(),
                 fvu_max=fvus.max(),
@@ -210,16 +229,19 @@ class BaseAutoencoder(Dictionary):
             )
         return out
 
-    @classmethod
-    def _prefix_fvus(cls, prefixes: torch.Tensor, target: torch.Tensor, y_stats) -> torch.Tensor:
-        """`compute_fvu` of every prefix [G], from the prefix reconstructions [B, G, d] in
-        normalised units (restored first: the way back out has no eps, so errors do not simply scale)."""
-        with torch.no_grad():
-            errors = (
-                (cls.restore_target(prefixes, y_stats) - target.unsqueeze(1)).pow(2).sum(dim=(0, 2))
-            )
-            total = (target - target.mean(dim=0)).pow(2).sum()
-            return torch.where(total > 0, errors / total, torch.full_like(total, float("nan")))
+    @torch.no_grad()
+    def _prefix_fvus(self, sse, partials, dense, target: torch.Tensor, y_stats) -> torch.Tensor:
+        """`compute_fvu` of every prefix [G], from its squared error sse [G] in normalised units
+        (`squared_error_scale`), or, where errors do not simply scale, from the prefixes rebuilt
+        from partials [B, G, d] and the dense term, restored to the target's units."""
+        scale = self.squared_error_scale(y_stats)
+        if scale is not None:
+            errors = sse * scale
+        else:
+            prefixes = self.restore_target(partials.cumsum(dim=1) + dense, y_stats)
+            errors = (prefixes - target.unsqueeze(1)).pow(2).sum(dim=(0, 2))
+        total = (target - target.mean(dim=0)).pow(2).sum()
+        return torch.where(total > 0, errors / total, torch.full_like(errors, float("nan")))
 
     # -- the data-dependent start --------------------------------------------------------------
 
@@ -270,21 +292,18 @@ class TopKSAE(BaseAutoencoder):
     def _feature_acts(self, x_c: torch.Tensor) -> torch.Tensor:
         return self.sparse_code(x_c)[0].to_dense()
 
-    def _code_and_prefixes(
-        self, x_c: torch.Tensor, y_n: torch.Tensor | None = None, x: torch.Tensor | None = None
-    ):
+    def _code_and_partials(self, x_c: torch.Tensor, x: torch.Tensor | None = None):
         code, pre = self.sparse_code(x_c)
-        prefixes = sparse_decode_groups(code, self.W_dec, self.group_ends).cumsum(
-            dim=1
-        ) + self.dense_term(x)
-        if y_n is None:
-            return prefixes, None
+        partials = sparse_decode_groups(code, self.W_dec, self.group_ends)
+        return partials, self.dense_term(x), (code, pre)
+
+    def _code_info(self, code, x_c: torch.Tensor, residual: torch.Tensor) -> dict:
+        code, pre = code
         if self.training:
             self._update_threshold(code.values.detach())
         l1_norm = code.values.sum() / code.batch_size
         l1_loss = self.cfg["l1_coeff"] * l1_norm  # an optional extra: 0 by default
-        residual = (y_n - prefixes[:, -1]).detach()
-        return prefixes, {
+        return {
             "l1_norm": l1_norm.detach(),
             "l1_loss": l1_loss,
             "sparsity_loss": l1_loss,
@@ -459,6 +478,10 @@ class MatryoshkaTranscoder(GlobalBatchTopKMatryoshkaSAE):
             self.target_scale,
         )
 
+    def squared_error_scale(self, y_stats) -> torch.Tensor:
+        """The target is y / target_scale (no shift, no eps): errors scale by target_scale^2."""
+        return self.target_scale.pow(2)
+
     def forward(self, x_source: torch.Tensor, x_target: torch.Tensor) -> dict[str, torch.Tensor]:
         if x_source.shape[:-1] != x_target.shape[:-1]:
             raise ValueError(
@@ -615,14 +638,13 @@ class DenseCodeSAE(BaseAutoencoder):
     def _feature_acts(self, x_c: torch.Tensor) -> torch.Tensor:
         return self.activation(self.preactivations(x_c))
 
-    def _code_and_prefixes(
-        self, x_c: torch.Tensor, y_n: torch.Tensor | None = None, x: torch.Tensor | None = None
-    ):
+    def _code_and_partials(self, x_c: torch.Tensor, x: torch.Tensor | None = None):
         pre = self.preactivations(x_c)
         acts = self.activation(pre)
-        prefixes = self.decode(acts).unsqueeze(1)
-        if y_n is None:
-            return prefixes, None
+        return (acts.float() @ self.W_dec).unsqueeze(1), self.b_dec, (pre, acts)
+
+    def _code_info(self, code, x_c: torch.Tensor, residual: torch.Tensor) -> dict:
+        pre, acts = code
         l1_norm = acts.sum(dim=-1).mean()
         l1_loss, sparsity_loss = self.sparsity_loss(pre, acts, x_c)
         active = acts > 0
@@ -633,7 +655,7 @@ class DenseCodeSAE(BaseAutoencoder):
             self._after_training_batch(
                 distributed.mean_over_ranks(l0_norm.detach(), self.batch_group())
             )
-        return prefixes, {
+        return {
             "l1_norm": l1_norm.detach(),
             "l1_loss": l1_loss,
             "sparsity_loss": sparsity_loss,

@@ -159,7 +159,8 @@ def test_every_matryoshka_prefix_contributes_gradient(sae_type):
     starts = [0] + ends[:-1]
     for g, end in enumerate(ends):
         sae.zero_grad()
-        prefixes, _ = sae._code_and_prefixes(sae.center(x_n), y_n)
+        partials, dense, _ = sae._code_and_partials(sae.center(x_n), x)
+        prefixes = partials.cumsum(dim=1) + dense
         (prefixes[:, g] - y_n).pow(2).mean().backward()
         row_grad = sae.W_dec.grad.norm(dim=1)
         assert row_grad[:end].sum() > 0 and row_grad[end:].sum() == 0
@@ -426,8 +427,10 @@ def test_one_registry_names_every_class_and_the_dictionary_modules_import_one_wa
         return found
 
     assert package_imports("dictionary") <= {"distributed"}
+    assert package_imports("prefix_loss") == set()
     assert package_imports("cross_layer_transcoder") <= {
         "dictionary",
+        "prefix_loss",
         "sparse_ops",
         "config",
         "distributed",

@@ -4,9 +4,14 @@
 The folders are committed under tests/fixtures/pre_package/ (written by
 tests/fixtures/make_pre_package_fixtures.py against the old code, see its docstring and
 provenance.json); expected.safetensors holds what the old code computed from them. Every test
-works on a copy in tmp_path: nothing is ever written into tests/fixtures. Outputs are compared
-bit for bit (torch.equal): the same computation on the same machine and torch gives the same bits,
-and a refactoring that changes them has changed what an old checkpoint computes.
+works on a copy in tmp_path: nothing is ever written into tests/fixtures. What a saved dictionary
+computes (loading, encode, reconstruct_prefixes, the exports, the cache's batches) is compared bit
+for bit (torch.equal): the same computation on the same machine and torch gives the same bits, and
+a refactoring that changes them has changed what an old checkpoint computes.
+
+One change of arithmetic is deliberate: the training loss of every prefix is computed in one pass
+(prefix_loss.py), its additions in another order than the old code's. So forward()'s loss dict
+and the weights a resumed run trains equal the old code's within float rounding (`ROUNDING`).
 """
 
 from __future__ import annotations
@@ -54,6 +59,17 @@ def copy(name: str, tmp_path: Path) -> Path:
     return Path(shutil.copytree(FIXTURES / name, tmp_path / name))
 
 
+# The training loss's float rounding (prefix_loss.py): observed, up to 4.5e-8 on weights of size 0.5
+# after 20 resumed steps, and on the loss dict's values.
+ROUNDING = dict(rtol=1e-5, atol=1e-6)
+
+
+def assert_close_tensors(ours: dict, old: dict, what: str) -> None:
+    assert ours.keys() == old.keys(), f"{what}: tensors {sorted(ours)} != old {sorted(old)}"
+    for name, tensor in old.items():
+        torch.testing.assert_close(ours[name], tensor, **ROUNDING, msg=f"{what}: {name}")
+
+
 def assert_same_tensors(ours: dict, old: dict, what: str) -> None:
     assert ours.keys() == old.keys(), f"{what}: tensors {sorted(ours)} != old {sorted(old)}"
     for name, tensor in old.items():
@@ -84,9 +100,12 @@ def assert_computes_the_old_outputs(dictionary, prefix: str, expected: dict, clt
     missing = [key for key in CORE_OUTPUTS if key not in outputs]
     assert not missing, f"{prefix}: forward no longer returns {missing}"
     for key in old_keys:
-        if key in outputs:
-            assert torch.equal(outputs[key], expected[f"{prefix}.forward.{key}"]), (
-                f"{prefix}: forward()[{key!r}]"
+        if key in outputs:  # the loss dict: float rounding (see the module's docstring)
+            torch.testing.assert_close(
+                outputs[key],
+                expected[f"{prefix}.forward.{key}"],
+                **ROUNDING,
+                msg=f"{prefix}: forward()[{key!r}]",
             )
 
 
@@ -123,8 +142,10 @@ def test_interrupted_sae_run_resumes_to_the_old_uninterrupted_weights(tiny_gpt2,
         create_sae(cfg), ActivationsStore(tiny_gpt2, cfg), None, cfg, resume_from=folder
     )
     old = load_file(FIXTURES / "sae_uninterrupted_weights.safetensors")
-    assert_same_tensors(resumed.state_dict(), old, "resumed run vs the old uninterrupted run")
-    assert_same_tensors(load_file(folder / WEIGHTS_FILE), old, "the resumed run's final checkpoint")
+    assert_close_tensors(resumed.state_dict(), old, "resumed run vs the old uninterrupted run")
+    assert_close_tensors(
+        load_file(folder / WEIGHTS_FILE), old, "the resumed run's final checkpoint"
+    )
 
 
 def test_final_sae_checkpoint_loads_and_computes_what_it_did(tmp_path, expected):
