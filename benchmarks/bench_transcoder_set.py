@@ -28,16 +28,23 @@ from __future__ import annotations
 
 import argparse
 import resource
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import harness
-from harness import emit, environment, run_isolated, save, step_times, worker_env
+import harness  # noqa: F401  (first: import paths)
+from harness import (
+    commit_of,
+    emit,
+    environment,
+    library_at,
+    run_isolated,
+    save,
+    step_times,
+    worker_env,
+)
 
 
 def worker(args) -> None:
@@ -99,33 +106,6 @@ def worker(args) -> None:
             "cpu_seconds_per_step": statistics.median(cpu_seconds[args.warmup :]),
         }
     )
-
-
-def library_at(revision: str, folder: Path) -> Path:
-    """This benchmark (and harness.py) beside the library of commit `revision` under `folder`:
-    the path of the script to run, which imports matryoshka_sae/ as it was at that commit."""
-    folder.mkdir(parents=True)
-    archive = subprocess.run(
-        ["git", "archive", revision, "matryoshka_sae"],
-        cwd=harness.ROOT,
-        capture_output=True,
-        check=True,
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
-    (folder / "benchmarks").mkdir()
-    for name in ("harness.py", Path(__file__).name):
-        shutil.copy(harness.BENCH_DIR / name, folder / "benchmarks" / name)
-    return folder / "benchmarks" / Path(__file__).name
-
-
-def commit_of(revision: str) -> str:
-    return subprocess.run(
-        ["git", "rev-parse", "--short=10", revision],
-        cwd=harness.ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
 
 
 def measure(script, layers: int, dict_size: int, args) -> dict:
@@ -232,8 +212,16 @@ def main() -> None:
     dict_sizes = args.dict_sizes or [args.dict_size]
     started = environment(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
-        after = __file__ if args.after is None else library_at(args.after, Path(scratch) / "after")
-        before = None if args.before is None else library_at(args.before, Path(scratch) / "before")
+        after = (
+            __file__
+            if args.after is None
+            else library_at(args.after, Path(scratch) / "after", __file__)
+        )
+        before = (
+            None
+            if args.before is None
+            else library_at(args.before, Path(scratch) / "before", __file__)
+        )
         labels = (
             f"before ({commit_of(args.before) if args.before else ''})",
             f"after ({commit_of(args.after) if args.after else 'working tree'})",

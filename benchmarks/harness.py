@@ -25,6 +25,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -137,6 +138,32 @@ def run_isolated(
             return json.loads(line[len(RESULT_PREFIX) :])
     tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
     return {"error": f"exit {proc.returncode}:\n{tail}"}
+
+
+def library_at(revision: str, folder: Path, script: str | Path) -> Path:
+    """The benchmark `script` (and harness.py) beside the library of commit `revision`, under
+    `folder`: the path of the script to run, which imports matryoshka_sae/ as it was at that commit
+    (for before/after comparisons in alternating processes)."""
+    folder.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "archive", revision, "matryoshka_sae"], cwd=ROOT, capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    (folder / "benchmarks").mkdir()
+    for name in ("harness.py", Path(script).name):
+        shutil.copy(BENCH_DIR / name, folder / "benchmarks" / name)
+    return folder / "benchmarks" / Path(script).name
+
+
+def commit_of(revision: str) -> str:
+    """The short hash of `revision`."""
+    return subprocess.run(
+        ["git", "rev-parse", "--short=10", revision],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
 
 
 # ---------------------------------------------------------------------------------------------
