@@ -246,6 +246,8 @@ def trace(args) -> None:
             if "null_fingerprint" in json.loads((traces / "trace_results.json").read_text()):
                 traced_nulls = traces / "trace_results.json"
             continue
+        if row["tokens"] not in args.budgets:  # trace only the budgets named (default: all)
+            continue
         exported = out / f"exported_{row['tokens']}"
         source = snapshot_folder if args.what == "set" else snapshot_folder / "clt"
         if not exported.exists():
