@@ -42,6 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="train: one more run setting (a lever), e.g. aux_penalty=0 or lr_decay_frac=0.2; "
+        "VALUE is read as JSON, else as text. Use another --out for each variant",
+    )
     parser.add_argument("--n-eval-rows", type=int, default=32, help="held-out rows of 128 tokens")
     parser.add_argument("--prompts", type=int, default=5, help="trace: held-out prompts")
     parser.add_argument(
@@ -54,8 +62,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def extra_settings(pairs: list[str]) -> dict:
+    """--setting KEY=VALUE pairs as a dict; a pair without "=" or an unknown key is refused."""
+    from matryoshka_sae.config import known_keys
+
+    settings = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or key not in known_keys():
+            raise SystemExit(
+                f"budget_curve.py: --setting {pair!r} is not KEY=VALUE with a known setting "
+                "(matryoshka_sae/settings.py lists them); e.g. --setting aux_penalty=0"
+            )
+        try:
+            settings[key] = json.loads(text)
+        except json.JSONDecodeError:
+            settings[key] = text
+    return settings
+
+
 def run_settings(args, num_tokens: int) -> dict:
-    return dict(
+    """The curve's run settings, then --setting's (which may replace any of them)."""
+    base = dict(
         model_name="smollm2-135m",
         dataset_path="python-docs:train",
         device="cpu",
@@ -75,6 +103,7 @@ def run_settings(args, num_tokens: int) -> dict:
         checkpoint_freq=10**6,
         perf_log_freq=10**9,
     )
+    return {**base, **extra_settings(args.setting)}
 
 
 def set_cfgs(args, num_tokens: int, folder: Path, bos: int) -> list[dict]:
@@ -444,6 +473,13 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     args = build_parser().parse_args()
+    if args.phase == "train":  # bad --setting values fail here, before the model loads
+        from matryoshka_sae.config import get_default_cfg, post_init_cfg
+
+        try:
+            post_init_cfg({**get_default_cfg(), **run_settings(args, min(args.budgets))})
+        except (ValueError, TypeError) as error:
+            raise SystemExit(f"budget_curve.py: {error}") from None
     {"train": train, "trace": trace, "report": report}[args.phase](args)
 
 

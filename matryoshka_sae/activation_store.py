@@ -380,37 +380,54 @@ class Lane:
 
     def fill_block(self, progress: bool = False) -> None:
         """Make the next block of block_size activations current, shuffled; remember where it began.
-        `progress`: show a bar of activations collected of block_size (the first fill is the long one)."""
+        `progress`: show a bar of activations collected of block_size (the first fill is the long one).
+
+        The block's shuffle `order` is drawn first, so each chunk is copied once, straight to its
+        places: activation i of the block goes to row slot[i] of the buffer, where slot is the
+        inverse of order, so that buffer[j] = block[order[j]] (what indexing the concatenated
+        block by order gives, without the concatenated block or its copy)."""
         rows_before, chunk_length = self._last_chunk
         if len(self._spill[0]):  # the block starts inside the last chunk read
             self._block_start = {"rows": rows_before, "skip": chunk_length - len(self._spill[0])}
         else:
             self._block_start = {"rows": self.rows.state_dict(), "skip": 0}
         self._block_start["generator"] = self._generator.get_state()
-        columns = [[spill] for spill in self._spill]
-        n_have = len(self._spill[0])
+        order = torch.randperm(self.block_size, generator=self._generator, device=self._device)
+        slot = torch.empty_like(order)
+        slot[order] = torch.arange(self.block_size, device=self._device)
+        self._buffers = []  # the served block's memory is released before the next one is made
+        buffers: list[torch.Tensor] = []
         bar = tqdm(
             total=self.block_size,
-            initial=n_have,
             desc="Filling the activation buffer",
             unit="tok",
             unit_scale=True,
             leave=False,
             disable=not progress or not distributed.is_main_process(),
         )
-        while n_have < self.block_size:
+        n_have, pieces = 0, self._spill
+        while True:
+            take = min(len(pieces[0]), self.block_size - n_have)
+            if take and not buffers:
+                buffers = [
+                    torch.empty(
+                        self.block_size, piece.shape[1], dtype=piece.dtype, device=self._device
+                    )
+                    for piece in pieces
+                ]
+            places = slot[n_have : n_have + take]
+            for buffer, piece in zip(buffers, pieces):
+                buffer.index_copy_(0, places, piece[:take])
+            n_have += take
+            bar.update(take)
+            if n_have == self.block_size:
+                break
             rows_before = self.rows.state_dict()
-            fresh = self._activations_of(self.rows.take(self._chunk_rows))
-            self._last_chunk = (rows_before, len(fresh[0]))
-            for column, acts in zip(columns, fresh):
-                column.append(acts)
-            n_have += len(fresh[0])
-            bar.update(min(len(fresh[0]), self.block_size - bar.n))
+            pieces = self._activations_of(self.rows.take(self._chunk_rows))
+            self._last_chunk = (rows_before, len(pieces[0]))
         bar.close()
-        blocks = [torch.cat(column) for column in columns]
-        self._spill = [block[self.block_size :].clone() for block in blocks]  # frees the block
-        order = torch.randperm(self.block_size, generator=self._generator, device=self._device)
-        self._buffers = [block[: self.block_size][order] for block in blocks]
+        self._spill = [piece[take:].clone() for piece in pieces]  # frees the chunk
+        self._buffers = buffers
         self._pointer = 0
 
     def skip_rows(self, n_rows: int) -> None:

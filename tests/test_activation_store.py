@@ -395,3 +395,58 @@ def test_skip_tokens_continues_after_the_rows_already_served(tiny_gpt2, token_ro
     direct = direct_activations(tiny_gpt2, token_rows[4:], "blocks.0.hook_resid_post", layer=0)
     source_rows = match_rows(torch.cat([store.next_batch() for _ in range(4)]), direct) // 32
     assert source_rows.min() >= 20  # nothing from the rows served before
+
+
+class _CountingRows:
+    """A row stream of consecutive integers [n, 1], with the position a Lane saves."""
+
+    def __init__(self):
+        self.rows_taken = 0
+
+    def take(self, n_rows: int) -> torch.Tensor:
+        rows = torch.arange(self.rows_taken, self.rows_taken + n_rows).reshape(-1, 1)
+        self.rows_taken += n_rows
+        return rows
+
+    def state_dict(self) -> dict:
+        return {"rows_taken": self.rows_taken}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows_taken = state["rows_taken"]
+
+
+def _two_hooks_without_sevens(rows: torch.Tensor) -> list[torch.Tensor]:
+    """Two hooks' activations of the rows, dropping multiples of 7 (as BOS positions are dropped,
+    so chunks differ in length)."""
+    kept = rows[rows % 7 != 0].float()
+    return [torch.stack([kept, kept + 0.5], 1), -kept.reshape(-1, 1)]
+
+
+@pytest.mark.parametrize("chunk_rows", [5, 30])  # chunks shorter than a block, and longer
+def test_a_lane_serves_each_block_of_the_stream_shuffled_by_its_generator(chunk_rows):
+    """Blocks are consecutive runs of the activation stream, each permuted by the next randperm of
+    the lane's generator, rows paired across hooks; spills across chunks and blocks included."""
+    from matryoshka_sae.activation_store import Lane
+
+    batch, n_batches, n_blocks = 4, 3, 5
+    lane = Lane(
+        _CountingRows(),
+        _two_hooks_without_sevens,
+        chunk_rows=chunk_rows,
+        batch_size=batch,
+        n_batches=n_batches,
+        generator=torch.Generator().manual_seed(3),
+        widths=[2, 1],
+        device=torch.device("cpu"),
+    )
+    lane.fill_block()  # as the store does when it opens
+    served = [lane.next_batches() for _ in range(n_blocks * n_batches)]
+    stream = _two_hooks_without_sevens(torch.arange(400).reshape(-1, 1))
+    replay = torch.Generator().manual_seed(3)
+    block_size = batch * n_batches
+    for b in range(n_blocks):
+        order = torch.randperm(block_size, generator=replay)
+        for hook in range(2):
+            expected = stream[hook][b * block_size : (b + 1) * block_size][order]
+            got = torch.cat([served[b * n_batches + i][hook] for i in range(n_batches)])
+            assert torch.equal(got, expected)

@@ -144,3 +144,27 @@ def test_docs_results_is_rendered_from_the_result_files():
     for path in harness.RESULTS_DIR.glob("*.json"):
         record = json.loads(path.read_text())
         assert record["environment"]["commit"] and record["rows"], path.name
+
+
+def test_budget_curve_levers_replace_the_curve_settings_and_refuse_unknown_keys():
+    import budget_curve
+
+    args = budget_curve.build_parser().parse_args(
+        ["train", "--setting", "lr=0.004", "--setting", "aux_penalty=0", "--setting", "name=x"]
+    )
+    settings = budget_curve.run_settings(args, 20480)
+    assert settings["lr"] == 0.004 and settings["aux_penalty"] == 0 and settings["name"] == "x"
+    assert settings["num_tokens"] == 20480 and settings["dict_size"] == 1152
+    for bad in ("learning_rat=1", "lr"):
+        with pytest.raises(SystemExit, match="--setting"):
+            budget_curve.extra_settings([bad])
+
+
+def test_budget_curve_extrapolates_a_power_law_exactly():
+    import budget_curve
+
+    tokens = [20480, 81920, 327680]
+    gaps = [3.0 * t**-0.25 for t in tokens]  # gap = a t^b with b = -1/4
+    expected = (3.0 / 0.1) ** 4
+    assert budget_curve.crossing_budget(tokens, gaps, 0.1) == pytest.approx(expected, rel=1e-6)
+    assert budget_curve.crossing_budget(tokens, [0.5, 0.6, 0.7], 0.1) is None  # not shrinking
