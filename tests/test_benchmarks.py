@@ -168,3 +168,15 @@ def test_budget_curve_extrapolates_a_power_law_exactly():
     expected = (3.0 / 0.1) ** 4
     assert budget_curve.crossing_budget(tokens, gaps, 0.1) == pytest.approx(expected, rel=1e-6)
     assert budget_curve.crossing_budget(tokens, [0.5, 0.6, 0.7], 0.1) is None  # not shrinking
+
+
+def test_budget_curve_says_when_the_features_overtake_the_errors():
+    import math
+
+    import budget_curve
+
+    tokens = [20480, 81920, 327680]
+    margins = [0.4 - 0.1 * math.log2(t / 20480) / 2 for t in tokens]  # -0.1 per 4x: 0 at 4^4 x
+    assert budget_curve.share_crossing(tokens, margins) == pytest.approx(20480 * 4**4, rel=1e-6)
+    assert budget_curve.share_crossing(tokens, [0.3, -0.1, -0.2]) == 81920  # measured, not fitted
+    assert budget_curve.share_crossing(tokens, [0.1, 0.2, 0.3]) is None
