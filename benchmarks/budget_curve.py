@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("phase", choices=["train", "trace", "report"])
+    parser.add_argument("phase", choices=["train", "trace", "report", "levers"])
     parser.add_argument("--what", choices=["set", "clt"], default="set")
     parser.add_argument("--out", default="runs/budget_curve")
     parser.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
@@ -444,6 +444,66 @@ def report(args) -> None:
     plot(rows, Path(harness.ROOT) / "docs" / "budget_curve.png")
 
 
+def levers(args) -> None:
+    """The set's levers side by side: every <out>/<variant>/set/curve.json (one `train` each, with
+    its --setting, the same budget) into results/budget_levers.json, the baseline first."""
+    out = Path(args.out)
+    rows, settings, started = [], {}, None
+    for curve_file in sorted(out.glob("*/set/curve.json")):
+        curve = json.loads(curve_file.read_text())
+        started = started or curve.get("environment_at_start")
+        variant = curve_file.parent.parent.name
+        base = run_settings(build_parser().parse_args(["train"]), curve["settings"]["num_tokens"])
+        changed = {k: v for k, v in curve["settings"].items() if k in base and base[k] != v}
+        changed.pop("num_tokens", None)
+        settings[variant] = changed
+        for row in curve["rows"]:
+            rows.append(
+                {
+                    "variant": variant,
+                    "changed": ", ".join(f"{k}={v}" for k, v in changed.items()) or "none",
+                    **{
+                        key: row[key]
+                        for key in (
+                            "tokens",
+                            "train_seconds",
+                            "fvu_mean",
+                            "fvu_max",
+                            "loss_recovered",
+                            "kl_divergence",
+                            "dead_latents",
+                            "l0_total",
+                        )
+                    },
+                }
+            )
+    if not rows:
+        raise SystemExit(f"budget_curve.py levers: no */set/curve.json under {out}; train first")
+    rows.sort(key=lambda row: (row["changed"] != "none", row["variant"]))
+    harness.save(
+        "budget_levers",
+        "The set's levers at one budget: SmolLM2-135M, 30 layers, held-out text",
+        rows,
+        {"variants": settings, "curve_settings": run_settings(args, rows[0]["tokens"])},
+        columns=[
+            "variant",
+            "changed",
+            "tokens",
+            "train_seconds",
+            "fvu_mean",
+            "fvu_max",
+            "loss_recovered",
+            "kl_divergence",
+            "dead_latents",
+        ],
+        environment_at_start=started,
+        notes="Each variant is one budget_curve.py train run with one --setting changed from the "
+        "curve's settings, one after the other on the same quiet machine; train_seconds is its "
+        "wall-clock (the same steps and model passes unless batch_size changes). Held-out text: "
+        "python-docs:test, every MLP replaced at once.",
+    )
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -514,7 +574,7 @@ def main() -> None:
             post_init_cfg({**get_default_cfg(), **run_settings(args, min(args.budgets))})
         except (ValueError, TypeError) as error:
             raise SystemExit(f"budget_curve.py: {error}") from None
-    {"train": train, "trace": trace, "report": report}[args.phase](args)
+    {"train": train, "trace": trace, "report": report, "levers": levers}[args.phase](args)
 
 
 if __name__ == "__main__":
