@@ -454,8 +454,12 @@ def levers(args) -> None:
         started = started or curve.get("environment_at_start")
         variant = curve_file.parent.parent.name
         base = run_settings(build_parser().parse_args(["train"]), curve["settings"]["num_tokens"])
-        changed = {k: v for k, v in curve["settings"].items() if k in base and base[k] != v}
-        changed.pop("num_tokens", None)
+        recorded = {"what", "layers", "held_out", "eval_tokens", "num_tokens"}  # not settings
+        changed = {
+            k: v
+            for k, v in curve["settings"].items()
+            if k not in recorded and (k not in base or base[k] != v)
+        }
         settings[variant] = changed
         for row in curve["rows"]:
             rows.append(

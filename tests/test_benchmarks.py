@@ -215,12 +215,17 @@ def test_budget_curve_levers_table_names_what_each_variant_changed(tmp_path, mon
     import budget_curve
 
     base = budget_curve.run_settings(budget_curve.build_parser().parse_args(["train"]), 81920)
-    for variant, change, fvu in (("baseline", {}, 0.6), ("lr_0.004", {"lr": 0.004}, 0.5)):
+    variants = (
+        ("baseline", {}, 0.6),
+        ("lr_0.004", {"lr": 0.004}, 0.5),
+        ("aux", {"aux_penalty": 0}, 0.7),
+    )
+    for variant, change, fvu in variants:
         folder = tmp_path / variant / "set"
         folder.mkdir(parents=True)
         row = dict(tokens=81920, train_seconds=400.0, fvu_mean=fvu, fvu_max=0.9, dead_latents=3)
         row.update(loss_recovered=0.8, kl_divergence=5.0, l0_total=480.0)
-        curve = {"rows": [row], "settings": {**base, **change, "what": "set"}}
+        curve = {"rows": [row], "settings": {**base, **change, "what": "set", "layers": 30}}
         (folder / "curve.json").write_text(json.dumps(curve))
     saved = {}
     monkeypatch.setattr(
@@ -231,6 +236,7 @@ def test_budget_curve_levers_table_names_what_each_variant_changed(tmp_path, mon
     budget_curve.levers(budget_curve.build_parser().parse_args(["levers", "--out", str(tmp_path)]))
     assert [(r["variant"], r["changed"], r["fvu_mean"]) for r in saved["rows"]] == [
         ("baseline", "none", 0.6),
+        ("aux", "aux_penalty=0", 0.7),
         ("lr_0.004", "lr=0.004", 0.5),
     ]
     with pytest.raises(SystemExit, match="train first"):
