@@ -352,6 +352,27 @@ def crossing_budget(tokens: list[int], gaps: list[float], target: float) -> floa
     return round(math.exp(mean_x + (math.log(target) - mean_y) / slope))
 
 
+def wider_graphs(out: Path, what: str) -> list[dict]:
+    """Graphs kept with more feature nodes than the curve's, traced by hand with trace_circuit.py
+    (--max-feature-nodes N --no-nulls, the curve's prompts) into <out>/<what>/traces_<S>_nodes<N>/:
+    S is a budget (its exported set) or a null's name (the null's exported folder, written by an
+    earlier trace into nulls/, traced as a dictionary). One row each, its node budget from the
+    report's protocol."""
+    rows = []
+    for path in sorted((out / what).glob("traces_*_nodes*/trace_results.json")):
+        result = json.loads(path.read_text())
+        subject = path.parent.name[len("traces_") :].rpartition("_nodes")[0]
+        nodes = result["protocol"]["max_feature_nodes"]
+        summary = summarise_trace(result)
+        row = {"feature_nodes": nodes, **summary}
+        if subject.isdigit():
+            row.update(dictionary=f"{what}, {nodes} feature nodes", tokens=int(subject))
+        else:
+            row.update(dictionary=f"{subject.replace('_', ' ')}, {nodes} feature nodes")
+        rows.append(row)
+    return rows
+
+
 def share_crossing(tokens: list[int], margins: list[float]) -> float | None:
     """The budget where margin = error share - feature share reaches 0 (features ahead), by a line
     in log tokens through the last (up to) three traced budgets; the first traced budget with
@@ -419,6 +440,8 @@ def report(args) -> None:
             [row["tokens"] for row in traced],
             [row["error_share"] - row["feature_share"] for row in traced],
         )
+    for what in ("set", "clt"):
+        rows += wider_graphs(out, what)
     harness.save(
         "budget_curve",
         "Budget curve: Matryoshka set and CLT on SmolLM2-135M, 30 layers",
@@ -439,7 +462,9 @@ def report(args) -> None:
         "budgets' gaps (FVU; 1 - loss recovered; KL), null where the gap does not shrink; "
         "feature_share_above_error_share: a line in log tokens through the last three traced "
         "budgets' error share - feature share (a lower bound on the budget: 256 feature nodes). "
-        "Graph measures: trace_circuit.py's protocol on held-out prompts, beside the two nulls.",
+        "Graph measures: trace_circuit.py's protocol on held-out prompts, beside the two nulls, "
+        "with 256 feature nodes; rows named '..., N feature nodes' keep N (the set of one budget "
+        "and a null traced alone, as a dictionary, on the same prompts).",
     )
     plot(rows, Path(harness.ROOT) / "docs" / "budget_curve.png")
 
