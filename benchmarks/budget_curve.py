@@ -352,24 +352,48 @@ def crossing_budget(tokens: list[int], gaps: list[float], target: float) -> floa
     return round(math.exp(mean_x + (math.log(target) - mean_y) / slope))
 
 
+def on_prompts(result: dict, prompts: set[str]) -> dict:
+    """A trace_results.json's dictionary restricted to the graphs of `prompts` (their means)."""
+    graphs = [graph for graph in result["dictionary"]["graphs"] if graph["prompt"] in prompts]
+    keys = (
+        "replacement_score",
+        "completeness_score",
+        "logit_input_feature_share",
+        "logit_input_error_share",
+        "logit_input_token_share",
+    )
+    means = {f"mean_{key}": sum(g[key] for g in graphs) / len(graphs) for key in keys}
+    return {"dictionary": {**means, "graphs": graphs}}
+
+
 def wider_graphs(out: Path, what: str) -> list[dict]:
     """Graphs kept with more feature nodes than the curve's, traced by hand with trace_circuit.py
     (--max-feature-nodes N --no-nulls, the curve's prompts) into <out>/<what>/traces_<S>_nodes<N>/:
     S is a budget (its exported set) or a null's name (the null's exported folder, written by an
     earlier trace into nulls/, traced as a dictionary). One row each, its node budget from the
-    report's protocol."""
-    rows = []
+    report's protocol; where a null was traced on fewer prompts than a budget, that budget's row
+    again on the null's prompts alone, so that the two compare on the same prompts."""
+    rows, budgets, nulls = [], [], []
     for path in sorted((out / what).glob("traces_*_nodes*/trace_results.json")):
         result = json.loads(path.read_text())
         subject = path.parent.name[len("traces_") :].rpartition("_nodes")[0]
         nodes = result["protocol"]["max_feature_nodes"]
-        summary = summarise_trace(result)
-        row = {"feature_nodes": nodes, **summary}
+        row = {"feature_nodes": nodes, **summarise_trace(result)}
         if subject.isdigit():
             row.update(dictionary=f"{what}, {nodes} feature nodes", tokens=int(subject))
+            budgets.append((row, result))
         else:
             row.update(dictionary=f"{subject.replace('_', ' ')}, {nodes} feature nodes")
+            nulls.append((row, result))
         rows.append(row)
+    for null_row, null_result in nulls:
+        prompts = {graph["prompt"] for graph in null_result["dictionary"]["graphs"]}
+        for row, result in budgets:
+            traced = {graph["prompt"] for graph in result["dictionary"]["graphs"]}
+            if row["feature_nodes"] == null_row["feature_nodes"] and prompts < traced:
+                restricted = summarise_trace(on_prompts(result, prompts))
+                name = f"{row['dictionary']}, the {null_row['dictionary'].split(',')[0]}'s prompts"
+                rows.append({**row, **restricted, "dictionary": name})
     return rows
 
 

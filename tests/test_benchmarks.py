@@ -248,26 +248,32 @@ def test_budget_curve_levers_table_names_what_each_variant_changed(tmp_path, mon
 def test_budget_curve_reports_graphs_kept_with_more_feature_nodes(tmp_path):
     import budget_curve
 
-    means = {
-        "mean_replacement_score": 0.5,
-        "mean_completeness_score": 0.8,
-        "mean_logit_input_feature_share": 0.7,
-        "mean_logit_input_error_share": 0.3,
-        "mean_logit_input_token_share": 0.0,
-        "graphs": [{}, {}],
+    def graph(prompt, feature_share):
+        return dict(
+            prompt=prompt,
+            replacement_score=0.5,
+            completeness_score=0.8,
+            logit_input_feature_share=feature_share,
+            logit_input_error_share=1 - feature_share,
+            logit_input_token_share=0.0,
+        )
+
+    traced = {
+        "1310720": [graph("a", 0.6), graph("b", 0.8)],  # the set, on two prompts
+        "null_random": [graph("b", 0.1)],  # the null, on one of them
     }
-    for subject, share in (("1310720", 0.7), ("null_random", 0.1)):
+    for subject, graphs in traced.items():
         folder = tmp_path / "set" / f"traces_{subject}_nodes2048"
         folder.mkdir(parents=True)
-        result = {
-            "protocol": {"max_feature_nodes": 2048},
-            "dictionary": {**means, "mean_logit_input_feature_share": share},
-        }
+        dictionary = budget_curve.on_prompts({"dictionary": {"graphs": graphs}}, {"a", "b"})
+        result = {"protocol": {"max_feature_nodes": 2048}, **dictionary}
         (folder / "trace_results.json").write_text(json.dumps(result))
     (tmp_path / "set" / "traces_327680").mkdir()  # the curve's own traces are not these
     rows = budget_curve.wider_graphs(tmp_path, "set")
-    assert [(r["dictionary"], r.get("tokens"), r["feature_share"]) for r in rows] == [
-        ("set, 2048 feature nodes", 1310720, 0.7),
-        ("null random, 2048 feature nodes", None, 0.1),
+    assert [(r["dictionary"], r.get("tokens"), r["prompts"]) for r in rows] == [
+        ("set, 2048 feature nodes", 1310720, 2),
+        ("null random, 2048 feature nodes", None, 1),
+        ("set, 2048 feature nodes, the null random's prompts", 1310720, 1),
     ]
-    assert all(r["feature_nodes"] == 2048 and r["prompts"] == 2 for r in rows)
+    assert [r["feature_share"] for r in rows] == pytest.approx([0.7, 0.1, 0.8])
+    assert all(r["feature_nodes"] == 2048 for r in rows)
