@@ -66,7 +66,7 @@ def worker(args) -> None:
     maps = torch.randn(args.layers, width, width) / width**0.5
     targets = torch.relu(sources) @ maps
     if args.case == "clt":
-        batches = [(sources.transpose(0, 1), targets.transpose(0, 1))]
+        batches = [(*sources, *targets)]  # a CLT's batch: every layer's source, then every target
     else:
         batches = list(zip(sources, targets))
     for dictionary, batch in zip(dictionaries, batches):
