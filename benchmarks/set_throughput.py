@@ -175,6 +175,11 @@ def main() -> None:
     parser.add_argument("--before", help="a commit: its library against --after's")
     parser.add_argument("--after", help="a commit (default: the working tree)")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument(
+        "--name",
+        default="set_throughput",
+        help="the result file, results/<name>.json (another name keeps an earlier comparison)",
+    )
     args = parser.parse_args()
     if args.worker:
         worker(args)
@@ -229,7 +234,7 @@ def main() -> None:
         for case in args.cases
     ]
     save(
-        "set_throughput",
+        args.name,
         "Tokens/s of a Matryoshka set and CLT on SmolLM2-135M (30 layers) against the forward alone",
         rows,
         {
