@@ -306,19 +306,28 @@ def trace(args) -> None:
             traced_nulls = traces / "trace_results.json"
 
 
+# The graph measures a report keeps: our name -> the per-graph key of trace_results.json (its mean
+# over the prompts is "mean_" + that key).
+GRAPH_MEASURES = {
+    "replacement_score": "replacement_score",
+    "completeness_score": "completeness_score",
+    "feature_share": "logit_input_feature_share",
+    "error_share": "logit_input_error_share",
+    "token_share": "logit_input_token_share",
+}
+
+
 def summarise_trace(result: dict) -> dict:
     """The graph measures of one trace_results.json: the dictionary's and the two nulls' means."""
-    keys = {
-        "replacement_score": "mean_replacement_score",
-        "completeness_score": "mean_completeness_score",
-        "feature_share": "mean_logit_input_feature_share",
-        "error_share": "mean_logit_input_error_share",
-        "token_share": "mean_logit_input_token_share",
-    }
-    summary = {name: result["dictionary"][key] for name, key in keys.items()}
+    summary = {name: result["dictionary"][f"mean_{key}"] for name, key in GRAPH_MEASURES.items()}
     for null in ("null_silent", "null_random"):
         if null in result:
-            summary.update({f"{null}_{name}": result[null][key] for name, key in keys.items()})
+            summary.update(
+                {
+                    f"{null}_{name}": result[null][f"mean_{key}"]
+                    for name, key in GRAPH_MEASURES.items()
+                }
+            )
     summary["prompts"] = len(result["dictionary"]["graphs"])
     return summary
 
@@ -332,6 +341,16 @@ TARGETS = {
 }
 
 
+def least_squares_line(points: list[tuple[float, float]]) -> tuple[float, float, float]:
+    """(mean x, mean y, slope) of the least-squares line through (x, y) points (at least two)."""
+    mean_x = sum(x for x, _ in points) / len(points)
+    mean_y = sum(y for _, y in points) / len(points)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum(
+        (x - mean_x) ** 2 for x, _ in points
+    )
+    return mean_x, mean_y, slope
+
+
 def crossing_budget(tokens: list[int], gaps: list[float], target: float) -> float | None:
     """The budget where a power law through the last (up to) three (tokens, gap) points reaches
     `target`: log g = a + b log t, least squares; None when the gap does not shrink (b >= 0)."""
@@ -342,11 +361,7 @@ def crossing_budget(tokens: list[int], gaps: list[float], target: float) -> floa
         return float(tokens[0])
     if len(points) < 2:
         return None
-    mean_x = sum(x for x, _ in points) / len(points)
-    mean_y = sum(y for _, y in points) / len(points)
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum(
-        (x - mean_x) ** 2 for x, _ in points
-    )
+    mean_x, mean_y, slope = least_squares_line(points)
     if slope >= 0:
         return None
     return round(math.exp(mean_x + (math.log(target) - mean_y) / slope))
@@ -355,14 +370,10 @@ def crossing_budget(tokens: list[int], gaps: list[float], target: float) -> floa
 def on_prompts(result: dict, prompts: set[str]) -> dict:
     """A trace_results.json's dictionary restricted to the graphs of `prompts` (their means)."""
     graphs = [graph for graph in result["dictionary"]["graphs"] if graph["prompt"] in prompts]
-    keys = (
-        "replacement_score",
-        "completeness_score",
-        "logit_input_feature_share",
-        "logit_input_error_share",
-        "logit_input_token_share",
-    )
-    means = {f"mean_{key}": sum(g[key] for g in graphs) / len(graphs) for key in keys}
+    means = {
+        f"mean_{key}": sum(graph[key] for graph in graphs) / len(graphs)
+        for key in GRAPH_MEASURES.values()
+    }
     return {"dictionary": {**means, "graphs": graphs}}
 
 
@@ -409,11 +420,7 @@ def share_crossing(tokens: list[int], margins: list[float]) -> float | None:
     points = [(math.log(t), m) for t, m in zip(tokens, margins)][-3:]
     if len(points) < 2:
         return None
-    mean_x = sum(x for x, _ in points) / len(points)
-    mean_y = sum(y for _, y in points) / len(points)
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum(
-        (x - mean_x) ** 2 for x, _ in points
-    )
+    mean_x, mean_y, slope = least_squares_line(points)
     if slope >= 0:
         return None
     return round(math.exp(mean_x - mean_y / slope))
