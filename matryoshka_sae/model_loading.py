@@ -135,7 +135,32 @@ def load_smollm2_hf():
     hf_model = AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32
     )
-    return hf_model.eval(), tokenizer
+    return hf_model.eval(), as_published_tokenizer(tokenizer)
+
+
+# SmolLM2-135M-Instruct's published tokenizer: <|im_start|> begins, <|im_end|> ends and pads, no BOS
+# is added, padding goes on the right. transformers 5 reads the GGUF file that way; transformers 4
+# (circuit-tracer's environment) reads eos <|im_start|>, no pad token, BOS added and left padding.
+# TransformerLens then takes the eos as pad token and, because padding is on the left, masks every
+# leading <|im_start|> and shifts the rotary positions after it: a prompt that starts with BOS runs
+# through a different model.
+SMOLLM2_SPECIAL_TOKENS = {
+    "bos_token": "<|im_start|>",
+    "eos_token": "<|im_end|>",
+    "pad_token": "<|im_end|>",
+}
+
+
+def as_published_tokenizer(tokenizer):
+    """Set SmolLM2's special tokens, BOS handling and padding side as published, whichever version
+    of transformers read the GGUF file; returns the same tokenizer."""
+    for name, token in SMOLLM2_SPECIAL_TOKENS.items():
+        if getattr(tokenizer, name) != token:
+            setattr(tokenizer, name, token)
+    if getattr(tokenizer, "add_bos_token", False):
+        tokenizer.add_bos_token = False
+    tokenizer.padding_side = "right"
+    return tokenizer
 
 
 def _rope_theta(hf_config) -> float:

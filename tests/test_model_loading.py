@@ -88,6 +88,14 @@ def test_smollm2_matches_transformers():
     tokens = model.to_tokens(sentence)
     assert tokens[0, 0] != model.tokenizer.bos_token_id  # SmolLM2 is used without a BOS token
     assert torch.equal(tokens, tokenizer(sentence, return_tensors="pt").input_ids)
+    # The published tokenizer (the loader sets it under any transformers): a traced prompt's BOS
+    # is attended like any other token.
+    assert (tokenizer.eos_token, tokenizer.pad_token, tokenizer.padding_side) == (
+        "<|im_end|>",
+        "<|im_end|>",
+        "right",
+    )
+    bos_first = torch.cat([torch.tensor([[tokenizer.bos_token_id]]), tokens], dim=1)
 
     with torch.no_grad():
         hf_out = hf_model(tokens, output_hidden_states=True)
@@ -96,6 +104,8 @@ def test_smollm2_matches_transformers():
             tokens, names_filter=["blocks.6.hook_resid_pre"], stop_at_layer=7
         )
     assert (logits - hf_out.logits).abs().max() < 1e-3
+    with torch.no_grad():
+        assert (model(bos_first) - hf_model(bos_first).logits).abs().max() < 1e-3
     # hidden_states[6] is the input of decoder layer 6, i.e. the residual stream before block 6.
     torch.testing.assert_close(
         cache["blocks.6.hook_resid_pre"], hf_out.hidden_states[6], atol=1e-4, rtol=1e-4

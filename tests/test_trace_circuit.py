@@ -11,6 +11,7 @@ circuit-tracer: tests/circuit_tracer_check.py, tests/circuit_tracer_clt_check.py
 """
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,18 +26,22 @@ from circuit_tracer_helpers import (
     write_random_clt,
 )
 from safetensors.torch import load_file, save_file
+from test_model_loading import needs_smollm2
 
 from matryoshka_sae.circuit_tracer_format import write_null_export
 from matryoshka_sae.cli.trace_circuit import (
     PROTOCOL,
     comparison_table,
     logit_input_shares,
+    masked_prompt_error,
     missing_layers_error,
     null_fingerprint,
+    prompt_tokens,
     reused_nulls,
     verdict,
     walk_lengths,
 )
+from matryoshka_sae.model_loading import load_model
 
 
 def graph(edges: dict[tuple[int, int], float], n_nodes: int) -> torch.Tensor:
@@ -134,6 +139,41 @@ def test_a_dictionary_that_lacks_layers_of_the_model_is_refused_with_the_fix():
     )
     assert "only 2" in missing_layers_error(2, 3, "transcoder_set")
     assert missing_layers_error(2, 2, "transcoder_set") is None
+
+
+def test_a_model_that_masks_the_bos_of_a_prompt_is_refused_with_the_fix():
+    model = tiny_relu_gpt2()
+    model.cfg.default_prepend_bos = False  # as SmolLM2's: prompts bring their own BOS
+    model.tokenizer = SimpleNamespace(padding_side="right", pad_token_id=1, bos_token_id=1)
+    prompt = torch.tensor([1, 5, 7, 9, 11])
+    assert masked_prompt_error(model, prompt) is None
+    model.tokenizer.padding_side = "left"  # TransformerLens now masks the leading pad token: BOS
+    line = masked_prompt_error(model, prompt)
+    assert "pads on the left with pad token 1" in line and "padding_side = 'right'" in line
+    assert "\n" not in line
+
+
+@needs_smollm2
+def test_circuit_tracers_environment_runs_the_library_environments_smollm2(tmp_path):
+    """transformers 4 (circuit-tracer's pin) reads SmolLM2's GGUF tokenizer with left padding and
+    eos <|im_start|>, which TransformerLens would turn into a mask over every prompt's BOS; the
+    loader sets the published tokenizer, so both environments trace the same model."""
+    needs_circuit_tracer()
+    prompt = "def add(a, b):\n    return a + b"
+    reported = run_check("smollm2_check.py", prompt, tmp_path / "theirs.pt")
+    theirs = torch.load(tmp_path / "theirs.pt")
+    model = load_model("smollm2-135m", "cpu", torch.float32)
+    tokens = prompt_tokens(model, prompt)
+    with torch.no_grad():
+        logits = model(tokens[None])
+    assert reported == {
+        "padding_side": "right",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|im_end|>",
+        "masked_prompt_error": None,
+    }
+    assert torch.equal(theirs["tokens"], tokens) and tokens[0] == model.tokenizer.bos_token_id
+    assert (theirs["logits"] - logits).abs().max() < 1e-4
 
 
 def test_the_report_sets_the_dictionary_beside_the_nulls():
