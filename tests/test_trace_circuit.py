@@ -25,8 +25,8 @@ from circuit_tracer_helpers import (
     write_neuron_set,
     write_random_clt,
 )
+from helpers import needs_smollm2
 from safetensors.torch import load_file, save_file
-from test_model_loading import needs_smollm2
 
 from matryoshka_sae.circuit_tracer_format import write_null_export
 from matryoshka_sae.cli.trace_circuit import (
