@@ -110,8 +110,10 @@ def set_cfgs(args, num_tokens: int, folder: Path, bos: int) -> list[dict]:
     from matryoshka_sae.config import post_init_cfg
     from matryoshka_sae.transcoder_set import default_set_cfg, transcoder_set_cfgs
 
-    base = post_init_cfg(default_set_cfg(**run_settings(args, num_tokens), bos_token_id=bos))
-    return transcoder_set_cfgs(base, range(30), folder, kind="matryoshka")
+    settings = run_settings(args, num_tokens)
+    skip = settings.pop("transcoder_skip", False)  # a transcoder's setting: the set's cfgs get it
+    base = post_init_cfg(default_set_cfg(**settings, bos_token_id=bos))
+    return transcoder_set_cfgs(base, range(30), folder, kind="matryoshka", skip=skip)
 
 
 def clt_cfgs(args, num_tokens: int, folder: Path, bos: int) -> list[dict]:
