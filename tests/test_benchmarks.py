@@ -182,33 +182,47 @@ def test_budget_curve_says_when_the_features_overtake_the_errors():
     assert budget_curve.share_crossing(tokens, [0.1, 0.2, 0.3]) is None
 
 
-def test_the_docs_cpu_recipe_trains_what_the_budget_curve_measured():
-    """The first command of docs/transcoder_sets.md builds, layer by layer, the training settings of
-    the budget curve's set at the same token budget (the figures the docs give for it)."""
+def docs_recipe_argv() -> list[str]:
+    """The arguments of the first command of docs/transcoder_sets.md (the CPU recipe)."""
     import re
     import shlex
-
-    import budget_curve
-
-    from matryoshka_sae.cli import train_gemma_example
 
     text = (REPO / "docs" / "transcoder_sets.md").read_text()
     block = re.search(r"```bash\n(.*?)```", text, re.S).group(1)
     command = re.search(r"^python train_gemma_example\.py (.*?)(?<!\\)\n", block, re.S | re.M)
-    argv = shlex.split(command.group(1).replace("\\\n", " "))
-    recipe = train_gemma_example.set_cfgs(train_gemma_example.build_parser().parse_args(argv))
-    curve = budget_curve.set_cfgs(
-        budget_curve.build_parser().parse_args(["train"]),
-        recipe[0]["num_tokens"],
-        Path("unused"),
-        bos=None,
-    )
-    # Where the runs are written and how often they log or checkpoint do not change the training.
+    return shlex.split(command.group(1).replace("\\\n", " "))
+
+
+def same_training(recipe: list[dict], curve: list[dict]) -> None:
+    """Layer by layer, the cfgs differ only where the runs are written and how often they log or
+    checkpoint, which do not change the training."""
     bookkeeping = {"checkpoint_dir", "checkpoint_freq", "wandb_mode", "perf_log_freq", "derived"}
     assert len(recipe) == len(curve) == 30
     for ours, theirs in zip(recipe, curve):
         differing = {k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k)}
         assert differing <= bookkeeping, differing
+
+
+@pytest.mark.parametrize("lever", [[], ["--skip"]])
+def test_the_docs_cpu_recipe_trains_what_the_budget_curve_measured(lever):
+    """The first command of docs/transcoder_sets.md builds the training settings of the budget
+    curve's set at the same token budget (the figures the docs give for it); with --skip, those of
+    the curve's skip lever (--setting transcoder_skip=true)."""
+    import budget_curve
+
+    from matryoshka_sae.cli import train_gemma_example
+
+    argv = docs_recipe_argv() + lever
+    recipe = train_gemma_example.set_cfgs(train_gemma_example.build_parser().parse_args(argv))
+    settings = ["--setting", "transcoder_skip=true"] if lever else []
+    curve = budget_curve.set_cfgs(
+        budget_curve.build_parser().parse_args(["train", *settings]),
+        recipe[0]["num_tokens"],
+        Path("unused"),
+        bos=None,
+    )
+    assert all(cfg["transcoder_skip"] == bool(lever) for cfg in curve)
+    same_training(recipe, curve)
 
 
 def test_budget_curve_levers_table_names_what_each_variant_changed(tmp_path, monkeypatch):
