@@ -627,15 +627,32 @@ def plot(rows: list[dict], path: Path) -> None:
     print(f"wrote {path}")
 
 
+def check_settings(args) -> None:
+    """Refuse, before the model loads, a --setting the run's cfgs reject, and one that changes none
+    of them (the run already trains with that value, or the set's transcoders fix it themselves:
+    a variant that would retrain the baseline under another name)."""
+    make_cfgs = set_cfgs if args.what == "set" else clt_cfgs
+
+    def cfgs_with(pairs: list[str]) -> list[dict]:
+        varied = argparse.Namespace(**{**vars(args), "setting": pairs})
+        return make_cfgs(varied, min(args.budgets), Path("unused"), None)
+
+    try:
+        cfgs = cfgs_with(args.setting)
+    except (ValueError, TypeError) as error:
+        raise SystemExit(f"budget_curve.py: {error}") from None
+    for pair in args.setting:
+        if cfgs_with([other for other in args.setting if other != pair]) == cfgs:
+            raise SystemExit(
+                f"budget_curve.py: --setting {pair} changes none of the {args.what}'s cfgs (it "
+                "trains with that value already, or sets it itself); drop it or choose another"
+            )
+
+
 def main() -> None:
     args = build_parser().parse_args()
-    if args.phase == "train":  # bad --setting values fail here, before the model loads
-        from matryoshka_sae.config import get_default_cfg, post_init_cfg
-
-        try:
-            post_init_cfg({**get_default_cfg(), **run_settings(args, min(args.budgets))})
-        except (ValueError, TypeError) as error:
-            raise SystemExit(f"budget_curve.py: {error}") from None
+    if args.phase == "train":
+        check_settings(args)
     {"train": train, "trace": trace, "report": report, "levers": levers}[args.phase](args)
 
 

@@ -160,6 +160,25 @@ def test_budget_curve_levers_replace_the_curve_settings_and_refuse_unknown_keys(
             budget_curve.extra_settings([bad])
 
 
+@pytest.mark.parametrize(
+    "pair, refusal",
+    [
+        ("input_unit_norm=false", "changes none of the set's cfgs"),  # the set's default
+        ("transcoder_selection=topk", "changes none of the set's cfgs"),  # fixed by its kind
+        ("aux_penalty=-1", "aux_penalty"),  # a value the cfgs reject
+    ],
+)
+def test_budget_curve_refuses_a_lever_that_changes_nothing_or_is_rejected(pair, refusal):
+    import budget_curve
+
+    args = budget_curve.build_parser().parse_args(["train", "--setting", pair])
+    with pytest.raises(SystemExit, match=refusal) as refused:
+        budget_curve.check_settings(args)
+    assert "\n" not in str(refused.value)
+    skip = budget_curve.build_parser().parse_args(["train", "--setting", "transcoder_skip=true"])
+    budget_curve.check_settings(skip)  # a lever that reaches the set's transcoders
+
+
 def test_budget_curve_extrapolates_a_power_law_exactly():
     import budget_curve
 
