@@ -492,11 +492,11 @@ class MatryoshkaTranscoder(GlobalBatchTopKMatryoshkaSAE):
 
     @torch.no_grad()
     def initialize_b_dec(self, target: torch.Tensor) -> None:
-        """Set the target scale (if input_unit_norm: the RMS of the centred target, rounded to a
-        power of two, so that an export can fold it into the decoder without rounding a single
-        weight) and b_dec to the target's mean."""
+        """Set the target scale (if input_unit_norm or transcoder_target_norm: the RMS of the
+        centred target, rounded to a power of two, so that an export can fold it into the decoder
+        without rounding a single weight) and b_dec to the target's mean."""
         y = target.reshape(-1, self.d_out).float()
-        if self.cfg["input_unit_norm"]:
+        if self.cfg["input_unit_norm"] or self.cfg["transcoder_target_norm"]:
             self.target_scale.copy_(power_of_two_rms(y - y.mean(dim=0)))
         self.b_dec.copy_(self.to_units(y, self.target_stats(None)).mean(dim=0))
 

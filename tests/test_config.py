@@ -339,7 +339,7 @@ def test_every_setting_has_a_default_a_type_and_help():
 
 def test_the_table_generates_the_pre_refactor_defaults():
     defaults = default_settings()
-    assert len(defaults) == 67 and set(DERIVED_KEYS) == {
+    assert len(defaults) == 68 and set(DERIVED_KEYS) == {
         "n_layers",
         "hook_point",
         "source_hook_point",

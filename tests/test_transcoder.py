@@ -256,6 +256,35 @@ def test_skip_path_reads_the_raw_source_centred_and_scaled_by_a_power_of_two():
             torch.testing.assert_close(x_s, transcoder.center(transcoder.normalize_source(x)[0]))
 
 
+def test_target_norm_trains_in_the_targets_own_units_and_folds_into_the_export():
+    """transcoder_target_norm without input_unit_norm (a set for circuit-tracer): the target is
+    divided by a power of two near its RMS, outputs stay in the target's units, and circuit-tracer's
+    tensors compute the same prediction with the scale folded into the decoder."""
+    from matryoshka_sae.circuit_tracer_format import THRESHOLD, circuit_tracer_layer
+
+    x, y = pair(5)
+    y = y * 40  # far from unit scale
+    plain = MatryoshkaTranscoder(transcoder_cfg(input_unit_norm=False))
+    plain.initialize_from_batch(x, y)
+    normed = MatryoshkaTranscoder(
+        transcoder_cfg(input_unit_norm=False, transcoder_target_norm=True)
+    )
+    normed.initialize_from_batch(x, y)
+    scale = normed.target_scale.item()
+    centred = y - y.mean(dim=0)
+    assert plain.target_scale.item() == 1.0 and math.log2(scale) == round(math.log2(scale))
+    assert 2**-0.5 <= (centred / scale).pow(2).mean().sqrt() <= 2**0.5
+    with torch.no_grad():
+        normed.threshold.fill_(0.1)  # the eval-time cut of BatchTopK, as after training
+        normed.eval()
+        tensors = circuit_tracer_layer(normed)
+        pre = x @ tensors["W_enc"].T + tensors["b_enc"]
+        assert (pre > tensors[THRESHOLD]).sum(dim=1).float().mean() > 1  # latents fire
+        theirs = (pre * (pre > tensors[THRESHOLD])) @ tensors["W_dec"] + tensors["b_dec"]
+        torch.testing.assert_close(theirs, normed.reconstruct(x), rtol=1e-5, atol=1e-4)
+        assert normed.reconstruct(x).pow(2).mean().sqrt() > 10  # in the target's units
+
+
 def test_skip_transcoder_files_from_before_the_raw_skip_path():
     """Saved without skip_shift/skip_scale, the skip read x_c: the same computation without
     input_unit_norm; with it the file cannot be computed here and says so."""
