@@ -321,14 +321,16 @@ GRAPH_MEASURES = {
 
 def summarise_trace(result: dict) -> dict:
     """The graph measures of one trace_results.json: the dictionary's and the two nulls' means."""
-    summary = {name: result["dictionary"][f"mean_{key}"] for name, key in GRAPH_MEASURES.items()}
-    for null in ("null_silent", "null_random"):
-        if null in result:
+    summary = {}
+    for block, prefix in (
+        ("dictionary", ""),
+        ("null_silent", "null_silent_"),
+        ("null_random", "null_random_"),
+    ):
+        if block in result:
+            means = result[block]
             summary.update(
-                {
-                    f"{null}_{name}": result[null][f"mean_{key}"]
-                    for name, key in GRAPH_MEASURES.items()
-                }
+                {prefix + name: means[f"mean_{key}"] for name, key in GRAPH_MEASURES.items()}
             )
     summary["prompts"] = len(result["dictionary"]["graphs"])
     return summary

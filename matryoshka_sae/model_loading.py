@@ -163,6 +163,27 @@ def as_published_tokenizer(tokenizer):
     return tokenizer
 
 
+@torch.no_grad()
+def masked_prompt_error(model, tokens: torch.Tensor) -> str | None:
+    """The one line that refuses a model that does not attend to every token of a prompt, or None.
+
+    Where its tokenizer pads on the left, TransformerLens masks the prompt's leading pad tokens and
+    shifts the positions after them. If the pad token is also the BOS every prompt starts with,
+    the BOS is masked and the graph explains another model than the one the dictionary was trained
+    on. `tokens` [n]: a prompt; its logits are compared with those of an explicit all-ones mask."""
+    row = tokens[None].to(model.cfg.device)
+    gap = (model(row) - model(row, attention_mask=torch.ones_like(row))).abs().max().item()
+    if gap <= 1e-4:
+        return None
+    tokenizer = model.tokenizer
+    return (
+        f"the model does not attend to every token of a prompt (logits differ by up to {gap:.3g}): "
+        f"its tokenizer pads on the {tokenizer.padding_side} with pad token "
+        f"{tokenizer.pad_token_id}, which TransformerLens masks; set "
+        f"tokenizer.padding_side = 'right' where the model is loaded."
+    )
+
+
 def _rope_theta(hf_config) -> float:
     # transformers 5 keeps it in rope_parameters; earlier versions as an attribute.
     rope_parameters = getattr(hf_config, "rope_parameters", None) or {}

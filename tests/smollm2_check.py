@@ -15,8 +15,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from matryoshka_sae.cli.trace_circuit import masked_prompt_error, prompt_tokens  # noqa: E402
-from matryoshka_sae.model_loading import load_model  # noqa: E402
+from matryoshka_sae.cli.trace_circuit import prompt_tokens  # noqa: E402
+from matryoshka_sae.model_loading import load_model, masked_prompt_error  # noqa: E402
 
 
 def main() -> None:

@@ -33,7 +33,6 @@ from matryoshka_sae.cli.trace_circuit import (
     PROTOCOL,
     comparison_table,
     logit_input_shares,
-    masked_prompt_error,
     missing_layers_error,
     null_fingerprint,
     prompt_tokens,
@@ -41,7 +40,7 @@ from matryoshka_sae.cli.trace_circuit import (
     verdict,
     walk_lengths,
 )
-from matryoshka_sae.model_loading import load_model
+from matryoshka_sae.model_loading import load_model, masked_prompt_error
 
 
 def graph(edges: dict[tuple[int, int], float], n_nodes: int) -> torch.Tensor:

