@@ -256,9 +256,10 @@ def held_out_prompts(n: int, words: int = 24) -> list[str]:
 def trace(args) -> None:
     """Every budget of `--what` exported to circuit-tracer's format and traced by trace_circuit.py
     (circuit-tracer's environment, .ct-venv) under its protocol, beside the two nulls, on
-    `--prompts` held-out prompts: <out>/<what>/traces_<N>/trace_results.json. The nulls do not
-    depend on the trained weights: the first budget traced traces them, the others take them from
-    its report (trace_circuit.py --nulls-from)."""
+    `--prompts` held-out prompts: <out>/<what>/traces_<N>/trace_results.json. A plain set's or
+    CLT's nulls do not depend on the trained weights: the first budget traced traces them, the
+    others take them from its report (trace_circuit.py --nulls-from). A skip set's nulls keep its
+    trained skip connection, so every budget traces its own."""
     import subprocess
 
     from matryoshka_sae.circuit_tracer_format import (
@@ -274,7 +275,7 @@ def trace(args) -> None:
         snapshot_folder = out / f"tokens_{row['tokens']}"
         traces = out / f"traces_{row['tokens']}"
         if (traces / "trace_results.json").is_file():
-            if "null_fingerprint" in json.loads((traces / "trace_results.json").read_text()):
+            if reusable_nulls(traces / "trace_results.json"):
                 traced_nulls = traces / "trace_results.json"
             continue
         if row["tokens"] not in args.budgets:  # trace only the budgets named (default: all)
@@ -304,8 +305,15 @@ def trace(args) -> None:
             subprocess.run(
                 command, cwd=harness.ROOT, stdout=log, stderr=subprocess.STDOUT, check=True
             )
-        if traced_nulls is None:
+        if traced_nulls is None and reusable_nulls(traces / "trace_results.json"):
             traced_nulls = traces / "trace_results.json"
+
+
+def reusable_nulls(report: Path) -> bool:
+    """Whether the nulls of the trace_results.json at `report` hold for the run's other budgets:
+    traced, and without trained weights kept (a skip set's W_skip changes with the budget)."""
+    fingerprint = json.loads(report.read_text()).get("null_fingerprint")
+    return fingerprint is not None and "kept_weights_sha256" not in fingerprint
 
 
 # The graph measures a report keeps: our name -> the per-graph key of trace_results.json (its mean

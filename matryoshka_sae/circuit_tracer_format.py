@@ -353,8 +353,8 @@ def load_clt_in_circuit_tracer(
 # dtypes, so circuit-tracer loads and traces it exactly as it does the dictionary:
 #
 #   silent   nothing ever fires: W_enc = 0, b_enc = 0, threshold = 1 (pre = 0 is never above it),
-#            W_dec = 0, b_dec = 0 (and W_skip = 0). Its prediction of every MLP output is 0, so each
-#            error node carries the MLP's whole output. circuit-tracer 0.5.0 cannot attribute a CLT
+#            W_dec = 0, b_dec = 0. Its prediction of every MLP output is 0 (plus the skip connection's,
+#            below), so each error node carries the MLP's whole output. circuit-tracer 0.5.0 cannot attribute a CLT
 #            without any active feature (CrossLayerTranscoder.select_decoder_vectors concatenates
 #            an empty list), so a CLT's silent null keeps latent 0 of layer 0 firing at every
 #            position (b_enc = 1, threshold 0) with its decoder 0: that node writes nothing and
@@ -362,7 +362,12 @@ def load_clt_in_circuit_tracer(
 #   random   W_enc = randn / sqrt(d_model) (rows of norm about 1), threshold = 0 and b_enc = minus
 #            a cut between each latent's values W_enc x over `sources` (`firing_cut`), so that every
 #            latent fires on a fire_rate share of those tokens (with a positive activation); W_dec =
-#            0.01 randn (every output layer of a CLT latent); b_dec = 0, W_skip = 0. Seeded.
+#            0.01 randn (every output layer of a CLT latent); b_dec = 0. Seeded.
+#
+# A skip transcoder's nulls keep its trained W_skip. The skip connection is not a node: circuit-tracer
+# lets the gradient through it as through the frozen model, so it moves the logits' direct inputs
+# from the error nodes to the tokens and earlier nodes whatever the features do. Its nulls have the
+# same linear path, and the features are credited only with what they add to it.
 #
 # `sources` are activations at the feature input hook ({layer: [N, d_model]}); trace_circuit.py
 # passes those of the prompts it traces (positions after BOS), so the random latents fire on
@@ -421,7 +426,9 @@ def null_tensors(
     null = {name: torch.zeros_like(t) for name, t in tensors.items()}
     for name in sorted(tensors):  # a fixed order of draws from the generator
         t, role = tensors[name], tensor_role(name)
-        if role == "threshold" and kind == "silent":
+        if role == "W_skip":
+            null[name] = t.clone()  # not a feature: kept (see above)
+        elif role == "threshold" and kind == "silent":
             null[name] = torch.ones_like(t)
             null[name][0] = 0 if one_firing else 1
         elif role == "b_enc" and kind == "silent" and one_firing:

@@ -31,12 +31,14 @@ from safetensors.torch import load_file, save_file
 from matryoshka_sae.circuit_tracer_format import write_null_export
 from matryoshka_sae.cli.trace_circuit import (
     PROTOCOL,
+    clean_ce_loss,
     comparison_table,
     logit_input_shares,
     missing_layers_error,
     null_fingerprint,
     prompt_tokens,
     reused_nulls,
+    reused_nulls_model_error,
     verdict,
     walk_lengths,
 )
@@ -252,10 +254,12 @@ def test_the_silent_null_of_a_set_never_fires_and_writes_nothing(tmp_path):
     assert same_layout(null, exported)
     assert json.loads((null / "null.json").read_text())["kind"] == "silent"
     x = 100 * torch.randn(50, 4)
-    for tensors in tensors_of(null).values():
+    for tensors, trained in zip(tensors_of(null).values(), tensors_of(exported).values()):
         pre = F.linear(x, tensors["W_enc"], tensors["b_enc"])
         assert not (pre > tensors["activation_function.threshold"]).any()
-        assert not any(tensors[k].any() for k in ("W_dec", "b_dec", "W_skip"))
+        assert not any(tensors[k].any() for k in ("W_dec", "b_dec"))
+        # The skip connection is not a feature: the null keeps the trained one.
+        assert torch.equal(tensors["W_skip"], trained["W_skip"])
 
 
 def test_the_random_null_fires_on_30_percent_of_the_sources_and_is_seeded(tmp_path):
@@ -263,11 +267,13 @@ def test_the_random_null_fires_on_30_percent_of_the_sources_and_is_seeded(tmp_pa
     sources = [torch.randn(20, 4), 5 + 3 * torch.randn(20, 4)]  # [layer] of [N, d]
     null = write_null_export(exported, "random", tmp_path / "random", seed=1, sources=sources)
     assert same_layout(null, exported)
+    trained = list(tensors_of(exported).values())
     for layer, tensors in enumerate(tensors_of(null).values()):
         pre = F.linear(sources[layer], tensors["W_enc"], tensors["b_enc"])
         fired = pre > tensors["activation_function.threshold"]
         assert (fired.sum(dim=0) == 6).all()  # round(0.3 x 20) tokens, every latent
-        assert 0.005 < tensors["W_dec"].std() < 0.02 and not tensors["W_skip"].any()
+        assert 0.005 < tensors["W_dec"].std() < 0.02 and not tensors["b_dec"].any()
+        assert torch.equal(tensors["W_skip"], trained[layer]["W_skip"])
     again = write_null_export(exported, "random", tmp_path / "again", seed=1, sources=sources)
     other = write_null_export(exported, "random", tmp_path / "other", seed=2, sources=sources)
     assert all(
@@ -356,6 +362,22 @@ def test_the_silent_null_scores_what_circuit_tracers_attribution_implies(traced)
     (row,) = traced["set"]["report"]["null_silent"]["graphs"]
     assert row["replacement_score"] == pytest.approx(measured["token_share"], rel=1e-5)
     assert row["completeness_score"] == pytest.approx((1 + measured["token_share"]) / 2, rel=1e-5)
+
+
+def test_a_skip_sets_silent_null_keeps_the_skip_and_scores_what_that_implies(traced):
+    report = traced["skip_set"]["report"]
+    assert report["skip"] is True and "kept_weights_sha256" in report["null_fingerprint"]
+    measured, derived = (traced["skip_silent_null"][k] for k in ("measured", "derived"))
+    assert measured["feature_share"] == 0.0
+    assert measured["error_share"] == pytest.approx(derived["error_share"], rel=1e-4)
+    assert measured["token_share"] == pytest.approx(derived["token_share"], rel=1e-4)
+    # The skip connection, fitted to the MLPs, takes over part of what the plain set's silent null
+    # leaves to its error nodes.
+    plain = traced["silent_null"]["measured"]["error_share"]
+    assert measured["error_share"] < plain
+    assert report["null_silent"]["mean_logit_input_error_share"] == pytest.approx(
+        measured["error_share"], rel=1e-6
+    )
 
 
 def test_a_set_that_reproduces_the_mlps_beats_the_errors_and_both_nulls(traced):
@@ -458,6 +480,38 @@ def test_nulls_are_reused_only_from_a_report_traced_under_the_same_nulls(tmp_pat
     for missing in ("old.json", "absent.json"):
         with pytest.raises(SystemExit, match="trace the nulls again"):
             reused_nulls(tmp_path / missing, fingerprint)
+
+
+def test_a_skip_sets_nulls_are_reused_only_with_the_same_skip_weights(tmp_path):
+    prompts = ["a b c"]
+    plain = null_fingerprint(write_set_export(tmp_path / "plain", skip=False), prompts, PROTOCOL, 0)
+    assert "kept_weights_sha256" not in plain  # as in the reports of earlier plain traces
+    exported = write_set_export(tmp_path / "skip")
+    fingerprint = null_fingerprint(exported, prompts, PROTOCOL, 0)
+    earlier_report(tmp_path / "earlier.json", fingerprint)
+    layer_0 = load_file(str(exported / "layer_0.safetensors"))
+    save_file({**layer_0, "W_enc": torch.randn(8, 4)}, str(exported / "layer_0.safetensors"))
+    assert null_fingerprint(exported, prompts, PROTOCOL, 0) == fingerprint  # a feature's weights
+    save_file({**layer_0, "W_skip": torch.randn(4, 4)}, str(exported / "layer_0.safetensors"))
+    retrained = null_fingerprint(exported, prompts, PROTOCOL, 0)
+    with pytest.raises(SystemExit, match="another kept_weights_sha256; trace the nulls again"):
+        reused_nulls(tmp_path / "earlier.json", retrained)
+
+
+def test_nulls_traced_on_another_model_are_refused():
+    model = tiny_relu_gpt2()
+    tokens = [torch.tensor([0, 5, 9, 2, 7]), torch.tensor([0, 3, 3])]
+    clean = clean_ce_loss(model, tokens)
+    log_probs = model(tokens[1][None])[0, :-1].log_softmax(-1)
+    # 4 + 2 predicted positions; the second prompt's two by hand
+    by_hand = -log_probs.gather(-1, tokens[1][1:, None]).sum().item()
+    assert clean * 6 == pytest.approx(clean_ce_loss(model, tokens[:1]) * 4 + by_hand, rel=1e-5)
+    nulls = {"null_silent": {"ce_loss_clean": clean}}
+    assert reused_nulls_model_error("e.json", nulls, model, tokens) is None
+    nulls["null_silent"]["ce_loss_clean"] = clean + 0.01
+    message = reused_nulls_model_error("e.json", nulls, model, tokens)
+    assert message.startswith("--nulls-from e.json: its nulls were traced on another model")
+    assert message.endswith("leave --nulls-from out)") and "\n" not in message
 
 
 def test_a_second_trace_takes_the_nulls_from_the_first(traced):

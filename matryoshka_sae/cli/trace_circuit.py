@@ -31,10 +31,13 @@ EXPORTED_FOLDER is what ``export_sae.py SET_FOLDER OUT --format circuit-tracer``
 6. unless --no-nulls, does 4 and 5 again for two null dictionaries written beside the exported one
    (circuit_tracer_format.write_null_export, into ``<out>/nulls/``): one that never fires and one
    of random latents firing on 30% of the prompts' tokens, and prints the three side by side.
-   The nulls depend only on the exported folder's layout (config and tensor shapes), the prompts,
-   the protocol and the null seed, so ``--nulls-from EARLIER/trace_results.json`` takes them from
-   an earlier report that matches on all of these (another budget of the same run, say) instead
-   of tracing them again; one that does not match is refused before the model loads.
+   A skip transcoder's nulls keep its trained skip connection (not a node: see
+   circuit_tracer_format). The nulls depend only on the exported folder's layout (config and
+   tensor shapes), the skip weights, the prompts, the protocol, the null seed and the model, so
+   ``--nulls-from EARLIER/trace_results.json`` takes them from an earlier report that matches on
+   all of these (another budget of the same plain run, say) instead of tracing them again; one
+   that does not match is refused before the model loads (the model: as soon as it has loaded,
+   by its CE loss on the prompts).
 
 Everything printed is also in ``<out>/trace_results.json``: the traced dictionary's per-prompt rows
 (``graphs``) and means (``mean_*``) at the top level and under ``dictionary``, the nulls' under
@@ -51,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import re
@@ -655,9 +659,10 @@ def trace_nulls(model, transcoders, exported, prompts, tokens, settings, out, ar
 
 def null_fingerprint(exported, prompts: list[str], settings: dict, null_seed: int) -> dict:
     """What the nulls of `exported` traced on `prompts` depend on: the exported config (less the
-    viewer's `scan`), every tensor's shape and dtype, the prompts, the protocol's settings, the
-    null seed and the random null's firing rate. Two traces with equal fingerprints trace the same
-    nulls; the trained weights do not enter."""
+    viewer's `scan`), every tensor's shape and dtype, a digest of the weights the nulls keep (a
+    skip transcoder's W_skip), the prompts, the protocol's settings, the null seed and the random
+    null's firing rate. Two traces with equal fingerprints trace the same nulls (on the same model:
+    `reused_nulls_model_error`); no other trained weight enters."""
     import yaml
     from safetensors import safe_open
 
@@ -665,19 +670,23 @@ def null_fingerprint(exported, prompts: list[str], settings: dict, null_seed: in
         CONFIG_YAML,
         RANDOM_FIRE_RATE,
         tensor_files,
+        tensor_role,
     )
 
     exported = Path(exported)
     config = yaml.safe_load((exported / CONFIG_YAML).read_text())
     config.pop("scan", None)
-    tensors = {}
+    tensors, kept, skip_files = {}, hashlib.sha256(), False
     for name in sorted(tensor_files(exported)):
         with safe_open(str(exported / name), framework="pt") as handle:
             tensors[name] = {
                 key: [list(handle.get_slice(key).get_shape()), handle.get_slice(key).get_dtype()]
                 for key in sorted(handle.keys())
             }
-    return {
+            for key in sorted(k for k in handle.keys() if tensor_role(k) == "W_skip"):
+                skip_files = True
+                kept.update(handle.get_tensor(key).contiguous().view(torch.uint8).numpy().tobytes())
+    fingerprint = {
         "config": config,
         "tensors": tensors,
         "prompts": list(prompts),
@@ -685,6 +694,9 @@ def null_fingerprint(exported, prompts: list[str], settings: dict, null_seed: in
         "null_seed": null_seed,
         "fire_rate": RANDOM_FIRE_RATE,
     }
+    if skip_files:  # only then: the fingerprints of plain dictionaries' earlier reports still match
+        fingerprint["kept_weights_sha256"] = kept.hexdigest()
+    return fingerprint
 
 
 def reused_nulls(path: str | Path, fingerprint: dict) -> dict:
@@ -709,6 +721,31 @@ def reused_nulls(path: str | Path, fingerprint: dict) -> dict:
             f"{', '.join(differs)}; {fix}"
         )
     return {label: earlier[label] for label in ("null_silent", "null_random")}
+
+
+@torch.no_grad()
+def clean_ce_loss(model, tokens: list[torch.Tensor]) -> float:
+    """The model's mean next-token CE loss over the prompts' predicted positions."""
+    total, n = 0.0, 0
+    for t in tokens:
+        t = t[None].to(model.cfg.device)
+        log_probs = model(t)[0, :-1].float().log_softmax(-1)
+        total -= log_probs.gather(-1, t[0, 1:, None]).sum().item()
+        n += t.shape[1] - 1
+    return total / n
+
+
+def reused_nulls_model_error(path, nulls: dict, model, tokens: list[torch.Tensor]) -> str | None:
+    """Why the nulls taken from `path` were not traced on this model (their clean CE loss on the
+    prompts differs from this model's beyond float rounding), or None. The fingerprint cannot tell
+    two models of the same name and layout apart; their outputs can."""
+    theirs, ours = nulls["null_silent"]["ce_loss_clean"], clean_ce_loss(model, tokens)
+    if abs(theirs - ours) <= 1e-4 * max(1.0, abs(ours)):
+        return None
+    return (
+        f"--nulls-from {path}: its nulls were traced on another model (clean CE loss on these "
+        f"prompts {theirs:.5f}, this model's {ours:.5f}); trace the nulls again (leave --nulls-from out)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -800,6 +837,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"trace_circuit.py: error: {refusal}")
     tokens = [prompt_tokens(model, p) for p in prompts]
     refusal = masked_prompt_error(model, tokens[0])
+    if earlier_nulls is not None and not refusal:
+        refusal = reused_nulls_model_error(args.nulls_from, earlier_nulls, model, tokens)
     if refusal:
         raise SystemExit(f"trace_circuit.py: error: {refusal}")
     (out / "graphs").mkdir(parents=True, exist_ok=True)
