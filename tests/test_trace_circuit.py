@@ -28,14 +28,12 @@ from circuit_tracer_helpers import (
 from helpers import needs_smollm2
 from safetensors.torch import load_file, save_file
 
-from matryoshka_sae.circuit_tracer_format import write_null_export
 from matryoshka_sae.cli.trace_circuit import (
     PROTOCOL,
     clean_ce_loss,
     comparison_table,
     logit_input_shares,
     missing_layers_error,
-    null_fingerprint,
     prompt_tokens,
     reused_nulls,
     reused_nulls_model_error,
@@ -43,6 +41,7 @@ from matryoshka_sae.cli.trace_circuit import (
     walk_lengths,
 )
 from matryoshka_sae.model_loading import load_model, masked_prompt_error
+from matryoshka_sae.null_dictionaries import null_fingerprint, write_null_export
 
 
 def graph(edges: dict[tuple[int, int], float], n_nodes: int) -> torch.Tensor:

@@ -29,10 +29,10 @@ EXPORTED_FOLDER is what ``export_sae.py SET_FOLDER OUT --format circuit-tracer``
 5. reports the replacement model's CE loss and KL divergence against the original model, with
    every MLP output replaced by circuit-tracer's transcoders at once, on the prompts;
 6. unless --no-nulls, does 4 and 5 again for two null dictionaries written beside the exported one
-   (circuit_tracer_format.write_null_export, into ``<out>/nulls/``): one that never fires and one
+   (null_dictionaries.write_null_export, into ``<out>/nulls/``): one that never fires and one
    of random latents firing on 30% of the prompts' tokens, and prints the three side by side.
    A skip transcoder's nulls keep its trained skip connection (not a node: see
-   circuit_tracer_format). The nulls depend only on the exported folder's layout (config and
+   null_dictionaries). The nulls depend only on the exported folder's layout (config and
    tensor shapes), the skip weights, the prompts, the protocol, the null seed and the model, so
    ``--nulls-from EARLIER/trace_results.json`` takes them from an earlier report that matches on
    all of these (another budget of the same plain run, say) instead of tracing them again; one
@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import io
 import json
 import re
@@ -625,11 +624,8 @@ def source_activations(model, hook_in: str, n_layers: int, tokens: list[torch.Te
 def trace_nulls(model, transcoders, exported, prompts, tokens, settings, out, args, scan) -> dict:
     """{"null_silent": summary, "null_random": summary} (`trace_dictionary`'s summaries) of the two
     nulls of `exported`, written into ``out/nulls/<kind>`` and traced alike."""
-    from matryoshka_sae.circuit_tracer_format import (
-        NULL_KINDS,
-        load_in_circuit_tracer,
-        write_null_export,
-    )
+    from matryoshka_sae.circuit_tracer_format import load_in_circuit_tracer
+    from matryoshka_sae.null_dictionaries import NULL_KINDS, write_null_export
 
     sources = source_activations(
         model, transcoders.feature_input_hook, transcoders.n_layers, tokens
@@ -655,48 +651,6 @@ def trace_nulls(model, transcoders, exported, prompts, tokens, settings, out, ar
         )
         del null, replacement
     return summaries
-
-
-def null_fingerprint(exported, prompts: list[str], settings: dict, null_seed: int) -> dict:
-    """What the nulls of `exported` traced on `prompts` depend on: the exported config (less the
-    viewer's `scan`), every tensor's shape and dtype, a digest of the weights the nulls keep (a
-    skip transcoder's W_skip), the prompts, the protocol's settings, the null seed and the random
-    null's firing rate. Two traces with equal fingerprints trace the same nulls (on the same model:
-    `reused_nulls_model_error`); no other trained weight enters."""
-    import yaml
-    from safetensors import safe_open
-
-    from matryoshka_sae.circuit_tracer_format import (
-        CONFIG_YAML,
-        RANDOM_FIRE_RATE,
-        tensor_files,
-        tensor_role,
-    )
-
-    exported = Path(exported)
-    config = yaml.safe_load((exported / CONFIG_YAML).read_text())
-    config.pop("scan", None)
-    tensors, kept, skip_files = {}, hashlib.sha256(), False
-    for name in sorted(tensor_files(exported)):
-        with safe_open(str(exported / name), framework="pt") as handle:
-            tensors[name] = {
-                key: [list(handle.get_slice(key).get_shape()), handle.get_slice(key).get_dtype()]
-                for key in sorted(handle.keys())
-            }
-            for key in sorted(k for k in handle.keys() if tensor_role(k) == "W_skip"):
-                skip_files = True
-                kept.update(handle.get_tensor(key).contiguous().view(torch.uint8).numpy().tobytes())
-    fingerprint = {
-        "config": config,
-        "tensors": tensors,
-        "prompts": list(prompts),
-        "protocol": dict(settings),
-        "null_seed": null_seed,
-        "fire_rate": RANDOM_FIRE_RATE,
-    }
-    if skip_files:  # only then: the fingerprints of plain dictionaries' earlier reports still match
-        fingerprint["kept_weights_sha256"] = kept.hexdigest()
-    return fingerprint
 
 
 def reused_nulls(path: str | Path, fingerprint: dict) -> dict:
@@ -814,6 +768,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from matryoshka_sae.circuit_tracer_format import load_in_circuit_tracer, read_config
     from matryoshka_sae.model_loading import load_model, masked_prompt_error
+    from matryoshka_sae.null_dictionaries import null_fingerprint
 
     out = Path(args.out)
     config = read_config(args.exported)
