@@ -7,7 +7,10 @@ The check runs in a subprocess (tests/circuit_tracer_check.py). Without .ct-venv
 skipped, unless REQUIRE_CIRCUIT_TRACER=1 (as CI sets), when they fail.
 """
 
+import copy
+
 import pytest
+import torch
 from circuit_tracer_helpers import circuit_tracer_missing, run_check, save_model
 from helpers import set_cfgs, train_set
 
@@ -28,11 +31,14 @@ def check_in_circuit_tracer(model_file, pairs, attribute=False) -> dict:
     )
 
 
+# (kind, skip, source site, target_norm): the last divides each target by a power of two near its
+# RMS in training, which the export folds into W_dec, b_dec and W_skip.
 CASES = [
-    ("matryoshka", False, "ln2_normalized"),
-    ("matryoshka", True, "resid_mid"),
-    ("batchtopk", False, "resid_mid"),
-    ("batchtopk", True, "ln2_normalized"),
+    ("matryoshka", False, "ln2_normalized", False),
+    ("matryoshka", True, "resid_mid", False),
+    ("batchtopk", False, "resid_mid", False),
+    ("batchtopk", True, "ln2_normalized", False),
+    ("matryoshka", True, "ln2_normalized", True),
 ]
 
 
@@ -41,25 +47,37 @@ def checked(tiny_gemma2, tmp_path_factory):
     """Every case trained and exported here, then checked in one circuit-tracer process (its start
     costs seconds); the first case also goes through attribution."""
     tmp_path = tmp_path_factory.mktemp("circuit_tracer")
+    model = copy.deepcopy(tiny_gemma2)
+    with (
+        torch.no_grad()
+    ):  # MLP outputs of RMS about 8, so that a target's power-of-two scale is not 1
+        for block in model.blocks:
+            block.ln2_post.w.mul_(8)
     pairs = []
-    for kind, skip, site in CASES:
-        name = f"{kind}-{skip}-{site}"
-        train_set(
-            tiny_gemma2,
-            set_cfgs(tmp_path, name, kind=kind, skip=skip, source_site=site),
-            evaluate=False,
+    for kind, skip, site, target_norm in CASES:
+        name = f"{kind}-{skip}-{site}-{target_norm}"
+        cfgs = set_cfgs(
+            tmp_path,
+            name,
+            kind=kind,
+            skip=skip,
+            source_site=site,
+            transcoder_target_norm=target_norm,
         )
+        trained = train_set(model, cfgs, evaluate=False)
+        if target_norm:  # a scale the export has to fold, not 1
+            assert all(t.target_scale.item() != 1.0 for t in trained)
         pairs.append(
             (export_circuit_tracer(tmp_path / name, tmp_path / f"{name}-exported"), tmp_path / name)
         )
-    return check_in_circuit_tracer(save_model(tiny_gemma2, tmp_path), pairs, attribute=True)
+    return check_in_circuit_tracer(save_model(model, tmp_path), pairs, attribute=True)
 
 
 @pytest.mark.parametrize(
     "case", range(len(CASES)), ids=["-".join(map(str, case)) for case in CASES]
 )
 def test_circuit_tracer_loads_what_we_export(checked, case):
-    kind, skip, site = CASES[case]
+    kind, skip, site, _ = CASES[case]
     result = checked["sets"][case]
     expected_hook = "ln2.hook_normalized" if site == "ln2_normalized" else "hook_resid_mid"
     assert result["input_hook"] == expected_hook and result["output_hook"] == "hook_mlp_out"
