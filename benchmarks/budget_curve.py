@@ -514,7 +514,9 @@ def report(args) -> None:
 
 def levers(args) -> None:
     """The set's levers side by side: every <out>/<variant>/set/curve.json (one `train` each, with
-    its --setting, the same budget) into results/budget_levers.json, the baseline first."""
+    its --setting, the same budget) into results/budget_levers.json, the baseline first; where a
+    variant's budget was traced (`trace --out <out>/<variant>`), its graph measures beside its
+    nulls, and its graphs kept with more feature nodes (`wider_graphs`) as rows of their own."""
     out = Path(args.out)
     rows, settings, started = [], {}, None
     for curve_file in sorted(out.glob("*/set/curve.json")):
@@ -529,11 +531,14 @@ def levers(args) -> None:
             if k not in recorded and (k not in base or base[k] != v)
         }
         settings[variant] = changed
+        named = {
+            "variant": variant,
+            "changed": ", ".join(f"{k}={v}" for k, v in changed.items()) or "none",
+        }
         for row in curve["rows"]:
             rows.append(
                 {
-                    "variant": variant,
-                    "changed": ", ".join(f"{k}={v}" for k, v in changed.items()) or "none",
+                    **named,
                     **{
                         key: row[key]
                         for key in (
@@ -547,8 +552,10 @@ def levers(args) -> None:
                             "l0_total",
                         )
                     },
+                    **graph_measures(curve_file.parent.parent, "set", row["tokens"]),
                 }
             )
+        rows += [{**named, **row} for row in wider_graphs(curve_file.parent.parent, "set")]
     if not rows:
         raise SystemExit(f"budget_curve.py levers: no */set/curve.json under {out}; train first")
     rows.sort(key=lambda row: (row["changed"] != "none", row["variant"]))
@@ -567,12 +574,20 @@ def levers(args) -> None:
             "loss_recovered",
             "kl_divergence",
             "dead_latents",
+            "feature_nodes",
+            "feature_share",
+            "error_share",
+            "null_silent_error_share",
+            "null_random_feature_share",
         ],
         environment_at_start=started,
         notes="Each variant is one budget_curve.py train run with one --setting changed from the "
         "curve's settings, one after the other on the same quiet machine; train_seconds is its "
         "wall-clock (the same steps and model passes unless batch_size changes). Held-out text: "
-        "python-docs:test, every MLP replaced at once.",
+        "python-docs:test, every MLP replaced at once. Graph measures (where traced): "
+        "trace_circuit.py's protocol on the budget curve's held-out prompts, 256 feature nodes "
+        "unless feature_nodes says otherwise; a skip set's nulls keep its skip connection, so its "
+        "shares compare with its own nulls, not with a plain set's.",
     )
 
 

@@ -260,6 +260,16 @@ def test_budget_curve_levers_table_names_what_each_variant_changed(tmp_path, mon
         row.update(loss_recovered=0.8, kl_divergence=5.0, l0_total=480.0)
         curve = {"rows": [row], "settings": {**base, **change, "what": "set", "layers": 30}}
         (folder / "curve.json").write_text(json.dumps(curve))
+    # lr_0.004's budget traced under the protocol, and again with 2048 feature nodes
+    means = {f"mean_{key}": 0.25 for key in budget_curve.GRAPH_MEASURES.values()}
+    block = {**means, "graphs": [{"prompt": "a"}]}
+    result = {"dictionary": block, "null_silent": means, "null_random": means}
+    for folder in ("traces_81920", "traces_81920_nodes2048"):
+        (tmp_path / "lr_0.004" / "set" / folder).mkdir()
+        with_nodes = {**result, "protocol": {"max_feature_nodes": 2048}}
+        (tmp_path / "lr_0.004" / "set" / folder / "trace_results.json").write_text(
+            json.dumps(with_nodes)
+        )
     saved = {}
     monkeypatch.setattr(
         budget_curve.harness,
@@ -267,11 +277,16 @@ def test_budget_curve_levers_table_names_what_each_variant_changed(tmp_path, mon
         lambda name, title, rows, settings, **_: saved.update(rows=rows),
     )
     budget_curve.levers(budget_curve.build_parser().parse_args(["levers", "--out", str(tmp_path)]))
-    assert [(r["variant"], r["changed"], r["fvu_mean"]) for r in saved["rows"]] == [
+    assert [(r["variant"], r["changed"], r.get("fvu_mean")) for r in saved["rows"]] == [
         ("baseline", "none", 0.6),
         ("aux", "aux_penalty=0", 0.7),
         ("lr_0.004", "lr=0.004", 0.5),
+        ("lr_0.004", "lr=0.004", None),  # its graphs with 2048 feature nodes
     ]
+    assert "feature_share" not in saved["rows"][0]
+    traced, wider = saved["rows"][2:]
+    assert traced["feature_share"] == traced["null_silent_error_share"] == 0.25
+    assert wider["feature_nodes"] == 2048 and wider["tokens"] == 81920
     with pytest.raises(SystemExit, match="train first"):
         budget_curve.levers(
             budget_curve.build_parser().parse_args(["levers", "--out", "/nonexistent"])
