@@ -224,14 +224,17 @@ def same_training(recipe: list[dict], curve: list[dict]) -> None:
 
 @pytest.mark.parametrize("lever", [[], ["--skip"]])
 def test_the_docs_cpu_recipe_trains_what_the_budget_curve_measured(lever):
-    """The first command of docs/transcoder_sets.md builds the training settings of the budget
-    curve's set at the same token budget (the figures the docs give for it); with --skip, those of
-    the curve's skip lever (--setting transcoder_skip=true)."""
+    """The first command of docs/transcoder_sets.md (a skip set) builds the training settings of
+    the budget curve's skip lever (--setting transcoder_skip=true) at the same token budget (the
+    figures the docs give for it); without --skip, those of the curve's plain set, the docs'
+    second recipe."""
     import budget_curve
 
     from matryoshka_sae.cli import train_gemma_example
 
-    argv = docs_recipe_argv() + lever
+    documented = docs_recipe_argv()
+    assert "--skip" in documented
+    argv = [arg for arg in documented if arg != "--skip"] + lever
     recipe = train_gemma_example.set_cfgs(train_gemma_example.build_parser().parse_args(argv))
     settings = ["--setting", "transcoder_skip=true"] if lever else []
     curve = budget_curve.set_cfgs(
