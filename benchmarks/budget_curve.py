@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("phase", choices=["train", "trace", "report", "levers"])
+    parser.add_argument("phase", choices=["train", "trace", "confirm", "report", "levers"])
     parser.add_argument("--what", choices=["set", "clt"], default="set")
     parser.add_argument("--out", default="runs/budget_curve")
     parser.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--n-eval-rows", type=int, default=32, help="held-out rows of 128 tokens")
     parser.add_argument("--prompts", type=int, default=5, help="trace: held-out prompts")
+    parser.add_argument(
+        "--nulls",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="trace, confirm: trace the two null dictionaries beside each budget",
+    )
     parser.add_argument(
         "--max-feature-nodes",
         type=int,
@@ -132,8 +138,9 @@ def clt_cfgs(args, num_tokens: int, folder: Path, bos: int) -> list[dict]:
     return [post_init_cfg(cfg)]
 
 
-def held_out_tokens(model, n_rows: int):
-    """The first `n_rows` rows of the held-out split, as the stores cut rows (BOS first, 128 tokens)."""
+def held_out_tokens(model, n_rows: int, skip_rows: int = 0):
+    """Rows skip_rows .. skip_rows + n_rows - 1 of the held-out split, as the stores cut rows (BOS
+    first, 128 tokens): [n_rows, 128]."""
     from matryoshka_sae.activation_store import ActivationsStore
     from matryoshka_sae.config import get_default_cfg, post_init_cfg
 
@@ -148,11 +155,12 @@ def held_out_tokens(model, n_rows: int):
         model_batch_size=4,
         batch_size=64,
         num_batches_in_buffer=1,
-        n_eval_rows=n_rows,
+        n_eval_rows=skip_rows + n_rows,
         exclude_bos=True,
         bos_token_id=model.tokenizer.bos_token_id,
     )
-    return ActivationsStore(model, post_init_cfg(cfg)).get_eval_tokens(n_rows)
+    rows = ActivationsStore(model, post_init_cfg(cfg)).get_eval_tokens(skip_rows + n_rows)
+    return rows[skip_rows:]
 
 
 def evaluate(what: str, trained: list, cfgs: list[dict], model, tokens) -> dict:
@@ -244,13 +252,14 @@ def train(args) -> None:
         print(json.dumps({k: v for k, v in row.items() if not k.endswith("per_layer")}), flush=True)
 
 
-def held_out_prompts(n: int, words: int = 24) -> list[str]:
-    """The first `words` words of the first `n` documents of the held-out split (never trained on,
-    never used to choose a setting)."""
+def held_out_prompts(n: int, words: int = 24, last: bool = False) -> list[str]:
+    """The first `words` words of the first `n` documents of the held-out split (never trained on),
+    or of its last `n` documents (`confirm`'s prompts, never used to choose a setting)."""
     from matryoshka_sae.builtin_corpus import python_docs_dataset
 
     documents = python_docs_dataset(split="test")["text"]
-    return [" ".join(text.split()[:words]) for text in documents[:n]]
+    chosen = documents[-n:] if last else documents[:n]
+    return [" ".join(text.split()[:words]) for text in chosen]
 
 
 def trace(args) -> None:
@@ -260,19 +269,11 @@ def trace(args) -> None:
     CLT's nulls do not depend on the trained weights: the first budget traced traces them, the
     others take them from its report (trace_circuit.py --nulls-from). A skip set's nulls keep its
     trained skip connection, so every budget traces its own."""
-    import subprocess
-
-    from matryoshka_sae.circuit_tracer_format import (
-        export_circuit_tracer,
-        export_circuit_tracer_clt,
-    )
-
     out = Path(args.out) / args.what
     curve = json.loads((out / "curve.json").read_text())
     prompts = held_out_prompts(args.prompts)
     traced_nulls = None  # a budget's report whose nulls the later budgets take (--nulls-from)
     for row in curve["rows"]:
-        snapshot_folder = out / f"tokens_{row['tokens']}"
         traces = out / f"traces_{row['tokens']}"
         if (traces / "trace_results.json").is_file():
             if reusable_nulls(traces / "trace_results.json"):
@@ -280,33 +281,115 @@ def trace(args) -> None:
             continue
         if row["tokens"] not in args.budgets:  # trace only the budgets named (default: all)
             continue
-        exported = out / f"exported_{row['tokens']}"
-        source = snapshot_folder if args.what == "set" else snapshot_folder / "clt"
-        if not exported.exists():
-            export = export_circuit_tracer if args.what == "set" else export_circuit_tracer_clt
-            export(source, exported)
-        command = [
-            str(harness.ROOT / ".ct-venv" / "bin" / "python"),
-            str(harness.ROOT / "trace_circuit.py"),
-            str(exported),
-            "--from",
-            str(source),
-            "--out",
-            str(traces),
-            "--max-feature-nodes",
-            str(args.max_feature_nodes),
-        ]
-        for prompt in prompts:
-            command += ["--prompt", prompt]
-        if traced_nulls is not None:  # the same nulls at every budget: trace them once
-            command += ["--nulls-from", str(traced_nulls)]
+        exported, source = exported_budget(out, args.what, row["tokens"])
         print(f"tracing {args.what} at {row['tokens']:,} tokens ...", flush=True)
-        with open(out / f"trace_{row['tokens']}.log", "w") as log:
-            subprocess.run(
-                command, cwd=harness.ROOT, stdout=log, stderr=subprocess.STDOUT, check=True
-            )
+        run_trace(args, exported, source, traces, prompts, traced_nulls)
         if traced_nulls is None and reusable_nulls(traces / "trace_results.json"):
             traced_nulls = traces / "trace_results.json"
+
+
+def exported_budget(out: Path, what: str, tokens: int) -> tuple[Path, Path]:
+    """(the circuit-tracer export of a budget's snapshot, written on first use; the snapshot
+    folder trace_circuit.py checks it against)."""
+    from matryoshka_sae.circuit_tracer_format import (
+        export_circuit_tracer,
+        export_circuit_tracer_clt,
+    )
+
+    snapshot_folder = out / f"tokens_{tokens}"
+    source = snapshot_folder if what == "set" else snapshot_folder / "clt"
+    exported = out / f"exported_{tokens}"
+    if not exported.exists():
+        export = export_circuit_tracer if what == "set" else export_circuit_tracer_clt
+        export(source, exported)
+    return exported, source
+
+
+def run_trace(args, exported: Path, source: Path, traces: Path, prompts, nulls_from) -> None:
+    """trace_circuit.py in circuit-tracer's environment on `prompts`, into `traces` (its log
+    beside it, `traces`.log); the nulls per --nulls, taken from `nulls_from` when given."""
+    import subprocess
+
+    command = [
+        str(harness.ROOT / ".ct-venv" / "bin" / "python"),
+        str(harness.ROOT / "trace_circuit.py"),
+        str(exported),
+        "--from",
+        str(source),
+        "--out",
+        str(traces),
+        "--max-feature-nodes",
+        str(args.max_feature_nodes),
+    ]
+    for prompt in prompts:
+        command += ["--prompt", prompt]
+    if not args.nulls:
+        command.append("--no-nulls")
+    elif nulls_from is not None:  # the same nulls at every budget: trace them once
+        command += ["--nulls-from", str(nulls_from)]
+    with open(traces.parent / f"{traces.name}.log", "w") as log:
+        subprocess.run(command, cwd=harness.ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
+
+
+def confirm(args) -> None:
+    """The named budgets (--budgets) measured again on held-out text and prompts that no setting
+    was chosen on: rows n_eval_rows .. 2 n_eval_rows - 1 of the held-out split (the curve and
+    the levers are measured on the first n_eval_rows) and the split's last --prompts documents
+    (`trace` takes its first). Into <out>/<what>/confirm_<N>/: confirm.json (every MLP replaced at
+    once) and trace_results.json (trace_circuit.py's protocol, --max-feature-nodes, the nulls
+    per --nulls)."""
+    import torch
+
+    from matryoshka_sae.model_loading import load_model
+
+    out = Path(args.out) / args.what
+    curve = json.loads((out / "curve.json").read_text())
+    measured = {row["tokens"] for row in curve["rows"]}
+    missing = sorted(set(args.budgets) - measured)
+    if missing:
+        raise SystemExit(
+            f"budget_curve.py confirm: --budgets {missing} not trained under {out}; "
+            f"trained: {sorted(measured)}"
+        )
+    started = environment()
+    model = load_model("smollm2-135m", "cpu", torch.float32)
+    tokens = held_out_tokens(model, args.n_eval_rows, skip_rows=args.n_eval_rows)
+    prompts = held_out_prompts(args.prompts, last=True)
+    for budget in sorted(args.budgets):
+        folder = out / f"confirm_{budget}"
+        folder.mkdir(exist_ok=True)
+        result_file = folder / "confirm.json"
+        if not result_file.is_file():
+            trained, cfgs = load_budget(out, args.what, budget)
+            metrics = evaluate(args.what, trained, cfgs, model, tokens)
+            result = {
+                "tokens": budget,
+                "held_out": f"python-docs:test, rows {args.n_eval_rows} to "
+                f"{2 * args.n_eval_rows - 1} of 128 tokens",
+                "prompts": prompts,
+                **{k: v for k, v in metrics.items() if isinstance(v, (int, float, list, dict))},
+                "environment": started,
+            }
+            result_file.write_text(json.dumps(result, indent=2) + "\n")
+            print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (list, dict))}))
+        if not (folder / "trace_results.json").is_file():
+            exported, source = exported_budget(out, args.what, budget)
+            print(f"tracing {args.what} at {budget:,} tokens on the confirming prompts ...")
+            run_trace(args, exported, source, folder, prompts, None)
+
+
+def load_budget(out: Path, what: str, tokens: int) -> tuple[list, list[dict]]:
+    """The dictionaries of a budget's snapshot (a set's 30 transcoders, or the CLT) and their cfgs."""
+    from matryoshka_sae.checkpoint import load_sae
+    from matryoshka_sae.transcoder_set import load_transcoder_set
+
+    snapshot_folder = out / f"tokens_{tokens}"
+    if what == "set":
+        by_layer = load_transcoder_set(snapshot_folder)
+        trained = [by_layer[layer] for layer in sorted(by_layer)]
+    else:
+        trained = [load_sae(snapshot_folder / "clt")]
+    return trained, [dictionary.cfg for dictionary in trained]
 
 
 def reusable_nulls(report: Path) -> bool:
@@ -418,6 +501,26 @@ def wider_graphs(out: Path, what: str) -> list[dict]:
                 name = f"{row['dictionary']}, the {null_row['dictionary'].split(',')[0]}'s prompts"
                 rows.append({**row, **restricted, "dictionary": name})
     return rows
+
+
+def confirmed(out: Path, what: str) -> list[dict]:
+    """One row for each budget `confirm` measured (<out>/<what>/confirm_<N>/): its held-out
+    evaluation and, where traced, its graph measures and feature-node budget."""
+    rows = []
+    for path in sorted((out / what).glob("confirm_*/confirm.json")):
+        result = json.loads(path.read_text())
+        row = {"held_out": "confirming"}
+        row.update({key: result[key] for key in CONFIRMED_KEYS})
+        traced = path.parent / "trace_results.json"
+        if traced.is_file():
+            trace_result = json.loads(traced.read_text())
+            row["feature_nodes"] = trace_result["protocol"]["max_feature_nodes"]
+            row.update(summarise_trace(trace_result))
+        rows.append(row)
+    return rows
+
+
+CONFIRMED_KEYS = ("tokens", "fvu_mean", "fvu_max", "loss_recovered", "kl_divergence", "l0_total")
 
 
 def share_crossing(tokens: list[int], margins: list[float]) -> float | None:
@@ -556,6 +659,7 @@ def levers(args) -> None:
                 }
             )
         rows += [{**named, **row} for row in wider_graphs(curve_file.parent.parent, "set")]
+        rows += [{**named, **row} for row in confirmed(curve_file.parent.parent, "set")]
     if not rows:
         raise SystemExit(f"budget_curve.py levers: no */set/curve.json under {out}; train first")
     rows.sort(key=lambda row: (row["changed"] != "none", row["variant"]))
@@ -567,6 +671,7 @@ def levers(args) -> None:
         columns=[
             "variant",
             "changed",
+            "held_out",
             "tokens",
             "train_seconds",
             "fvu_mean",
@@ -587,7 +692,9 @@ def levers(args) -> None:
         "python-docs:test, every MLP replaced at once. Graph measures (where traced): "
         "trace_circuit.py's protocol on the budget curve's held-out prompts, 256 feature nodes "
         "unless feature_nodes says otherwise; a skip set's nulls keep its skip connection, so its "
-        "shares compare with its own nulls, not with a plain set's.",
+        "shares compare with its own nulls, not with a plain set's. held_out 'confirming': the "
+        "`confirm` phase's text and prompts, on which no setting was chosen (the other rows: the "
+        "curve's).",
     )
 
 
@@ -678,7 +785,9 @@ def main() -> None:
     args = build_parser().parse_args()
     if args.phase == "train":
         check_settings(args)
-    {"train": train, "trace": trace, "report": report, "levers": levers}[args.phase](args)
+    {"train": train, "trace": trace, "confirm": confirm, "report": report, "levers": levers}[
+        args.phase
+    ](args)
 
 
 if __name__ == "__main__":

@@ -273,6 +273,12 @@ def test_budget_curve_levers_table_names_what_each_variant_changed(tmp_path, mon
         (tmp_path / "lr_0.004" / "set" / folder / "trace_results.json").write_text(
             json.dumps(with_nodes)
         )
+    # and measured again by `confirm` on its own text and prompts (traced with 2048 nodes)
+    confirming = tmp_path / "lr_0.004" / "set" / "confirm_81920"
+    confirming.mkdir()
+    measured = {**row, "fvu_mean": 0.45, "environment": {}, "fvu_per_layer": {"0": 0.45}}
+    (confirming / "confirm.json").write_text(json.dumps(measured))
+    (confirming / "trace_results.json").write_text(json.dumps(with_nodes))
     saved = {}
     monkeypatch.setattr(
         budget_curve.harness,
@@ -285,15 +291,35 @@ def test_budget_curve_levers_table_names_what_each_variant_changed(tmp_path, mon
         ("aux", "aux_penalty=0", 0.7),
         ("lr_0.004", "lr=0.004", 0.5),
         ("lr_0.004", "lr=0.004", None),  # its graphs with 2048 feature nodes
+        ("lr_0.004", "lr=0.004", 0.45),  # confirmed on other text and prompts
     ]
     assert "feature_share" not in saved["rows"][0]
-    traced, wider = saved["rows"][2:]
+    traced, wider, confirmed = saved["rows"][2:]
     assert traced["feature_share"] == traced["null_silent_error_share"] == 0.25
     assert wider["feature_nodes"] == 2048 and wider["tokens"] == 81920
+    assert confirmed["held_out"] == "confirming" and "held_out" not in traced
+    assert confirmed["feature_nodes"] == 2048 and confirmed["feature_share"] == 0.25
+    assert "fvu_per_layer" not in confirmed
     with pytest.raises(SystemExit, match="train first"):
         budget_curve.levers(
             budget_curve.build_parser().parse_args(["levers", "--out", "/nonexistent"])
         )
+
+
+def test_budget_curve_confirms_on_prompts_the_curve_never_traces(tmp_path):
+    """`confirm` takes the held-out split's last documents (the curve its first), and refuses a
+    budget the run has not trained before loading anything."""
+    import budget_curve
+
+    pytest.importorskip("datasets")
+    first = budget_curve.held_out_prompts(5)
+    last = budget_curve.held_out_prompts(5, last=True)
+    assert len(set(first + last)) == 10
+    (tmp_path / "set").mkdir()
+    (tmp_path / "set" / "curve.json").write_text(json.dumps({"rows": [{"tokens": 81920}]}))
+    args = ["confirm", "--out", str(tmp_path), "--budgets", "81920", "327680"]
+    with pytest.raises(SystemExit, match=r"--budgets \[327680\] not trained"):
+        budget_curve.confirm(budget_curve.build_parser().parse_args(args))
 
 
 def test_budget_curve_reports_graphs_kept_with_more_feature_nodes(tmp_path):
