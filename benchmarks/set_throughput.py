@@ -14,9 +14,11 @@ last block:
               layer, k --top-k (budget_curve.py's settings)
     clt       the same for one Matryoshka CLT at equal latents a layer and L0 a layer
 
-tokens/s = tokens after the first batch / seconds from the first batch's arrival to the end of the
-last step: the one-off costs before it (tokenising the corpus, the first buffer fill, loading the
-model) are the same in every case and left out; every later buffer refill is in. `of_forward` = a
+tokens/s = tokens after the first buffer block / seconds from the request of the second block's
+first batch (before its fill) to the end of the last step: the one-off costs before it (loading the
+model, tokenising the corpus, the first block's fill) are the same in every case and left out; every
+later block is filled and used inside the window. --tokens is a whole number of blocks
+(num_batches_in_buffer batches each), at least two. `of_forward` = a
 case's tokens/s over the forward case's of the same library and round. With --before, the library
 at that commit (its matryoshka_sae/, `harness.library_at`) and the working tree's (or --after's) run
 in alternating processes, round by round, so a drifting machine load slows both alike.
@@ -83,19 +85,25 @@ def case_cfgs(case: str, args, folder: Path, bos: int) -> list[dict]:
     return transcoder_set_cfgs(base, range(30), folder, kind="matryoshka")
 
 
-class FirstBatchClock:
-    """The store, noting when its first batch was served (timing starts there)."""
+class SecondBlockClock:
+    """The store, noting when the first batch of its second block is asked for: timing starts
+    there, before that block's fill, so that every timed token was both made by the model and
+    (but in the forward case) trained on inside the window. A clock started at the first batch
+    would count the first block's tokens, made before it started, and overstate the forward case
+    about twofold (the tokens of two blocks against the time of one fill)."""
 
-    def __init__(self, store):
+    def __init__(self, store, batches_per_block: int):
         self._store = store
-        self.first_batch_at: float | None = None
+        self._batches_per_block = batches_per_block
+        self._served = 0
+        self.started_at: float | None = None
 
     def next_batch(self):
-        batch = self._store.next_batch()
-        if self.first_batch_at is None:
-            self.first_batch_at = time.perf_counter()
-            self.cpu_at_first_batch = time.process_time()
-        return batch
+        if self._served == self._batches_per_block:
+            self.started_at = time.perf_counter()
+            self.cpu_at_start = time.process_time()
+        self._served += 1
+        return self._store.next_batch()
 
     def __getattr__(self, name: str):
         return getattr(self._store, name)
@@ -114,15 +122,16 @@ def worker(args) -> None:
         cfgs = case_cfgs("set" if args.case == "forward" else args.case, args, Path(folder), 1)
         dictionaries = [create_sae(cfg) for cfg in cfgs] if args.case != "forward" else []
         torch.manual_seed(0)
-        store = FirstBatchClock(open_activation_store(model, cfgs))
+        batches_per_block = cfgs[0]["num_batches_in_buffer"]
+        store = SecondBlockClock(open_activation_store(model, cfgs), batches_per_block)
         if args.case == "forward":
             for _ in range(args.tokens // args.batch_size):
                 store.next_batch()
         else:
             train_sae_group(dictionaries, store, None, cfgs)
-        seconds = time.perf_counter() - store.first_batch_at
-        cpu_seconds = time.process_time() - store.cpu_at_first_batch
-    timed_tokens = args.tokens - args.batch_size
+        seconds = time.perf_counter() - store.started_at
+        cpu_seconds = time.process_time() - store.cpu_at_start
+    timed_tokens = args.tokens - batches_per_block * args.batch_size
     emit(
         {
             "case": args.case,
@@ -184,9 +193,11 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    if args.tokens < 2 * args.batch_size:
+    block = settings(args)["num_batches_in_buffer"] * args.batch_size
+    if args.tokens < 2 * block or args.tokens % block:
         parser.error(
-            f"--tokens {args.tokens} is below two batches ({args.batch_size} each); raise it"
+            f"--tokens {args.tokens} is not a whole number of at least two buffer blocks of "
+            f"{block} tokens (the first is not timed); e.g. --tokens {2 * block}"
         )
     started = environment(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
@@ -248,9 +259,9 @@ def main() -> None:
         columns=["library", "round", "case", "tokens_per_second", "of_forward", "peak_rss_mb"],
         environment_at_start=started,
         notes="Each case in its own process, on the real store (SmolLM2-135M, python-docs:train, "
-        "BOS first, both hooks of every layer from one pass); tokens/s from the first batch's arrival "
-        "to the last step (the corpus's tokenisation and the first buffer fill left out, later "
-        "refills in). of_forward: the case's tokens/s over the "
+        "BOS first, both hooks of every layer from one pass); tokens/s of the buffer blocks after "
+        "the first, each filled and used inside the timed window (the first block, the corpus's "
+        "tokenisation and the model's loading left out). of_forward: the case's tokens/s over the "
         "forward-alone case's of the same library and round (1.0: training costs nothing beyond "
         "the model's passes). Libraries alternate round by round.",
     )

@@ -271,7 +271,7 @@ SETTINGS: dict[str, Setting] = _table(
     Setting("transcoder_target_norm", False, "bool", "divide a transcoder's target by a power of "
             "two near its RMS, measured on the first batch (input_unit_norm does too): each layer "
             "of a set then trains in units of its own size; exports fold the scale into the "
-            "decoder", used_by=TRANSCODER),
+            "decoder", flag="--target-norm", shared=False, used_by=TRANSCODER),
     Setting("transcoder_selection", "batchtopk", "str", "transcoder latents: batchtopk (the k x "
             "batch largest of the batch) or topk (the k largest of each token)",
             choices=("batchtopk", "topk"), used_by=TRANSCODER),

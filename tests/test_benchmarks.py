@@ -222,11 +222,18 @@ def same_training(recipe: list[dict], curve: list[dict]) -> None:
         assert differing <= bookkeeping, differing
 
 
-@pytest.mark.parametrize("lever", [[], ["--skip"]])
-def test_the_docs_cpu_recipe_trains_what_the_budget_curve_measured(lever):
-    """The first command of docs/transcoder_sets.md (a skip set) builds the training settings of
-    the budget curve's skip lever (--setting transcoder_skip=true) at the same token budget (the
-    figures the docs give for it); without --skip, those of the curve's plain set, the docs'
+# The recipe's flags that are levers of the budget curve, as budget_curve.py's --setting.
+RECIPE_LEVERS = {
+    "--skip": "transcoder_skip=true",
+    "--target-norm": "transcoder_target_norm=true",
+}
+
+
+@pytest.mark.parametrize("variant", ["recipe", "plain"])
+def test_the_docs_cpu_recipe_trains_what_the_budget_curve_measured(variant):
+    """The first command of docs/transcoder_sets.md builds the training settings of the budget
+    curve's run with the same levers (--setting) and k, at the same token budget (the figures the
+    docs give for it); without its levers and at k 16, those of the curve's plain set, the docs'
     second recipe."""
     import budget_curve
 
@@ -234,16 +241,24 @@ def test_the_docs_cpu_recipe_trains_what_the_budget_curve_measured(lever):
 
     documented = docs_recipe_argv()
     assert "--skip" in documented
-    argv = [arg for arg in documented if arg != "--skip"] + lever
+    top_k = documented[documented.index("--top-k") + 1]
+    levers = [flag for flag in documented if flag in RECIPE_LEVERS]
+    curve_args = ["train", "--top-k", top_k]
+    for flag in levers:
+        curve_args += ["--setting", RECIPE_LEVERS[flag]]
+    argv = documented
+    if variant == "plain":
+        argv = [arg for arg in documented if arg not in RECIPE_LEVERS]
+        argv[argv.index("--top-k") + 1] = "16"
+        curve_args = ["train"]
     recipe = train_gemma_example.set_cfgs(train_gemma_example.build_parser().parse_args(argv))
-    settings = ["--setting", "transcoder_skip=true"] if lever else []
     curve = budget_curve.set_cfgs(
-        budget_curve.build_parser().parse_args(["train", *settings]),
+        budget_curve.build_parser().parse_args(curve_args),
         recipe[0]["num_tokens"],
         Path("unused"),
         bos=None,
     )
-    assert all(cfg["transcoder_skip"] == bool(lever) for cfg in curve)
+    assert all(cfg["transcoder_skip"] == (variant == "recipe") for cfg in curve)
     same_training(recipe, curve)
 
 
@@ -354,3 +369,24 @@ def test_budget_curve_reports_graphs_kept_with_more_feature_nodes(tmp_path):
     ]
     assert [r["feature_share"] for r in rows] == pytest.approx([0.7, 0.1, 0.8])
     assert all(r["feature_nodes"] == 2048 for r in rows)
+
+
+def test_set_throughput_times_only_blocks_filled_inside_its_window(monkeypatch):
+    """The clock starts when the second block's first batch is asked for, before the store fills
+    that block; the first block (filled before) is not timed, and --tokens must be whole blocks."""
+    import set_throughput
+
+    seen = []
+
+    class Store:
+        def next_batch(self):
+            seen.append(clock.started_at)  # what the clock knew when the store ran
+
+    clock = set_throughput.SecondBlockClock(Store(), batches_per_block=8)
+    for _ in range(16):
+        clock.next_batch()
+    assert seen[:9] == [None] * 8 + [clock.started_at] and clock.started_at is not None
+    for tokens in ("8192", "20000"):  # one block only; not whole blocks of 8 x 1024
+        monkeypatch.setattr("sys.argv", ["set_throughput.py", "--tokens", tokens])
+        with pytest.raises(SystemExit):
+            set_throughput.main()

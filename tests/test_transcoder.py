@@ -332,6 +332,20 @@ def test_skip_setting_belongs_to_transcoders_and_the_cli():
     assert not cfg["transcoder_skip"] and not cfg["name"].endswith("skip")
 
 
+def test_target_norm_flag_reaches_one_transcoder_and_every_layer_of_a_set(tmp_path):
+    parser = train_gemma_example.build_parser()
+    assert not train_gemma_example.transcoder_cfg(parser.parse_args(["transcoder"]))[
+        "transcoder_target_norm"
+    ]
+    argv = ["transcoder", "--target-norm"]
+    assert train_gemma_example.transcoder_cfg(parser.parse_args(argv))["transcoder_target_norm"]
+    argv += ["--layers", "0,1", "--model", "smollm2-135m", "--checkpoint-dir", str(tmp_path)]
+    cfgs = train_gemma_example.set_cfgs(parser.parse_args(argv))
+    assert [cfg["transcoder_target_norm"] for cfg in cfgs] == [True, True]
+    with pytest.raises(SystemExit):  # a flag, not an option with a value
+        parser.parse_args(["transcoder", "--target-norm", "yes"])
+
+
 def test_skip_transcoder_saves_loads_and_resumes_W_skip(tmp_path, wandb_runs):
     def cfg_in(folder):
         return planted_cfg(

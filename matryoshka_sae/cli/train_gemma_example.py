@@ -118,6 +118,7 @@ def transcoder_cfg(args: argparse.Namespace | None = None) -> dict:
     cfg.update(GEMMA_TRANSCODER)
     cfg = apply_overrides(cfg, args)
     cfg["transcoder_skip"] = getattr(args, "transcoder_skip", False)
+    cfg["transcoder_target_norm"] = getattr(args, "transcoder_target_norm", False)
     return create_transcoder_config(
         cfg,
         source_layer=cfg["layer"],
@@ -151,6 +152,7 @@ def set_cfgs(args: argparse.Namespace) -> list[dict]:
     new folder ``checkpoint_dir / <model>_transcoder-set_<kind>_<source>_<width>_k<k>`` (``-2``,
     ``-3``... when taken; created when the run claims its layer folders)."""
     cfg = default_set_cfg(**GEMMA_TRANSCODER)
+    cfg["transcoder_target_norm"] = args.transcoder_target_norm
     cfg = post_init_cfg(apply_overrides(cfg, args))
     layers = parse_layers(
         args.layers, cfg["n_layers"] or get_model_config(cfg["model_name"])["n_layers"]
@@ -237,9 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="matryoshka",
         help="with --layers: Matryoshka BatchTopK (default), plain BatchTopK or per-token TopK",
     )
-    # --source-site (unset: resid_mid, with --layers DEFAULT_SOURCE_SITE), --target-site, --skip
+    # --source-site (unset: resid_mid, with --layers DEFAULT_SOURCE_SITE), --target-site, --skip,
+    # --target-norm
     add_setting_arguments(
-        transcoder, ("source_site", "target_site", "transcoder_skip"), {"target_site": "mlp_out"}
+        transcoder,
+        ("source_site", "target_site", "transcoder_skip", "transcoder_target_norm"),
+        {"target_site": "mlp_out"},
     )
     return parser
 
