@@ -367,6 +367,7 @@ def confirm(args) -> None:
                 "held_out": f"python-docs:test, rows {args.n_eval_rows} to "
                 f"{2 * args.n_eval_rows - 1} of 128 tokens",
                 "prompts": prompts,
+                "max_feature_nodes": args.max_feature_nodes,
                 **{k: v for k, v in metrics.items() if isinstance(v, (int, float, list, dict))},
                 "environment": started,
             }
@@ -464,12 +465,9 @@ def crossing_budget(tokens: list[int], gaps: list[float], target: float) -> floa
 
 def on_prompts(result: dict, prompts: set[str]) -> dict:
     """A trace_results.json's dictionary restricted to the graphs of `prompts` (their means)."""
-    graphs = [graph for graph in result["dictionary"]["graphs"] if graph["prompt"] in prompts]
-    means = {
-        f"mean_{key}": sum(graph[key] for graph in graphs) / len(graphs)
-        for key in GRAPH_MEASURES.values()
-    }
-    return {"dictionary": {**means, "graphs": graphs}}
+    return with_means(
+        [graph for graph in result["dictionary"]["graphs"] if graph["prompt"] in prompts]
+    )
 
 
 def wider_graphs(out: Path, what: str) -> list[dict]:
@@ -505,19 +503,35 @@ def wider_graphs(out: Path, what: str) -> list[dict]:
 
 def confirmed(out: Path, what: str) -> list[dict]:
     """One row for each budget `confirm` measured (<out>/<what>/confirm_<N>/): its held-out
-    evaluation and, where traced, its graph measures and feature-node budget."""
+    evaluation and, where traced, its graph measures and feature-node budget; where the trace
+    stopped before its report, the means of the graphs it finished (trace_complete false)."""
     rows = []
     for path in sorted((out / what).glob("confirm_*/confirm.json")):
         result = json.loads(path.read_text())
         row = {"held_out": "confirming"}
         row.update({key: result[key] for key in CONFIRMED_KEYS})
         traced = path.parent / "trace_results.json"
+        graphs = [
+            json.loads(g.read_text()) for g in sorted(path.parent.glob("graphs/prompt-*.json"))
+        ]
         if traced.is_file():
             trace_result = json.loads(traced.read_text())
             row["feature_nodes"] = trace_result["protocol"]["max_feature_nodes"]
             row.update(summarise_trace(trace_result))
+        elif graphs:  # a trace stopped before its report: the graphs it finished
+            row["feature_nodes"] = result["max_feature_nodes"]
+            row.update(summarise_trace(with_means(graphs)), trace_complete=False)
         rows.append(row)
     return rows
+
+
+def with_means(graphs: list[dict]) -> dict:
+    """Per-graph rows as a trace_results.json's dictionary block: the rows and their means."""
+    means = {
+        f"mean_{key}": sum(graph[key] for graph in graphs) / len(graphs)
+        for key in GRAPH_MEASURES.values()
+    }
+    return {"dictionary": {**means, "graphs": graphs}}
 
 
 CONFIRMED_KEYS = ("tokens", "fvu_mean", "fvu_max", "loss_recovered", "kl_divergence", "l0_total")

@@ -294,6 +294,12 @@ def test_budget_curve_levers_table_names_what_each_variant_changed(tmp_path, mon
     measured = {**row, "fvu_mean": 0.45, "environment": {}, "fvu_per_layer": {"0": 0.45}}
     (confirming / "confirm.json").write_text(json.dumps(measured))
     (confirming / "trace_results.json").write_text(json.dumps(with_nodes))
+    # aux's confirming trace stopped after one graph: that graph's figures stand for it
+    stopped = tmp_path / "aux" / "set" / "confirm_81920"
+    (stopped / "graphs").mkdir(parents=True)
+    (stopped / "confirm.json").write_text(json.dumps({**measured, "max_feature_nodes": 2048}))
+    one_graph = {"prompt": "b", **{key: 0.5 for key in budget_curve.GRAPH_MEASURES.values()}}
+    (stopped / "graphs" / "prompt-0.json").write_text(json.dumps(one_graph))
     saved = {}
     monkeypatch.setattr(
         budget_curve.harness,
@@ -304,12 +310,16 @@ def test_budget_curve_levers_table_names_what_each_variant_changed(tmp_path, mon
     assert [(r["variant"], r["changed"], r.get("fvu_mean")) for r in saved["rows"]] == [
         ("baseline", "none", 0.6),
         ("aux", "aux_penalty=0", 0.7),
+        ("aux", "aux_penalty=0", 0.45),  # confirmed; its trace stopped after one graph
         ("lr_0.004", "lr=0.004", 0.5),
         ("lr_0.004", "lr=0.004", None),  # its graphs with 2048 feature nodes
         ("lr_0.004", "lr=0.004", 0.45),  # confirmed on other text and prompts
     ]
     assert "feature_share" not in saved["rows"][0]
-    traced, wider, confirmed = saved["rows"][2:]
+    stopped_row = saved["rows"][2]
+    assert stopped_row["trace_complete"] is False and stopped_row["prompts"] == 1
+    assert stopped_row["feature_share"] == 0.5 and stopped_row["feature_nodes"] == 2048
+    traced, wider, confirmed = saved["rows"][3:]
     assert traced["feature_share"] == traced["null_silent_error_share"] == 0.25
     assert wider["feature_nodes"] == 2048 and wider["tokens"] == 81920
     assert confirmed["held_out"] == "confirming" and "held_out" not in traced

@@ -345,6 +345,7 @@ def traced(tmp_path_factory):
     clt = write_random_clt(tmp / "clt", n_layers=2, d_model=64, width=32)
     result = run_check("circuit_tracer_trace_check.py", model_file, neurons, clt, tmp / "work")
     result["fvu"] = neuron_set_fvu(model, neurons, torch.load(model_file)["tokens"])
+    result["work"] = tmp / "work"
     return result
 
 
@@ -401,6 +402,10 @@ def test_a_set_that_reproduces_the_mlps_beats_the_errors_and_both_nulls(traced):
     # The random null's 64 latents a layer fire on round(0.3 x 11) of the prompt's 11 tokens.
     assert report["null_random"]["mean_n_active_features"] == 64 * 2 * 3
     assert report["graphs"] == report["dictionary"]["graphs"]  # also where earlier readers look
+    # each graph's figures are saved beside it as soon as it is traced (kept if a run stops)
+    (row,) = report["graphs"]
+    saved = json.loads((traced["work"] / "set" / "graphs" / f"{row['slug']}.json").read_text())
+    assert saved == row
     assert (
         "null_silent" in traced["set"]["printed"]
         and "above both nulls'" in traced["set"]["printed"]

@@ -20,7 +20,8 @@ EXPORTED_FOLDER is what ``export_sae.py SET_FOLDER OUT --format circuit-tracer``
    (``TransformerLensReplacementModel.from_config``) and checks its logits equal the model's;
 4. runs ``circuit_tracer.attribute`` on each prompt under the protocol (`PROTOCOL`: BOS first, the
    last position's logits, fixed feature-node budget, logit settings and batch size), saves the
-   graph (``graphs/<slug>.pt``) and the viewer's files (``graph_files/``), and reports per graph:
+   graph (``graphs/<slug>.pt``, its figures in ``graphs/<slug>.json`` as soon as it is traced, so
+   an interrupted run keeps them) and the viewer's files (``graph_files/``), and reports per graph:
    circuit-tracer's replacement and completeness scores (``compute_graph_scores``); where the
    logits' direct inputs come from (`logit_input_shares`: feature nodes, error nodes after
    position 0, tokens, error nodes at position 0); the share of the logits' influence that flows
@@ -568,8 +569,9 @@ def trace_dictionary(
     viewer_files: bool = False,
 ) -> dict:
     """Trace every prompt through `replacement` (built on `transcoders`), save each graph as
-    ``out/graphs/<slug>.pt`` (the dictionary's slugs are ``prompt-<i>``, a null's
-    ``<label>-prompt-<i>``) and, with `viewer_files`, the viewer's files; returns {"graphs": one row
+    ``out/graphs/<slug>.pt`` with its figures in ``out/graphs/<slug>.json`` (the dictionary's
+    slugs are ``prompt-<i>``, a null's ``<label>-prompt-<i>``) and, with `viewer_files`, the
+    viewer's files; returns {"graphs": one row
     a prompt, "mean_<figure>": the mean of each of MEAN_FIGURES, and the CE loss and KL divergence
     of the model with every MLP replaced}."""
     from circuit_tracer.utils.create_graph_files import create_graph_files
@@ -587,6 +589,8 @@ def trace_dictionary(
         if viewer_files:
             create_graph_files(graph, slug=slug, output_path=str(out / "graph_files"), scan=scan)
         rows.append({"prompt": prompt, "slug": slug, **figures})
+        # Each graph's figures beside it, so that an interrupted run keeps those it finished.
+        (out / "graphs" / f"{slug}.json").write_text(json.dumps(rows[-1], indent=2) + "\n")
         print_graph_row(label, rows[-1])
     summary = {"graphs": rows}
     for key in MEAN_FIGURES:
