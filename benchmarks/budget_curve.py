@@ -310,19 +310,7 @@ def run_trace(args, exported: Path, source: Path, traces: Path, prompts, nulls_f
     beside it, `traces`.log); the nulls per --nulls, taken from `nulls_from` when given."""
     import subprocess
 
-    command = [
-        str(harness.ROOT / ".ct-venv" / "bin" / "python"),
-        str(harness.ROOT / "trace_circuit.py"),
-        str(exported),
-        "--from",
-        str(source),
-        "--out",
-        str(traces),
-        "--max-feature-nodes",
-        str(args.max_feature_nodes),
-    ]
-    for prompt in prompts:
-        command += ["--prompt", prompt]
+    command = harness.trace_command(exported, source, traces, args.max_feature_nodes, prompts)
     if not args.nulls:
         command.append("--no-nulls")
     elif nulls_from is not None:  # the same nulls at every budget: trace them once
@@ -501,6 +489,10 @@ def wider_graphs(out: Path, what: str) -> list[dict]:
     return rows
 
 
+# The held-out measures a `confirm` row keeps.
+CONFIRMED_KEYS = ("tokens", "fvu_mean", "fvu_max", "loss_recovered", "kl_divergence", "l0_total")
+
+
 def confirmed(out: Path, what: str) -> list[dict]:
     """One row for each budget `confirm` measured (<out>/<what>/confirm_<N>/): its held-out
     evaluation and, where traced, its graph measures and feature-node budget; where the trace
@@ -532,9 +524,6 @@ def with_means(graphs: list[dict]) -> dict:
         for key in GRAPH_MEASURES.values()
     }
     return {"dictionary": {**means, "graphs": graphs}}
-
-
-CONFIRMED_KEYS = ("tokens", "fvu_mean", "fvu_max", "loss_recovered", "kl_divergence", "l0_total")
 
 
 def share_crossing(tokens: list[int], margins: list[float]) -> float | None:

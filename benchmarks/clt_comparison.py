@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import harness  # noqa: F401  (first: import paths)
-from harness import ROOT, environment, save, worker_env
+from harness import ROOT, environment, save, trace_command, worker_env
 
 CASES = (
     "matryoshka-clt",
@@ -316,19 +316,7 @@ def trace(args) -> None:
             (export_circuit_tracer_clt if "-clt" in case else export_circuit_tracer)(
                 folder, exported
             )
-        command = [
-            str(ROOT / ".ct-venv" / "bin" / "python"),
-            "trace_circuit.py",
-            str(exported),
-            "--from",
-            str(folder),
-            "--out",
-            str(traces),
-            "--max-feature-nodes",
-            str(args.max_feature_nodes),
-        ]
-        for prompt in prompts:
-            command += ["--prompt", prompt]
+        command = trace_command(exported, folder, traces, args.max_feature_nodes, prompts)
         print(f"tracing {case} ...", flush=True)
         seconds, peak_mb = run_measured(command, out / f"{case}-trace.log", env=worker_env())
         result = json.loads((traces / "trace_results.json").read_text())

@@ -108,6 +108,28 @@ def worker_env(threads: int | None = None, extra: dict[str, str] | None = None) 
     return env
 
 
+def trace_command(
+    exported: Path, source: Path, out: Path, max_feature_nodes: int, prompts: Sequence[str]
+) -> list[str]:
+    """The command that traces `prompts` through an exported set or CLT with trace_circuit.py in
+    circuit-tracer's environment (.ct-venv), checked against `source` (the folder it was exported
+    from), into `out`, keeping `max_feature_nodes` feature nodes a graph; run it with cwd=ROOT."""
+    command = [
+        str(ROOT / ".ct-venv" / "bin" / "python"),
+        str(ROOT / "trace_circuit.py"),
+        str(exported),
+        "--from",
+        str(source),
+        "--out",
+        str(out),
+        "--max-feature-nodes",
+        str(max_feature_nodes),
+    ]
+    for prompt in prompts:
+        command += ["--prompt", prompt]
+    return command
+
+
 def emit(result: dict) -> None:
     """A worker's answer to `run_isolated`: one line ``RESULT {json}`` on stdout."""
     print(RESULT_PREFIX + json.dumps(result), flush=True)

@@ -18,8 +18,8 @@ tokens/s = tokens after the first buffer block / seconds from the request of the
 first batch (before its fill) to the end of the last step: the one-off costs before it (loading the
 model, tokenising the corpus, the first block's fill) are the same in every case and left out; every
 later block is filled and used inside the window. --tokens is a whole number of blocks
-(num_batches_in_buffer batches each), at least two. `of_forward` = a
-case's tokens/s over the forward case's of the same library and round. With --before, the library
+(num_batches_in_buffer batches each), at least two. `of_forward` = a case's tokens/s over the
+forward case's of the same library and round. With --before, the library
 at that commit (its matryoshka_sae/, `harness.library_at`) and the working tree's (or --after's) run
 in alternating processes, round by round, so a drifting machine load slows both alike.
 """

@@ -26,7 +26,7 @@ import subprocess
 from pathlib import Path
 
 import harness  # noqa: F401  (first: import paths)
-from harness import ROOT, environment, save, worker_env
+from harness import ROOT, environment, save, trace_command, worker_env
 
 VARIANTS = {  # name: (kind, skip, source site)
     "matryoshka": ("matryoshka", False, "ln2_normalized"),
@@ -204,7 +204,6 @@ def trace(args) -> None:
     from matryoshka_sae.circuit_tracer_format import export_circuit_tracer
     from matryoshka_sae.cli.trace_circuit import DEFAULT_PROMPTS
 
-    ct_python = ROOT / ".ct-venv" / "bin" / "python"
     started = environment()
     prompts = DEFAULT_PROMPTS[: args.prompts]
     running = {}
@@ -212,19 +211,8 @@ def trace(args) -> None:
         set_folder, exported = Path(args.out) / name, Path(args.out) / f"{name}-circuit-tracer"
         if not exported.exists():
             export_circuit_tracer(set_folder, exported)
-        command = [
-            str(ct_python),
-            str(ROOT / "trace_circuit.py"),
-            str(exported),
-            "--from",
-            str(set_folder),
-            "--out",
-            str(Path(args.out) / f"{name}-traces"),
-            "--max-feature-nodes",
-            str(args.max_feature_nodes),
-        ]
-        for prompt in prompts:
-            command += ["--prompt", prompt]
+        traces = Path(args.out) / f"{name}-traces"
+        command = trace_command(exported, set_folder, traces, args.max_feature_nodes, prompts)
         log = open(Path(args.out) / f"{name}-trace.log", "w")
         running[name] = subprocess.Popen(
             command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=worker_env(threads=1)
