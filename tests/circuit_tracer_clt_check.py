@@ -89,7 +89,7 @@ def main() -> None:
         )
 
         rows = list(tokens)
-        result["layer_relative_errors"] = compare_clt(model, theirs, checkpoint, rows)
+        result["layer_relative_errors"] = compare_clt(model, theirs, checkpoint, rows, 1e-4)[0]
         result.update(spliced_ce_and_kl(model, theirs, rows))
         replacement = replacement_model(model, theirs)
         replacement.tokenizer = TokenIds()

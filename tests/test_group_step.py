@@ -240,3 +240,34 @@ def test_group_resumes_exactly_in_the_middle(tmp_path, monkeypatch):
     for a, b in zip(reference, resumed):
         for name, tensor in a.state_dict().items():
             assert torch.equal(b.state_dict()[name], tensor), name
+
+
+def test_cpu_adam_is_fused_and_a_state_saved_unfused_continues_unfused(tmp_path):
+    """make_optimizer picks torch's fused Adam on the CPU (float rounding away from the default
+    path, not bit for bit); a checkpoint written by the default path loads its "fused": None back,
+    so a run started before continues bit for bit as the default path would have."""
+    cfgs = set_dictionaries(tmp_path, "matryoshka")
+    fused_saes, fused_optimizers = fresh(cfgs)
+    assert all(o.param_groups[0]["fused"] is True for o in fused_optimizers)
+    default_saes, default_optimizers = fresh(cfgs)
+    default_optimizers = [
+        torch.optim.Adam(sae.param_groups(), lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]))
+        for sae, cfg in zip(default_saes, cfgs)
+    ]
+    for step in range(2):
+        step_together(fused_saes, fused_optimizers, cfgs, step)
+        step_together(default_saes, default_optimizers, cfgs, step)
+    pairs = [(a.W_dec, b.W_dec) for a, b in zip(fused_saes, default_saes)]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in pairs)
+    assert not all(torch.equal(a, b) for a, b in pairs)  # two implementations, not one
+    resumed, resumed_optimizers = fresh(cfgs)
+    for source, target in zip(default_saes + default_optimizers, resumed + resumed_optimizers):
+        saved = io.BytesIO()
+        torch.save(source.state_dict(), saved)
+        saved.seek(0)
+        target.load_state_dict(torch.load(saved))
+    assert all(o.param_groups[0]["fused"] is None for o in resumed_optimizers)
+    for step in range(2, N_STEPS):
+        step_together(default_saes, default_optimizers, cfgs, step)
+        step_together(resumed, resumed_optimizers, cfgs, step)
+    assert_same_training_state(default_saes, default_optimizers, resumed, resumed_optimizers)

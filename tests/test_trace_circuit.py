@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from matryoshka_sae.cli.trace_circuit import (
     PROTOCOL,
+    at_threshold,
     clean_ce_loss,
     comparison_table,
     logit_input_shares,
@@ -128,6 +129,19 @@ def test_a_graph_without_features_gives_them_nothing_and_wrong_sizes_are_refused
     assert shares["feature_share"] == 0.0 and shares["error_share"] == pytest.approx(0.75)
     with pytest.raises(ValueError, match="leave 1 logits, not 2"):
         logit_input_shares(adjacency, 2, N_LAYERS, N_POS, torch.tensor([0.5, 0.5]))
+
+
+def test_only_a_latent_at_its_threshold_may_fire_in_one_computation_and_not_the_other():
+    """A latent 6e-7 below its threshold (met tracing a SmolLM2 set: circuit-tracer's folded
+    encoder put it 1e-7 above) leaves its token out of the layer check; one far from it refuses."""
+    pre = torch.tensor([[0.7121278, 0.1, 2.0], [0.3, 0.5, 0.0], [0.9, 0.7121290, 0.2]])
+    threshold = torch.tensor(0.7121284)
+    differ = torch.zeros(3, 3, dtype=torch.bool)
+    differ[0, 0] = differ[2, 1] = True
+    assert at_threshold(pre, threshold, differ, 1e-4).tolist() == [True, False, True]
+    differ[1, 1] = True  # 0.5 is not near 0.712: a real difference
+    assert at_threshold(pre, threshold, differ, 1e-4) is None
+    assert at_threshold(pre, threshold, torch.zeros(3, 3, dtype=torch.bool), 1e-4).sum() == 0
 
 
 def test_a_dictionary_that_lacks_layers_of_the_model_is_refused_with_the_fix():

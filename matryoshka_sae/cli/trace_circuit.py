@@ -15,7 +15,9 @@ EXPORTED_FOLDER is what ``export_sae.py SET_FOLDER OUT --format circuit-tracer``
    whose pad token is the BOS makes TransformerLens mask it);
 2. checks, layer by layer, that circuit-tracer's transcoders compute what ours (--from: the set
    folder or the CLT's checkpoint) compute on the model's activations of the prompts (float32
-   rounding: the relative error is printed and must stay below --tolerance);
+   rounding: the relative error is printed and must stay below --tolerance; a set's tokens where a
+   latent within rounding of its threshold fires in one and not the other are left out and
+   counted, `at_threshold`);
 3. builds circuit-tracer's replacement model from the same weights
    (``TransformerLensReplacementModel.from_config``) and checks its logits equal the model's;
 4. runs ``circuit_tracer.attribute`` on each prompt under the protocol (`PROTOCOL`: BOS first, the
@@ -174,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--tolerance",
         type=float,
         default=1e-4,
-        help="largest relative difference allowed between circuit-tracer's and our outputs",
+        help="largest relative difference allowed between circuit-tracer's and our outputs; "
+        "a token where a latent within this (relative) distance of its threshold fires in one and "
+        "not the other is left out of the comparison",
     )
     parser.add_argument(
         "--node-threshold",
@@ -199,44 +203,67 @@ def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     return ((ours - theirs).norm() / ours.norm().clamp(min=1e-12)).item()
 
 
+def at_threshold(
+    pre: torch.Tensor, threshold: torch.Tensor, differ: torch.Tensor, tolerance: float
+) -> torch.Tensor | None:
+    """[N] bool: the tokens where the two computations fire different latents, provided every such
+    latent's pre-activation (ours, pre [N, S]) lies within rounding of the inference threshold,
+    |pre - t| <= tolerance x max(1, |t|); None if some latent differs farther from it.
+
+    A latent whose pre-activation is within float32 rounding of its threshold may fall on either
+    side of it in two computations of the same sum (circuit-tracer's encoder has our centring
+    folded into its bias); its jump makes that token's outputs differ by about t x its decoder row,
+    which says nothing about the export. `differ` [N, S]: where the two fire differently."""
+    near = (pre - threshold).abs() <= tolerance * threshold.abs().clamp(min=1.0)
+    if not bool(near[differ].all()):
+        return None
+    return differ.any(dim=1)
+
+
 @torch.no_grad()
-def compare_layers(model, transcoders, set_folder, tokens: list[torch.Tensor]) -> dict[str, float]:
+def compare_layers(
+    model, transcoders, set_folder, tokens: list[torch.Tensor], tolerance: float
+) -> tuple[dict[str, float], dict[str, int]]:
     """Per layer: the relative error between circuit-tracer's and our predictions of the MLP output
-    from the same activations (the prompts' tokens after the first); infinite where other latents fire."""
+    from the same activations (the prompts' tokens after the first), infinite where other latents
+    fire; and the tokens left out of it because a latent at its threshold fired in one and not in
+    the other (`at_threshold`)."""
     from matryoshka_sae.transcoder_set import load_transcoder_set
 
     ours = load_transcoder_set(set_folder, device=model.cfg.device)
     hook_in = transcoders.feature_input_hook
     caches = _prompt_caches(model, hook_in, list(ours), tokens)
-    errors = {}
+    errors, left_out = {}, {}
     for layer, transcoder in ours.items():
         x = torch.cat([cache[f"blocks.{layer}.{hook_in}"][0, 1:] for cache in caches])
         theirs = transcoders[layer]
-        same_latents = torch.equal(transcoder.encode(x) > 0, theirs.encode(x) > 0)
-        errors[str(layer)] = (
-            relative_error(transcoder.reconstruct(x), theirs(x)) if same_latents else float("inf")
-        )
-    return errors
-
-
-def is_cross_layer(transcoders) -> bool:
-    from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder
-
-    return isinstance(transcoders, CrossLayerTranscoder)
-
-
-def _prompt_caches(model, hook_in: str, layers, tokens: list[torch.Tensor]) -> list:
-    names = [f"blocks.{layer}.{hook_in}" for layer in layers]
-    if hook_in.endswith("hook_mlp_in"):
-        model.set_use_hook_mlp_in(True)
-    return [model.run_with_cache(t[None], names_filter=names)[1] for t in tokens]
+        differ = (transcoder.encode(x) > 0) != (theirs.encode(x) > 0)
+        borderline = torch.zeros(len(x), dtype=torch.bool)
+        if differ.any():
+            threshold = getattr(transcoder, "threshold", None)  # per-token TopK: none
+            pre = transcoder.preactivations(transcoder.center(transcoder.normalize_source(x)[0]))
+            borderline = (
+                None
+                if threshold is None
+                else at_threshold(pre, threshold.clamp(min=0), differ, tolerance)
+            )
+        if borderline is None:
+            errors[str(layer)] = float("inf")
+            continue
+        kept = ~borderline
+        errors[str(layer)] = relative_error(transcoder.reconstruct(x[kept]), theirs(x[kept]))
+        if borderline.any():
+            left_out[str(layer)] = int(borderline.sum())
+    return errors, left_out
 
 
 @torch.no_grad()
-def compare_clt(model, clt, checkpoint, tokens: list[torch.Tensor]) -> dict[str, float]:
+def compare_clt(
+    model, clt, checkpoint, tokens: list[torch.Tensor], tolerance: float
+) -> tuple[dict[str, float], dict[str, int]]:
     """Per output layer: the relative error between circuit-tracer's CLT and ours (the checkpoint)
     predicting every MLP output from the same activations (the prompts' tokens after the first);
-    infinite for every layer where other latents fire."""
+    infinite for every layer where other latents fire (no token is left out: {})."""
     from matryoshka_sae.checkpoint import load_sae
 
     ours = load_sae(checkpoint, device=model.cfg.device)
@@ -254,10 +281,24 @@ def compare_clt(model, clt, checkpoint, tokens: list[torch.Tensor]) -> dict[str,
         clt.encode(x).transpose(0, 1) > 0,
     )
     ours_out, theirs_out = ours.reconstruct(x.transpose(0, 1)).transpose(0, 1), clt(x)
-    return {
+    errors = {
         str(m): relative_error(ours_out[m], theirs_out[m]) if same_latents else float("inf")
         for m in layers
     }
+    return errors, {}
+
+
+def is_cross_layer(transcoders) -> bool:
+    from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder
+
+    return isinstance(transcoders, CrossLayerTranscoder)
+
+
+def _prompt_caches(model, hook_in: str, layers, tokens: list[torch.Tensor]) -> list:
+    names = [f"blocks.{layer}.{hook_in}" for layer in layers]
+    if hook_in.endswith("hook_mlp_in"):
+        model.set_use_hook_mlp_in(True)
+    return [model.run_with_cache(t[None], names_filter=names)[1] for t in tokens]
 
 
 def replacement_model(model, transcoders):
@@ -819,12 +860,18 @@ def main(argv: list[str] | None = None) -> None:
     }
     if args.ours:
         compare = compare_clt if is_cross_layer(transcoders) else compare_layers
-        errors = compare(model, transcoders, args.ours, tokens)
+        errors, left_out = compare(model, transcoders, args.ours, tokens, args.tolerance)
         worst = max(errors.values())
         results["layer_relative_errors"] = errors
+        results["layer_tokens_at_a_threshold"] = left_out
         print(
             f"circuit-tracer's transcoders vs ours, {len(errors)} layers: largest relative error {worst:.2e}"
         )
+        if left_out:
+            print(
+                f"left out of that comparison, tokens where a latent within rounding of its "
+                f"threshold fired in one and not the other (layer: tokens): {left_out}"
+            )
         if not worst <= args.tolerance:
             bad = [layer for layer, e in errors.items() if not e <= args.tolerance]
             raise SystemExit(
