@@ -12,12 +12,15 @@ last block:
     forward   the store alone: --tokens tokens of batches drawn (the model's passes, the buffer)
     set       train_sae_group on that store: 30 Matryoshka transcoders, --dict-size latents a
               layer, k --top-k (budget_curve.py's settings)
+    recipe    the same for the CPU recipe's set (docs/transcoder_sets.md, `RECIPE`): the skip
+              connection, each layer's target scaled, k 32
     clt       the same for one Matryoshka CLT at equal latents a layer and L0 a layer
 
 tokens/s = tokens after the first buffer block / seconds from the request of the second block's
-first batch (before its fill) to the end of the last step: the one-off costs before it (loading the
-model, tokenising the corpus, the first block's fill) are the same in every case and left out; every
-later block is filled and used inside the window. --tokens is a whole number of blocks
+first batch (before its fill) to the end of the last step (where the loop asks for the store's
+position to write its final checkpoints, `SecondBlockClock.state_dict`): the one-off costs before
+(loading the model, tokenising the corpus, the first block's fill) and after (the checkpoints) are
+left out; every later block is filled and used inside the window. --tokens is a whole number of blocks
 (num_batches_in_buffer batches each), at least two. `of_forward` = a case's tokens/s over the
 forward case's of the same library and round. With --before, the library
 at that commit (its matryoshka_sae/, `harness.library_at`) and the working tree's (or --after's) run
@@ -37,7 +40,10 @@ from pathlib import Path
 import harness  # noqa: F401  (first: import paths)
 from harness import commit_of, emit, environment, library_at, run_isolated, save, worker_env
 
-CASES = ("forward", "set", "clt")
+CASES = ("forward", "set", "recipe", "clt")
+
+# What the CPU recipe's set changes from the set case (besides its skip connection).
+RECIPE = dict(top_k=32, transcoder_target_norm=True)
 
 
 def settings(args) -> dict:
@@ -81,8 +87,10 @@ def case_cfgs(case: str, args, folder: Path, bos: int) -> list[dict]:
         return [post_init_cfg(cfg)]
     from matryoshka_sae.transcoder_set import default_set_cfg, transcoder_set_cfgs
 
-    base = post_init_cfg(default_set_cfg(**settings(args), bos_token_id=bos))
-    return transcoder_set_cfgs(base, range(30), folder, kind="matryoshka")
+    recipe = case == "recipe"
+    run = {**settings(args), **(RECIPE if recipe else {})}
+    base = post_init_cfg(default_set_cfg(**run, bos_token_id=bos))
+    return transcoder_set_cfgs(base, range(30), folder, kind="matryoshka", skip=recipe)
 
 
 class SecondBlockClock:
@@ -97,6 +105,7 @@ class SecondBlockClock:
         self._batches_per_block = batches_per_block
         self._served = 0
         self.started_at: float | None = None
+        self.ended_at: float | None = None
 
     def next_batch(self):
         if self._served == self._batches_per_block:
@@ -104,6 +113,14 @@ class SecondBlockClock:
             self.cpu_at_start = time.process_time()
         self._served += 1
         return self._store.next_batch()
+
+    def state_dict(self):
+        """The loop asks for the store's position to write its final checkpoints, after the last
+        step: the clock stops there (writing 30 dictionaries with their Adam state, a one-off of
+        seconds, would otherwise weigh on a window of a few steps)."""
+        if self.ended_at is None:
+            self.ended_at, self.cpu_at_end = time.perf_counter(), time.process_time()
+        return self._store.state_dict()
 
     def __getattr__(self, name: str):
         return getattr(self._store, name)
@@ -129,8 +146,10 @@ def worker(args) -> None:
                 store.next_batch()
         else:
             train_sae_group(dictionaries, store, None, cfgs)
-        seconds = time.perf_counter() - store.started_at
-        cpu_seconds = time.process_time() - store.cpu_at_start
+        if store.ended_at is None:  # the forward case: no checkpoint
+            store.ended_at, store.cpu_at_end = time.perf_counter(), time.process_time()
+        seconds = store.ended_at - store.started_at
+        cpu_seconds = store.cpu_at_end - store.cpu_at_start
     timed_tokens = args.tokens - batches_per_block * args.batch_size
     emit(
         {
