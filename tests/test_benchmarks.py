@@ -383,7 +383,8 @@ def test_budget_curve_reports_graphs_kept_with_more_feature_nodes(tmp_path):
 
 def test_set_throughput_times_only_blocks_filled_inside_its_window(monkeypatch):
     """The clock starts when the second block's first batch is asked for, before the store fills
-    that block; the first block (filled before) is not timed, and --tokens must be whole blocks."""
+    that block, and stops when the loop asks for the store's position to write its final
+    checkpoints; the first block (filled before) is not timed, and --tokens must be whole blocks."""
     import set_throughput
 
     seen = []
@@ -392,10 +393,20 @@ def test_set_throughput_times_only_blocks_filled_inside_its_window(monkeypatch):
         def next_batch(self):
             seen.append(clock.started_at)  # what the clock knew when the store ran
 
+        def state_dict(self):
+            seen.append(clock.ended_at)
+            return {"position": 16}
+
     clock = set_throughput.SecondBlockClock(Store(), batches_per_block=8)
     for _ in range(16):
         clock.next_batch()
     assert seen[:9] == [None] * 8 + [clock.started_at] and clock.started_at is not None
+    assert clock.ended_at is None
+    assert clock.state_dict() == {"position": 16} and seen[-1] == clock.ended_at
+    first_end = clock.ended_at
+    assert first_end >= clock.started_at
+    clock.state_dict()  # a later checkpoint does not move the end
+    assert clock.ended_at == first_end
     for tokens in ("8192", "20000"):  # one block only; not whole blocks of 8 x 1024
         monkeypatch.setattr("sys.argv", ["set_throughput.py", "--tokens", tokens])
         with pytest.raises(SystemExit):
