@@ -496,7 +496,10 @@ CONFIRMED_KEYS = ("tokens", "fvu_mean", "fvu_max", "loss_recovered", "kl_diverge
 def confirmed(out: Path, what: str) -> list[dict]:
     """One row for each budget `confirm` measured (<out>/<what>/confirm_<N>/): its held-out
     evaluation and, where traced, its graph measures and feature-node budget; where the trace
-    stopped before its report, the means of the graphs it finished (trace_complete false)."""
+    stopped before its report, the means of the graphs it finished (trace_complete false). Then
+    one row for each trace of the confirming prompts with another node budget, traced by hand
+    with trace_circuit.py into <out>/<what>/confirm_<N>_nodes<M>/ (with the nulls, say, which
+    2048 nodes make too slow): its graph measures and the nulls'."""
     rows = []
     for path in sorted((out / what).glob("confirm_*/confirm.json")):
         result = json.loads(path.read_text())
@@ -514,6 +517,12 @@ def confirmed(out: Path, what: str) -> list[dict]:
             row["feature_nodes"] = result["max_feature_nodes"]
             row.update(summarise_trace(with_means(graphs)), trace_complete=False)
         rows.append(row)
+    for path in sorted((out / what).glob("confirm_*_nodes*/trace_results.json")):
+        result = json.loads(path.read_text())
+        budget = path.parent.name[len("confirm_") :].rpartition("_nodes")[0]
+        nodes = result["protocol"]["max_feature_nodes"]
+        row = {"held_out": "confirming", "tokens": int(budget), "feature_nodes": nodes}
+        rows.append({**row, **summarise_trace(result)})
     return rows
 
 

@@ -294,6 +294,11 @@ def test_budget_curve_levers_table_names_what_each_variant_changed(tmp_path, mon
     measured = {**row, "fvu_mean": 0.45, "environment": {}, "fvu_per_layer": {"0": 0.45}}
     (confirming / "confirm.json").write_text(json.dumps(measured))
     (confirming / "trace_results.json").write_text(json.dumps(with_nodes))
+    # and its confirming prompts traced again by hand with 256 nodes, with the nulls
+    by_hand = tmp_path / "lr_0.004" / "set" / "confirm_81920_nodes256"
+    by_hand.mkdir()
+    with_nulls = {**result, "protocol": {"max_feature_nodes": 256}}
+    (by_hand / "trace_results.json").write_text(json.dumps(with_nulls))
     # aux's confirming trace stopped after one graph: that graph's figures stand for it
     stopped = tmp_path / "aux" / "set" / "confirm_81920"
     (stopped / "graphs").mkdir(parents=True)
@@ -314,17 +319,20 @@ def test_budget_curve_levers_table_names_what_each_variant_changed(tmp_path, mon
         ("lr_0.004", "lr=0.004", 0.5),
         ("lr_0.004", "lr=0.004", None),  # its graphs with 2048 feature nodes
         ("lr_0.004", "lr=0.004", 0.45),  # confirmed on other text and prompts
+        ("lr_0.004", "lr=0.004", None),  # its confirming prompts with 256 nodes and the nulls
     ]
     assert "feature_share" not in saved["rows"][0]
     stopped_row = saved["rows"][2]
     assert stopped_row["trace_complete"] is False and stopped_row["prompts"] == 1
     assert stopped_row["feature_share"] == 0.5 and stopped_row["feature_nodes"] == 2048
-    traced, wider, confirmed = saved["rows"][3:]
+    traced, wider, confirmed, by_hand_row = saved["rows"][3:]
     assert traced["feature_share"] == traced["null_silent_error_share"] == 0.25
     assert wider["feature_nodes"] == 2048 and wider["tokens"] == 81920
     assert confirmed["held_out"] == "confirming" and "held_out" not in traced
     assert confirmed["feature_nodes"] == 2048 and confirmed["feature_share"] == 0.25
     assert "fvu_per_layer" not in confirmed
+    assert by_hand_row["held_out"] == "confirming" and by_hand_row["tokens"] == 81920
+    assert by_hand_row["feature_nodes"] == 256 and by_hand_row["null_random_feature_share"] == 0.25
     with pytest.raises(SystemExit, match="train first"):
         budget_curve.levers(
             budget_curve.build_parser().parse_args(["levers", "--out", "/nonexistent"])
