@@ -114,12 +114,16 @@ class SecondBlockClock:
         self._served += 1
         return self._store.next_batch()
 
+    def stop(self) -> None:
+        """End the window (the first call counts)."""
+        if self.ended_at is None:
+            self.ended_at, self.cpu_at_end = time.perf_counter(), time.process_time()
+
     def state_dict(self):
         """The loop asks for the store's position to write its final checkpoints, after the last
         step: the clock stops there (writing 30 dictionaries with their Adam state, a one-off of
         seconds, would otherwise weigh on a window of a few steps)."""
-        if self.ended_at is None:
-            self.ended_at, self.cpu_at_end = time.perf_counter(), time.process_time()
+        self.stop()
         return self._store.state_dict()
 
     def __getattr__(self, name: str):
@@ -146,8 +150,7 @@ def worker(args) -> None:
                 store.next_batch()
         else:
             train_sae_group(dictionaries, store, None, cfgs)
-        if store.ended_at is None:  # the forward case: no checkpoint
-            store.ended_at, store.cpu_at_end = time.perf_counter(), time.process_time()
+        store.stop()  # the forward case writes no checkpoint
         seconds = store.ended_at - store.started_at
         cpu_seconds = store.cpu_at_end - store.cpu_at_start
     timed_tokens = args.tokens - batches_per_block * args.batch_size

@@ -127,6 +127,16 @@ def step_together(saes, optimizers, cfgs, step: int) -> None:
     training_steps(saes, optimizers, batches, lrs_at(step, cfgs), MAX_GRAD_NORMS)
 
 
+def load_saved_states(sources, targets) -> None:
+    """Each target (dictionary or optimizer) loads its source's state_dict through torch.save, as
+    from a checkpoint."""
+    for source, target in zip(sources, targets):
+        saved = io.BytesIO()
+        torch.save(source.state_dict(), saved)
+        saved.seek(0)
+        target.load_state_dict(torch.load(saved))
+
+
 def assert_same_training_state(saes_a, optimizers_a, saes_b, optimizers_b) -> None:
     """Weights, buffers and optimizer state dicts (the checkpoint's content) equal bit for bit."""
     for a, b in zip(saes_a, saes_b):
@@ -185,11 +195,7 @@ def test_optimizer_state_of_steps_one_by_one_continues_exactly(tmp_path, updates
     for step in range(2):
         step_one_by_one(alone, alone_optimizers, cfgs, step)
     resumed, resumed_optimizers = fresh(cfgs)
-    for source, target in zip(alone + alone_optimizers, resumed + resumed_optimizers):
-        saved = io.BytesIO()
-        torch.save(source.state_dict(), saved)
-        saved.seek(0)
-        target.load_state_dict(torch.load(saved))
+    load_saved_states(alone + alone_optimizers, resumed + resumed_optimizers)
     for step in range(2, N_STEPS):
         step_one_by_one(alone, alone_optimizers, cfgs, step)
         step_together(resumed, resumed_optimizers, cfgs, step)
@@ -261,11 +267,7 @@ def test_cpu_adam_is_fused_and_a_state_saved_unfused_continues_unfused(tmp_path)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in pairs)
     assert not all(torch.equal(a, b) for a, b in pairs)  # two implementations, not one
     resumed, resumed_optimizers = fresh(cfgs)
-    for source, target in zip(default_saes + default_optimizers, resumed + resumed_optimizers):
-        saved = io.BytesIO()
-        torch.save(source.state_dict(), saved)
-        saved.seek(0)
-        target.load_state_dict(torch.load(saved))
+    load_saved_states(default_saes + default_optimizers, resumed + resumed_optimizers)
     assert all(o.param_groups[0]["fused"] is None for o in resumed_optimizers)
     for step in range(2, N_STEPS):
         step_together(default_saes, default_optimizers, cfgs, step)

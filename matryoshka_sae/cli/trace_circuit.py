@@ -238,22 +238,20 @@ def compare_layers(
         x = torch.cat([cache[f"blocks.{layer}.{hook_in}"][0, 1:] for cache in caches])
         theirs = transcoders[layer]
         differ = (transcoder.encode(x) > 0) != (theirs.encode(x) > 0)
-        borderline = torch.zeros(len(x), dtype=torch.bool)
         if differ.any():
             threshold = getattr(transcoder, "threshold", None)  # per-token TopK: none
-            pre = transcoder.preactivations(transcoder.center(transcoder.normalize_source(x)[0]))
-            borderline = (
-                None
-                if threshold is None
-                else at_threshold(pre, threshold.clamp(min=0), differ, tolerance)
-            )
-        if borderline is None:
-            errors[str(layer)] = float("inf")
-            continue
-        kept = ~borderline
-        errors[str(layer)] = relative_error(transcoder.reconstruct(x[kept]), theirs(x[kept]))
-        if borderline.any():
+            borderline = None
+            if threshold is not None:
+                pre = transcoder.preactivations(
+                    transcoder.center(transcoder.normalize_source(x)[0])
+                )
+                borderline = at_threshold(pre, threshold.clamp(min=0), differ, tolerance)
+            if borderline is None:
+                errors[str(layer)] = float("inf")
+                continue
+            x = x[~borderline]
             left_out[str(layer)] = int(borderline.sum())
+        errors[str(layer)] = relative_error(transcoder.reconstruct(x), theirs(x))
     return errors, left_out
 
 
