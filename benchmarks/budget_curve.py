@@ -561,45 +561,89 @@ def graph_measures(out: Path, what: str, tokens: int) -> dict:
     return summarise_trace(json.loads(path.read_text()))
 
 
+def curve_rows(out: Path, what: str) -> tuple[list[dict], dict, dict] | None:
+    """One dictionary's measured budgets under `out` (its curve.json and traces): (its rows, its run
+    settings, the extrapolated budgets at which each measure reaches its target); None if the
+    dictionary was not trained there."""
+    path = out / what / "curve.json"
+    if not path.is_file():
+        return None
+    curve = json.loads(path.read_text())
+    rows = [
+        {
+            "dictionary": what,
+            **{key: row[key] for key in CURVE_KEYS},
+            **graph_measures(out, what, row["tokens"]),
+        }
+        for row in curve["rows"]
+    ]
+    tokens = [row["tokens"] for row in curve["rows"]]
+    crossings = {
+        name: crossing_budget(tokens, [gap(row) for row in curve["rows"]], target)
+        for name, (gap, target) in TARGETS.items()
+    }
+    traced = [row for row in rows if "feature_share" in row]
+    crossings["feature_share_above_error_share"] = share_crossing(
+        [row["tokens"] for row in traced],
+        [row["error_share"] - row["feature_share"] for row in traced],
+    )
+    return rows + wider_graphs(out, what), curve["settings"], crossings
+
+
+def kept_rows(what: str) -> tuple[list[dict], dict, dict, dict] | None:
+    """`what`'s rows, run settings, extrapolated budgets and environment in the committed result file
+    (results/budget_curve.json): what `report` keeps for a dictionary not trained under --out, so
+    that measuring one dictionary again on a fresh machine keeps the other's figures."""
+    path = harness.result_path("budget_curve")
+    if not path.is_file():
+        return None
+    earlier = json.loads(path.read_text())
+    rows = [
+        row
+        for row in earlier["rows"]
+        if row["dictionary"] == what or row["dictionary"].startswith(f"{what},")
+    ]
+    if what not in earlier["settings"]["runs"]:
+        return None
+    settings = earlier["settings"]
+    kept = settings.get("kept_from_the_earlier_result", {}).get(what, earlier["environment"])
+    return rows, settings["runs"][what], settings["extrapolated_tokens_to_target"][what], kept
+
+
+# The held-out measures of a curve.json row that the report keeps.
+CURVE_KEYS = (
+    "tokens",
+    "train_seconds",
+    "fvu_mean",
+    "fvu_max",
+    "loss_recovered",
+    "kl_divergence",
+    "l0_total",
+    "dead_latents",
+)
+
+
 def report(args) -> None:
     """Every budget's row (held-out evaluation and, where traced, the graph measures beside the two
     nulls) into results/budget_curve.json, the extrapolated budgets at which each measure reaches
-    its target, and the plot docs/budget_curve.png."""
+    its target, and the plot docs/budget_curve.png. A dictionary not trained under --out keeps
+    its rows from the result file as it was (`kept_rows`), and the notes say which."""
     out = Path(args.out)
-    rows, crossings, settings = [], {}, {}
+    rows, crossings, settings, kept = [], {}, {}, {}
     for what in ("set", "clt"):
-        path = out / what / "curve.json"
-        if not path.is_file():
-            continue
-        curve = json.loads(path.read_text())
-        settings[what] = curve["settings"]
-        for row in curve["rows"]:
-            rows.append(
-                {
-                    "dictionary": what,
-                    "tokens": row["tokens"],
-                    "train_seconds": row["train_seconds"],
-                    "fvu_mean": row["fvu_mean"],
-                    "fvu_max": row["fvu_max"],
-                    "loss_recovered": row["loss_recovered"],
-                    "kl_divergence": row["kl_divergence"],
-                    "l0_total": row["l0_total"],
-                    "dead_latents": row["dead_latents"],
-                    **graph_measures(out, what, row["tokens"]),
-                }
-            )
-        tokens = [row["tokens"] for row in curve["rows"]]
-        crossings[what] = {
-            name: crossing_budget(tokens, [gap(row) for row in curve["rows"]], target)
-            for name, (gap, target) in TARGETS.items()
-        }
-        traced = [row for row in rows if row["dictionary"] == what and "feature_share" in row]
-        crossings[what]["feature_share_above_error_share"] = share_crossing(
-            [row["tokens"] for row in traced],
-            [row["error_share"] - row["feature_share"] for row in traced],
+        measured = curve_rows(out, what)
+        if measured is None:
+            earlier = kept_rows(what)
+            if earlier is None:
+                continue
+            *measured, kept[what] = earlier
+        what_rows, settings[what], crossings[what] = measured
+        rows += what_rows
+    if not rows:
+        raise SystemExit(
+            f"budget_curve.py report: nothing trained under {out} and no earlier result: "
+            "run `budget_curve.py train` first"
         )
-    for what in ("set", "clt"):
-        rows += wider_graphs(out, what)
     harness.save(
         "budget_curve",
         "Budget curve: Matryoshka set and CLT on SmolLM2-135M, 30 layers",
@@ -613,6 +657,7 @@ def report(args) -> None:
                 "kl_divergence": "<= 1",
                 "feature_share_above_error_share": "feature share > error share after position 0",
             },
+            "kept_from_the_earlier_result": kept,
         },
         notes="Held-out text: python-docs:test (never trained on); every MLP replaced at once. Each "
         "budget continues one run with a constant learning rate (the same run as one planned "
@@ -622,7 +667,10 @@ def report(args) -> None:
         "budgets' error share - feature share (a lower bound on the budget: 256 feature nodes). "
         "Graph measures: trace_circuit.py's protocol on held-out prompts, beside the two nulls, "
         "with 256 feature nodes; rows named '..., N feature nodes' keep N (the set of one budget "
-        "and a null traced alone, as a dictionary, on the same prompts).",
+        "and a null traced alone, as a dictionary, on the same prompts). "
+        "kept_from_the_earlier_result: the dictionaries not trained under --out this time, whose "
+        "rows and settings come from the result file as it was, each with the environment it "
+        "was measured in.",
     )
     plot(rows, Path(harness.ROOT) / "docs" / "budget_curve.png")
 

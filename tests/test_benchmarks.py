@@ -201,6 +201,65 @@ def test_budget_curve_says_when_the_features_overtake_the_errors():
     assert budget_curve.share_crossing(tokens, [0.1, 0.2, 0.3]) is None
 
 
+def test_budget_curve_report_keeps_the_earlier_rows_of_a_dictionary_not_trained_again(
+    tmp_path, monkeypatch
+):
+    """The CLT measured again under --out on a fresh machine: its rows are the new ones, and the
+    set's (no run folder here) stay as the result file had them, with their environment."""
+    import budget_curve
+
+    earlier_set = [
+        {"dictionary": "set", "tokens": 20480, "fvu_mean": 0.7},
+        {"dictionary": "set, 2048 feature nodes", "tokens": 20480, "feature_share": 0.6},
+    ]
+    earlier = {
+        "environment": {"when": "earlier"},
+        "rows": [*earlier_set, {"dictionary": "clt", "tokens": 20480, "fvu_mean": 0.9}],
+        "settings": {
+            "runs": {"set": {"what": "set"}, "clt": {"what": "clt"}},
+            "extrapolated_tokens_to_target": {"set": {"fvu_mean": 5}, "clt": {"fvu_mean": 6}},
+        },
+    }
+    committed = tmp_path / "budget_curve.json"
+    committed.write_text(json.dumps(earlier))
+    monkeypatch.setattr(budget_curve.harness, "result_path", lambda name: committed)
+    row = dict(tokens=20480, train_seconds=1.0, fvu_mean=0.5, fvu_max=0.6, dead_latents=0)
+    row.update(loss_recovered=0.8, kl_divergence=5.0, l0_total=480.0)
+    tokens = [20480, 81920]
+    rows = [{**row, "tokens": t, "fvu_mean": 10.0 * t**-0.25} for t in tokens]
+    (tmp_path / "out" / "clt").mkdir(parents=True)
+    curve = {"rows": rows, "settings": {"what": "clt", "new": True}}
+    (tmp_path / "out" / "clt" / "curve.json").write_text(json.dumps(curve))
+    saved = {}
+    monkeypatch.setattr(
+        budget_curve.harness,
+        "save",
+        lambda name, title, rows, settings, **_: saved.update(rows=rows, settings=settings),
+    )
+    monkeypatch.setattr(budget_curve, "plot", lambda rows, path: None)
+    args = budget_curve.build_parser().parse_args(["report", "--out", str(tmp_path / "out")])
+    budget_curve.report(args)
+    assert saved["rows"][:2] == earlier_set
+    assert [(r["dictionary"], r["tokens"]) for r in saved["rows"][2:]] == [
+        ("clt", 20480),
+        ("clt", 81920),
+    ]
+    settings = saved["settings"]
+    assert settings["runs"] == {"set": {"what": "set"}, "clt": {"what": "clt", "new": True}}
+    assert settings["kept_from_the_earlier_result"] == {"set": {"when": "earlier"}}
+    assert settings["extrapolated_tokens_to_target"]["set"] == {"fvu_mean": 5}
+    assert settings["extrapolated_tokens_to_target"]["clt"]["fvu_mean"] > 81920  # measured anew
+    # a second report keeps the first measurement's environment, not its own
+    committed.write_text(
+        json.dumps({"environment": {"when": "later"}, "rows": saved["rows"], "settings": settings})
+    )
+    budget_curve.report(args)
+    assert saved["settings"]["kept_from_the_earlier_result"] == {"set": {"when": "earlier"}}
+    with pytest.raises(SystemExit, match="train` first"):
+        monkeypatch.setattr(budget_curve.harness, "result_path", lambda name: tmp_path / "none")
+        budget_curve.report(budget_curve.build_parser().parse_args(["report", "--out", "/none"]))
+
+
 def docs_recipe_argv() -> list[str]:
     """The arguments of the first command of docs/transcoder_sets.md (the CPU recipe)."""
     import re
