@@ -67,6 +67,7 @@ from matryoshka_sae.dictionary import (
 from matryoshka_sae.prefix_loss import prefix_squared_errors
 from matryoshka_sae.sparse_ops import (
     SparseCode,
+    end_to_end,
     gather_preactivations,
     select_above_threshold,
     select_batch_topk,
@@ -109,6 +110,7 @@ class MatryoshkaCrossLayerTranscoder(Dictionary):
         if self.jumprelu:  # theta, one a latent (a checkpoint of the BatchTopK modes has none)
             self.log_threshold = nn.Parameter(initial_log_thresholds(cfg, self.n_latents))
         self.W_dec = nn.ParameterList(self._initial_decoders())
+        self._pack_decoders()
         self.register_buffer("source_mean", torch.zeros(n, self.d_in))
         self.register_buffer("target_scale", torch.ones(n))
         self.register_buffer("target_variance", torch.ones(n))
@@ -133,6 +135,27 @@ class MatryoshkaCrossLayerTranscoder(Dictionary):
         generator = torch.Generator().manual_seed(self.cfg["seed"] + 1)
         decoders = [torch.randn(S, n - j, self.d_out, generator=generator) for j in range(n)]
         return [nn.Parameter(w / w.flatten(1).norm(dim=1)[:, None, None]) for w in decoders]
+
+    def _pack_decoders(self) -> None:
+        """Lay the decoders end to end in one tensor, each W_dec[j] a view of it: the decode reads
+        them as one [sum_j S (L - j), d_out] table (sparse_decode_cross_layer), which otherwise
+        would be copied out of L tensors at every step (1.2 GB for SmolLM2's 30 layers at 1,152
+        latents a layer). The parameters stay the same objects; only their storage moves."""
+        decoders = list(self.W_dec)
+        if end_to_end(decoders):
+            return
+        packed = torch.cat([w.detach().reshape(-1, self.d_out) for w in decoders])
+        start = 0
+        for w in decoders:
+            rows = w.shape[0] * w.shape[1]
+            w.data = packed[start : start + rows].view_as(w)
+            start += rows
+
+    def _apply(self, fn, recurse=True):
+        """Module.to / .float / .cuda give each parameter its own new tensor: pack them again."""
+        result = super()._apply(fn, recurse)
+        self._pack_decoders()
+        return result
 
     @property
     def jumprelu(self) -> bool:

@@ -233,6 +233,27 @@ def _segments(counts: torch.Tensor):
     return segment, torch.arange(segment.numel(), device=counts.device) - starts[segment], starts
 
 
+def end_to_end(weights: list[torch.Tensor]) -> bool:
+    """Whether the tensors are contiguous and lie end to end, in list order, in one storage."""
+    first = weights[0]
+    end = first.storage_offset()
+    for W in weights:
+        same_storage = W.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        if not (same_storage and W.is_contiguous() and W.storage_offset() == end):
+            return False
+        end += W.numel()
+    return True
+
+
+def _one_table(weights: list[torch.Tensor], d: int) -> torch.Tensor:
+    """The weights' rows as one [sum_j rows_j, d] table: a view where they lie `end_to_end` (a
+    CrossLayerTranscoder packs its decoders so), else their concatenation."""
+    if not end_to_end(weights):
+        return torch.cat([W.reshape(-1, d) for W in weights])
+    rows = sum(W.numel() for W in weights) // d
+    return weights[0].as_strided((rows, d), (d, 1), weights[0].storage_offset())
+
+
 class _CrossLayerDecode(torch.autograd.Function):
     """out[b, g, m] = sum over source layers j <= m and their entries n in bag (b, g) of
     values_j[n] W_j[latent_n, m - j]: a cross-layer transcoder's decode (see sparse_decode_cross_layer).
@@ -263,7 +284,7 @@ class _CrossLayerDecode(torch.autograd.Function):
                 for (code, _, j), start in zip(layout, table_starts)
             ]
         )
-        table = torch.cat([W.view(-1, d) for W in weights])
+        table = _one_table(weights, d)
         out = F.embedding_bag(
             first_row[entry] + out_row % L,
             table,

@@ -330,6 +330,43 @@ def test_the_cross_layer_decode_forms_no_partial_per_source_layer():
     )  # everything else: well below
 
 
+def test_the_decode_reads_the_packed_decoders_in_place_and_they_stay_packed(tmp_path):
+    """The decoders lie end to end in one storage, so the decode's forward copies no weights (the
+    table of every layer's rows would be the largest allocation here); they stay so through a
+    dtype change, training steps, a checkpoint round trip, and the decode equals the one over a
+    concatenated copy exactly."""
+    import copy
+
+    from matryoshka_sae.checkpoint import load_sae, save_checkpoint
+    from matryoshka_sae.sparse_ops import end_to_end, select_batch_topk
+
+    B, S, n, d = 8, 256, 4, 16
+    cfg = clt_cfg(tmp_path, clt_layers=list(range(n)), dict_size=S, group_sizes=[64, 192])
+    cfg = post_init_cfg({**cfg, "act_size": d, "batch_size": B})
+    clt = create_sae(cfg)
+    assert end_to_end(list(clt.W_dec))
+    pre = torch.randn(B, n * S)
+    code = select_batch_topk(pre, 2 * n)
+    code = code.with_values(pre[code.rows, code.latents])
+    out = []
+    sizes = allocations(lambda: out.append(clt.decode_groups(code)))
+    table = S * (n + n - 1 + n - 2 + n - 3) * d
+    assert max(sizes) < table // 4, (max(sizes), table)
+    unpacked = copy.deepcopy(clt)
+    for w in unpacked.W_dec:
+        w.data = w.data.clone()
+    assert not end_to_end(list(unpacked.W_dec))  # the concatenating path
+    assert torch.equal(unpacked.decode_groups(code), out[0])
+    assert end_to_end(list(clt.double().float().W_dec))
+    trained_cfg = clt_cfg(tmp_path)  # the planted store's 3 layers
+    trained = trained_clt(trained_cfg)
+    assert end_to_end(list(trained.W_dec))
+    save_checkpoint(tmp_path / "saved", trained, trained_cfg)
+    loaded = load_sae(tmp_path / "saved")
+    assert end_to_end(list(loaded.W_dec))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.W_dec, trained.W_dec))
+
+
 # ---------------------------------------------------------------------------------------------
 # Training, config, resume
 # ---------------------------------------------------------------------------------------------
