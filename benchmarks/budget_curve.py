@@ -722,12 +722,17 @@ def levers(args) -> None:
         rows += [{**named, **row} for row in confirmed(curve_file.parent.parent, "set")]
     if not rows:
         raise SystemExit(f"budget_curve.py levers: no */set/curve.json under {out}; train first")
+    kept = kept_variants(rows, settings)
     rows.sort(key=lambda row: (row["changed"] != "none", row["variant"]))
     harness.save(
         "budget_levers",
         "The set's levers at one budget: SmolLM2-135M, 30 layers, held-out text",
         rows,
-        {"variants": settings, "curve_settings": run_settings(args, rows[0]["tokens"])},
+        {
+            "variants": settings,
+            "curve_settings": run_settings(args, rows[0]["tokens"]),
+            "kept_from_the_earlier_result": kept,
+        },
         columns=[
             "variant",
             "changed",
@@ -754,8 +759,31 @@ def levers(args) -> None:
         "unless feature_nodes says otherwise; a skip set's nulls keep its skip connection, so its "
         "shares compare with its own nulls, not with a plain set's. held_out 'confirming': the "
         "`confirm` phase's text and prompts, on which no setting was chosen (the other rows: the "
-        "curve's).",
+        "curve's). kept_from_the_earlier_result: the variants not trained under --out this time, "
+        "whose rows come from the result file as it was, each with the environment it was "
+        "measured in.",
     )
+
+
+def kept_variants(rows: list[dict], settings: dict) -> dict:
+    """Add to `rows` and `settings` the variants of the committed results/budget_levers.json that
+    were not trained under --out this time (a fresh machine training one variant again keeps the
+    others' figures); return {variant: the environment it was measured in}."""
+    path = harness.result_path("budget_levers")
+    if not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text())
+    earlier_kept = earlier["settings"].get("kept_from_the_earlier_result", {})
+    kept = {}
+    for row in earlier["rows"]:
+        variant = row["variant"]
+        if variant in settings:
+            continue  # trained again under --out: its new rows stand
+        rows.append(row)
+        kept[variant] = earlier_kept.get(variant, earlier["environment"])
+    for variant in kept:
+        settings[variant] = earlier["settings"]["variants"][variant]
+    return kept
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -368,8 +368,9 @@ def test_budget_curve_levers_table_names_what_each_variant_changed(tmp_path, mon
     monkeypatch.setattr(
         budget_curve.harness,
         "save",
-        lambda name, title, rows, settings, **_: saved.update(rows=rows),
+        lambda name, title, rows, settings, **_: saved.update(rows=rows, settings=settings),
     )
+    monkeypatch.setattr(budget_curve.harness, "result_path", lambda name: tmp_path / "none.json")
     budget_curve.levers(budget_curve.build_parser().parse_args(["levers", "--out", str(tmp_path)]))
     assert [(r["variant"], r["changed"], r.get("fvu_mean")) for r in saved["rows"]] == [
         ("baseline", "none", 0.6),
@@ -396,6 +397,31 @@ def test_budget_curve_levers_table_names_what_each_variant_changed(tmp_path, mon
         budget_curve.levers(
             budget_curve.build_parser().parse_args(["levers", "--out", "/nonexistent"])
         )
+    # Trained again on a fresh machine, lr_0.004 alone: its new row stands, the others' stay as
+    # the result file had them, each with the environment it was measured in.
+    earlier = {
+        "environment": {"when": "earlier"},
+        "rows": saved["rows"],
+        "settings": saved["settings"],
+    }
+    committed = tmp_path / "budget_levers.json"
+    committed.write_text(json.dumps(earlier))
+    monkeypatch.setattr(budget_curve.harness, "result_path", lambda name: committed)
+    fresh = tmp_path / "fresh" / "lr_0.004" / "set"
+    fresh.mkdir(parents=True)
+    retrained = {"rows": [{**row, "fvu_mean": 0.3}], "settings": {**base, "lr": 0.004}}
+    (fresh / "curve.json").write_text(json.dumps(retrained))
+    args = budget_curve.build_parser().parse_args(["levers", "--out", str(tmp_path / "fresh")])
+    budget_curve.levers(args)
+    assert [(r["variant"], r.get("fvu_mean")) for r in saved["rows"]] == [
+        ("baseline", 0.6),
+        ("aux", 0.7),
+        ("aux", 0.45),
+        ("lr_0.004", 0.3),
+    ]
+    kept = saved["settings"]["kept_from_the_earlier_result"]
+    assert kept == {"baseline": {"when": "earlier"}, "aux": {"when": "earlier"}}
+    assert saved["settings"]["variants"]["aux"] == {"aux_penalty": 0}
 
 
 def test_budget_curve_confirms_on_prompts_the_curve_never_traces(tmp_path):
