@@ -391,7 +391,7 @@ def trace(args) -> None:
         notes="Means over the prompts. Scores: circuit-tracer's compute_graph_scores. feature_nodes_per_path: "
         "the expected number of feature nodes on a path of the pruned graph from the logits back to a "
         "token or error node, paths weighted by their normalised absolute edge weights "
-        "(trace_circuit.mean_path_length); multi_hop_share: the weight of paths through two or more; "
+        "(graph_measures.mean_path_length); multi_hop_share: the weight of paths through two or more; "
         "*_of_feature_paths / *_per_feature_path: the same among the paths through at least one feature. "
         "decoder_vectors: one per active feature for the set, L - j for a CLT feature of layer j. "
         "Seconds by phase from circuit-tracer's own log; peak_rss_mb: the tracing process. CE and KL with "

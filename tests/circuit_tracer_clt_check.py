@@ -82,11 +82,10 @@ def main() -> None:
         from matryoshka_sae.cli.trace_circuit import (
             attribute_timed,
             compare_clt,
-            decoder_vectors,
-            mean_path_length,
             replacement_model,
             spliced_ce_and_kl,
         )
+        from matryoshka_sae.graph_measures import decoder_vectors, mean_path_length
 
         rows = list(tokens)
         result["layer_relative_errors"] = compare_clt(model, theirs, checkpoint, rows, 1e-4)[0]

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from matryoshka_sae import model_loading  # noqa: E402
 from matryoshka_sae.cli import trace_circuit  # noqa: E402
+from matryoshka_sae.graph_measures import logit_input_shares  # noqa: E402
 
 PROMPT_LENGTH = 12  # BOS and the first 11 tokens of the first row
 
@@ -155,7 +156,7 @@ def measured_and_derived(model, graph_file: Path, skips=None) -> dict:
 
     graph = Graph.from_pt(str(graph_file))
     return {
-        "measured": trace_circuit.logit_input_shares(
+        "measured": logit_input_shares(
             graph.adjacency_matrix,
             len(graph.selected_features),
             graph.cfg.n_layers,

@@ -33,14 +33,13 @@ from matryoshka_sae.cli.trace_circuit import (
     at_threshold,
     clean_ce_loss,
     comparison_table,
-    logit_input_shares,
     missing_layers_error,
     prompt_tokens,
     reused_nulls,
     reused_nulls_model_error,
     verdict,
-    walk_lengths,
 )
+from matryoshka_sae.graph_measures import logit_input_shares, walk_lengths
 from matryoshka_sae.model_loading import load_model, masked_prompt_error
 from matryoshka_sae.null_dictionaries import null_fingerprint, write_null_export
 
