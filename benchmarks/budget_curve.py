@@ -108,6 +108,7 @@ def run_settings(args, num_tokens: int) -> dict:
         log_freq=10,
         checkpoint_freq=10**6,
         perf_log_freq=10**9,
+        transcoder_target_norm=False,  # the curve's set is plain: targets in the model's units
     )
     return {**base, **extra_settings(args.setting)}
 
@@ -820,13 +821,15 @@ def plot(rows: list[dict], path: Path) -> None:
                         color=colour,
                         label=f"{what}: errors past position 0",
                     )
-                    axis.plot(
-                        x,
-                        [row["null_random_feature_share"] for row in traced],
-                        "x:",
-                        color="grey",
-                        label="random null: features" if what == "set" else None,
-                    )
+                    with_null = [row for row in traced if "null_random_feature_share" in row]
+                    if with_null:  # a budget traced --no-nulls has none (the CLT's)
+                        axis.plot(
+                            [row["tokens"] for row in with_null],
+                            [row["null_random_feature_share"] for row in with_null],
+                            "x:",
+                            color="grey",
+                            label=f"random null: features ({what})",
+                        )
                 continue
             if mine:
                 axis.plot(
