@@ -66,6 +66,7 @@ def settings(args) -> dict:
         log_freq=10,
         checkpoint_freq=10**6,
         perf_log_freq=10**9,
+        transcoder_target_norm=False,  # the budget curve's plain set
     )
 
 

@@ -126,8 +126,11 @@ def transcoder_set_cfgs(
 
 
 # A set's transcoders override these defaults of the settings table: exportable to circuit-tracer
-# (no per-token standardisation, BOS left out as circuit-tracer zeroes position 0).
-SET_DEFAULTS = {"input_unit_norm": False, "exclude_bos": True}
+# (no per-token standardisation, BOS left out as circuit-tracer zeroes position 0), and each
+# layer's target scaled to its own size, so that one learning rate suits layers whose MLP outputs
+# differ in size by two orders of magnitude (docs/transcoder_sets.md, "Levers": it helped at every
+# budget measured; folded into the decoder at export).
+SET_DEFAULTS = {"input_unit_norm": False, "exclude_bos": True, "transcoder_target_norm": True}
 
 
 def default_set_cfg(**settings) -> dict:

@@ -213,8 +213,12 @@ def test_every_flag_that_sets_a_setting_comes_from_the_table():
         if name is None or (script, flag) in TOOL_OPTIONS:
             continue
         setting = SETTINGS[name]
-        assert (action.option_strings, action.dest) == ([setting.flag], name), (script, flag)
-        assert action.help == setting.help, (script, flag)
+        negated = [f"--no-{setting.flag[2:]}"] if setting.type == "bool" else []  # --no-skip
+        assert (action.option_strings, action.dest) == ([setting.flag, *negated], name), (
+            script,
+            flag,
+        )
+        assert action.help.startswith(setting.help), (script, flag)  # (default: ...) may follow
         assert action.choices == (None if setting.choices is None else list(setting.choices)) or (
             setting.type == "dtype"
         ), (script, flag)

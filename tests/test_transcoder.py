@@ -342,6 +342,16 @@ def test_target_norm_flag_reaches_one_transcoder_and_every_layer_of_a_set(tmp_pa
     argv += ["--layers", "0,1", "--model", "smollm2-135m", "--checkpoint-dir", str(tmp_path)]
     cfgs = train_gemma_example.set_cfgs(parser.parse_args(argv))
     assert [cfg["transcoder_target_norm"] for cfg in cfgs] == [True, True]
+    argv.remove("--target-norm")  # a set's default, and not one transcoder's
+    assert [
+        cfg["transcoder_target_norm"]
+        for cfg in train_gemma_example.set_cfgs(parser.parse_args(argv))
+    ] == [True, True]
+    argv.append("--no-target-norm")
+    assert [
+        cfg["transcoder_target_norm"]
+        for cfg in train_gemma_example.set_cfgs(parser.parse_args(argv))
+    ] == [False, False]
     with pytest.raises(SystemExit):  # a flag, not an option with a value
         parser.parse_args(["transcoder", "--target-norm", "yes"])
 

@@ -92,7 +92,7 @@ OPTION_KINDS: dict[str, dict] = {
     "int": {"type": int},
     "count": {"type": _count},
     "number": {"type": float},
-    "bool": {"action": "store_true"},
+    "bool": {"action": argparse.BooleanOptionalAction},  # --flag, and --no-flag against a default
     "ints": {"type": int, "nargs": "+"},
     "dtype": {"choices": DTYPES},
 }

@@ -118,7 +118,7 @@ def transcoder_cfg(args: argparse.Namespace | None = None) -> dict:
     cfg.update(GEMMA_TRANSCODER)
     cfg = apply_overrides(cfg, args)
     cfg["transcoder_skip"] = getattr(args, "transcoder_skip", False)
-    cfg["transcoder_target_norm"] = getattr(args, "transcoder_target_norm", False)
+    cfg["transcoder_target_norm"] = bool(getattr(args, "transcoder_target_norm", None))
     return create_transcoder_config(
         cfg,
         source_layer=cfg["layer"],
@@ -152,7 +152,8 @@ def set_cfgs(args: argparse.Namespace) -> list[dict]:
     new folder ``checkpoint_dir / <model>_transcoder-set_<kind>_<source>_<width>_k<k>`` (``-2``,
     ``-3``... when taken; created when the run claims its layer folders)."""
     cfg = default_set_cfg(**GEMMA_TRANSCODER)
-    cfg["transcoder_target_norm"] = args.transcoder_target_norm
+    if args.transcoder_target_norm is not None:  # unset: the set's default (SET_DEFAULTS)
+        cfg["transcoder_target_norm"] = args.transcoder_target_norm
     cfg = post_init_cfg(apply_overrides(cfg, args))
     layers = parse_layers(
         args.layers, cfg["n_layers"] or get_model_config(cfg["model_name"])["n_layers"]
@@ -244,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_setting_arguments(
         transcoder,
         ("source_site", "target_site", "transcoder_skip", "transcoder_target_norm"),
-        {"target_site": "mlp_out"},
+        {"target_site": "mlp_out", "transcoder_target_norm": None},
     )
     return parser
 
