@@ -599,14 +599,14 @@ def kept_rows(what: str) -> tuple[list[dict], dict, dict, dict] | None:
     if not path.is_file():
         return None
     earlier = json.loads(path.read_text())
+    settings = earlier["settings"]
+    if what not in settings["runs"]:
+        return None
     rows = [
         row
         for row in earlier["rows"]
         if row["dictionary"] == what or row["dictionary"].startswith(f"{what},")
     ]
-    if what not in earlier["settings"]["runs"]:
-        return None
-    settings = earlier["settings"]
     kept = settings.get("kept_from_the_earlier_result", {}).get(what, earlier["environment"])
     return rows, settings["runs"][what], settings["extrapolated_tokens_to_target"][what], kept
 
@@ -703,19 +703,7 @@ def levers(args) -> None:
             rows.append(
                 {
                     **named,
-                    **{
-                        key: row[key]
-                        for key in (
-                            "tokens",
-                            "train_seconds",
-                            "fvu_mean",
-                            "fvu_max",
-                            "loss_recovered",
-                            "kl_divergence",
-                            "dead_latents",
-                            "l0_total",
-                        )
-                    },
+                    **{key: row[key] for key in CURVE_KEYS},
                     **graph_measures(curve_file.parent.parent, "set", row["tokens"]),
                 }
             )
